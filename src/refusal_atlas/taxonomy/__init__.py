@@ -1,0 +1,1 @@
+"""refusal_atlas.taxonomy"""
