@@ -75,11 +75,8 @@ def tiny_config(arch: str, *, n_layers: int = 4, d_model: int = 64, vocab_size: 
         if arch == "gemma2":
             kw.update(head_dim=16, sliding_window=64, query_pre_attn_scalar=16)
     tok = tiny_tokenizer()
-    config = AutoConfig.for_model(arch, **common, **kw)
-    config.pad_token_id = tok.pad_token_id
-    config.eos_token_id = tok.eos_token_id
-    config.bos_token_id = tok.bos_token_id
-    return config
+    ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    return AutoConfig.for_model(arch, **common, **kw, **ids)
 
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 4, d_model: int = 64) -> LoadedModel:
