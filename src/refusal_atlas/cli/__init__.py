@@ -34,13 +34,12 @@ def main() -> None:
         app(standalone_mode=False)
     except AtlasError as exc:
         for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(f"error: {line}" if not line.startswith(("error", "/")) and ":" not in line[:80] else line,
-                  file=sys.stderr)
+            print(line if ":" in line else f"error: {line}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-    except (typer.Abort,):
+    except typer.Abort:
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
