@@ -182,6 +182,10 @@ BAD_CASES = {
         {"a.yaml": GOOD_ROOT + "  - id: root..x\n    label: G\n    definition: D.\n    broader: [root]\n"},
         "a.yaml", 6, "id 'root..x' must not contain",
     ),
+    "bad_kind": (
+        {"a.yaml": GOOD_ROOT + "    kind: Capability Uplift\n"},
+        "a.yaml", 6, "kind 'Capability Uplift' must be a slug",
+    ),
     "root_without_expect": (
         {"a.yaml": "nodes:\n  - id: a\n    label: A\n    definition: D.\n"},
         "a.yaml", 2, "root node 'a' has no `expect`",
@@ -259,3 +263,21 @@ def test_subprocess_validate_good_dir_summary():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("\n") == 1
     assert "valid: 6 nodes (5 accepted, 1 proposed, 0 deprecated), 6 rules" in proc.stdout
+
+
+def test_validate_in_memory_taxonomy_against_vocabulary():
+    from refusal_atlas.taxonomy.model import ConditionRule, Node, Taxonomy
+    from refusal_atlas.taxonomy.validate import validate_taxonomy
+
+    vocab = load_conditions(FIXTURE / "conditions.yaml")
+    tax = Taxonomy(nodes={
+        "a": Node(id="a", label="A", definition="d", expect="refuse",
+                  conditions=[ConditionRule(when={"user_age": "teen"}, expect="refuse")]),
+        "b": Node(id="b", label="B", definition="d", broader=["c"]),
+        "c": Node(id="c", label="C", definition="d", broader=["b"]),
+    })
+    got = [str(p) for p in validate_taxonomy(tax, vocab)]
+    assert got == [
+        "<taxonomy>:1: cycle in broader: b -> c -> b; a node cannot be its own ancestor",
+        "<taxonomy>:1: node 'a': unknown value 'teen' for condition dimension 'user_age'; allowed: minor, adult",
+    ]

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.taxonomy.loader import load_taxonomy
@@ -162,3 +164,54 @@ def test_to_dict_is_json_ready(tax):
     data = resolve(tax, "health.dosing.overdose", {"user_age": "minor"}).to_dict()
     assert json.loads(json.dumps(data))["behaviour"] == "refuse"
     assert data["rule"]["when"] == {"user_age": "minor"} and len(data["matching_rules"]) == 2
+
+
+# --- properties over random DAGs ------------------------------------------------------------
+
+VOCAB = {"user_age": ["minor", "adult"], "purpose": ["education", "research"], "role": ["chemist", "none"]}
+BEHAVIOURS = list(Behaviour)
+
+
+@st.composite
+def rules_st(draw) -> ConditionRule:
+    dims = draw(st.lists(st.sampled_from(sorted(VOCAB)), min_size=1, max_size=3, unique=True))
+    return ConditionRule(when={d: draw(st.sampled_from(VOCAB[d])) for d in dims},
+                         expect=draw(st.sampled_from(BEHAVIOURS)))
+
+
+@st.composite
+def taxonomies(draw) -> Taxonomy:
+    n = draw(st.integers(1, 7))
+    nodes = []
+    for i in range(n):
+        parents = draw(st.lists(st.integers(0, i - 1), max_size=2, unique=True)) if i else []
+        expect = draw(st.sampled_from(BEHAVIOURS)) if not parents else draw(st.none() | st.sampled_from(BEHAVIOURS))
+        rules = draw(st.lists(rules_st(), max_size=3, unique_by=lambda r: tuple(sorted(r.when.items()))))
+        nodes.append(Node(id=f"n{i}", label="n", definition="d", broader=[f"n{p}" for p in parents],
+                          expect=expect, conditions=rules))
+    return make(*nodes)
+
+
+contexts = st.fixed_dictionaries({}, optional={d: st.sampled_from(v) for d, v in VOCAB.items()})
+
+
+@settings(max_examples=60, deadline=None)
+@given(taxonomies(), contexts)
+def test_resolution_properties(tax, context):
+    for node in tax:
+        default = default_behaviour(tax, node.id)
+        if node.expect is None:  # inherits the most restrictive parent default
+            assert default.restrictiveness == max(default_behaviour(tax, p).restrictiveness for p in node.broader)
+        assert resolve(tax, node.id, {}).behaviour is default
+        res = resolve(tax, node.id, context)
+        matching = [r for _, r in effective_rules(tax, node.id) if r.matches(context)]
+        if not matching:
+            assert res.behaviour is default and res.rule is None
+            continue
+        top = max(r.specificity for r in matching)
+        assert res.rule is not None and res.rule.specificity == top
+        assert res.behaviour.restrictiveness == max(r.expect.restrictiveness for r in matching
+                                                    if r.specificity == top)
+        # reversing every node's rule order never changes the behaviour
+        flipped = make(*(n.model_copy(update={"conditions": n.conditions[::-1]}) for n in tax))
+        assert resolve(flipped, node.id, context).behaviour is res.behaviour

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from refusal_atlas.taxonomy.validate import validate_taxonomy
 from refusal_atlas.taxonomy.yamlio import Problem, item_line, key_line, node_line, read_yaml, value_line
 
 CONDITIONS_FILE = "conditions.yaml"
+KIND_PATTERN = re.compile(r"^[a-z0-9_]+$")
 TOP_KEYS = ("scheme", "nodes")
 NODE_KEYS = ("id", "label", "definition", "broader", "kind", "expect", "conditions", "examples", "status",
              "provenance")
@@ -197,6 +199,11 @@ def parse_node(shown: str, raw: Any, line: int, problems: list[Problem],
         msg = id_problem(node_id)
         if msg:
             problems.append(Problem(shown, value_line(raw, "id", line), msg))
+    kind = raw.get("kind")
+    if isinstance(kind, str) and not KIND_PATTERN.match(kind):
+        problems.append(Problem(shown, value_line(raw, "kind", line),
+                                f"{where}: kind {kind!r} must be a slug of a-z, 0-9 and '_' "
+                                "(e.g. capability_uplift, intent_to_harm, vulnerable_target)"))
     for key in ("broader", "examples"):
         if key in raw and raw[key] is not None:
             value = raw[key]

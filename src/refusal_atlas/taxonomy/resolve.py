@@ -24,6 +24,12 @@ Resolution semantics (the documented contract; tests in tests/test_taxonomy_reso
    what rules would say; a matching rule always beats the default.
 
 An empty context therefore always gives the default behaviour.
+
+A consequence to keep in mind when writing rules: specificity beats restrictiveness across
+levels, so a 2-dimension permission (`purpose: licensed_research, professional_role: chemist`)
+beats an inherited 1-dimension prohibition (`user_age: minor`) when both match. Where a
+prohibition must hold regardless, also state it with the other dimensions
+(`{user_age: minor, purpose: licensed_research}` -> refuse).
 """
 
 from __future__ import annotations
