@@ -281,3 +281,10 @@ def test_validate_in_memory_taxonomy_against_vocabulary():
         "<taxonomy>:1: cycle in broader: b -> c -> b; a node cannot be its own ancestor",
         "<taxonomy>:1: node 'a': unknown value 'teen' for condition dimension 'user_age'; allowed: minor, adult",
     ]
+
+
+def test_hidden_and_temp_files_are_ignored(tmp_path):
+    root = make_dir(tmp_path, {"a.yaml": GOOD_ROOT, ".a.yaml.123.tmp": "garbage: [", ".#a.yaml": "garbage: ["})
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "b.yaml").write_text("nodes: 3\n")
+    assert list(load_taxonomy(root).nodes) == ["root"]

@@ -43,7 +43,8 @@ def taxonomy_files(path: Path) -> list[Path]:
     """The YAML files that make up a taxonomy at `path` (a directory or a single file), sorted."""
     if path.is_file():
         return [path]
-    files = [p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()]
+    files = [p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)]  # editor/temp files
     return sorted(p for p in files if not (p.parent == path and p.name == CONDITIONS_FILE))
 
 
