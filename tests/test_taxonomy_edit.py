@@ -235,3 +235,18 @@ def test_copy_default(monkeypatch, tmp_path, tdir):
     assert load_taxonomy(dest).nodes.keys() == load_taxonomy(tdir).nodes.keys()
     with pytest.raises(AtlasError, match="not empty"):
         edit.copy_default(dest)
+
+
+def test_broader_added_and_removed_as_last_key_keeps_next_comment(tmp_path):
+    root = tmp_path / "t"
+    root.mkdir()
+    shutil.copy(FIXTURE / "conditions.yaml", root / "conditions.yaml")
+    original = ("nodes:\n  - id: a\n    label: A\n    expect: refuse\n    definition: Root A.  # inl\n\n"
+                "  # about b\n  - id: b\n    label: B\n    expect: comply\n    definition: Root B.\n\n"
+                "  # about c\n  - id: c\n    label: C\n    definition: C.\n    broader: [a]\n")
+    (root / "a.yaml").write_text(original)
+    edit.move(root, "b", "a")
+    text = (root / "a.yaml").read_text()
+    assert "    definition: Root B.\n    broader: [a]\n\n  # about c\n  - id: c\n" in text
+    edit.move(root, "b", None)
+    assert (root / "a.yaml").read_text() == original
