@@ -1,7 +1,188 @@
-"""CLI: `refusal-atlas ontology ...` (thin layer over refusal_atlas.ontology)."""
+"""CLI: `refusal-atlas ontology ...` (thin layer over refusal_atlas.ontology).
+
+export / import move a taxonomy between YAML and RDF; validate runs the SHACL shapes plus the
+checks SHACL cannot do; sparql and the canned queries (descendants, conditions, mapped-to,
+contextual) query an exported graph, by default the shipped taxonomy. Problems are AtlasErrors:
+the main entry prints them one per line and exits 1.
+"""
 
 from __future__ import annotations
 
-import typer
+import sys
+from pathlib import Path
+from typing import Annotated
 
-app = typer.Typer(no_args_is_help=True)
+import typer
+from rdflib import Graph
+from rich.console import Console
+
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.ontology import queries
+from refusal_atlas.ontology.export import build_graph, import_graph
+from refusal_atlas.ontology.io import normalise_format, parse_rdf, serialize, write_graph
+from refusal_atlas.ontology.shacl import validate_graph
+from refusal_atlas.ontology.sparql import OUTPUT_FORMATS, QueryTable, format_result, run_query
+
+app = typer.Typer(no_args_is_help=True, help="YAML <-> RDF, SHACL validation, SPARQL and canned queries.")
+
+FormatOpt = Annotated[str | None, typer.Option(
+    "--format", "-f", help="RDF format: turtle | json-ld | nt | xml (default: from the file extension).")]
+GraphOpt = Annotated[list[Path] | None, typer.Option(
+    "--graph", "-g", help="RDF file(s) to query (repeatable; default: the exported shipped taxonomy).")]
+OutFormatOpt = Annotated[str, typer.Option("--format", "-f", help="Output: table | csv | json.")]
+MaxSizeOpt = Annotated[float | None, typer.Option(
+    "--max-size-mb", help="Refuse RDF input larger than this (default 20, or REFUSAL_ATLAS_MAX_RDF_MB).")]
+
+
+def _console() -> Console:
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=160)
+
+
+def _max_bytes(max_size_mb: float | None) -> int | None:
+    return int(max_size_mb * 1_000_000) if max_size_mb is not None else None
+
+
+def _load_graphs(files: list[Path] | None, max_size_mb: float | None = None) -> Graph:
+    if not files:
+        return build_graph()
+    graph = Graph()
+    for file in files:
+        part = parse_rdf(file, max_bytes=_max_bytes(max_size_mb))
+        for prefix, ns in part.namespaces():
+            graph.bind(prefix, ns, override=False)
+        graph += part
+    return graph
+
+
+def _emit(table: QueryTable, fmt: str, title: str | None = None) -> None:
+    if fmt not in OUTPUT_FORMATS:
+        raise AtlasError(f"unknown output format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "table":
+        _console().print(table.to_rich(title=title))
+        if not table.rows:
+            typer.echo("(no results)", err=True)
+    else:
+        sys.stdout.write(format_result(table, fmt))
+
+
+@app.command()
+def export(
+    directory: Annotated[Path | None, typer.Argument(help="Taxonomy directory (default: shipped).")] = None,
+    fmt: FormatOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
+    conditions: Annotated[Path | None, typer.Option(
+        help="Condition vocabulary (default: DIR/conditions.yaml, else the shipped one).")] = None,
+    crosswalks: Annotated[Path | None, typer.Option(
+        help="Folder of *.sssom.tsv to include (default: the shipped ones for the shipped taxonomy).")] = None,
+    no_crosswalks: Annotated[bool, typer.Option("--no-crosswalks", help="Leave crosswalk mappings out.")] = False,
+) -> None:
+    """Write the taxonomy as RDF (SKOS + AIRO + DPV)."""
+    graph = build_graph(directory, conditions=conditions, crosswalks=crosswalks,
+                        with_crosswalks=False if no_crosswalks else None)
+    if output is None:
+        sys.stdout.write(serialize(graph, normalise_format(fmt or "turtle")))
+        return
+    write_graph(graph, output, fmt)
+    typer.echo(f"wrote {output} ({len(graph)} triples)", err=True)
+
+
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(help="RDF file holding one skos:ConceptScheme.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Taxonomy directory to write.")],
+    fmt: FormatOpt = None,
+    existing: Annotated[Path | None, typer.Option(
+        help="Existing taxonomy directory whose comments and file split to keep (may equal -o).")] = None,
+    max_size_mb: MaxSizeOpt = None,
+) -> None:
+    """Write RDF back as the YAML layout; triples YAML cannot hold go to DIR.rejects.ttl."""
+    graph = parse_rdf(file, fmt, max_bytes=_max_bytes(max_size_mb))
+    result = import_graph(graph, output, existing_dir=existing, source=str(file))
+    typer.echo(f"wrote {len(result.taxonomy)} nodes to {output} ({len(result.written)} files)")
+    if result.rejects is not None:
+        typer.echo(f"{result.rejected_triples} triples the YAML cannot hold (crosswalk mappings, other "
+                   f"languages, extra annotations) written to {result.rejects}", err=True)
+
+
+@app.command()
+def validate(
+    file: Annotated[Path, typer.Argument(help="RDF file to check.")],
+    fmt: FormatOpt = None,
+    max_size_mb: MaxSizeOpt = None,
+) -> None:
+    """SHACL shapes (data/ontology/shapes.ttl) plus broader-cycle checks; one violation per line."""
+    graph = parse_rdf(file, fmt, max_bytes=_max_bytes(max_size_mb))
+    problems = validate_graph(graph)
+    if problems:
+        raise AtlasError("\n".join(f"{file}: {p}" for p in problems))
+    typer.echo(f"{file}: conforms ({len(graph)} triples)")
+
+
+@app.command()
+def sparql(
+    query: Annotated[str, typer.Argument(help="A SPARQL query, or a file holding one.")],
+    graph: GraphOpt = None,
+    fmt: OutFormatOpt = "table",
+    max_size_mb: MaxSizeOpt = None,
+) -> None:
+    """Run a SELECT / ASK / CONSTRUCT query; prefixes ra, rac, tax, skos, airo, dpv, ... are pre-bound."""
+    text = _query_text(query)
+    result = run_query(_load_graphs(graph, max_size_mb), text)
+    if isinstance(result, Graph):
+        sys.stdout.write(result.serialize(format="turtle"))
+        return
+    _emit(result, fmt)
+
+
+def _query_text(query: str) -> str:
+    """The argument itself, or the contents of the file it names."""
+    candidate = Path(query)
+    try:
+        is_file = "\n" not in query and candidate.is_file()
+    except OSError:  # e.g. a long query is not a valid file name
+        is_file = False
+    if is_file:
+        return candidate.read_text(encoding="utf-8")
+    if candidate.suffix in (".rq", ".sparql") and not any(c.isspace() for c in query):
+        raise AtlasError(f"{candidate}: query file not found")
+    return query
+
+
+@app.command()
+def descendants(
+    node_id: Annotated[str, typer.Argument(metavar="ID", help="Node id.")],
+    graph: GraphOpt = None,
+    fmt: OutFormatOpt = "table",
+) -> None:
+    """Every node below ID (through all parents), with its own expected behaviour."""
+    _emit(queries.descendants(_load_graphs(graph), node_id), fmt, f"descendants of {node_id}")
+
+
+@app.command()
+def conditions(
+    node_id: Annotated[str, typer.Argument(metavar="ID", help="Node id.")],
+    graph: GraphOpt = None,
+    fmt: OutFormatOpt = "table",
+) -> None:
+    """Every condition rule that applies to ID: its own, then inherited ones with their source node."""
+    _emit(queries.conditions(_load_graphs(graph), node_id), fmt, f"condition rules for {node_id}")
+
+
+@app.command("mapped-to")
+def mapped_to(
+    external: Annotated[str, typer.Argument(metavar="EXTERNAL", help="CURIE such as llamaguard3:S9, or an IRI.")],
+    graph: GraphOpt = None,
+    fmt: OutFormatOpt = "table",
+) -> None:
+    """Our nodes that a crosswalk maps to an external category."""
+    _emit(queries.mapped_to(_load_graphs(graph), external), fmt, f"nodes mapped to {external}")
+
+
+@app.command()
+def contextual(
+    graph: GraphOpt = None,
+    fmt: OutFormatOpt = "table",
+) -> None:
+    """Nodes whose expected behaviour changes under some condition (user age, purpose, ...)."""
+    _emit(queries.contextual(_load_graphs(graph)), fmt, "context-dependent nodes")

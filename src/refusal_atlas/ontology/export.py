@@ -1,0 +1,106 @@
+"""The whole YAML side (taxonomy + condition vocabulary + crosswalks) as one graph, and back.
+
+`build_graph` is what `ontology export` writes and what `ontology sparql` queries by default;
+`import_graph` is the reverse used by `ontology import`: it writes the YAML layout and puts
+every triple the YAML cannot hold (crosswalk mappings, labels in other languages, notes added
+in another tool) into a rejects file beside the output, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rdflib import RDF, Graph
+
+from refusal_atlas.errors import ValidationErrors
+from refusal_atlas.ontology.from_rdf import graph_to_taxonomy, write_taxonomy_yaml
+from refusal_atlas.ontology.io import write_graph
+from refusal_atlas.ontology.namespaces import DPV, RA
+from refusal_atlas.ontology.to_rdf import bind_prefixes, taxonomy_to_graph
+from refusal_atlas.taxonomy.loader import load_taxonomy, vocabulary_for
+from refusal_atlas.taxonomy.model import Taxonomy
+from refusal_atlas.taxonomy.validate import validate_taxonomy
+
+
+def build_graph(
+    taxonomy_dir: Path | str | None = None,
+    *,
+    conditions: Path | str | None = None,
+    crosswalks: Path | str | None = None,
+    with_crosswalks: bool | None = None,
+) -> Graph:
+    """Load and export a taxonomy directory (None = the shipped default).
+
+    Crosswalks are included by default only for the shipped taxonomy (their subjects are its
+    nodes); pass `crosswalks=DIR` for another taxonomy's SSSOM files.
+    """
+    from refusal_atlas import paths
+    from refusal_atlas.taxonomy.crosswalk import load_crosswalks
+
+    root = Path(taxonomy_dir) if taxonomy_dir is not None else paths.default_taxonomy_dir()
+    tax = load_taxonomy(root, conditions=conditions)
+    vocab = vocabulary_for(root, conditions)
+    if with_crosswalks is None:
+        with_crosswalks = crosswalks is not None or taxonomy_dir is None
+    mappings = load_crosswalks(crosswalks) if with_crosswalks else None
+    return taxonomy_to_graph(tax, vocab, mappings)
+
+
+def default_graph() -> Graph:
+    """The shipped taxonomy with its conditions and crosswalks."""
+    return build_graph()
+
+
+@dataclass
+class ImportResult:
+    taxonomy: Taxonomy
+    written: list[Path]
+    rejects: Path | None
+    rejected_triples: int
+
+
+def import_graph(
+    graph: Graph,
+    out_dir: Path | str,
+    *,
+    existing_dir: Path | str | None = None,
+    source: str = "graph",
+) -> ImportResult:
+    """Write the taxonomy in `graph` as YAML at `out_dir` (see write_taxonomy_yaml for `existing_dir`).
+
+    The taxonomy is validated (parents, cycles, root defaults, condition vocabulary of the target
+    directory) before anything is written.
+    """
+    out = Path(out_dir)
+    tax = graph_to_taxonomy(graph, source=source)
+    target = Path(existing_dir) if existing_dir is not None else out
+    vocab = vocabulary_for(target)
+    problems = validate_taxonomy(tax, vocab)
+    if problems:
+        raise ValidationErrors([f"{source}: {p.message}" for p in problems])
+    leftover = unrepresented_triples(graph, tax)
+    written = write_taxonomy_yaml(tax, out, existing_dir)
+    rejects = None
+    if len(leftover):
+        rejects = out.parent / f"{out.name}.rejects.ttl"
+        write_graph(leftover, rejects, "turtle")
+    return ImportResult(tax, written, rejects, len(leftover))
+
+
+def unrepresented_triples(graph: Graph, tax: Taxonomy) -> Graph:
+    """Triples of `graph` that the YAML taxonomy does not hold.
+
+    Condition-vocabulary descriptions (they live in conditions.yaml) and the rules' context
+    triples (read into `when`) count as represented.
+    """
+    regenerated = taxonomy_to_graph(tax)
+    vocabulary = set(graph.subjects(RDF.type, RA.ContextValue)) | set(graph.subjects(RDF.type, RA.ConditionDimension))
+    rules = set(graph.objects(None, DPV.hasRule))
+    leftover = bind_prefixes(Graph(), tax.scheme.namespace)
+    for triple in graph:
+        s, p, _ = triple
+        if triple in regenerated or s in vocabulary or (s in rules and p == DPV.hasContext):
+            continue
+        leftover.add(triple)
+    return leftover

@@ -1,0 +1,163 @@
+"""Run SPARQL over refusal-atlas graphs, offline, and print the answer as a table, CSV or JSON.
+
+Our prefixes (ra, rac, tax, skos, airo, dpv, risk, loc, dct, owl, vann, rdf, rdfs, xsd and the
+crosswalk prefixes) are pre-bound, so queries need no PREFIX lines. Queries that would reach
+the network (`SERVICE`, `FROM <iri>`, `FROM NAMED`) are refused: rdflib would fetch them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from rdflib import RDF, RDFS, XSD, BNode, Graph, Literal, URIRef
+from rdflib.plugins.sparql import prepareQuery
+from rdflib.plugins.sparql.parserutils import CompValue
+
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.ontology.to_rdf import bind_prefixes
+
+OUTPUT_FORMATS = ("table", "csv", "json")
+
+
+def prefixes(graph: Graph | None = None) -> dict[str, str]:
+    """Prefix -> namespace for queries: ours, plus whatever the graph itself binds."""
+    names = bind_prefixes(Graph())
+    out = {p: str(ns) for p, ns in names.namespaces() if p}
+    out.update({"rdf": str(RDF), "rdfs": str(RDFS), "xsd": str(XSD)})
+    if graph is not None:
+        for prefix, ns in graph.namespaces():
+            if prefix and prefix not in out:
+                out[prefix] = str(ns)
+    return out
+
+
+@dataclass
+class QueryTable:
+    """A SELECT result (or ASK, as one boolean column) with values as rdflib terms."""
+
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # prefix -> namespace, for short display
+
+    def shorten(self, term: Any) -> str:
+        """IRIs as prefixed names where a prefix fits; literals as their text; unbound as ''."""
+        if term is None:
+            return ""
+        if isinstance(term, URIRef):
+            best = max((ns for ns in self.names.values() if str(term).startswith(ns)), key=len, default=None)
+            if best is not None:
+                local = str(term)[len(best):]
+                prefix = next(p for p, ns in self.names.items() if ns == best)
+                if local and all(c.isalnum() or c in "_-." for c in local) and not local.endswith("."):
+                    return f"{prefix}:{local}"
+            return str(term)
+        if isinstance(term, BNode):
+            return f"_:{term}"
+        return str(term)
+
+    def records(self, *, short: bool = True) -> list[dict[str, Any]]:
+        """Rows as dicts; JSON-ready (numbers and booleans keep their type)."""
+        out = []
+        for row in self.rows:
+            item = {}
+            for col, term in zip(self.columns, row, strict=True):
+                if isinstance(term, Literal) and isinstance(term.toPython(), bool | int | float):
+                    item[col] = term.toPython()
+                elif isinstance(term, bool):
+                    item[col] = term
+                else:
+                    item[col] = self.shorten(term) if short else ("" if term is None else str(term))
+            out.append(item)
+        return out
+
+    def to_csv(self, *, short: bool = True) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.columns)
+        for record in self.records(short=short):
+            writer.writerow([record[c] for c in self.columns])
+        return buf.getvalue()
+
+    def to_json(self, *, short: bool = True) -> str:
+        return json.dumps(self.records(short=short), ensure_ascii=False, indent=2) + "\n"
+
+    def to_rich(self, title: str | None = None) -> Any:
+        from rich.table import Table
+
+        table = Table(title=title, show_lines=False)
+        for col in self.columns:
+            table.add_column(col, overflow="fold")
+        for record in self.records():
+            table.add_row(*[str(record[c]) for c in self.columns])
+        return table
+
+
+def _check_offline(node: Any) -> None:
+    """Refuse SERVICE and dataset clauses anywhere in the algebra."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, CompValue):
+            if item.name == "ServiceGraphPattern":
+                raise AtlasError("SPARQL SERVICE (federated query) is refused: refusal-atlas never reaches the "
+                                 "network; load the other data with --graph FILE instead")
+            if dict.get(item, "datasetClause"):
+                raise AtlasError("SPARQL FROM / FROM NAMED is refused (rdflib would fetch the IRI); pass the "
+                                 "data with --graph FILE instead")
+            stack.extend(item.values())
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
+def prepare(query: str, graph: Graph | None = None) -> Any:
+    """Parse a query with our prefixes bound; syntax errors become one-line AtlasErrors."""
+    try:
+        prepared = prepareQuery(query, initNs=prefixes(graph))
+    except Exception as exc:  # pyparsing ParseException and friends
+        line = getattr(exc, "lineno", None)
+        col = getattr(exc, "col", None)
+        where = f"line {line}, column {col}: " if line is not None else ""
+        msg = str(getattr(exc, "msg", "") or exc).splitlines()[0]
+        raise AtlasError(f"SPARQL syntax error: {where}{msg}") from None
+    _check_offline(prepared.algebra)
+    return prepared
+
+
+def run_query(graph: Graph, query: str, bindings: dict[str, Any] | None = None) -> QueryTable | Graph:
+    """SELECT/ASK -> QueryTable; CONSTRUCT/DESCRIBE -> Graph."""
+    prepared = prepare(query, graph)
+    try:
+        result = graph.query(prepared, initBindings=bindings or {})
+    except AtlasError:
+        raise
+    except Exception as exc:
+        raise AtlasError(f"SPARQL query failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                         ) from None
+    names = prefixes(graph)
+    if result.type == "ASK":
+        return QueryTable(columns=["ask"], rows=[[bool(result.askAnswer)]], names=names)
+    if result.type in ("CONSTRUCT", "DESCRIBE"):
+        out = bind_prefixes(Graph())
+        for triple in result:
+            out.add(triple)  # type: ignore[arg-type]
+        return out
+    columns = [str(v) for v in (result.vars or [])]
+    rows = [[row[i] for i in range(len(columns))] for row in result]  # type: ignore[index]
+    return QueryTable(columns=columns, rows=rows, names=names)
+
+
+def format_result(result: QueryTable | Graph, fmt: str = "table") -> str:
+    """Text for csv/json (tables) or Turtle (graphs); 'table' is rendered by the CLI with rich."""
+    if isinstance(result, Graph):
+        return result.serialize(format="turtle")
+    if fmt == "csv":
+        return result.to_csv()
+    if fmt == "json":
+        return result.to_json()
+    raise AtlasError(f"unknown output format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")
