@@ -6,12 +6,15 @@ Each area has its own module exporting a Typer sub-app; errors the user can fix 
 
 from __future__ import annotations
 
+import re
 import sys
 
 import typer
 
 from refusal_atlas.cli import atlas, curate, directions, ontology, organism, taxonomy
 from refusal_atlas.errors import AtlasError
+
+_LOCATED = re.compile(r"^(\S+:\d+(:\d+)?: |error: )")
 
 app = typer.Typer(
     name="refusal-atlas",
@@ -31,10 +34,10 @@ atlas.register(app)
 def main() -> None:
     """Entry point: run the app, turning AtlasError into a one-line message and exit 1."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except AtlasError as exc:
         for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(line if ":" in line else f"error: {line}", file=sys.stderr)
+            print(line if _LOCATED.match(line) else f"error: {line}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
@@ -50,6 +53,7 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
