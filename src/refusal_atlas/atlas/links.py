@@ -1,0 +1,215 @@
+"""atlas.ttl: the taxonomy graph plus what the run found, linked to the nodes it is about.
+
+- the taxonomy (the run's taxonomy.ttl, or `taxonomy_to_graph` of the given taxonomy) with its
+  condition rules and crosswalks;
+- every bottom-up cluster as an `ra:Cluster` (`ra:clusterLabel`, `ra:memberCount`) linked to its
+  best node(s) by `ra:mapsToNode`;
+- every refusal direction as an `ra:RefusalDirection` linked to its node (`ra:forNode`) with the
+  model, layer, token position, method, prompt count, noise floor, AUROC and selection scores,
+  and the artefact it lives in (`ra:artefactFile`, `ra:sha256`; `dct:identifier` is the tensor key
+  inside that file, the row is the index of `ra:layer` in directions.json's `layers`). The vectors
+  themselves never go into RDF.
+
+Run resources are named under `https://w3id.org/refusal-atlas/atlas/<run id>/`, the run id being
+a hash of the direction artefact (or the manifest), so two atlases never share IRIs.
+
+Terms the vocabulary may add later (`ra:norm`, `ra:reliability`, `ra:mappingScore`) are written
+as soon as `RA` defines them; until then those numbers stay in directions.json / mapping files.
+The pooled direction (`@pooled`) has no taxonomy node and is left out of the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from rdflib import RDF, RDFS, XSD, Graph, Literal, URIRef
+from rdflib.namespace import DCTERMS, PROV
+
+from refusal_atlas.atlas.store import AtlasStore
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.ontology import iris
+from refusal_atlas.ontology.namespaces import RA
+
+ATLAS_BASE = "https://w3id.org/refusal-atlas/atlas/"
+DIRECTIONS_FILE = "directions/directions.safetensors"
+DEFAULT_METHODS = ("diff_means",)
+
+
+def optional_term(name: str) -> URIRef | None:
+    """`RA.<name>` when the vocabulary defines it (RA is closed: unknown names raise), else None."""
+    try:
+        return getattr(RA, name)
+    except AttributeError:
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_id(store: AtlasStore) -> str:
+    """A short stable id for this atlas: hash of its directions artefact, else of its manifest."""
+    for rel in (DIRECTIONS_FILE, "manifest.json", "taxonomy.ttl"):
+        path = store.root / rel
+        if path.is_file():
+            return sha256_file(path)[:16]
+    return hashlib.sha256(str(store.root).encode()).hexdigest()[:16]
+
+
+def _num(value: Any) -> Literal | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(x) or math.isinf(x):
+        return None
+    return Literal(round(x, 6), datatype=XSD.double)
+
+
+def build_atlas_graph(
+    out_dir: str | Path | AtlasStore,
+    *,
+    taxonomy=None,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+) -> Graph:
+    """The atlas graph of an output folder (taxonomy + clusters + directions)."""
+    store = out_dir if isinstance(out_dir, AtlasStore) else AtlasStore.open(out_dir)
+    graph, tax = _taxonomy_graph(store, taxonomy)
+    ns = tax.scheme.namespace
+    base = f"{ATLAS_BASE}{run_id(store)}/"
+    graph.bind("atlas", base, replace=True)
+    graph.bind("prov", PROV, replace=True)
+    atlas = URIRef(base)
+    graph.add((atlas, RDF.type, PROV.Entity))
+    graph.add((atlas, RDFS.label, Literal("refusal-atlas run", lang="en")))
+    created = store.manifest.get("created_at") or store.manifest.get("finished_at")
+    if created:
+        graph.add((atlas, DCTERMS.created, Literal(str(created))))
+    _add_clusters(graph, store, tax, ns, base, atlas)
+    _add_directions(graph, store, tax, ns, base, atlas, methods)
+    return graph
+
+
+def _taxonomy_graph(store: AtlasStore, taxonomy) -> tuple[Graph, Any]:
+    if taxonomy is not None:
+        from refusal_atlas.ontology.to_rdf import taxonomy_to_graph
+        from refusal_atlas.taxonomy.conditions import load_conditions
+        from refusal_atlas.taxonomy.crosswalk import load_crosswalks
+
+        return taxonomy_to_graph(taxonomy, load_conditions(), load_crosswalks()), taxonomy
+    if not store.taxonomy_ttl.is_file():
+        raise AtlasError(f"{store.taxonomy_ttl}: missing; run `refusal-atlas run` (or `ontology export`) first")
+    from refusal_atlas.ontology.io import parse_rdf
+
+    graph = parse_rdf(store.taxonomy_ttl)
+    return graph, store.taxonomy
+
+
+def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atlas: URIRef) -> None:
+    score_term = optional_term("mappingScore")
+    for c in store.clusters:
+        subject = URIRef(f"{base}cluster/{quote(c.id, safe='')}")
+        graph.add((subject, RDF.type, RA.Cluster))
+        graph.add((subject, PROV.wasGeneratedBy, atlas))
+        graph.add((subject, DCTERMS.identifier, Literal(c.id)))
+        if c.label:
+            graph.add((subject, RA.clusterLabel, Literal(c.label)))
+        if c.size is not None:
+            graph.add((subject, RA.memberCount, Literal(int(c.size), datatype=XSD.integer)))
+        for rank, (node, score) in enumerate(c.best_nodes):
+            if node not in tax.nodes:
+                continue
+            graph.add((subject, RA.mapsToNode, iris.node_iri(ns, node)))
+            if rank == 0 and score_term is not None and _num(score) is not None:
+                graph.add((subject, score_term, _num(score)))
+
+
+def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atlas: URIRef,
+                    methods: tuple[str, ...]) -> None:
+    ds = store.directions
+    if ds is None:
+        return
+    from refusal_atlas.mechinterp.positions import position_label
+
+    artefact = store.root / DIRECTIONS_FILE
+    digest = sha256_file(artefact)
+    meta = ds.meta
+    model = str(meta.get("model_id") or meta.get("model") or store.manifest.get("model") or "unknown")
+    revision = meta.get("model_revision")
+    counts = meta.get("n_prompts") or {}
+    metrics = store.direction_metrics
+    by_key: dict[tuple[str, int, str], dict[str, Any]] = {}
+    if metrics is not None:
+        for row in metrics.to_dict("records"):
+            by_key[(row["node"], int(row["layer"]), str(row["position"]))] = row
+    norm_term, rel_term = optional_term("norm"), optional_term("reliability")
+    for method in methods:
+        for node in ds.nodes:
+            if node not in tax.nodes:
+                continue
+            for pos in ds.positions:
+                label = position_label(pos)
+                key = f"{method}/{node}/{label}"
+                tensor = ds.tensors.get(key)
+                if tensor is None:
+                    continue
+                norms = tensor.norm(dim=-1)
+                for j, layer in enumerate(ds.layers):
+                    subject = URIRef(f"{base}direction/{quote(method, safe='')}/{quote(node, safe='')}/"
+                                     f"{quote(label, safe='')}/{int(layer)}")
+                    graph.add((subject, RDF.type, RA.RefusalDirection))
+                    graph.add((subject, RDFS.label, Literal(f"{node} {method} layer {layer} position {label}")))
+                    graph.add((subject, PROV.wasGeneratedBy, atlas))
+                    graph.add((subject, RA.forNode, iris.node_iri(ns, node)))
+                    graph.add((subject, RA.model, Literal(model)))
+                    if revision:
+                        graph.add((subject, RA.modelRevision, Literal(str(revision))))
+                    graph.add((subject, RA.layer, Literal(int(layer), datatype=XSD.integer)))
+                    graph.add((subject, RA.position, Literal(label)))
+                    graph.add((subject, RA.method, Literal(method)))
+                    graph.add((subject, RA.artefactFile, Literal(DIRECTIONS_FILE)))
+                    graph.add((subject, RA.sha256, Literal(digest)))
+                    graph.add((subject, DCTERMS.identifier, Literal(key)))
+                    if node in counts:
+                        graph.add((subject, RA.promptCount, Literal(int(counts[node]), datatype=XSD.integer)))
+                    if norm_term is not None:
+                        graph.add((subject, norm_term, _num(float(norms[j]))))
+                    if method != "diff_means":
+                        continue
+                    row = by_key.get((node, int(layer), label), {})
+                    for term, column in ((RA.noiseFloor, "noise_floor"), (RA.auroc, "auroc"),
+                                         (RA.bypassScore, "bypass_score"), (RA.induceScore, "induce_score"),
+                                         (RA.klDivergence, "kl_score"), (rel_term, "reliability")):
+                        value = _num(row.get(column))
+                        if term is not None and value is not None:
+                            graph.add((subject, term, value))
+
+
+def validate_atlas_graph(graph: Graph) -> list[str]:
+    """SHACL (data/ontology/shapes.ttl) plus the structural checks; [] when the graph conforms."""
+    from refusal_atlas.ontology.shacl import validate_graph
+
+    return validate_graph(graph)
+
+
+def write_atlas_ttl(out_dir: str | Path, *, taxonomy=None, methods: tuple[str, ...] = DEFAULT_METHODS,
+                    validate: bool = True) -> Path:
+    """Build, validate (SHACL) and write `<out>/atlas.ttl` atomically; a violation is an AtlasError."""
+    from refusal_atlas.ontology.io import write_graph
+
+    store = AtlasStore.open(out_dir)
+    graph = build_atlas_graph(store, taxonomy=taxonomy, methods=methods)
+    if validate:
+        problems = validate_atlas_graph(graph)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise AtlasError(f"{store.atlas_ttl}: the atlas graph violates the SHACL shapes: {shown}")
+    return write_graph(graph, store.atlas_ttl, "turtle")
