@@ -120,13 +120,19 @@ def _nearest(store: AtlasStore, node_id: str, k: int, best: dict[str, Any] | Non
     g = store.overlap_graph
     if g is not None and node_id in g:
         rows = []
-        for other in g.neighbors(node_id):
-            data = dict(g.get_edge_data(node_id, other) or {})
+        for a, b, data in store.overlap_edges("overlap"):
+            if node_id not in (a, b) or a == b:
+                continue
+            other = b if a == node_id else a
             weight = data.pop("weight", data.pop("cosine", None))
+            if a != node_id:  # floors are stored per endpoint: name them from this node's side
+                data["floor_a"], data["floor_b"] = data.get("floor_b"), data.get("floor_a")
             rows.append({"node": other, "label": store.node_label(other), "cosine": weight, "source": "overlap",
-                         **{k2: v for k2, v in data.items() if k2 not in ("id",)}})
+                         "layer": g.graph.get("layer"), "position": g.graph.get("position"),
+                         **{k: v for k, v in data.items() if k not in ("id", "kind")}})
         rows.sort(key=lambda r: -(r["cosine"] if isinstance(r["cosine"], int | float) else -1))
-        return rows[:k]
+        if rows:
+            return rows[:k]
     ds = store.directions
     if ds is None or best is None or node_id not in ds.nodes:
         return []

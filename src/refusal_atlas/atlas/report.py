@@ -378,39 +378,57 @@ def _section_overlap(store: AtlasStore, figs: Figures) -> str:
 
     go = _go()
     parts = []
+    overlap, taxonomy = store.overlap_edges("overlap"), store.overlap_edges("taxonomy")
     if g.number_of_nodes():
-        pos = nx.spring_layout(g, seed=0, weight="weight") if g.number_of_edges() else nx.circular_layout(g)
-        edge_x, edge_y, mid_x, mid_y, mid_text = [], [], [], [], []
-        for a, b, data in g.edges(data=True):
-            (x0, y0), (x1, y1) = pos[a], pos[b]
-            edge_x += [x0, x1, None]
-            edge_y += [y0, y1, None]
-            mid_x.append((x0 + x1) / 2)
-            mid_y.append((y0 + y1) / 2)
+        simple = nx.Graph()
+        simple.add_nodes_from(g.nodes)
+        simple.add_weighted_edges_from((a, b, max(float(d.get("weight", 0) or 0), 0.01)) for a, b, d in overlap)
+        pos = nx.spring_layout(simple, seed=0, weight="weight") if overlap else nx.circular_layout(simple)
+        traces = []
+        for edges, colour, dash, name in ((taxonomy, "#d5dbe1", "dot", "taxonomy parent link"),
+                                          (overlap, "#6b8fb5", "solid", "overlap beyond noise")):
+            xs, ys = [], []
+            for a, b, _ in edges:
+                xs += [pos[a][0], pos[b][0], None]
+                ys += [pos[a][1], pos[b][1], None]
+            if xs:
+                traces.append(go.Scatter(x=xs, y=ys, mode="lines", line={"color": colour, "width": 2, "dash": dash},
+                                         hoverinfo="skip", name=name))
+        mid_x, mid_y, mid_text = [], [], []
+        for a, b, data in overlap:
+            mid_x.append((pos[a][0] + pos[b][0]) / 2)
+            mid_y.append((pos[a][1] + pos[b][1]) / 2)
             w = data.get("weight", data.get("cosine"))
             ci = f" [{_fmt(data.get('ci_low'))}, {_fmt(data.get('ci_high'))}]" if "ci_low" in data else ""
-            mid_text.append(f"{esc(a)} – {esc(b)}<br>cosine {_fmt(w)}{esc(ci)}")
+            floors = (f"<br>floors {_fmt(data.get('floor_a'))} / {_fmt(data.get('floor_b'))}"
+                      if "floor_a" in data else "")
+            mid_text.append(f"{esc(a)} – {esc(b)}<br>cosine {_fmt(w)}{esc(ci)}{floors}")
+        if mid_x:
+            traces.append(go.Scatter(x=mid_x, y=mid_y, mode="markers", hovertext=mid_text, hoverinfo="text",
+                                     marker={"size": 7, "color": "#6b8fb5", "opacity": 0.5}, showlegend=False))
         node_text = []
         for n, data in g.nodes(data=True):
             info = "<br>".join(f"{esc(k)}: {esc(_fmt(v))}" for k, v in data.items() if k != "label")
             node_text.append(f"<b>{esc(data.get('label', store.node_label(n)))}</b><br>{esc(n)}<br>{info}")
-        fig = go.Figure([
-            go.Scatter(x=edge_x, y=edge_y, mode="lines", line={"color": "#9aa7b4", "width": 1.5}, hoverinfo="skip",
-                       showlegend=False),
-            go.Scatter(x=mid_x, y=mid_y, mode="markers", marker={"size": 6, "color": "#9aa7b4", "opacity": 0.4},
-                       hovertext=mid_text, hoverinfo="text", showlegend=False),
-            go.Scatter(x=[pos[n][0] for n in g.nodes], y=[pos[n][1] for n in g.nodes], mode="markers+text",
-                       text=[esc(short(n, 30)) for n in g.nodes], textposition="top center", hovertext=node_text,
-                       hoverinfo="text", marker={"size": 14, "color": "#243447"}, showlegend=False),
-        ])
-        fig.update_layout(title="Overlap graph: an edge where two nodes' directions overlap beyond their noise",
-                          xaxis={"visible": False}, yaxis={"visible": False})
+        traces.append(go.Scatter(x=[pos[n][0] for n in g.nodes], y=[pos[n][1] for n in g.nodes],
+                                 mode="markers+text", text=[esc(short(n, 30)) for n in g.nodes],
+                                 textposition="top center", hovertext=node_text, hoverinfo="text",
+                                 marker={"size": 14, "color": "#243447"}, showlegend=False))
+        fig = go.Figure(traces)
+        where = f" (layer {g.graph.get('layer')}, position {g.graph.get('position')})" if g.graph else ""
+        fig.update_layout(title=esc(f"Overlap graph{where}"), xaxis={"visible": False}, yaxis={"visible": False})
         parts.append(figs.add(fig, 520))
-        edges = sorted(g.edges(data=True), key=lambda e: -float(e[2].get("weight", e[2].get("cosine", 0)) or 0))
-        parts.append(html_table(["node a", "node b", "cosine", "CI low", "CI high"],
-                                [[a, b, d.get("weight", d.get("cosine")), d.get("ci_low"), d.get("ci_high")]
-                                 for a, b, d in edges[:100]]))
-    scalars = {k: v for k, v in store.overlap_json.items() if isinstance(v, int | float | str | bool)}
+        edges = sorted(overlap, key=lambda e: -float(e[2].get("weight", 0) or 0))
+        parts.append(html_table(["node a", "node b", "cosine", "CI low", "CI high", "floor a", "floor b",
+                                 "null 95%", "distinct"],
+                                [[a, b, d.get("weight"), d.get("ci_low"), d.get("ci_high"), d.get("floor_a"),
+                                  d.get("floor_b"), d.get("null95"), d.get("distinct")] for a, b, d in edges[:100]])
+                     if edges else "<p>No pair of nodes overlaps beyond its noise at this layer.</p>")
+    ov = store.overlap_json
+    scalars = {k: v for k, v in ov.items() if isinstance(v, int | float | str | bool)}
+    for key, value in (ov.get("sibling_test") or {}).items() if isinstance(ov.get("sibling_test"), dict) else []:
+        if isinstance(value, int | float | str | bool):
+            scalars[f"sibling_test.{key}"] = value
     if scalars:
         parts.append(html_table(["overlap statistic", "value"], list(scalars.items())))
     return "".join(parts) or "<p>The overlap graph is empty.</p>"
@@ -426,10 +444,17 @@ def _section_profiles(store: AtlasStore, figs: Figures) -> str:
     setup = _heatmap_setup(store)
     pos = str(setup[2]) if setup else str(dm["position"].iloc[0])
     data = dm[dm["position"] == pos]
-    metrics = [c for c in ("reliability", "norm", "auroc", "probe_accuracy") if c in data.columns
-               and data[c].notna().any()]
-    fig = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True,
-                        subplot_titles=[m.replace("_", " ") for m in metrics], vertical_spacing=0.08)
+    metrics = [c for c in ("reliability", "norm", "auroc") if c in data.columns and data[c].notna().any()]
+    probe = store.probe_accuracy
+    if probe is not None and probe["probe_accuracy"].notna().any():
+        probe = probe[probe["position"] == pos] if (probe["position"] == pos).any() else probe
+    else:
+        probe = None
+    titles = {"reliability": "reliability (split-half, corrected)", "norm": "norm of the mean difference",
+              "auroc": "AUROC node vs harmless (held out)"}
+    panels = [titles[m] for m in metrics] + (["probe accuracy for node identity (all nodes)"] if probe is not None
+                                             else [])
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=panels, vertical_spacing=0.07)
     for node, rows in data.groupby("node", sort=True):
         rows = rows.sort_values("layer")
         name = esc(short(store.node_label(str(node)) if node != "@pooled" else "pooled", 40))
@@ -437,9 +462,21 @@ def _section_profiles(store: AtlasStore, figs: Figures) -> str:
             fig.add_trace(go.Scatter(x=rows["layer"], y=rows[m], mode="lines+markers", name=name,
                                      legendgroup=esc(node), showlegend=i == 1,
                                      line={"dash": "dash"} if node == "@pooled" else None), row=i, col=1)
+    if probe is not None:
+        row_i = len(panels)
+        for ppos, rows in probe.groupby("position"):
+            rows = rows.sort_values("layer")
+            fig.add_trace(go.Scatter(x=rows["layer"], y=rows["probe_accuracy"], mode="lines+markers",
+                                     name=esc(f"probe accuracy (position {ppos})"),
+                                     line={"color": "black", "width": 3}), row=row_i, col=1)
+            chance = rows["chance"].dropna()
+            if not chance.empty:
+                fig.add_trace(go.Scatter(x=rows["layer"], y=[float(chance.iloc[0])] * len(rows), mode="lines",
+                                         name="probe chance", line={"color": "gray", "dash": "dot"}),
+                              row=row_i, col=1)
     fig.update_layout(title=f"Layer profiles (position {esc(pos)})", legend={"font": {"size": 10}})
-    fig.update_xaxes(title_text="layer", row=len(metrics), col=1)
-    return figs.add(fig, 260 * len(metrics) + 120)
+    fig.update_xaxes(title_text="layer", row=len(panels), col=1)
+    return figs.add(fig, 240 * len(panels) + 120)
 
 
 def _section_causal(store: AtlasStore, figs: Figures) -> str:

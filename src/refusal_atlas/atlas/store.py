@@ -203,7 +203,8 @@ class AtlasStore:
         tax = self.taxonomy
         if tax is not None and node_id in tax.nodes:
             return tax.nodes[node_id].label
-        return node_id
+        labels = (self.directions_meta.get("taxonomy") or {}).get("labels") or {}
+        return str(labels.get(node_id, node_id))
 
     @cached_property
     def crosswalks(self) -> list[tuple[str, str, str, str]]:
@@ -379,18 +380,21 @@ class AtlasStore:
         floor = ds.noise.get("diff_means/split_half_mean")
         p05 = ds.noise.get("diff_means/split_half_p05")
         rel = ds.noise.get("diff_means/reliability")
+        auroc = ds.meta.get("auroc") or {}
         for i, node in enumerate(names):
             for k, pos in enumerate(ds.positions):
                 key = f"diff_means/{node}/{position_label(pos)}"
                 if key not in ds.tensors:
                     continue
                 norms = ds.tensors[key].norm(dim=-1)
+                node_auroc = (auroc.get(node) or {}).get(position_label(pos)) or []
                 for j, layer in enumerate(ds.layers):
                     rows.append({
                         "node": node, "layer": int(layer), "position": position_label(pos),
                         "norm": float(norms[j]),
                         "noise_floor": _cell(floor, i, j, k), "split_half_p05": _cell(p05, i, j, k),
                         "reliability": _cell(rel, i, j, k),
+                        "auroc": _float(node_auroc[j]) if j < len(node_auroc) else None,
                     })
         df = pd.DataFrame(rows)
         if df.empty:
@@ -413,6 +417,24 @@ class AtlasStore:
             df = df.merge(s[cols].drop_duplicates(["node", "layer", "position"]),
                           on=["node", "layer", "position"], how="left")
         return df
+
+    @cached_property
+    def probe_accuracy(self) -> pd.DataFrame | None:
+        """Per layer and position: cross-validated accuracy of a linear probe for node identity, and chance."""
+        ds = self.directions
+        probe = (ds.meta.get("probe") or {}) if ds is not None else {}
+        acc = probe.get("accuracy") or {}
+        rows = [{"layer": int(layer), "position": str(pos), "probe_accuracy": _float(values[j]),
+                 "chance": _float(probe.get("chance"))}
+                for pos, values in acc.items() for j, layer in enumerate(ds.layers) if j < len(values)]
+        return pd.DataFrame(rows) if rows else None
+
+    def overlap_edges(self, kind: str = "overlap") -> list[tuple[str, str, dict[str, Any]]]:
+        """Edges of the overlap graph of one kind ("overlap"; "taxonomy" for the parent links)."""
+        g = self.overlap_graph
+        if g is None:
+            return []
+        return [(str(a), str(b), dict(d)) for a, b, d in g.edges(data=True) if d.get("kind", "overlap") == kind]
 
     @cached_property
     def layer_profiles(self) -> pd.DataFrame | None:
