@@ -1,0 +1,230 @@
+"""Reading and writing prompt sets and corpora as CSV, JSONL or Parquet (chosen by extension).
+
+Every stage of curation exchanges tables through files, so this module owns the rules that keep
+them safe: outputs are written atomically (a crash never leaves half a file), malformed input rows
+are never dropped silently but written to `<output>.rejects.jsonl` with their row number and reason,
+and a missing column or an empty table is one clear `AtlasError` instead of a pandas traceback.
+
+Row numbers: for JSONL the 1-based line number; for CSV and Parquet the 1-based data row (the row
+after the header is row 1). `read_table` keeps them as the DataFrame index so later checks can
+report `file:row N`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from refusal_atlas.errors import AtlasError
+
+SUFFIXES = (".csv", ".jsonl", ".parquet")
+LIST_COLUMNS = ("nodes",)
+
+
+def table_format(path: Path | str) -> str:
+    """`csv`, `jsonl` or `parquet` from the file name; anything else is an AtlasError."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".ndjson":
+        suffix = ".jsonl"
+    if suffix not in SUFFIXES:
+        raise AtlasError(f"{path}: unsupported table format {suffix or '(none)'!r}; use .csv, .jsonl or .parquet")
+    return suffix[1:]
+
+
+def rejects_path(out: Path | str) -> Path:
+    """Where the rejected rows of an output go: beside it, `<out>.rejects.jsonl`."""
+    out = Path(out)
+    return out.with_name(out.name + ".rejects.jsonl")
+
+
+def reject(rejects: list[dict] | None, *, source: str, row: Any, reason: str, **extra: Any) -> None:
+    """Record one rejected row (no-op when the caller does not collect rejects)."""
+    if rejects is not None:
+        rejects.append({"source": str(source), "row": row, "reason": reason, **extra})
+
+
+def _parse_list_cell(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        return parsed if isinstance(parsed, list) else value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _read_jsonl(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
+    records: list[dict] = []
+    index: list[int] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                reject(rejects, source=path, row=lineno, reason=f"invalid JSON ({exc.msg})", text=line[:200])
+                continue
+            if not isinstance(obj, dict):
+                reject(rejects, source=path, row=lineno, reason="line is not a JSON object")
+                continue
+            records.append(obj)
+            index.append(lineno)
+    return pd.DataFrame.from_records(records, index=pd.Index(index, name="row"))
+
+
+def _read_csv(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
+    with open(path, encoding="utf-8", newline="") as fh:
+        lines = [line for line in fh if not line.startswith("#")]
+    reader = csv.reader(lines)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return pd.DataFrame()
+    records: list[list[str]] = []
+    index: list[int] = []
+    for rowno, fields in enumerate(reader, start=1):
+        if not fields or all(not f.strip() for f in fields):
+            continue
+        if len(fields) != len(header):
+            reject(rejects, source=path, row=rowno,
+                   reason=f"expected {len(header)} fields, found {len(fields)}")
+            continue
+        records.append(fields)
+        index.append(rowno)
+    df = pd.DataFrame(records, columns=header, index=pd.Index(index, name="row"), dtype=object)
+    for col in df.columns:
+        if col in LIST_COLUMNS:
+            df[col] = df[col].map(_parse_list_cell)
+    return df
+
+
+def read_table(path: Path | str, *, rejects: list[dict] | None = None) -> pd.DataFrame:
+    """Read a table by extension; malformed rows go to `rejects` (if given) with their row number.
+
+    CSV lines starting with `#` are comments (some published files start with one). Values of
+    CSV columns are strings; list columns (`nodes`) written as JSON arrays are parsed back.
+    """
+    path = Path(path)
+    fmt = table_format(path)
+    if not path.is_file():
+        raise AtlasError(f"{path}: file not found")
+    try:
+        if fmt == "jsonl":
+            df = _read_jsonl(path, rejects)
+        elif fmt == "csv":
+            df = _read_csv(path, rejects)
+        else:
+            df = pd.read_parquet(path)
+            df.index = pd.RangeIndex(1, len(df) + 1, name="row")
+            for col in LIST_COLUMNS:
+                if col in df.columns:
+                    df[col] = df[col].map(_parse_list_cell)
+    except UnicodeDecodeError as exc:
+        raise AtlasError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except (OSError, ValueError) as exc:  # pyarrow errors derive from these
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AtlasError(f"{path}: cannot read {fmt} table ({first})") from exc
+    return df
+
+
+def require_columns(df: pd.DataFrame, columns: Sequence[str], path: Path | str, hint: str = "") -> None:
+    """One clear error naming every missing column and the ones that exist."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        have = ", ".join(map(str, df.columns)) or "(none)"
+        extra = f"; {hint}" if hint else ""
+        raise AtlasError(f"{path}: missing column(s) {', '.join(missing)} (found: {have}){extra}")
+
+
+def require_rows(df: pd.DataFrame, path: Path | str, rejected: int = 0) -> None:
+    """An empty or all-rejected table is an error, never an empty output."""
+    if len(df) == 0:
+        if rejected:
+            raise AtlasError(f"{path}: all {rejected} row(s) were rejected; see {rejects_path(path)}")
+        raise AtlasError(f"{path}: no rows")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _records(df: pd.DataFrame) -> Iterable[dict]:
+    cols = list(df.columns)
+    for values in df.itertuples(index=False, name=None):
+        rec = {}
+        for col, v in zip(cols, values, strict=True):
+            if isinstance(v, float) and np.isnan(v):
+                v = None
+            rec[str(col)] = v
+        yield rec
+
+
+def atomic_write(path: Path | str, writer) -> Path:
+    """Call `writer(tmp_path)` then move the finished file into place (same folder, os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_table(df: pd.DataFrame, path: Path | str) -> Path:
+    """Write by extension, atomically. List cells become JSON arrays in CSV, real arrays elsewhere."""
+    path = Path(path)
+    fmt = table_format(path)
+    out = df.reset_index(drop=True)
+
+    def _write(tmp: Path) -> None:
+        if fmt == "parquet":
+            out.to_parquet(tmp, index=False)
+        elif fmt == "jsonl":
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for rec in _records(out):
+                    fh.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
+        else:
+            csv_df = out.copy()
+            for col in csv_df.columns:
+                if csv_df[col].map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():
+                    csv_df[col] = csv_df[col].map(lambda v: json.dumps(list(v), ensure_ascii=False)
+                                                  if isinstance(v, list | tuple | np.ndarray) else v)
+            csv_df.to_csv(tmp, index=False)
+
+    return atomic_write(path, _write)
+
+
+def write_rejects(out: Path | str, rejects: list[dict]) -> Path | None:
+    """Write `<out>.rejects.jsonl` (atomically) when there are rejects; remove a stale one otherwise."""
+    target = rejects_path(out)
+    if not rejects:
+        target.unlink(missing_ok=True)
+        return None
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for rec in rejects:
+                fh.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
+
+    return atomic_write(target, _write)
