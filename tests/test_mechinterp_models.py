@@ -1,0 +1,74 @@
+"""The shared loader: local folders of every test architecture, chat-template errors, the default model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.mechinterp.models import load_model
+from refusal_atlas.testing import ARCHITECTURES, tiny_model
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def saved_tiny(request, tmp_path_factory):
+    lm = tiny_model(request.param)
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return request.param, lm, folder
+
+
+def test_load_folder_matches_in_memory_model(saved_tiny):
+    arch, lm, folder = saved_tiny
+    loaded = load_model(folder)
+    assert loaded.n_layers == lm.n_layers == 4
+    assert loaded.d_model == lm.d_model == 64
+    assert loaded.tokenizer.padding_side == "left"
+    assert loaded.tokenizer.pad_token is not None
+    assert len(loaded.revision) == 64 and loaded.model_id.endswith(folder.name)
+    ids = torch.tensor([loaded.tokenizer(loaded.chat_prompt("Write a poem."), add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        a, b = loaded.model(input_ids=ids).logits, lm.model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5), arch
+
+
+def test_missing_chat_template_is_a_clear_error(tmp_path):
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path)
+    tok = lm.tokenizer
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        tok.save_pretrained(tmp_path)
+    finally:
+        tok.chat_template = template
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(AtlasError, match="no chat template"):
+        load_model(tmp_path)
+    # ... unless the caller supplies one
+    assert "assistant" in load_model(tmp_path, chat_template=template).chat_prompt("hi")
+
+
+def test_not_a_model_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "weights.txt"
+    bogus.write_text("nothing")
+    with pytest.raises(AtlasError, match="not a model folder"):
+        load_model(bogus)
+    with pytest.raises(AtlasError, match="GGUF file not found"):
+        load_model(tmp_path / "missing.gguf")
+    with pytest.raises(AtlasError, match="could not load model"):
+        load_model(tmp_path)  # an empty folder
+
+
+@pytest.mark.real_model
+def test_default_model_loads_from_cache_quickly():
+    lm = load_model("default")  # first load in a fresh cache dequantizes the GGUF (~20-40 s)
+    assert (lm.n_layers, lm.d_model) == (30, 576)
+    assert lm.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and len(lm.revision) == 64
+    assert lm.chat_prompt("hi").endswith("<|im_start|>assistant\n")
+    t0 = time.perf_counter()
+    again = load_model("default")
+    assert time.perf_counter() - t0 < 5.0  # ~0.2-1 s on an idle machine; generous on a shared one
+    assert again.revision == lm.revision
