@@ -40,7 +40,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     if not candidates:
         raise ValueError(f"could not find the decoder blocks of {type(model).__name__}")
     # Prefer the shortest module path (the main stack, not a nested list inside a block).
-    name, blocks = min(candidates, key=lambda nm: (nm[0].count("."), -len(nm[1])))
+    _name, blocks = min(candidates, key=lambda nm: (nm[0].count("."), -len(nm[1])))
     object.__setattr__(model, "_refusal_atlas_blocks", blocks)
     return blocks
 

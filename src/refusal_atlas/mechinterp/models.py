@@ -175,7 +175,9 @@ def load_model(
     if device:
         model.to(device)
     tokenizer = _finish_tokenizer(tokenizer, chat_template, spec_str)
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec_str, model_id=model_id, revision=revision, extra=extra)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, spec=spec_str, model_id=model_id, revision=revision, extra=extra
+    )
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "in-memory") -> LoadedModel:
