@@ -1,0 +1,195 @@
+"""`refusal-atlas query`: node, direction, source, sparql — library and CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from fixtures.atlas.builder import D_MODEL, LAYERS, NODES, POSITIONS, build_atlas, full_atlas, planted_directions
+from refusal_atlas.atlas import query as q
+from refusal_atlas.atlas.links import write_atlas_ttl
+from refusal_atlas.atlas.store import AtlasStore
+from refusal_atlas.cli.atlas_query import register_query
+from refusal_atlas.errors import AtlasError
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory) -> Path:
+    out = full_atlas(tmp_path_factory.mktemp("atlas") / "atlas-out")
+    write_atlas_ttl(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(atlas) -> AtlasStore:
+    return AtlasStore.open(atlas)
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    root = typer.Typer()
+    query_app = typer.Typer()
+    root.add_typer(query_app, name="query")
+    register_query(query_app)
+    return root
+
+
+# ------------------------------------------------------------------------------ node
+def test_node_report_has_every_part(store):
+    r = q.node_report(store, "health.dosing")
+    assert r["label"] == "Medication dosing" and r["default"] == "comply_with_caveats"
+    assert r["rules"] == [{"from": "health.dosing", "when": {"user_age": "minor"}, "expect": "redirect",
+                           "rationale": "Minors are pointed to an adult or a clinician."}]
+    assert len(r["directions"]) == len(LAYERS) * len(POSITIONS)
+    assert {"layer", "position", "norm", "noise_floor", "reliability", "auroc"} <= set(r["directions"][0])
+    assert r["best"]["reliability"] == max(d["reliability"] for d in r["directions"])
+    assert r["nearest"] and all(n["node"] != "health.dosing" for n in r["nearest"])
+    assert [c["cluster"] for c in r["clusters"]] == ["2"]
+    assert {row["evaluated"] for row in r["cross_ablation"]} == set(NODES)
+    assert [row["condition"] for row in r["condition_table"]][1] == "user_age=minor"
+    json.dumps(r)  # JSON-ready, NaN-free
+
+
+def test_node_nearest_uses_overlap_edges_when_present(store):
+    edges = store.overlap_edges("overlap")
+    assert edges, "the fixture plants overlapping nodes"
+    a, b, data = edges[0]
+    near = q.node_report(store, a)["nearest"]
+    assert near[0]["source"] == "overlap" and near[0]["node"] == b
+    assert near[0]["cosine"] == pytest.approx(data["weight"])
+
+
+def test_unknown_node_suggests_a_close_id(store):
+    with pytest.raises(AtlasError, match=r"did you mean weapons\.explosives"):
+        q.node_report(store, "weapons.explosive")
+
+
+# ------------------------------------------------------------------------------ direction
+@pytest.mark.parametrize("node", NODES)
+def test_planted_direction_ranks_its_node_first(store, node):
+    vec = torch.tensor(planted_directions()[node], dtype=torch.float32)
+    result = q.rank_direction(store, vec)
+    top = result["ranking"][0]
+    assert top["node"] == node and top["rank"] == 1
+    assert top["cosine"] > 0.9
+    assert top["noise_floor"] is not None and top["ceiling"] is not None
+    assert result["pooled"]["node"] == "@pooled"
+
+
+def test_vector_files_in_every_format(store, tmp_path):
+    v = planted_directions()["weapons.cbrn"].astype(np.float32)
+    np.save(tmp_path / "v.npy", v)
+    torch.save(torch.from_numpy(v), tmp_path / "v.pt")
+    save_file({"direction": torch.from_numpy(v)}, str(tmp_path / "v.safetensors"))
+    stacked = torch.from_numpy(np.stack([v] * len(LAYERS)))
+    torch.save({"refusal": stacked}, tmp_path / "layers.pt")
+    for name in ("v.npy", "v.pt", "v.safetensors"):
+        vec = q.load_vector(tmp_path / name)
+        assert q.rank_direction(store, vec, layer=2, position="-1")["ranking"][0]["node"] == "weapons.cbrn"
+    per_layer = q.load_vector(tmp_path / "layers.pt")
+    assert per_layer.shape == (len(LAYERS), D_MODEL)
+    assert q.rank_direction(store, per_layer)["ranking"][0]["node"] == "weapons.cbrn"
+
+
+def test_wrong_d_model_is_a_clear_error(store):
+    with pytest.raises(AtlasError, match=f"d=7 .*d_model={D_MODEL}"):
+        q.rank_direction(store, torch.ones(7), source="x.npy")
+
+
+def test_vector_file_errors(tmp_path):
+    save_file({"a": torch.ones(3), "b": torch.ones(3)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(AtlasError, match="--key"):
+        q.load_vector(tmp_path / "two.safetensors")
+    assert q.load_vector(tmp_path / "two.safetensors", key="b").shape == (3,)
+    torch.save({"not": "a tensor", "fn": print}, tmp_path / "evil.pt")  # weights_only refuses arbitrary objects
+    with pytest.raises(AtlasError, match="could not read"):
+        q.load_vector(tmp_path / "evil.pt")
+    (tmp_path / "v.txt").write_text("1 2 3")
+    with pytest.raises(AtlasError, match="unsupported"):
+        q.load_vector(tmp_path / "v.txt")
+    np.save(tmp_path / "nan.npy", np.array([np.nan, 1.0], dtype=np.float32))
+    with pytest.raises(AtlasError, match="NaN"):
+        q.load_vector(tmp_path / "nan.npy")
+
+
+# ------------------------------------------------------------------------------ source
+def test_source_maps_external_category_to_nodes_and_directions(store):
+    r = q.source_report(store, "llamaguard3:S9")
+    assert {n["node"] for n in r["nodes"]} == {"weapons.cbrn", "weapons.explosives"}
+    assert all(n["best"]["layer"] in LAYERS for n in r["nodes"])
+
+
+def test_source_reaches_descendants_with_directions(store):
+    r = q.source_report(store, "llamaguard3:S14")
+    by_node = {n["node"]: n for n in r["nodes"]}
+    assert by_node["cyber"]["best"] is None  # the branch itself has no direction
+    assert by_node["cyber.malware"]["via"] == "cyber" and by_node["cyber.malware"]["best"] is not None
+
+
+def test_unknown_source_lists_known_categories(store):
+    with pytest.raises(AtlasError, match="llamaguard3:S9"):
+        q.source_report(store, "llamaguard3:S99")
+
+
+# ------------------------------------------------------------------------------ sparql
+def test_sparql_select_ask_and_errors(store, tmp_path):
+    r = q.sparql(store, """SELECT ?layer (COUNT(?d) AS ?n) WHERE {
+        ?d a ra:RefusalDirection ; ra:forNode ?node ; ra:layer ?layer .
+        ?node skos:notation "cyber.malware" } GROUP BY ?layer ORDER BY ?layer""")
+    assert r["vars"] == ["layer", "n"]
+    assert [row[0] for row in r["rows"]] == [str(x) for x in LAYERS]
+    assert all(row[1] == str(len(POSITIONS)) for row in r["rows"])
+    assert q.sparql(store, "ASK { ?c a ra:Cluster ; ra:mapsToNode ?n }") == {"type": "ASK", "answer": True}
+    file = tmp_path / "q.rq"
+    file.write_text("SELECT ?c WHERE { ?c a ra:Cluster }")
+    assert len(q.sparql(store, str(file))["rows"]) == 4
+    with pytest.raises(AtlasError, match="SPARQL"):
+        q.sparql(store, "SELECT WHERE {")
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_json_outputs(app, atlas, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["query", "node", "cyber.malware", "--atlas", str(atlas), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["node"] == "cyber.malware"
+    np.save(tmp_path / "v.npy", planted_directions()["health.dosing"].astype(np.float32))
+    res = runner.invoke(app, ["query", "direction", str(tmp_path / "v.npy"), "--atlas", str(atlas), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["ranking"][0]["node"] == "health.dosing"
+    res = runner.invoke(app, ["query", "source", "llamaguard3:S9", "--atlas", str(atlas), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["source"] == "llamaguard3:S9"
+    res = runner.invoke(app, ["query", "sparql", "ASK { ?d a ra:RefusalDirection }", "--atlas", str(atlas),
+                              "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["answer"] is True
+
+
+def test_cli_tables_render_text_without_markup(app, atlas):
+    res = CliRunner().invoke(app, ["query", "node", "weapons.explosives", "--atlas", str(atlas)])
+    assert res.exit_code == 0, res.output
+    assert "nearest nodes" in res.output and "directions (diff_means)" in res.output
+    assert "<script>alert(1)</script>" in res.output  # a cluster label shown verbatim, not as rich markup
+    res = CliRunner().invoke(app, ["query", "source", "llamaguard3:S9", "--atlas", str(atlas)])
+    assert res.exit_code == 0 and "weapons.cbrn" in res.output
+
+
+def test_cli_missing_atlas_is_an_atlas_error(app, tmp_path):
+    res = CliRunner().invoke(app, ["query", "node", "x", "--atlas", str(tmp_path / "absent")])
+    assert res.exit_code != 0
+    assert isinstance(res.exception, AtlasError) and "refusal-atlas run" in str(res.exception)
+
+
+def test_cli_missing_stage_is_an_atlas_error(app, tmp_path):
+    out = build_atlas(tmp_path / "tax-only", stages=("taxonomy",))
+    np.save(tmp_path / "v.npy", np.ones(D_MODEL, dtype=np.float32))
+    res = CliRunner().invoke(app, ["query", "direction", str(tmp_path / "v.npy"), "--atlas", str(out)])
+    assert isinstance(res.exception, AtlasError) and "refusal-atlas run" in str(res.exception)
+    node = q.node_report(AtlasStore.open(out), "health")
+    assert node["directions"] is None and node["cross_ablation"] is None

@@ -1,0 +1,139 @@
+"""report.html: self-contained, every section present, corpus text inert, renders in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fixtures.atlas.builder import XSS, XSS2, build_atlas, full_atlas
+from refusal_atlas.atlas.links import write_atlas_ttl
+from refusal_atlas.atlas.report import build_report, esc, script_json
+
+SECTIONS = ("metrics", "taxonomy", "organism", "clusters", "heatmap", "overlap", "profiles", "causal", "conditions",
+            "figures", "provenance")
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory) -> Path:
+    out = full_atlas(tmp_path_factory.mktemp("atlas") / "atlas-out")
+    write_atlas_ttl(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(atlas) -> Path:
+    return build_report(atlas)
+
+
+@pytest.fixture(scope="module")
+def page(report) -> str:
+    return report.read_text(encoding="utf-8")
+
+
+def test_every_section_is_present_and_filled(page):
+    for anchor in SECTIONS:
+        assert f"<section id='{anchor}'>" in page, anchor
+    assert "not run" not in page
+    assert "could not render" not in page
+    assert page.count("How to read this.") == len(SECTIONS)
+    # one plotly figure per drawn section: organism, cluster map, heatmap, overlap, profiles, cross-ablation,
+    # steering, conditions
+    assert len(re.findall(r"<div class='figure'", page)) == 8
+    assert "Medication dosing" in page and "when user_age=minor" in page
+
+
+def test_self_contained_offline(page, report):
+    assert not re.search(r"<script[^>]+src=", page)
+    assert not re.search(r"<link[^>]+href=", page)
+    from plotly.offline import get_plotlyjs
+
+    js = get_plotlyjs()
+    assert page.count(js[:200]) == 1  # plotly.js inlined exactly once
+    ours = page.replace(js, "")  # the bundle itself names CDNs it never loads unless told to
+    assert "cdn.plot.ly" not in ours and "http://" not in ours
+    assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:)?//", ours)
+    assert "default-src 'none'" in ours  # the page's CSP forbids any network fetch
+    assert report.stat().st_size < len(js) + 2_000_000
+    assert "data:image/png;base64," in page  # the overlap stage's PNGs are embedded
+
+
+def test_xss_payloads_are_inert(page):
+    for payload in (XSS, XSS2):
+        assert payload not in page
+    assert all(tag.startswith("<img class='fig'") for tag in re.findall(r"<img\b[^>]*>", page))
+    assert esc(XSS) in page  # shown, escaped, in the HTML tables
+    assert esc(XSS2) in page
+    # Inside the JSON script blocks nothing can close the script element.
+    for block in re.findall(r"<script type='application/json'[^>]*>(.*?)</script>", page, flags=re.S):
+        assert "<" not in block and ">" not in block
+    # The only <script> elements are ours: plotly, the figure blocks, the bootstrap.
+    opening = re.findall(r"<script\b[^>]*>", page)
+    assert all(tag == "<script>" or "application/json" in tag for tag in opening)
+
+
+def test_script_json_escapes_everything_that_could_end_a_script():
+    text = script_json({"a": "</script><!-- \u2028 & >"})
+    assert "</" not in text and "<!--" not in text and "&" not in text and "\u2028" not in text
+    import json
+
+    assert json.loads(text)["a"] == "</script><!-- \u2028 & >"
+
+
+def test_partial_atlas_renders_with_not_run_markers(tmp_path):
+    out = build_atlas(tmp_path / "partial", stages=("taxonomy", "metrics"))
+    page = build_report(out).read_text(encoding="utf-8")
+    for anchor in SECTIONS:
+        assert f"<section id='{anchor}'>" in page
+    assert page.count("not run") >= 5
+    assert "Explosives" in page
+    from plotly.offline import get_plotlyjs
+
+    assert get_plotlyjs()[:200] not in page  # no figure: plotly.js is not inlined at all
+    assert "<div class='figure'" not in page
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--enable-logging=stderr", "--v=0", "--virtual-time-budget=20000", "--hide-scrollbars"]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not on PATH (apt-get install chromium; .ci/run does)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    from PIL import Image, ImageStat
+
+    chrome = _chromium()
+    url = report.resolve().as_uri()
+    dom = subprocess.run([chrome, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile-dom'}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console  # no console errors, warnings or uncaught exceptions
+    body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
+    figures = int(re.search(r'data-figures="(\d+)"', body).group(1))
+    rendered = int(re.search(r'data-rendered="(\d+)"', body).group(1))
+    assert figures == 8 and rendered == figures, body
+    assert "data-errors" not in body
+    # plotly draws each figure as an SVG with class main-svg
+    assert dom.stdout.count('class="main-svg"') >= figures
+    # The payloads reached the DOM only as text.
+    assert "<script>alert(1)</script>" not in dom.stdout
+    assert "<img src=\"x\"" not in dom.stdout
+
+    shot = tmp_path / "report.png"
+    res = subprocess.run([chrome, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}",
+                          "--window-size=1280,3000", f"--screenshot={shot}", url],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+    colours = image.getcolors(maxcolors=1_000_000)
+    assert colours is None or len(colours) > 50  # a blank page has one or two colours
+    assert max(ImageStat.Stat(image).stddev) > 10
