@@ -2,10 +2,52 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+
+MODEL_HELP = ("`default` (SmolLM2-135M-Instruct, turned into a refusing organism first), a model folder, "
+              "a .gguf file or a hub id.")
 
 
 def register(app: typer.Typer) -> None:
     """Attach `run` and the `query` group to the main app."""
+
+    @app.command("run")
+    def run_cmd(
+        model: Annotated[str, typer.Option(help=MODEL_HELP)] = "default",
+        taxonomy: Annotated[Path | None, typer.Option(help="Taxonomy folder (default: the shipped one).")] = None,
+        out: Annotated[Path, typer.Option(help="Output folder.")] = Path("atlas-out"),
+        quick: Annotated[bool, typer.Option(help="A reduced run (CI, smoke tests).")] = False,
+        resume: Annotated[bool, typer.Option(help="Skip stages whose inputs did not change.")] = True,
+        seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
+        organism: Annotated[bool | None, typer.Option(help="Build a refusing organism from the base model "
+                                                           "(default: only for `default`).")] = None,
+        min_prompts: Annotated[int, typer.Option(help="Minimum training prompts for a node's direction.")] = 8,
+        max_nodes: Annotated[int | None, typer.Option(help="At most this many analysis nodes.")] = None,
+    ) -> None:
+        """Run every stage, from the taxonomy to report.html (cached; a rerun resumes)."""
+        from rich.console import Console
+
+        from refusal_atlas.atlas.pipeline import RunConfig, run
+
+        cfg = RunConfig(model=model, taxonomy=taxonomy, out=out, quick=quick, resume=resume, seed=seed,
+                        organism=organism, min_prompts=min_prompts, max_nodes=max_nodes)
+        console = Console(stderr=True)
+        result = run(cfg, console)
+        m = result["metrics"]
+        console.print(f"[bold green]atlas written to {out}[/bold green] "
+                      f"({result['manifest']['total_seconds']:.0f} s): report.html, atlas.ttl, metrics.json")
+        from refusal_atlas.atlas.pipeline import headline_table
+
+        console.print(headline_table(m))
+
     query_app = typer.Typer(no_args_is_help=True)
     app.add_typer(query_app, name="query", help="Ask the atlas which directions correspond to which harm sources.")
+    try:
+        from refusal_atlas.cli.atlas_query import register_query
+    except ImportError:  # pragma: no cover - during development only
+        return
+    register_query(query_app)

@@ -1,0 +1,411 @@
+"""`refusal-atlas run`: every stage from the taxonomy to the report, cached and resumable.
+
+taxonomy → ontology (taxonomy.ttl) → prompts → organism (default model only) → collect → detect
+→ cluster + map → directions (capture + diff-in-means + noise floors) → overlap → causal tests
+→ atlas (atlas.ttl, report.html, manifest.json, metrics.json).
+
+Each stage writes its files into the output folder and a record under `.stages/`; a rerun with
+unchanged inputs skips it (see `stages.py`). `quick=True` shrinks every stage for CI.
+
+Analysis nodes: the external prompt sets map to coarse taxonomy nodes through the crosswalks, and
+the taxonomy examples give a few prompts to each leaf. A direction needs enough prompts for a
+meaningful noise floor, so each harmful prompt is rolled up to its *branch* (the root of its
+node) and branches with at least `min_prompts` training prompts get directions.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+
+from refusal_atlas.atlas.stages import Pipeline, Stage, StageContext, stable_hash, write_json_atomic
+from refusal_atlas.errors import AtlasError
+
+DEFAULT_OUT = Path("atlas-out")
+
+
+@dataclass
+class RunConfig:
+    """Everything `run` depends on; each stage's cache key uses the parts it reads."""
+
+    model: str = "default"
+    taxonomy: Path | None = None
+    out: Path = DEFAULT_OUT
+    quick: bool = False
+    resume: bool = True
+    seed: int = 0
+    sets: tuple[str, ...] = ("harmbench", "strongreject", "harmless", "overrefusal", "taxonomy")
+    organism: bool | None = None  # None: build one when the model is `default` (it never refuses)
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    min_prompts: int = 8
+    max_nodes: int | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def build_organism(self) -> bool:
+        return self.model == "default" if self.organism is None else self.organism
+
+    def sizes(self) -> dict[str, int]:
+        """Per-stage budgets; `quick` keeps CI to a few minutes."""
+        if self.quick:
+            return {"per_node_train": 10, "per_node_eval": 6, "harmless_train": 40, "harmless_eval": 16,
+                    "max_nodes": self.max_nodes or 4, "collect_limit": 120, "max_new_tokens": 16,
+                    "cluster_seeds": 3}
+        return {"per_node_train": 32, "per_node_eval": 16, "harmless_train": 128, "harmless_eval": 48,
+                "max_nodes": self.max_nodes or 10, "collect_limit": 600, "max_new_tokens": self.max_new_tokens,
+                "cluster_seeds": 5}
+
+
+def _taxonomy(cfg: RunConfig):
+    from refusal_atlas.taxonomy.loader import load_taxonomy
+
+    return load_taxonomy(cfg.taxonomy)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------
+
+
+def stage_taxonomy(cfg: RunConfig, ctx: StageContext) -> dict:
+    from refusal_atlas.taxonomy.resolve import contextual_nodes
+
+    tax = _taxonomy(cfg)
+    depth = max(tax.depth(n.id) for n in tax)
+    return {"nodes": len(tax), "accepted": len(tax.active()), "roots": len(tax.roots()), "depth": depth,
+            "rules": sum(len(n.conditions) for n in tax), "contextual": len(contextual_nodes(tax))}
+
+
+def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict:
+    from refusal_atlas.ontology.export import build_graph
+    from refusal_atlas.ontology.io import write_graph
+    from refusal_atlas.ontology.shacl import validate_graph
+
+    graph = build_graph(cfg.taxonomy)
+    write_graph(graph, ctx.out / "taxonomy.ttl", "turtle")
+    problems = validate_graph(graph)
+    if problems:
+        raise AtlasError(f"{ctx.out / 'taxonomy.ttl'}: {len(problems)} SHACL violation(s), first: {problems[0]}")
+    return {"triples": len(graph), "shacl_violations": 0}
+
+
+def stage_prompts(cfg: RunConfig, ctx: StageContext) -> dict:
+    from refusal_atlas.curation.prompts import build_prompt_set
+    from refusal_atlas.curation.tables import write_rejects, write_table
+
+    rejects: list[dict] = []
+    df = build_prompt_set(list(cfg.sets), taxonomy=_taxonomy(cfg), conditions=True, seed=cfg.seed,
+                          framings_per_value=1, rejects=rejects)
+    df = assign_analysis_nodes(df, _taxonomy(cfg))
+    df = assign_splits(df, cfg)
+    write_table(df, ctx.out / "prompts.parquet")
+    write_rejects(ctx.out / "prompts.parquet", rejects)
+    counts = df[df["harmful"] & (df["condition"] == "")]["analysis_node"].value_counts()
+    return {"rows": len(df), "harmful": int(df["harmful"].sum()), "conditioned": int((df["condition"] != "").sum()),
+            "rejected": len(rejects), "per_branch": {k: int(v) for k, v in counts.items()}}
+
+
+def assign_analysis_nodes(df: pd.DataFrame, tax) -> pd.DataFrame:
+    """`analysis_node`: the branch (root) of each harmful prompt's node; "" for harmless prompts."""
+    def branch(node: str) -> str:
+        if not node or node not in tax.nodes:
+            return ""
+        chain = [node, *tax.ancestors(node)]
+        return chain[-1]
+
+    df = df.copy()
+    df["analysis_node"] = [branch(str(n)) if h else "" for n, h in zip(df["node"], df["harmful"], strict=True)]
+    return df
+
+
+def assign_splits(df: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
+    """A seeded train / eval split by base prompt, so a prompt and its condition variants stay together."""
+    import hashlib
+
+    def bucket(base: str) -> str:
+        h = int(hashlib.sha256(f"{cfg.seed}:{base}".encode()).hexdigest()[:8], 16)
+        return "eval" if h % 3 == 0 else "train"
+
+    df = df.copy()
+    base = df["base_prompt"].where(df["base_prompt"].astype(str) != "", df["prompt"])
+    df["run_split"] = [bucket(str(b)) for b in base]
+    return df
+
+
+def analysis_nodes(prompts: pd.DataFrame, cfg: RunConfig) -> list[str]:
+    """Branches with enough refused-by-policy training prompts, largest first."""
+    sizes = cfg.sizes()
+    h = prompts[prompts["harmful"] & (prompts["condition"] == "") & (prompts["expected"] == "refuse")
+                & (prompts["run_split"] == "train") & (prompts["analysis_node"] != "")]
+    counts = h["analysis_node"].value_counts()
+    nodes = [n for n, c in counts.items() if c >= cfg.min_prompts]
+    return sorted(nodes[: sizes["max_nodes"]])
+
+
+def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict:
+    from refusal_atlas.mechinterp.organism import OrganismSettings, build_organism
+
+    settings = OrganismSettings.quick() if cfg.quick else OrganismSettings()
+    result = build_organism(_taxonomy(cfg), base=cfg.model, seed=cfg.seed, out_dir=ctx.out / "organism",
+                            settings=settings, progress=cfg.progress)
+    m = result.metrics
+    return {"model_dir": str(result.model_dir), "seconds": result.seconds,
+            "heldout_refusal_rate": m.get("heldout_refusal_rate"),
+            "harmless_refusal_rate": m.get("harmless_refusal_rate"),
+            "permitted_compliance_rate": m.get("permitted_compliance_rate"),
+            "restricted_refusal_rate": m.get("restricted_refusal_rate"), "metrics": m}
+
+
+def analysed_model_spec(cfg: RunConfig, ctx: StageContext) -> str:
+    if cfg.build_organism:
+        return ctx.results["organism"]["model_dir"]
+    return cfg.model
+
+
+_MODEL_CACHE: dict[str, Any] = {}
+
+
+def load_analysed_model(cfg: RunConfig, ctx: StageContext):
+    """Load the analysed model once per process (several stages use it)."""
+    from refusal_atlas.mechinterp.models import load_model
+
+    spec = analysed_model_spec(cfg, ctx)
+    if spec not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[spec] = load_model(spec)
+    return _MODEL_CACHE[spec]
+
+
+def collection_rows(prompts: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
+    """Eval-split prompts for collection: harmful (plain + conditioned), harmless and over-refusal probes."""
+    limit = cfg.sizes()["collect_limit"]
+    ev = prompts[prompts["run_split"] == "eval"]
+    harmful = ev[ev["harmful"] & (ev["condition"] == "")]
+    conditioned = ev[ev["harmful"] & (ev["condition"] != "")]
+    harmless = ev[~ev["harmful"] & (ev["source"] == "harmless")]
+    over = ev[ev["source"] == "overrefusal"]
+    share = {"harmful": 0.45, "conditioned": 0.25, "harmless": 0.2, "over": 0.1}
+    parts = []
+    for name, frame in (("harmful", harmful), ("conditioned", conditioned), ("harmless", harmless), ("over", over)):
+        n = min(len(frame), int(limit * share[name]))
+        parts.append(frame.sample(n=n, random_state=cfg.seed) if n < len(frame) else frame)
+    return pd.concat(parts, ignore_index=True)
+
+
+def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
+    from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
+    from refusal_atlas.curation.collect import collect
+
+    prompts = pd.read_parquet(ctx.out / "prompts.parquet")
+    rows = collection_rows(prompts, cfg)
+    lm = load_analysed_model(cfg, ctx)
+    settings = GenerationSettings(max_new_tokens=cfg.sizes()["max_new_tokens"], batch_size=cfg.batch_size,
+                                  seed=cfg.seed)
+    corpus = collect(rows, TransformersBackend(lm, progress=cfg.progress), ctx.out / "responses.parquet",
+                     settings=settings)
+    return {"rows": len(corpus)}
+
+
+def stage_detect(cfg: RunConfig, ctx: StageContext) -> dict:
+    from refusal_atlas.curation.detect import DEFAULT_DETECTOR, evaluate_detectors, get_detector
+    from refusal_atlas.curation.tables import write_table
+
+    corpus = pd.read_parquet(ctx.out / "responses.parquet")
+    detector = get_detector(DEFAULT_DETECTOR)
+    refused, scores = detector.predict(corpus["response"].astype(str).tolist(), corpus["prompt"].astype(str).tolist())
+    corpus["refused"] = refused
+    corpus["refusal_score"] = scores
+    corpus["detector"] = DEFAULT_DETECTOR
+    write_table(corpus, ctx.out / "corpus.parquet")
+    evaluation = evaluate_detectors()
+    by_expected = corpus.groupby("expected")["refused"].mean().round(4).to_dict()
+    return {"detector": DEFAULT_DETECTOR, "f1": evaluation[DEFAULT_DETECTOR]["f1"], "evaluation": evaluation,
+            "refusal_rate_by_expected": by_expected, "refused": int(corpus["refused"].sum()), "rows": len(corpus)}
+
+
+def stage_cluster(cfg: RunConfig, ctx: StageContext) -> dict:
+    from refusal_atlas.atlas import pipeline_cluster
+
+    return pipeline_cluster.run(ctx.out, cfg.seed, cfg.sizes()["cluster_seeds"], _taxonomy(cfg))
+
+
+def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
+    import numpy as np
+
+    from refusal_atlas.mechinterp.capture import capture_activations
+    from refusal_atlas.mechinterp.extract import extract_directions
+
+    sizes = cfg.sizes()
+    prompts = pd.read_parquet(ctx.out / "prompts.parquet")
+    nodes = analysis_nodes(prompts, cfg)
+    if len(nodes) < 2:
+        raise AtlasError(f"only {len(nodes)} taxonomy branch(es) have ≥ {cfg.min_prompts} refused-by-policy prompts; "
+                         "lower --min-prompts or add prompt sets")
+    train = prompts[prompts["run_split"] == "train"]
+    harmful = train[train["harmful"] & (train["condition"] == "") & (train["expected"] == "refuse")
+                    & train["analysis_node"].isin(nodes)]
+    harmful = (harmful.groupby("analysis_node", group_keys=False)
+               .apply(lambda g: g.sample(n=min(len(g), sizes["per_node_train"]), random_state=cfg.seed)))
+    harmless = train[~train["harmful"] & (train["source"] == "harmless")]
+    harmless = harmless.sample(n=min(len(harmless), sizes["harmless_train"]), random_state=cfg.seed)
+    table = pd.concat([harmful, harmless], ignore_index=True)
+    lm = load_analysed_model(cfg, ctx)
+    acts = capture_activations(lm, table["prompt"].tolist(), layers=None, positions=None, batch_size=32,
+                               out_dir=ctx.out / "activations", progress=cfg.progress)
+    tax = _taxonomy(cfg)
+    parents = {n: list(tax[n].broader) for n in nodes}
+    labels = {n: tax[n].label for n in nodes}
+    ds = extract_directions(acts, table["analysis_node"].tolist(), table["harmful"].astype(bool).tolist(),
+                            seed=cfg.seed, parents=parents, labels=labels, n_model_layers=lm.n_layers,
+                            n_splits=30 if cfg.quick else 50, n_boot=100 if cfg.quick else 200)
+    ds.meta["model"] = lm.provenance()
+    ds.save(ctx.out / "directions")
+    table[["prompt_id", "prompt", "analysis_node", "harmful"]].to_parquet(ctx.out / "directions" / "prompts.parquet")
+    floors = []
+    for node in nodes:
+        for layer in ds.layers:
+            r = ds.reliability(node, layer, -1)
+            if r is not None and not np.isnan(r):
+                floors.append(r)
+    return {"nodes": nodes, "n_prompts": len(table), "layers": len(ds.layers),
+            "median_noise_floor": float(np.median(floors)) if floors else None}
+
+
+def stage_overlap(cfg: RunConfig, ctx: StageContext) -> dict:
+    from refusal_atlas.mechinterp.directions import DirectionSet
+    from refusal_atlas.mechinterp.overlap import write_overlap
+
+    ds = DirectionSet.load(ctx.out / "directions")
+    report = write_overlap(ds, ctx.out / "overlap")
+    return {"edges": len(report.get("edges", [])), "layer": report.get("layer"),
+            "sibling_test": report.get("sibling_test")}
+
+
+def stage_causal(cfg: RunConfig, ctx: StageContext) -> dict:
+    from refusal_atlas.atlas import pipeline_causal
+
+    return pipeline_causal.run(cfg, ctx, load_analysed_model(cfg, ctx), _taxonomy(cfg))
+
+
+def stage_atlas(cfg: RunConfig, ctx: StageContext) -> dict:
+    from refusal_atlas.atlas.links import write_atlas_ttl
+    from refusal_atlas.atlas.report import build_report
+
+    write_json_atomic(ctx.out / "metrics.json", collect_metrics(ctx.results))
+    write_atlas_ttl(ctx.out, taxonomy=_taxonomy(cfg))
+    report = build_report(ctx.out)
+    return {"report": str(report)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics, manifest, driver
+# ------------------------------------------------------------------------------------------------
+
+
+def collect_metrics(results: dict[str, dict]) -> dict:
+    """The headline figures (issue contract keys) from the stage records."""
+    org = results.get("organism", {})
+    det = results.get("detect", {})
+    clu = results.get("cluster", {})
+    dirs = results.get("directions", {})
+    causal = results.get("causal", {})
+    return {
+        "organism": {k: org.get(k) for k in ("heldout_refusal_rate", "harmless_refusal_rate",
+                                             "permitted_compliance_rate", "restricted_refusal_rate")},
+        "detector": {"f1": det.get("f1"), "name": det.get("detector"),
+                     "corpus_refusal_rate_by_expected": det.get("refusal_rate_by_expected")},
+        "clusters": {k: clu.get(k) for k in ("seed_ari", "node_ari", "node_nmi", "n_clusters", "outlier_fraction")},
+        "directions": {"median_noise_floor": dirs.get("median_noise_floor"), "nodes": dirs.get("nodes")},
+        "ablation": causal.get("ablation", {}),
+        "steering": causal.get("steering", {}),
+        "cross_ablation": causal.get("cross_ablation", {}),
+    }
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("refusal-atlas", "torch", "transformers", "sentence-transformers", "umap-learn", "hdbscan",
+                "rdflib", "pyshacl", "scikit-learn", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
+    pipe = Pipeline(cfg.out, console=console, resume=cfg.resume)
+    from refusal_atlas.taxonomy.loader import taxonomy_hash
+
+    tax_key = taxonomy_hash(_taxonomy(cfg))
+    base = {"taxonomy": tax_key, "seed": cfg.seed, "quick": cfg.quick}
+    model_key = {"model": cfg.model, "organism": cfg.build_organism}
+
+    def add(name: str, fn, depends: tuple[str, ...], outputs: tuple[str, ...], enabled: bool = True, **params):
+        pipe.add(Stage(name, lambda ctx, fn=fn: fn(cfg, ctx), {**base, **params}, depends, outputs, enabled))
+
+    add("taxonomy", stage_taxonomy, (), ())
+    add("ontology", stage_ontology, ("taxonomy",), ("taxonomy.ttl",))
+    add("prompts", stage_prompts, ("taxonomy",), ("prompts.parquet",), sets=list(cfg.sets))
+    add("organism", stage_organism, ("taxonomy",), ("organism/organism.json",), enabled=cfg.build_organism,
+        **model_key)
+    add("collect", stage_collect, ("prompts", "organism"), ("responses.parquet",), **model_key,
+        max_new_tokens=cfg.sizes()["max_new_tokens"])
+    add("detect", stage_detect, ("collect",), ("corpus.parquet",))
+    add("cluster", stage_cluster, ("detect",), ("clusters",))
+    add("directions", stage_directions, ("prompts", "organism"), ("directions/directions.json",), **model_key,
+        min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes)
+    add("overlap", stage_overlap, ("directions",), ("overlap/overlap.graphml",))
+    add("causal", stage_causal, ("directions", "prompts"), ("causal",), **model_key)
+    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal"),
+        ("report.html", "atlas.ttl", "metrics.json"))
+    return pipe
+
+
+def run(cfg: RunConfig, console: Console | None = None) -> dict:
+    """Run (or resume) the whole pipeline; returns the metrics and writes manifest.json."""
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    pipe = build_pipeline(cfg, console)
+    records = pipe.run()
+    metrics = collect_metrics({n: r.result for n, r in records.items()})
+    manifest = {
+        "command": "refusal-atlas run",
+        "parameters": {"model": cfg.model, "taxonomy": str(cfg.taxonomy) if cfg.taxonomy else "default",
+                       "quick": cfg.quick, "seed": cfg.seed, "sets": list(cfg.sets), "min_prompts": cfg.min_prompts,
+                       "organism": cfg.build_organism, "sizes": cfg.sizes()},
+        "seeds": {"global": cfg.seed},
+        "versions": versions(),
+        "stages": {n: {"seconds": round(r.seconds, 2), "cached": r.cached, "key": r.key} for n, r in records.items()},
+        "total_seconds": round(time.perf_counter() - start, 2),
+        "config_hash": stable_hash({"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed}),
+    }
+    write_json_atomic(cfg.out / "manifest.json", manifest)
+    write_json_atomic(cfg.out / "metrics.json", metrics)
+    return {"metrics": metrics, "manifest": manifest}
+
+
+def headline_table(metrics: dict):
+    """The contract metrics as a rich table."""
+    from rich.table import Table
+
+    table = Table(title="headline metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for group in ("organism", "detector", "clusters", "directions", "ablation", "steering"):
+        for key, value in (metrics.get(group) or {}).items():
+            if isinstance(value, float):
+                table.add_row(f"{group}.{key}", f"{value:.3f}")
+            elif isinstance(value, int | str) and not isinstance(value, bool):
+                table.add_row(f"{group}.{key}", str(value))
+    return table
