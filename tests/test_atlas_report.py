@@ -41,8 +41,8 @@ def test_every_section_is_present_and_filled(page):
     assert "could not render" not in page
     assert page.count("How to read this.") == len(SECTIONS)
     # one plotly figure per drawn section: organism, cluster map, heatmap, overlap, profiles, cross-ablation,
-    # steering, conditions
-    assert len(re.findall(r"<div class='figure'", page)) == 8
+    # steering, wording vs detection, conditions
+    assert len(re.findall(r"<div class=.figure.", page)) == 9
     assert "Medication dosing" in page and "when user_age=minor" in page
 
 
@@ -120,7 +120,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
     figures = int(re.search(r'data-figures="(\d+)"', body).group(1))
     rendered = int(re.search(r'data-rendered="(\d+)"', body).group(1))
-    assert figures == 8 and rendered == figures, body
+    assert figures == 9 and rendered == figures, body
     assert "data-errors" not in body
     # plotly draws each figure as an SVG with class main-svg
     assert dom.stdout.count('class="main-svg"') >= figures

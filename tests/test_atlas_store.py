@@ -76,8 +76,13 @@ def test_overlap_edges_split_overlap_and_taxonomy(atlas):
 def test_causal_tables_are_normalised(atlas):
     store = AtlasStore.open(atlas)
     xa = store.cross_ablation
-    assert {"ablated", "evaluated", "refusal_rate", "harmless_kl"} <= set(xa.columns)
-    assert set(store.steering.columns) >= {"node", "layer", "induced_refusal_rate"}
+    assert {"ablated", "evaluated", "refusal_rate", "harmless_kl", "method"} <= set(xa.columns)
+    # generated rates were not measured: the first-token rate stands in, and says so
+    assert xa["refusal_rate"].notna().all() and set(xa["refusal_measure"]) == {"first-token refusal rate"}
+    assert (xa.loc[xa["ablated"] == "none", "refusal_rate"] == 0.95).all()
+    steer = store.steering
+    assert set(steer.columns) >= {"node", "layer", "induced_refusal_rate"}
+    assert set(steer["coeff"]) == {1.0} and steer["induced_refusal_rate"].notna().all()
     assert set(store.condition_table["node"]) == {"health.dosing"}
     assert store.adherence_by_node is not None and "adherence" in store.adherence_by_node.columns
 

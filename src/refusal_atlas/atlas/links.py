@@ -99,18 +99,22 @@ def build_atlas_graph(
 
 
 def _taxonomy_graph(store: AtlasStore, taxonomy) -> tuple[Graph, Any]:
-    if taxonomy is not None:
-        from refusal_atlas.ontology.to_rdf import taxonomy_to_graph
-        from refusal_atlas.taxonomy.conditions import load_conditions
-        from refusal_atlas.taxonomy.crosswalk import load_crosswalks
+    """The run's own taxonomy.ttl when present (exactly what the ontology stage wrote), else an export.
 
-        return taxonomy_to_graph(taxonomy, load_conditions(), load_crosswalks()), taxonomy
-    if not store.taxonomy_ttl.is_file():
+    `taxonomy` (the run's Taxonomy object) names the nodes directions may link to; without it the
+    taxonomy is read back from taxonomy.ttl.
+    """
+    if store.taxonomy_ttl.is_file():
+        from refusal_atlas.ontology.io import parse_rdf
+
+        return parse_rdf(store.taxonomy_ttl), taxonomy if taxonomy is not None else store.taxonomy
+    if taxonomy is None:
         raise AtlasError(f"{store.taxonomy_ttl}: missing; run `refusal-atlas run` (or `ontology export`) first")
-    from refusal_atlas.ontology.io import parse_rdf
+    from refusal_atlas.ontology.to_rdf import taxonomy_to_graph
+    from refusal_atlas.taxonomy.conditions import load_conditions
+    from refusal_atlas.taxonomy.crosswalk import load_crosswalks
 
-    graph = parse_rdf(store.taxonomy_ttl)
-    return graph, store.taxonomy
+    return taxonomy_to_graph(taxonomy, load_conditions(), load_crosswalks()), taxonomy
 
 
 def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atlas: URIRef) -> None:

@@ -486,21 +486,33 @@ def _section_causal(store: AtlasStore, figs: Figures) -> str:
     go = _go()
     parts = []
     if xa is not None and {"ablated", "evaluated", "refusal_rate"} <= set(xa.columns):
-        piv = xa.pivot_table(index="ablated", columns="evaluated", values="refusal_rate", aggfunc="mean")
+        d = xa.copy()
+        method = d["method"].astype(str) if "method" in d.columns else pd.Series("diff_means", index=d.index)
+        d["row"] = [a if m in ("diff_means", "none", "nan") else f"{a} [{m}]"
+                    for a, m in zip(d["ablated"].astype(str), method, strict=True)]
+        order = sorted(d["row"].unique(), key=lambda r: (r != "none", r != "@pooled", "[" in r, r))
+        piv = d.pivot_table(index="row", columns="evaluated", values="refusal_rate", aggfunc="mean").reindex(order)
         text = [[f"ablate {esc(a)}<br>on {esc(e)} prompts<br>refusal {_fmt(piv.loc[a, e])}" for e in piv.columns]
                 for a in piv.index]
+        measure = str(d["refusal_measure"].iloc[0]) if "refusal_measure" in d.columns else "refusal rate"
         fig = go.Figure(go.Heatmap(z=np.where(piv.isna(), None, piv.values).tolist(),
                                    x=[esc(short(c, 40)) for c in piv.columns],
-                                   y=[esc(short(r, 40)) for r in piv.index], text=text, hoverinfo="text",
+                                   y=[esc(short(r, 50)) for r in piv.index], text=text, hoverinfo="text",
                                    zmin=0, zmax=1, colorscale="Viridis", colorbar={"title": "refusal"}))
-        fig.update_layout(title="Cross-ablation: refusal rate on each node's prompts (columns) with a direction "
-                                "ablated (rows)", xaxis_title="evaluated on", yaxis_title="ablated direction",
-                          yaxis={"autorange": "reversed"}, margin={"l": 160, "b": 140})
+        fig.update_layout(title=esc(f"Cross-ablation: {measure} on each node's prompts (columns) with a direction "
+                                    "ablated (rows; none = no ablation)"), xaxis_title="evaluated on",
+                          yaxis_title="ablated direction", yaxis={"autorange": "reversed"},
+                          margin={"l": 200, "b": 140})
         parts.append(figs.add(fig, max(420, 28 * len(piv.index) + 220)))
-        extra = [c for c in ("refusal_before", "harmless_kl", "refusal_score") if c in xa.columns]
-        if extra:
-            summary = xa.groupby("ablated")[extra].mean().reset_index()
-            parts.append(df_table(summary))
+        own = d["ablated"].astype(str) == d["evaluated"].astype(str)
+        d["own"] = np.where(own, d["refusal_rate"], np.nan)
+        d["others"] = np.where(~own, d["refusal_rate"], np.nan)
+        agg = {"own": ("own", "mean"), "others": ("others", "mean"), "all": ("refusal_rate", "mean")}
+        if "harmless_kl" in d.columns:
+            agg["harmless_kl"] = ("harmless_kl", "mean")
+        summary = d.groupby("row", sort=False).agg(**agg).reindex(order).reset_index()
+        parts.append("<p class='small'>Per ablated direction: mean refusal on its own node's prompts, on the "
+                     "other nodes' prompts, overall, and the KL it costs on harmless prompts.</p>" + df_table(summary))
     elif xa is not None:
         parts.append(df_table(xa))
     if steer is not None and {"node", "layer", "induced_refusal_rate"} <= set(steer.columns):
@@ -516,7 +528,30 @@ def _section_causal(store: AtlasStore, figs: Figures) -> str:
         parts.append(df_table(steer))
     wording = store.wording
     if wording is not None:
-        parts.append("<h3>Wording vs detection</h3>" + df_table(wording, max_rows=200))
+        parts.append("<h3>Wording vs detection</h3>")
+        if "layer" in wording.columns and {"probe_accuracy", "refusal_token_z_mean"} & set(wording.columns):
+            from plotly.subplots import make_subplots
+
+            fig = make_subplots(specs=[[{"secondary_y": True}]])
+            w = wording.sort_values("layer")
+            if "probe_accuracy" in w.columns:
+                fig.add_trace(go.Scatter(x=w["layer"], y=w["probe_accuracy"], mode="lines+markers",
+                                         name="detection: probe accuracy for node identity"), secondary_y=False)
+            if "probe_chance" in w.columns:
+                fig.add_trace(go.Scatter(x=w["layer"], y=w["probe_chance"], mode="lines", name="probe chance",
+                                         line={"dash": "dot", "color": "gray"}), secondary_y=False)
+            for col, name in (("refusal_token_z_mean", "wording: refusal-token promotion (mean over nodes, z)"),
+                              ("pooled_refusal_token_z", "wording: pooled direction (z)"),
+                              ("own_wording_z_mean", "wording: own node-specific wording (z)")):
+                if col in w.columns and w[col].notna().any():
+                    fig.add_trace(go.Scatter(x=w["layer"], y=w[col], mode="lines+markers", name=name,
+                                             line={"dash": "dash"}), secondary_y=True)
+            fig.update_layout(title="Where is the category detected, where is the refusal worded?",
+                              xaxis_title="layer", legend={"font": {"size": 10}})
+            fig.update_yaxes(title_text="probe accuracy", secondary_y=False)
+            fig.update_yaxes(title_text="logit-lens z-score", secondary_y=True)
+            parts.append(figs.add(fig, 420))
+        parts.append(df_table(wording, max_rows=200))
     return "".join(parts)
 
 
@@ -600,8 +635,11 @@ HOW = {
                 "(how far the node's prompts sit from harmless ones), and where available the AUROC of separating "
                 "the node from harmless prompts. Detection usually rises in middle layers.",
     "causal": "Ablating one node's direction and measuring refusal on every node's prompts: a row that drops "
-              "refusal everywhere is a shared mechanism; a drop on the diagonal only is node-specific. Steering "
-              "adds a direction to harmless prompts: a high induced rate means the direction suffices for refusal.",
+              "refusal everywhere is a shared mechanism; a drop on the diagonal only is node-specific. Rows marked "
+              "[residual] ablate what is left of a node's direction once the pooled direction is projected out. "
+              "Steering adds a direction to harmless prompts: a high induced rate means the direction suffices "
+              "for refusal. Wording vs detection: a probe's accuracy for telling nodes apart (detection) against "
+              "how strongly directions promote refusal-opening tokens through the logit lens (wording), by layer.",
     "conditions": "For nodes with condition rules: refusal rate under each condition value with its confidence "
                   "interval and, where measured, the projection onto the node's direction. A changed refusal "
                   "with an unchanged projection means the condition acts after detection (on the output).",

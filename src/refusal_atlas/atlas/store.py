@@ -92,7 +92,7 @@ CROSS_ABLATION_ALIASES: dict[str, Sequence[str]] = {
     "ablated": ("ablated_node", "direction", "source", "intervention", "ablate", "row"),
     "evaluated": ("eval_node", "target", "target_node", "prompts_node", "node", "column", "on"),
     "refusal_rate": ("refusal", "rate", "refused", "refusal_after", "refusal_rate_after"),
-    "refusal_before": ("baseline", "baseline_refusal_rate", "refusal_rate_before"),
+    "refusal_before": ("refusal_rate_baseline", "baseline", "baseline_refusal_rate", "refusal_rate_before"),
     "refusal_score": ("score", "logit_score", "refusal_logodds"),
     "harmless_kl": ("kl", "kl_harmless", "harmless_kl_mean"),
 }
@@ -495,13 +495,25 @@ class AtlasStore:
 
     @cached_property
     def cross_ablation(self) -> pd.DataFrame | None:
-        """Long table: `ablated` direction, `evaluated` node's prompts, `refusal_rate` (+ score, KL)."""
-        return self._causal_table(["cross_ablation", "cross-ablation", "*cross*abl*"], CROSS_ABLATION_ALIASES)
+        """Long table: `ablated` direction ("none" = baseline), `method`, `evaluated` node's prompts,
+        `refusal_rate` (+ logit score, harmless KL).
+
+        When the generated-refusal rate was not measured (all NaN), `refusal_rate` is the share of
+        prompts whose first greedy token opens a refusal, and `refusal_measure` says which it is.
+        """
+        df = self._causal_table(["cross_ablation", "cross-ablation", "*cross*abl*"], CROSS_ABLATION_ALIASES)
+        return _fill_rate(df, "refusal_rate") if df is not None else None
 
     @cached_property
     def steering(self) -> pd.DataFrame | None:
-        """Long table: `node` direction added, `layer`, `induced_refusal_rate`."""
-        return self._causal_table(["steering", "steer", "*steer*"], STEERING_ALIASES)
+        """Long table: `node` direction added, `layer`, `induced_refusal_rate` (one coefficient: 1.0 if run)."""
+        df = self._causal_table(["steering", "steer", "*steer*"], STEERING_ALIASES)
+        if df is None:
+            return None
+        if "coeff" in df.columns and df["coeff"].nunique() > 1:
+            coeffs = sorted(df["coeff"].dropna().unique())
+            df = df[df["coeff"] == (1.0 if 1.0 in coeffs else coeffs[0])]
+        return _fill_rate(df, "induced_refusal_rate")
 
     @cached_property
     def condition_table(self) -> pd.DataFrame | None:
@@ -547,6 +559,20 @@ def _float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if np.isnan(out) else out
+
+
+def _fill_rate(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Use the first-token refusal rate where the generated rate was not measured."""
+    df = df.copy()
+    measured = column in df.columns and df[column].notna().any()
+    if not measured and "first_token_refusal_rate" in df.columns:
+        df[column] = df["first_token_refusal_rate"]
+        df["refusal_measure"] = "first-token refusal rate"
+        if "first_token_refusal_rate_baseline" in df.columns:
+            df["refusal_before"] = df["first_token_refusal_rate_baseline"]
+    elif measured:
+        df["refusal_measure"] = "generated refusal rate (marker detector)"
+    return df
 
 
 def _cell(t, i: int, j: int, k: int) -> float | None:
