@@ -103,7 +103,7 @@ def html_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, max_row
             numeric = isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
             cells.append(f"<td class='num'>{esc(_fmt(v))}</td>" if numeric else f"<td>{esc(short(_fmt(v)))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<div class='tablewrap'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
 def df_table(df: pd.DataFrame, columns: Sequence[str] | None = None, max_rows: int = 500) -> str:
@@ -455,13 +455,17 @@ def _section_profiles(store: AtlasStore, figs: Figures) -> str:
     panels = [titles[m] for m in metrics] + (["probe accuracy for node identity (all nodes)"] if probe is not None
                                              else [])
     fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=panels, vertical_spacing=0.07)
-    for node, rows in data.groupby("node", sort=True):
+    from plotly.colors import qualitative
+
+    palette = qualitative.Plotly + qualitative.D3
+    for n_i, (node, rows) in enumerate(data.groupby("node", sort=True)):
         rows = rows.sort_values("layer")
         name = esc(short(store.node_label(str(node)) if node != "@pooled" else "pooled", 40))
+        line = {"color": "#555" if node == "@pooled" else palette[n_i % len(palette)],
+                "dash": "dash" if node == "@pooled" else "solid"}
         for i, m in enumerate(metrics, start=1):
             fig.add_trace(go.Scatter(x=rows["layer"], y=rows[m], mode="lines+markers", name=name,
-                                     legendgroup=esc(node), showlegend=i == 1,
-                                     line={"dash": "dash"} if node == "@pooled" else None), row=i, col=1)
+                                     legendgroup=esc(node), showlegend=i == 1, line=line), row=i, col=1)
     if probe is not None:
         row_i = len(panels)
         for ppos, rows in probe.groupby("position"):
@@ -562,19 +566,27 @@ def _section_conditions(store: AtlasStore, figs: Figures) -> str:
         cols += [c for c in ct.columns if c not in cols]
         parts = [df_table(ct, cols)]
         if {"node", "condition", "refusal_rate"} <= set(ct.columns):
+            from plotly.subplots import make_subplots
+
             go = _go()
             d = ct.copy()
             d["condition"] = d["condition"].fillna("").replace("", "(none)")
-            err = None
-            if {"ci_low", "ci_high"} <= set(d.columns):
-                err = {"type": "data", "symmetric": False, "array": (d["ci_high"] - d["refusal_rate"]).tolist(),
-                       "arrayminus": (d["refusal_rate"] - d["ci_low"]).tolist()}
-            fig = go.Figure(go.Bar(x=[f"{esc(n)}<br>{esc(c)}" for n, c in zip(d["node"], d["condition"],
-                                                                                 strict=True)],
-                                   y=d["refusal_rate"], error_y=err, marker_color="#ca6f1e"))
-            fig.update_layout(title="Refusal rate under each condition value (95% CI)", yaxis_range=[0, 1.1],
-                              yaxis_title="refusal rate")
-            parts.append(figs.add(fig, 420))
+            x = [f"{esc(n)}<br>{esc(c)}" for n, c in zip(d["node"], d["condition"], strict=True)]
+            panels = [("refusal_rate", "ci_low", "ci_high", "refusal rate", "#ca6f1e")]
+            if "projection" in d.columns and d["projection"].notna().any():
+                panels.append(("projection", "projection_ci_low", "projection_ci_high",
+                               "projection on the node's direction", "#6b8fb5"))
+            fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                                subplot_titles=[p[3] + " (95% CI)" for p in panels])
+            for i, (col, lo, hi, _, colour) in enumerate(panels, start=1):
+                err = None
+                if {lo, hi} <= set(d.columns):
+                    err = {"type": "data", "symmetric": False, "array": (d[hi] - d[col]).tolist(),
+                           "arrayminus": (d[col] - d[lo]).tolist()}
+                fig.add_trace(go.Bar(x=x, y=d[col], error_y=err, marker_color=colour, showlegend=False),
+                              row=i, col=1)
+            fig.update_layout(title="Does a condition change the representation, or only the output?")
+            parts.append(figs.add(fig, 300 * len(panels) + 140))
         return "".join(parts)
     by_node = store.adherence_by_node
     if by_node is not None and "condition" in by_node.columns:
