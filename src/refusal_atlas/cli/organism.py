@@ -1,7 +1,60 @@
-"""CLI: `refusal-atlas organism ...` (thin layer over refusal_atlas.organism)."""
+"""CLI: `refusal-atlas organism build` (thin layer over refusal_atlas.mechinterp.organism)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, help="Build a model organism that follows the taxonomy's policy.")
+
+
+@app.command()
+def build(
+    out: Path = typer.Option(..., "-o", "--out", help="output folder (model/, organism.json, adherence tables)"),
+    taxonomy: Path | None = typer.Option(None, "--taxonomy", "-t", help="taxonomy folder (default: the shipped one)"),
+    base: str = typer.Option("default", "--base", help="'default', a model folder, a .gguf file or a hub id"),
+    seed: int = typer.Option(0, "--seed", help="seed for the train / held-out split and training"),
+    prompts: Path | None = typer.Option(None, "--prompts",
+                                        help="prompt table (.parquet/.jsonl/.csv: prompt, node, harmful[, source]); "
+                                             "default: taxonomy examples + HarmBench/StrongREJECT via crosswalks"),
+    quick: bool = typer.Option(False, "--quick", help="a far smaller build (CI, smoke tests)"),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    lr: float | None = typer.Option(None, "--lr"),
+    specific_roots: str | None = typer.Option(
+        None, "--specific-wording", help="comma-separated root nodes whose refusals are worded per node "
+                                         "(default: every other root); 'none' = one shared wording"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
+    force: bool = typer.Option(False, "--force", help="rebuild even when the cache matches"),
+) -> None:
+    """Fine-tune the base chat model to follow the taxonomy's conditional refusal policy."""
+    from dataclasses import replace
+
+    from refusal_atlas.cli.directions import _read_prompts
+    from refusal_atlas.mechinterp.organism import OrganismSettings, auto_threads, build_organism
+
+    settings = OrganismSettings.quick() if quick else OrganismSettings()
+    if epochs is not None:
+        settings = replace(settings, epochs=epochs)
+    if lr is not None:
+        settings = replace(settings, lr=lr)
+    if specific_roots is not None:
+        roots = () if specific_roots.strip().lower() == "none" else tuple(
+            r.strip() for r in specific_roots.split(",") if r.strip())
+        settings = replace(settings, specific_wording_roots=roots)
+    table = _read_prompts(prompts) if prompts is not None else None
+    result = build_organism(taxonomy, base, seed=seed, out_dir=out, settings=settings, prompts=table,
+                            force=force, threads=threads or auto_threads())
+    m = result.metrics
+    state = "cached" if result.cached else f"built in {result.seconds:.0f} s"
+
+    def pct(x):
+        return "n/a" if x is None else f"{x:.2f}"
+
+    typer.echo(f"organism {state} -> {result.model_dir}")
+    typer.echo(f"held-out refusal (policy refuse) {pct(m.get('heldout_refusal_rate'))}; "
+               f"harmless refusal {pct(m.get('harmless_refusal_rate'))}; "
+               f"permitted compliance {pct(m.get('permitted_compliance_rate'))}; "
+               f"restricted refusal {pct(m.get('restricted_refusal_rate'))}")
+    typer.echo(json.dumps({"n_heldout": m.get("n_heldout", {})}))
