@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from rdflib import RDF, Graph, Literal, URIRef
 
-from fixtures.atlas.builder import LAYERS, NODES, POSITIONS, build_atlas, full_atlas
-from refusal_atlas.atlas.links import build_atlas_graph, validate_atlas_graph, write_atlas_ttl
+from fixtures.atlas.builder import LAYERS, MODEL_ID, NODES, POSITIONS, build_atlas, full_atlas
+from refusal_atlas.atlas.links import build_atlas_graph, model_identity, validate_atlas_graph, write_atlas_ttl
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.ontology.namespaces import RA
 
@@ -45,7 +45,8 @@ def test_directions_carry_metadata_file_and_hash_not_vectors(atlas, graph):
     for d in graph.subjects(RDF.type, RA.RefusalDirection):
         assert str(graph.value(d, RA.artefactFile)) == "directions/directions.safetensors"
         assert str(graph.value(d, RA.sha256)) == digest
-        assert graph.value(d, RA.model) is not None and graph.value(d, RA.method) == Literal("diff_means")
+        assert str(graph.value(d, RA.model)) == MODEL_ID and graph.value(d, RA.method) == Literal("diff_means")
+        assert str(graph.value(d, RA.modelRevision)) == "0123abcd"
         assert -1.0 <= float(graph.value(d, RA.noiseFloor)) <= 1.0
         assert 0.0 <= float(graph.value(d, RA.auroc)) <= 1.0
         assert int(graph.value(d, RA.promptCount)) == 12
@@ -93,3 +94,10 @@ def test_taxonomy_only_atlas_is_valid(tmp_path):
     g = Graph().parse(path, format="turtle")
     assert not set(g.subjects(RDF.type, RA.RefusalDirection))
     assert validate_atlas_graph(g) == []
+
+
+def test_model_identity_reads_flat_keys_and_provenance():
+    assert model_identity({"model_id": "a", "model_revision": "r"}, {}) == ("a", "r")
+    assert model_identity({"model": {"model_spec": "default", "model_id": "smol", "model_revision": "h"}}, {}) == (
+        "smol", "h")
+    assert model_identity({}, {"model": "m"}) == ("m", None)

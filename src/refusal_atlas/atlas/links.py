@@ -64,14 +64,17 @@ def run_id(store: AtlasStore) -> str:
     return hashlib.sha256(str(store.root).encode()).hexdigest()[:16]
 
 
-def _num(value: Any) -> Literal | None:
+def _finite(value: Any) -> float | None:
     try:
         x = float(value)
     except (TypeError, ValueError):
         return None
-    if math.isnan(x) or math.isinf(x):
-        return None
-    return Literal(round(x, 6), datatype=XSD.double)
+    return None if math.isnan(x) or math.isinf(x) else round(x, 6)
+
+
+def _num(value: Any) -> Literal | None:
+    x = _finite(value)
+    return None if x is None else Literal(x, datatype=XSD.double)
 
 
 def build_atlas_graph(
@@ -136,6 +139,49 @@ def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atla
                 graph.add((subject, score_term, _num(score)))
 
 
+def model_identity(meta: dict[str, Any], manifest: dict[str, Any]) -> tuple[str, str | None]:
+    """(model id, revision) from direction metadata (flat keys or a `model` provenance dict)."""
+    prov = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    model = meta.get("model_id") or prov.get("model_id") or prov.get("model_spec")
+    if not model and isinstance(meta.get("model"), str):
+        model = meta["model"]
+    model = model or manifest.get("model") or "unknown"
+    revision = meta.get("model_revision") or prov.get("model_revision")
+    return str(model), (str(revision) if revision else None)
+
+
+def _describe_direction(graph: Graph, node: URIRef, *, model: str, revision: str | None, layer: int, position: str,
+                        method: str, digest: str, prompt_count: int | None, metrics: dict[str, float],
+                        fallback_iri: URIRef) -> URIRef:
+    """The ontology layer's `add_direction` (one definition of the modelling); inline if it is absent."""
+    try:
+        from refusal_atlas.ontology.directions import add_direction
+    except ImportError:
+        add_direction = None
+    if add_direction is not None:
+        return add_direction(graph, node=node, model=model, layer=layer, position=position, method=method,
+                             artefact_file=DIRECTIONS_FILE, sha256=digest, prompt_count=prompt_count,
+                             model_revision=revision, metrics=metrics)
+    terms = {"noise_floor": RA.noiseFloor, "split_half_cosine": RA.splitHalfCosine, "auroc": RA.auroc,
+             "bypass_score": RA.bypassScore, "induce_score": RA.induceScore, "kl_divergence": RA.klDivergence}
+    subject = fallback_iri
+    graph.add((subject, RDF.type, RA.RefusalDirection))
+    graph.add((subject, RA.forNode, node))
+    graph.add((subject, RA.model, Literal(model)))
+    graph.add((subject, RA.layer, Literal(int(layer), datatype=XSD.integer)))
+    graph.add((subject, RA.position, Literal(position)))
+    graph.add((subject, RA.method, Literal(method)))
+    graph.add((subject, RA.artefactFile, Literal(DIRECTIONS_FILE)))
+    graph.add((subject, RA.sha256, Literal(digest)))
+    if prompt_count is not None:
+        graph.add((subject, RA.promptCount, Literal(int(prompt_count), datatype=XSD.integer)))
+    if revision:
+        graph.add((subject, RA.modelRevision, Literal(revision)))
+    for name, value in metrics.items():
+        graph.add((subject, terms[name], Literal(float(value), datatype=XSD.double)))
+    return subject
+
+
 def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atlas: URIRef,
                     methods: tuple[str, ...]) -> None:
     ds = store.directions
@@ -143,21 +189,19 @@ def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, at
         return
     from refusal_atlas.mechinterp.positions import position_label
 
-    artefact = store.root / DIRECTIONS_FILE
-    digest = sha256_file(artefact)
-    meta = ds.meta
-    model = str(meta.get("model_id") or meta.get("model") or store.manifest.get("model") or "unknown")
-    revision = meta.get("model_revision")
-    counts = meta.get("n_prompts") or {}
-    metrics = store.direction_metrics
+    digest = sha256_file(store.root / DIRECTIONS_FILE)
+    model, revision = model_identity(ds.meta, store.manifest)
+    counts = ds.meta.get("n_prompts") or {}
     by_key: dict[tuple[str, int, str], dict[str, Any]] = {}
-    if metrics is not None:
-        for row in metrics.to_dict("records"):
+    if store.direction_metrics is not None:
+        for row in store.direction_metrics.to_dict("records"):
             by_key[(row["node"], int(row["layer"]), str(row["position"]))] = row
     norm_term, rel_term = optional_term("norm"), optional_term("reliability")
+    columns = {"noise_floor": "noise_floor", "split_half_cosine": "noise_floor", "auroc": "auroc",
+               "bypass_score": "bypass_score", "induce_score": "induce_score", "kl_divergence": "kl_score"}
     for method in methods:
         for node in ds.nodes:
-            if node not in tax.nodes:
+            if tax is None or node not in tax.nodes:
                 continue
             for pos in ds.positions:
                 label = position_label(pos)
@@ -167,34 +211,23 @@ def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, at
                     continue
                 norms = tensor.norm(dim=-1)
                 for j, layer in enumerate(ds.layers):
-                    subject = URIRef(f"{base}direction/{quote(method, safe='')}/{quote(node, safe='')}/"
-                                     f"{quote(label, safe='')}/{int(layer)}")
-                    graph.add((subject, RDF.type, RA.RefusalDirection))
+                    row = by_key.get((node, int(layer), label), {}) if method == "diff_means" else {}
+                    metrics = {name: _finite(row.get(col)) for name, col in columns.items()
+                               if _finite(row.get(col)) is not None}
+                    fallback = URIRef(f"{base}direction/{quote(method, safe='')}/{quote(node, safe='')}/"
+                                      f"{quote(label, safe='')}/{int(layer)}")
+                    subject = _describe_direction(
+                        graph, iris.node_iri(ns, node), model=model, revision=revision, layer=int(layer),
+                        position=label, method=method, digest=digest,
+                        prompt_count=int(counts[node]) if node in counts else None, metrics=metrics,
+                        fallback_iri=fallback)
                     graph.add((subject, RDFS.label, Literal(f"{node} {method} layer {layer} position {label}")))
+                    graph.add((subject, DCTERMS.identifier, Literal(key)))  # tensor key in the artefact
                     graph.add((subject, PROV.wasGeneratedBy, atlas))
-                    graph.add((subject, RA.forNode, iris.node_iri(ns, node)))
-                    graph.add((subject, RA.model, Literal(model)))
-                    if revision:
-                        graph.add((subject, RA.modelRevision, Literal(str(revision))))
-                    graph.add((subject, RA.layer, Literal(int(layer), datatype=XSD.integer)))
-                    graph.add((subject, RA.position, Literal(label)))
-                    graph.add((subject, RA.method, Literal(method)))
-                    graph.add((subject, RA.artefactFile, Literal(DIRECTIONS_FILE)))
-                    graph.add((subject, RA.sha256, Literal(digest)))
-                    graph.add((subject, DCTERMS.identifier, Literal(key)))
-                    if node in counts:
-                        graph.add((subject, RA.promptCount, Literal(int(counts[node]), datatype=XSD.integer)))
                     if norm_term is not None:
                         graph.add((subject, norm_term, _num(float(norms[j]))))
-                    if method != "diff_means":
-                        continue
-                    row = by_key.get((node, int(layer), label), {})
-                    for term, column in ((RA.noiseFloor, "noise_floor"), (RA.auroc, "auroc"),
-                                         (RA.bypassScore, "bypass_score"), (RA.induceScore, "induce_score"),
-                                         (RA.klDivergence, "kl_score"), (rel_term, "reliability")):
-                        value = _num(row.get(column))
-                        if term is not None and value is not None:
-                            graph.add((subject, term, value))
+                    if rel_term is not None and _num(row.get("reliability")) is not None:
+                        graph.add((subject, rel_term, _num(row.get("reliability"))))
 
 
 def validate_atlas_graph(graph: Graph) -> list[str]:
