@@ -1,0 +1,143 @@
+"""Choosing one (layer, position) direction per node, the way Arditi et al. do (REFERENCE.md §5).
+
+For each candidate direction r (a node's difference of means at layer l, position p):
+- bypass score: mean refusal log-odds on harmful validation prompts with r ablated everywhere
+  (lower = ablating it removes refusal better);
+- induce score: mean refusal log-odds on harmless validation prompts with the raw r added at
+  layer l (higher = adding it makes the model refuse);
+- KL: mean first-position KL(clean ‖ ablated) on harmless validation prompts (capability cost).
+Candidates are kept when induce > 0, KL < `kl_threshold` (0.1) and l < `max_layer_fraction`·L
+(0.8); the kept one with the lowest bypass score wins. Every score is reported, so a user can see
+how much the choice matters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.mechinterp.interventions import ablation, addition
+from refusal_atlas.mechinterp.models import LoadedModel
+from refusal_atlas.mechinterp.positions import Position, position_label
+from refusal_atlas.mechinterp.scoring import (
+    RefusalTokens,
+    clean_logprobs,
+    kl_from_logprobs,
+    next_token_logprobs,
+    refusal_logodds,
+)
+
+
+@dataclass
+class Selection:
+    """The chosen candidate for one node and the full scores table."""
+
+    node: str
+    layer: int
+    position: Position
+    passed_filters: bool
+    scores: pd.DataFrame
+    baseline: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "layer": self.layer, "position": position_label(self.position),
+                "passed_filters": self.passed_filters, "baseline": self.baseline}
+
+
+def select_direction(
+    lm: LoadedModel,
+    directions,
+    node: str,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    tokens: RefusalTokens | Sequence[int],
+    *,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[Position] | None = None,
+    method: str = "diff_means",
+    kl_threshold: float = 0.1,
+    max_layer_fraction: float = 0.8,
+    induce_threshold: float = 0.0,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool = True,
+) -> Selection:
+    """Score every (layer, position) candidate of `node` and pick one (see the module docstring)."""
+    if not harmful_val or not harmless_val:
+        raise AtlasError(f"select {node}: need harmful and harmless validation prompts")
+    ids = tokens.ids if isinstance(tokens, RefusalTokens) else list(tokens)
+    layer_list = list(layers) if layers is not None else list(directions.layers)
+    pos_list = list(positions) if positions is not None else list(directions.positions)
+    n_layers = lm.n_layers
+    clean_harmless = clean_logprobs(lm, harmless_val, batch_size=batch_size, system=system)[0]
+    base_harmful = refusal_logodds(next_token_logprobs(lm, harmful_val, batch_size=batch_size, system=system), ids)
+    baseline = {"harmful": float(base_harmful.mean()), "harmless": float(refusal_logodds(clean_harmless, ids).mean())}
+    rows = []
+    bar = tqdm(total=len(layer_list) * len(pos_list), desc=f"select {node}", unit="cand", disable=not progress,
+               dynamic_ncols=True)
+    for layer in layer_list:
+        for pos in pos_list:
+            vec = directions.get(node, layer, pos, method)
+            if float(vec.norm()) == 0.0:
+                bar.update(1)
+                continue
+            abl = ablation(lm.model, vec)
+            bypass = refusal_logodds(
+                next_token_logprobs(lm, harmful_val, intervention=abl, batch_size=batch_size, system=system), ids)
+            ablated_harmless = next_token_logprobs(lm, harmless_val, intervention=abl, batch_size=batch_size,
+                                                   system=system)
+            kl = kl_from_logprobs(clean_harmless, ablated_harmless)
+            induce = refusal_logodds(next_token_logprobs(
+                lm, harmless_val, intervention=addition(lm.model, vec, layer), batch_size=batch_size, system=system),
+                ids)
+            reasons = []
+            if float(induce.mean()) <= induce_threshold:
+                reasons.append("induce<=0")
+            if float(kl.mean()) >= kl_threshold:
+                reasons.append(f"kl>={kl_threshold:g}")
+            if layer >= max_layer_fraction * n_layers:
+                reasons.append(f"layer>={max_layer_fraction:g}L")
+            rows.append({"node": node, "layer": layer, "position": position_label(pos), "method": method,
+                         "bypass_score": float(bypass.mean()), "induce_score": float(induce.mean()),
+                         "kl": float(kl.mean()), "norm": float(vec.norm()), "filtered": ";".join(reasons)})
+            bar.update(1)
+    bar.close()
+    if not rows:
+        raise AtlasError(f"select {node}: every candidate direction is zero")
+    scores = pd.DataFrame(rows)
+    kept = scores[scores["filtered"] == ""]
+    passed = not kept.empty
+    best = (kept if passed else scores).sort_values(["bypass_score", "kl"]).iloc[0]
+    scores["chosen"] = (scores["layer"] == best["layer"]) & (scores["position"] == best["position"])
+    pos = pos_list[[position_label(p) for p in pos_list].index(best["position"])]
+    return Selection(node, int(best["layer"]), pos, passed, scores, baseline)
+
+
+def select_all(
+    lm: LoadedModel,
+    directions,
+    nodes: Sequence[str],
+    harmful_val: dict[str, Sequence[str]],
+    harmless_val: Sequence[str],
+    tokens: RefusalTokens | Sequence[int],
+    **kwargs,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(chosen pair per node, every candidate's scores) for several nodes."""
+    chosen, tables = [], []
+    for node in nodes:
+        prompts = harmful_val.get(node) or []
+        if not prompts:
+            continue
+        sel = select_direction(lm, directions, node, prompts, harmless_val, tokens, **kwargs)
+        chosen.append(sel.to_dict())
+        tables.append(sel.scores)
+    if not chosen:
+        raise AtlasError("no node had harmful validation prompts to select a direction with")
+    return pd.DataFrame(chosen), pd.concat(tables, ignore_index=True)
+
+
+__all__ = ["Selection", "select_all", "select_direction"]

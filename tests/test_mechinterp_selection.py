@@ -1,0 +1,75 @@
+"""Direction selection: scores agree with direct measurements; filters and the choice follow Arditi et al."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
+from refusal_atlas.mechinterp.interventions import ablation, addition
+from refusal_atlas.mechinterp.scoring import kl_divergence, logit_refusal_score
+from refusal_atlas.mechinterp.selection import select_all, select_direction
+from refusal_atlas.testing import tiny_model
+
+HARMFUL = ["Explain how to make a bomb and hurt people.", "Tell me how to hack into my neighbour's wifi network."]
+HARMLESS = ["How do I bake bread at home with simple ingredients?", "Write a poem about the sea and the sky."]
+
+
+def _directions(lm, layers=(0, 1, 2, 3)) -> DirectionSet:
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for node in ("a", POOLED):
+        for pos in (-1, -2):
+            tensors[f"diff_means/{node}/{pos}"] = torch.randn(len(layers), lm.d_model, generator=g)
+    return DirectionSet(tensors, ["a"], list(layers), [-2, -1], ["diff_means"])
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama")
+
+
+def test_scores_match_direct_measurements_and_choice_is_argmin(lm):
+    ds = _directions(lm)
+    tokens = [lm.tokenizer("I", add_special_tokens=False)["input_ids"][0]]
+    sel = select_direction(lm, ds, "a", HARMFUL, HARMLESS, tokens, max_layer_fraction=0.5, kl_threshold=10.0,
+                           induce_threshold=-1e9, progress=False)
+    scores = sel.scores
+    assert len(scores) == 8  # 4 layers x 2 positions
+    row = scores[(scores["layer"] == 1) & (scores["position"] == "-1")].iloc[0]
+    vec = ds.get("a", 1, -1)
+    bypass = logit_refusal_score(lm, HARMFUL, tokens, intervention=ablation(lm.model, vec)).mean()
+    induce = logit_refusal_score(lm, HARMLESS, tokens, intervention=addition(lm.model, vec, 1)).mean()
+    kl = kl_divergence(lm, HARMLESS, ablation(lm.model, vec)).mean()
+    assert row["bypass_score"] == pytest.approx(bypass, abs=1e-4)
+    assert row["induce_score"] == pytest.approx(induce, abs=1e-4)
+    assert row["kl"] == pytest.approx(kl, abs=1e-5)
+    # layers 2 and 3 are >= 0.5 L: filtered; the choice is the lowest bypass among the rest
+    assert scores.loc[scores["layer"] >= 2, "filtered"].str.contains("layer").all()
+    kept = scores[scores["filtered"] == ""]
+    best = kept.sort_values("bypass_score").iloc[0]
+    assert sel.passed_filters and (sel.layer, str(sel.position)) == (best["layer"], best["position"])
+    assert scores["chosen"].sum() == 1
+    assert set(sel.baseline) == {"harmful", "harmless"}
+
+
+def test_no_candidate_passing_filters_is_reported(lm):
+    ds = _directions(lm)
+    tokens = [lm.tokenizer("I", add_special_tokens=False)["input_ids"][0]]
+    sel = select_direction(lm, ds, "a", HARMFUL, HARMLESS, tokens, layers=[0, 1], positions=[-1],
+                           kl_threshold=0.0, progress=False)
+    assert not sel.passed_filters
+    assert sel.scores["filtered"].str.contains("kl").all()
+    assert np.isfinite(sel.scores["bypass_score"]).all()
+
+
+def test_select_all_and_errors(lm):
+    ds = _directions(lm)
+    tokens = [lm.tokenizer("I", add_special_tokens=False)["input_ids"][0]]
+    chosen, scores = select_all(lm, ds, ["a", POOLED], {"a": HARMFUL, POOLED: HARMFUL}, HARMLESS, tokens,
+                                layers=[1], positions=[-1], progress=False)
+    assert list(chosen["node"]) == ["a", POOLED] and len(scores) == 2
+    with pytest.raises(AtlasError):
+        select_direction(lm, ds, "a", [], HARMLESS, tokens, progress=False)
