@@ -194,3 +194,15 @@ def test_cli_missing_stage_is_an_atlas_error(app, tmp_path):
     assert isinstance(res.exception, AtlasError) and "refusal-atlas run" in str(res.exception)
     node = q.node_report(AtlasStore.open(out), "health")
     assert node["directions"] is None and node["cross_ablation"] is None
+
+
+def test_real_cli_missing_atlas_one_line_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "query", "node", "weapons",
+                          "--atlas", str(tmp_path / "absent")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "refusal-atlas run" in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
