@@ -50,6 +50,7 @@ def test_directions_carry_metadata_file_and_hash_not_vectors(atlas, graph):
         assert -1.0 <= float(graph.value(d, RA.noiseFloor)) <= 1.0
         assert 0.0 <= float(graph.value(d, RA.auroc)) <= 1.0
         assert int(graph.value(d, RA.promptCount)) == 12
+        assert graph.value(d, RA.bypassScore) is not None and graph.value(d, RA.klDivergence) is not None
     # No literal long enough to hold a vector.
     assert max(len(str(o)) for o in graph.objects() if isinstance(o, Literal)) < 400
 

@@ -49,7 +49,8 @@ def test_node_report_has_every_part(store):
                            "rationale": "Minors are pointed to an adult or a clinician."}]
     assert len(r["directions"]) == len(LAYERS) * len(POSITIONS)
     assert {"layer", "position", "norm", "noise_floor", "reliability", "auroc"} <= set(r["directions"][0])
-    assert r["best"]["reliability"] == max(d["reliability"] for d in r["directions"])
+    assert (r["best"]["layer"], r["best"]["position"]) == (2, "-1")  # the causal stage's selection
+    assert r["best"]["bypass_score"] == pytest.approx(1.0) and r["best"]["selected"]
     assert r["nearest"] and all(n["node"] != "health.dosing" for n in r["nearest"])
     assert [c["cluster"] for c in r["clusters"]] == ["2"]
     assert {row["evaluated"] for row in r["cross_ablation"]} == set(NODES)

@@ -489,6 +489,15 @@ def _section_causal(store: AtlasStore, figs: Figures) -> str:
         return not_run("causal tests", "refusal-atlas directions cross-ablate / steer")
     go = _go()
     parts = []
+    sel = store.selection
+    if sel is not None and "selected" in sel.columns:
+        chosen = sel[sel["selected"].astype(bool)]
+        if not chosen.empty:
+            parts.append("<h3>Selected direction per node</h3><p class='small'>Chosen as Arditi et al. do: the "
+                         "lowest bypass score (refusal log-odds with the direction ablated) among candidates "
+                         "that induce refusal when added, cost little KL, and sit below 0.8 of the depth.</p>" +
+                         df_table(chosen, ["node", "layer", "position", "bypass_score", "induce_score", "kl_score",
+                                           "filtered"]))
     if xa is not None and {"ablated", "evaluated", "refusal_rate"} <= set(xa.columns):
         d = xa.copy()
         method = d["method"].astype(str) if "method" in d.columns else pd.Series("diff_means", index=d.index)

@@ -447,16 +447,38 @@ class AtlasStore:
 
     @cached_property
     def selection(self) -> pd.DataFrame | None:
-        """Direction selection per node over (layer, position) with bypass / induce / KL scores."""
-        path = _table(self.causal_dir, ["selection", "*selection*"]) or _table(self.directions_dir, ["selection"])
-        if path is None:
-            return None
-        df = read_any_table(path)
-        df = rename_aliases(df, {"bypass_score": ("bypass",), "induce_score": ("induce",),
-                                 "kl_score": ("kl", "harmless_kl")})
-        if "position" in df.columns:
+        """Direction-selection scores per node x (layer, position): bypass, induce, KL, `selected`.
+
+        Reads every `*select*` table in causal/ (or directions/): the one with `bypass_score` is the
+        scores table; a table of chosen (node, layer, position) rows, if separate, marks `selected`.
+        """
+        found: list[Path] = []
+        for root in (self.causal_dir, self.directions_dir):
+            if root.is_dir():
+                found += sorted(p for p in root.iterdir() if p.is_file() and "select" in p.name
+                                and p.suffix in TABLE_SUFFIXES and not p.name.startswith("."))
+        scores, chosen = None, None
+        aliases = {"bypass_score": ("bypass",), "induce_score": ("induce",), "kl_score": ("kl", "harmless_kl"),
+                   "selected": ("chosen",)}
+        for path in found:
+            df = rename_aliases(read_any_table(path), aliases)
+            if not {"node", "layer", "position"} <= set(df.columns):
+                continue
             df["position"] = df["position"].astype(str)
-        return df
+            df["layer"] = df["layer"].astype(int)
+            if "bypass_score" in df.columns and scores is None:
+                scores = df
+            elif "bypass_score" not in df.columns and chosen is None:
+                chosen = df
+        if scores is None:
+            return None
+        if "method" in scores.columns and (scores["method"] == "diff_means").any():
+            scores = scores[scores["method"] == "diff_means"]
+        if chosen is not None:
+            keys = set(zip(chosen["node"], chosen["layer"], chosen["position"], strict=True))
+            scores = scores.assign(selected=[k in keys for k in zip(scores["node"], scores["layer"],
+                                                                    scores["position"], strict=True)])
+        return scores.reset_index(drop=True)
 
     # ------------------------------------------------------------------ overlap graph
     @property
