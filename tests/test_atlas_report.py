@@ -44,6 +44,8 @@ def test_every_section_is_present_and_filled(page):
     # steering, wording vs detection, conditions
     assert len(re.findall(r"<div class=.figure.", page)) == 9
     assert "Medication dosing" in page and "when user_age=minor" in page
+    assert "abc123" in page  # a stage record under .stages/ is listed in the provenance section
+    assert "Selected direction per node" in page
 
 
 def test_self_contained_offline(page, report):

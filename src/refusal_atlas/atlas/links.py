@@ -29,7 +29,7 @@ from urllib.parse import quote
 from rdflib import RDF, RDFS, XSD, Graph, Literal, URIRef
 from rdflib.namespace import DCTERMS, PROV
 
-from refusal_atlas.atlas.store import AtlasStore
+from refusal_atlas.atlas.store import AtlasStore, model_identity
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.ontology import iris
 from refusal_atlas.ontology.namespaces import RA
@@ -137,17 +137,6 @@ def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atla
             graph.add((subject, RA.mapsToNode, iris.node_iri(ns, node)))
             if rank == 0 and score_term is not None and _num(score) is not None:
                 graph.add((subject, score_term, _num(score)))
-
-
-def model_identity(meta: dict[str, Any], manifest: dict[str, Any]) -> tuple[str, str | None]:
-    """(model id, revision) from direction metadata (flat keys or a `model` provenance dict)."""
-    prov = meta.get("model") if isinstance(meta.get("model"), dict) else {}
-    model = meta.get("model_id") or prov.get("model_id") or prov.get("model_spec")
-    if not model and isinstance(meta.get("model"), str):
-        model = meta["model"]
-    model = model or manifest.get("model") or "unknown"
-    revision = meta.get("model_revision") or prov.get("model_revision")
-    return str(model), (str(revision) if revision else None)
 
 
 def _describe_direction(graph: Graph, node: URIRef, *, model: str, revision: str | None, layer: int, position: str,

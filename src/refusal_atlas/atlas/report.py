@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from refusal_atlas.atlas.store import AtlasStore
+from refusal_atlas.atlas.store import AtlasStore, model_identity
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAX_PNG_BYTES = 1_500_000
@@ -235,7 +235,8 @@ def _section_organism(store: AtlasStore, figs: Figures) -> str:
                      df_table(by_node, ["node", "condition", "expected", "category", "n", "refusal_rate",
                                         "adherence"]))
     if held is not None and not held.empty and "response" in held.columns:
-        sample = held.head(12)
+        by = "category" if "category" in held.columns else None
+        sample = held.groupby(by, sort=True).head(3) if by else held.head(12)
         parts.append("<h3>Examples of held-out responses</h3>" +
                      df_table(sample, ["node", "condition", "expected", "prompt", "response", "refused"]))
     return "".join(parts)
@@ -623,12 +624,19 @@ def _section_figures(store: AtlasStore) -> str:
 
 
 def _section_provenance(store: AtlasStore) -> str:
-    man = store.manifest
-    if not man:
+    man, records = store.manifest, store.stage_records
+    if not man and not records:
         return not_run("manifest.json")
-    flat = _flatten(man)
-    rows = [(k, json.dumps(v) if isinstance(v, list) else v) for k, v in flat.items()]
-    return html_table(["key", "value"], rows, max_rows=200)
+    parts = []
+    if records:
+        parts.append("<h3>Stages</h3>" + html_table(
+            ["stage", "seconds (when run)", "cache key"],
+            [(name, rec.get("seconds"), rec.get("key")) for name, rec in records.items()]))
+    if man:
+        flat = _flatten(man)
+        rows = [(k, json.dumps(v) if isinstance(v, list) else v) for k, v in flat.items()]
+        parts.append("<h3>Manifest</h3>" + html_table(["key", "value"], rows, max_rows=300))
+    return "".join(parts)
 
 
 HOW = {
@@ -700,7 +708,8 @@ def render_html(store: AtlasStore) -> str:
     sections = build_sections(store, figs)
     css = (TEMPLATES / "report.css").read_text(encoding="utf-8")
     boot = (TEMPLATES / "report.js").read_text(encoding="utf-8")
-    model = store.directions_meta.get("model_id") or store.manifest.get("model") or "unknown model"
+    model = model_identity(store.directions_meta, store.manifest)[0] if store.directions_meta else \
+        str(store.manifest.get("model") or "unknown model")
     created = store.manifest.get("created_at") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     nav = "".join(f"<a href='#{a}'>{esc(t)}</a>" for a, t, _, _ in sections)
     body = "".join(

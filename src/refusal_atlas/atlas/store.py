@@ -161,6 +161,21 @@ class AtlasStore:
         path = self.root / "metrics.json"
         return _read_json(path) if path.is_file() else {}
 
+    @cached_property
+    def stage_records(self) -> dict[str, dict[str, Any]]:
+        """The pipeline's per-stage records (`.stages/<name>.json`: key, seconds, result), if any."""
+        folder = self.root / ".stages"
+        records: dict[str, dict[str, Any]] = {}
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.json")):
+                try:
+                    data = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue  # a record being rewritten; the manifest has the final word
+                if isinstance(data, dict):
+                    records[path.stem] = data
+        return records
+
     def require(self, what: str, ok: bool) -> None:
         """Raise the standard one-line error when a stage's output is missing."""
         if not ok:
@@ -575,6 +590,17 @@ class AtlasStore:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def model_identity(meta: dict[str, Any], manifest: dict[str, Any]) -> tuple[str, str | None]:
+    """(model id, revision) from direction metadata (flat keys or a `model` provenance dict)."""
+    prov = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    model = meta.get("model_id") or prov.get("model_id") or prov.get("model_spec")
+    if not model and isinstance(meta.get("model"), str):
+        model = meta["model"]
+    model = model or manifest.get("model") or "unknown"
+    revision = meta.get("model_revision") or prov.get("model_revision")
+    return str(model), (str(revision) if revision else None)
+
+
 def _float(value: Any) -> float | None:
     try:
         out = float(value)
