@@ -11,6 +11,7 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from rdflib import RDF, RDFS, XSD, BNode, Graph, Literal, URIRef
@@ -116,9 +117,17 @@ def _check_offline(node: Any) -> None:
 
 
 def prepare(query: str, graph: Graph | None = None) -> Any:
-    """Parse a query with our prefixes bound; syntax errors become one-line AtlasErrors."""
+    """Parse a query with our prefixes bound; syntax errors become one-line AtlasErrors.
+
+    Parsed queries are cached: rdflib's parser takes longer than running a canned query.
+    """
+    return _prepare_cached(query, tuple(sorted(prefixes(graph).items())))
+
+
+@lru_cache(maxsize=256)
+def _prepare_cached(query: str, namespaces: tuple[tuple[str, str], ...]) -> Any:
     try:
-        prepared = prepareQuery(query, initNs=prefixes(graph))
+        prepared = prepareQuery(query, initNs=dict(namespaces))
     except Exception as exc:  # pyparsing ParseException and friends
         line = getattr(exc, "lineno", None)
         col = getattr(exc, "col", None)
