@@ -146,14 +146,16 @@ def test_sparql_select_ask_and_errors(store, tmp_path):
         ?d a ra:RefusalDirection ; ra:forNode ?node ; ra:layer ?layer .
         ?node skos:notation "cyber.malware" } GROUP BY ?layer ORDER BY ?layer""")
     assert r["vars"] == ["layer", "n"]
-    assert [row[0] for row in r["rows"]] == [str(x) for x in LAYERS]
-    assert all(row[1] == str(len(POSITIONS)) for row in r["rows"])
+    assert [row[0] for row in r["rows"]] == LAYERS
+    assert all(row[1] == len(POSITIONS) for row in r["rows"])
     assert q.sparql(store, "ASK { ?c a ra:Cluster ; ra:mapsToNode ?n }") == {"type": "ASK", "answer": True}
     file = tmp_path / "q.rq"
     file.write_text("SELECT ?c WHERE { ?c a ra:Cluster }")
     assert len(q.sparql(store, str(file))["rows"]) == 4
     with pytest.raises(AtlasError, match="SPARQL"):
         q.sparql(store, "SELECT WHERE {")
+    with pytest.raises(AtlasError, match="SERVICE"):  # never reaches the network
+        q.sparql(store, "SELECT ?s WHERE { SERVICE <http://example.org/sparql> { ?s ?p ?o } }")
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -327,8 +327,15 @@ def source_report(store: AtlasStore, curie: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ sparql
 def sparql(store: AtlasStore, query: str) -> dict[str, Any]:
-    """Run a SPARQL query over atlas.ttl (falls back to taxonomy.ttl); `query` may be a file path."""
+    """SPARQL over atlas.ttl (else taxonomy.ttl); `query` may be a .rq/.sparql file.
+
+    Runs through the ontology layer's offline runner: our prefixes are pre-bound and SERVICE /
+    FROM clauses (which would make rdflib fetch IRIs) are refused.
+    """
+    from rdflib import Graph
+
     from refusal_atlas.ontology.io import parse_rdf
+    from refusal_atlas.ontology.sparql import prepare, run_query
 
     path = store.atlas_ttl if store.atlas_ttl.is_file() else store.taxonomy_ttl
     store.require("atlas.ttl", path.is_file())
@@ -337,26 +344,10 @@ def sparql(store: AtlasStore, query: str) -> dict[str, Any]:
     if candidate is not None and candidate.suffix.lower() in (".rq", ".sparql", ".txt") and candidate.is_file():
         text = candidate.read_text(encoding="utf-8")
     graph = parse_rdf(path)
-    try:
-        result = graph.query(text)
-    except Exception as exc:  # pyparsing / rdflib raise many exception types for a bad query
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise AtlasError(f"SPARQL query could not run: {first}") from exc
-    if result.type == "ASK":
-        return {"type": "ASK", "answer": bool(result.askAnswer)}
-    if result.type in ("CONSTRUCT", "DESCRIBE"):
-        return {"type": result.type, "turtle": result.graph.serialize(format="turtle")}
-    variables = [str(v) for v in result.vars]
-    rows = [[None if cell is None else _term_text(graph, cell) for cell in row] for row in result]
-    return {"type": "SELECT", "vars": variables, "rows": rows}
-
-
-def _term_text(graph, term) -> str:
-    from rdflib import URIRef
-
-    if isinstance(term, URIRef):
-        try:
-            return graph.namespace_manager.normalizeUri(term)
-        except Exception:  # an IRI rdflib cannot shorten
-            return str(term)
-    return str(term)
+    result = run_query(graph, text)
+    if isinstance(result, Graph):
+        return {"type": "CONSTRUCT", "turtle": result.serialize(format="turtle")}
+    if prepare(text, graph).algebra.name == "AskQuery":
+        return {"type": "ASK", "answer": bool(result.rows[0][0])}
+    records = result.records()
+    return {"type": "SELECT", "vars": result.columns, "rows": [[r[c] for c in result.columns] for r in records]}
