@@ -67,6 +67,7 @@ def test_xss_payloads_are_inert(page):
     for payload in (XSS, XSS2):
         assert payload not in page
     assert all(tag.startswith("<img class='fig'") for tag in re.findall(r"<img\b[^>]*>", page))
+    assert "<svg onload" not in page and esc("Misc </script><svg onload=alert(1)>") in page  # a taxonomy label
     assert esc(XSS) in page  # shown, escaped, in the HTML tables
     assert esc(XSS2) in page
     # Inside the JSON script blocks nothing can close the script element.
@@ -128,7 +129,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert dom.stdout.count('class="main-svg"') >= figures
     # The payloads reached the DOM only as text.
     assert "<script>alert(1)</script>" not in dom.stdout
-    assert "<img src=\"x\"" not in dom.stdout
+    assert "<img src=\"x\"" not in dom.stdout and "<svg onload" not in dom.stdout
 
     shot = tmp_path / "report.png"
     res = subprocess.run([chrome, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}",
