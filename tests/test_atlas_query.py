@@ -100,6 +100,15 @@ def test_vector_files_in_every_format(store, tmp_path):
     assert q.rank_direction(store, per_layer)["ranking"][0]["node"] == "weapons.cbrn"
 
 
+def test_residual_method_and_unknown_method(store):
+    vec = torch.tensor(planted_directions()["weapons.cbrn"], dtype=torch.float32)
+    result = q.rank_direction(store, vec, method="residual", layer=3)
+    assert len(result["ranking"]) == len(NODES) and result["pooled"] is None  # no pooled residual
+    assert all(r["noise_floor"] is not None for r in result["ranking"])
+    with pytest.raises(AtlasError, match="method"):
+        q.rank_direction(store, vec, method="pca")
+
+
 def test_wrong_d_model_is_a_clear_error(store):
     with pytest.raises(AtlasError, match=f"d=7 .*d_model={D_MODEL}"):
         q.rank_direction(store, torch.ones(7), source="x.npy")

@@ -218,6 +218,8 @@ def rank_direction(
     store.require("directions (directions/directions.json)", ds is not None)
     from refusal_atlas.mechinterp.positions import canonical_position, position_label
 
+    if method not in ds.methods:
+        raise AtlasError(f"method {method!r} is not in this atlas; choose from {', '.join(ds.methods)}")
     d_model = next(iter(ds.tensors.values())).shape[-1]
     if vector.shape[-1] != d_model:
         model = ds.meta.get("model_id", "the atlas model")
@@ -233,7 +235,6 @@ def rank_direction(
     for lyr in layers:
         ds.layer_index(lyr)
     rows_by_layer = _rows_for_layers(vector, layers, ds.layers, source)
-    metrics = store.direction_metrics
     results = []
     pooled = None
     for node in ds.nodes_with_pooled:
@@ -250,16 +251,15 @@ def rank_direction(
                 best = {"node": node, "cosine": cos, "layer": int(lyr), "position": position_label(pos)}
         if best is None:
             continue
-        if metrics is not None:
-            hit = metrics[(metrics["node"] == node) & (metrics["layer"] == best["layer"])
-                          & (metrics["position"] == best["position"])]
-            if not hit.empty:
-                floor, rel = hit.iloc[0]["noise_floor"], hit.iloc[0]["reliability"]
-                best["noise_floor"] = _clean(floor)
-                best["reliability"] = _clean(rel)
-                ceiling = math.sqrt(rel) if rel is not None and not math.isnan(rel) and rel > 0 else None
-                best["ceiling"] = ceiling
-                best["match"] = best["cosine"] / ceiling if ceiling else None
+        floor_t, rel_t = ds.noise.get(f"{method}/split_half_mean"), ds.noise.get(f"{method}/reliability")
+        if floor_t is not None and rel_t is not None:
+            idx = (ds.node_index(node), ds.layer_index(best["layer"]), ds.position_index(pos))
+            floor, rel = float(floor_t[idx]), float(rel_t[idx])
+            best["noise_floor"] = _clean(floor)
+            best["reliability"] = _clean(rel)
+            ceiling = math.sqrt(rel) if not math.isnan(rel) and rel > 0 else None
+            best["ceiling"] = ceiling
+            best["match"] = best["cosine"] / ceiling if ceiling else None
         if node in getattr(ds, "nodes", []):
             best["label"] = store.node_label(node)
             results.append(best)

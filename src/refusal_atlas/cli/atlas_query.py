@@ -145,11 +145,14 @@ def register_query(query_app: typer.Typer) -> None:
         layer: Annotated[int | None, typer.Option(help="Compare at this layer only (default: best layer).")] = None,
         position: Annotated[str | None, typer.Option(help="Token position (default: the refusal position).")] = None,
         key: Annotated[str | None, typer.Option(help="Tensor name inside a multi-tensor file.")] = None,
+        method: Annotated[str, typer.Option(help="Compare with the nodes' diff_means, vs_other or residual "
+                                                 "directions.")] = "diff_means",
         limit: Annotated[int, typer.Option(help="Rows to show in the table.")] = 20,
     ) -> None:
         """Which harm sources does this direction correspond to? Cosine per node beside its noise floor."""
         store = AtlasStore.open(atlas)
-        result = q.rank_direction(store, q.load_vector(file, key), layer=layer, position=position, source=str(file))
+        result = q.rank_direction(store, q.load_vector(file, key), layer=layer, position=position, method=method,
+                                  source=str(file))
         _print_json(result) if as_json else show_ranking(result, _console(), limit)
 
     @query_app.command("source")
