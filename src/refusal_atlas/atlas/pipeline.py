@@ -258,8 +258,10 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
     harmless = harmless.sample(n=min(len(harmless), sizes["harmless_train"]), random_state=cfg.seed)
     table = pd.concat([harmful, harmless], ignore_index=True)
     lm = load_analysed_model(cfg, ctx)
+    # One shard folder per (model, prompt list): a killed capture resumes, a changed one starts afresh.
+    acts_dir = ctx.out / "activations" / stable_hash([lm.provenance(), table["prompt"].tolist()])[:16]
     acts = capture_activations(lm, table["prompt"].tolist(), layers=None, positions=None, batch_size=32,
-                               out_dir=ctx.out / "activations", progress=cfg.progress)
+                               out_dir=acts_dir, progress=cfg.progress)
     tax = _taxonomy(cfg)
     parents = {n: list(tax[n].broader) for n in nodes}
     labels = {n: tax[n].label for n in nodes}
@@ -275,7 +277,7 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
             r = ds.reliability(node, layer, -1)
             if r is not None and not np.isnan(r):
                 floors.append(r)
-    return {"nodes": nodes, "n_prompts": len(table), "layers": len(ds.layers),
+    return {"nodes": nodes, "n_prompts": len(table), "layers": len(ds.layers), "activations": str(acts_dir),
             "median_noise_floor": float(np.median(floors)) if floors else None}
 
 

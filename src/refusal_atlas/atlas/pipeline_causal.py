@@ -1,0 +1,169 @@
+"""The `causal` stage of `run`: pooled ablation/addition, cross-ablation, steering, wording, conditions.
+
+Evaluation prompts come from the run's held-out split (`run_split == "eval"`), never from the
+prompts the directions were computed on. The refusal position is the last post-instruction
+token (-1); the layer is chosen per run by direction selection on the pooled direction over a
+few candidate layers (bypass / induce / KL, Arditi et al.), falling back to the most reliable
+layer below 0.8·L.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from refusal_atlas.atlas.stages import StageContext, write_json_atomic
+
+REFUSAL_POSITION = -1
+
+
+def _eval_sets(prompts: pd.DataFrame, nodes: list[str], per_node: int, n_harmless: int, seed: int
+               ) -> tuple[dict[str, list[str]], list[str], pd.DataFrame]:
+    ev = prompts[prompts["run_split"] == "eval"]
+    plain = ev[ev["harmful"] & (ev["condition"] == "") & (ev["expected"] == "refuse")]
+    sets: dict[str, list[str]] = {}
+    for node in nodes:
+        rows = plain[plain["analysis_node"] == node]
+        rows = rows.sample(n=min(per_node, len(rows)), random_state=seed) if len(rows) else rows
+        if len(rows):
+            sets[node] = rows["prompt"].tolist()
+    harmless = ev[~ev["harmful"] & (ev["source"] == "harmless")]
+    harmless = harmless.sample(n=min(n_harmless, len(harmless)), random_state=seed)["prompt"].tolist()
+    conditioned = ev[ev["harmful"] & ev["analysis_node"].isin(nodes)]
+    return sets, harmless, conditioned
+
+
+def _candidate_layers(n_layers: int, available: list[int], quick: bool) -> list[int]:
+    fractions = (0.4, 0.55, 0.7) if quick else (0.3, 0.4, 0.5, 0.6, 0.7)
+    wanted = sorted({min(available, key=lambda la: abs(la - f * n_layers)) for f in fractions})
+    return [la for la in wanted if la < 0.8 * n_layers] or wanted[:1]
+
+
+def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
+    from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
+    from refusal_atlas.mechinterp.experiments import (
+        condition_table,
+        cross_ablation,
+        discover_tokens,
+        plot_cross_ablation,
+        plot_steering,
+        pooled_ablation_and_steering,
+        save_table,
+        steering,
+    )
+    from refusal_atlas.mechinterp.selection import select_direction
+
+    out: Path = ctx.out / "causal"
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = cfg.sizes()
+    ds = DirectionSet.load(ctx.out / "directions")
+    prompts = pd.read_parquet(ctx.out / "prompts.parquet")
+    nodes = [n for n in ds.nodes if n != POOLED]
+    sets, harmless, conditioned = _eval_sets(prompts, nodes, sizes["per_node_eval"], sizes["harmless_eval"], cfg.seed)
+    harmful_all = [p for ps in sets.values() for p in ps]
+    progress = cfg.progress
+
+    # Refusal-opening tokens, discovered from the model's own generations on held-out prompts.
+    tokens, refused_h, refused_hl = discover_tokens(lm, harmful_all, harmless, max_new_tokens=12, progress=progress)
+    write_json_atomic(out / "refusal_tokens.json", tokens.to_dict())
+
+    # Layer: direction selection on the pooled direction over a few candidate layers.
+    candidates = _candidate_layers(lm.n_layers, list(ds.layers), cfg.quick)
+    half = max(4, len(harmful_all) // 2)
+    selection = select_direction(lm, ds, POOLED, harmful_all[:half], harmless[: max(8, len(harmless) // 2)], tokens,
+                                 layers=candidates, positions=[REFUSAL_POSITION], progress=progress)
+    save_table(selection.scores, out / "selection.parquet")
+    layer = int(selection.layer)
+    write_json_atomic(out / "selection.json", selection.to_dict())
+
+    headline = pooled_ablation_and_steering(lm, ds, harmful_all, harmless, layer=layer, position=REFUSAL_POSITION,
+                                            max_new_tokens=16, batch_size=cfg.batch_size, progress=progress)
+    write_json_atomic(out / "pooled.json", headline)
+
+    cross = cross_ablation(lm, ds, sets, harmless, tokens, layer=layer, position=REFUSAL_POSITION,
+                           batch_size=cfg.batch_size, progress=progress)
+    save_table(cross, out / "cross_ablation.parquet")
+    plot_cross_ablation(cross, out / "cross_ablation.png")
+
+    steer_layers = sorted({*candidates, layer})
+    steer = steering(lm, ds, [*nodes, POOLED], harmless[: max(8, len(harmless) // 2)], tokens, layers=steer_layers,
+                     position=REFUSAL_POSITION, generate_rates=False, batch_size=cfg.batch_size, progress=progress)
+    save_table(steer, out / "steering.parquet")
+    plot_steering(steer, out / "steering.png", value="first_token_refusal_rate")
+
+    cond_summary: dict[str, Any] = {}
+    if len(conditioned):
+        per_node_cap = 24 if cfg.quick else 60
+        rows = (conditioned.groupby("analysis_node", group_keys=False)
+                .apply(lambda g: g.sample(n=min(per_node_cap, len(g)), random_state=cfg.seed)))
+        rows = rows.assign(node=rows["analysis_node"])
+        table = condition_table(lm, ds, rows[["prompt", "node", "condition", "expected"]], layer=layer,
+                                position=REFUSAL_POSITION, batch_size=cfg.batch_size, progress=progress,
+                                seed=cfg.seed, max_new_tokens=12)
+        save_table(table, out / "conditions.parquet")
+        changed = table[table["condition"] != "(none)"]
+        cond_summary = {"rows": len(table),
+                        "mean_abs_projection_delta": float(np.nanmean(np.abs(changed["projection_delta"])))
+                        if len(changed) else None}
+
+    wording_summary = _wording(cfg, ctx, lm, ds, tokens, out)
+
+    return {
+        "layer": layer, "position": REFUSAL_POSITION, "candidates": candidates,
+        "ablation": {"refusal_before": headline["refusal_before"], "refusal_after": headline["refusal_after"],
+                     "harmless_kl": headline["harmless_kl"], "layer": layer, "n_harmful": headline["n_harmful"]},
+        "steering": {"induced_refusal_rate": headline["induced_refusal_rate"],
+                     "harmless_refusal_before": headline["harmless_refusal_before"],
+                     "n_harmless": headline["n_harmless"]},
+        "cross_ablation": cross_summary(cross),
+        "conditions": cond_summary, "wording": wording_summary,
+        "baseline_refusal_harmful": float(np.mean(refused_h)) if len(refused_h) else None,
+        "baseline_refusal_harmless": float(np.mean(refused_hl)) if len(refused_hl) else None,
+    }
+
+
+def _wording(cfg: Any, ctx: StageContext, lm, ds, tokens, out: Path) -> dict:
+    """Per layer: node-identity probe accuracy (detection) vs refusal-token promotion (wording)."""
+    from refusal_atlas.mechinterp.capture import load_shards
+    from refusal_atlas.mechinterp.experiments import save_table, wording_vs_detection
+
+    acts_dir = Path(ctx.results.get("directions", {}).get("activations", ctx.out / "activations"))
+    labels_file = ctx.out / "directions" / "prompts.parquet"
+    if not acts_dir.is_dir() or not labels_file.is_file():
+        return {}
+    acts = load_shards(acts_dir)
+    labels = pd.read_parquet(labels_file)
+    wordings = None
+    organism_json = ctx.out / "organism" / "organism.json"
+    shared = None
+    if organism_json.is_file():
+        import json
+
+        info = json.loads(organism_json.read_text())
+        policy = info.get("policy", {})
+        wordings = {n: p["refusal_text"] for n, p in policy.items() if n in ds.nodes}
+        shared = (info.get("wording") or {}).get("shared")
+    table = wording_vs_detection(lm, ds, acts, labels["analysis_node"].tolist(), labels["harmful"].tolist(),
+                                 tokens.ids, position=REFUSAL_POSITION, wordings=wordings, shared_wording=shared,
+                                 seed=cfg.seed)
+    save_table(table, out / "wording.parquet")
+    best = table.loc[table["probe_accuracy"].idxmax()] if len(table) else None
+    return {"best_probe_layer": int(best["layer"]) if best is not None else None,
+            "best_probe_accuracy": float(best["probe_accuracy"]) if best is not None else None}
+
+
+def cross_summary(cross: pd.DataFrame, value: str = "first_token_refusal_rate") -> dict:
+    """Mean refusal on a node's own prompts vs on the other nodes' prompts when one node's direction is ablated."""
+    if not {"source", "target", "method", value} <= set(cross.columns):
+        return {"rows": len(cross)}
+    t = cross[cross["method"] == "diff_means"]
+    base = cross[cross["source"] == "none"].groupby("target")[value].mean()
+    nodes = [n for n in t["source"].unique() if n not in ("none", "@pooled")]
+    own = [float(t[(t["source"] == n) & (t["target"] == n)][value].mean()) for n in nodes]
+    other = [float(t[(t["source"] == n) & (t["target"] != n) & t["target"].isin(nodes)][value].mean()) for n in nodes]
+    return {"rows": len(cross), "value": value, "baseline_mean": float(base.mean()) if len(base) else None,
+            "own_node_after_mean": float(np.nanmean(own)) if own else None,
+            "other_nodes_after_mean": float(np.nanmean(other)) if other else None}
