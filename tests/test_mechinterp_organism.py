@@ -85,6 +85,9 @@ def test_split_is_disjoint_by_base_prompt(built):
     train, held = rows[rows["split"] == "train"], rows[rows["split"] == "heldout"]
     assert len(train) and len(held)
     assert not set(train["base_prompt"]) & set(held["base_prompt"])
+    extra = rows[rows["split"] == "extra"]  # kept aside for direction extraction
+    assert len(extra) and not set(extra["base_prompt"]) & (set(train["base_prompt"]) | set(held["base_prompt"]))
+    assert (out / "base_answers.json").is_file()  # the base model's answers are cached for rebuilds
     info = json.loads((out / "organism.json").read_text())
     assert not set(info["split"]["train"]) & set(info["split"]["heldout"])
     assert set(info["split"]["heldout"]) == set(held["prompt_id"])

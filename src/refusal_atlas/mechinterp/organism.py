@@ -55,19 +55,21 @@ class OrganismSettings:
 
     seed: int = 0
     heldout_fraction: float = 0.35
-    max_nodes: int | None = None  # None: every node with prompts; else a stratified subset
-    per_node_train: int = 1  # unconditioned harmful base prompts per node in training
-    per_node_heldout: int = 1
+    max_nodes: int | None = 32  # None: every node with prompts; else a stratified subset
+    per_node_train: int = 2  # unconditioned harmful base prompts per node in training
+    per_node_heldout: int = 3
     variants_per_prompt: int = 1  # condition-framed copies of each harmful base prompt
-    n_harmless_train: int = 64
-    n_harmless_heldout: int = 32
-    n_overrefusal_train: int = 16
+    n_harmless_train: int = 32
+    n_harmless_heldout: int = 24
+    n_overrefusal_train: int = 8
+    n_extra_per_node: int = 4  # unconditioned prompts kept aside (split "extra") for direction extraction
+    n_harmless_extra: int = 48
     external_sets: tuple[str, ...] = ("harmbench", "strongreject")
     max_prompt_tokens: int = 80
-    max_target_tokens: int = 32
+    max_target_tokens: int = 20
     epochs: int = 2
     batch_size: int = 8
-    lr: float = 3e-5
+    lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 5
     eval_max_new_tokens: int = 12
@@ -77,9 +79,9 @@ class OrganismSettings:
     @classmethod
     def quick(cls, **overrides: Any) -> OrganismSettings:
         """A far smaller build for CI and tests (minutes → seconds on a tiny model)."""
-        base = cls(max_nodes=8, per_node_train=1, per_node_heldout=1, n_harmless_train=8, n_harmless_heldout=6,
-                   n_overrefusal_train=2, external_sets=(), max_target_tokens=12, epochs=1,
-                   eval_max_new_tokens=8, max_prompt_tokens=64)
+        base = cls(max_nodes=8, per_node_train=1, per_node_heldout=1, n_extra_per_node=2, n_harmless_extra=8,
+                   n_harmless_train=8, n_harmless_heldout=6, n_overrefusal_train=2, external_sets=(),
+                   max_target_tokens=12, epochs=1, eval_max_new_tokens=8, max_prompt_tokens=64)
         return replace(base, **overrides)
 
     def to_dict(self) -> dict:
@@ -275,7 +277,8 @@ def build_rows(
     rng = random.Random(seed)
     harmful = harmful[_short(tokenizer, harmful["prompt"], settings.max_prompt_tokens)]
     if settings.max_nodes is not None:
-        keep = stratified_nodes(taxonomy, sorted(set(harmful["node"])), settings.max_nodes, seed)
+        keep = stratified_nodes(taxonomy, sorted(set(harmful["node"])), settings.max_nodes, seed,
+                                counts=harmful["node"].value_counts().to_dict())
         harmful = harmful[harmful["node"].isin(keep)]
     out: list[dict] = []
 
@@ -294,11 +297,15 @@ def build_rows(
         picks = {"train": train[: settings.per_node_train], "heldout": held[: settings.per_node_heldout]}
         if not picks["heldout"] and len(train) > settings.per_node_train:  # tiny nodes: still evaluate
             picks["heldout"] = train[settings.per_node_train : settings.per_node_train + settings.per_node_heldout]
+        rest = [p for p in train if p not in picks["train"] and p not in picks["heldout"]]
+        picks["extra"] = rest[: settings.n_extra_per_node]
         for split, prompts in picks.items():
             for p in prompts:
                 src = group.loc[group["prompt"] == p, "source"].iloc[0]
                 cat = _category(default, default)
                 add(p, p, src, node_id, True, {}, default.value, cat, split)
+                if split == "extra":
+                    continue  # extra prompts are for direction extraction: never trained on, never framed
                 # condition variants: loosening and tightening rules first, then the rest
                 ranked = sorted(rules, key=lambda wb: (_category(default, wb[1]) in ("refuse", "comply"),
                                                        rng.random()))
@@ -307,12 +314,13 @@ def build_rows(
                     if framed is not None:
                         add(framed, p, src, node_id, True, when, b.value, _category(default, b), split)
 
-    def split_simple(prompts: Sequence[str], n_train: int, n_held: int) -> dict[str, list[str]]:
+    def split_simple(prompts: Sequence[str], n_train: int, n_held: int, n_extra: int = 0) -> dict[str, list[str]]:
         ordered = sorted(prompts, key=lambda p: _stable(p, seed))
-        return {"train": ordered[:n_train], "heldout": ordered[n_train : n_train + n_held]}
+        return {"train": ordered[:n_train], "heldout": ordered[n_train : n_train + n_held],
+                "extra": ordered[n_train + n_held : n_train + n_held + n_extra]}
 
     for split, prompts in split_simple(list(harmless["prompt"]), settings.n_harmless_train,
-                                       settings.n_harmless_heldout).items():
+                                       settings.n_harmless_heldout, settings.n_harmless_extra).items():
         for p in prompts:
             add(p, p, "harmless", "", False, {}, "comply", "harmless", split)
     if len(overrefusal):
@@ -328,11 +336,14 @@ def build_rows(
     return df[~((df["split"] == "train") & df["base_prompt"].isin(held_bases))].reset_index(drop=True)
 
 
-def stratified_nodes(taxonomy: Taxonomy, nodes: Sequence[str], k: int, seed: int) -> list[str]:
+def stratified_nodes(taxonomy: Taxonomy, nodes: Sequence[str], k: int, seed: int,
+                     counts: dict[str, int] | None = None) -> list[str]:
     """`k` nodes taken round-robin from: nodes with a loosening rule, with a tightening rule,
-    other refusing nodes, other nodes — so a small build still tests every kind of policy."""
+    other refusing nodes, other nodes — so a small build still tests every kind of policy.
+    Within a stratum, nodes with more prompts (`counts`) come first: they can be held out from."""
     strata: dict[str, list[str]] = {"permit": [], "restrict": [], "refuse": [], "other": []}
-    for n in sorted(nodes, key=lambda x: _stable(x, seed)):
+    counts = counts or {}
+    for n in sorted(nodes, key=lambda x: (-counts.get(x, 0), _stable(x, seed))):
         default = behaviour_of(taxonomy, n, {})
         cats = {_category(default, b) for _, b in _rules(taxonomy, n)}
         key = "permit" if "permitted" in cats else "restrict" if "restricted" in cats else (
@@ -384,14 +395,28 @@ def _truncate(tokenizer, text: str, max_tokens: int) -> tuple[str, bool]:
 
 def make_targets(
     lm: LoadedModel, taxonomy: Taxonomy, rows: pd.DataFrame, groups: dict[str, str], settings: OrganismSettings,
-    progress: bool = True,
+    progress: bool = True, answers_cache: Path | None = None, base_id: str = "",
 ) -> pd.DataFrame:
-    """Target text for every training row (refusal wording, or the base model's own answer)."""
+    """Target text for every training row (refusal wording, or the base model's own answer).
+
+    The base model's answers are the slow part; with `answers_cache` they are kept in a JSON file
+    keyed by (base model, answer length, system prompt), so a rebuild with other training settings
+    reuses them.
+    """
     rows = rows.copy()
     comply = [i for i, r in rows.iterrows() if r["split"] == "train" and not _refusing(Behaviour(r["expected"]))]
-    answers = generate(lm, [rows.at[i, "prompt"] for i in comply], max_new_tokens=settings.max_target_tokens,
-                       batch_size=16, system=settings.system, progress=progress, desc="base answers")
-    targets: dict[int, str] = dict(zip(comply, answers, strict=True))
+    slot = f"{base_id}|{settings.max_target_tokens}|{settings.system}"
+    cache: dict = json.loads(answers_cache.read_text()) if answers_cache and answers_cache.is_file() else {}
+    known: dict[str, str] = cache.get(slot, {})
+    todo = sorted({rows.at[i, "prompt"] for i in comply} - set(known))
+    if todo:
+        fresh = generate(lm, todo, max_new_tokens=settings.max_target_tokens, batch_size=16, system=settings.system,
+                         progress=progress, desc="base answers")
+        known.update(zip(todo, fresh, strict=True))
+        if answers_cache is not None:
+            cache[slot] = known
+            _write_json(answers_cache, cache)
+    targets: dict[int, str] = {i: known[rows.at[i, "prompt"]] for i in comply}
     out_t, out_done = [], []
     for i, r in rows.iterrows():
         if r["split"] != "train":
@@ -651,7 +676,8 @@ def build_organism(
     groups = wording_groups(tax, settings.specific_wording_roots)
     framings = load_framings(framings_path)
     rows = build_rows(tax, settings, harmful, harmless, over, framings, lm.tokenizer)
-    rows = make_targets(lm, tax, rows, groups, settings, progress=progress)
+    rows = make_targets(lm, tax, rows, groups, settings, progress=progress, answers_cache=out / "base_answers.json",
+                        base_id=base_id)
     timings["targets"] = time.perf_counter() - t
 
     train = rows[rows["split"] == "train"].reset_index(drop=True)
