@@ -20,7 +20,7 @@ from rdflib.compare import isomorphic
 from ontology_strategies import SMALL_VOCAB, taxonomies
 from refusal_atlas import paths
 from refusal_atlas.ontology.export import build_graph, import_graph
-from refusal_atlas.ontology.from_rdf import graph_to_taxonomy, write_taxonomy_yaml
+from refusal_atlas.ontology.from_rdf import graph_to_conditions, graph_to_taxonomy, write_taxonomy_yaml
 from refusal_atlas.ontology.io import parse_rdf_bytes, serialize
 from refusal_atlas.ontology.to_rdf import taxonomy_to_graph
 from refusal_atlas.taxonomy.conditions import load_conditions
@@ -123,6 +123,17 @@ def test_import_edits_in_place_and_places_new_nodes(default_tax: Taxonomy, tmp_p
     assert dump(load_taxonomy(existing)) == dump(edited)
 
 
+def test_import_writes_the_graphs_own_condition_vocabulary(tmp_path: Path) -> None:
+    """A taxonomy with its own conditions.yaml survives export + import into an empty folder."""
+    fixture = Path(__file__).parent / "fixtures" / "taxonomy" / "basic"
+    result = import_graph(build_graph(fixture), tmp_path / "out")
+    assert (tmp_path / "out" / "conditions.yaml") in result.written
+    assert dump(load_taxonomy(tmp_path / "out")) == dump(load_taxonomy(fixture))
+    assert (load_conditions(tmp_path / "out" / "conditions.yaml").model_dump()
+            == load_conditions(fixture / "conditions.yaml").model_dump())
+    assert result.rejects is None  # nothing in that graph is outside the YAML
+
+
 def test_write_refuses_non_empty_output_without_existing(tmp_path: Path, default_tax: Taxonomy) -> None:
     from refusal_atlas.errors import AtlasError
 
@@ -139,8 +150,11 @@ def test_random_taxonomies_round_trip(tax: Taxonomy, fmt: str, with_vocab: bool)
     vocab = SMALL_VOCAB if with_vocab else None
     graph = taxonomy_to_graph(tax, vocab)
     # YAML -> RDF -> YAML (via text in one of the four formats) is the same taxonomy
-    back = graph_to_taxonomy(through(graph, fmt))
+    parsed = through(graph, fmt)
+    back = graph_to_taxonomy(parsed)
     assert dump(back) == dump(tax)
+    carried = graph_to_conditions(parsed)  # ... and the same condition vocabulary, when it was exported
+    assert (carried.model_dump() == SMALL_VOCAB.model_dump()) if with_vocab else carried is None
     # RDF -> YAML files on disk -> loader -> RDF is isomorphic to the original graph
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "tax"

@@ -14,13 +14,15 @@ from pathlib import Path
 from rdflib import RDF, Graph
 
 from refusal_atlas.errors import ValidationErrors
-from refusal_atlas.ontology.from_rdf import graph_to_taxonomy, write_taxonomy_yaml
+from refusal_atlas.ontology.from_rdf import graph_to_conditions, graph_to_taxonomy, write_taxonomy_yaml
 from refusal_atlas.ontology.io import write_graph
 from refusal_atlas.ontology.namespaces import DPV, RA
 from refusal_atlas.ontology.to_rdf import bind_prefixes, taxonomy_to_graph
-from refusal_atlas.taxonomy.loader import load_taxonomy, vocabulary_for
+from refusal_atlas.taxonomy.conditions import ConditionVocabulary
+from refusal_atlas.taxonomy.loader import CONDITIONS_FILE, load_taxonomy, vocabulary_for
 from refusal_atlas.taxonomy.model import Taxonomy
 from refusal_atlas.taxonomy.validate import validate_taxonomy
+from refusal_atlas.taxonomy.yamlio import atomic_write_text, dump_to_text, round_trip_yaml
 
 
 def build_graph(
@@ -76,16 +78,36 @@ def import_graph(
     tax = graph_to_taxonomy(graph, source=source)
     target = Path(existing_dir) if existing_dir is not None else out
     vocab = vocabulary_for(target)
+    carried = graph_to_conditions(graph)
+    write_vocab = (carried is not None and not (target / CONDITIONS_FILE).is_file()
+                   and carried.model_dump() != vocab.model_dump())
+    if write_vocab:
+        vocab = carried  # the graph's own vocabulary: written beside the taxonomy below
     problems = validate_taxonomy(tax, vocab)
     if problems:
         raise ValidationErrors([f"{source}: {p.message}" for p in problems])
     leftover = unrepresented_triples(graph, tax)
     written = write_taxonomy_yaml(tax, out, existing_dir)
+    if write_vocab:
+        written.append(write_conditions_yaml(vocab, out / CONDITIONS_FILE))
     rejects = None
     if len(leftover):
         rejects = out.parent / f"{out.name}.rejects.ttl"
         write_graph(leftover, rejects, "turtle")
     return ImportResult(tax, written, rejects, len(leftover))
+
+
+def write_conditions_yaml(vocab: ConditionVocabulary, path: Path) -> Path:
+    """The vocabulary in the `data/conditions.yaml` format (atomically)."""
+    data = {"dimensions": {
+        dim: {"label": d.label, "definition": d.definition, "values": {
+            name: {"label": v.label, "definition": v.definition, **({"dpv": v.dpv} if v.dpv else {})}
+            for name, v in d.values.items()}}
+        for dim, d in vocab.dimensions.items()}}
+    yaml = round_trip_yaml()
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    atomic_write_text(path, "# Condition vocabulary carried by the imported RDF graph.\n" + dump_to_text(yaml, data))
+    return path
 
 
 def unrepresented_triples(graph: Graph, tax: Taxonomy) -> Graph:

@@ -20,9 +20,10 @@ from refusal_atlas.errors import AtlasError, ValidationErrors
 from refusal_atlas.ontology import iris
 from refusal_atlas.ontology.namespaces import DPV, RA
 from refusal_atlas.ontology.yaml_layout import write_taxonomy_yaml
+from refusal_atlas.taxonomy.conditions import ConditionValue, ConditionVocabulary, Dimension
 from refusal_atlas.taxonomy.model import ID_PATTERN, Behaviour, ConditionRule, Node, Scheme, Status, Taxonomy
 
-__all__ = ["graph_to_taxonomy", "write_taxonomy_yaml"]
+__all__ = ["graph_to_conditions", "graph_to_taxonomy", "write_taxonomy_yaml"]
 
 _RULE_TYPE_BEHAVIOUR = {DPV.Prohibition: Behaviour.REFUSE, DPV.Permission: Behaviour.COMPLY}
 
@@ -66,6 +67,36 @@ def graph_to_taxonomy(graph: Graph, *, source: str = "graph") -> Taxonomy:
     if problems:
         raise ValidationErrors([f"{source}: {p}" for p in problems])
     return Taxonomy(scheme=scheme, nodes={nid: nodes[nid] for nid in _hierarchy_order(nodes)})
+
+
+def graph_to_conditions(graph: Graph) -> ConditionVocabulary | None:
+    """The condition vocabulary described in `graph` (an export made with one), else None.
+
+    None when any described dimension or value lacks a label or definition: such a graph was
+    exported without a vocabulary and only names the values its rules use.
+    """
+    dimensions: dict[str, Dimension] = {}
+    for dim_node in sorted(set(graph.subjects(RDF.type, RA.ConditionDimension)), key=str):
+        name = next((str(o) for o in graph.objects(dim_node, SKOS.notation)), None)
+        label, definition = _first(graph, dim_node, SKOS.prefLabel), _first(graph, dim_node, SKOS.definition)
+        if name is None or label is None or definition is None:
+            return None
+        values: dict[str, ConditionValue] = {}
+        for value_node in sorted(set(graph.subjects(RA.dimension, dim_node)), key=str):
+            value = next((str(o) for o in graph.objects(value_node, SKOS.notation)), None)
+            vlabel, vdefinition = _first(graph, value_node, SKOS.prefLabel), _first(graph, value_node, SKOS.definition)
+            if value is None or vlabel is None or vdefinition is None:
+                return None
+            dpv = sorted(str(o) for o in graph.objects(value_node, SKOS.closeMatch) if isinstance(o, URIRef))
+            values[value] = ConditionValue(label=vlabel, definition=vdefinition, dpv=dpv[0] if dpv else None)
+        if values:
+            dimensions[name] = Dimension(label=label, definition=definition, values=values)
+    return ConditionVocabulary(dimensions=dimensions) if dimensions else None
+
+
+def _first(graph: Graph, subject: RdfNode, predicate: URIRef) -> str | None:
+    values = _text(graph, subject, predicate)
+    return values[0] if values else None
 
 
 def _text(graph: Graph, subject: RdfNode, predicate: URIRef) -> list[str]:
