@@ -115,6 +115,19 @@ def test_user_file_with_column_mapping(tmp_path, index, tax):
         (3, "empty prompt"), (4, "harmful value 'maybe' is not true/false")]
 
 
+def test_user_file_nodes_and_expected_are_checked(tmp_path, index, tax):
+    path = tmp_path / "mine.jsonl"
+    rows = ['{"prompt": "a", "node": "cyber.malware", "expected": "comply"}',
+            '{"prompt": "b", "node": "no.such.node"}',
+            '{"prompt": "c", "expected": "maybe"}']
+    path.write_text("\n".join(rows) + "\n")
+    rejects: list[dict] = []
+    df = load_set(str(path), index=index, taxonomy=tax, rejects=rejects)
+    assert df["node"].tolist() == ["cyber.malware"] and df["expected"].tolist() == ["comply"]
+    assert sorted(r["row"] for r in rejects) == [2, 3]
+    assert all(r["source"] == str(path) for r in rejects)
+
+
 def test_user_file_bad_mapping_errors(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"text": "hello"}\n')

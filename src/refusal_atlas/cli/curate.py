@@ -110,6 +110,8 @@ def collect_cmd(
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     device: Annotated[str | None, typer.Option(help="torch device, e.g. cuda (default: CPU).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Discard an existing output / unfinished run.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        help="torch CPU threads; 1 is much faster on a machine shared with other jobs.")] = None,
 ) -> None:
     """Generate responses with the model's chat template (resumable: rerun to continue)."""
     from refusal_atlas.curation.backends import GenerationSettings, make_backend
@@ -117,6 +119,12 @@ def collect_cmd(
     from refusal_atlas.curation.tables import read_table, table_format
 
     table_format(output)
+    if threads is not None:
+        if threads < 1:
+            raise AtlasError(f"--threads must be at least 1 (got {threads})")
+        import torch
+
+        torch.set_num_threads(threads)
     rejects: list[dict] = []
     table = read_table(prompts, rejects=rejects)
     if "prompt" not in table.columns:

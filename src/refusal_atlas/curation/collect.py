@@ -200,6 +200,9 @@ def collect(
             else _read_parts(part_dir)
 
     corpus = _assemble(done_df, df, n_samples)
+    others = int((~corpus["prompt_id"].isin(set(df["prompt_id"]))).sum())
+    if others:
+        log(f"{out_path}: kept {others} row(s) from an earlier run whose prompts are not in this prompt set")
     write_table(corpus, out_path)
     shutil.rmtree(part_dir, ignore_errors=True)
     return corpus

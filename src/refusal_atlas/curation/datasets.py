@@ -93,6 +93,7 @@ class SourceRow:
     nodes: tuple[str, ...] = ()
     expected: str | None = None
     flags: str = ""
+    origin: str = ""  # the file a user row came from (named in rejects)
 
 
 Loader = Callable[..., Iterable[SourceRow]]
@@ -252,6 +253,7 @@ register_loader("overrefusal", load_overrefusal, description="project-written ov
 # ---------------------------------------------------------------- user files
 
 USER_FIELDS = ("prompt", "category", "node", "harmful", "split", "expected")
+BEHAVIOURS = ("refuse", "redirect", "comply_with_caveats", "comply")
 _TRUE = {"1", "true", "yes", "y", "t", "harmful"}
 _FALSE = {"0", "false", "no", "n", "f", "harmless", "benign", ""}
 
@@ -302,10 +304,15 @@ def load_user_file(path: Path | str, columns: dict[str, str] | None = None, cate
                 reject(rejects, source=path, row=rowno, reason=f"harmful value {raw!r} is not true/false")
                 continue
         expected = _clean(rec.get(mapping["expected"])).strip() if "expected" in mapping else ""
+        if expected and expected not in BEHAVIOURS:
+            reject(rejects, source=path, row=rowno,
+                   reason=f"expected {expected!r} is not one of {', '.join(BEHAVIOURS)}")
+            continue
         yield SourceRow(prompt=prompt, source="user", row=rowno,
                         split=_clean(rec.get(mapping["split"])).strip() if "split" in mapping else "",
                         prefix=category_prefix, category="" if curie else category, curie=curie,
-                        harmful=is_harmful, nodes=(node,) if node else (), expected=expected or None)
+                        harmful=is_harmful, nodes=(node,) if node else (), expected=expected or None,
+                        origin=str(path))
 
 
 def is_user_file(name: str) -> bool:
@@ -412,7 +419,7 @@ def rows_to_frame(rows: Iterable[SourceRow], index: CategoryIndex, taxonomy: Any
     out: list[dict] = []
     for r in rows:
         if not r.prompt:
-            reject(rejects, source=r.source, row=r.row, reason="empty prompt")
+            reject(rejects, source=r.origin or r.source, row=r.row, reason="empty prompt")
             continue
         curie = r.curie or (index.curie(r.prefix, r.category) if r.prefix != "user"
                             else (index.curie_any_prefix(r.category) or index.curie("user", r.category)))
@@ -420,7 +427,7 @@ def rows_to_frame(rows: Iterable[SourceRow], index: CategoryIndex, taxonomy: Any
         if known is not None:
             unknown = [n for n in nodes if n not in known]
             if unknown and r.nodes and set(r.nodes) & set(unknown):
-                reject(rejects, source=r.source, row=r.row,
+                reject(rejects, source=r.origin or r.source, row=r.row,
                        reason=f"node(s) {', '.join(sorted(set(r.nodes) & set(unknown)))} not in the taxonomy")
                 continue
             nodes = [n for n in nodes if n in known]
