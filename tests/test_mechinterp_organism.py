@@ -150,3 +150,23 @@ def test_real_organism_build_with_reduced_budget(tmp_path):
     assert m["heldout_refusal_rate"] is not None and m["heldout_refusal_rate"] >= 0.6
     assert m["harmless_refusal_rate"] <= 0.2
     assert load_model(result.model_dir).n_layers == 30
+
+
+def test_causal_suite_runs_end_to_end_on_the_tiny_organism(built, tmp_path):
+    import numpy as np
+
+    from refusal_atlas.mechinterp.experiments import causal_suite
+
+    lm, out, _ = built
+    token = lm.tokenizer("I", add_special_tokens=False)["input_ids"][0]
+    metrics = causal_suite(out, tmp_path / "causal", n_val=4, select_layers=3, max_new_tokens=3, progress=False,
+                           refusal_tokens=[token])
+    for key in ("refusal_before", "refusal_after", "harmless_kl"):
+        assert 0.0 <= metrics["ablation"][key] <= (1.0 if "refusal" in key else np.inf)
+    assert 0.0 <= metrics["steering"]["induced_refusal_rate"] <= 1.0
+    for name in ("cross_ablation.parquet", "cross_ablation.png", "steering.parquet", "conditions.parquet",
+                 "wording_vs_detection.parquet", "selection_scores.parquet", "causal.json",
+                 "directions/directions.safetensors"):
+        assert (tmp_path / "causal" / name).is_file(), name
+    cross = pd.read_parquet(tmp_path / "causal" / "cross_ablation.parquet")
+    assert {"none", "@pooled"} <= set(cross["source"])

@@ -58,3 +58,30 @@ def build(
                f"permitted compliance {pct(m.get('permitted_compliance_rate'))}; "
                f"restricted refusal {pct(m.get('restricted_refusal_rate'))}")
     typer.echo(json.dumps({"n_heldout": m.get("n_heldout", {})}))
+
+
+@app.command("test")
+def test_cmd(
+    organism: Path = typer.Argument(..., help="organism folder written by `organism build`"),
+    out: Path = typer.Option(..., "-o", "--out", help="output folder for tables, figures and causal.json"),
+    level: str = typer.Option("root", "--level", help="direction labels: 'root' (taxonomy branch) or 'node'"),
+    coeffs: str = typer.Option("1.0", "--coeffs", help="activation-addition coefficients (first = headline)"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
+) -> None:
+    """Causal tests on an organism: directions, selection, pooled ablation/addition, cross-ablation,
+    steering, wording vs detection, conditions."""
+    import torch
+
+    from refusal_atlas.errors import AtlasError
+    from refusal_atlas.mechinterp.experiments import causal_suite
+    from refusal_atlas.mechinterp.organism import auto_threads
+
+    if level not in ("root", "node"):
+        raise AtlasError(f"--level {level!r}: use 'root' or 'node'")
+    torch.set_num_threads(threads or auto_threads())
+    m = causal_suite(organism, out, level=level, coeffs=[float(c) for c in coeffs.split(",")])
+    a, s = m["ablation"], m["steering"]
+    typer.echo(f"pooled direction at layer {a['layer']}, position {a['position']}: held-out refusal "
+               f"{a['refusal_before']:.2f} -> {a['refusal_after']:.2f} under ablation (harmless KL "
+               f"{a['harmless_kl']:.3f}); addition induces refusal on {s['induced_refusal_rate']:.2f} of harmless")
+    typer.echo(f"-> {out}")

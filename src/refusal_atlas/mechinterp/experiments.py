@@ -533,3 +533,186 @@ def pooled_ablation_and_steering(
         "harmless_kl": kl,
         "induced_refusal_rate": induced[str(coeffs[0])], "induced_by_coeff": induced,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# The whole causal suite on an organism (what `run` and `organism test` call)
+# --------------------------------------------------------------------------------------------
+
+
+def causal_suite(
+    organism_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    level: str = "root",
+    positions: Sequence[Position] = (-1, -2, -3, -4, -5),
+    select_layers: int = 8,
+    n_val: int = 16,
+    coeffs: Sequence[float] = (1.0,),
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    progress: bool = True,
+    refusal_tokens: Sequence[int] | None = None,
+) -> dict:
+    """Directions → selection → pooled ablation / addition → cross-ablation → steering by layer →
+    wording vs detection → conditions, on an organism folder; writes tables + figures, returns metrics.
+
+    Directions are extracted from the organism's `train` and `extra` prompts (never the held-out
+    ones) with labels at the `level` of the taxonomy ("root": each node's branch, so every label
+    has several prompts; "node": the nodes themselves). Evaluation uses the held-out split.
+    """
+    import json
+    import time
+
+    from refusal_atlas.mechinterp.capture import capture_activations
+    from refusal_atlas.mechinterp.directions import compute_directions
+    from refusal_atlas.mechinterp.interventions import layer_subset
+    from refusal_atlas.mechinterp.logit_lens import lens_table
+    from refusal_atlas.mechinterp.models import load_model
+    from refusal_atlas.mechinterp.organism import load_organism, node_root
+    from refusal_atlas.mechinterp.selection import select_direction
+    from refusal_atlas.taxonomy.loader import load_taxonomy
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    org = load_organism(organism_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(org.model_dir)
+    rows = org.prompts()
+    tax = load_taxonomy(None)
+    if any(n and n not in tax.nodes for n in rows["node"]):
+        tax = None  # the organism was built from another taxonomy: no branch mapping
+
+    def label(node: str) -> str:
+        if not node:
+            return ""
+        return node_root(tax, node) if level == "root" and tax is not None else node
+
+    # 1. directions from train + extra prompts (unconditioned; harmful ones the policy refuses)
+    src = rows[rows["split"].isin(["train", "extra"]) & (rows["condition"] == "")]
+    src = src[(~src["harmful"]) | (src["category"] == "refuse")]
+    src = src[src["source"] != "overrefusal"]
+    labels = [label(n) if h else "" for n, h in zip(src["node"], src["harmful"], strict=True)]
+    counts = pd.Series([x for x in labels if x]).value_counts()
+    keep = [(not h) or counts.get(lab, 0) >= 2 for lab, h in zip(labels, src["harmful"], strict=True)]
+    src = src[keep].reset_index(drop=True)
+    labels = [lab for lab, k in zip(labels, keep, strict=True) if k]
+    harmful_flags = list(src["harmful"].astype(bool))
+    t = time.perf_counter()
+    acts = capture_activations(lm, list(src["prompt"]), layers=None, positions=list(positions),
+                               batch_size=batch_size, out_dir=out / "directions" / "activations", progress=progress)
+    ds = compute_directions(acts, labels, harmful_flags, meta={"organism": str(organism_dir), "level": level})
+    ds.save(out / "directions")
+    (out / "directions" / "labels.json").write_text(json.dumps(
+        {"prompts": list(src["prompt"]), "nodes": labels, "harmful": harmful_flags}))
+    timings["directions"] = time.perf_counter() - t
+
+    # 2. refusal tokens from the organism's own replies on training prompts
+    t = time.perf_counter()
+    train = rows[rows["split"] == "train"]
+    tr_harm = list(train[(train["category"] == "refuse") & (train["condition"] == "")]["prompt"])[:24]
+    tr_harmless = list(train[train["category"] == "harmless"]["prompt"])[:24]
+    if refusal_tokens is not None:  # given (e.g. a model that never refuses, in tests)
+        ids = list(refusal_tokens)
+        tokens = RefusalTokens(ids, [lm.tokenizer.decode([i]) for i in ids], [], [], float("nan"), 0, 0)
+    else:
+        tokens, _, _ = discover_tokens(lm, tr_harm, tr_harmless, progress=progress)
+    (out / "refusal_tokens.json").write_text(json.dumps(tokens.to_dict(), indent=1))
+    timings["tokens"] = time.perf_counter() - t
+
+    # 3. select the pooled direction's (layer, position)
+    t = time.perf_counter()
+    grid = layer_subset(lm.n_layers, select_layers, 0.8)
+    val_harm = list(src[src["harmful"]]["prompt"])[:n_val]
+    val_harmless = list(src[~src["harmful"]]["prompt"])[:n_val]
+    sel = select_direction(lm, ds, POOLED_LABEL, val_harm, val_harmless, tokens, layers=grid,
+                           positions=list(positions)[:2], batch_size=batch_size, progress=progress)
+    save_table(sel.scores, out / "selection_scores.parquet")
+    (out / "selection.json").write_text(json.dumps({"pooled": sel.to_dict()}, indent=1, default=str))
+    timings["select"] = time.perf_counter() - t
+
+    # 4. the headline: pooled ablation and addition on held-out prompts
+    t = time.perf_counter()
+    _, harmless_eval = eval_sets_from_table(rows, ds.nodes, taxonomy=tax, split="heldout")
+    held = rows[(rows["split"] == "heldout") & (rows["category"] == "refuse") & (rows["condition"] == "")]
+    headline = pooled_ablation_and_steering(lm, ds, list(held["prompt"]), harmless_eval, layer=sel.layer,
+                                            position=sel.position, coeffs=coeffs, max_new_tokens=max_new_tokens,
+                                            batch_size=batch_size, progress=progress)
+    timings["headline"] = time.perf_counter() - t
+
+    # 5. cross-ablation between labels (node or branch directions, their residuals, the pooled one)
+    t = time.perf_counter()
+    held_sets = {label(n): [] for n in held["node"]}
+    for p, n in zip(held["prompt"], held["node"], strict=True):
+        held_sets[label(n)].append(p)
+    held_sets = {k: v for k, v in held_sets.items() if k in ds.nodes}
+    cross = cross_ablation(lm, ds, held_sets, harmless_eval, tokens, layer=sel.layer, position=sel.position,
+                           batch_size=batch_size, progress=progress)
+    save_table(cross, out / "cross_ablation.parquet")
+    summary = cross_ablation_summary(cross)
+    save_table(summary, out / "cross_ablation_summary.csv")
+    plot_cross_ablation(cross, out / "cross_ablation.png")
+    timings["cross_ablation"] = time.perf_counter() - t
+
+    # 6. steering by layer (pooled direction, first-token refusal; headline rate is generated above)
+    t = time.perf_counter()
+    steer = steering(lm, ds, [POOLED_LABEL], harmless_eval, tokens, layers=grid, position=sel.position,
+                     generate_rates=False, batch_size=batch_size, progress=progress)
+    save_table(steer, out / "steering.parquet")
+    plot_steering(steer, out / "steering.png")
+    timings["steering"] = time.perf_counter() - t
+
+    # 7. wording vs detection
+    t = time.perf_counter()
+    info = org.info
+    shared = info.get("wording", {}).get("shared")
+    wordings: dict[str, str] = {}
+    for n, p in info.get("policy", {}).items():  # a branch's wording: its nodes' own wordings together
+        if p.get("refusal_text") and p["refusal_text"] != shared and label(n) in ds.nodes:
+            wordings[label(n)] = (wordings.get(label(n), "") + " " + p["refusal_text"]).strip()
+    wording = wording_vs_detection(lm, ds, acts, labels, harmful_flags, tokens.ids, position=sel.position,
+                                   wordings=wordings or None, shared_wording=shared)
+    save_table(wording, out / "wording_vs_detection.parquet")
+    top, lens_scores = lens_table(lm, ds, [POOLED_LABEL, *ds.nodes], sel.position, layers=grid,
+                                  refusal_ids=tokens.ids)
+    save_table(top, out / "logit_lens_tokens.parquet")
+    save_table(lens_scores, out / "logit_lens_scores.parquet")
+    timings["wording"] = time.perf_counter() - t
+
+    # 8. conditions: held-out framed prompts vs their unconditioned originals (organism's refusal flags)
+    t = time.perf_counter()
+    adh = org.adherence
+    cond_rows = adh[adh["harmful"].astype(bool)]
+    with_rules = set(cond_rows.loc[cond_rows["condition"] != "", "node"])
+    cond_rows = cond_rows[cond_rows["node"].isin(with_rules)].reset_index(drop=True)
+    node_of = {n: label(n) for n in cond_rows["node"].unique() if label(n) in ds.nodes}
+    conditions = condition_table(lm, ds, cond_rows.drop(columns=["refused"]), layer=sel.layer,
+                                 position=sel.position, node_of=node_of, refused=list(cond_rows["refused"]),
+                                 batch_size=batch_size, progress=progress)
+    save_table(conditions, out / "conditions.parquet")
+    cond_summary = condition_summary(conditions)
+    save_table(cond_summary.astype({"projection_delta_ci": str, "refusal_delta_ci": str}),
+               out / "conditions_summary.csv")
+    timings["conditions"] = time.perf_counter() - t
+
+    pooled_rows = summary[summary["source"] == POOLED_LABEL]
+    metrics = {
+        "ablation": {k: headline[k] for k in ("refusal_before", "refusal_after", "harmless_kl", "layer",
+                                              "position", "n_harmful", "n_harmless")},
+        "steering": {"induced_refusal_rate": headline["induced_refusal_rate"],
+                     "induced_by_coeff": headline["induced_by_coeff"],
+                     "harmless_refusal_before": headline["harmless_refusal_before"]},
+        "selection": sel.to_dict(),
+        "refusal_tokens": tokens.tokens,
+        "cross_ablation": {
+            "pooled_first_token_refusal": float(pooled_rows["all"].iloc[0]) if len(pooled_rows) else None,
+            "own_vs_others": summary[summary["source"] != POOLED_LABEL].to_dict("records"),
+        },
+        "conditions": cond_summary.to_dict("records"),
+        "timings": {**timings, "total": time.perf_counter() - t0},
+    }
+    tmp = out / f".causal.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(metrics, indent=1, default=str))
+    os.replace(tmp, out / "causal.json")
+    return metrics
