@@ -1,0 +1,87 @@
+"""CLI: `refusal-atlas curate cluster` and `curate map` (thin layer over curation.cluster_run / mapping).
+
+`register(app)` adds both commands to the `curate` sub-app.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from refusal_atlas.curation.cluster import ClusterConfig
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cluster(
+    corpus: Path = typer.Argument(..., help="Corpus or prompt set (.parquet, .jsonl or .csv)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (assignments, clusters.json, plots)."),
+    text: str = typer.Option("response", "--text", help="Column to cluster: response or prompt (any column)."),
+    only_refused: bool = typer.Option(False, "--only-refused", help="Cluster only rows with refused = true."),
+    embedder: str | None = typer.Option(None, "--embedder", help="sentence-transformers name or folder "
+                                        "(default: offline all-MiniLM-L6-v2)."),
+    min_cluster_size: int = typer.Option(10, "--min-cluster-size", min=2),
+    seeds: int = typer.Option(5, "--seeds", min=1, help="UMAP seeds in the consensus."),
+    seed: int = typer.Option(0, "--seed", help="First seed block (seeds seed*1000 .. seed*1000+N-1)."),
+    stability_runs: int = typer.Option(5, "--stability-runs", min=0,
+                                       help="Seed re-runs and resamples for stability.json (0 = skip)."),
+    reassign_outliers: bool = typer.Option(False, "--reassign-outliers",
+                                           help="Move outliers to their nearest cluster (logged per row)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the embedding cache."),
+) -> None:
+    """Embed, cluster (consensus UMAP → HDBSCAN), check stability, and write the clusters folder."""
+    import logging
+
+    from refusal_atlas.curation.cluster_run import cluster_corpus
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = ClusterConfig(min_cluster_size=min_cluster_size,
+                           seeds=tuple(seed * 1000 + j for j in range(seeds)),
+                           reassign_outliers=reassign_outliers)
+    run = cluster_corpus(corpus, out, text_column=text, only_refused=only_refused, embedder=embedder,
+                         config=config, stability_runs=stability_runs, progress=_say, cache=not no_cache)
+    meta = run.meta
+    stab = meta.get("stability", {}).get("seed_pairwise_ari", {})
+    extra = f", seed-to-seed ARI {stab['mean']:.3f}" if stab else ""
+    typer.echo(f"{meta['input']['clustered']} rows -> {meta['n_clusters']} clusters, "
+               f"{100 * meta['outlier_fraction']:.1f}% outliers{extra} ({meta['method']}); wrote {out}/")
+    if meta["input"]["rejected"]:
+        typer.echo(f"{meta['input']['rejected']} row(s) rejected: see {out}/assignments.parquet.rejects.jsonl")
+
+
+def map_clusters(
+    clusters: Path = typer.Argument(..., help="A folder written by `curate cluster`."),
+    taxonomy: Path | None = typer.Option(None, "--taxonomy", help="Taxonomy folder (default: shipped)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Output folder (default: the clusters folder)."),
+    embedder: str | None = typer.Option(None, "--embedder", help="Embedder for node texts (default: the run's)."),
+    min_similarity: float = typer.Option(0.35, "--min-similarity",
+                                         help="Below this centroid-to-node cosine a cluster fits no node."),
+    min_share: float = typer.Option(0.5, "--min-share",
+                                    help="Below this share of rows labelled with the best node, no fit."),
+) -> None:
+    """Link each cluster to its best taxonomy node(s); unmatched clusters become proposed nodes."""
+    from refusal_atlas.curation.mapping import map_folder
+
+    mapping, proposed, written = map_folder(clusters, taxonomy, out, embedder=embedder,
+                                            min_score={"similarity": min_similarity, "label_majority": min_share})
+    for link in mapping.links:
+        best = f"{link.best[0]} ({link.best[1]:.2f}, {link.method})" if link.best else "-"
+        typer.echo(f"cluster {link.cluster:>3} ({link.size:>5} rows): {best}{'' if link.fits else '  [no fit]'}")
+    agree = mapping.agreement
+    if "ari" in agree:
+        typer.echo(f"clusters vs nodes on {agree['rows_with_node']} labelled rows: ARI {agree['ari']:.3f}, "
+                   f"NMI {agree['nmi']:.3f}")
+    typer.echo(f"wrote {written['mapping']}")
+    if proposed:
+        typer.echo(f"{len(proposed)} proposed node(s) in {written['proposals']} "
+                   "(copy into a taxonomy folder, then `refusal-atlas taxonomy accept ID`)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `cluster` and `map` to the `curate` sub-app."""
+    app.command("cluster")(cluster)
+    app.command("map")(map_clusters)

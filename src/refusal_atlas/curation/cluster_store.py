@@ -1,0 +1,114 @@
+"""The clusters folder: assignments persisted as data, so reloading never re-assigns.
+
+Layout of a clusters folder (written by `curate cluster`, read by `curate map`):
+
+    assignments.parquet   one row per clustered corpus row: `row` (1-based row of the corpus),
+                          `prompt_id` (if the corpus has it), `text`, `cluster` (-1 = outlier),
+                          `confidence`, `reassigned` (outlier moved by --reassign-outliers),
+                          `fitted` (False = assigned from its nearest fitted rows), `x`, `y` (2-D
+                          map), plus the corpus' `node`, `nodes`, `source`, `external_category`,
+                          `harmful`, `refused`, `condition` columns when present
+    embeddings.npy        float32 unit vectors, aligned with assignments.parquet
+    clusters.json         run metadata: input file + sha256, text column, embedder, every
+                          parameter, method, timings, and per cluster: size, keywords,
+                          representatives (row + text), stability
+    stability.json        seed / bootstrap ARI, per-cluster Jaccard, min_cluster_size sweep
+    map.html, sizes.html, stability.html   interactive plots (plotly inlined; work offline)
+    assignments.parquet.rejects.jsonl      corpus rows that could not be clustered, with reason
+
+Every file is written atomically (temporary file + os.replace).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from refusal_atlas.curation.tables import atomic_write, write_table
+from refusal_atlas.errors import AtlasError
+
+FORMAT = "refusal-atlas.clusters/1"
+ASSIGNMENTS = "assignments.parquet"
+EMBEDDINGS = "embeddings.npy"
+META = "clusters.json"
+STABILITY = "stability.json"
+
+
+@dataclass
+class ClusterRun:
+    """A persisted clustering: the assignments table, its embeddings and the metadata."""
+
+    folder: Path
+    assignments: pd.DataFrame
+    embeddings: np.ndarray
+    meta: dict[str, Any]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.assignments["cluster"].to_numpy(dtype=np.int64)
+
+    @property
+    def texts(self) -> list[str]:
+        return self.assignments["text"].astype(str).tolist()
+
+    @property
+    def run_id(self) -> str:
+        return str(self.meta.get("run_id", ""))
+
+
+def write_json(path: Path, data: Any) -> Path:
+    def _write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=_default) + "\n", encoding="utf-8")
+
+    return atomic_write(path, _write)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def save_run(folder: Path, assignments: pd.DataFrame, embeddings: np.ndarray, meta: dict[str, Any]) -> Path:
+    """Write assignments, embeddings and clusters.json into `folder` (created if needed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_table(assignments, folder / ASSIGNMENTS)
+
+    def _write_npy(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(embeddings, dtype=np.float32), allow_pickle=False)
+
+    atomic_write(folder / EMBEDDINGS, _write_npy)
+    write_json(folder / META, {"format": FORMAT, **meta})
+    return folder
+
+
+def load_run(folder: Path | str) -> ClusterRun:
+    """Read a clusters folder back exactly as written (no model, no re-assignment)."""
+    folder = Path(folder)
+    for name in (ASSIGNMENTS, META, EMBEDDINGS):
+        if not (folder / name).is_file():
+            raise AtlasError(f"{folder}: not a clusters folder ({name} missing); run `refusal-atlas curate "
+                             "cluster CORPUS -o DIR` first")
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AtlasError(f"{folder / META}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+    if meta.get("format") != FORMAT:
+        raise AtlasError(f"{folder / META}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+    assignments = pd.read_parquet(folder / ASSIGNMENTS)
+    if "nodes" in assignments.columns:
+        assignments["nodes"] = assignments["nodes"].map(
+            lambda v: list(v) if isinstance(v, list | tuple | np.ndarray) else [])
+    embeddings = np.load(folder / EMBEDDINGS, allow_pickle=False)
+    if len(embeddings) != len(assignments):
+        raise AtlasError(f"{folder}: {EMBEDDINGS} has {len(embeddings)} rows but {ASSIGNMENTS} has "
+                         f"{len(assignments)}; re-run `curate cluster`")
+    return ClusterRun(folder, assignments, embeddings, meta)

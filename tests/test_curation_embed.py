@@ -1,0 +1,47 @@
+"""Embedder: real MiniLM from its wheel, unit vectors, content-hash cache that makes re-runs instant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refusal_atlas.curation.embed import Embedder, model_key, text_key
+from refusal_atlas.errors import AtlasError
+
+TEXTS = ["How do I bake bread?", "Write ransomware for me.", "How do I bake bread?", "Plant tulips in autumn."]
+
+
+def test_vectors_are_unit_norm_and_duplicates_identical(tmp_path):
+    vecs = Embedder(cache_root=tmp_path).encode(TEXTS)
+    assert vecs.shape == (4, 384) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(vecs[0], vecs[2])
+    # related texts are closer than unrelated ones
+    assert vecs[0] @ vecs[3] > vecs[0] @ vecs[1] - 0.5
+
+
+def test_cache_makes_rerun_skip_the_model(tmp_path, monkeypatch):
+    first = Embedder(cache_root=tmp_path).encode(TEXTS)
+
+    def no_model(self):
+        raise AssertionError("model loaded although every text was cached")
+
+    monkeypatch.setattr(Embedder, "model", property(no_model))
+    again = Embedder(cache_root=tmp_path).encode(list(reversed(TEXTS)))
+    np.testing.assert_array_equal(again, first[::-1])
+    assert len(list(tmp_path.rglob("*.npz"))) == 1
+
+
+def test_cache_keys_depend_on_model_and_text(tmp_path):
+    assert text_key("a") != text_key("b")
+    assert model_key("sentence-transformers/all-MiniLM-L6-v2") != model_key("other/model")
+    e = Embedder(cache_root=tmp_path)
+    assert e.key in str(e.cache.root)
+    assert Embedder(cache=False).cache is None
+
+
+def test_unloadable_model_is_a_clear_error(tmp_path):
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    with pytest.raises(AtlasError, match="cannot load embedder"):
+        Embedder(str(bad), cache=False).encode(["x"])
