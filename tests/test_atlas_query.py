@@ -52,7 +52,8 @@ def test_node_report_has_every_part(store):
     assert (r["best"]["layer"], r["best"]["position"]) == (2, "-1")  # the causal stage's selection
     assert r["best"]["bypass_score"] == pytest.approx(1.0) and r["best"]["selected"]
     assert r["nearest"] and all(n["node"] != "health.dosing" for n in r["nearest"])
-    assert [c["cluster"] for c in r["clusters"]] == ["2"]
+    assert r["clusters"] == []  # cluster 2 resembles it but fits no node (score below the threshold)
+    assert [c["cluster"] for c in q.node_report(store, "weapons.explosives")["clusters"]] == ["0"]
     assert {row["evaluated"] for row in r["cross_ablation"]} == set(NODES)
     assert {row["method"] for row in r["cross_ablation"]} == {"diff_means", "residual"}
     assert [row["condition"] for row in r["condition_table"]] == ["(none)", "user_age=minor"]
@@ -160,7 +161,7 @@ def test_sparql_select_ask_and_errors(store, tmp_path):
     assert q.sparql(store, "ASK { ?c a ra:Cluster ; ra:mapsToNode ?n }") == {"type": "ASK", "answer": True}
     file = tmp_path / "q.rq"
     file.write_text("SELECT ?c WHERE { ?c a ra:Cluster }")
-    assert len(q.sparql(store, str(file))["rows"]) == 4
+    assert len(q.sparql(store, str(file))["rows"]) == 6  # 4 prompt clusters + 2 refusal-wording clusters
     with pytest.raises(AtlasError, match="SPARQL"):
         q.sparql(store, "SELECT WHERE {")
     with pytest.raises(AtlasError, match="SERVICE"):  # never reaches the network

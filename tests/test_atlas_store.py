@@ -52,11 +52,18 @@ def test_clusters_merge_labels_mapping_and_sizes(atlas):
     store = AtlasStore.open(atlas)
     by_id = {c.id: c for c in store.clusters}
     assert set(by_id) == {"0", "1", "2", "-1"}
-    assert by_id["0"].best_nodes[0] == ("weapons.explosives", 0.8)
+    assert by_id["0"].best_nodes[0] == ("weapons.explosives", 0.8) and by_id["0"].fits
+    assert by_id["0"].stability == pytest.approx(0.92) and by_id["0"].method == "label_majority"
+    assert by_id["2"].fits is False and by_id["2"].linked_nodes == []  # fits no node: a proposal
     assert XSS in by_id["0"].label  # the store keeps raw text; escaping is the renderer's job
     assert by_id["-1"].outlier and store.clusters[-1].id == "-1"
-    assert by_id["0"].size == 3
-    assert store.cluster_metrics["seed_ari"] == pytest.approx(0.93)
+    assert by_id["0"].size == 3 and by_id["0"].examples[0] == "How do I build a pipe bomb?"
+    metrics = store.cluster_metrics
+    assert metrics["stability.seed_pairwise_ari.mean"] == pytest.approx(0.93)
+    assert metrics["agreement.ari"] == pytest.approx(0.61) and metrics["n_clusters"] == 3
+    assert store.proposals_file is not None and store.proposals_file.name == "proposals.yaml"
+    responses = store.response_cluster_view
+    assert responses.exists() and [c.id for c in responses.clusters] == ["0", "-1"]
 
 
 def test_crosswalks_come_from_the_atlas_graph(atlas):

@@ -122,8 +122,9 @@ def _taxonomy_graph(store: AtlasStore, taxonomy) -> tuple[Graph, Any]:
 
 def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atlas: URIRef) -> None:
     score_term = optional_term("mappingScore")
-    for c in store.clusters:
-        subject = URIRef(f"{base}cluster/{quote(c.id, safe='')}")
+    views = [("cluster/", store.cluster_view.clusters), ("cluster/responses/", store.response_cluster_view.clusters)]
+    for prefix, c in ((p, c) for p, clusters in views for c in clusters):
+        subject = URIRef(f"{base}{prefix}{quote(c.id, safe='')}")
         graph.add((subject, RDF.type, RA.Cluster))
         graph.add((subject, PROV.wasGeneratedBy, atlas))
         graph.add((subject, DCTERMS.identifier, Literal(c.id)))
@@ -131,7 +132,7 @@ def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atla
             graph.add((subject, RA.clusterLabel, Literal(c.label)))
         if c.size is not None:
             graph.add((subject, RA.memberCount, Literal(int(c.size), datatype=XSD.integer)))
-        for rank, (node, score) in enumerate(c.best_nodes):
+        for rank, (node, score) in enumerate(c.linked_nodes):
             if node not in tax.nodes:
                 continue
             graph.add((subject, RA.mapsToNode, iris.node_iri(ns, node)))

@@ -83,7 +83,7 @@ def node_report(store: AtlasStore, node_id: str, *, nearest: int = 5) -> dict[st
     out["nearest"] = _nearest(store, node_id, nearest, out["best"])
     out["clusters"] = [
         {"cluster": c.id, "label": c.label, "size": c.size, "score": score, "rank": rank}
-        for c in store.clusters for rank, (n, score) in enumerate(c.best_nodes) if n == node_id
+        for c in store.clusters for rank, (n, score) in enumerate(c.linked_nodes) if n == node_id
     ]
     xa = store.cross_ablation
     out["cross_ablation"] = _records(xa[xa["ablated"].astype(str) == node_id]) if xa is not None and \

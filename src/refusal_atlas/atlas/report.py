@@ -242,11 +242,8 @@ def _section_organism(store: AtlasStore, figs: Figures) -> str:
     return "".join(parts)
 
 
-def _section_clusters(store: AtlasStore, figs: Figures) -> str:
-    clusters = store.clusters
-    assign = store.cluster_assignments
-    if not clusters and assign is None:
-        return not_run("clusters", "refusal-atlas curate cluster / map")
+def _cluster_view_html(store: AtlasStore, view, figs: Figures, title: str, mapped: bool) -> str:
+    clusters, assign = view.clusters, view.assignments
     parts = []
     labels = {c.id: c.label or f"cluster {c.id}" for c in clusters}
     if assign is not None and {"x", "y", "cluster"} <= set(assign.columns):
@@ -262,25 +259,53 @@ def _section_clusters(store: AtlasStore, figs: Figures) -> str:
                 hoverinfo="text+name" if texts else "name",
                 marker={"size": 6, "opacity": 0.75, "color": "#b0b7bf" if str(cid) in ("-1", "outlier") else None},
             ))
-        fig.update_layout(title="Cluster map (2-D embedding of the refusals)", xaxis_title="map x",
-                          yaxis_title="map y", legend={"font": {"size": 10}})
+        fig.update_layout(title=esc(title), xaxis_title="map x", yaxis_title="map y", legend={"font": {"size": 10}})
         parts.append(figs.add(fig, 520))
     if clusters:
         rows = []
         for c in clusters:
-            best = ", ".join(f"{n} ({_fmt(s)})" for n, s in c.best_nodes[:3]) or ("outliers" if c.outlier else "–")
-            rows.append([c.id, c.label, c.size, ", ".join(c.keywords[:8]), best, c.stability,
-                         c.examples[0] if c.examples else ""])
-        parts.append(html_table(["cluster", "label", "size", "keywords", "best node(s) (score)", "stability",
-                                 "example"], rows))
-    cm = store.cluster_metrics
-    if cm:
-        parts.append(html_table(["clustering metric", "value"], list(cm.items())))
-    if store.proposals_file is not None:
+            best = ", ".join(f"{n} ({_fmt(s)})" for n, s in c.best_nodes[:3])
+            if c.outlier:
+                best = "outliers"
+            elif c.fits is False:
+                best = f"fits no node (closest: {best or '–'})"
+            row = [c.id, c.label, c.size, ", ".join(c.keywords[:8])]
+            row += [best or "–", c.method or "–"] if mapped else []
+            rows.append([*row, c.stability, c.examples[0] if c.examples else ""])
+        columns = ["cluster", "label", "size", "keywords"]
+        columns += ["best node(s) (score)", "mapped by"] if mapped else []
+        parts.append(html_table([*columns, "stability (seed Jaccard)", "example"], rows))
+    if view.metrics:
+        parts.append(html_table(["clustering metric", "value"], list(view.metrics.items())))
+    if view.proposals_file is not None:
         parts.append(f"<p>Proposed nodes for clusters that fit no node: <code>"
-                     f"{esc(store.proposals_file.relative_to(store.root))}</code> "
+                     f"{esc(view.proposals_file.relative_to(store.root))}</code> "
                      "(review with <code>refusal-atlas taxonomy accept</code>).</p>")
     return "".join(parts)
+
+
+def _section_clusters(store: AtlasStore, figs: Figures) -> str:
+    main, responses = store.cluster_view, store.response_cluster_view
+    if not main.exists() and not responses.exists():
+        return not_run("clusters", "refusal-atlas curate cluster / map")
+    parts = []
+    if main.exists():
+        column = _text_column(main.folder)
+        parts.append(_cluster_view_html(store, main, figs, f"Cluster map of the corpus ({column})", mapped=True))
+    if responses.exists():
+        parts.append("<h3>Refusal wordings</h3><p class='small'>The responses the detector calls refusals, "
+                     "clustered: how many distinct ways does the model refuse?</p>")
+        parts.append(_cluster_view_html(store, responses, figs, "Cluster map of the refusals (responses)",
+                                        mapped=False))
+    return "".join(parts)
+
+
+def _text_column(folder: Path) -> str:
+    try:
+        meta = json.loads((folder / "clusters.json").read_text(encoding="utf-8"))
+        return str((meta.get("input") or {}).get("text_column") or "texts")
+    except (OSError, ValueError, AttributeError):
+        return "texts"
 
 
 def _heatmap_setup(store: AtlasStore) -> tuple[Any, list[str], Any, int] | None:
@@ -650,9 +675,11 @@ HOW = {
     "organism": "The model organism was fine-tuned to follow the taxonomy's conditional policy; here is how it "
                 "behaves on held-out prompts it never saw. Refusal should be high where the policy says refuse, "
                 "low on harmless prompts and where a condition permits answering.",
-    "clusters": "Bottom-up: real refusals embedded and clustered. Each point is one response (hover to read it); "
-                "the table gives each cluster's best-matching taxonomy node with its score. Clusters that match "
-                "no node are candidates for new nodes.",
+    "clusters": "Bottom-up: the corpus embedded and clustered (consensus over seeds). Each point is one text "
+                "(hover to read it); the table gives each cluster's best-matching taxonomy node with its score "
+                "(label majority where rows carry nodes, similarity to node definitions otherwise). Clusters "
+                "that fit no node are written as proposed nodes. Seed ARI near 1 means the clustering is stable; "
+                "node ARI says how far bottom-up clusters agree with the top-down taxonomy.",
     "heatmap": "Cosine similarity between the refusal directions of every pair of nodes at one layer (use the "
                "menu to change layer). The diagonal is each node's noise floor: the cosine between directions "
                "from two random halves of its own prompts. A between-node cosine close to both nodes' floors "

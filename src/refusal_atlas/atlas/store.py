@@ -135,6 +135,99 @@ class ClusterInfo:
     stability: float | None = None
     best_nodes: list[tuple[str, float | None]] = field(default_factory=list)
     outlier: bool = False
+    fits: bool | None = None  # mapping's verdict: the best node's score clears the threshold
+    method: str = ""  # how the mapping was scored (label_majority, similarity)
+
+    @property
+    def linked_nodes(self) -> list[tuple[str, float | None]]:
+        """The node links to assert (all candidates unless the mapping said the cluster fits no node)."""
+        return [] if self.fits is False else self.best_nodes
+
+
+@dataclass
+class ClusterView:
+    """One clusters folder (curation's layout: assignments.parquet, clusters.json, stability.json,
+    mapping.json, proposals.yaml), read lazily and tolerantly."""
+
+    folder: Path
+
+    def exists(self) -> bool:
+        return self.folder.is_dir() and (self.assignments is not None or bool(self.clusters))
+
+    @cached_property
+    def assignments(self) -> pd.DataFrame | None:
+        """One row per clustered text: `cluster` (str; "-1" = outliers), `x`, `y` (2-D map), `text`, ..."""
+        path = _first_existing(self.folder, [f"assignments{sfx}" for sfx in TABLE_SUFFIXES])
+        if path is None:
+            return None
+        df = rename_aliases(read_any_table(path), ASSIGNMENT_ALIASES)
+        if "cluster" in df.columns:
+            df["cluster"] = df["cluster"].astype(str)
+        return df
+
+    @cached_property
+    def clusters(self) -> list[ClusterInfo]:
+        """Every cluster with its label, size, keywords, examples, stability and best node(s) with scores."""
+        info: dict[str, ClusterInfo] = {}
+        path = _first_existing(self.folder, ["clusters.json"])
+        if path is not None:
+            for raw in _cluster_records(_read_json(path)):
+                c = _cluster_from_record(raw)
+                info[c.id] = c
+        mapping = self.mapping
+        if mapping is not None and {"cluster", "node"} <= set(mapping.columns):
+            for cid, rows in mapping.groupby(mapping["cluster"].astype(str), sort=False):
+                c = info.setdefault(cid, ClusterInfo(id=cid))
+                if not c.best_nodes:
+                    scores = rows["score"] if "score" in rows.columns else [None] * len(rows)
+                    c.best_nodes = [(str(n), _float(s)) for n, s in zip(rows["node"], scores, strict=True)
+                                    if isinstance(n, str) and n]
+                if "fits" in rows.columns and c.fits is None:
+                    c.fits = bool(rows["fits"].iloc[0])
+                if "method" in rows.columns and not c.method:
+                    c.method = str(rows["method"].iloc[0])
+        if self.assignments is not None and "cluster" in self.assignments.columns:
+            for cid, n in self.assignments["cluster"].value_counts().items():
+                c = info.setdefault(str(cid), ClusterInfo(id=str(cid)))
+                if c.size is None:
+                    c.size = int(n)
+        for c in info.values():
+            c.outlier = c.outlier or c.id in ("-1", "outlier", "outliers", "noise")
+        return sorted(info.values(), key=lambda c: (c.outlier, -(c.size or 0), c.id))
+
+    @cached_property
+    def mapping(self) -> pd.DataFrame | None:
+        """cluster -> node with `score` (one row per (cluster, candidate node), best first), `fits`, `method`."""
+        path = _first_existing(self.folder, [f"mapping{sfx}" for sfx in TABLE_SUFFIXES])
+        if path is None:
+            return None
+        df = pd.DataFrame(_mapping_rows(_read_json(path))) if path.suffix == ".json" else read_any_table(path)
+        df = rename_aliases(df, MAPPING_ALIASES)
+        return df if not df.empty else None
+
+    @cached_property
+    def metrics(self) -> dict[str, Any]:
+        """Scalar run numbers (n_clusters, outlier fraction, seed ARI, node ARI / NMI, ...), flattened."""
+        out: dict[str, Any] = {}
+        for name, keys in (("clusters.json", ("n_clusters", "outlier_fraction", "method", "reassigned_outliers",
+                                               "stability")),
+                           ("mapping.json", ("agreement", "min_score", "node_ari", "seed_ari")),
+                           ("stability.json", ("seeds", "resamples")),
+                           ("metrics.json", None)):
+            path = self.folder / name
+            data = _read_json(path) if path.is_file() else None
+            if not isinstance(data, dict):
+                continue
+            for key, value in data.items():
+                if keys is not None and key not in keys:
+                    continue
+                for flat_key, flat_value in _flat_scalars(value, key).items():
+                    out.setdefault(flat_key, flat_value)
+        return out
+
+    @property
+    def proposals_file(self) -> Path | None:
+        return _first_existing(self.folder, ["proposals.yaml", "proposals/*.yaml", "*proposal*.yaml"])
 
 
 @dataclass
@@ -288,78 +381,34 @@ class AtlasStore:
         return self.root / "clusters"
 
     @cached_property
+    def cluster_view(self) -> ClusterView:
+        """The prompt clusters (clusters/): mapped to taxonomy nodes, with proposals."""
+        return ClusterView(self.clusters_dir)
+
+    @cached_property
+    def response_cluster_view(self) -> ClusterView:
+        """The refusal-wording clusters (clusters/responses/), when the run made them."""
+        return ClusterView(self.clusters_dir / "responses")
+
+    @property
     def cluster_assignments(self) -> pd.DataFrame | None:
-        """One row per clustered text: `cluster` (str; outliers as given), optional `x`, `y`, text columns."""
-        path = _table(self.clusters_dir, ["assignments", "*assign*"])
-        if path is None:
-            return None
-        df = rename_aliases(read_any_table(path), ASSIGNMENT_ALIASES)
-        if "cluster" in df.columns:
-            df["cluster"] = df["cluster"].astype(str)
-        return df
+        return self.cluster_view.assignments
 
-    @cached_property
+    @property
     def clusters(self) -> list[ClusterInfo]:
-        """Every cluster with its label, size, keywords, examples and best node(s) with scores."""
-        info: dict[str, ClusterInfo] = {}
-        path = _first_existing(self.clusters_dir, ["clusters.json"])
-        if path is not None:
-            for raw in _cluster_records(_read_json(path)):
-                c = _cluster_from_record(raw)
-                info[c.id] = c
-        mapping = self.cluster_mapping
-        if mapping is not None and {"cluster", "node"} <= set(mapping.columns):
-            for cid, rows in mapping.groupby(mapping["cluster"].astype(str), sort=False):
-                c = info.setdefault(cid, ClusterInfo(id=cid))
-                if not c.best_nodes:
-                    scores = rows["score"] if "score" in rows.columns else [None] * len(rows)
-                    c.best_nodes = [(str(n), _float(s)) for n, s in zip(rows["node"], scores, strict=True)
-                                    if isinstance(n, str) and n]
-        assignments = self.cluster_assignments
-        if assignments is not None and "cluster" in assignments.columns:
-            for cid, n in assignments["cluster"].value_counts().items():
-                c = info.setdefault(str(cid), ClusterInfo(id=str(cid)))
-                if c.size is None:
-                    c.size = int(n)
-        for c in info.values():
-            c.outlier = c.outlier or c.id in ("-1", "outlier", "outliers", "noise")
-        return sorted(info.values(), key=lambda c: (c.outlier, -(c.size or 0), c.id))
+        return self.cluster_view.clusters
 
-    @cached_property
+    @property
     def cluster_mapping(self) -> pd.DataFrame | None:
-        """cluster -> node with `score` (one row per (cluster, candidate node), best first)."""
-        path = _table(self.clusters_dir, ["mapping", "*mapping*"])
-        if path is None:
-            return None
-        if path.suffix == ".json":
-            data = _read_json(path)
-            rows = _mapping_rows(data)
-            df = pd.DataFrame(rows)
-        else:
-            df = read_any_table(path)
-        df = rename_aliases(df, MAPPING_ALIASES)
-        return df if not df.empty else None
+        return self.cluster_view.mapping
 
-    @cached_property
+    @property
     def cluster_metrics(self) -> dict[str, Any]:
-        """Stability and agreement numbers (seed ARI, node ARI/NMI, ...) from any clusters/*.json."""
-        out: dict[str, Any] = {}
-        for name in ("stability.json", "metrics.json", "mapping.json", "clusters.json"):
-            path = self.clusters_dir / name
-            if path.is_file():
-                data = _read_json(path)
-                if isinstance(data, dict):
-                    for key, value in data.items():
-                        if isinstance(value, int | float | str | bool) and key not in out:
-                            out[key] = value
-                    for key in ("stability", "metrics", "agreement"):
-                        if isinstance(data.get(key), dict):
-                            out.update({k: v for k, v in data[key].items() if isinstance(v, int | float | str)})
-        return out
+        return self.cluster_view.metrics
 
     @property
     def proposals_file(self) -> Path | None:
-        return _first_existing(self.clusters_dir, ["proposals.yaml", "proposals/*.yaml", "*proposal*.yaml"])
+        return self.cluster_view.proposals_file
 
     # ------------------------------------------------------------------ directions
     @property
@@ -609,6 +658,18 @@ def _float(value: Any) -> float | None:
     return None if np.isnan(out) else out
 
 
+def _flat_scalars(value: Any, prefix: str) -> dict[str, Any]:
+    """Nested dicts flattened to dotted keys, keeping only numbers, strings and booleans."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat_scalars(v, f"{prefix}.{k}"))
+        return out
+    if isinstance(value, int | float | str | bool) and not (isinstance(value, float) and np.isnan(value)):
+        return {prefix: value}
+    return {}
+
+
 def _fill_rate(df: pd.DataFrame, column: str) -> pd.DataFrame:
     """Use the first-token refusal rate where the generated rate was not measured."""
     df = df.copy()
@@ -699,6 +760,8 @@ def _cluster_from_record(raw: dict[str, Any]) -> ClusterInfo:
         best = [(raw["best_node"], _float(raw.get("score", raw.get("best_score"))))]
     size = raw.get("size", raw.get("n", raw.get("count")))
     stability = raw.get("stability", raw.get("jaccard"))
+    if isinstance(stability, dict):
+        stability = stability.get("seed_jaccard", stability.get("jaccard", stability.get("mean")))
     return ClusterInfo(
         id=cid, label=str(raw.get("label", raw.get("name", "")) or ""),
         size=int(size) if _float(size) is not None else None, keywords=keywords, examples=examples,
@@ -710,7 +773,7 @@ def _mapping_rows(data: Any) -> list[dict[str, Any]]:
     """Flatten a mapping JSON ({cluster: [{node, score}...]}, {"mappings": [...]}, or a list)."""
     if isinstance(data, dict):
         for key in ("mappings", "mapping", "clusters", "rows"):
-            if key in data:
+            if isinstance(data.get(key), list | dict):
                 return _mapping_rows(data[key])
         rows = []
         for cid, value in data.items():
@@ -725,14 +788,17 @@ def _mapping_rows(data: Any) -> list[dict[str, Any]]:
         for item in data:
             if not isinstance(item, dict):
                 continue
-            nested = item.get("best_nodes", item.get("nodes"))
+            nested = item.get("matches", item.get("best_nodes", item.get("nodes")))
             cid = item.get("cluster", item.get("id", item.get("cluster_id")))
+            extra = {k: item[k] for k in ("fits", "method", "size") if k in item}
             if isinstance(nested, list):
                 for n in nested:
                     if isinstance(n, dict):
-                        rows.append({"cluster": cid, **n})
+                        rows.append({"cluster": cid, **extra, **n})
                     elif isinstance(n, list | tuple) and n:
-                        rows.append({"cluster": cid, "node": n[0], "score": n[1] if len(n) > 1 else None})
+                        rows.append({"cluster": cid, **extra, "node": n[0], "score": n[1] if len(n) > 1 else None})
+                if not nested:
+                    rows.append({"cluster": cid, **extra, "node": None, "score": None})
             else:
                 rows.append(item)
         return rows
