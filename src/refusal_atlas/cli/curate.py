@@ -2,7 +2,7 @@
 
 `prompts` builds a prompt table, `collect` generates responses (resumable), `detect` adds refusal
 labels, `detect-eval` measures the detectors against pyrit's human labels, `sets` lists the prompt
-sources. `cluster` and `map` come from `cli/curate_cluster.py` when it is installed.
+sources. `cluster` and `map` come from `cli/curate_cluster.py`.
 Inputs and outputs are CSV, JSONL or Parquet by extension; bad rows go to `<out>.rejects.jsonl`.
 """
 
@@ -202,9 +202,7 @@ def detect_eval_cmd(
     print(text)
 
 
-try:  # `cluster` and `map` live in their own module (another area); mount them when present.
-    from refusal_atlas.cli.curate_cluster import register as _register_cluster
-except ImportError:  # pragma: no cover - only while that module has not landed
-    _register_cluster = None
-if _register_cluster is not None:
-    _register_cluster(app)
+# `cluster` and `map` live in their own module (the clustering area) and are mounted here.
+from refusal_atlas.cli.curate_cluster import register as _register_cluster  # noqa: E402
+
+_register_cluster(app)
