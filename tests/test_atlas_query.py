@@ -189,6 +189,7 @@ def test_cli_tables_render_text_without_markup(app, atlas):
     res = CliRunner().invoke(app, ["query", "node", "weapons.explosives", "--atlas", str(atlas)])
     assert res.exit_code == 0, res.output
     assert "nearest nodes" in res.output and "directions (diff_means)" in res.output
+    assert "last_instruction" in res.output  # one column per token position
     assert "<script>alert(1)</script>" in res.output  # a cluster label shown verbatim, not as rich markup
     res = CliRunner().invoke(app, ["query", "source", "llamaguard3:S9", "--atlas", str(atlas)])
     assert res.exit_code == 0 and "weapons.cbrn" in res.output

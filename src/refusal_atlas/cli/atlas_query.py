@@ -66,10 +66,22 @@ def show_node(report: dict[str, Any], console: Console) -> None:
     if dirs is None:
         console.print("directions: not run")
     else:
-        console.print(_table("directions (diff_means) per layer and position",
-                             ["layer", "position", "norm", "noise floor", "reliability", "auroc"],
-                             [[d["layer"], d["position"], d.get("norm"), d.get("noise_floor"),
-                               d.get("reliability"), d.get("auroc")] for d in dirs]))
+        positions = list(dict.fromkeys(d["position"] for d in dirs))
+        by_layer: dict[int, dict[str, dict]] = {}
+        for d in dirs:
+            by_layer.setdefault(d["layer"], {})[d["position"]] = d
+
+        def cell(d: dict | None) -> str:
+            if not d:
+                return "–"
+            auroc = f" auc {_fmt(d.get('auroc'), 2)}" if d.get("auroc") is not None else ""
+            rel, floor, norm = _fmt(d.get("reliability"), 2), _fmt(d.get("noise_floor"), 2), _fmt(d.get("norm"), 1)
+            return f"{rel} / {floor} |{norm}|{auroc}"
+
+        console.print(_table("directions (diff_means): reliability / noise floor |norm| AUROC, by layer and position",
+                             ["layer", *positions],
+                             [[layer, *[cell(row.get(p)) for p in positions]]
+                              for layer, row in sorted(by_layer.items())]))
         best = report.get("best")
         if best:
             console.print(Text(f"best: layer {best['layer']} position {best['position']} "
