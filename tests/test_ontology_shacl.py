@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from rdflib import OWL, RDF, SKOS, XSD, BNode, Graph, Literal, URIRef
+from rdflib import OWL, RDF, SKOS, BNode, Graph, Literal, URIRef
 from rdflib.namespace import DCTERMS, SH, VANN
 
 from refusal_atlas.ontology.directions import add_direction
@@ -17,6 +17,7 @@ from refusal_atlas.taxonomy.conditions import load_conditions
 from refusal_atlas.taxonomy.model import Behaviour, ConditionRule, Node, Taxonomy
 
 NS = "https://w3id.org/refusal-atlas/taxonomy/"
+INTEGER = URIRef("http://www.w3.org/2001/XMLSchema#integer")  # not rdflib.XSD: pytest probes module globals
 ROOT, CHILD = URIRef(NS + "weapons"), URIRef(NS + "weapons.explosives")
 RULE = URIRef(NS + "weapons.explosives/rule/1")
 SCHEME = URIRef(NS.rstrip("/"))
@@ -43,7 +44,7 @@ def base_graph() -> Graph:
     cluster = URIRef("urn:test:cluster/1")
     graph.add((cluster, RDF.type, RA.Cluster))
     graph.add((cluster, RA.mapsToNode, CHILD))
-    graph.add((cluster, RA.memberCount, Literal(7, datatype=XSD.integer)))
+    graph.add((cluster, RA.memberCount, Literal(7, datatype=INTEGER)))
     return graph
 
 
@@ -133,7 +134,7 @@ VIOLATIONS: list[tuple[str, Callable[[Graph], None], str]] = [
     ("rule-two-behaviours", _add((RULE, RA.expectedBehaviour, RA.Comply)), "exactly one ra:expectedBehaviour"),
     ("rule-no-context", _remove(RULE, DPV.hasContext), "at least one dpv:hasContext"),
     ("rule-literal-context", _set(RULE, DPV.hasContext, Literal("user_age=minor")), "dpv:hasContext"),
-    ("rule-index-zero", _set(RULE, RA.ruleIndex, Literal(0, datatype=XSD.integer)), "ra:ruleIndex"),
+    ("rule-index-zero", _set(RULE, RA.ruleIndex, Literal(0, datatype=INTEGER)), "ra:ruleIndex"),
     ("rule-two-rationales", _add((RULE, RA.rationale, Literal("Other.", lang="en"))), "ra:rationale"),
     ("rule-type-mismatch", lambda g: (g.remove((RULE, RDF.type, DPV.Prohibition)),
                                       g.add((RULE, RDF.type, DPV.Permission))), "DPV rule type must agree"),
@@ -147,7 +148,7 @@ VIOLATIONS: list[tuple[str, Callable[[Graph], None], str]] = [
     # crosswalk targets
     ("external-no-notation", _remove(EXTERNAL, SKOS.notation), "external category needs exactly one"),
     # refusal directions
-    ("direction-negative-layer", _direction_set(RA.layer, Literal(-1, datatype=XSD.integer)), "ra:layer"),
+    ("direction-negative-layer", _direction_set(RA.layer, Literal(-1, datatype=INTEGER)), "ra:layer"),
     ("direction-layer-string", _direction_set(RA.layer, Literal("3")), "ra:layer"),
     ("direction-bad-sha", _direction_set(RA.sha256, Literal("ABC")), "ra:sha256"),
     ("direction-no-node", _direction_remove(RA.forNode), "ra:forNode"),
@@ -156,10 +157,10 @@ VIOLATIONS: list[tuple[str, Callable[[Graph], None], str]] = [
     ("direction-no-position", _direction_remove(RA.position), "ra:position"),
     ("direction-no-method", _direction_remove(RA.method), "ra:method"),
     ("direction-no-file", _direction_remove(RA.artefactFile), "ra:artefactFile"),
-    ("direction-prompt-count", _direction_set(RA.promptCount, Literal(-2, datatype=XSD.integer)), "ra:promptCount"),
+    ("direction-prompt-count", _direction_set(RA.promptCount, Literal(-2, datatype=INTEGER)), "ra:promptCount"),
     # clusters
     ("cluster-negative-count", _set(URIRef("urn:test:cluster/1"), RA.memberCount,
-                                    Literal(-1, datatype=XSD.integer)), "ra:memberCount"),
+                                    Literal(-1, datatype=INTEGER)), "ra:memberCount"),
     ("cluster-maps-to-non-concept", _set(URIRef("urn:test:cluster/1"), RA.mapsToNode, OTHER), "ra:mapsToNode"),
     # what SHACL cannot say (Python checks)
     ("broader-cycle", _add((ROOT, SKOS.broader, CHILD)), "cycle"),
