@@ -143,18 +143,20 @@ def _styled(key: str, value: Any) -> Any:
 
 
 def _update_scheme(docs: dict[str, Any], scheme: Scheme) -> None:
-    new = {k: v for k, v in scheme.model_dump(mode="json").items() if v is not None}
+    """Update the scheme mapping in place; keys a file leaves at their default stay left out."""
+    values = {k: v for k, v in scheme.model_dump(mode="json").items() if v is not None}
+    defaults = Scheme().model_dump(mode="json")
     for data in docs.values():
-        if isinstance(data.get("scheme"), CommentedMap):
-            merge_mapping(data["scheme"], new, tuple(Scheme.model_fields))
+        current = data.get("scheme")
+        if isinstance(current, CommentedMap):
+            new = {k: v for k, v in values.items() if k in current or v != defaults.get(k)}
+            merge_mapping(current, new, tuple(Scheme.model_fields))
             return
     doc = CommentedMap()
-    doc["scheme"] = CommentedMap(new)
-    docs[SCHEME_FILE] = doc
-    # keep the scheme file first, as the loader's sorted order expects
+    doc["scheme"] = CommentedMap(values)
     docs_items = list(docs.items())
     docs.clear()
-    docs[SCHEME_FILE] = doc
+    docs[SCHEME_FILE] = doc  # first, as the loader reads files in sorted order
     docs.update({k: v for k, v in docs_items if k != SCHEME_FILE})
 
 
