@@ -164,7 +164,7 @@ def cluster_corpus(corpus: Path | str, out_dir: Path | str, *, text_column: str 
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "input": {"path": str(corpus), "sha256": digest, "rows": sel.n_input, "text_column": text_column,
                   "only_refused": only_refused, "clustered": len(sel.texts), "rejected": len(rejects),
-                  "filtered_out": sel.n_input - len(sel.frame) - len(read_rejects) if only_refused else 0},
+                  "filtered_out": sel.n_input - len(sel.frame) - len(sel.rejects)},
         "embedder": emb.describe(),
         "config": config.to_dict(),
         "method": result.method,

