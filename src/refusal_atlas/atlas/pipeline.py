@@ -252,8 +252,7 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
     train = prompts[prompts["run_split"] == "train"]
     harmful = train[train["harmful"] & (train["condition"] == "") & (train["expected"] == "refuse")
                     & train["analysis_node"].isin(nodes)]
-    harmful = (harmful.groupby("analysis_node", group_keys=False)
-               .apply(lambda g: g.sample(n=min(len(g), sizes["per_node_train"]), random_state=cfg.seed)))
+    harmful = harmful.sample(frac=1.0, random_state=cfg.seed).groupby("analysis_node").head(sizes["per_node_train"])
     harmless = train[~train["harmful"] & (train["source"] == "harmless")]
     harmless = harmless.sample(n=min(len(harmless), sizes["harmless_train"]), random_state=cfg.seed)
     table = pd.concat([harmful, harmless], ignore_index=True)

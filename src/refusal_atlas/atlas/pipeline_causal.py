@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from refusal_atlas.atlas.stages import StageContext, write_json_atomic
+from refusal_atlas.errors import AtlasError
 
 REFUSAL_POSITION = -1
 
@@ -67,7 +68,13 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     progress = cfg.progress
 
     # Refusal-opening tokens, discovered from the model's own generations on held-out prompts.
-    tokens, refused_h, refused_hl = discover_tokens(lm, harmful_all, harmless, max_new_tokens=12, progress=progress)
+    try:
+        tokens, refused_h, refused_hl = discover_tokens(lm, harmful_all, harmless, max_new_tokens=12,
+                                                        progress=progress)
+    except AtlasError as exc:  # a model that never refuses has nothing to ablate: say so, keep the atlas
+        ctx.console.print(f"[yellow]causal tests skipped: {exc}[/yellow]")
+        write_json_atomic(out / "skipped.json", {"reason": str(exc)})
+        return {"skipped": str(exc)}
     write_json_atomic(out / "refusal_tokens.json", tokens.to_dict())
 
     # Layer: direction selection on the pooled direction over a few candidate layers.
@@ -97,8 +104,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     cond_summary: dict[str, Any] = {}
     if len(conditioned):
         per_node_cap = 24 if cfg.quick else 60
-        rows = (conditioned.groupby("analysis_node", group_keys=False)
-                .apply(lambda g: g.sample(n=min(per_node_cap, len(g)), random_state=cfg.seed)))
+        rows = conditioned.sample(frac=1.0, random_state=cfg.seed).groupby("analysis_node").head(per_node_cap)
         rows = rows.assign(node=rows["analysis_node"])
         table = condition_table(lm, ds, rows[["prompt", "node", "condition", "expected"]], layer=layer,
                                 position=REFUSAL_POSITION, batch_size=cfg.batch_size, progress=progress,
