@@ -137,3 +137,12 @@ def test_activations_roundtrip_and_lookup(tmp_path):
         back.at(0, -1)
     with pytest.raises(AtlasError, match="out of range"):
         capture_activations(lm, INSTRUCTIONS[:1], [9], progress=False)
+
+
+def test_position_order_is_the_requested_order():
+    lm = tiny_model("llama")
+    a = capture_activations(lm, INSTRUCTIONS[:3], [1, 2], [-1, MEAN_INSTRUCTION, -3, LAST_INSTRUCTION],
+                            batch_size=2, progress=False)
+    b = capture_activations(lm, INSTRUCTIONS[:3], [1, 2], [LAST_INSTRUCTION, -3, MEAN_INSTRUCTION, -1],
+                            batch_size=3, progress=False)
+    assert torch.allclose(a.acts, b.acts[:, :, [3, 2, 1, 0]], atol=1e-6)

@@ -157,7 +157,8 @@ class _Capturer:
         self.buffer: Tensor | None = None
         self.index: Tensor | None = None
         self.weights: Tensor | None = None
-        self.order: list[int] = []
+        self.point_slots: list[int] = []
+        self.mean_slot = -1
         self.handles: list = []
 
     def __enter__(self) -> _Capturer:
@@ -176,17 +177,13 @@ class _Capturer:
     def _hook(self, j: int):
         def hook(module, args, output):
             hidden = hidden_from_output(output)
-            b, _, d = hidden.shape
             out = self.buffer[:, j]  # [B, n_pos, d]
             if self.index.shape[1]:
-                idx = self.index.unsqueeze(-1).expand(b, self.index.shape[1], d)
-                point = hidden.gather(1, idx).float()
-                for k, col in enumerate(self.order):
-                    if col >= 0:
-                        out[:, k] = point[:, col]
+                b, n_point = self.index.shape
+                idx = self.index.unsqueeze(-1).expand(b, n_point, hidden.shape[-1])
+                out[:, self.point_slots] = hidden.gather(1, idx).float()
             if self.weights is not None:
-                k = self.order.index(-1)
-                out[:, k] = torch.bmm(self.weights.unsqueeze(1), hidden.float()).squeeze(1)
+                out[:, self.mean_slot] = torch.bmm(self.weights.unsqueeze(1), hidden.float()).squeeze(1)
             if self.layers[j] == self.last:
                 raise _StopForward
 
@@ -195,7 +192,11 @@ class _Capturer:
     def run(self, model: torch.nn.Module, prompts: Sequence[PromptTokens], pad_id: int, use_pos: bool) -> Tensor:
         inputs = left_pad([p.input_ids for p in prompts], pad_id)
         width = inputs["input_ids"].shape[1]
-        self.index, self.weights, self.order = gather_plan(prompts, width, self.positions)
+        self.index, self.weights, order = gather_plan(prompts, width, self.positions)
+        # output slots of the gathered (point) positions, in gather order, and of the mean
+        point = sorted((c, k) for k, c in enumerate(order) if c >= 0)
+        self.point_slots = [k for _, k in point]
+        self.mean_slot = order.index(-1) if -1 in order else -1
         device = next(model.parameters()).device
         self.index = self.index.to(device)
         if self.weights is not None:
