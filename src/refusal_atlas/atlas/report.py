@@ -275,8 +275,10 @@ def _cluster_view_html(store: AtlasStore, view, figs: Figures, title: str, mappe
         columns = ["cluster", "label", "size", "keywords"]
         columns += ["best node(s) (score)", "mapped by"] if mapped else []
         parts.append(html_table([*columns, "stability (seed Jaccard)", "example"], rows))
-    if view.metrics:
-        parts.append(html_table(["clustering metric", "value"], list(view.metrics.items())))
+    shown = {k: v for k, v in view.metrics.items()
+             if not k.endswith((".min", ".max", ".pairs")) and not k.startswith("stability.")}
+    if shown:
+        parts.append(html_table(["clustering metric", "value"], list(shown.items())))
     if view.proposals_file is not None:
         parts.append(f"<p>Proposed nodes for clusters that fit no node: <code>"
                      f"{esc(view.proposals_file.relative_to(store.root))}</code> "
