@@ -56,12 +56,14 @@ class RunConfig:
     def sizes(self) -> dict[str, int]:
         """Per-stage budgets; `quick` keeps CI to a few minutes."""
         if self.quick:
-            return {"per_node_train": 10, "per_node_eval": 6, "harmless_train": 40, "harmless_eval": 16,
-                    "max_nodes": self.max_nodes or 4, "collect_limit": 120, "max_new_tokens": 16,
-                    "cluster_seeds": 3}
-        return {"per_node_train": 32, "per_node_eval": 16, "harmless_train": 128, "harmless_eval": 48,
-                "max_nodes": self.max_nodes or 10, "collect_limit": 600, "max_new_tokens": self.max_new_tokens,
-                "cluster_seeds": 5}
+            sizes = {"per_node_train": 10, "per_node_eval": 6, "harmless_train": 40, "harmless_eval": 16,
+                     "max_nodes": self.max_nodes or 4, "collect_limit": 120, "max_new_tokens": 16,
+                     "cluster_seeds": 3}
+        else:
+            sizes = {"per_node_train": 32, "per_node_eval": 16, "harmless_train": 128, "harmless_eval": 48,
+                     "max_nodes": self.max_nodes or 10, "collect_limit": 600, "max_new_tokens": self.max_new_tokens,
+                     "cluster_seeds": 5}
+        return {**sizes, **self.extra.get("sizes", {})}
 
 
 def _taxonomy(cfg: RunConfig):
@@ -154,6 +156,10 @@ def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict:
     from refusal_atlas.mechinterp.organism import OrganismSettings, build_organism
 
     settings = OrganismSettings.quick() if cfg.quick else OrganismSettings()
+    if cfg.extra.get("organism"):
+        from dataclasses import replace
+
+        settings = replace(settings, **cfg.extra["organism"])
     result = build_organism(_taxonomy(cfg), base=cfg.model, seed=cfg.seed, out_dir=ctx.out / "organism",
                             settings=settings, progress=cfg.progress)
     m = result.metrics
@@ -349,7 +355,7 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     from refusal_atlas.taxonomy.loader import taxonomy_hash
 
     tax_key = taxonomy_hash(_taxonomy(cfg))
-    base = {"taxonomy": tax_key, "seed": cfg.seed, "quick": cfg.quick}
+    base = {"taxonomy": tax_key, "seed": cfg.seed, "quick": cfg.quick, "extra": cfg.extra}
     model_key = {"model": cfg.model, "organism": cfg.build_organism}
 
     def add(name: str, fn, depends: tuple[str, ...], outputs: tuple[str, ...], enabled: bool = True, **params):
@@ -393,6 +399,10 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict:
     }
     write_json_atomic(cfg.out / "manifest.json", manifest)
     write_json_atomic(cfg.out / "metrics.json", metrics)
+    if "atlas" in records and not records["atlas"].cached:  # the report's provenance section reads the manifest
+        from refusal_atlas.atlas.report import build_report
+
+        build_report(cfg.out)
     return {"metrics": metrics, "manifest": manifest}
 
 

@@ -1,0 +1,80 @@
+"""The whole `run` pipeline on a tiny random Llama turned into a (tiny) organism: every stage, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from refusal_atlas.atlas.pipeline import RunConfig, analysis_nodes, assign_analysis_nodes, run
+from refusal_atlas.taxonomy.loader import load_taxonomy
+from refusal_atlas.testing import tiny_model
+
+CONTRACT_KEYS = {
+    "organism": ["heldout_refusal_rate", "harmless_refusal_rate", "permitted_compliance_rate"],
+    "detector": ["f1"],
+    "clusters": ["seed_ari", "node_ari"],
+    "directions": ["median_noise_floor"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", n_layers=4, d_model=64)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("atlas")
+    cfg = RunConfig(model=str(tiny_folder), out=out, quick=True, organism=True, progress=False,
+                    sets=("harmless", "overrefusal", "taxonomy"), min_prompts=4,
+                    extra={"sizes": {"collect_limit": 60, "max_new_tokens": 8, "per_node_eval": 4,
+                                     "harmless_eval": 8, "max_nodes": 3, "cluster_seeds": 2},
+                           "organism": {"max_nodes": 6, "epochs": 1}})
+    return cfg, run(cfg)
+
+
+def test_every_stage_writes_its_files(finished):
+    cfg, _ = finished
+    out = cfg.out
+    for name in ("taxonomy.ttl", "prompts.parquet", "organism/organism.json", "responses.parquet", "corpus.parquet",
+                 "clusters/clusters.json", "directions/directions.json", "overlap/overlap.graphml", "atlas.ttl",
+                 "report.html", "manifest.json", "metrics.json"):
+        assert (out / name).exists(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["stages"]) >= {"taxonomy", "ontology", "prompts", "organism", "collect", "detect", "cluster",
+                                       "directions", "overlap", "causal", "atlas"}
+    assert manifest["versions"]["torch"] != "absent"
+
+
+def test_metrics_carry_the_contract_keys(finished):
+    cfg, _ = finished
+    metrics = json.loads((cfg.out / "metrics.json").read_text())
+    for group, keys in CONTRACT_KEYS.items():
+        for key in keys:
+            assert key in metrics[group], f"{group}.{key}"
+    assert 0.0 <= metrics["detector"]["f1"] <= 1.0
+    assert len(metrics["directions"]["nodes"]) >= 2
+
+
+def test_rerun_resumes_every_stage_from_cache(finished):
+    cfg, _ = finished
+    again = run(cfg)
+    stages = again["manifest"]["stages"]
+    assert all(s["cached"] for s in stages.values()), stages
+
+
+def test_analysis_nodes_roll_prompts_up_to_their_branch():
+    tax = load_taxonomy()
+    df = pd.DataFrame({"node": ["weapons.explosives.synthesis", "cyber.malware", "", "weapons"],
+                       "harmful": [True, True, False, True]})
+    rolled = assign_analysis_nodes(df, tax)
+    assert rolled["analysis_node"].tolist() == ["weapons", "cyber", "", "weapons"]
+    frame = rolled.assign(condition="", expected="refuse", run_split="train")
+    assert analysis_nodes(frame, RunConfig(min_prompts=2)) == ["weapons"]
