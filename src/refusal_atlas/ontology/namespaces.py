@@ -158,10 +158,13 @@ class RA(DefinedNamespace):
     induceScore: URIRef
     klDivergence: URIRef
     cosine: URIRef
+    norm: URIRef
+    reliability: URIRef
     # clusters (curation)
     clusterLabel: URIRef
     memberCount: URIRef
     mapsToNode: URIRef
+    mappingScore: URIRef
 
 
 RAC = Namespace(CONDITION_IRI)
