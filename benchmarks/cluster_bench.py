@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS_PATH = ROOT.parent / "shared" / "benchmarks" / "cluster_peers.py"
 RESULTS = ROOT / "benchmarks" / "results"
 PIPELINES = ("ours", "bertopic", "plain")
+VARIANTS = {"ours_frac": {"min_cluster_fraction": 0.01}}  # extra configurations of ours, run with --add
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,12 +66,12 @@ def load_records(cp) -> list[dict]:
 # --------------------------------------------------------------------------- worker
 
 
-def fit_ours(docs: list[str], embeddings, seed: int):
+def fit_ours(docs: list[str], embeddings, seed: int, **overrides):
     import numpy as np
 
     from refusal_atlas.curation.cluster import ClusterConfig, ClusterPipeline
 
-    config = ClusterConfig(layout_2d=False).with_seed_base(seed)
+    config = ClusterConfig(layout_2d=False, **overrides).with_seed_base(seed)
     return np.asarray(ClusterPipeline(config).fit(embeddings, docs).labels)
 
 
@@ -94,6 +95,8 @@ def worker(spec_path: str) -> None:
             t = time.perf_counter()
             if spec["pipeline"] == "ours":
                 labels = fit_ours(docs, emb, run["seed"])
+            elif spec["pipeline"] in VARIANTS:
+                labels = fit_ours(docs, emb, run["seed"], **VARIANTS[spec["pipeline"]])
             else:
                 labels = cp.fit_once(spec["pipeline"], docs, emb, run["seed"])
             elapsed = time.perf_counter() - t
@@ -154,30 +157,36 @@ def run_benchmark(args) -> dict:
                   "fit_s excludes embedding (precomputed, shared by all pipelines); first fit in each process "
                   "carries numba JIT and is reported apart as warmup"]}}
     results["embedding"] = embed_sets(sets, workdir)
-    pooled_docs, pooled_emb = str(workdir / "pooled.json"), str(workdir / "pooled.npy")
 
     results["pooled"] = {}
-    labels_by: dict[str, list] = {}
-    for p in PIPELINES:
+    if args.synthetic_n:
+        results["synthetic"] = {"n_docs": len(sets["synthetic"]),
+                                "n_unique_texts": len({r["text"] for r in sets["synthetic"]})}
+    measure(cp, args, workdir, records, sets.get("synthetic"), PIPELINES, results)
+    results["workdir"] = str(workdir)
+    return results
+
+
+def measure(cp, args, workdir: Path, records: list[dict], synth: list[dict] | None, pipelines, results: dict) -> None:
+    """Pooled seed runs and (if built) the templated set, one fresh process per pipeline and set."""
+    pooled_docs, pooled_emb = str(workdir / "pooled.json"), str(workdir / "pooled.npy")
+    for p in pipelines:
         runs = [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": args.seeds[0], "tag": "warmup"}]
         runs += [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": s, "tag": f"seed_{s}"} for s in args.seeds]
         res = launch(workdir, f"pooled_{p}", pipeline=p, runs=runs)
         by_tag = {r["tag"]: r for r in res["runs"]}
         tags = [f"seed_{s}" for s in args.seeds]
         sets_ = [by_tag[t]["labels"] for t in tags]
-        labels_by[p] = sets_
         summary = cp.summarize([cp.score_run(by_tag[t], records) for t in tags], sets_)
         summary["warmup_fit_s"] = by_tag["warmup"]["fit_s"]
         summary["process_max_rss_mib"] = res["max_rss_mib"]
         summary["determinism_same_seed_ari"] = cp.pairwise_ari([by_tag["warmup"]["labels"], sets_[0]])["mean"]
         results["pooled"][p] = summary
 
-    if args.synthetic_n:
-        synth = sets["synthetic"]
+    if synth is not None:
         synth_docs, synth_emb = str(workdir / "synthetic.json"), str(workdir / "synthetic.npy")
-        results["synthetic"] = {"n_docs": len(synth), "n_unique_texts": len({r["text"] for r in synth})}
-        for p in PIPELINES:
-            seeds = args.seeds[:2] if p == "ours" else args.seeds[:1]
+        for p in pipelines:
+            seeds = args.seeds[:2] if p.startswith("ours") else args.seeds[:1]
             runs = [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": seeds[0], "tag": "warmup"}]
             runs += [{"docs": synth_docs, "embeddings": synth_emb, "seed": s, "tag": f"seed_{s}"} for s in seeds]
             res = launch(workdir, f"synthetic_{p}", pipeline=p, runs=runs)
@@ -187,7 +196,17 @@ def run_benchmark(args) -> dict:
             if len(scored) > 1:
                 entry["seed_pairwise_ari"] = cp.pairwise_ari([r["labels"] for r in res["runs"][1:]])["mean"]
             results["synthetic"][p] = entry
-    results["workdir"] = str(workdir)
+
+
+def add_variant(args) -> dict:
+    """--add NAME: measure one more pipeline on the documents of an earlier run and merge its results."""
+    cp = peers()
+    results = json.loads(args.out.read_text())
+    workdir = Path(results["workdir"])
+    records = json.loads((workdir / "pooled.json").read_text())
+    synth_path = workdir / "synthetic.json"
+    synth = json.loads(synth_path.read_text()) if "synthetic" in results and synth_path.is_file() else None
+    measure(cp, args, workdir, records, synth, [args.add], results)
     return results
 
 
@@ -203,7 +222,8 @@ def markdown(res: dict) -> str:
              "| pipeline | fit s (median) | first fit s (JIT) | clusters | outliers | ARI vs categories | NMI | "
              "ARI clustered-only | seed-to-seed ARI (mean, min) | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in PIPELINES:
+    shown = [p for p in (*PIPELINES, *VARIANTS) if p in res["pooled"]]
+    for p in shown:
         s = res["pooled"][p]
         st = s["stability_pairwise_ari"]
         lines.append(
@@ -214,7 +234,7 @@ def markdown(res: dict) -> str:
     lines += ["", "Per source (mean over seeds, pooled fit): ARI vs that source's categories", "",
               "| pipeline | " + " | ".join(sorted(res["pooled"]["ours"].get("per_source", {}))) + " |",
               "|---|" + "---|" * len(res["pooled"]["ours"].get("per_source", {}))]
-    for p in PIPELINES:
+    for p in shown:
         per = res["pooled"][p].get("per_source", {})
         lines.append(f"| {p} | " + " | ".join(f(per[s]["ari"]["mean"], 3) for s in sorted(per)) + " |")
     if "synthetic" in res:
@@ -224,7 +244,7 @@ def markdown(res: dict) -> str:
                   "one fresh process per pipeline after a pooled warm-up.", "",
                   "| pipeline | fit s | clusters | outliers | ARI vs categories | NMI | seed-to-seed ARI | "
                   "process max RSS MiB |", "|---|---|---|---|---|---|---|---|"]
-        for p in PIPELINES:
+        for p in (p for p in shown if p in sy):
             e = sy[p]
             lines.append(f"| {p} | {f(e['fit_s'])} | {e['n_topics']} | {f(100 * e['outlier_frac'], 1)} % | "
                          f"{f(e['ari'], 3)} | {f(e['nmi'], 3)} | {f(e.get('seed_pairwise_ari'), 3)} | "
@@ -243,16 +263,22 @@ def main() -> None:
                          "donotanswer) for a smaller set with as many copies per prompt")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--out", type=Path, default=RESULTS / "cluster_bench.json")
+    ap.add_argument("--add", choices=sorted(VARIANTS), help="measure one more variant of ours on the documents "
+                    "of the run in --out and merge it in")
     args = ap.parse_args()
     t = time.perf_counter()
-    res = run_benchmark(args)
-    res["total_wall_s"] = time.perf_counter() - t
+    if args.add:
+        res = add_variant(args)
+        res.setdefault("added_wall_s", {})[args.add] = time.perf_counter() - t
+    else:
+        res = run_benchmark(args)
+        res["total_wall_s"] = time.perf_counter() - t
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     md = markdown(res)
     args.out.with_suffix(".md").write_text(md)
     print(md)
-    print(f"wrote {args.out} in {res['total_wall_s']:.0f}s")
+    print(f"wrote {args.out} in {time.perf_counter() - t:.0f}s")
 
 
 if __name__ == "__main__":

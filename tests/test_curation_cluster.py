@@ -94,6 +94,12 @@ def test_outlier_reassignment_is_recorded(data):
     np.testing.assert_array_equal(moved.reassigned, plain.labels == OUTLIER)
 
 
+def test_min_cluster_fraction_raises_the_minimum():
+    assert ClusterPipeline(ClusterConfig(min_cluster_size=10)).min_size(5000) == 10
+    assert ClusterPipeline(ClusterConfig(min_cluster_size=10, min_cluster_fraction=0.01)).min_size(5000) == 50
+    assert ClusterPipeline(ClusterConfig(min_cluster_size=10, min_cluster_fraction=0.01)).min_size(500) == 10
+
+
 def test_ctfidf_prefers_distinctive_words():
     texts = ["apple pie recipe", "apple crumble recipe", "server exploit code", "exploit the server login"]
     kw = ctfidf_keywords(texts, np.array([0, 0, 1, 1]), n_keywords=3)

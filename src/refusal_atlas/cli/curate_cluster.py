@@ -25,6 +25,9 @@ def cluster(
     embedder: str | None = typer.Option(None, "--embedder", help="sentence-transformers name or folder "
                                         "(default: offline all-MiniLM-L6-v2)."),
     min_cluster_size: int = typer.Option(10, "--min-cluster-size", min=2),
+    min_cluster_fraction: float = typer.Option(0.0, "--min-cluster-fraction", min=0.0, max=0.5,
+                                               help="Also require this share of the rows per cluster "
+                                                    "(e.g. 0.01 for templated corpora)."),
     seeds: int = typer.Option(5, "--seeds", min=1, help="UMAP seeds in the consensus."),
     seed: int = typer.Option(0, "--seed", help="First seed block (seeds seed*1000 .. seed*1000+N-1)."),
     stability_runs: int = typer.Option(5, "--stability-runs", min=0,
@@ -39,7 +42,7 @@ def cluster(
     from refusal_atlas.curation.cluster_run import cluster_corpus
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = ClusterConfig(min_cluster_size=min_cluster_size,
+    config = ClusterConfig(min_cluster_size=min_cluster_size, min_cluster_fraction=min_cluster_fraction,
                            seeds=tuple(seed * 1000 + j for j in range(seeds)),
                            reassign_outliers=reassign_outliers)
     run = cluster_corpus(corpus, out, text_column=text, only_refused=only_refused, embedder=embedder,

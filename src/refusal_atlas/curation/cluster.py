@@ -67,6 +67,7 @@ class ClusterConfig:
     min_dist: float = 0.0
     n_epochs: int = 100
     min_cluster_size: int = 10
+    min_cluster_fraction: float = 0.0  # > 0: clusters must also hold this share of the fitted rows
     min_samples: int | None = 5
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     consensus_threshold: float = 0.5
@@ -387,7 +388,16 @@ class ClusterPipeline:
         self.config = config or ClusterConfig()
         c = self.config
         self.reducer = reducer or UmapReducer(c.n_components, c.min_dist, c.n_epochs)
-        self.clusterer = clusterer or HdbscanClusterer(c.min_cluster_size, c.min_samples)
+        self._clusterer = clusterer
+
+    def min_size(self, n_fit: int) -> int:
+        """`min_cluster_size`, raised to `min_cluster_fraction` of the fitted rows when that is set.
+
+        A fraction keeps the cluster count sensible on templated corpora, where every prompt's
+        re-wordings form a dense group of their own that a fixed minimum would call a cluster.
+        """
+        c = self.config
+        return max(c.min_cluster_size, int(np.ceil(c.min_cluster_fraction * n_fit)))
 
     def fit_labels(self, x: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, dict]:
         """Labels and confidence for rows in *input order*; no keywords (used by stability checks)."""
@@ -427,13 +437,15 @@ class ClusterPipeline:
             timings["knn_s"] = time.perf_counter() - t
             runs = []
             t = time.perf_counter()
+            mcs = self.min_size(n_fit)
+            clusterer = self._clusterer or HdbscanClusterer(mcs, c.min_samples)
             for seed in c.seeds:
                 y = self.reducer.fit_transform(xf, knn, seed)
-                runs.append(self.clusterer.fit_predict(y))
+                runs.append(clusterer.fit_predict(y))
             timings["umap_hdbscan_s"] = time.perf_counter() - t
             t = time.perf_counter()
             seed_runs = np.asarray(runs)
-            consensus = Consensus(c.consensus_threshold, c.min_cluster_size, c.neighbour_share)
+            consensus = Consensus(c.consensus_threshold, mcs, c.neighbour_share)
             labels_f, conf_f = consensus.combine(seed_runs, knn)
             timings["consensus_s"] = time.perf_counter() - t
         labels_f = _renumber(labels_f)
