@@ -146,3 +146,13 @@ def test_position_order_is_the_requested_order():
     b = capture_activations(lm, INSTRUCTIONS[:3], [1, 2], [LAST_INSTRUCTION, -3, MEAN_INSTRUCTION, -1],
                             batch_size=3, progress=False)
     assert torch.allclose(a.acts, b.acts[:, :, [3, 2, 1, 0]], atol=1e-6)
+
+
+@pytest.mark.real_model
+def test_default_model_capture_matches_hidden_states():
+    from refusal_atlas.mechinterp.models import load_model
+
+    lm = load_model("default")
+    layers = [5, 15, 29]
+    acts = capture_activations(lm, INSTRUCTIONS[:4], layers, POSITIONS, batch_size=4, progress=False)
+    assert rel_err(acts.acts, reference(lm, INSTRUCTIONS[:4], layers)) <= 1e-4
