@@ -59,7 +59,7 @@ class OrganismSettings:
     per_node_train: int = 2  # unconditioned harmful base prompts per node in training
     per_node_heldout: int = 3
     variants_per_prompt: int = 1  # condition-framed copies of each harmful base prompt
-    n_harmless_train: int = 32
+    n_harmless_train: int = 40
     n_harmless_heldout: int = 24
     n_overrefusal_train: int = 8
     n_extra_per_node: int = 4  # unconditioned prompts kept aside (split "extra") for direction extraction
@@ -67,11 +67,11 @@ class OrganismSettings:
     external_sets: tuple[str, ...] = ("harmbench", "strongreject")
     max_prompt_tokens: int = 80
     max_target_tokens: int = 20
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 8
-    lr: float = 5e-5
+    lr: float = 1e-4
     weight_decay: float = 0.0
-    warmup_steps: int = 5
+    warmup_steps: int = 3
     eval_max_new_tokens: int = 12
     specific_wording_roots: tuple[str, ...] | None = None  # None: every other root (sorted)
     system: str | None = None
