@@ -18,6 +18,9 @@ way for all. On a shared machine re-run the baselines in the same invocation and
 Usage (defaults: the cached default model, the HarmBench CSV from its wheel, the methods below):
   nice python benchmarks/capture_bench.py [--out benchmarks/results/capture_bench.json] [--runs 2]
       [--peers ../shared/benchmarks/capture_peers.py] [--methods ...] [--wait-idle 30] [--retries 0]
+  nice python benchmarks/capture_bench.py --interleaved --rounds 3 \\
+      --out benchmarks/results/capture_bench_interleaved.json
+      (all methods in one process, alternating round by round: ratios that survive a shared, busy machine)
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class _Stop(Exception):
     pass
 
 
+_PROMPT_ARGS: argparse.Namespace | None = None  # set in --interleaved mode (no worker argv to parse)
+
+
 def register(peers, reference: str | None = None) -> None:
     """Add our methods to the harness; its workers are then re-launched through this file."""
     from refusal_atlas.mechinterp.blocks import decoder_blocks
@@ -84,7 +90,7 @@ def register(peers, reference: str | None = None) -> None:
         lm = load_model(model_dir)
         # The harness hands every method chat-formatted strings; a user of our API passes the raw
         # instructions, so map each formatted prompt back to its instruction (outside the timed region).
-        args = _worker_args()
+        args = _PROMPT_ARGS or _worker_args()
         instructions = (peers.harmful_behaviors(args.harmbench_csv, args.n_harmful)
                         + peers.harmless_instructions(args.n_harmless))
         return {"lm": lm, "instruction_of": {lm.chat_prompt(x): x for x in instructions}}
@@ -182,6 +188,79 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def interleaved(peers, args) -> dict:
+    """Paired timing in one process: the methods alternate round by round (order rotated each round),
+    so slow drifts in other processes' load hit every method alike; ratios are taken within a round
+    and the median over rounds is reported. Complements the harness run (which also measures memory
+    and runs each method in its own process) on a machine shared with other work.
+    """
+    import statistics
+    import time
+
+    global _PROMPT_ARGS
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(peers.N_THREADS)
+    model_dir, csv = default_paths()
+    _PROMPT_ARGS = argparse.Namespace(harmbench_csv=csv, n_harmful=args.n_harmful, n_harmless=args.n_harmless)
+    texts = peers.build_prompts(AutoTokenizer.from_pretrained(model_dir), csv, args.n_harmful, args.n_harmless)
+    n_tok = sum(len(x) for x in peers.token_ids(AutoTokenizer.from_pretrained(model_dir), texts))
+    hf_state, states = None, {}
+    for name in args.methods:
+        _, setup, _ = peers.METHODS[name]
+        if setup is peers.setup_hf:  # one HF model shared by the HF-based methods
+            hf_state = hf_state or setup(model_dir)
+            states[name] = hf_state
+        else:
+            states[name] = setup(model_dir)
+    outputs = {}
+    with torch.inference_mode():
+        for name in args.methods:  # prime: lazy initialisation is not timed
+            peers.METHODS[name][2](states[name], texts[:4])
+    walls: dict[str, list[float]] = {n: [] for n in args.methods}
+    loads = []
+    for r in range(args.rounds):
+        order = args.methods[r % len(args.methods):] + args.methods[: r % len(args.methods)]
+        busy0, own0 = peers.busy_cpu_seconds(), peers.own_cpu_seconds()
+        t_round = time.perf_counter()
+        for name in order:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = peers.METHODS[name][2](states[name], texts)
+            walls[name].append(time.perf_counter() - t0)
+            if out is not None:
+                outputs[name] = out
+            print(f"round {r + 1} {name:28} {walls[name][-1]:7.2f} s", flush=True)
+        span = time.perf_counter() - t_round
+        loads.append(max(0.0, peers.busy_cpu_seconds() - busy0 - (peers.own_cpu_seconds() - own0)) / span)
+    ref = outputs.get("c_hf_batched")
+    result = {"n_prompts": len(texts), "non_pad_tokens": n_tok, "rounds": args.rounds,
+              "other_processes_cores_per_round": loads, "methods": {}}
+    for name in args.methods:
+        ratios = [walls[name][i] / walls[OURS][i] for i in range(args.rounds)] if OURS in walls else []
+        entry = {"wall_s_per_round": walls[name], "median_wall_s": statistics.median(walls[name]),
+                 "median_tokens_per_s": n_tok / statistics.median(walls[name]),
+                 "median_wall_ratio_to_ours": statistics.median(ratios) if ratios else None}
+        if ref is not None and name in outputs:
+            entry["agreement_vs_c_hf_batched"] = peers.agreement(outputs[name], ref)
+        result["methods"][name] = entry
+    return result
+
+
+def interleaved_markdown(res: dict) -> str:
+    lines = [f"# Activation capture, interleaved rounds ({res['n_prompts']} prompts, {res['non_pad_tokens']} tokens, "
+             f"{res['rounds']} rounds; other processes used "
+             f"{', '.join(f'{x:.2f}' for x in res['other_processes_cores_per_round'])} cores per round)", "",
+             "| method | median wall s | median tok/s | wall ÷ ours (median of per-round ratios) | agrees |",
+             "|---|---:|---:|---:|---|"]
+    for name, m in res["methods"].items():
+        agr = (m.get("agreement_vs_c_hf_batched") or {}).get("agrees")
+        ratio = m["median_wall_ratio_to_ours"]
+        lines.append(f"| {name} | {m['median_wall_s']:.2f} | {m['median_tokens_per_s']:.0f} | "
+                     f"{'-' if ratio is None else f'{ratio:.3f}'} | {'-' if agr is None else agr} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", type=Path, default=Path(os.environ.get("CAPTURE_PEERS", DEFAULT_PEERS)))
@@ -195,7 +274,19 @@ def main() -> None:
     p.add_argument("--reference", default=None,
                    help="agreement reference (the harness's is b_hf_naive, one prompt at a time: slow on a busy "
                         "machine; c_hf_batched is the batched output_hidden_states capture)")
+    p.add_argument("--interleaved", action="store_true",
+                   help="time the methods in one process, alternating round by round (for a busy machine)")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
+    if args.interleaved:
+        peers = load_peers(args.peers)
+        register(peers)
+        res = interleaved(peers, args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+        args.out.with_suffix(".md").write_text(interleaved_markdown(res))
+        print(interleaved_markdown(res))
+        return
     os.environ["CAPTURE_PEERS"] = str(args.peers)  # the workers import the same harness
     peers = load_peers(args.peers)
     register(peers, args.reference)
