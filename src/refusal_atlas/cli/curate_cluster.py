@@ -61,7 +61,7 @@ def map_clusters(
     taxonomy: Path | None = typer.Option(None, "--taxonomy", help="Taxonomy folder (default: shipped)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Output folder (default: the clusters folder)."),
     embedder: str | None = typer.Option(None, "--embedder", help="Embedder for node texts (default: the run's)."),
-    min_similarity: float = typer.Option(0.35, "--min-similarity",
+    min_similarity: float = typer.Option(0.4, "--min-similarity",
                                          help="Below this centroid-to-node cosine a cluster fits no node."),
     min_share: float = typer.Option(0.5, "--min-share",
                                     help="Below this share of rows labelled with the best node, no fit."),

@@ -6,7 +6,9 @@ Two evidence sources, chosen per cluster:
   `nodes` columns, from the prompt set's crosswalks), the score of a node is the share of the
   cluster's rows labelled with it. This is direct evidence, so it wins when available.
 * `similarity` — otherwise, the cosine between the cluster centroid and a node's embedding (the
-  mean of "label: definition" and each example, embedded with the run's embedder).
+  mean of "label: definition" and each example, embedded with the run's embedder). With MiniLM,
+  clusters of a node's own topic score 0.6–0.8 and unrelated ones (cooking, gardening against
+  the default taxonomy) 0.2–0.35, hence the default threshold of 0.4.
 
 Also ARI / NMI between clusters and primary nodes on the rows that carry one (outliers counted
 as one cluster), the number to watch when asking whether bottom-up clusters agree with the
@@ -27,7 +29,7 @@ from refusal_atlas.curation.cluster_store import ClusterRun
 from refusal_atlas.curation.embed import Embedder
 from refusal_atlas.taxonomy.model import Taxonomy
 
-DEFAULT_MIN_SCORE = {"label_majority": 0.5, "similarity": 0.35}
+DEFAULT_MIN_SCORE = {"label_majority": 0.5, "similarity": 0.4}
 
 
 @dataclass
