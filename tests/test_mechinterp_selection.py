@@ -73,3 +73,23 @@ def test_select_all_and_errors(lm):
     assert list(chosen["node"]) == ["a", POOLED] and len(scores) == 2
     with pytest.raises(AtlasError):
         select_direction(lm, ds, "a", [], HARMLESS, tokens, progress=False)
+
+
+def test_choice_relaxes_filters_in_order_instead_of_taking_a_destructive_direction():
+    import pandas as pd
+
+    from refusal_atlas.mechinterp.selection import choose
+
+    scores = pd.DataFrame({
+        "layer": [1, 2, 3, 9], "position": ["-1"] * 4,
+        "bypass_score": [-6.0, 0.4, 0.9, -8.0], "induce_score": [-1.0] * 4, "kl": [7.0, 0.02, 0.05, 0.01],
+        "filtered": ["induce<=0;kl>=0.1", "induce<=0", "induce<=0", "induce<=0;layer>=0.8L"],
+    })
+    table, layer, position, passed = choose(scores)
+    assert (layer, position, passed) == (2, "-1", False) and table["tier"].iloc[0] == 2
+    scores.loc[2, "filtered"] = ""
+    _, layer, _, passed = choose(scores)
+    assert (layer, passed) == (3, True)
+    only_bad = scores.assign(filtered="kl>=0.1", kl=[7.0, 3.0, 5.0, 9.0])
+    table, layer, _, _ = choose(only_bad)
+    assert layer == 2 and table["tier"].iloc[0] == 3

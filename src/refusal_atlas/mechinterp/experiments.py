@@ -626,9 +626,22 @@ def causal_suite(
     grid = layer_subset(lm.n_layers, select_layers, 0.8)
     val_harm = list(src[src["harmful"]]["prompt"])[:n_val]
     val_harmless = list(src[~src["harmful"]]["prompt"])[:n_val]
-    sel = select_direction(lm, ds, POOLED_LABEL, val_harm, val_harmless, tokens, layers=grid,
-                           positions=list(positions)[:2], batch_size=batch_size, progress=progress)
-    save_table(sel.scores, out / "selection_scores.parquet")
+    cand_pos = list(positions)[:2]
+    saved = out / "selection_scores.parquet"
+    previous = pd.read_parquet(saved) if saved.is_file() and (out / "selection.json").is_file() else None
+    if previous is not None and sorted(set(previous["layer"])) == sorted(grid) and \
+            sorted(set(previous["position"])) == sorted(position_label(p) for p in cand_pos):
+        # resume: the scores were computed by an earlier run on the same directions
+        from refusal_atlas.mechinterp.selection import Selection, choose
+
+        table, lay, lab, passed = choose(previous)
+        old = json.loads((out / "selection.json").read_text()).get("pooled", {})
+        sel = Selection(POOLED_LABEL, lay, cand_pos[[position_label(p) for p in cand_pos].index(lab)], passed,
+                        table, old.get("baseline", {}))
+    else:
+        sel = select_direction(lm, ds, POOLED_LABEL, val_harm, val_harmless, tokens, layers=grid,
+                               positions=cand_pos, batch_size=batch_size, progress=progress)
+    save_table(sel.scores, saved)
     (out / "selection.json").write_text(json.dumps({"pooled": sel.to_dict()}, indent=1, default=str))
     timings["select"] = time.perf_counter() - t
 

@@ -109,12 +109,31 @@ def select_direction(
     if not rows:
         raise AtlasError(f"select {node}: every candidate direction is zero")
     scores = pd.DataFrame(rows)
-    kept = scores[scores["filtered"] == ""]
-    passed = not kept.empty
-    best = (kept if passed else scores).sort_values(["bypass_score", "kl"]).iloc[0]
+    scores, layer, label, passed = choose(scores, kl_threshold)
+    pos = pos_list[[position_label(p) for p in pos_list].index(label)]
+    return Selection(node, layer, pos, passed, scores, baseline)
+
+
+def choose(scores: pd.DataFrame, kl_threshold: float = 0.1) -> tuple[pd.DataFrame, int, str, bool]:
+    """Apply the choice rule to a scores table: (table with `chosen` and `tier`, layer, position, passed).
+
+    Tier 1: every filter passed, lowest bypass score. When nothing passes, the filters are relaxed
+    in order rather than taking the global minimum (which is usually a direction whose ablation
+    breaks the model — a huge KL also drives the refusal score down): tier 2 keeps the KL and
+    layer filters and drops the induce filter; tier 3 keeps only the layer filter and takes the
+    lowest KL. The tier is reported so no relaxed choice passes for a clean one.
+    """
+    scores = scores.copy()
+    layer_ok = ~scores["filtered"].str.contains("L", regex=False)
+    tiers = [
+        (1, scores["filtered"] == "", ["bypass_score", "kl"]),
+        (2, layer_ok & (scores["kl"] < kl_threshold), ["bypass_score", "kl"]),
+        (3, layer_ok if layer_ok.any() else scores["kl"] == scores["kl"], ["kl", "bypass_score"]),
+    ]
+    chosen_tier, best = next((t, scores[m].sort_values(o).iloc[0]) for t, m, o in tiers if m.any())
     scores["chosen"] = (scores["layer"] == best["layer"]) & (scores["position"] == best["position"])
-    pos = pos_list[[position_label(p) for p in pos_list].index(best["position"])]
-    return Selection(node, int(best["layer"]), pos, passed, scores, baseline)
+    scores["tier"] = chosen_tier
+    return scores, int(best["layer"]), str(best["position"]), chosen_tier == 1
 
 
 def select_all(
