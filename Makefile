@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 test: setup lint
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q -m 'not slow' --durations=15 $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m pip install -q '.[bench]'

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.mechinterp.models import load_model
+from refusal_atlas.paths import cache_dir
 from refusal_atlas.testing import ARCHITECTURES, tiny_model
 
 
@@ -63,12 +62,16 @@ def test_not_a_model_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.real_model
-def test_default_model_loads_from_cache_quickly():
+def test_default_model_loads_from_cache():
     lm = load_model("default")  # first load in a fresh cache dequantizes the GGUF (~20-40 s)
     assert (lm.n_layers, lm.d_model) == (30, 576)
     assert lm.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and len(lm.revision) == 64
     assert lm.chat_prompt("hi").endswith("<|im_start|>assistant\n")
-    t0 = time.perf_counter()
+    # The second load reads the safetensors copy (no dequantisation); speed is measured in benchmarks/.
+    cached = list((cache_dir() / "models").glob("SmolLM2-135M-Instruct*/model.safetensors"))
+    assert cached, "the first load must leave a safetensors copy in the user cache"
     again = load_model("default")
-    assert time.perf_counter() - t0 < 5.0  # ~0.2-1 s on an idle machine; generous on a shared one
     assert again.revision == lm.revision
+    x = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        assert torch.equal(lm.model(x).logits, again.model(x).logits)
