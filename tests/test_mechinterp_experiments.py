@@ -132,3 +132,52 @@ def test_eval_sets_and_helpers():
     lo, hi = bootstrap_ci([0.0, 1.0, 1.0, 0.0])
     assert 0.0 <= lo <= 0.5 <= hi <= 1.0
     assert np.isnan(bootstrap_ci([1.0])[0])
+
+
+def test_cli_causal_commands(setup, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from refusal_atlas.cli import app
+
+    lm, ds, *_ = setup
+    model_dir = tmp_path / "model"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    ds.save(tmp_path / "dirs")
+    n_a, n_b, n_h = len(A), len(B), len(H)
+    table = pd.DataFrame({
+        "prompt_id": [f"p{i}" for i in range(n_a + n_b + n_h + 2)],
+        "prompt": A + B + H + [f"I'm 14. {A[0]}", f"I'm 14. {A[1]}"],
+        "node": ["a"] * n_a + ["b"] * n_b + [""] * n_h + ["a", "a"],
+        "harmful": [True] * (n_a + n_b) + [False] * n_h + [True, True],
+        "condition": [""] * (n_a + n_b + n_h) + ["user_age=minor"] * 2,
+        "split": (["train", "train", "heldout", "heldout", "heldout"] * 2 + ["train"] * 3 + ["heldout"] * 3
+                  + ["heldout"] * 2),
+        "category": ["refuse"] * (n_a + n_b) + ["harmless"] * n_h + ["restricted"] * 2,
+        "expected": ["refuse"] * (n_a + n_b) + ["comply"] * n_h + ["refuse"] * 2,
+        "source": ["t"] * (n_a + n_b) + ["harmless"] * n_h + ["t"] * 2,
+    })
+    prompts = tmp_path / "prompts.parquet"
+    table.to_parquet(prompts)
+    common = ["--model", str(model_dir), "-d", str(tmp_path / "dirs"), "--prompts", str(prompts)]
+    runner = CliRunner()
+    out = tmp_path / "causal"
+    res = runner.invoke(app, ["directions", "select", *common, "-o", str(out), "--layers", "1,2", "--positions", "-1",
+                              "--refusal-tokens", "I,Sorry"])
+    assert res.exit_code == 0, res.output
+    chosen = json.loads((out / "selection.json").read_text())["pooled"]
+    assert chosen["layer"] in (1, 2)
+    res = runner.invoke(app, ["directions", "cross-ablate", *common, "-o", str(out), "--refusal-tokens", "I,Sorry"])
+    assert res.exit_code == 0, res.output
+    assert (out / "cross_ablation.parquet").is_file() and (out / "cross_ablation.png").is_file()
+    assert set(pd.read_parquet(out / "cross_ablation.parquet")["layer"]) == {chosen["layer"]}
+    res = runner.invoke(app, ["directions", "steer", *common, "-o", str(out), "--layers", "1", "--no-generate",
+                              "--refusal-tokens", "I"])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_parquet(out / "steering.parquet")) == 1
+    res = runner.invoke(app, ["directions", "conditions", *common, "-o", str(out), "--layer", "1"])
+    assert res.exit_code == 0, res.output
+    cond = pd.read_parquet(out / "conditions.parquet")
+    assert set(cond["condition"]) == {"(none)", "user_age=minor"}

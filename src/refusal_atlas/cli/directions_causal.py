@@ -22,6 +22,9 @@ DirsOpt = typer.Option(..., "--directions", "-d", help="folder written by `direc
 PromptsOpt = typer.Option(..., "--prompts", help="prompt table: prompt, node, harmful[, split, condition, category]")
 OutOpt = typer.Option(..., "-o", "--out", help="output folder")
 TaxOpt = typer.Option(None, "--taxonomy", "-t", help="taxonomy folder (maps nodes to ancestor directions)")
+TokensOpt = typer.Option(None, "--refusal-tokens",
+                         help="comma-separated refusal openers (first token of each); default: discovered from "
+                              "the model's own refusals")
 
 
 def _json(path: Path, obj) -> None:
@@ -61,25 +64,34 @@ def _position(ds, text: str | None):
     return parse_position_label(text)
 
 
-def _layer(ds, lm, layer: int | None, directions: Path) -> int:
+def _layer(ds, lm, layer: int | None, *folders: Path) -> int:
+    """--layer, else the pooled choice of a `directions select` run (in OUT or the directions folder)."""
     if layer is not None:
         ds.layer_index(layer)
         return layer
-    sel = directions / "selection.json"
-    if sel.is_file():
-        chosen = json.loads(sel.read_text()).get("pooled")
-        if chosen and chosen.get("layer") in ds.layers:
-            return int(chosen["layer"])
+    for folder in folders:
+        sel = folder / "selection.json"
+        if sel.is_file():
+            chosen = json.loads(sel.read_text()).get("pooled")
+            if chosen and chosen.get("layer") in ds.layers:
+                return int(chosen["layer"])
     below = [x for x in ds.layers if x < 0.8 * lm.n_layers] or ds.layers
     pick = below[len(below) // 2]
-    typer.echo(f"no --layer and no {sel.name}: using layer {pick} (run `directions select` to choose one)", err=True)
+    typer.echo(f"no --layer and no selection.json: using layer {pick} (run `directions select` to choose one)",
+               err=True)
     return pick
 
 
-def _tokens(lm, df, out: Path, ds, tax, n: int = 24):
-    """Refusal-opening tokens discovered from this model's own replies (cached in OUT)."""
+def _tokens(lm, df, out: Path, ds, tax, explicit: str | None = None, n: int = 24):
+    """Refusal-opening tokens discovered from this model's own replies (cached in OUT), or given."""
     from refusal_atlas.mechinterp.experiments import discover_tokens, eval_sets_from_table
     from refusal_atlas.mechinterp.scoring import RefusalTokens
+
+    if explicit:
+        words = [w for w in explicit.split(",") if w.strip()]
+        ids = sorted({lm.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
+        return RefusalTokens(ids, [lm.tokenizer.decode([i]) for i in ids], [], [], float("nan"), 0, 0,
+                             {"given": words})
 
     cache = out / "refusal_tokens.json"
     if cache.is_file():
@@ -115,6 +127,7 @@ def register(app: typer.Typer) -> None:
         positions: str | None = typer.Option(None, "--positions", help="candidate positions (default: all captured)"),
         n_val: int = typer.Option(16, "--n-val", help="validation prompts per node and harmless"),
         kl_threshold: float = typer.Option(0.1, "--kl-threshold"),
+        refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Choose a (layer, position) per node by bypass / induce / KL scores (Arditi et al.)."""
         from refusal_atlas.mechinterp.experiments import eval_sets_from_table, save_table
@@ -123,7 +136,7 @@ def register(app: typer.Typer) -> None:
         from refusal_atlas.mechinterp.selection import select_all
 
         lm, ds, df, tax = _setup(model, directions, prompts, taxonomy)
-        tokens = _tokens(lm, df, out, ds, tax)
+        tokens = _tokens(lm, df, out, ds, tax, refusal_tokens)
         node_list = _all_nodes_with_pooled(ds) if nodes == "all" else [n.strip() for n in nodes.split(",")]
         sets, harmless = eval_sets_from_table(df, ds.nodes, taxonomy=tax, split="train")
         sets["@pooled"] = [p for ps in sets.values() for p in ps]
@@ -157,6 +170,7 @@ def register(app: typer.Typer) -> None:
         generate_rates: bool = typer.Option(False, "--generate/--no-generate",
                                             help="also generate and apply the marker detector (slower)"),
         split: str = typer.Option("heldout", "--split", help="evaluate on this split of the prompt table"),
+        refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Ablate each node's direction (and the pooled one) → refusal on every node's prompts."""
         from refusal_atlas.mechinterp.experiments import (
@@ -168,8 +182,8 @@ def register(app: typer.Typer) -> None:
         )
 
         lm, ds, df, tax = _setup(model, directions, prompts, taxonomy)
-        tokens = _tokens(lm, df, out, ds, tax)
-        lay, pos = _layer(ds, lm, layer, directions), _position(ds, position)
+        tokens = _tokens(lm, df, out, ds, tax, refusal_tokens)
+        lay, pos = _layer(ds, lm, layer, out, directions), _position(ds, position)
         sets, harmless = eval_sets_from_table(df, ds.nodes, taxonomy=tax, split=split)
         table = cross_ablation(lm, ds, sets, harmless[:32], tokens, layer=lay, position=pos,
                                methods=[m.strip() for m in methods.split(",")], generate_rates=generate_rates)
@@ -193,13 +207,14 @@ def register(app: typer.Typer) -> None:
         coeffs: str = typer.Option("1.0", "--coeffs"),
         n: int = typer.Option(32, "--n", help="harmless prompts"),
         generate_rates: bool = typer.Option(True, "--generate/--no-generate"),
+        refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Add a node's direction to harmless prompts, layer by layer → induced refusal."""
         from refusal_atlas.mechinterp.experiments import eval_sets_from_table, plot_steering, save_table, steering
         from refusal_atlas.mechinterp.interventions import layer_subset
 
         lm, ds, df, tax = _setup(model, directions, prompts, taxonomy)
-        tokens = _tokens(lm, df, out, ds, tax)
+        tokens = _tokens(lm, df, out, ds, tax, refusal_tokens)
         _, harmless = eval_sets_from_table(df, ds.nodes, taxonomy=tax, split="heldout")
         node_list = _all_nodes_with_pooled(ds) if nodes == "all" else [x.strip() for x in nodes.split(",")]
         if layers:
@@ -222,6 +237,7 @@ def register(app: typer.Typer) -> None:
         organism: Path | None = typer.Option(None, "--organism", help="organism folder: compare with its wordings"),
         prompts: Path | None = typer.Option(None, "--prompts", help="prompt table for discovering refusal tokens"),
         k: int = typer.Option(8, "--k", help="top tokens per direction"),
+        refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Wording vs detection: per-layer node probe accuracy beside logit-lens refusal-token promotion."""
         from refusal_atlas.mechinterp.capture import load_shards
@@ -247,7 +263,7 @@ def register(app: typer.Typer) -> None:
             table = _read_prompts(prompts)
         else:
             table = pd.DataFrame({"prompt": labels["prompts"], "node": labels["nodes"], "harmful": labels["harmful"]})
-        tokens = _tokens(lm, table, out, ds, None)
+        tokens = _tokens(lm, table, out, ds, None, refusal_tokens)
         wordings, shared = None, None
         if organism is not None:
             info = json.loads((organism / "organism.json").read_text())
@@ -285,7 +301,7 @@ def register(app: typer.Typer) -> None:
         )
 
         lm, ds, df, tax = _setup(model, directions, prompts, taxonomy)
-        lay, pos = _layer(ds, lm, layer, directions), _position(ds, position)
+        lay, pos = _layer(ds, lm, layer, out, directions), _position(ds, position)
         rows = df[df["harmful"].astype(bool)]
         if "split" in rows and (rows["split"] == split).any():
             rows = rows[rows["split"] == split]
