@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from refusal_atlas.cli import app
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "sparql-example.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "sparql-example.md"
 
 
 def block(text: str, language: str) -> str:
@@ -18,8 +20,9 @@ def block(text: str, language: str) -> str:
     return match.group(1)
 
 
-def test_worked_sparql_example_output_matches_the_doc(tmp_path: Path) -> None:
-    text = DOC.read_text(encoding="utf-8")
+@pytest.mark.parametrize("doc", [DOC, ROOT / "README.md"], ids=["docs", "readme"])
+def test_worked_sparql_example_output_matches_the_doc(tmp_path: Path, doc: Path) -> None:
+    text = doc.read_text(encoding="utf-8")
     query = tmp_path / "minors.rq"
     query.write_text(block(text, "sparql"), encoding="utf-8")
     assert "refusal-atlas ontology sparql minors.rq --format csv" in block(text, "console")
@@ -27,6 +30,6 @@ def test_worked_sparql_example_output_matches_the_doc(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     expected = block(text, "csv")
     assert result.stdout == expected, (
-        "docs/sparql-example.md is out of date with the shipped taxonomy; replace its csv block with:\n"
+        f"{doc.name} is out of date with the shipped taxonomy; replace its csv block with:\n"
         + result.stdout)
     assert len(expected.splitlines()) > 5  # a real answer, not an empty table
