@@ -59,6 +59,7 @@ def test_cross_node_cosines_beside_their_floors(same):
     truth = 1.0 if same else 0.0
     assert row.debiased_ci_low - 0.05 <= truth <= row.debiased_ci_high + 0.05
     assert row.above_null is same  # same direction: far above chance; orthogonal: not
+    assert row.overlaps is same
     assert row.distinct is not same
     rows = cosine_report(ds, 0, -1, include_pooled=True)
     assert [(r.a, r.b) for r in rows] == [("a", "b"), ("a", "@pooled"), ("b", "@pooled")]

@@ -195,6 +195,8 @@ def overlap(
     layer: int | None = typer.Option(None, "--layer", help="default: highest mean reliability below 0.8 depth"),
     position: str = typer.Option("-1", "--position"),
     method: str = typer.Option("diff_means", "--method", help="diff_means | vs_other | residual"),
+    min_overlap: float = typer.Option(0.0, "--min-overlap",
+                                      help="edge when the noise-corrected cosine's 95% lower bound exceeds this"),
 ) -> None:
     """Overlap graph (GraphML, JSON, heatmap and graph PNGs) with the sibling permutation test."""
     from refusal_atlas.mechinterp.directions import DirectionSet
@@ -202,7 +204,7 @@ def overlap(
     from refusal_atlas.mechinterp.positions import parse_position_label
 
     ds = DirectionSet.load(directions)
-    report = write_overlap(ds, out, layer, parse_position_label(position), method)
+    report = write_overlap(ds, out, layer, parse_position_label(position), method, min_overlap)
     n_overlap = sum(1 for e in report["edges"] if e.get("kind") == "overlap")
     st = report["sibling_test"]
     typer.echo(f"layer {report['layer']}, position {report['position']}, {method}: "

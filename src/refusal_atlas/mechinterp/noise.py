@@ -10,11 +10,11 @@ For each node, layer and position (all computed in one vectorised pass per layer
   ≈ s / (s + e), which is exactly that step-up.)
 - **bootstrap CIs** (prompts resampled with replacement within every group, `n_boot` times) for
   each direction's norm and for every cross-node cosine.
-- **permutation null** for cross-node cosines (`diff_means`): node b's prompts are shuffled with
-  the harmless set (`n_perm` times) and the cosine of node a's direction with the fake
-  direction recorded; `cos_null95` is the 95th percentile (the larger of a|b and b|a). It is
-  what two nodes sharing nothing but the harmless reference and the activation anisotropy would
-  show.
+- **chance null** for cross-node cosines (`diff_means`): the cosine of node a's direction with
+  `n_perm` fake directions of node b's sample size drawn from the harmless prompts alone;
+  `cos_null95` is the 95th percentile (the larger of a|b and b|a): the alignment that noise with
+  the activations' own anisotropy produces by chance. (Reported beside each cosine; the overlap
+  graph's edge rule uses the noise-corrected cosine below.)
 - **noise-corrected cosine** (`cos_debiased`): sampling noise adds `sum_g c_ag c_bg tr(Σ_g)/n_g` to
   the inner product of two directions built from group means with weights c (for two
   `diff_means` directions that is the harmless mean's variance, shared by both — it inflates raw
@@ -266,17 +266,31 @@ def _pad_square(t: Tensor, k1: int) -> Tensor:
 
 
 def _permutation_null(x: Tensor, groups: Groups, units: Tensor, n_perm: int, gen: torch.Generator) -> Tensor:
-    """[K+1, K+1, P] 95th percentile of cos(dir_a, fake dir_b) with b's prompts shuffled into harmless."""
+    """[K+1, K+1, P] 95th percentile of cos(dir_a, a fake dir_b) built from harmless prompts alone.
+
+    The fake direction is the mean of n_b randomly chosen harmless prompts minus the mean of the
+    rest (drawn with replacement when the harmless set is too small): a direction with b's sample
+    size and the data's own noise structure (anisotropy included) but no signal. Shuffling b's own
+    prompts into the harmless set instead would leak b's direction into the null and, for strong
+    directions, make the null as large as the cosine it is meant to judge.
+    """
     k1 = units.shape[0]
     flat = x.reshape(x.shape[0], -1)
+    harmless = flat[groups.harmless]
+    n_h = len(groups.harmless)
     null = torch.full((k1, k1, x.shape[1]), float("nan"))
     for j, idx in enumerate(groups.nodes.values()):
-        pool = torch.cat([idx, groups.harmless])
-        n_b, n = len(idx), len(pool)
-        w = torch.full((n_perm, n), -1.0 / (n - n_b))
-        for r in range(n_perm):
-            w[r, torch.randperm(n, generator=gen)[:n_b]] = 1.0 / n_b
-        fake = _unit((w @ flat[pool]).reshape(n_perm, *x.shape[1:]))  # [R, P, d]
+        n_b = len(idx)
+        if n_h >= n_b + 2:
+            w = torch.full((n_perm, n_h), -1.0 / (n_h - n_b))
+            for r in range(n_perm):
+                w[r, torch.randperm(n_h, generator=gen)[:n_b]] = 1.0 / n_b
+            fake = w @ harmless
+        else:
+            a = torch.randint(0, n_h, (n_perm, n_b), generator=gen)
+            b = torch.randint(0, n_h, (n_perm, n_h), generator=gen)
+            fake = harmless[a].mean(1) - harmless[b].mean(1)
+        fake = _unit(fake.reshape(n_perm, *x.shape[1:]))  # [R, P, d]
         cos = torch.einsum("kpd,rpd->rkp", units, fake)  # [R, K+1, P]
         null[:, j] = torch.quantile(cos, 0.95, dim=0)
     # Symmetrise conservatively (the pooled column has no null: it is not a node).
@@ -306,6 +320,11 @@ class PairRow:
     def above_null(self) -> bool:
         """The cosine's bootstrap lower bound exceeds the permutation null's 95th percentile."""
         return self.null95 is not None and self.ci_low > self.null95
+
+    @property
+    def overlaps(self) -> bool:
+        """The noise-corrected cosine's bootstrap lower bound is above 0: the true directions overlap."""
+        return not math.isnan(self.debiased_ci_low) and self.debiased_ci_low > 0.0
 
     @property
     def distinct(self) -> bool:

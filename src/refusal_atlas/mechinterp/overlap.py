@@ -1,13 +1,13 @@
 """The overlap graph: which taxonomy nodes share a refusal direction, beyond their noise?
 
 One graph node per taxonomy node (reliability, norm with CI, best layer, prompts), at one
-(layer, position, method). An `overlap` edge joins two nodes when the bootstrap lower bound of
-their cosine exceeds the permutation null's 95th percentile (`noise.py`: node b's prompts
-shuffled with the harmless set — the cosine that sharing nothing but the harmless reference and
-the activations' anisotropy would give). Its weight is the cosine; the edge also carries the
-interval, the noise-corrected cosine with its interval, both nodes' split-half floors and
-`distinct` (corrected cosine's upper bound < 1: the two are not one direction seen twice).
-(`vs_other` and `residual` have no permutation null: there the rule is a lower bound above 0.)
+(layer, position, method). An `overlap` edge joins two nodes when their overlap is significantly
+above what noise explains: the bootstrap 95 % lower bound of the *noise-corrected* cosine
+(`noise.py`: sampling noise and the shared harmless mean removed from the inner products, so
+unrelated directions have expectation 0) exceeds `min_overlap` (default 0). Its weight is the raw
+cosine; the edge also carries its interval, the corrected cosine with its interval, both nodes'
+split-half floors, the chance null's 95th percentile and `distinct` (corrected upper bound < 1:
+the two are not one direction seen twice).
 The taxonomy's own parent→child edges are in the same `MultiGraph` with `kind="taxonomy"`.
 
 `sibling_test` asks whether taxonomy siblings (nodes sharing a parent) overlap more than
@@ -90,12 +90,12 @@ def sibling_test(cos: np.ndarray, nodes: list[str], parents: dict[str, list[str]
 
 
 def overlap_graph(ds: DirectionSet, layer: int | None = None, position: Position = -1,
-                  method: str = "diff_means") -> nx.MultiGraph:
+                  method: str = "diff_means", min_overlap: float = 0.0) -> nx.MultiGraph:
     """Build the graph (see the module docstring); `layer=None` picks `choose_layer`."""
     position = parse_position_label(position_label(position))
     layer = choose_layer(ds, position, method) if layer is None else layer
     li, pi = ds.layer_index(layer), ds.position_index(position)
-    g = nx.MultiGraph(layer=layer, position=position_label(position), method=method,
+    g = nx.MultiGraph(layer=layer, position=position_label(position), method=method, min_overlap=min_overlap,
                       model_id=str(ds.meta.get("model_id", "")))
     best = best_layers(ds, position, method)
     counts = ds.meta.get("n_prompts", {})
@@ -124,7 +124,7 @@ def overlap_graph(ds: DirectionSet, layer: int | None = None, position: Position
         g.add_node(node, **{k: v for k, v in attrs.items() if not _bad(v)})
     if f"{method}/cos" in n:
         for row in cosine_report(ds, layer, position, method):
-            if row.above_null or (row.null95 is None and row.ci_low > 0):
+            if not math.isnan(row.debiased_ci_low) and row.debiased_ci_low > min_overlap:
                 attrs = {"kind": "overlap", "weight": row.cos, "ci_low": row.ci_low, "ci_high": row.ci_high,
                          "cos_debiased": row.cos_debiased, "debiased_ci_low": row.debiased_ci_low,
                          "debiased_ci_high": row.debiased_ci_high, "floor_a": row.floor_a,
@@ -144,7 +144,7 @@ def _bad(v) -> bool:
 def overlap_report(ds: DirectionSet, g: nx.MultiGraph) -> dict:
     """JSON-ready summary: the graph, every pair beside its floors, and the sibling test."""
     layer, position, method = g.graph["layer"], parse_position_label(g.graph["position"]), g.graph["method"]
-    pairs = [dict(vars(r), above_null=r.above_null, distinct=r.distinct)
+    pairs = [dict(vars(r), overlaps=r.overlaps, above_null=r.above_null, distinct=r.distinct)
              for r in cosine_report(ds, layer, position, method)] if f"{method}/cos" in ds.noise else []
     cos = cosine_matrix_np(ds, layer, position, method)
     return {
@@ -153,8 +153,8 @@ def overlap_report(ds: DirectionSet, g: nx.MultiGraph) -> dict:
         "method": method,
         "model_id": ds.meta.get("model_id"),
         "model_revision": ds.meta.get("model_revision"),
-        "edge_rule": "overlap edge when the cosine's bootstrap 95% lower bound > the permutation null's 95th "
-                     "percentile (node b's prompts shuffled with harmless); weight = cosine",
+        "edge_rule": "overlap edge when the noise-corrected cosine's bootstrap 95% lower bound > min_overlap "
+                     f"({g.graph['min_overlap']}); weight = raw cosine",
         "nodes": [{"id": n, **d} for n, d in g.nodes(data=True)],
         "edges": [{"source": a, "target": b, **d} for a, b, d in g.edges(data=True)],
         "pairs": [{k: (None if _bad(v) else v) for k, v in p.items()} for p in pairs],
@@ -169,13 +169,13 @@ def cosine_matrix_np(ds: DirectionSet, layer: int, position: Position, method: s
 
 
 def write_overlap(ds: DirectionSet, out_dir: str | Path, layer: int | None = None, position: Position = -1,
-                  method: str = "diff_means") -> dict:
+                  method: str = "diff_means", min_overlap: float = 0.0) -> dict:
     """Write overlap.graphml, overlap.json, heatmap.png and graph.png; return the report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if len(ds.nodes) < 2:
         raise AtlasError(f"{out}: an overlap graph needs at least two nodes with directions")
-    g = overlap_graph(ds, layer, position, method)
+    g = overlap_graph(ds, layer, position, method, min_overlap)
     report = overlap_report(ds, g)
     tmp = out / f"overlap.graphml.tmp{os.getpid()}"
     nx.write_graphml(g, tmp)
@@ -244,7 +244,7 @@ def _graph_figure(g: nx.MultiGraph, path: Path) -> None:
     nx.draw_networkx_nodes(g, pos, node_size=sizes, node_color="#f2c14e", ax=ax)
     nx.draw_networkx_labels(g, pos, font_size=7, ax=ax)
     ax.set_title(f"overlap graph ({g.graph['method']}, layer {g.graph['layer']}, position {g.graph['position']});"
-                 "\nedges: cosine CI above permutation null; dashed: taxonomy", fontsize=8)
+                 "\nedges: noise-corrected cosine significantly > 0; dashed: taxonomy", fontsize=8)
     ax.axis("off")
     fig.tight_layout()
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.png")
