@@ -653,6 +653,7 @@ def causal_suite(
                                             position=sel.position, coeffs=coeffs, max_new_tokens=max_new_tokens,
                                             batch_size=batch_size, progress=progress)
     timings["headline"] = time.perf_counter() - t
+    (out / "headline.json").write_text(json.dumps(headline, indent=1, default=str))  # early: the key result
 
     # 5. cross-ablation between labels (node or branch directions, their residuals, the pooled one)
     t = time.perf_counter()
