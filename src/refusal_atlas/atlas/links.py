@@ -31,6 +31,7 @@ from rdflib.namespace import DCTERMS, PROV
 
 from refusal_atlas.atlas.store import AtlasStore, model_identity
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.hashing import file_sha256
 from refusal_atlas.ontology import iris
 from refusal_atlas.ontology.namespaces import RA
 
@@ -47,20 +48,12 @@ def optional_term(name: str) -> URIRef | None:
         return None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def run_id(store: AtlasStore) -> str:
     """A short stable id for this atlas: hash of its directions artefact, else of its manifest."""
     for rel in (DIRECTIONS_FILE, "manifest.json", "taxonomy.ttl"):
         path = store.root / rel
         if path.is_file():
-            return sha256_file(path)[:16]
+            return file_sha256(path)[:16]
     return hashlib.sha256(str(store.root).encode()).hexdigest()[:16]
 
 
@@ -143,33 +136,12 @@ def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atla
 def _describe_direction(graph: Graph, node: URIRef, *, model: str, revision: str | None, layer: int, position: str,
                         method: str, digest: str, prompt_count: int | None, metrics: dict[str, float],
                         fallback_iri: URIRef) -> URIRef:
-    """The ontology layer's `add_direction` (one definition of the modelling); inline if it is absent."""
-    try:
-        from refusal_atlas.ontology.directions import add_direction
-    except ImportError:
-        add_direction = None
-    if add_direction is not None:
-        return add_direction(graph, node=node, model=model, layer=layer, position=position, method=method,
-                             artefact_file=DIRECTIONS_FILE, sha256=digest, prompt_count=prompt_count,
-                             model_revision=revision, metrics=metrics)
-    terms = {"noise_floor": RA.noiseFloor, "split_half_cosine": RA.splitHalfCosine, "auroc": RA.auroc,
-             "bypass_score": RA.bypassScore, "induce_score": RA.induceScore, "kl_divergence": RA.klDivergence}
-    subject = fallback_iri
-    graph.add((subject, RDF.type, RA.RefusalDirection))
-    graph.add((subject, RA.forNode, node))
-    graph.add((subject, RA.model, Literal(model)))
-    graph.add((subject, RA.layer, Literal(int(layer), datatype=XSD.integer)))
-    graph.add((subject, RA.position, Literal(position)))
-    graph.add((subject, RA.method, Literal(method)))
-    graph.add((subject, RA.artefactFile, Literal(DIRECTIONS_FILE)))
-    graph.add((subject, RA.sha256, Literal(digest)))
-    if prompt_count is not None:
-        graph.add((subject, RA.promptCount, Literal(int(prompt_count), datatype=XSD.integer)))
-    if revision:
-        graph.add((subject, RA.modelRevision, Literal(revision)))
-    for name, value in metrics.items():
-        graph.add((subject, terms[name], Literal(float(value), datatype=XSD.double)))
-    return subject
+    """One definition of the modelling: the ontology layer's `add_direction`."""
+    from refusal_atlas.ontology.directions import add_direction
+
+    return add_direction(graph, node=node, model=model, layer=layer, position=position, method=method,
+                         artefact_file=DIRECTIONS_FILE, sha256=digest, prompt_count=prompt_count,
+                         model_revision=revision, metrics=metrics)
 
 
 def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atlas: URIRef,
@@ -179,7 +151,7 @@ def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, at
         return
     from refusal_atlas.mechinterp.positions import position_label
 
-    digest = sha256_file(store.root / DIRECTIONS_FILE)
+    digest = file_sha256(store.root / DIRECTIONS_FILE)
     model, revision = model_identity(ds.meta, store.manifest)
     counts = ds.meta.get("n_prompts") or {}
     by_key: dict[tuple[str, int, str], dict[str, Any]] = {}

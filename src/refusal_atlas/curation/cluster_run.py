@@ -23,6 +23,7 @@ from refusal_atlas.curation.embed import Embedder
 from refusal_atlas.curation.stability import stability_report
 from refusal_atlas.curation.tables import read_table, require_columns, require_rows, write_rejects
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.hashing import file_sha256
 
 CARRIED = ("prompt_id", "node", "nodes", "source", "external_category", "harmful", "refused", "condition",
            "model_id", "prompt")
@@ -68,14 +69,6 @@ def select_rows(df: pd.DataFrame, path: Path | str, text_column: str, only_refus
             keep.append(row)
     selected = df.loc[keep]
     return Selected(selected, [str(v) for v in selected[text_column]], rejects, n_input)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def assignments_frame(sel: Selected, result: ClusterResult) -> pd.DataFrame:

