@@ -233,6 +233,7 @@ def interleaved(peers, args) -> dict:
             print(f"round {r + 1} {name:28} {walls[name][-1]:7.2f} s", flush=True)
         span = time.perf_counter() - t_round
         loads.append(max(0.0, peers.busy_cpu_seconds() - busy0 - (peers.own_cpu_seconds() - own0)) / span)
+        _write_partial(args, walls, loads, r + 1)
     ref = outputs.get("c_hf_batched")
     result = {"n_prompts": len(texts), "non_pad_tokens": n_tok, "rounds": args.rounds,
               "other_processes_cores_per_round": loads, "methods": {}}
@@ -245,6 +246,13 @@ def interleaved(peers, args) -> dict:
             entry["agreement_vs_c_hf_batched"] = peers.agreement(outputs[name], ref)
         result["methods"][name] = entry
     return result
+
+
+def _write_partial(args, walls: dict, loads: list, rounds_done: int) -> None:
+    """Rounds finished so far, so a run killed by its neighbours still leaves its data."""
+    path = args.out.with_name(args.out.stem + "_partial.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rounds_done": rounds_done, "wall_s": walls, "other_cores": loads}, indent=1))
 
 
 def interleaved_markdown(res: dict) -> str:
