@@ -215,8 +215,14 @@ def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
     lm = load_analysed_model(cfg, ctx)
     settings = GenerationSettings(max_new_tokens=cfg.sizes()["max_new_tokens"], batch_size=cfg.batch_size,
                                   seed=cfg.seed)
-    corpus = collect(rows, TransformersBackend(lm, progress=cfg.progress), ctx.out / "responses.parquet",
-                     settings=settings)
+    backend = TransformersBackend(lm, progress=cfg.progress)
+    try:  # a killed run with the same settings resumes; one left by other settings is discarded
+        corpus = collect(rows, backend, ctx.out / "responses.parquet", settings=settings)
+    except AtlasError as exc:
+        if "different model or settings" not in str(exc):
+            raise
+        ctx.console.print("[yellow]discarding a partial collection made with other settings[/yellow]")
+        corpus = collect(rows, backend, ctx.out / "responses.parquet", settings=settings, overwrite=True)
     return {"rows": len(corpus)}
 
 

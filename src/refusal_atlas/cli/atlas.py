@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-
 MODEL_HELP = ("`default` (SmolLM2-135M-Instruct, turned into a refusing organism first), a model folder, "
               "a .gguf file or a hub id.")
 
