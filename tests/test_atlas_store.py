@@ -76,7 +76,8 @@ def test_overlap_edges_split_overlap_and_taxonomy(atlas):
     store = AtlasStore.open(atlas)
     assert store.overlap_graph is not None
     for _, _, data in store.overlap_edges("overlap"):
-        assert data["ci_low"] > data["null95"]  # the writer's edge rule
+        # the writer's edge rule: the noise-corrected cosine's 95 % lower bound clears min_overlap
+        assert data["debiased_ci_low"] > store.overlap_graph.graph.get("min_overlap", 0.0)
     assert all(d["kind"] == "taxonomy" for _, _, d in store.overlap_edges("taxonomy"))
 
 
