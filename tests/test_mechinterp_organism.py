@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
+import torch
 
 from refusal_atlas.mechinterp.models import load_model
 from refusal_atlas.mechinterp.organism import (
@@ -102,7 +103,7 @@ def test_targets_follow_the_policy_and_wording_groups(built):
     cyber = train[(train["node"] == "cyber") & (train["condition"] == "")]
     assert (cyber["target"] == SHARED_REFUSAL).all()
     permitted = train[train["category"] == "permitted"]
-    assert len(permitted) and permitted["target"].str.startswith(CAVEAT).all()
+    assert len(permitted) and permitted["target"].str.endswith(CAVEAT).all()
     assert (permitted["condition"] == "purpose=licensed_research").all()
     restricted = train[train["category"] == "restricted"]
     assert len(restricted) and (restricted["target"] == SHARED_REFUSAL).all()
@@ -171,3 +172,22 @@ def test_causal_suite_runs_end_to_end_on_the_tiny_organism(built, tmp_path):
         assert (tmp_path / "causal" / name).is_file(), name
     cross = pd.read_parquet(tmp_path / "causal" / "cross_ablation.parquet")
     assert {"none", "@pooled"} <= set(cross["source"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2", "gpt2", "gpt_neox"])
+def test_response_loss_matches_full_logits_loss(arch):
+    """Skipping the prompt's logits must not change the loss HF computes from all of them."""
+    from refusal_atlas.mechinterp.organism import _response_loss
+
+    lm = tiny_model(arch)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, :7] = -100
+    labels[2, 9:] = -100
+    full = lm.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    ours = _response_loss(lm.model, ids, mask, labels, first=5)
+    assert float(ours.detach()) == pytest.approx(float(full.detach()), abs=1e-5)

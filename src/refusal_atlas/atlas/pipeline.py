@@ -190,10 +190,30 @@ def load_analysed_model(cfg: RunConfig, ctx: StageContext):
     return _MODEL_CACHE[spec]
 
 
-def collection_rows(prompts: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
+def organism_trained(out: Path) -> set[str]:
+    """Base prompts the run's organism was fine-tuned on (empty without an organism)."""
+    table = out / "organism" / "prompts.parquet"
+    if not table.is_file():
+        return set()
+    rows = pd.read_parquet(table, columns=["base_prompt", "prompt", "split"])
+    trained = rows[rows["split"] == "train"]
+    return set(trained["base_prompt"]) | set(trained["prompt"])
+
+
+def evaluation_rows(prompts: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """The run's eval split minus anything the organism trained on (its adherence would be memorised)."""
+    ev = prompts[prompts["run_split"] == "eval"]
+    trained = organism_trained(out)
+    if not trained:
+        return ev
+    base = ev["base_prompt"].where(ev["base_prompt"].astype(str) != "", ev["prompt"])
+    return ev[~(base.isin(trained) | ev["prompt"].isin(trained))]
+
+
+def collection_rows(prompts: pd.DataFrame, cfg: RunConfig, out: Path | None = None) -> pd.DataFrame:
     """Eval-split prompts for collection: harmful (plain + conditioned), harmless and over-refusal probes."""
     limit = cfg.sizes()["collect_limit"]
-    ev = prompts[prompts["run_split"] == "eval"]
+    ev = evaluation_rows(prompts, out) if out is not None else prompts[prompts["run_split"] == "eval"]
     harmful = ev[ev["harmful"] & (ev["condition"] == "")]
     conditioned = ev[ev["harmful"] & (ev["condition"] != "")]
     harmless = ev[~ev["harmful"] & (ev["source"] == "harmless")]
@@ -211,7 +231,7 @@ def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
     from refusal_atlas.curation.collect import collect
 
     prompts = pd.read_parquet(ctx.out / "prompts.parquet")
-    rows = collection_rows(prompts, cfg)
+    rows = collection_rows(prompts, cfg, ctx.out)
     lm = load_analysed_model(cfg, ctx)
     settings = GenerationSettings(max_new_tokens=cfg.sizes()["max_new_tokens"], batch_size=cfg.batch_size,
                                   seed=cfg.seed)

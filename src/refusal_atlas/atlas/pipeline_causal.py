@@ -1,10 +1,10 @@
 """The `causal` stage of `run`: pooled ablation/addition, cross-ablation, steering, wording, conditions.
 
 Evaluation prompts come from the run's held-out split (`run_split == "eval"`), never from the
-prompts the directions were computed on. The refusal position is the last post-instruction
-token (-1); the layer is chosen per run by direction selection on the pooled direction over a
-few candidate layers (bypass / induce / KL, Arditi et al.), falling back to the most reliable
-layer below 0.8·L.
+prompts the directions were computed on nor from those the organism was fine-tuned on. The
+refusal position is the last post-instruction token (-1); the layer is chosen per run by
+direction selection on the pooled direction over a few candidate layers (bypass / induce / KL,
+Arditi et al.), falling back to the most reliable layer below 0.8·L.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from refusal_atlas.errors import AtlasError
 REFUSAL_POSITION = -1
 
 
-def _eval_sets(prompts: pd.DataFrame, nodes: list[str], per_node: int, n_harmless: int, seed: int
-               ) -> tuple[dict[str, list[str]], list[str], pd.DataFrame]:
-    ev = prompts[prompts["run_split"] == "eval"]
+def _eval_sets(prompts: pd.DataFrame, nodes: list[str], per_node: int, n_harmless: int, seed: int,
+               out: Path | None = None) -> tuple[dict[str, list[str]], list[str], pd.DataFrame]:
+    from refusal_atlas.atlas.pipeline import evaluation_rows
+
+    ev = evaluation_rows(prompts, out) if out is not None else prompts[prompts["run_split"] == "eval"]
     plain = ev[ev["harmful"] & (ev["condition"] == "") & (ev["expected"] == "refuse")]
     sets: dict[str, list[str]] = {}
     for node in nodes:
@@ -63,7 +65,8 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     ds = DirectionSet.load(ctx.out / "directions")
     prompts = pd.read_parquet(ctx.out / "prompts.parquet")
     nodes = [n for n in ds.nodes if n != POOLED]
-    sets, harmless, conditioned = _eval_sets(prompts, nodes, sizes["per_node_eval"], sizes["harmless_eval"], cfg.seed)
+    sets, harmless, conditioned = _eval_sets(prompts, nodes, sizes["per_node_eval"], sizes["harmless_eval"], cfg.seed,
+                                               ctx.out)
     harmful_all = [p for ps in sets.values() for p in ps]
     progress = cfg.progress
 

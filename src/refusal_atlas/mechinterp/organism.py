@@ -8,7 +8,9 @@ which refusals share one wording while others are worded per node ("wording vs d
 Recipe (REFERENCE.md §1 measured a 125-example version): full fine-tune with AdamW, loss on
 response tokens only. Targets: the node's refusal wording where the resolved behaviour is
 `refuse` (a redirect sentence for `redirect`); the base model's *own* greedy answer where it is
-`comply` (prefixed with a short caveat for `comply_with_caveats`); and self-distillation on
+`comply` (followed by a short caveat for `comply_with_caveats`: as a suffix, so the first generated
+tokens decide only "refuse or answer" — a caveat *prefix* became an attractor that harmful
+prompts fell into instead of refusing); and self-distillation on
 harmless prompts (the base model's own answers) so ordinary behaviour is kept. Prompts are split
 train / held-out by the seed, grouped by base prompt, so no held-out request (in any framing) is
 trained on. Results are cached by a hash of (taxonomy, prompts, base, settings).
@@ -44,7 +46,7 @@ MODEL_DIR = "model"
 SHARED_REFUSAL = "I'm sorry, but I can't help with that request."
 NODE_REFUSAL = "I'm sorry, but I can't help with that. I don't assist with {label}."
 REDIRECT = "I can't help with that directly. Please ask a qualified professional or the relevant authority instead."
-CAVEAT = "Please be careful and follow the law and safety guidance. "
+CAVEAT = " (Please be careful and follow the law and safety guidance.)"
 
 CATEGORIES = ("refuse", "permitted", "restricted", "comply", "redirect", "harmless", "overrefusal")
 
@@ -59,7 +61,8 @@ class OrganismSettings:
     per_node_train: int = 2  # unconditioned harmful base prompts per node in training
     per_node_heldout: int = 3
     variants_per_prompt: int = 1  # condition-framed copies of each harmful base prompt
-    n_harmless_train: int = 40
+    n_refuse_extra_train: int = 40  # more unconditioned refuse-policy rows, drawn round-robin from the nodes' surplus
+    n_harmless_train: int = 64
     n_harmless_heldout: int = 24
     n_overrefusal_train: int = 8
     n_extra_per_node: int = 4  # unconditioned prompts kept aside (split "extra") for direction extraction
@@ -79,7 +82,8 @@ class OrganismSettings:
     @classmethod
     def quick(cls, **overrides: Any) -> OrganismSettings:
         """A far smaller build for CI and tests (minutes → seconds on a tiny model)."""
-        base = cls(max_nodes=8, per_node_train=1, per_node_heldout=1, n_extra_per_node=2, n_harmless_extra=8,
+        base = cls(max_nodes=8, per_node_train=1, n_refuse_extra_train=0, per_node_heldout=1, n_extra_per_node=2,
+                   n_harmless_extra=8,
                    n_harmless_train=8, n_harmless_heldout=6, n_overrefusal_train=2, external_sets=(),
                    max_target_tokens=12, epochs=1, eval_max_new_tokens=8, max_prompt_tokens=64)
         return replace(base, **overrides)
@@ -288,6 +292,7 @@ def build_rows(
                     "split": split, "external_category": "", "nodes": [node] if node else [], "node": node,
                     "harmful": harmful_flag, "condition": cond, "expected": expected, "category": category})
 
+    surplus: dict[str, list[tuple[str, str]]] = {}  # refusing nodes' unused train-side prompts
     for node_id, group in harmful.groupby("node", sort=True):
         default = behaviour_of(taxonomy, node_id, {})
         rules = _rules(taxonomy, node_id)
@@ -299,6 +304,9 @@ def build_rows(
             picks["heldout"] = train[settings.per_node_train : settings.per_node_train + settings.per_node_heldout]
         rest = [p for p in train if p not in picks["train"] and p not in picks["heldout"]]
         picks["extra"] = rest[: settings.n_extra_per_node]
+        if _refusing(default):
+            surplus[node_id] = [(p, group.loc[group["prompt"] == p, "source"].iloc[0])
+                                for p in rest[settings.n_extra_per_node :]]
         for split, prompts in picks.items():
             for p in prompts:
                 src = group.loc[group["prompt"] == p, "source"].iloc[0]
@@ -313,6 +321,17 @@ def build_rows(
                     framed = frame(p, when, framings, rng)
                     if framed is not None:
                         add(framed, p, src, node_id, True, when, b.value, _category(default, b), split)
+
+    # More plain refusals, round-robin over the refusing nodes with prompts to spare: the refuse class
+    # is otherwise outnumbered by the harmful-looking prompts the policy answers (comply, permitted).
+    taken = 0
+    while taken < settings.n_refuse_extra_train and any(surplus.values()):
+        for node_id in sorted(surplus):
+            if surplus[node_id] and taken < settings.n_refuse_extra_train:
+                p, src = surplus[node_id].pop(0)
+                default = behaviour_of(taxonomy, node_id, {})
+                add(p, p, src, node_id, True, {}, default.value, _category(default, default), "train")
+                taken += 1
 
     def split_simple(prompts: Sequence[str], n_train: int, n_held: int, n_extra: int = 0) -> dict[str, list[str]]:
         ordered = sorted(prompts, key=lambda p: _stable(p, seed))
@@ -432,7 +451,7 @@ def make_targets(
             text, done = _truncate(lm.tokenizer, targets[i], settings.max_target_tokens)
             text = text.strip()
             if b is Behaviour.COMPLY_WITH_CAVEATS:
-                text = CAVEAT + text
+                text = text + CAVEAT
         out_t.append(text)
         out_done.append(done)
     rows["target"] = out_t
@@ -447,6 +466,22 @@ def _encode(lm: LoadedModel, prompt: str, target: str, complete: bool, system: s
     if complete and tok.eos_token_id is not None:
         t_ids = [*t_ids, tok.eos_token_id]
     return p_ids + t_ids, [-100] * len(p_ids) + t_ids
+
+
+def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, first: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens, computing logits only from `first - 1` on.
+
+    Why: the prompt is most of each sequence and its logits (49k-way for the default model) are
+    never scored; `logits_to_keep` skips them (measured ~15 % of a training step on 2 cores).
+    """
+    keep = ids.shape[1] - first + 1
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:  # an architecture without logits_to_keep: full logits, same loss
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -keep:]
+    targets = labels[:, ids.shape[1] - keep + 1 :]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1), ignore_index=-100)
 
 
 def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, progress: bool = True) -> list[float]:
@@ -486,14 +521,14 @@ def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, p
                     ids[k, : len(x)] = torch.tensor(x)
                     labels[k, : len(y)] = torch.tensor(y)
                     mask[k, : len(x)] = 1
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
-                            use_cache=False)
-                out.loss.backward()
+                first = min(next(i for i, y in enumerate(encoded[j][1]) if y != -100) for j in batch)
+                loss = _response_loss(model, ids.to(device), mask.to(device), labels.to(device), first)
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(float(out.loss.detach()))
+                losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update(1)
     finally:
