@@ -78,3 +78,29 @@ def test_analysis_nodes_roll_prompts_up_to_their_branch():
     assert rolled["analysis_node"].tolist() == ["weapons", "cyber", "", "weapons"]
     frame = rolled.assign(condition="", expected="refuse", run_split="train")
     assert analysis_nodes(frame, RunConfig(min_prompts=2)) == ["weapons"]
+
+
+def test_size_overrides_parse_and_reject_bad_keys():
+    from refusal_atlas.atlas.pipeline import parse_sizes
+    from refusal_atlas.errors import AtlasError
+
+    known = RunConfig().sizes()
+    assert parse_sizes(["collect_limit=600", "per_node_eval=16"], known) == {"collect_limit": 600, "per_node_eval": 16}
+    cfg = RunConfig(extra={"sizes": parse_sizes(["max_nodes=3"], known)})
+    assert cfg.sizes()["max_nodes"] == 3 and cfg.sizes()["collect_limit"] == known["collect_limit"]
+    for bad, why in (("colect_limit=5", "KEY=INT"), ("collect_limit", "KEY=INT"), ("collect_limit=x", "integer"),
+                     ("collect_limit=0", "at least 1")):
+        with pytest.raises(AtlasError, match=why):
+            parse_sizes([bad], known)
+
+
+def test_evaluation_rows_exclude_what_the_organism_trained_on(tmp_path):
+    from refusal_atlas.atlas.pipeline import evaluation_rows
+
+    (tmp_path / "organism").mkdir()
+    pd.DataFrame({"base_prompt": ["a", "b", "c"], "prompt": ["a", "As a chemist: b", "c"],
+                  "split": ["train", "train", "heldout"]}).to_parquet(tmp_path / "organism" / "prompts.parquet")
+    prompts = pd.DataFrame({"prompt": ["a", "As a minor: b", "c", "d", "e"], "base_prompt": ["", "b", "", "", ""],
+                            "run_split": ["eval", "eval", "eval", "eval", "train"]})
+    assert evaluation_rows(prompts, tmp_path)["prompt"].tolist() == ["c", "d"]
+    assert evaluation_rows(prompts, tmp_path / "no-organism")["prompt"].tolist() == ["a", "As a minor: b", "c", "d"]

@@ -42,7 +42,7 @@ class RunConfig:
     seed: int = 0
     sets: tuple[str, ...] = ("harmbench", "strongreject", "harmless", "overrefusal", "taxonomy")
     organism: bool | None = None  # None: build one when the model is `default` (it never refuses)
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
     batch_size: int = 16
     min_prompts: int = 8
     max_nodes: int | None = None
@@ -60,10 +60,28 @@ class RunConfig:
                      "max_nodes": self.max_nodes or 4, "collect_limit": 120, "max_new_tokens": 16,
                      "cluster_seeds": 3}
         else:
-            sizes = {"per_node_train": 32, "per_node_eval": 16, "harmless_train": 128, "harmless_eval": 48,
-                     "max_nodes": self.max_nodes or 10, "collect_limit": 600, "max_new_tokens": self.max_new_tokens,
-                     "cluster_seeds": 5}
+            # Budgeted so `make run` stays within ~15 min on 2 CPU cores (organism ~9 of them); raise with
+            # `--size key=value` (or RunConfig.extra["sizes"]) on a bigger machine.
+            sizes = {"per_node_train": 24, "per_node_eval": 6, "harmless_train": 64, "harmless_eval": 16,
+                     "max_nodes": self.max_nodes or 6, "collect_limit": 160, "max_new_tokens": self.max_new_tokens,
+                     "cluster_seeds": 5, "condition_per_node": 32}
         return {**sizes, **self.extra.get("sizes", {})}
+
+
+def parse_sizes(items: list[str], known: dict[str, int]) -> dict[str, int]:
+    """`KEY=INT` overrides of the stage budgets; an unknown key or a non-integer is a one-line error."""
+    out: dict[str, int] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise AtlasError(f"--size {item!r}: expected KEY=INT with KEY one of {', '.join(sorted(known))}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise AtlasError(f"--size {item!r}: {value!r} is not an integer") from None
+        if out[key] < 1:
+            raise AtlasError(f"--size {item!r}: must be at least 1")
+    return out
 
 
 def _taxonomy(cfg: RunConfig):

@@ -51,6 +51,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
         condition_table,
         cross_ablation,
         discover_tokens,
+        first_token_scores,
         plot_cross_ablation,
         plot_steering,
         pooled_ablation_and_steering,
@@ -106,12 +107,16 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
 
     cond_summary: dict[str, Any] = {}
     if len(conditioned):
-        per_node_cap = 24 if cfg.quick else 60
+        # Refusal here is the greedy first token (one forward pass per prompt, no generation), so every
+        # condition variant of the eval split can be afforded; the projection is read in the same pass's layer.
+        per_node_cap = 24 if cfg.quick else sizes.get("condition_per_node", 48)
         rows = conditioned.sample(frac=1.0, random_state=cfg.seed).groupby("analysis_node").head(per_node_cap)
-        rows = rows.assign(node=rows["analysis_node"])
+        rows = rows.assign(node=rows["analysis_node"]).reset_index(drop=True)
+        _, first = first_token_scores(lm, rows["prompt"].tolist(), tokens.ids, batch_size=cfg.batch_size)
         table = condition_table(lm, ds, rows[["prompt", "node", "condition", "expected"]], layer=layer,
                                 position=REFUSAL_POSITION, batch_size=cfg.batch_size, progress=progress,
-                                seed=cfg.seed, max_new_tokens=12)
+                                seed=cfg.seed, refused=first)
+        table["refusal_measure"] = "first_token"
         save_table(table, out / "conditions.parquet")
         changed = table[table["condition"] != "(none)"]
         cond_summary = {"rows": len(table),

@@ -26,14 +26,19 @@ def register(app: typer.Typer) -> None:
                                                            "(default: only for `default`).")] = None,
         min_prompts: Annotated[int, typer.Option(help="Minimum training prompts for a node's direction.")] = 8,
         max_nodes: Annotated[int | None, typer.Option(help="At most this many analysis nodes.")] = None,
+        size: Annotated[list[str] | None, typer.Option(
+            help="Override a stage budget, KEY=INT (repeatable), e.g. --size collect_limit=600 --size "
+                 "per_node_eval=16; keys: see `RunConfig.sizes()`.")] = None,
     ) -> None:
         """Run every stage, from the taxonomy to report.html (cached; a rerun resumes)."""
         from rich.console import Console
 
-        from refusal_atlas.atlas.pipeline import RunConfig, run
+        from refusal_atlas.atlas.pipeline import RunConfig, parse_sizes, run
 
         cfg = RunConfig(model=model, taxonomy=taxonomy, out=out, quick=quick, resume=resume, seed=seed,
                         organism=organism, min_prompts=min_prompts, max_nodes=max_nodes)
+        if size:
+            cfg.extra["sizes"] = parse_sizes(size, cfg.sizes())
         console = Console(stderr=True)
         result = run(cfg, console)
         m = result["metrics"]

@@ -73,7 +73,9 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0,
     return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
-def _scores(lm, prompts, ids, intervention, batch_size, system):
+def first_token_scores(lm, prompts, ids, intervention=None, batch_size=16, system=None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(refusal log-odds, does the greedy first token open a refusal) per prompt: one forward pass, no generation."""
     logp = next_token_logprobs(lm, prompts, intervention=intervention, batch_size=batch_size, system=system)
     odds = refusal_logodds(logp, ids)
     first = np.isin(logp.argmax(-1).numpy(), np.asarray(ids))
@@ -147,7 +149,7 @@ def cross_ablation(
     rows = []
     for source, method, intervention in tqdm(jobs, desc="cross-ablate", unit="ablation", disable=not progress,
                                              dynamic_ncols=True):
-        odds, first = _scores(lm, flat, ids, intervention, batch_size, system)
+        odds, first = first_token_scores(lm, flat, ids, intervention, batch_size, system)
         marker = _marker_rate(lm, flat, intervention, max_new_tokens, batch_size, system) if generate_rates else None
         if intervention is None:
             kl = 0.0
@@ -206,12 +208,12 @@ def steering(
     """Add each node's direction (natural norm × coeff) at each layer on harmless prompts → induced refusal."""
     ids = tokens.ids if isinstance(tokens, RefusalTokens) else list(tokens)
     jobs = [(n, layer, c) for n in nodes for layer in layers for c in coeffs]
-    base_odds, base_first = _scores(lm, harmless, ids, None, batch_size, system)
+    base_odds, base_first = first_token_scores(lm, harmless, ids, None, batch_size, system)
     rows = []
     for node, layer, coeff in tqdm(jobs, desc="steer", unit="run", disable=not progress, dynamic_ncols=True):
         vec = directions.get(node, layer, position, method)
         add = addition(lm.model, vec, layer, coeff=coeff, at=at)
-        odds, first = _scores(lm, harmless, ids, add, batch_size, system)
+        odds, first = first_token_scores(lm, harmless, ids, add, batch_size, system)
         marker = _marker_rate(lm, harmless, add, max_new_tokens, batch_size, system) if generate_rates else None
         rows.append({"node": node, "layer": layer, "coeff": coeff, "position": position_label(position),
                      "method": method, "n": len(harmless), "norm": float(vec.norm()),

@@ -75,6 +75,7 @@ class OrganismSettings:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 3
+    frozen_layers_fraction: float = 0.4  # embeddings + the lowest 40 % of blocks stay the base model's
     eval_max_new_tokens: int = 12
     specific_wording_roots: tuple[str, ...] | None = None  # None: every other root (sorted)
     system: str | None = None
@@ -484,6 +485,37 @@ def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
                                              targets.reshape(-1), ignore_index=-100)
 
 
+def _trainable(model: torch.nn.Module, frozen_fraction: float) -> list[torch.nn.Parameter]:
+    """Freeze the input embeddings and the lowest `frozen_fraction` of blocks; return the rest.
+
+    Why: backward then stops at the first trained block (about a quarter less compute per step on
+    2 cores), and the organism gets a planted fact to check the toolkit against — its refusal can
+    only be *computed* from that block on, while harm detection below it is the base model's own.
+    """
+    from refusal_atlas.mechinterp.blocks import decoder_blocks
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if frozen_fraction > 0:
+        blocks = decoder_blocks(model)
+        k = int(len(blocks) * frozen_fraction)
+        model.get_input_embeddings().weight.requires_grad_(False)
+        for block in list(blocks)[:k]:
+            for p in block.parameters():
+                p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _first_trained_block(model: torch.nn.Module) -> int:
+    """Index of the lowest block the fine-tune changed (0 when nothing was frozen)."""
+    from refusal_atlas.mechinterp.blocks import decoder_blocks
+
+    for i, block in enumerate(decoder_blocks(model)):
+        if any(p.requires_grad for p in block.parameters()):
+            return i
+    return 0
+
+
 def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, progress: bool = True) -> list[float]:
     """Full fine-tune with AdamW, loss on response tokens only; returns the per-step losses."""
     model = lm.model
@@ -491,7 +523,7 @@ def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, p
     rng = random.Random(settings.seed)
     encoded = [_encode(lm, r.prompt, r.target, bool(r.target_complete), settings.system) for r in train.itertuples()]
     pad = lm.tokenizer.pad_token_id
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = _trainable(model, settings.frozen_layers_fraction)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     bs = settings.batch_size
     steps_per_epoch = (len(encoded) + bs - 1) // bs
@@ -773,6 +805,7 @@ def build_organism(
         "counts": {"train": train["category"].value_counts().to_dict(),
                    "heldout": held["category"].value_counts().to_dict()},
         "losses": {"first": losses[:5], "last": losses[-5:], "n_steps": len(losses)},
+        "first_trained_block": _first_trained_block(lm.model),
         "metrics": metrics,
         "timings": timings,
         "seconds": seconds,
