@@ -191,3 +191,34 @@ def test_response_loss_matches_full_logits_loss(arch):
     full = lm.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
     ours = _response_loss(lm.model, ids, mask, labels, first=5)
     assert float(ours.detach()) == pytest.approx(float(full.detach()), abs=1e-5)
+
+
+def test_lowest_blocks_and_embeddings_stay_the_base_models(built):
+    """The planted layer fact: with 4 blocks and 40 % frozen, block 0 and the embeddings are untouched."""
+    lm, out, result = built
+    info = json.loads((out / "organism.json").read_text())
+    assert info["first_trained_block"] == int(4 * SETTINGS.frozen_layers_fraction) == 1
+    tuned = load_model(result.model_dir).model.state_dict()
+    base = lm.model.state_dict()  # build_organism fine-tunes a copy; the fixture's model is the base
+    frozen = [k for k in base if ".layers.0." in k or "embed_tokens" in k]
+    trained = [k for k in base if ".layers.3." in k and k.endswith("weight")]
+    assert frozen and trained
+    assert all(torch.equal(base[k], tuned[k]) for k in frozen)
+    assert any(not torch.equal(base[k], tuned[k]) for k in trained)
+
+
+def test_decision_token_weight_counts_the_first_response_token_more():
+    from refusal_atlas.mechinterp.organism import _response_loss
+
+    lm = tiny_model("llama")
+    torch.manual_seed(1)
+    ids = torch.randint(5, 100, (2, 8))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    logits = lm.model(input_ids=ids, attention_mask=mask).logits[:, 4:-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 5:].reshape(-1),
+                                           reduction="none").view(2, 3)
+    expected = (3 * ce[:, 0].sum() + ce[:, 1:].sum()) / (2 * 3 + 2 * 2)
+    got = _response_loss(lm.model, ids, mask, labels, first=5, decision_weight=3.0)
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)

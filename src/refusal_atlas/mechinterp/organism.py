@@ -75,6 +75,7 @@ class OrganismSettings:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 3
+    decision_token_weight: float = 3.0  # loss weight of each response's first token (refuse or answer?)
     frozen_layers_fraction: float = 0.4  # embeddings + the lowest 40 % of blocks stay the base model's
     eval_max_new_tokens: int = 12
     specific_wording_roots: tuple[str, ...] | None = None  # None: every other root (sorted)
@@ -469,11 +470,14 @@ def _encode(lm: LoadedModel, prompt: str, target: str, complete: bool, system: s
     return p_ids + t_ids, [-100] * len(p_ids) + t_ids
 
 
-def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, first: int) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens, computing logits only from `first - 1` on.
+def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, first: int,
+                   decision_weight: float = 1.0) -> torch.Tensor:
+    """Weighted mean next-token cross-entropy over response tokens, logits computed only from `first - 1` on.
 
     Why: the prompt is most of each sequence and its logits (49k-way for the default model) are
     never scored; `logits_to_keep` skips them (measured ~15 % of a training step on 2 cores).
+    `decision_weight` multiplies the loss of each response's first token — the token where the
+    model decides between refusing and answering; the rest of a refusal is near-deterministic.
     """
     keep = ids.shape[1] - first + 1
     try:
@@ -481,8 +485,14 @@ def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
     except TypeError:  # an architecture without logits_to_keep: full logits, same loss
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -keep:]
     targets = labels[:, ids.shape[1] - keep + 1 :]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             targets.reshape(-1), ignore_index=-100)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           ignore_index=-100, reduction="none").view_as(targets)
+    scored = (targets != -100).float()
+    weights = scored.clone()
+    if decision_weight != 1.0:
+        first_scored = scored.cumsum(1).eq(1) & scored.bool()
+        weights = torch.where(first_scored, torch.full_like(weights, decision_weight), weights)
+    return (ce * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def _trainable(model: torch.nn.Module, frozen_fraction: float) -> list[torch.nn.Parameter]:
@@ -554,7 +564,8 @@ def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, p
                     labels[k, : len(y)] = torch.tensor(y)
                     mask[k, : len(x)] = 1
                 first = min(next(i for i, y in enumerate(encoded[j][1]) if y != -100) for j in batch)
-                loss = _response_loss(model, ids.to(device), mask.to(device), labels.to(device), first)
+                loss = _response_loss(model, ids.to(device), mask.to(device), labels.to(device), first,
+                                      settings.decision_token_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
