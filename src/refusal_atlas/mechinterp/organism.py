@@ -60,17 +60,17 @@ class OrganismSettings:
     max_nodes: int | None = 32  # None: every node with prompts; else a stratified subset
     per_node_train: int = 2  # unconditioned harmful base prompts per node in training
     per_node_heldout: int = 3
-    variants_per_prompt: int = 1  # condition-framed copies of each harmful base prompt
-    n_refuse_extra_train: int = 40  # more unconditioned refuse-policy rows, drawn round-robin from the nodes' surplus
-    n_harmless_train: int = 64
+    variants_per_prompt: int = 2  # condition-framed copies of each harmful base prompt
+    n_refuse_extra_train: int = 48  # more unconditioned refuse-policy rows, drawn round-robin from the nodes' surplus
+    n_harmless_train: int = 160
     n_harmless_heldout: int = 24
     n_overrefusal_train: int = 8
     n_extra_per_node: int = 4  # unconditioned prompts kept aside (split "extra") for direction extraction
     n_harmless_extra: int = 48
     external_sets: tuple[str, ...] = ("harmbench", "strongreject")
     max_prompt_tokens: int = 80
-    max_target_tokens: int = 20
-    epochs: int = 3
+    max_target_tokens: int = 16
+    epochs: int = 2
     batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -334,6 +334,14 @@ def build_rows(
                 default = behaviour_of(taxonomy, node_id, {})
                 add(p, p, src, node_id, True, {}, default.value, _category(default, default), "train")
                 taken += 1
+                # and the same request under a loosening condition: a contrastive pair that teaches the
+                # framing, not the topic, to flip the decision
+                loosen = [(w, b) for w, b in _rules(taxonomy, node_id) if _category(default, b) == "permitted"]
+                if loosen:
+                    when, b = rng.choice(loosen)
+                    framed = frame(p, when, framings, rng)
+                    if framed is not None:
+                        add(framed, p, src, node_id, True, when, b.value, "permitted", "train")
 
     def split_simple(prompts: Sequence[str], n_train: int, n_held: int, n_extra: int = 0) -> dict[str, list[str]]:
         ordered = sorted(prompts, key=lambda p: _stable(p, seed))
