@@ -61,6 +61,7 @@ class OrganismSettings:
     per_node_train: int = 2  # unconditioned harmful base prompts per node in training
     per_node_heldout: int = 3
     variants_per_prompt: int = 2  # condition-framed copies of each harmful base prompt
+    extra_permitted_variants: int = 2  # more loosening-framed copies of each training prompt (other templates)
     n_refuse_extra_train: int = 48  # more unconditioned refuse-policy rows, drawn round-robin from the nodes' surplus
     n_harmless_train: int = 160
     n_harmless_heldout: int = 24
@@ -319,7 +320,11 @@ def build_rows(
                 # condition variants: loosening and tightening rules first, then the rest
                 ranked = sorted(rules, key=lambda wb: (_category(default, wb[1]) in ("refuse", "comply"),
                                                        rng.random()))
-                for when, b in ranked[: settings.variants_per_prompt]:
+                chosen = ranked[: settings.variants_per_prompt]
+                if split == "train":  # loosening framings are the rarest lesson: train on more of them
+                    loosen = [wb for wb in rules if _category(default, wb[1]) == "permitted"]
+                    chosen += [rng.choice(loosen) for _ in range(settings.extra_permitted_variants)] if loosen else []
+                for when, b in chosen:
                     framed = frame(p, when, framings, rng)
                     if framed is not None:
                         add(framed, p, src, node_id, True, when, b.value, _category(default, b), split)
