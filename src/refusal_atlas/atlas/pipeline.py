@@ -58,13 +58,13 @@ class RunConfig:
         if self.quick:
             sizes = {"per_node_train": 10, "per_node_eval": 6, "harmless_train": 40, "harmless_eval": 16,
                      "max_nodes": self.max_nodes or 4, "collect_limit": 120, "max_new_tokens": 16,
-                     "cluster_seeds": 3}
+                     "cluster_seeds": 3, "max_prompt_chars": 320}
         else:
             # Budgeted so `make run` stays within ~15 min on 2 CPU cores (organism ~9 of them); raise with
             # `--size key=value` (or RunConfig.extra["sizes"]) on a bigger machine.
             sizes = {"per_node_train": 24, "per_node_eval": 6, "harmless_train": 64, "harmless_eval": 16,
                      "max_nodes": self.max_nodes or 6, "collect_limit": 160, "max_new_tokens": self.max_new_tokens,
-                     "cluster_seeds": 5, "condition_per_node": 32}
+                     "cluster_seeds": 5, "condition_per_node": 32, "max_prompt_chars": 320}
         return {**sizes, **self.extra.get("sizes", {})}
 
 
@@ -208,6 +208,16 @@ def load_analysed_model(cfg: RunConfig, ctx: StageContext):
     return _MODEL_CACHE[spec]
 
 
+def model_prompts(out: Path, cfg: RunConfig) -> pd.DataFrame:
+    """The run's prompt table minus prompts longer than `max_prompt_chars`, for every stage that runs the model.
+
+    Why: a fifth of HarmBench's prompts carry a long context (up to ~3,800 characters); one of them
+    pads a whole batch to hundreds of tokens, and on a CPU every forward pass costs in proportion.
+    """
+    prompts = pd.read_parquet(out / "prompts.parquet")
+    return prompts[prompts["prompt"].str.len() <= cfg.sizes()["max_prompt_chars"]].reset_index(drop=True)
+
+
 def organism_trained(out: Path) -> set[str]:
     """Base prompts the run's organism was fine-tuned on (empty without an organism)."""
     table = out / "organism" / "prompts.parquet"
@@ -248,7 +258,7 @@ def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
     from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
     from refusal_atlas.curation.collect import collect
 
-    prompts = pd.read_parquet(ctx.out / "prompts.parquet")
+    prompts = model_prompts(ctx.out, cfg)
     rows = collection_rows(prompts, cfg, ctx.out)
     lm = load_analysed_model(cfg, ctx)
     settings = GenerationSettings(max_new_tokens=cfg.sizes()["max_new_tokens"], batch_size=cfg.batch_size,
@@ -294,7 +304,7 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
     from refusal_atlas.mechinterp.extract import extract_directions
 
     sizes = cfg.sizes()
-    prompts = pd.read_parquet(ctx.out / "prompts.parquet")
+    prompts = model_prompts(ctx.out, cfg)
     nodes = analysis_nodes(prompts, cfg)
     if len(nodes) < 2:
         raise AtlasError(f"only {len(nodes)} taxonomy branch(es) have ≥ {cfg.min_prompts} refused-by-policy prompts; "

@@ -64,7 +64,9 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     sizes = cfg.sizes()
     ds = DirectionSet.load(ctx.out / "directions")
-    prompts = pd.read_parquet(ctx.out / "prompts.parquet")
+    from refusal_atlas.atlas.pipeline import model_prompts
+
+    prompts = model_prompts(ctx.out, cfg)
     nodes = [n for n in ds.nodes if n != POOLED]
     sets, harmless, conditioned = _eval_sets(prompts, nodes, sizes["per_node_eval"], sizes["harmless_eval"], cfg.seed,
                                                ctx.out)
