@@ -222,3 +222,17 @@ def test_decision_token_weight_counts_the_first_response_token_more():
     expected = (3 * ce[:, 0].sum() + ce[:, 1:].sum()) / (2 * 3 + 2 * 2)
     got = _response_loss(lm.model, ids, mask, labels, first=5, decision_weight=3.0)
     assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_refusal_like_base_answers_are_not_compliance_targets():
+    from refusal_atlas.mechinterp.organism import drop_refusal_like_answers
+
+    rows = pd.DataFrame({
+        "split": ["train", "train", "train", "heldout"],
+        "expected": ["comply_with_caveats", "comply", "refuse", "comply"],
+        "target": ["I'm sorry for any confusion, but I cannot provide that.", "Sure: first, preheat the oven.",
+                   SHARED_REFUSAL, ""],
+    })
+    kept, dropped = drop_refusal_like_answers(rows)
+    assert dropped == 1
+    assert kept["target"].tolist() == ["Sure: first, preheat the oven.", SHARED_REFUSAL, ""]

@@ -474,6 +474,22 @@ def make_targets(
     return rows
 
 
+def drop_refusal_like_answers(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Drop training rows whose compliance target (the base's own answer) reads as a refusal.
+
+    Why: the base model sometimes opens with "I'm sorry for any confusion, but..." — taught as
+    what *complying* looks like, that blurs the one decision the organism must learn.
+    """
+    from refusal_atlas.mechinterp.scoring import refusal_flags
+
+    comply = (rows["split"] == "train") & ~rows["expected"].map(lambda e: _refusing(Behaviour(e)))
+    if not comply.any():
+        return rows, 0
+    flagged = pd.Series(False, index=rows.index)
+    flagged[comply] = refusal_flags(list(rows.loc[comply, "target"]))[0]
+    return rows[~flagged].reset_index(drop=True), int(flagged.sum())
+
+
 def _encode(lm: LoadedModel, prompt: str, target: str, complete: bool, system: str | None) -> tuple[list, list]:
     tok = lm.tokenizer
     p_ids = tok(lm.chat_prompt(prompt, system=system), add_special_tokens=False)["input_ids"]
@@ -769,6 +785,10 @@ def build_organism(
     rows = build_rows(tax, settings, harmful, harmless, over, framings, lm.tokenizer)
     rows = make_targets(lm, tax, rows, groups, settings, progress=progress, answers_cache=out / "base_answers.json",
                         base_id=base_id)
+    rows, dropped = drop_refusal_like_answers(rows)
+    if dropped:
+        notes.append(f"{dropped} training rows dropped: the base model's answer, meant as a compliance target, "
+                     "reads as a refusal to the marker detector")
     timings["targets"] = time.perf_counter() - t
 
     train = rows[rows["split"] == "train"].reset_index(drop=True)
