@@ -42,7 +42,7 @@ class RunConfig:
     seed: int = 0
     sets: tuple[str, ...] = ("harmbench", "strongreject", "harmless", "overrefusal", "taxonomy")
     organism: bool | None = None  # None: build one when the model is `default` (it never refuses)
-    max_new_tokens: int = 24
+    max_new_tokens: int = 20
     batch_size: int = 16
     min_prompts: int = 8
     max_nodes: int | None = None
@@ -63,7 +63,7 @@ class RunConfig:
             # Budgeted so `make run` stays within ~15 min on 2 CPU cores (organism ~9 of them); raise with
             # `--size key=value` (or RunConfig.extra["sizes"]) on a bigger machine.
             sizes = {"per_node_train": 24, "per_node_eval": 6, "harmless_train": 64, "harmless_eval": 16,
-                     "max_nodes": self.max_nodes or 6, "collect_limit": 160, "max_new_tokens": self.max_new_tokens,
+                     "max_nodes": self.max_nodes or 6, "collect_limit": 144, "max_new_tokens": self.max_new_tokens,
                      "cluster_seeds": 5, "condition_per_node": 32, "max_prompt_chars": 320}
         return {**sizes, **self.extra.get("sizes", {})}
 

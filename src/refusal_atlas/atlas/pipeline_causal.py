@@ -19,6 +19,7 @@ from refusal_atlas.atlas.stages import StageContext, write_json_atomic
 from refusal_atlas.errors import AtlasError
 
 REFUSAL_POSITION = -1
+NEW_TOKENS = 16  # generated tokens behind every marker-detector refusal rate of this stage
 
 
 def _eval_sets(prompts: pd.DataFrame, nodes: list[str], per_node: int, n_harmless: int, seed: int,
@@ -75,7 +76,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
 
     # Refusal-opening tokens, discovered from the model's own generations on held-out prompts.
     try:
-        tokens, refused_h, refused_hl = discover_tokens(lm, harmful_all, harmless, max_new_tokens=12,
+        tokens, refused_h, refused_hl = discover_tokens(lm, harmful_all, harmless, max_new_tokens=NEW_TOKENS,
                                                         progress=progress)
     except AtlasError as exc:  # a model that never refuses has nothing to ablate: say so, keep the atlas
         ctx.console.print(f"[yellow]causal tests skipped: {exc}[/yellow]")
@@ -92,8 +93,10 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     layer = int(selection.layer)
     write_json_atomic(out / "selection.json", selection.to_dict())
 
+    # the un-ablated generations are the ones the refusal tokens were discovered from (same prompts, settings)
     headline = pooled_ablation_and_steering(lm, ds, harmful_all, harmless, layer=layer, position=REFUSAL_POSITION,
-                                            max_new_tokens=16, batch_size=cfg.batch_size, progress=progress)
+                                            max_new_tokens=NEW_TOKENS, batch_size=cfg.batch_size, progress=progress,
+                                            before=refused_h, harmless_before=refused_hl)
     write_json_atomic(out / "pooled.json", headline)
 
     cross = cross_ablation(lm, ds, sets, harmless, tokens, layer=layer, position=REFUSAL_POSITION,
@@ -101,7 +104,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     save_table(cross, out / "cross_ablation.parquet")
     plot_cross_ablation(cross, out / "cross_ablation.png")
 
-    steer_layers = sorted({*candidates, layer})
+    steer_layers = sorted({candidates[0], candidates[len(candidates) // 2], layer})
     steer = steering(lm, ds, [*nodes, POOLED], harmless[: max(8, len(harmless) // 2)], tokens, layers=steer_layers,
                      position=REFUSAL_POSITION, generate_rates=False, batch_size=cfg.batch_size, progress=progress)
     save_table(steer, out / "steering.parquet")

@@ -508,17 +508,27 @@ def pooled_ablation_and_steering(
     batch_size: int = 16,
     system: str | None = None,
     progress: bool = True,
+    before: Sequence[bool] | None = None,
+    harmless_before: Sequence[bool] | None = None,
 ) -> dict:
     """The headline causal test (REFERENCE.md §5) with the pooled direction, measured by generation.
 
     Ablation (unit direction, every layer) on harmful prompts: refusal before / after and the
     harmless KL; addition (raw mean difference × coeff at `layer`) on harmless prompts: induced refusal.
+    `before` / `harmless_before`: un-intervened refusal flags already generated for the same prompts
+    with the same settings (e.g. by `discover_tokens`), so they are not generated twice.
     """
     vec = directions.get(POOLED_LABEL, layer, position)
     abl = ablation(lm.model, vec)
-    before = _marker_rate(lm, harmful_eval, None, max_new_tokens, batch_size, system)
+    if before is not None and len(before) != len(harmful_eval):
+        raise AtlasError(f"pooled test: {len(before)} baseline flags for {len(harmful_eval)} harmful prompts")
+    if harmless_before is not None and len(harmless_before) != len(harmless_eval):
+        raise AtlasError(f"pooled test: {len(harmless_before)} flags for {len(harmless_eval)} harmless prompts")
+    before = (np.asarray(before, dtype=bool) if before is not None
+              else _marker_rate(lm, harmful_eval, None, max_new_tokens, batch_size, system))
     after = _marker_rate(lm, harmful_eval, abl, max_new_tokens, batch_size, system)
-    harmless_before = _marker_rate(lm, harmless_eval, None, max_new_tokens, batch_size, system)
+    harmless_before = (np.asarray(harmless_before, dtype=bool) if harmless_before is not None
+                       else _marker_rate(lm, harmless_eval, None, max_new_tokens, batch_size, system))
     kl = float(kl_from_logprobs(
         clean_logprobs(lm, harmless_eval, batch_size=batch_size, system=system)[0],
         next_token_logprobs(lm, harmless_eval, intervention=abl, batch_size=batch_size, system=system)).mean())

@@ -63,7 +63,7 @@ class OrganismSettings:
     variants_per_prompt: int = 2  # condition-framed copies of each harmful base prompt
     extra_permitted_variants: int = 2  # more loosening-framed copies of each training prompt (other templates)
     n_refuse_extra_train: int = 48  # more unconditioned refuse-policy rows, drawn round-robin from the nodes' surplus
-    n_harmless_train: int = 160
+    n_harmless_train: int = 128
     n_harmless_heldout: int = 24
     n_overrefusal_train: int = 8
     n_extra_per_node: int = 4  # unconditioned prompts kept aside (split "extra") for direction extraction
