@@ -296,9 +296,11 @@ def build_rows(
                     "harmful": harmful_flag, "condition": cond, "expected": expected, "category": category})
 
     surplus: dict[str, list[tuple[str, str]]] = {}  # refusing nodes' unused train-side prompts
+    loosening: dict[str, list[tuple[dict[str, str], Behaviour]]] = {}  # rules that turn a refusal into an answer
     for node_id, group in harmful.groupby("node", sort=True):
         default = behaviour_of(taxonomy, node_id, {})
         rules = _rules(taxonomy, node_id)
+        loosening[node_id] = [wb for wb in rules if _category(default, wb[1]) == "permitted"]
         ordered = sorted(group["prompt"], key=lambda p: _stable(p, seed))
         held = [p for p in ordered if _stable(p, seed + 7919) < settings.heldout_fraction]
         train = [p for p in ordered if p not in held]
@@ -321,9 +323,8 @@ def build_rows(
                 ranked = sorted(rules, key=lambda wb: (_category(default, wb[1]) in ("refuse", "comply"),
                                                        rng.random()))
                 chosen = ranked[: settings.variants_per_prompt]
-                if split == "train":  # loosening framings are the rarest lesson: train on more of them
-                    loosen = [wb for wb in rules if _category(default, wb[1]) == "permitted"]
-                    chosen += [rng.choice(loosen) for _ in range(settings.extra_permitted_variants)] if loosen else []
+                if split == "train" and loosening[node_id]:  # the rarest lesson: train on more of them
+                    chosen += [rng.choice(loosening[node_id]) for _ in range(settings.extra_permitted_variants)]
                 for when, b in chosen:
                     framed = frame(p, when, framings, rng)
                     if framed is not None:
@@ -341,9 +342,8 @@ def build_rows(
                 taken += 1
                 # and the same request under a loosening condition: a contrastive pair that teaches the
                 # framing, not the topic, to flip the decision
-                loosen = [(w, b) for w, b in _rules(taxonomy, node_id) if _category(default, b) == "permitted"]
-                if loosen:
-                    when, b = rng.choice(loosen)
+                if loosening[node_id]:
+                    when, b = rng.choice(loosening[node_id])
                     framed = frame(p, when, framings, rng)
                     if framed is not None:
                         add(framed, p, src, node_id, True, when, b.value, "permitted", "train")
@@ -504,7 +504,7 @@ def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
     """Weighted mean next-token cross-entropy over response tokens, logits computed only from `first - 1` on.
 
     Why: the prompt is most of each sequence and its logits (49k-way for the default model) are
-    never scored; `logits_to_keep` skips them (measured ~15 % of a training step on 2 cores).
+    never scored; `logits_to_keep` skips computing them.
     `decision_weight` multiplies the loss of each response's first token — the token where the
     model decides between refusing and answering; the rest of a refusal is near-deterministic.
     """
