@@ -113,7 +113,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     cond_summary: dict[str, Any] = {}
     if len(conditioned):
         # Refusal here is the greedy first token (one forward pass per prompt, no generation), so every
-        # condition variant of the eval split can be afforded; the projection is read in the same pass's layer.
+        # condition variant of the eval split can be afforded; the projection comes from a capture pass.
         per_node_cap = 24 if cfg.quick else sizes.get("condition_per_node", 48)
         rows = conditioned.sample(frac=1.0, random_state=cfg.seed).groupby("analysis_node").head(per_node_cap)
         rows = rows.assign(node=rows["analysis_node"]).reset_index(drop=True)
