@@ -34,6 +34,7 @@ from refusal_atlas.errors import AtlasError
 from refusal_atlas.mechinterp.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.mechinterp.generation import length_buckets
 from refusal_atlas.mechinterp.models import LoadedModel
+from refusal_atlas.mechinterp.prefix import SharedPrefix, plan_prefix
 from refusal_atlas.mechinterp.positions import (
     Position,
     PromptTokens,
@@ -116,7 +117,7 @@ class Activations:
         return cls(acts, layers, positions, n_tokens, meta)
 
 
-def _accepts_position_ids(model: torch.nn.Module) -> bool:
+def accepts_position_ids(model: torch.nn.Module) -> bool:
     try:
         return "position_ids" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -176,6 +177,10 @@ class _Capturer:
 
     def _hook(self, j: int):
         def hook(module, args, output):
+            if self.buffer is None:  # the shared-prefix pass: nothing to record, stop at the last block
+                if self.layers[j] == self.last:
+                    raise _StopForward
+                return
             hidden = hidden_from_output(output)
             out = self.buffer[:, j]  # [B, n_pos, d]
             if self.index.shape[1]:
@@ -189,34 +194,49 @@ class _Capturer:
 
         return hook
 
-    def run(self, model: torch.nn.Module, prompts: Sequence[PromptTokens], pad_id: int, use_pos: bool) -> Tensor:
-        inputs = left_pad([p.input_ids for p in prompts], pad_id)
+    def run(self, model: torch.nn.Module, prompts: Sequence[PromptTokens], pad_id: int, use_pos: bool,
+            prefix: SharedPrefix | None = None) -> Tensor:
+        device = next(model.parameters()).device
+        if prefix is not None:  # run only each prompt's tail; the prefix's keys/values come from the cache
+            p = prefix.length
+            prompts = [PromptTokens(pt.input_ids[p:], pt.instruction_start - p, pt.instruction_end - p)
+                       for pt in prompts]
+            inputs = prefix.batch_inputs([pt.input_ids for pt in prompts], pad_id, device)
+        else:
+            inputs = left_pad([p.input_ids for p in prompts], pad_id)
         width = inputs["input_ids"].shape[1]
         self.index, self.weights, order = gather_plan(prompts, width, self.positions)
         # output slots of the gathered (point) positions, in gather order, and of the mean
         point = sorted((c, k) for k, c in enumerate(order) if c >= 0)
         self.point_slots = [k for _, k in point]
         self.mean_slot = order.index(-1) if -1 in order else -1
-        device = next(model.parameters()).device
         self.index = self.index.to(device)
         if self.weights is not None:
             self.weights = self.weights.to(device)
         if not use_pos:
             inputs.pop("position_ids")
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        if prefix is None:
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["use_cache"] = False
         self.buffer = torch.empty(
             (len(prompts), len(self.layers), len(self.positions), self.d_model(model)),
             dtype=torch.float32,
             device=device,
         )
         with contextlib.suppress(_StopForward):
-            model(**inputs, use_cache=False)
+            model(**inputs)
         out, self.buffer = self.buffer, None
         return out.cpu()
 
     @staticmethod
     def d_model(model: torch.nn.Module) -> int:
         return int(model.get_input_embeddings().weight.shape[1])
+
+
+def _tail_needed(prompts: Sequence[PromptTokens], positions: Sequence[Position]) -> int:
+    """Tokens at the end of every prompt that must run per batch: the furthest point position requested."""
+    offsets = [-p for p in positions if isinstance(p, int)]
+    return max([1, *offsets])
 
 
 def _run_key(lm: LoadedModel, texts_hash: str, layers: list[int], positions: list[Position], batch_size: int) -> dict:
@@ -247,13 +267,16 @@ def capture_activations(
     system: str | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    share_prefix: bool = True,
 ) -> Activations:
     """Capture block outputs for each instruction (chat template applied).
 
     `layers`: block indices (None = all; negative counts from the end). `positions`: see
     `positions.py` (None = the last 5 post-instruction tokens, last_instruction, mean_instruction).
     With `out_dir`, each batch is written as a safetensors shard as soon as it finishes and a
-    rerun with the same inputs skips finished batches.
+    rerun with the same inputs skips finished batches. `share_prefix`: run the template's common
+    opening once and reuse its keys/values (`prefix.py`); turn it off under an intervention that
+    treats positions differently.
     """
     if not instructions:
         raise AtlasError("no instructions to capture")
@@ -268,8 +291,12 @@ def capture_activations(
     d = lm.d_model
     acts = torch.empty((len(prompts), len(layer_list), len(pos_list), d), dtype=torch.float32)
     pad_id = lm.tokenizer.pad_token_id
-    use_pos = _accepts_position_ids(lm.model)
+    use_pos = accepts_position_ids(lm.model)
     bar = tqdm(total=len(prompts), desc="capture", unit="prompt", disable=not progress, dynamic_ncols=True)
+    n_prefix = plan_prefix([p.input_ids for p in prompts], lm.model, enabled=share_prefix and use_pos,
+                           keep_last=_tail_needed(prompts, pos_list),
+                           max_length=min(p.instruction_start for p in prompts))
+    prefix = None
     with _Capturer(lm, layer_list, pos_list) as cap, torch.inference_mode():
         for b, idx in enumerate(batches):
             shard = shard_dir / f"shard-{b:06d}.safetensors" if shard_dir is not None else None
@@ -277,7 +304,9 @@ def capture_activations(
                 with safe_open(str(shard), framework="pt") as f:
                     acts[torch.as_tensor(f.get_tensor("index"))] = f.get_tensor("acts")
             else:
-                out = cap.run(lm.model, [prompts[i] for i in idx], pad_id, use_pos)
+                if n_prefix and prefix is None:
+                    prefix = SharedPrefix.build(lm.model, prompts[0].input_ids[:n_prefix], stop=_StopForward)
+                out = cap.run(lm.model, [prompts[i] for i in idx], pad_id, use_pos, prefix)
                 acts[torch.as_tensor(idx)] = out
                 if shard is not None:
                     tmp = shard.with_name(shard.name + f".tmp{os.getpid()}")

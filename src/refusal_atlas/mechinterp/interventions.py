@@ -63,16 +63,21 @@ class Intervention:
     """A set of hooks that can be entered as a context manager or used as a `hooks=` factory.
 
     `install` registers the hooks and returns their handles; they are removed on exit, even on error.
+    `per_position`: the hooks transform every position the same way, independent of where it sits
+    in the sequence (true of ablation and addition); only then may a shared prompt prefix be run
+    once and reused (`prefix.py`).
     """
 
-    def __init__(self, install: Callable[[], list[RemovableHandle]], description: str = "") -> None:
+    def __init__(self, install: Callable[[], list[RemovableHandle]], description: str = "",
+                 per_position: bool = True) -> None:
         self._install = install
         self._handles: list[list[RemovableHandle]] = []
         self.description = description
+        self.per_position = per_position
 
     def __call__(self) -> Intervention:
         # A fresh, independent context (generation enters one per batch).
-        return Intervention(self._install, self.description)
+        return Intervention(self._install, self.description, self.per_position)
 
     def __enter__(self) -> Intervention:
         self._handles.append(self._install())
@@ -96,7 +101,7 @@ def compose(*interventions: Intervention | None) -> Intervention:
             handles.extend(part._install())
         return handles
 
-    return Intervention(install, " + ".join(p.description for p in parts))
+    return Intervention(install, " + ".join(p.description for p in parts), all(p.per_position for p in parts))
 
 
 def no_intervention() -> Intervention:

@@ -21,9 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.mechinterp.capture import accepts_position_ids, left_pad
 from refusal_atlas.mechinterp.generation import length_buckets
 from refusal_atlas.mechinterp.interventions import Intervention, maybe
 from refusal_atlas.mechinterp.models import LoadedModel
+from refusal_atlas.mechinterp.prefix import SharedPrefix, plan_prefix
 
 # --------------------------------------------------------------------------------------------
 # Generation-based: the marker detector
@@ -48,9 +50,9 @@ def refusal_flags(
 
 def _forward_last(lm: LoadedModel, enc: dict) -> torch.Tensor:
     try:
-        out = lm.model(**enc, logits_to_keep=1, use_cache=False)
+        out = lm.model(**enc, logits_to_keep=1)
     except TypeError:  # a model without logits_to_keep
-        out = lm.model(**enc, use_cache=False)
+        out = lm.model(**enc)
     return out.logits[:, -1, :].float()
 
 
@@ -64,10 +66,13 @@ def next_token_logprobs(
     suffixes: Sequence[str] | None = None,
     progress: bool = False,
     desc: str = "forward",
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """log-softmax of the next token after the chat prompt (plus an optional per-prompt suffix), [n, V].
 
     Batched with left padding and length bucketing; the intervention's hooks are active throughout.
+    The template's common opening is run once and its keys/values reused (`prefix.py`) unless
+    `share_prefix` is off or the intervention is not `per_position`.
     """
     tok = lm.tokenizer
     texts = [lm.chat_prompt(x, system=system) for x in instructions]
@@ -75,14 +80,24 @@ def next_token_logprobs(
         texts = [t + s for t, s in zip(texts, suffixes, strict=True)]
     if not texts:
         return torch.zeros(0, lm.model.get_output_embeddings().weight.shape[0])
-    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    lengths = [len(x) for x in ids]
     device = next(lm.model.parameters()).device
+    share = share_prefix and (intervention is None or intervention.per_position)
+    n_prefix = plan_prefix(ids, lm.model, enabled=share)
     result: list[torch.Tensor | None] = [None] * len(texts)
     bar = tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
     with torch.inference_mode(), maybe(intervention):
+        prefix = SharedPrefix.build(lm.model, ids[0][:n_prefix]) if n_prefix else None
         for batch in length_buckets(lengths, batch_size):
-            enc = tok([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
+            if prefix is not None:
+                enc = prefix.batch_inputs([ids[i][n_prefix:] for i in batch], tok.pad_token_id, device)
+            else:
+                enc = left_pad([ids[i] for i in batch], tok.pad_token_id)
+                if not accepts_position_ids(lm.model):
+                    enc.pop("position_ids")
+                enc = {k: v.to(device) for k, v in enc.items()}
+                enc["use_cache"] = False
             logp = torch.log_softmax(_forward_last(lm, enc), dim=-1).cpu()
             for j, i in enumerate(batch):
                 result[i] = logp[j]
