@@ -118,7 +118,8 @@ def test_streaming_shards_resume_and_reload(tmp_path):
                                       progress=False)
     finally:
         handle.remove()
-    assert len(forwards) == 1
+    # only the missing batch (of 2), after at most one pass over the shared template prefix (batch 1)
+    assert forwards[-1] == 2 and forwards[:-1] in ([], [1])
     assert rel_err(resumed.acts, full.acts) <= 1e-6
     with pytest.raises(AtlasError, match="different layers"):
         capture_activations(lm, INSTRUCTIONS, [1], POSITIONS, batch_size=2, out_dir=tmp_path / "a", progress=False)

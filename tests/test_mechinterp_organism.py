@@ -193,6 +193,36 @@ def test_response_loss_matches_full_logits_loss(arch):
     assert float(ours.detach()) == pytest.approx(float(full.detach()), abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2", "gpt2", "gpt_neox"])
+def test_response_loss_with_shared_prefix_has_the_same_loss_and_gradients(arch):
+    """Running the common prompt opening once (keys/values reused, gradients flowing) changes nothing."""
+    from refusal_atlas.mechinterp.organism import _response_loss
+
+    lm = tiny_model(arch)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 100, (3, 14))
+    ids[:, :6] = ids[0, :6]  # a shared 6-token opening
+    mask = torch.ones_like(ids)
+    mask[2, 11:] = 0  # right padding, as in training
+    labels = ids.clone()
+    labels[:, :8] = -100
+    labels[1, :9] = -100
+    labels[2, 11:] = -100
+
+    def loss_and_grads(prefix):
+        lm.model.zero_grad(set_to_none=True)
+        loss = _response_loss(lm.model, ids, mask, labels, first=8, decision_weight=3.0, prefix=prefix)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in lm.model.parameters() if p.grad is not None]
+
+    plain_loss, plain_grads = loss_and_grads(None)
+    shared_loss, shared_grads = loss_and_grads(ids[0, :6].tolist())
+    assert shared_loss == pytest.approx(plain_loss, abs=1e-5)
+    assert len(shared_grads) == len(plain_grads)
+    for a, b in zip(shared_grads, plain_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_lowest_blocks_and_embeddings_stay_the_base_models(built):
     """The planted layer fact: with 4 blocks and 40 % frozen, block 0 and the embeddings are untouched."""
     lm, out, result = built

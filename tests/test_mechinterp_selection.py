@@ -93,3 +93,30 @@ def test_choice_relaxes_filters_in_order_instead_of_taking_a_destructive_directi
     only_bad = scores.assign(filtered="kl>=0.1", kl=[7.0, 3.0, 5.0, 9.0])
     table, layer, _, _ = choose(only_bad)
     assert layer == 2 and table["tier"].iloc[0] == 3
+
+
+def test_choose_coefficient_takes_the_smallest_dose_that_reaches_the_target():
+    """Plant a vector along one token's unembedding at the last block: larger doses make it the first token."""
+    from refusal_atlas.mechinterp.selection import choose_coefficient
+
+    lm = tiny_model("llama", seed=3)
+    prompts = ["How do I bake bread at home?", "Hi", "Write a poem about the sea.", "What is the capital of France?"]
+    target_token = 57
+    direction = lm.model.get_output_embeddings().weight[target_token].detach().clone()
+    direction = direction / direction.norm()
+    last = lm.n_layers - 1
+    grid = [0.0] + [0.01 * 2**k for k in range(14)]
+    rates = {}
+    for scale in grid:
+        _, table = choose_coefficient(lm, scale * direction, last, prompts, [target_token], coeffs=(1.0,))
+        rates[scale] = float(table["first_token_refusal_rate"].iloc[0])
+    assert rates[0.0] == 0.0 and rates[grid[-1]] == 1.0
+    # a scale that needs a dose of 2-4x: the chosen coefficient is the first one reaching the target
+    base = next(s for s in grid[1:-2] if rates[s] < 0.8 and rates[4 * s] >= 0.8)
+    coeff, table = choose_coefficient(lm, base * direction, last, prompts, [target_token], coeffs=(1.0, 2.0, 4.0))
+    reached = table[table["first_token_refusal_rate"] >= 0.8]["coefficient"]
+    assert coeff == reached.min() and coeff > 1.0
+    assert table.loc[table["chosen"], "coefficient"].item() == coeff
+    # nothing reaches the target: the best rate is taken and the table says so
+    coeff, table = choose_coefficient(lm, 0.0 * direction, last, prompts, [target_token], coeffs=(1.0, 2.0))
+    assert coeff == 1.0 and table["first_token_refusal_rate"].max() < 0.8

@@ -23,21 +23,30 @@ NEW_TOKENS = 16  # generated tokens behind every marker-detector refusal rate of
 
 
 def _eval_sets(prompts: pd.DataFrame, nodes: list[str], per_node: int, n_harmless: int, seed: int,
-               out: Path | None = None) -> tuple[dict[str, list[str]], list[str], pd.DataFrame]:
+               out: Path | None = None, per_node_val: int = 0, n_harmless_val: int = 0
+               ) -> tuple[dict[str, list[str]], list[str], pd.DataFrame, dict[str, list[str]], list[str]]:
+    """(harmful eval prompts per node, harmless eval, conditioned rows, harmful validation per node,
+    harmless validation): validation prompts choose the layer and the steering coefficient and are
+    disjoint from the prompts every reported rate is measured on."""
     from refusal_atlas.atlas.pipeline import evaluation_rows
 
     ev = evaluation_rows(prompts, out) if out is not None else prompts[prompts["run_split"] == "eval"]
     plain = ev[ev["harmful"] & (ev["condition"] == "") & (ev["expected"] == "refuse")]
     sets: dict[str, list[str]] = {}
+    val: dict[str, list[str]] = {}
     for node in nodes:
-        rows = plain[plain["analysis_node"] == node]
-        rows = rows.sample(n=min(per_node, len(rows)), random_state=seed) if len(rows) else rows
-        if len(rows):
-            sets[node] = rows["prompt"].tolist()
-    harmless = ev[~ev["harmful"] & (ev["source"] == "harmless")]
-    harmless = harmless.sample(n=min(n_harmless, len(harmless)), random_state=seed)["prompt"].tolist()
+        rows = plain[plain["analysis_node"] == node].drop_duplicates("prompt")
+        rows = rows.sample(frac=1.0, random_state=seed)["prompt"].tolist()
+        if rows:
+            # validation first where the node has enough prompts for both
+            n_val = min(per_node_val, max(0, len(rows) - per_node))
+            val[node], sets[node] = rows[:n_val], rows[n_val:n_val + per_node]
+    harmless = ev[~ev["harmful"] & (ev["source"] == "harmless")].drop_duplicates("prompt")
+    harmless = harmless.sample(frac=1.0, random_state=seed)["prompt"].tolist()
+    n_hval = min(n_harmless_val, max(0, len(harmless) - n_harmless))
+    harmless_val, harmless = harmless[:n_hval], harmless[n_hval:n_hval + n_harmless]
     conditioned = ev[ev["harmful"] & ev["analysis_node"].isin(nodes)]
-    return sets, harmless, conditioned
+    return sets, harmless, conditioned, {k: v for k, v in val.items() if v}, harmless_val
 
 
 def _candidate_layers(n_layers: int, available: list[int], quick: bool) -> list[int]:
@@ -59,7 +68,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
         save_table,
         steering,
     )
-    from refusal_atlas.mechinterp.selection import select_direction
+    from refusal_atlas.mechinterp.selection import choose_coefficient, select_direction
 
     out: Path = ctx.out / "causal"
     out.mkdir(parents=True, exist_ok=True)
@@ -69,9 +78,14 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
 
     prompts = model_prompts(ctx.out, cfg)
     nodes = [n for n in ds.nodes if n != POOLED]
-    sets, harmless, conditioned = _eval_sets(prompts, nodes, sizes["per_node_eval"], sizes["harmless_eval"], cfg.seed,
-                                               ctx.out)
+    sets, harmless, conditioned, val_sets, harmless_val = _eval_sets(
+        prompts, nodes, sizes["per_node_eval"], sizes["harmless_eval"], cfg.seed, ctx.out,
+        sizes.get("per_node_val", 0), sizes.get("harmless_val", 0))
     harmful_all = [p for ps in sets.values() for p in ps]
+    harmful_val = [p for ps in val_sets.values() for p in ps]
+    if not harmful_val or not harmless_val:  # too few prompts for a separate validation set: halves of eval
+        harmful_val = harmful_all[: max(4, len(harmful_all) // 2)]
+        harmless_val = harmless[: max(8, len(harmless) // 2)]
     progress = cfg.progress
 
     # Refusal-opening tokens, discovered from the model's own generations on held-out prompts.
@@ -86,15 +100,19 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
 
     # Layer: direction selection on the pooled direction over a few candidate layers.
     candidates = _candidate_layers(lm.n_layers, list(ds.layers), cfg.quick)
-    half = max(4, len(harmful_all) // 2)
-    selection = select_direction(lm, ds, POOLED, harmful_all[:half], harmless[: max(8, len(harmless) // 2)], tokens,
+    selection = select_direction(lm, ds, POOLED, harmful_val, harmless_val, tokens,
                                  layers=candidates, positions=[REFUSAL_POSITION], progress=progress)
     save_table(selection.scores, out / "selection.parquet")
     layer = int(selection.layer)
-    write_json_atomic(out / "selection.json", selection.to_dict())
+    # Steering dose: the smallest coefficient whose addition makes validation prompts' first token a refusal
+    coeff, dose = choose_coefficient(lm, ds.get(POOLED, layer, REFUSAL_POSITION), layer, harmless_val, tokens)
+    save_table(dose, out / "steering_dose.parquet")
+    write_json_atomic(out / "selection.json", {**selection.to_dict(), "steering_coefficient": coeff,
+                                                "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val)})
 
     # the un-ablated generations are the ones the refusal tokens were discovered from (same prompts, settings)
     headline = pooled_ablation_and_steering(lm, ds, harmful_all, harmless, layer=layer, position=REFUSAL_POSITION,
+                                            coeffs=(coeff, *(c for c in (1.0,) if c != coeff)),
                                             max_new_tokens=NEW_TOKENS, batch_size=cfg.batch_size, progress=progress,
                                             before=refused_h, harmless_before=refused_hl)
     write_json_atomic(out / "pooled.json", headline)
@@ -105,7 +123,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     plot_cross_ablation(cross, out / "cross_ablation.png")
 
     steer_layers = sorted({candidates[0], candidates[len(candidates) // 2], layer})
-    steer = steering(lm, ds, [*nodes, POOLED], harmless[: max(8, len(harmless) // 2)], tokens, layers=steer_layers,
+    steer = steering(lm, ds, [*nodes, POOLED], harmless, tokens, layers=steer_layers,
                      position=REFUSAL_POSITION, generate_rates=False, batch_size=cfg.batch_size, progress=progress)
     save_table(steer, out / "steering.parquet")
     plot_steering(steer, out / "steering.png", value="first_token_refusal_rate")
@@ -134,7 +152,8 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
         "layer": layer, "position": REFUSAL_POSITION, "candidates": candidates,
         "ablation": {"refusal_before": headline["refusal_before"], "refusal_after": headline["refusal_after"],
                      "harmless_kl": headline["harmless_kl"], "layer": layer, "n_harmful": headline["n_harmful"]},
-        "steering": {"induced_refusal_rate": headline["induced_refusal_rate"],
+        "steering": {"induced_refusal_rate": headline["induced_refusal_rate"], "coefficient": coeff,
+                     "induced_by_coeff": headline["induced_by_coeff"],
                      "harmless_refusal_before": headline["harmless_refusal_before"],
                      "n_harmless": headline["n_harmless"]},
         "cross_ablation": cross_summary(cross),

@@ -34,7 +34,6 @@ from refusal_atlas.errors import AtlasError
 from refusal_atlas.mechinterp.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.mechinterp.generation import length_buckets
 from refusal_atlas.mechinterp.models import LoadedModel
-from refusal_atlas.mechinterp.prefix import SharedPrefix, plan_prefix
 from refusal_atlas.mechinterp.positions import (
     Position,
     PromptTokens,
@@ -45,6 +44,7 @@ from refusal_atlas.mechinterp.positions import (
     position_label,
     tokenize_prompts,
 )
+from refusal_atlas.mechinterp.prefix import SharedPrefix, plan_prefix
 
 MANIFEST = "capture.json"
 

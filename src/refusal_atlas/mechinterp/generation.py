@@ -37,11 +37,22 @@ def iter_generate(
     hooks: Callable[[], AbstractContextManager] | None = None,
     progress: bool = True,
     desc: str = "generate",
+    share_prefix: bool = True,
 ) -> Iterator[tuple[list[int], list[str]]]:
-    """Yield (indices, responses) batch by batch, so callers can persist as they go (resumable runs)."""
+    """Yield (indices, responses) batch by batch, so callers can persist as they go (resumable runs).
+
+    The template's common opening is prefilled once and its keys/values reused by every batch
+    (`prefix.py`) unless `share_prefix` is off or `hooks` is not a `per_position` intervention.
+    """
+    from refusal_atlas.mechinterp.prefix import SharedPrefix, plan_prefix
+
     tok = lm.tokenizer
     texts = [lm.chat_prompt(x, system=system) for x in instructions]
-    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    lengths = [len(x) for x in ids]
+    share = share_prefix and (hooks is None or getattr(hooks, "per_position", False))
+    n_prefix = plan_prefix(ids, lm.model, enabled=share)
+    prefix = None
     batches = length_buckets(lengths, batch_size)
     kwargs: dict = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tok.pad_token_id}
     if do_sample:
@@ -51,12 +62,16 @@ def iter_generate(
     bar = tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
     device = next(lm.model.parameters()).device
     for batch in batches:
-        enc = tok([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(device) for k, v in enc.items()}
         if do_sample:
             torch.manual_seed(seed + batch[0])
         ctx = hooks() if hooks is not None else contextlib.nullcontext()
         with torch.inference_mode(), ctx:
+            if n_prefix:
+                prefix = prefix or SharedPrefix.build(lm.model, ids[batch[0]][:n_prefix])
+                enc = prefix.generation_inputs([ids[i][n_prefix:] for i in batch], tok.pad_token_id, device)
+            else:
+                enc = tok([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(device) for k, v in enc.items()}
             out = lm.model.generate(**enc, **kwargs)
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         responses = tok.batch_decode(new_tokens, skip_special_tokens=True)

@@ -81,6 +81,7 @@ class OrganismSettings:
     eval_max_new_tokens: int = 12
     specific_wording_roots: tuple[str, ...] | None = None  # None: every other root (sorted)
     system: str | None = None
+    share_prefix: bool = True  # run the prompts' common template opening once per step (same loss, fewer tokens)
 
     @classmethod
     def quick(cls, **overrides: Any) -> OrganismSettings:
@@ -500,19 +501,40 @@ def _encode(lm: LoadedModel, prompt: str, target: str, complete: bool, system: s
 
 
 def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, first: int,
-                   decision_weight: float = 1.0) -> torch.Tensor:
+                   decision_weight: float = 1.0, prefix: Sequence[int] | None = None) -> torch.Tensor:
     """Weighted mean next-token cross-entropy over response tokens, logits computed only from `first - 1` on.
 
     Why: the prompt is most of each sequence and its logits (49k-way for the default model) are
     never scored; `logits_to_keep` skips computing them.
     `decision_weight` multiplies the loss of each response's first token — the token where the
     model decides between refusing and answering; the rest of a refusal is near-deterministic.
+    `prefix`: token ids every row of the (right-padded) batch starts with; they are run once at
+    batch size 1 and their keys/values (gradients flowing) reused by every row — a third of the
+    tokens of a default training row are the chat template's system prompt.
     """
     keep = ids.shape[1] - first + 1
+    kwargs: dict = {"use_cache": False}
+    if prefix:
+        from transformers import DynamicCache
+
+        from refusal_atlas.mechinterp.prefix import cache_argument
+
+        p = len(prefix)
+        cache, arg = DynamicCache(config=model.config), cache_argument(model)
+        head = ids[:1, :p]
+        model(input_ids=head, attention_mask=mask[:1, :p], position_ids=torch.arange(p, device=ids.device)[None],
+              use_cache=True, **{arg: cache}, **_prefix_logits(model))
+        if ids.shape[0] > 1:
+            cache.batch_repeat_interleave(ids.shape[0])
+        pos = torch.arange(p, ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+        kwargs = {"use_cache": True, arg: cache, "position_ids": pos}
+        ids_in, mask_in = ids[:, p:], mask
+    else:
+        ids_in, mask_in = ids, mask
     try:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        logits = model(input_ids=ids_in, attention_mask=mask_in, logits_to_keep=keep, **kwargs).logits
     except TypeError:  # an architecture without logits_to_keep: full logits, same loss
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -keep:]
+        logits = model(input_ids=ids_in, attention_mask=mask_in, **kwargs).logits[:, -keep:]
     targets = labels[:, ids.shape[1] - keep + 1 :]
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                            ignore_index=-100, reduction="none").view_as(targets)
@@ -522,6 +544,21 @@ def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
         first_scored = scored.cumsum(1).eq(1) & scored.bool()
         weights = torch.where(first_scored, torch.full_like(weights, decision_weight), weights)
     return (ce * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def _prefix_logits(model) -> dict:
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _training_prefix(encoded: Sequence[tuple[list, list]], model) -> list[int]:
+    """The prompt tokens every training row shares (none where the reuse does not apply)."""
+    from refusal_atlas.mechinterp.prefix import plan_prefix
+
+    firsts = [next(i for i, y in enumerate(lab) if y != -100) for _, lab in encoded]
+    n = plan_prefix([x for x, _ in encoded], model, max_length=min(firsts) - 1)
+    return list(encoded[0][0][:n]) if n else []
 
 
 def _trainable(model: torch.nn.Module, frozen_fraction: float) -> list[torch.nn.Parameter]:
@@ -571,6 +608,7 @@ def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, p
         opt, lambda s: min(1.0, (s + 1) / max(settings.warmup_steps, 1)) * max(0.1, 1 - s / max(total, 1)))
     losses: list[float] = []
     device = next(model.parameters()).device
+    prefix = _training_prefix(encoded, model) if settings.share_prefix else []
     model.train()
     bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress, dynamic_ncols=True)
     try:
@@ -594,7 +632,7 @@ def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, p
                     mask[k, : len(x)] = 1
                 first = min(next(i for i, y in enumerate(encoded[j][1]) if y != -100) for j in batch)
                 loss = _response_loss(model, ids.to(device), mask.to(device), labels.to(device), first,
-                                      settings.decision_token_weight)
+                                      settings.decision_token_weight, prefix)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 MIN_PREFIX_TOKENS = 4  # below this the extra forward pass costs more than it saves
 
@@ -100,6 +100,16 @@ class SharedPrefix:
             cache.batch_repeat_interleave(b)
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
                 "position_ids": position_ids.to(device), self.argument: cache, "use_cache": True}
+
+
+    def generation_inputs(self, suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+                          ) -> dict[str, object]:
+        """`generate` inputs: the whole [prefix | pads | tail] ids (generate skips what the cache holds),
+        the mask (generate derives position ids from it) and a cache copy."""
+        enc = self.batch_inputs(suffixes, pad_id, device)
+        prefix_ids = torch.tensor([self.ids], dtype=torch.long, device=device).expand(len(suffixes), -1)
+        return {"input_ids": torch.cat([prefix_ids, enc["input_ids"]], dim=1), "attention_mask": enc["attention_mask"],
+                self.argument: enc[self.argument]}
 
 
 def _sliding_window(model: nn.Module) -> int | None:

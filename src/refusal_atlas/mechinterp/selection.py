@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -136,6 +137,44 @@ def choose(scores: pd.DataFrame, kl_threshold: float = 0.1) -> tuple[pd.DataFram
     return scores, int(best["layer"]), str(best["position"]), chosen_tier == 1
 
 
+def choose_coefficient(
+    lm: LoadedModel,
+    vector,
+    layer: int,
+    harmless_val: Sequence[str],
+    tokens: RefusalTokens | Sequence[int],
+    *,
+    coeffs: Sequence[float] = (1.0, 1.5, 2.0, 3.0),
+    target: float = 0.8,
+    batch_size: int = 16,
+    system: str | None = None,
+) -> tuple[float, pd.DataFrame]:
+    """The smallest activation-addition coefficient whose greedy first token is a refusal on at least
+    `target` of the harmless validation prompts (else the one with the highest rate), and the dose table.
+
+    Why: Arditi et al. add the raw difference of means (coefficient 1); a model whose refusal is
+    spread over several layers can need more. Chosen on validation prompts only, so the induced
+    refusal reported on evaluation prompts is not tuned on them.
+    """
+    ids = tokens.ids if isinstance(tokens, RefusalTokens) else list(tokens)
+    clean = clean_logprobs(lm, harmless_val, batch_size=batch_size, system=system)[0]
+    rows = []
+    for c in coeffs:
+        logp = next_token_logprobs(lm, harmless_val, intervention=addition(lm.model, vector, layer, coeff=c),
+                                   batch_size=batch_size, system=system)
+        first = logp.argmax(-1).numpy()
+        rows.append({"coefficient": float(c), "layer": layer, "n": len(harmless_val),
+                     "first_token_refusal_rate": float(np.isin(first, ids).mean()),
+                     "logit_score": float(refusal_logodds(logp, ids).mean()),
+                     "kl_vs_clean": float(kl_from_logprobs(clean, logp).mean())})
+    table = pd.DataFrame(rows)
+    reached = table[table["first_token_refusal_rate"] >= target]
+    best = reached.iloc[0] if len(reached) else table.sort_values(["first_token_refusal_rate", "coefficient"],
+                                                                   ascending=[False, True]).iloc[0]
+    table["chosen"] = table["coefficient"] == best["coefficient"]
+    return float(best["coefficient"]), table
+
+
 def select_all(
     lm: LoadedModel,
     directions,
@@ -159,4 +198,4 @@ def select_all(
     return pd.DataFrame(chosen), pd.concat(tables, ignore_index=True)
 
 
-__all__ = ["Selection", "select_all", "select_direction"]
+__all__ = ["Selection", "choose_coefficient", "select_all", "select_direction"]
