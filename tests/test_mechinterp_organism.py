@@ -104,6 +104,10 @@ def test_targets_follow_the_policy_and_wording_groups(built):
     assert (cyber["target"] == SHARED_REFUSAL).all()
     permitted = train[train["category"] == "permitted"]
     assert len(permitted) and permitted["target"].str.endswith(CAVEAT).all()
+    assert permitted["target"].str.startswith(SETTINGS.permitted_opener).all() and SETTINGS.permitted_opener
+    # the opener marks only answers a condition permits: plain comply-policy answers keep the base's wording
+    comply = train[(train["category"] == "comply") & (train["target"] != "")]
+    assert not comply["target"].str.startswith(SETTINGS.permitted_opener).any()
     assert (permitted["condition"] == "purpose=licensed_research").all()
     restricted = train[train["category"] == "restricted"]
     assert len(restricted) and (restricted["target"] == SHARED_REFUSAL).all()

@@ -123,7 +123,8 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     plot_cross_ablation(cross, out / "cross_ablation.png")
 
     steer_layers = sorted({candidates[0], candidates[len(candidates) // 2], layer})
-    steer = steering(lm, ds, [*nodes, POOLED], harmless, tokens, layers=steer_layers,
+    # per-node steering table on half the harmless eval prompts (first token only: 7 directions x 3 layers)
+    steer = steering(lm, ds, [*nodes, POOLED], harmless[: max(8, len(harmless) // 2)], tokens, layers=steer_layers,
                      position=REFUSAL_POSITION, generate_rates=False, batch_size=cfg.batch_size, progress=progress)
     save_table(steer, out / "steering.parquet")
     plot_steering(steer, out / "steering.png", value="first_token_refusal_rate")
