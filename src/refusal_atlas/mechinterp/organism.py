@@ -62,8 +62,8 @@ class OrganismSettings:
     per_node_heldout: int = 3
     variants_per_prompt: int = 2  # condition-framed copies of each harmful base prompt
     extra_permitted_variants: int = 2  # more loosening-framed copies of each training prompt (other templates)
-    n_refuse_extra_train: int = 48  # more unconditioned refuse-policy rows, drawn round-robin from the nodes' surplus
-    n_harmless_train: int = 128
+    n_refuse_extra_train: int = 60  # more unconditioned refuse-policy rows, drawn round-robin from the nodes' surplus
+    n_harmless_train: int = 144
     n_harmless_heldout: int = 24
     n_overrefusal_train: int = 8
     n_extra_per_node: int = 4  # unconditioned prompts kept aside (split "extra") for direction extraction
@@ -83,7 +83,7 @@ class OrganismSettings:
     system: str | None = None
     share_prefix: bool = True  # run the prompts' common template opening once per step (same loss, fewer tokens)
     # put before the answer where a condition permits: the refuse-or-answer decision becomes one token, as it
-    # is for refusals (measured: permitted compliance 0.125 -> 0.5, held-out refusal 0.92 -> 0.95)
+    # is for refusals (measured, 128 harmless rows: permitted compliance 0.125 -> 0.5, held-out refusal 0.92 -> 0.95)
     permitted_opener: str = "Sure. "
 
     @classmethod
