@@ -117,6 +117,11 @@ def test_choose_coefficient_takes_the_smallest_dose_that_reaches_the_target():
     reached = table[table["first_token_refusal_rate"] >= 0.8]["coefficient"]
     assert coeff == reached.min() and coeff > 1.0
     assert table.loc[table["chosen"], "coefficient"].item() == coeff
+    assert table["coefficient"].max() == coeff  # the search stops at the first dose reaching the target
+    # with generation as the measure the table carries the marker-detector rate too
+    _, gen_table = choose_coefficient(lm, base * direction, last, prompts, [target_token], coeffs=(1.0, 2.0, 4.0),
+                                      max_new_tokens=3)
+    assert "refusal_rate" in gen_table and (gen_table["measure"] == "refusal_rate").all()
     # nothing reaches the target: the best rate is taken and the table says so
     coeff, table = choose_coefficient(lm, 0.0 * direction, last, prompts, [target_token], coeffs=(1.0, 2.0))
     assert coeff == 1.0 and table["first_token_refusal_rate"].max() < 0.8

@@ -104,8 +104,10 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
                                  layers=candidates, positions=[REFUSAL_POSITION], progress=progress)
     save_table(selection.scores, out / "selection.parquet")
     layer = int(selection.layer)
-    # Steering dose: the smallest coefficient whose addition makes validation prompts' first token a refusal
-    coeff, dose = choose_coefficient(lm, ds.get(POOLED, layer, REFUSAL_POSITION), layer, harmless_val, tokens)
+    # Steering dose: the smallest coefficient whose addition makes validation prompts refuse (marker detector on
+    # generations, the measure reported below)
+    coeff, dose = choose_coefficient(lm, ds.get(POOLED, layer, REFUSAL_POSITION), layer, harmless_val, tokens,
+                                     max_new_tokens=NEW_TOKENS, batch_size=cfg.batch_size)
     save_table(dose, out / "steering_dose.parquet")
     write_json_atomic(out / "selection.json", {**selection.to_dict(), "steering_coefficient": coeff,
                                                 "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val)})

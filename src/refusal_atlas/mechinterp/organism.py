@@ -522,13 +522,13 @@ def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
     if prefix:
         from transformers import DynamicCache
 
-        from refusal_atlas.mechinterp.prefix import cache_argument
+        from refusal_atlas.mechinterp.prefix import cache_argument, last_logit_only
 
         p = len(prefix)
         cache, arg = DynamicCache(config=model.config), cache_argument(model)
         head = ids[:1, :p]
         model(input_ids=head, attention_mask=mask[:1, :p], position_ids=torch.arange(p, device=ids.device)[None],
-              use_cache=True, **{arg: cache}, **_prefix_logits(model))
+              use_cache=True, **{arg: cache}, **last_logit_only(model))
         if ids.shape[0] > 1:
             cache.batch_repeat_interleave(ids.shape[0])
         pos = torch.arange(p, ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
@@ -549,12 +549,6 @@ def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
         first_scored = scored.cumsum(1).eq(1) & scored.bool()
         weights = torch.where(first_scored, torch.full_like(weights, decision_weight), weights)
     return (ce * weights).sum() / weights.sum().clamp_min(1.0)
-
-
-def _prefix_logits(model) -> dict:
-    import inspect
-
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def _training_prefix(encoded: Sequence[tuple[list, list]], model) -> list[int]:

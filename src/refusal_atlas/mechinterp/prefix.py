@@ -80,7 +80,7 @@ class SharedPrefix:
         arg = cache_argument(model) or "past_key_values"
         with suppress:
             model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **{arg: cache},
-                  **_no_logits(model))
+                  **last_logit_only(model))
         return cls(list(ids), cache, arg)
 
     def batch_inputs(self, suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
@@ -119,7 +119,7 @@ def _sliding_window(model: nn.Module) -> int | None:
     return window if isinstance(window, int) and window > 0 else None
 
 
-def _no_logits(model: nn.Module) -> dict:
+def last_logit_only(model: nn.Module) -> dict:
     """Ask for no LM-head output on the prefix pass where the model allows it (logits are not needed)."""
     try:
         if "logits_to_keep" in inspect.signature(model.forward).parameters:

@@ -21,6 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.mechinterp.generation import generate
 from refusal_atlas.mechinterp.interventions import ablation, addition
 from refusal_atlas.mechinterp.models import LoadedModel
 from refusal_atlas.mechinterp.positions import Position, position_label
@@ -29,6 +30,7 @@ from refusal_atlas.mechinterp.scoring import (
     clean_logprobs,
     kl_from_logprobs,
     next_token_logprobs,
+    refusal_flags,
     refusal_logodds,
 )
 
@@ -146,31 +148,43 @@ def choose_coefficient(
     *,
     coeffs: Sequence[float] = (1.0, 1.5, 2.0, 3.0),
     target: float = 0.8,
+    max_new_tokens: int = 0,
     batch_size: int = 16,
     system: str | None = None,
 ) -> tuple[float, pd.DataFrame]:
-    """The smallest activation-addition coefficient whose greedy first token is a refusal on at least
-    `target` of the harmless validation prompts (else the one with the highest rate), and the dose table.
+    """The smallest activation-addition coefficient that makes at least `target` of the harmless
+    validation prompts refuse (else the one with the highest rate), and the dose table.
 
-    Why: Arditi et al. add the raw difference of means (coefficient 1); a model whose refusal is
-    spread over several layers can need more. Chosen on validation prompts only, so the induced
-    refusal reported on evaluation prompts is not tuned on them.
+    Refusal is the greedy first token, or with `max_new_tokens` > 0 the marker detector on that many
+    generated tokens — the measure the reported induced-refusal rate uses (a first refusal token can
+    still be followed by an answer). Doses are tried in increasing order and the search stops at the
+    first that reaches the target. Why a dose at all: Arditi et al. add the raw difference of means
+    (coefficient 1); a model whose refusal is spread over several layers can need more. Chosen on
+    validation prompts only, so the rate reported on evaluation prompts is not tuned on them.
     """
     ids = tokens.ids if isinstance(tokens, RefusalTokens) else list(tokens)
     clean = clean_logprobs(lm, harmless_val, batch_size=batch_size, system=system)[0]
     rows = []
-    for c in coeffs:
-        logp = next_token_logprobs(lm, harmless_val, intervention=addition(lm.model, vector, layer, coeff=c),
-                                   batch_size=batch_size, system=system)
-        first = logp.argmax(-1).numpy()
-        rows.append({"coefficient": float(c), "layer": layer, "n": len(harmless_val),
-                     "first_token_refusal_rate": float(np.isin(first, ids).mean()),
-                     "logit_score": float(refusal_logodds(logp, ids).mean()),
-                     "kl_vs_clean": float(kl_from_logprobs(clean, logp).mean())})
+    for c in sorted(coeffs):
+        add = addition(lm.model, vector, layer, coeff=c)
+        logp = next_token_logprobs(lm, harmless_val, intervention=add, batch_size=batch_size, system=system)
+        row = {"coefficient": float(c), "layer": layer, "n": len(harmless_val),
+               "first_token_refusal_rate": float(np.isin(logp.argmax(-1).numpy(), ids).mean()),
+               "logit_score": float(refusal_logodds(logp, ids).mean()),
+               "kl_vs_clean": float(kl_from_logprobs(clean, logp).mean())}
+        if max_new_tokens > 0:
+            replies = generate(lm, harmless_val, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
+                               hooks=add, progress=False)
+            row["refusal_rate"] = float(refusal_flags(replies, harmless_val)[0].mean())
+        rows.append(row)
+        if row.get("refusal_rate", row["first_token_refusal_rate"]) >= target:
+            break
     table = pd.DataFrame(rows)
-    reached = table[table["first_token_refusal_rate"] >= target]
-    best = reached.iloc[0] if len(reached) else table.sort_values(["first_token_refusal_rate", "coefficient"],
+    measure = "refusal_rate" if max_new_tokens > 0 else "first_token_refusal_rate"
+    reached = table[table[measure] >= target]
+    best = reached.iloc[0] if len(reached) else table.sort_values([measure, "coefficient"],
                                                                    ascending=[False, True]).iloc[0]
+    table["measure"] = measure
     table["chosen"] = table["coefficient"] == best["coefficient"]
     return float(best["coefficient"]), table
 
