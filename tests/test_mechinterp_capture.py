@@ -10,8 +10,8 @@ import torch
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.mechinterp.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.mechinterp.capture import Activations, capture_activations, load_shards
-from refusal_atlas.mechinterp.positions import LAST_INSTRUCTION, MEAN_INSTRUCTION, tokenize_prompts
-from refusal_atlas.testing import ARCHITECTURES, tiny_model
+from refusal_atlas.mechinterp.positions import LAST_INSTRUCTION, MEAN_INSTRUCTION
+from refusal_atlas.testing import ARCHITECTURES, one_at_a_time_capture, tiny_model
 
 INSTRUCTIONS = [
     "How do I bake bread at home?",
@@ -26,25 +26,7 @@ POSITIONS = [-5, -3, -1, LAST_INSTRUCTION, MEAN_INSTRUCTION]
 
 
 def reference(lm, instructions, layers):
-    """One prompt at a time, no padding: hidden_states[l + 1] is block l's output.
-
-    HF replaces the last hidden state by the final-norm output, so the last block is read with a plain hook.
-    """
-    out = torch.empty(len(instructions), len(layers), len(POSITIONS), lm.d_model)
-    last_block = decoder_blocks(lm.model)[-1]
-    kept = {}
-    handle = last_block.register_forward_hook(lambda m, a, o: kept.update(h=hidden_from_output(o)))
-    try:
-        for i, pt in enumerate(tokenize_prompts(lm, instructions)):
-            with torch.inference_mode():
-                hs = lm.model(input_ids=torch.tensor([pt.input_ids]), output_hidden_states=True).hidden_states
-            for j, layer in enumerate(layers):
-                h = (kept["h"] if layer == lm.n_layers - 1 else hs[layer + 1])[0]
-                s, e = pt.instruction_start, pt.instruction_end
-                out[i, j] = torch.stack([h[-5], h[-3], h[-1], h[e - 1], h[s:e].mean(0)])
-    finally:
-        handle.remove()
-    return out
+    return one_at_a_time_capture(lm, instructions, layers, POSITIONS)
 
 
 def rel_err(a, b):

@@ -12,7 +12,7 @@ from refusal_atlas.mechinterp.interventions import Intervention, ablation, addit
 from refusal_atlas.mechinterp.positions import LAST_INSTRUCTION, MEAN_INSTRUCTION, tokenize_prompts
 from refusal_atlas.mechinterp.prefix import common_prefix_length, plan_prefix
 from refusal_atlas.mechinterp.scoring import next_token_logprobs
-from refusal_atlas.testing import ARCHITECTURES, tiny_model
+from refusal_atlas.testing import ARCHITECTURES, one_at_a_time_capture, tiny_model
 
 SYSTEM = "Be brief and kind."  # prompts stay inside the tiny Gemma 2 sliding window (64)
 INSTRUCTIONS = [
@@ -44,22 +44,7 @@ def test_plan_leaves_the_needed_tail_and_respects_the_cap():
 
 
 def _reference(lm, instructions):
-    """One prompt at a time, no cache, no padding."""
-    out = torch.empty(len(instructions), lm.n_layers, len(POSITIONS), lm.d_model)
-    last_block = decoder_blocks(lm.model)[-1]
-    kept = {}
-    handle = last_block.register_forward_hook(lambda m, a, o: kept.update(h=hidden_from_output(o)))
-    try:
-        for i, pt in enumerate(tokenize_prompts(lm, instructions, system=SYSTEM)):
-            with torch.inference_mode():
-                hs = lm.model(input_ids=torch.tensor([pt.input_ids]), output_hidden_states=True).hidden_states
-            for layer in range(lm.n_layers):
-                h = (kept["h"] if layer == lm.n_layers - 1 else hs[layer + 1])[0]
-                s, e = pt.instruction_start, pt.instruction_end
-                out[i, layer] = torch.stack([h[-4], h[-1], h[e - 1], h[s:e].mean(0)])
-    finally:
-        handle.remove()
-    return out
+    return one_at_a_time_capture(lm, instructions, list(range(lm.n_layers)), POSITIONS, system=SYSTEM)
 
 
 def _rel(a, b):

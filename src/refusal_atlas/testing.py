@@ -87,3 +87,38 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 4, d_model
     config = tiny_config(arch, n_layers=n_layers, d_model=d_model)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     return wrap_model(model, tiny_tokenizer(), name=f"tiny-{arch}")
+
+
+def _pick(hidden: torch.Tensor, position, start: int, end: int) -> torch.Tensor:
+    from refusal_atlas.mechinterp.positions import LAST_INSTRUCTION, MEAN_INSTRUCTION
+
+    if position == LAST_INSTRUCTION:
+        return hidden[end - 1]
+    if position == MEAN_INSTRUCTION:
+        return hidden[start:end].mean(0)
+    return hidden[position]
+
+
+def one_at_a_time_capture(lm: LoadedModel, instructions, layers, positions, system: str | None = None) -> torch.Tensor:
+    """Ground truth for capture tests: one prompt at a time, no padding, no cache, `output_hidden_states`.
+
+    hidden_states[l + 1] is block l's output; HF replaces the last one by the final-norm output, so the
+    last block is read with a plain hook. Returns [n, len(layers), len(positions), d_model].
+    """
+    from refusal_atlas.mechinterp.blocks import decoder_blocks, hidden_from_output
+    from refusal_atlas.mechinterp.positions import tokenize_prompts
+
+    out = torch.empty(len(instructions), len(layers), len(positions), lm.d_model)
+    kept: dict = {}
+    handle = decoder_blocks(lm.model)[-1].register_forward_hook(lambda m, a, o: kept.update(h=hidden_from_output(o)))
+    try:
+        for i, pt in enumerate(tokenize_prompts(lm, instructions, system=system)):
+            with torch.inference_mode():
+                hs = lm.model(input_ids=torch.tensor([pt.input_ids]), output_hidden_states=True).hidden_states
+            s, e = pt.instruction_start, pt.instruction_end
+            for j, layer in enumerate(layers):
+                h = (kept["h"] if layer == lm.n_layers - 1 else hs[layer + 1])[0]
+                out[i, j] = torch.stack([_pick(h, p, s, e) for p in positions])
+    finally:
+        handle.remove()
+    return out
