@@ -114,7 +114,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
 
     # the un-ablated generations are the ones the refusal tokens were discovered from (same prompts, settings)
     headline = pooled_ablation_and_steering(lm, ds, harmful_all, harmless, layer=layer, position=REFUSAL_POSITION,
-                                            coeffs=(coeff, *(c for c in (1.0,) if c != coeff)),
+                                            coeffs=(coeff,) if coeff == 1.0 else (coeff, 1.0),
                                             max_new_tokens=NEW_TOKENS, batch_size=cfg.batch_size, progress=progress,
                                             before=refused_h, harmless_before=refused_hl)
     write_json_atomic(out / "pooled.json", headline)

@@ -233,7 +233,7 @@ class _Capturer:
         return int(model.get_input_embeddings().weight.shape[1])
 
 
-def _tail_needed(prompts: Sequence[PromptTokens], positions: Sequence[Position]) -> int:
+def _tail_needed(positions: Sequence[Position]) -> int:
     """Tokens at the end of every prompt that must run per batch: the furthest point position requested."""
     offsets = [-p for p in positions if isinstance(p, int)]
     return max([1, *offsets])
@@ -294,7 +294,7 @@ def capture_activations(
     use_pos = accepts_position_ids(lm.model)
     bar = tqdm(total=len(prompts), desc="capture", unit="prompt", disable=not progress, dynamic_ncols=True)
     n_prefix = plan_prefix([p.input_ids for p in prompts], lm.model, enabled=share_prefix and use_pos,
-                           keep_last=_tail_needed(prompts, pos_list),
+                           keep_last=_tail_needed(pos_list),
                            max_length=min(p.instruction_start for p in prompts))
     prefix = None
     with _Capturer(lm, layer_list, pos_list) as cap, torch.inference_mode():
