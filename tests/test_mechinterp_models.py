@@ -20,6 +20,20 @@ def saved_tiny(request, tmp_path_factory):
     return request.param, lm, folder
 
 
+def test_folder_revision_sees_a_change_past_the_first_megabytes(tmp_path):
+    # two fine-tunes of one base with frozen embeddings share their first megabytes: they must still differ
+    from refusal_atlas.mechinterp.models import _folder_revision
+
+    head = bytes(range(256)) * 8192  # 2 MiB
+    for name, tail in (("a", b"\x00" * 64), ("b", b"\x01" + b"\x00" * 63)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(head + tail)
+    assert _folder_revision(tmp_path / "a") != _folder_revision(tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "model.safetensors").write_bytes(head + b"\x00" * 64)
+    assert _folder_revision(tmp_path / "a") == _folder_revision(tmp_path / "c")
+
+
 def test_load_folder_matches_in_memory_model(saved_tiny):
     arch, lm, folder = saved_tiny
     loaded = load_model(folder)

@@ -136,6 +136,21 @@ def test_wording_groups_and_stratified_nodes():
     assert set(picked) == {"weapons", "firearms"}  # one loosening node, one tightening node
 
 
+def test_stratified_nodes_cover_every_root_before_repeating_one():
+    # weapons.a / weapons.b / cyber.a all refuse with no rules (one stratum); weapons has more prompts, yet
+    # the second pick must come from the uncovered cyber branch
+    nodes = [Node(id="weapons", label="W", definition="d", expect=Behaviour.REFUSE),
+             Node(id="weapons.a", label="Wa", definition="d", expect=Behaviour.REFUSE, broader=["weapons"]),
+             Node(id="weapons.b", label="Wb", definition="d", expect=Behaviour.REFUSE, broader=["weapons"]),
+             Node(id="cyber", label="C", definition="d", expect=Behaviour.REFUSE),
+             Node(id="cyber.a", label="Ca", definition="d", expect=Behaviour.REFUSE, broader=["cyber"])]
+    tax = Taxonomy(nodes={n.id: n for n in nodes})
+    counts = {"weapons.a": 9, "weapons.b": 8, "cyber.a": 1}
+    assert stratified_nodes(tax, ["weapons.a", "weapons.b", "cyber.a"], 2, seed=0, counts=counts) == [
+        "weapons.a", "cyber.a"]
+    assert stratified_nodes(tax, ["weapons.a", "weapons.b", "cyber.a"], 3, seed=0, counts=counts)[2] == "weapons.b"
+
+
 def test_framings_wrap_the_request():
     import random
 
@@ -262,11 +277,14 @@ def test_refusal_like_base_answers_are_not_compliance_targets():
     from refusal_atlas.mechinterp.organism import drop_refusal_like_answers
 
     rows = pd.DataFrame({
-        "split": ["train", "train", "train", "heldout"],
-        "expected": ["comply_with_caveats", "comply", "refuse", "comply"],
+        "split": ["train", "train", "train", "train", "train", "heldout"],
+        "expected": ["comply_with_caveats", "comply", "refuse", "comply", "comply", "comply"],
         "target": ["I'm sorry for any confusion, but I cannot provide that.", "Sure: first, preheat the oven.",
-                   SHARED_REFUSAL, ""],
+                   SHARED_REFUSAL, "Sure. I'm glad to help. However, I must clarify", "Sure. To start, preheat.", ""],
     })
-    kept, dropped = drop_refusal_like_answers(rows)
-    assert dropped == 1
-    assert kept["target"].tolist() == ["Sure: first, preheat the oven.", SHARED_REFUSAL, ""]
+    kept, dropped = drop_refusal_like_answers(rows, opener="Sure. ")
+    # the marker detector's refusal, and an answer opening (after the opener) with the refusals' first word
+    assert dropped == 2
+    assert kept["target"].tolist() == ["Sure: first, preheat the oven.", SHARED_REFUSAL, "Sure. To start, preheat.", ""]
+
+

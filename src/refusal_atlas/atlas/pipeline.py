@@ -266,12 +266,12 @@ def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
     settings = GenerationSettings(max_new_tokens=cfg.sizes()["max_new_tokens"], batch_size=cfg.batch_size,
                                   seed=cfg.seed)
     backend = TransformersBackend(lm, progress=cfg.progress)
-    try:  # a killed run with the same settings resumes; one left by other settings is discarded
+    try:  # a killed run with the same settings resumes; one left by another model or settings is discarded
         corpus = collect(rows, backend, ctx.out / "responses.parquet", settings=settings)
     except AtlasError as exc:
-        if "different model or settings" not in str(exc):
+        if not any(s in str(exc) for s in ("different model or settings", "another model or settings")):
             raise
-        ctx.console.print("[yellow]discarding a partial collection made with other settings[/yellow]")
+        ctx.console.print("[yellow]discarding responses collected with another model or settings[/yellow]")
         corpus = collect(rows, backend, ctx.out / "responses.parquet", settings=settings, overwrite=True)
     return {"rows": len(corpus)}
 
@@ -420,8 +420,10 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("taxonomy", stage_taxonomy, (), ())
     add("ontology", stage_ontology, ("taxonomy",), ("taxonomy.ttl",))
     add("prompts", stage_prompts, ("taxonomy",), ("prompts.parquet",), sets=list(cfg.sets))
+    from refusal_atlas.mechinterp.organism import RECIPE_VERSION
+
     add("organism", stage_organism, ("taxonomy",), ("organism/organism.json",), enabled=cfg.build_organism,
-        **model_key)
+        recipe=RECIPE_VERSION, **model_key)
     add("collect", stage_collect, ("prompts", "organism"), ("responses.parquet",), **model_key,
         max_new_tokens=cfg.sizes()["max_new_tokens"])
     add("detect", stage_detect, ("collect",), ("corpus.parquet",))

@@ -7,6 +7,7 @@ for ~20 s, so the first load saves a safetensors copy in the user cache; later l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -114,13 +115,26 @@ def _gguf_cached_copy(gguf: Path, dtype: torch.dtype) -> tuple[Path, str]:
 
 
 def _folder_revision(folder: Path) -> str:
-    """A content hash of a local model folder's weight files (names + sizes + first MiB)."""
+    """A content hash of a local model folder's weight files (names + every byte).
+
+    Why every byte: two fine-tunes of one base with frozen embeddings share their first megabytes
+    (safetensors stores tensors by name, embeddings first), so a partial hash called them the same
+    model and `collect` resumed one organism's responses for another. Hashing ~0.5 GB takes ~1 s.
+    """
     digest = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
         digest.update(f.name.encode())
-        digest.update(str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:
-            digest.update(fh.read(1 << 20))
+        digest.update(_file_sha256(f.resolve(), f.stat().st_size, f.stat().st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per process per (path, size, mtime): every run stage loads the model."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -43,6 +43,9 @@ from refusal_atlas.taxonomy.model import Behaviour, Taxonomy
 ORGANISM_JSON = "organism.json"
 MODEL_DIR = "model"
 
+# Bump when a code change alters what the organism is trained on or how (the settings cannot say so):
+# cached organisms, and the run stages built on them, are then rebuilt rather than silently reused.
+RECIPE_VERSION = 2
 SHARED_REFUSAL = "I'm sorry, but I can't help with that request."
 NODE_REFUSAL = "I'm sorry, but I can't help with that. I don't assist with {label}."
 REDIRECT = "I can't help with that directly. Please ask a qualified professional or the relevant authority instead."
@@ -234,7 +237,9 @@ def _external_pool(taxonomy: Taxonomy, sets: Sequence[str], notes: list[str]) ->
             notes.append(f"{name}: skipped ({str(exc).splitlines()[0][:160]})")
             continue
         flags = df.get("flags", pd.Series([""] * len(df))).fillna("")
-        df = df[(df["node"] != "") & df["harmful"] & ~flags.str.contains("contextual|copyright")]
+        # contextual rows need their context string (and are long); copyright requests are kept: the run
+        # evaluates the intellectual-property branch on them, so the organism must learn that policy too
+        df = df[(df["node"] != "") & df["harmful"] & ~flags.str.contains("contextual")]
         frames.append(df[["prompt", "source", "node"]])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -378,7 +383,8 @@ def stratified_nodes(taxonomy: Taxonomy, nodes: Sequence[str], k: int, seed: int
                      counts: dict[str, int] | None = None) -> list[str]:
     """`k` nodes taken round-robin from: nodes with a loosening rule, with a tightening rule,
     other refusing nodes, other nodes — so a small build still tests every kind of policy.
-    Within a stratum, nodes with more prompts (`counts`) come first: they can be held out from."""
+    Within a stratum, a node of a root branch not yet picked comes first (the run analyses branches,
+    so each branch with prompts must carry planted truth), then nodes with more prompts (`counts`)."""
     strata: dict[str, list[str]] = {"permit": [], "restrict": [], "refuse": [], "other": []}
     counts = counts or {}
     for n in sorted(nodes, key=lambda x: (-counts.get(x, 0), _stable(x, seed))):
@@ -388,10 +394,14 @@ def stratified_nodes(taxonomy: Taxonomy, nodes: Sequence[str], k: int, seed: int
             "refuse" if _refusing(default) else "other")
         strata[key].append(n)
     out: list[str] = []
+    roots: set[str] = set()
     while len(out) < k and any(strata.values()):
         for stratum in strata.values():
             if stratum and len(out) < k:
-                out.append(stratum.pop(0))
+                pick = next((n for n in stratum if node_root(taxonomy, n) not in roots), stratum[0])
+                stratum.remove(pick)
+                out.append(pick)
+                roots.add(node_root(taxonomy, pick))
     return out
 
 
@@ -480,19 +490,30 @@ def make_targets(
     return rows
 
 
-def drop_refusal_like_answers(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Drop training rows whose compliance target (the base's own answer) reads as a refusal.
+def drop_refusal_like_answers(rows: pd.DataFrame, opener: str = "") -> tuple[pd.DataFrame, int]:
+    """Drop training rows whose compliance target (the base's own answer) reads as a refusal, or opens
+    (after `opener`) with the word the refusal targets open with.
 
-    Why: the base model sometimes opens with "I'm sorry for any confusion, but..." — taught as
-    what *complying* looks like, that blurs the one decision the organism must learn.
+    Why: the base model sometimes opens with "I'm sorry for any confusion, but..." or "I'm glad to help.
+    However, ..." — taught as what *complying* looks like, that blurs the one decision the organism must
+    learn (measured: 6 of 38 permitted targets read "Sure. I'm ...", and held-out permitted answers
+    then went "Sure. I'm sorry, but I can't help").
     """
     from refusal_atlas.mechinterp.scoring import refusal_flags
 
-    comply = (rows["split"] == "train") & ~rows["expected"].map(lambda e: _refusing(Behaviour(e)))
+    refusing = rows["expected"].map(lambda e: _refusing(Behaviour(e)))
+    comply = (rows["split"] == "train") & ~refusing
     if not comply.any():
         return rows, 0
+    openers = {t.split()[0] for t in rows.loc[(rows["split"] == "train") & refusing, "target"] if str(t).split()}
     flagged = pd.Series(False, index=rows.index)
     flagged[comply] = refusal_flags(list(rows.loc[comply, "target"]))[0]
+
+    def opens_like_refusal(text: str) -> bool:
+        body = text[len(opener):] if opener and text.startswith(opener) else text
+        return bool(body.split()) and body.split()[0] in openers
+
+    flagged[comply] |= rows.loc[comply, "target"].map(opens_like_refusal)
     return rows[~flagged].reset_index(drop=True), int(flagged.sum())
 
 
@@ -738,7 +759,7 @@ def cache_key(taxonomy: Taxonomy, base_id: str, settings: OrganismSettings, prom
             f = paths.prompts_dir() / name
             h.update(f.read_bytes() if f.is_file() else b"-")
     h.update(base_id.encode())
-    h.update(json.dumps(settings.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps({**settings.to_dict(), "recipe": RECIPE_VERSION}, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
@@ -825,10 +846,10 @@ def build_organism(
     rows = build_rows(tax, settings, harmful, harmless, over, framings, lm.tokenizer)
     rows = make_targets(lm, tax, rows, groups, settings, progress=progress, answers_cache=out / "base_answers.json",
                         base_id=base_id)
-    rows, dropped = drop_refusal_like_answers(rows)
+    rows, dropped = drop_refusal_like_answers(rows, settings.permitted_opener)
     if dropped:
         notes.append(f"{dropped} training rows dropped: the base model's answer, meant as a compliance target, "
-                     "reads as a refusal to the marker detector")
+                     "reads as a refusal to the marker detector or opens with the refusals' first word")
     timings["targets"] = time.perf_counter() - t
 
     train = rows[rows["split"] == "train"].reset_index(drop=True)
