@@ -10,8 +10,14 @@ to that measurement alone; embeddings are computed once with refusal-atlas' cach
 and passed to every pipeline ("precomputed" in the peers' terms). Seeds: BERTopic and plain get UMAP
 random_state = s; ours gets the disjoint seed block s*1000 .. s*1000+4 (its consensus uses five).
 
+Templated sets (`--synthetic N:BASE ...`): the anchor's `synthesize` re-words the BASE records (all, or one
+source) into N documents; each is clustered by every pipeline. Embeddings come from refusal-atlas' on-disk
+cache (content-hashed), so a second run does not re-embed 50k texts. A supervised ceiling (cross-validated
+logistic regression on the same embeddings predicting source:category) says how far any partition of these
+embeddings can agree with the labels.
+
 Usage (from the repository root):
-    nice .venv/bin/python benchmarks/cluster_bench.py [--synthetic-n 50000] [--seeds 0 1 2 3 4]
+    nice .venv/bin/python benchmarks/cluster_bench.py [--synthetic 6000:harmbench 50000:all] [--seeds 0 1 2 3 4]
 Writes benchmarks/results/cluster_bench.json and benchmarks/results/cluster_bench.md.
 """
 
@@ -32,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS_PATH = ROOT.parent / "shared" / "benchmarks" / "cluster_peers.py"
 RESULTS = ROOT / "benchmarks" / "results"
 PIPELINES = ("ours", "bertopic", "plain")
-VARIANTS = {"ours_frac": {"min_cluster_fraction": 0.01}}  # extra configurations of ours, run with --add
+# extra configurations of ours, run with --add: fewer larger clusters; near-duplicate collapse switched off
+VARIANTS = {"ours_frac": {"min_cluster_fraction": 0.01}, "ours_nodedup": {"dedup_threshold": 1.0}}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -67,12 +74,11 @@ def load_records(cp) -> list[dict]:
 
 
 def fit_ours(docs: list[str], embeddings, seed: int, **overrides):
-    import numpy as np
-
+    """Our pipeline with its defaults (plus overrides); the result keeps timings and the fitted-row count."""
     from refusal_atlas.curation.cluster import ClusterConfig, ClusterPipeline
 
     config = ClusterConfig(layout_2d=False, **overrides).with_seed_base(seed)
-    return np.asarray(ClusterPipeline(config).fit(embeddings, docs).labels)
+    return ClusterPipeline(config).fit(embeddings, docs)
 
 
 def worker(spec_path: str) -> None:
@@ -93,16 +99,17 @@ def worker(spec_path: str) -> None:
         emb = np.load(run["embeddings"])
         with cp.RssPeak() as rss:
             t = time.perf_counter()
-            if spec["pipeline"] == "ours":
-                labels = fit_ours(docs, emb, run["seed"])
-            elif spec["pipeline"] in VARIANTS:
-                labels = fit_ours(docs, emb, run["seed"], **VARIANTS[spec["pipeline"]])
+            extra = {}
+            if spec["pipeline"] == "ours" or spec["pipeline"] in VARIANTS:
+                result = fit_ours(docs, emb, run["seed"], **VARIANTS.get(spec["pipeline"], {}))
+                labels = result.labels
+                extra = {"n_fitted": int(result.fitted.sum()), "timings": result.timings}
             else:
                 labels = cp.fit_once(spec["pipeline"], docs, emb, run["seed"])
             elapsed = time.perf_counter() - t
         out["runs"].append({"tag": run["tag"], "seed": run["seed"], "fit_s": elapsed,
                             "rss_before_mib": rss.before_mib, "rss_peak_mib": rss.peak_mib,
-                            "labels": np.asarray(labels).tolist()})
+                            "labels": np.asarray(labels).tolist(), **extra})
     out["max_rss_mib"] = cp.max_rss_mib()
     Path(spec["result"]).write_text(json.dumps(out))
 
@@ -139,36 +146,72 @@ def embed_sets(sets: dict[str, list[dict]], workdir: Path) -> dict:
     return info
 
 
+def templated_sets(cp, records: list[dict], specs: list[str], seed: int) -> dict[str, list[dict]]:
+    """{"templated_N_BASE": documents} for each "N:BASE" spec (BASE = all or one source)."""
+    out = {}
+    for spec in specs:
+        n, _, base = spec.partition(":")
+        base = base or "all"
+        pool = records if base == "all" else [r for r in records if r["source"] == base]
+        out[f"templated_{int(n)}_{base}"] = cp.synthesize(pool, int(n), seed=seed)
+    return out
+
+
+def supervised_ceiling(records: list[dict], x, folds: int = 5) -> dict:
+    """ARI / NMI / accuracy of cross-validated logistic-regression predictions of source:category.
+
+    Not a clustering: it is told the labels. It bounds what a partition of these embeddings can reach;
+    the clustering itself never sees the labels.
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, adjusted_rand_score, normalized_mutual_info_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    y = np.asarray([f"{r['source']}:{r['category']}" for r in records])
+    out = {"folds": folds, "n_labels": len(set(y.tolist()))}
+    for c in (1.0, 10.0):
+        pred = cross_val_predict(LogisticRegression(C=c, max_iter=3000), x, y,
+                                 cv=StratifiedKFold(folds, shuffle=True, random_state=0))
+        out[f"C={c:g}"] = {"ari": float(adjusted_rand_score(y, pred)),
+                           "nmi": float(normalized_mutual_info_score(y, pred)),
+                           "accuracy": float(accuracy_score(y, pred))}
+    return out
+
+
 def run_benchmark(args) -> dict:
+    import numpy as np
+
     cp = peers()
     records = load_records(cp)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cluster_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    sets = {"pooled": records}
-    if args.synthetic_n:
-        base = records if args.synthetic_base == "all" else [r for r in records if r["source"] == args.synthetic_base]
-        sets["synthetic"] = cp.synthesize(base, args.synthetic_n, seed=args.seeds[0])
+    sets = {"pooled": records, **templated_sets(cp, records, args.synthetic, args.seeds[0])}
     results: dict = {"versions": cp.versions(), "settings": {
-        "seeds": args.seeds, "synthetic_n": args.synthetic_n, "synthetic_base": args.synthetic_base,
+        "seeds": args.seeds, "templated": args.synthetic,
         "peer_umap": cp.UMAP_PARAMS,
         "peer_min_cluster_size": cp.MIN_CLUSTER_SIZE,
-        "ours": "refusal_atlas.curation.cluster.ClusterConfig() defaults, seed s -> seed block s*1000+0..4",
+        "ours": "refusal_atlas.curation.cluster.ClusterConfig() defaults, seed s -> seed block s*1000+0..m-1",
         "notes": ["ARI/NMI count outliers (-1) as one cluster; *_clustered_only drop them",
                   "fit_s excludes embedding (precomputed, shared by all pipelines); first fit in each process "
-                  "carries numba JIT and is reported apart as warmup"]}}
+                  "carries numba JIT and is reported apart as warmup",
+                  "fit_peak_rss_mib: peak RSS of the worker process during the fit (includes the interpreter, "
+                  "the libraries and the set's embeddings already loaded)"]}}
     results["embedding"] = embed_sets(sets, workdir)
-
+    results["supervised_ceiling"] = supervised_ceiling(records, np.load(workdir / "pooled.npy"))
+    print("supervised ceiling:", json.dumps(results["supervised_ceiling"]), flush=True)
     results["pooled"] = {}
-    if args.synthetic_n:
-        results["synthetic"] = {"n_docs": len(sets["synthetic"]),
-                                "n_unique_texts": len({r["text"] for r in sets["synthetic"]})}
-    measure(cp, args, workdir, records, sets.get("synthetic"), PIPELINES, results)
+    results["templated"] = {name: {"n_docs": len(docs), "n_unique_texts": len({r["text"] for r in docs}),
+                                   "spec": spec}
+                            for (name, docs), spec in zip(list(sets.items())[1:], args.synthetic, strict=True)}
+    measure(cp, args, workdir, records, {k: v for k, v in sets.items() if k != "pooled"}, PIPELINES, results)
     results["workdir"] = str(workdir)
     return results
 
 
-def measure(cp, args, workdir: Path, records: list[dict], synth: list[dict] | None, pipelines, results: dict) -> None:
-    """Pooled seed runs and (if built) the templated set, one fresh process per pipeline and set."""
+def measure(cp, args, workdir: Path, records: list[dict], templated: dict[str, list[dict]], pipelines,
+            results: dict) -> None:
+    """Pooled seed runs and each templated set, one fresh process per pipeline and set."""
     pooled_docs, pooled_emb = str(workdir / "pooled.json"), str(workdir / "pooled.npy")
     for p in pipelines:
         runs = [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": args.seeds[0], "tag": "warmup"}]
@@ -181,21 +224,26 @@ def measure(cp, args, workdir: Path, records: list[dict], synth: list[dict] | No
         summary["warmup_fit_s"] = by_tag["warmup"]["fit_s"]
         summary["process_max_rss_mib"] = res["max_rss_mib"]
         summary["determinism_same_seed_ari"] = cp.pairwise_ari([by_tag["warmup"]["labels"], sets_[0]])["mean"]
+        if "n_fitted" in by_tag[tags[0]]:
+            summary["n_fitted"] = by_tag[tags[0]]["n_fitted"]
         results["pooled"][p] = summary
+        (workdir / f"pooled_{p}.labels.json").write_text(json.dumps(sets_))
 
-    if synth is not None:
-        synth_docs, synth_emb = str(workdir / "synthetic.json"), str(workdir / "synthetic.npy")
+    for name, docs in templated.items():
+        docs_path, emb_path = str(workdir / f"{name}.json"), str(workdir / f"{name}.npy")
         for p in pipelines:
             seeds = args.seeds[:2] if p.startswith("ours") else args.seeds[:1]
             runs = [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": seeds[0], "tag": "warmup"}]
-            runs += [{"docs": synth_docs, "embeddings": synth_emb, "seed": s, "tag": f"seed_{s}"} for s in seeds]
-            res = launch(workdir, f"synthetic_{p}", pipeline=p, runs=runs)
-            scored = [cp.score_run(r, synth) for r in res["runs"][1:]]
-            entry = {**{k: v for k, v in scored[0].items() if k != "per_source"},
-                     "process_max_rss_mib": res["max_rss_mib"]}
+            runs += [{"docs": docs_path, "embeddings": emb_path, "seed": s, "tag": f"seed_{s}"} for s in seeds]
+            res = launch(workdir, f"{name}_{p}", pipeline=p, runs=runs)
+            scored = [cp.score_run(r, docs) for r in res["runs"][1:]]
+            entry = {**{k: v for k, v in scored[0].items() if k not in ("per_source", "timings")},
+                     "fit_peak_rss_mib": scored[0]["rss_peak_mib"], "process_max_rss_mib": res["max_rss_mib"]}
+            if "timings" in scored[0]:
+                entry["timings"] = scored[0]["timings"]
             if len(scored) > 1:
                 entry["seed_pairwise_ari"] = cp.pairwise_ari([r["labels"] for r in res["runs"][1:]])["mean"]
-            results["synthetic"][p] = entry
+            results["templated"][name][p] = entry
 
 
 def add_variant(args) -> dict:
@@ -204,9 +252,16 @@ def add_variant(args) -> dict:
     results = json.loads(args.out.read_text())
     workdir = Path(results["workdir"])
     records = json.loads((workdir / "pooled.json").read_text())
-    synth_path = workdir / "synthetic.json"
-    synth = json.loads(synth_path.read_text()) if "synthetic" in results and synth_path.is_file() else None
-    measure(cp, args, workdir, records, synth, [args.add], results)
+    templated = {name: json.loads((workdir / f"{name}.json").read_text()) for name in results.get("templated", {})
+                 if (workdir / f"{name}.json").is_file() and (not args.add_sets or name in args.add_sets)}
+    measure(cp, args, workdir, records, templated, [args.add], results)
+    if args.add in VARIANTS and "ours" in results["pooled"]:
+        import numpy as np
+
+        ours = json.loads((workdir / "pooled_ours.labels.json").read_text())
+        other = json.loads((workdir / f"pooled_{args.add}.labels.json").read_text())
+        results["pooled"][args.add]["same_seed_ari_vs_ours"] = cp.spread(
+            [cp.pairwise_ari([np.asarray(a), np.asarray(b)])["mean"] for a, b in zip(ours, other, strict=True)])
     return results
 
 
@@ -237,18 +292,30 @@ def markdown(res: dict) -> str:
     for p in shown:
         per = res["pooled"][p].get("per_source", {})
         lines.append(f"| {p} | " + " | ".join(f(per[s]["ari"]["mean"], 3) for s in sorted(per)) + " |")
-    if "synthetic" in res:
-        sy = res["synthetic"]
-        lines += ["", f"Templated scale set: {sy['n_docs']} documents ({sy['n_unique_texts']} unique) re-worded "
-                  f"from {res['settings']['synthetic_base']} prompts, "
-                  "one fresh process per pipeline after a pooled warm-up.", "",
-                  "| pipeline | fit s | clusters | outliers | ARI vs categories | NMI | seed-to-seed ARI | "
-                  "process max RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+    for sy in res.get("templated", {}).values():
+        base = sy["spec"].partition(":")[2]
+        lines += ["", f"Templated set `{sy['spec']}`: {sy['n_docs']} documents ({sy['n_unique_texts']} unique), the "
+                  f"anchor's prefix/suffix re-wordings of the {base or 'all'} prompts; one fresh process per "
+                  "pipeline after a pooled warm-up.", "",
+                  "| pipeline | fit s | fitted rows | clusters | outliers | ARI vs categories | NMI | seed-to-seed ARI "
+                  "| fit peak RSS MiB | process max RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in (p for p in shown if p in sy):
             e = sy[p]
-            lines.append(f"| {p} | {f(e['fit_s'])} | {e['n_topics']} | {f(100 * e['outlier_frac'], 1)} % | "
-                         f"{f(e['ari'], 3)} | {f(e['nmi'], 3)} | {f(e.get('seed_pairwise_ari'), 3)} | "
+            lines.append(f"| {p} | {f(e['fit_s'])} | {e.get('n_fitted', '–')} | {e['n_topics']} | "
+                         f"{f(100 * e['outlier_frac'], 1)} % | {f(e['ari'], 3)} | {f(e['nmi'], 3)} | "
+                         f"{f(e.get('seed_pairwise_ari'), 3)} | {f(e['fit_peak_rss_mib'], 0)} | "
                          f"{f(e['process_max_rss_mib'], 0)} |")
+    for p in shown:
+        same = res["pooled"][p].get("same_seed_ari_vs_ours")
+        if same:
+            lines += ["", f"`{p}` vs `ours`, same seed block, pooled: ARI mean {same['mean']:.3f} "
+                      f"(min {same['min']:.3f}, max {same['max']:.3f})."]
+    ceil = res.get("supervised_ceiling")
+    if ceil:
+        lines += ["", f"Supervised ceiling (not a clustering): {ceil['folds']}-fold cross-validated logistic "
+                  f"regression on the same MiniLM embeddings predicting the {ceil['n_labels']} source:category "
+                  "labels: " + "; ".join(f"{k}: ARI {v['ari']:.3f}, NMI {v['nmi']:.3f}, accuracy {v['accuracy']:.3f}"
+                                         for k, v in ceil.items() if k.startswith("C="))]
     return "\n".join(lines) + "\n"
 
 
@@ -257,19 +324,21 @@ def main() -> None:
         return worker(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--synthetic-n", type=int, default=50_000, help="templated scale set size (0 = skip)")
-    ap.add_argument("--synthetic-base", default="all",
-                    help="records the templated set re-words: all, or one source (harmbench, strongreject, "
-                         "donotanswer) for a smaller set with as many copies per prompt")
+    ap.add_argument("--synthetic", nargs="*", default=["50000:all"], metavar="N:BASE",
+                    help="templated sets: N documents re-worded from BASE = all or one source (harmbench, "
+                         "strongreject, donotanswer); none = skip")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--out", type=Path, default=RESULTS / "cluster_bench.json")
-    ap.add_argument("--add", choices=sorted(VARIANTS), help="measure one more variant of ours on the documents "
-                    "of the run in --out and merge it in")
+    ap.add_argument("--add", choices=["ours", *sorted(VARIANTS)],
+                    help="(re-)measure ours or one variant of it on the documents of the run in --out and merge it "
+                         "in (the peers' figures stay those of the original run)")
+    ap.add_argument("--add-sets", nargs="*", help="with --add: only these templated sets (default: all)")
     args = ap.parse_args()
     t = time.perf_counter()
     if args.add:
         res = add_variant(args)
         res.setdefault("added_wall_s", {})[args.add] = time.perf_counter() - t
+        res.setdefault("added_at", {})[args.add] = time.strftime("%Y-%m-%d %H:%M:%S")
     else:
         res = run_benchmark(args)
         res["total_wall_s"] = time.perf_counter() - t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -17,11 +18,14 @@ from refusal_atlas.curation.cluster import (
     OUTLIER,
     ClusterConfig,
     ClusterPipeline,
+    ExactKnn,
+    UmapReducer,
     ctfidf_keywords,
     representatives,
 )
 from refusal_atlas.curation.cluster_run import cluster_corpus
 from refusal_atlas.curation.cluster_store import load_run
+from refusal_atlas.curation.dedup import collapse_near_duplicates
 from refusal_atlas.curation.embed import Embedder
 from refusal_atlas.errors import AtlasError
 
@@ -182,3 +186,83 @@ def test_cli_cluster_runs(tmp_path, corpus, monkeypatch):
     assert "60 rows -> 2 clusters" in result.output
     meta = json.loads((out / "clusters.json").read_text())
     assert meta["input"]["only_refused"] is True and meta["config"]["seeds"] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- near-duplicate collapse
+
+
+def _planted_vectors() -> tuple[np.ndarray, list[int]]:
+    """Three base directions with 4, 3 and 1 noisy copies (cosine ≈ 0.99) and two distinct singletons."""
+    rng = np.random.default_rng(0)
+    bases = np.linalg.qr(rng.normal(size=(64, 5)))[0].T  # five orthonormal directions
+    family = [0, 0, 0, 0, 1, 1, 1, 2, 3, 4]
+    x = bases[family] + 0.01 * rng.normal(size=(len(family), 64))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), family
+
+
+def test_collapse_groups_planted_duplicates_exactly():
+    x, family = _planted_vectors()
+    out = collapse_near_duplicates(x, threshold=0.9)
+    assert len(out.representatives) == 5 and out.n_collapsed == 5
+    groups = out.group.tolist()
+    # rows share a group exactly when they are copies of the same base direction
+    for i, j in itertools.combinations(range(len(family)), 2):
+        assert (groups[i] == groups[j]) == (family[i] == family[j]), (i, j)
+    assert [family[r] for r in out.representatives] == [0, 1, 2, 3, 4]  # groups numbered by first row
+    assert (out.similarity >= 0.9).all() and (out.similarity[out.representatives] == 1.0).all()
+
+
+def test_collapse_is_a_no_op_on_distinct_texts(data):
+    df, x = data  # 120 distinct planted prompts sharing six templates; the closest pair has cosine ≈ 0.88
+    out = collapse_near_duplicates(x, threshold=0.9)
+    assert out.n_collapsed == 0
+    np.testing.assert_array_equal(out.representatives, np.arange(len(df)))
+    np.testing.assert_array_equal(out.group, np.arange(len(df)))
+
+
+def test_collapse_cap_and_switch_off():
+    x, _ = _planted_vectors()
+    capped = collapse_near_duplicates(x, threshold=0.9, max_representatives=2)
+    assert len(capped.representatives) == 2
+    assert capped.group.tolist() == [0, 0, 0, 0, 1, 1, 1, -1, -1, -1]  # the rest is left to kNN assignment
+    off = collapse_near_duplicates(x, threshold=1.0)
+    np.testing.assert_array_equal(off.group, np.arange(len(x)))
+
+
+def test_templated_copies_do_not_multiply_clusters(data, fitted):
+    """Each planted prompt re-worded three ways: still the four topics, copies share their prompt's cluster."""
+    df, _ = data
+    frames = ["Please {}", "Quick question: {} Thanks!", "For a novel I am writing, {}"]
+    texts = [f.format(p) for p in df["prompt"] for f in frames]
+    x = Embedder(cache=False).encode(texts)
+    res = ClusterPipeline(ClusterConfig(min_cluster_size=10, layout_2d=False)).fit(x, texts)
+    group = np.repeat(df["group"].to_numpy(), len(frames))
+    assert res.n_clusters <= 5 and adjusted_rand_score(group, res.labels) >= 0.85
+    assert res.fitted.sum() < len(texts) and (res.representative >= 0).all()
+    np.testing.assert_array_equal(res.labels, res.labels[res.representative])
+    plain = ClusterPipeline(ClusterConfig(min_cluster_size=10, layout_2d=False, dedup_threshold=1.0)).fit(x, texts)
+    assert plain.fitted.all()
+
+
+def test_umap_layouts_share_one_deterministic_initialisation(data):
+    _, x = data
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    knn = ExactKnn(15).fit(x)
+    reducer = UmapReducer(n_components=5)
+    first = reducer.initial_layout(x, knn, 5)
+    assert reducer.initial_layout(x, knn, 5) is first  # computed once per graph, reused by every seed
+    np.testing.assert_allclose(UmapReducer().initial_layout(x, knn, 5), first, atol=1e-5)
+    assert np.abs(first).max() == pytest.approx(10.0)
+
+
+def test_disconnected_graph_falls_back_to_per_seed_initialisation():
+    """Two groups that share no kNN edge: no shared spectral start, the layout still runs."""
+    rng = np.random.default_rng(1)
+    x = np.zeros((40, 64), dtype=np.float32)
+    x[:20, :32] = rng.normal(size=(20, 32)) + 5.0
+    x[20:, 32:] = rng.normal(size=(20, 32)) + 5.0
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    knn = ExactKnn(15).fit(x)
+    reducer = UmapReducer(n_components=2, n_epochs=20)
+    assert reducer.initial_layout(x, knn, 2) is None
+    assert reducer.fit_transform(x, knn, seed=0).shape == (40, 2)

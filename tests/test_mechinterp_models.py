@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -89,3 +92,20 @@ def test_default_model_loads_from_cache():
     x = torch.tensor([[1, 2, 3]])
     with torch.inference_mode():
         assert torch.equal(lm.model(x).logits, again.model(x).logits)
+
+
+def test_other_processes_cpu_use_is_seen_and_own_is_not():
+    import subprocess
+    import sys
+
+    from refusal_atlas.mechinterp.models import _others_busy_cores, auto_threads
+
+    spin = "import time\nend = time.time() + 5\nwhile time.time() < end: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)
+        busy = _others_busy_cores(1.0)
+    finally:
+        spinner.kill()
+    assert busy is not None and busy >= 0.6  # a process spinning one core (plus whatever else runs)
+    assert 1 <= auto_threads(0.2) <= (os.cpu_count() or 1)

@@ -47,6 +47,7 @@ class RunConfig:
     min_prompts: int = 8
     max_nodes: int | None = None
     progress: bool = True
+    threads: int | None = None  # torch CPU threads; None: chosen per stage from what other processes leave free
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,7 +67,7 @@ class RunConfig:
             sizes = {"per_node_train": 24, "per_node_eval": 6, "harmless_train": 64, "harmless_eval": 16,
                      "per_node_val": 3, "harmless_val": 16,
                      "max_nodes": self.max_nodes or 6, "collect_limit": 144, "max_new_tokens": self.max_new_tokens,
-                     "cluster_seeds": 5, "condition_per_node": 32, "max_prompt_chars": 320}
+                     "cluster_seeds": 8, "condition_per_node": 32, "max_prompt_chars": 320}
         return {**sizes, **self.extra.get("sizes", {})}
 
 
@@ -181,7 +182,7 @@ def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict:
 
         settings = replace(settings, **cfg.extra["organism"])
     result = build_organism(_taxonomy(cfg), base=cfg.model, seed=cfg.seed, out_dir=ctx.out / "organism",
-                            settings=settings, progress=cfg.progress)
+                            settings=settings, progress=cfg.progress, threads=set_threads(cfg))
     m = result.metrics
     return {"model_dir": str(result.model_dir), "seconds": result.seconds,
             "heldout_refusal_rate": m.get("heldout_refusal_rate"),
@@ -199,10 +200,22 @@ def analysed_model_spec(cfg: RunConfig, ctx: StageContext) -> str:
 _MODEL_CACHE: dict[str, Any] = {}
 
 
+def set_threads(cfg: RunConfig) -> int:
+    """Set torch's CPU threads before a model stage (see `auto_threads`: a busy machine gets fewer)."""
+    import torch
+
+    from refusal_atlas.mechinterp.models import auto_threads
+
+    threads = cfg.threads or auto_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
 def load_analysed_model(cfg: RunConfig, ctx: StageContext):
     """Load the analysed model once per process (several stages use it)."""
     from refusal_atlas.mechinterp.models import load_model
 
+    set_threads(cfg)
     spec = analysed_model_spec(cfg, ctx)
     if spec not in _MODEL_CACHE:
         _MODEL_CACHE.clear()

@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         size: Annotated[list[str] | None, typer.Option(
             help="Override a stage budget, KEY=INT (repeatable), e.g. --size collect_limit=600 --size "
                  "per_node_eval=16; keys: see `RunConfig.sizes()`.")] = None,
+        threads: Annotated[int | None, typer.Option(
+            help="torch CPU threads (default: per stage, the cores other processes leave free).")] = None,
     ) -> None:
         """Run every stage, from the taxonomy to report.html (cached; a rerun resumes)."""
         from rich.console import Console
@@ -36,7 +38,7 @@ def register(app: typer.Typer) -> None:
         from refusal_atlas.atlas.pipeline import RunConfig, parse_sizes, run
 
         cfg = RunConfig(model=model, taxonomy=taxonomy, out=out, quick=quick, resume=resume, seed=seed,
-                        organism=organism, min_prompts=min_prompts, max_nodes=max_nodes)
+                        organism=organism, min_prompts=min_prompts, max_nodes=max_nodes, threads=threads)
         if size:
             cfg.extra["sizes"] = parse_sizes(size, cfg.sizes())
         console = Console(stderr=True)

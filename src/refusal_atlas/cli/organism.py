@@ -32,7 +32,8 @@ def build(
     from dataclasses import replace
 
     from refusal_atlas.cli.directions import _read_prompts
-    from refusal_atlas.mechinterp.organism import OrganismSettings, auto_threads, build_organism
+    from refusal_atlas.mechinterp.models import auto_threads
+    from refusal_atlas.mechinterp.organism import OrganismSettings, build_organism
 
     settings = OrganismSettings.quick() if quick else OrganismSettings()
     if epochs is not None:
@@ -74,7 +75,7 @@ def test_cmd(
 
     from refusal_atlas.errors import AtlasError
     from refusal_atlas.mechinterp.experiments import causal_suite
-    from refusal_atlas.mechinterp.organism import auto_threads
+    from refusal_atlas.mechinterp.models import auto_threads
 
     if level not in ("root", "node"):
         raise AtlasError(f"--level {level!r}: use 'root' or 'node'")

@@ -1,40 +1,44 @@
-"""Stable clustering of texts: kNN graph → UMAP (several seeds) → HDBSCAN → consensus → labels.
+"""Stable clustering of texts: near-duplicate collapse → kNN graph → UMAP (several seeds) → HDBSCAN → consensus.
 
 Why this design (measured on the 1,652 pooled HarmBench + StrongREJECT + Do-Not-Answer prompts
 with MiniLM; numbers in benchmarks/results/cluster_bench.md):
 
 * A plain seeded UMAP → HDBSCAN run (what BERTopic does) agrees with itself across seeds only at
-  ARI ≈ 0.77. Comparing two runs shows the *cores* of the clusters agree (ARI ≈ 0.99 on the rows
+  ARI ≈ 0.76. Comparing two runs shows the *cores* of the clusters agree (ARI ≈ 0.99 on the rows
   both runs cluster); what moves is which rows fall into the outlier bucket, and whether a
   borderline group is a cluster at all. A deterministic reduction instead (PCA → HDBSCAN) is
   stable but useless (2–3 clusters): UMAP's layout is what makes the density structure visible.
 * So we keep UMAP → HDBSCAN but take a *consensus* over several seeds. The exact cosine kNN graph
   is computed once (deterministic, input sorted by content hash, so row order never matters)
-  and shared by every UMAP layout (only the layout optimisation varies with the seed, at 100
-  epochs each — five of them cost about what one default 500-epoch UMAP run costs). Each layout
-  is clustered by HDBSCAN; on the kNN edges we count how often both ends share a cluster
-  (co-association). Edges kept by a majority form the consensus cores (connected components
-  ≥ `min_cluster_size`, rows clustered by most runs).
+  and shared by every UMAP layout, as is the spectral initialisation computed from it; only the
+  layout optimisation (100 epochs) varies with the seed. Each layout is clustered by HDBSCAN; on
+  the kNN edges we count how often both ends share a cluster (co-association). Edges kept by more
+  than `consensus_threshold` (0.7) of the runs form the consensus cores (connected components ≥
+  `min_cluster_size`, rows clustered by most runs).
 * The outlier decision is then taken on the deterministic kNN graph, not per seed: an
-  unassigned row joins the cluster that holds the plurality and more than a third
-  (`neighbour_share`) of its 15 nearest neighbours; it stays an outlier (-1) otherwise.
-  Measured (five disjoint 5-seed blocks, pooled set, benchmarks/results/cluster_bench.md):
-  seed-to-seed ARI 0.88–0.92 depending on float-level differences in the embeddings (min 0.83–0.90),
-  against 0.76 (min 0.66) for BERTopic / plain UMAP→HDBSCAN; 6 % outliers instead of 15 %; ARI vs
-  source:category 0.31 vs 0.28; fit 6 s vs 14 s for BERTopic on the same loaded 2-core machine.
-  Majority votes alone (share 0.5) gave 0.88, consensus without the kNN outlier rule 0.82–0.86,
-  ten 50-epoch layouts 0.88, n_neighbors 30 0.87. ARI ≥ 0.5 against the pooled categories is out
-  of reach for MiniLM embeddings: k-means / Ward / average linkage at k = 6..35 all stay ≤ 0.29
-  and only 58 % of a prompt's ten nearest neighbours share its label.
-* Large corpora: clustering is fitted on a deterministic sample of at most `max_fit` rows
-  (chosen by content hash) and every other row takes the majority cluster of its nearest fitted
-  neighbours, so memory and time stay flat in n. Templated corpora where each prompt has at
-  least `min_cluster_size` near-copies in the fitted rows still yield one cluster per prompt
-  family (378 clusters on 6,000 re-wordings of 400 HarmBench prompts; BERTopic 390), though
-  6× faster than BERTopic and near-deterministic (ARI 0.997). `min_cluster_fraction` (e.g. 0.01)
-  gives fewer, larger clusters on ordinary corpora (27 clusters, seed ARI 0.90 pooled) but on
-  templated ones leaves most rows outliers (72 %); collapsing near-duplicates before
-  clustering would be the real fix.
+  unassigned row joins the cluster that holds the plurality and more than `neighbour_share`
+  (0.3, i.e. at least 5) of its 15 nearest neighbours; it stays an outlier (-1) otherwise.
+  Measured on the raw labels of 60 seeded layouts regrouped into disjoint consensus blocks: the
+  residual disagreement between consensus runs is almost all outlier status (cores agree at
+  ARI 0.97–0.99), so the outlier rule and the number of layouts are the levers. Seed-to-seed ARI
+  (mean / min over block pairs): 5 layouts, threshold 0.5, share 0.34 (the previous default)
+  0.89 / 0.81; 10 layouts at 50 epochs 0.88; 10 layouts at 100 epochs 0.91 / 0.89; threshold 0.7
+  and share 0.3 with 5 layouts 0.93 / 0.90, with 8 layouts 0.94 / 0.92, with 10 0.96 / 0.94.
+  HDBSCAN on co-association distances instead of the threshold rule: 0.90. Default: 8 layouts
+  (full pipeline over 10 seed blocks: 0.937 / 0.909, 5 % outliers, 38 clusters); BERTopic and
+  plain UMAP → HDBSCAN score 0.76 / 0.66 with 15 % outliers.
+* Near-duplicates (cosine ≥ `dedup_threshold`, see `dedup`) are collapsed to one representative
+  before fitting and copy its cluster afterwards, so a prompt re-worded 30 times counts once and
+  templated corpora no longer yield one cluster per prompt family: 6,000 re-wordings of 400
+  HarmBench prompts give 8 clusters (the 400 prompts alone: 3; without the collapse 378, BERTopic
+  390); 50,000 re-wordings of all 1,652 pooled prompts give 65 (pooled: 38; BERTopic 1,640). On
+  the pooled prompts it merges 29 of 1,652 rows (duplicates and close paraphrases).
+* ARI ≥ 0.5 against the pooled source:category labels is out of reach for clusterings of MiniLM
+  embeddings (all pipelines ≈ 0.3; k-means / Ward / average linkage at k = 6..35 ≤ 0.29); even a
+  supervised, cross-validated logistic regression on the same embeddings reaches only 0.54–0.63.
+* Large corpora: at most `max_fit` representatives are fitted (the first ones in content-hash
+  order, a deterministic pseudo-random sample) and every other row takes the majority cluster
+  of its nearest fitted neighbours, so memory and time stay flat in n.
 * Tiny corpora (fewer rows than `n_neighbors + 1`) cannot run UMAP; they fall back to
   deterministic average-linkage agglomerative clustering on cosine distance.
 
@@ -58,6 +62,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from refusal_atlas.curation.dedup import collapse_near_duplicates
+
 log = logging.getLogger(__name__)
 
 OUTLIER = -1
@@ -77,10 +83,11 @@ class ClusterConfig:
     min_cluster_size: int = 10
     min_cluster_fraction: float = 0.0  # > 0: clusters must also hold this share of the fitted rows
     min_samples: int | None = 5
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    consensus_threshold: float = 0.5
-    neighbour_share: float = 0.34
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    consensus_threshold: float = 0.7
+    neighbour_share: float = 0.3
     max_fit: int = 5000
+    dedup_threshold: float = 0.85  # cosine at which rows collapse into one representative (>= 1: off)
     reassign_outliers: bool = False
     reassign_min_similarity: float = 0.5
     n_keywords: int = 10
@@ -159,23 +166,69 @@ class ExactKnn:
 
 
 class UmapReducer:
-    """Seeded UMAP that reuses the shared kNN graph (only the layout optimisation depends on the seed)."""
+    """Seeded UMAP that reuses the shared kNN graph and one shared spectral initialisation.
 
-    def __init__(self, n_components: int = 5, min_dist: float = 0.0, n_epochs: int | None = 100) -> None:
+    Only the layout optimisation (negative sampling, edge order) depends on the seed: the fuzzy
+    graph and its spectral embedding are functions of the kNN graph, so they are computed once
+    per graph (with a fixed random state) and every seeded layout starts from them. Sharing the
+    start removes one source of seed-to-seed variation (umap-learn otherwise redraws the spectral
+    solver's start vector and noise per seed) and saves its cost in every layout.
+    """
+
+    def __init__(self, n_components: int = 5, min_dist: float = 0.0, n_epochs: int | None = 100,
+                 shared_init: bool = True) -> None:
         self.n_components, self.min_dist, self.n_epochs = n_components, min_dist, n_epochs
+        self.shared_init = shared_init
+        self._init: tuple[int, np.ndarray | None] | None = None
+
+    @staticmethod
+    def _with_self(knn: KnnGraph) -> tuple[np.ndarray, np.ndarray]:
+        """UMAP expects each row's own index first, at distance 0."""
+        n = len(knn.indices)
+        return (np.hstack([np.arange(n)[:, None], knn.indices]),
+                np.hstack([np.zeros((n, 1), np.float32), knn.distances]))
+
+    def initial_layout(self, x: np.ndarray, knn: KnnGraph, dim: int) -> np.ndarray | None:
+        """Spectral layout of the fuzzy kNN graph (deterministic: fixed random state), cached per graph.
+
+        None when the graph falls apart into several components (e.g. templated corpora without the
+        near-duplicate collapse): umap-learn's multi-component spectral layout called this way
+        took minutes there, so each seed then uses umap-learn's own spectral initialisation.
+        """
+        if self._init is not None and self._init[0] == id(knn) and (
+                self._init[1] is None or self._init[1].shape[1] == dim):
+            return self._init[1]
+        from umap.spectral import spectral_layout
+        from umap.umap_ import fuzzy_simplicial_set
+
+        idx, dist = self._with_self(knn)
+        rng = np.random.RandomState(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph, _, _ = fuzzy_simplicial_set(x, knn.k + 1, rng, "cosine", knn_indices=idx, knn_dists=dist)
+            if connected_components(graph, directed=False)[0] > 1:
+                self._init = (id(knn), None)
+                return None
+            layout = spectral_layout(x, graph, dim, rng, metric="cosine")
+        span = np.abs(layout).max()
+        layout = (10.0 * layout / (span if span > 0 else 1.0)).astype(np.float32)
+        self._init = (id(knn), layout)
+        return layout
 
     def fit_transform(self, x: np.ndarray, knn: KnnGraph, seed: int) -> np.ndarray:
         import umap
 
         n = len(x)
-        # UMAP expects each row's own index first, at distance 0.
-        idx = np.hstack([np.arange(n)[:, None], knn.indices])
-        dist = np.hstack([np.zeros((n, 1), np.float32), knn.distances])
+        dim = min(self.n_components, n - 2)
+        idx, dist = self._with_self(knn)
+        init = self.initial_layout(x, knn, dim) if self.shared_init else None
+        if init is None:
+            init = "spectral"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = umap.UMAP(n_neighbors=knn.k + 1, n_components=min(self.n_components, n - 2),
+            model = umap.UMAP(n_neighbors=knn.k + 1, n_components=dim,
                               min_dist=self.min_dist, metric="cosine", random_state=seed,
-                              n_epochs=self.n_epochs, precomputed_knn=(idx, dist, None), init="spectral")
+                              n_epochs=self.n_epochs, precomputed_knn=(idx, dist, None), init=init)
             return model.fit_transform(x).astype(np.float32)
 
 
@@ -214,9 +267,9 @@ class AgglomerativeFallback:
 class Consensus:
     """Majority-vote combination of several labelings over a shared kNN graph (see module docstring)."""
 
-    threshold: float = 0.5
+    threshold: float = 0.7
     min_cluster_size: int = 10
-    neighbour_share: float = 0.34
+    neighbour_share: float = 0.3
 
     def combine(self, runs: np.ndarray, knn: KnnGraph) -> tuple[np.ndarray, np.ndarray]:
         """(labels, confidence) from `runs` (m × n labels, -1 = outlier)."""
@@ -344,7 +397,7 @@ class ClusterResult:
     labels: np.ndarray
     confidence: np.ndarray
     reassigned: np.ndarray
-    fitted: np.ndarray  # bool: the row was in the fitted sample (others were assigned by kNN)
+    fitted: np.ndarray  # bool: the row was fitted (a representative; others copy theirs or are kNN-assigned)
     keywords: dict[int, list[str]]
     representatives: dict[int, list[int]]
     layout_2d: np.ndarray | None
@@ -352,6 +405,9 @@ class ClusterResult:
     config: ClusterConfig
     timings: dict[str, float] = field(default_factory=dict)
     seed_runs: np.ndarray | None = None  # m × n_fit raw per-seed labels (canonical order of the fit set)
+    # per row: input position of the representative whose cluster it copies (itself when fitted),
+    # -1 when it was assigned from its nearest fitted rows instead (beyond `max_fit` representatives)
+    representative: np.ndarray | None = None
 
     @property
     def n_clusters(self) -> int:
@@ -373,8 +429,11 @@ def canonical_order(texts: Sequence[str]) -> np.ndarray:
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
+    """Unit rows as float32; input that already is (the embedder's output) is returned without a copy."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.allclose(norms, 1.0, atol=1e-4):
+        return x
     return x / np.where(norms == 0, 1.0, norms)
 
 
@@ -401,8 +460,8 @@ class ClusterPipeline:
     def min_size(self, n_fit: int) -> int:
         """`min_cluster_size`, raised to `min_cluster_fraction` of the fitted rows when that is set.
 
-        A fraction keeps the cluster count sensible on templated corpora, where every prompt's
-        re-wordings form a dense group of their own that a fixed minimum would call a cluster.
+        A fraction gives fewer, larger clusters on big corpora; templated corpora are handled by the
+        near-duplicate collapse instead (a fraction left most of their rows outliers).
         """
         c = self.config
         return max(c.min_cluster_size, int(np.ceil(c.min_cluster_fraction * n_fit)))
@@ -425,7 +484,10 @@ class ClusterPipeline:
         timings: dict[str, float] = {}
         x = _normalise(x)
         order = canonical_order(texts)
-        fit_pos = self._fit_sample(texts, order)
+        t = time.perf_counter()
+        collapse = collapse_near_duplicates(x, c.dedup_threshold, c.max_fit, order=order)
+        fit_pos = order[collapse.representatives]
+        timings["dedup_s"] = time.perf_counter() - t
         xf = x[fit_pos]
         n_fit = len(fit_pos)
         seed_runs = None
@@ -466,14 +528,21 @@ class ClusterPipeline:
         labels = np.full(n, OUTLIER, dtype=np.int64)
         confidence = np.zeros(n, dtype=np.float32)
         fitted = np.zeros(n, dtype=bool)
-        labels[fit_pos], confidence[fit_pos], fitted[fit_pos] = labels_f, conf_f, True
+        fitted[fit_pos] = True
+        # Near-duplicates copy their representative's cluster (and map position).
+        scanned = collapse.group >= 0
+        representative = np.full(n, -1, dtype=np.int64)
+        representative[order[scanned]] = fit_pos[collapse.group[scanned]]
+        copied = order[scanned]
+        src = collapse.group[scanned]
+        labels[copied], confidence[copied] = labels_f[src], conf_f[src]
         layout_all = None
         if layout is not None:
             layout_all = np.zeros((n, 2), dtype=np.float32)
-            layout_all[fit_pos] = layout
-        if n_fit < n:
+            layout_all[copied] = layout[src]
+        if (~scanned).any():
             t = time.perf_counter()
-            rest = np.flatnonzero(~fitted)
+            rest = order[~scanned]
             k = min(c.n_neighbors, n_fit)
             idx, sims = knn_search(x[rest], xf, k)
             lab_nb = labels_f[idx]
@@ -495,16 +564,7 @@ class ClusterPipeline:
             timings["describe_s"] = time.perf_counter() - t
         return ClusterResult(labels=labels, confidence=confidence, reassigned=reassigned, fitted=fitted,
                              keywords=keywords, representatives=reps, layout_2d=layout_all, method=method,
-                             config=c, timings=timings, seed_runs=seed_runs)
-
-    def _fit_sample(self, texts: list[str], order: np.ndarray) -> np.ndarray:
-        """Positions (input order) of the rows that are fitted: all, or a hash-chosen sample of max_fit."""
-        if len(texts) <= self.config.max_fit:
-            return order
-        # Rows are already sorted by content hash, so taking evenly spaced ranks is a deterministic,
-        # order-independent pseudo-random sample.
-        ranks = np.linspace(0, len(order) - 1, self.config.max_fit).round().astype(np.int64)
-        return order[np.unique(ranks)]
+                             config=c, timings=timings, seed_runs=seed_runs, representative=representative)
 
 
 def _majority(neighbour_labels: np.ndarray, ignore_outliers: bool = False) -> tuple[np.ndarray, np.ndarray]:

