@@ -334,6 +334,7 @@ def main() -> None:
                          "in (the peers' figures stay those of the original run)")
     ap.add_argument("--add-sets", nargs="*", help="with --add: only these templated sets (default: all)")
     args = ap.parse_args()
+    args.synthetic = [s for s in args.synthetic if s.lower() != "none"]
     t = time.perf_counter()
     if args.add:
         res = add_variant(args)
