@@ -444,7 +444,9 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("directions", stage_directions, ("prompts", "organism"), ("directions/directions.json",), **model_key,
         min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes)
     add("overlap", stage_overlap, ("directions",), ("overlap/overlap.graphml",))
-    add("causal", stage_causal, ("directions", "prompts"), ("causal",), **model_key)
+    from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
+
+    add("causal", stage_causal, ("directions", "prompts"), ("causal",), protocol=PROTOCOL_VERSION, **model_key)
     add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal"),
         ("report.html", "atlas.ttl", "metrics.json"))
     return pipe
