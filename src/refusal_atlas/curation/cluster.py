@@ -531,10 +531,9 @@ class ClusterPipeline:
         fitted[fit_pos] = True
         # Near-duplicates copy their representative's cluster (and map position).
         scanned = collapse.group >= 0
+        copied, src = order[scanned], collapse.group[scanned]
         representative = np.full(n, -1, dtype=np.int64)
-        representative[order[scanned]] = fit_pos[collapse.group[scanned]]
-        copied = order[scanned]
-        src = collapse.group[scanned]
+        representative[copied] = fit_pos[src]
         labels[copied], confidence[copied] = labels_f[src], conf_f[src]
         layout_all = None
         if layout is not None:
