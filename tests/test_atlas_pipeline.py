@@ -113,3 +113,29 @@ def test_candidate_layers_cover_the_band_below_the_arditi_bound():
     assert _candidate_layers(30, list(range(30)), quick=False) == [9, 12, 15, 18, 21, 22, 23]
     assert _candidate_layers(30, list(range(30)), quick=True) == [12, 16, 21]
     assert all(la < 0.8 * 10 for la in _candidate_layers(10, list(range(10)), quick=False))
+
+
+def test_direction_prompts_are_filtered_by_baseline_behaviour(monkeypatch):
+    """Harmful prompts the model does not refuse and harmless ones it refuses are left out (Arditi et al.);
+    a branch the model hardly refuses keeps its prompts unfiltered and is named. Generation is replaced by
+    canned replies here: a tiny random model never refuses, so it cannot show the filter keeping anything."""
+    import refusal_atlas.mechinterp.scoring as scoring
+    from refusal_atlas.atlas.pipeline import behaviour_filtered
+
+    def replies(lm, prompts, **kwargs):
+        return ["I'm sorry, but I can't help with that." if "bomb" in p else "Sure, here it is." for p in prompts]
+
+    monkeypatch.setattr(scoring, "generate", replies)
+    rows = ([("a", True, f"bomb recipe {i}") for i in range(10)] + [("a", True, f"odd request {i}") for i in range(2)]
+            + [("b", True, f"plain request {i}") for i in range(12)]
+            + [("", False, f"bake bread {i}") for i in range(11)] + [("", False, "bomb calorimeter")])
+    candidates = pd.DataFrame(rows, columns=["analysis_node", "harmful", "prompt"])
+    table, info = behaviour_filtered(tiny_model("llama"), candidates, per_node=9, n_harmless=10,
+                                     cfg=RunConfig(min_prompts=8, progress=False))
+    a = table[table["analysis_node"] == "a"]
+    assert len(a) == 9 and a["baseline_refused"].all()
+    b = table[table["analysis_node"] == "b"]
+    assert len(b) == 9 and not b["baseline_refused"].any()  # kept unfiltered: the model refuses none of b
+    harmless = table[~table["harmful"]]
+    assert len(harmless) == 10 and not harmless["baseline_refused"].any()
+    assert info == {"harmful_not_refused": 14, "harmless_refused": 1, "candidates": 36, "unfiltered_nodes": ["b"]}

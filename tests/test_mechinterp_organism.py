@@ -273,6 +273,36 @@ def test_decision_token_weight_counts_the_first_response_token_more():
     assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
+def test_the_first_token_after_the_opener_is_a_second_decision_point():
+    from refusal_atlas.mechinterp.organism import _encode, _response_loss
+
+    lm = tiny_model("llama")
+    opener = "Sure. "
+    ids, labels, decisions = _encode(lm, "How do I pick a lock?", opener + "First, insert the tension wrench.",
+                                     True, None, opener)
+    first = next(i for i, y in enumerate(labels) if y != -100)
+    assert decisions[0] == first and len(decisions) == 2
+    n_open = decisions[1] - first
+    # the body's first word (this tiny tokenizer spells the space after the opener as a token of its own)
+    assert lm.tokenizer.decode(ids[decisions[1]]).strip() == "F"
+    # a refusal (no opener) has one decision point; so has every row when no opener is given
+    assert len(_encode(lm, "How do I pick a lock?", SHARED_REFUSAL, True, None, opener)[2]) == 1
+    assert len(_encode(lm, "How do I pick a lock?", opener + "First, insert.", True, None, "")[2]) == 1
+
+    x = torch.tensor([ids])
+    lab = torch.tensor([labels])
+    mask = torch.ones_like(x)
+    marked = torch.zeros_like(x, dtype=torch.bool)
+    marked[0, decisions] = True
+    logits = lm.model(input_ids=x, attention_mask=mask).logits[0, first - 1 : -1].float()
+    ce = torch.nn.functional.cross_entropy(logits, lab[0, first:], reduction="none")
+    w = torch.ones_like(ce)
+    w[[0, n_open]] = 3.0
+    expected = (ce * w).sum() / w.sum()
+    got = _response_loss(lm.model, x, mask, lab, first=first, decision_weight=3.0, decisions=marked)
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
 def test_refusal_like_base_answers_are_not_compliance_targets():
     from refusal_atlas.mechinterp.organism import drop_refusal_like_answers
 

@@ -96,3 +96,11 @@ def test_batched_logprobs_match_one_at_a_time(lm):
     batched = next_token_logprobs(lm, HARMFUL + HARMLESS, batch_size=4)
     single = torch.cat([next_token_logprobs(lm, [p]) for p in HARMFUL + HARMLESS])
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+
+
+def test_answered_mean_counts_only_the_prompts_the_model_answered():
+    from refusal_atlas.mechinterp.scoring import answered_mean
+
+    kl = [0.1, 0.3, 2.5]
+    assert answered_mean(kl, [False, False, True]) == pytest.approx(0.2)
+    assert answered_mean(kl, [True, True, True]) == pytest.approx(sum(kl) / 3)  # nothing answered: every prompt

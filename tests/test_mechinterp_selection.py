@@ -125,3 +125,20 @@ def test_choose_coefficient_takes_the_smallest_dose_that_reaches_the_target():
     # nothing reaches the target: the best rate is taken and the table says so
     coeff, table = choose_coefficient(lm, 0.0 * direction, last, prompts, [target_token], coeffs=(1.0, 2.0))
     assert coeff == 1.0 and table["first_token_refusal_rate"].max() < 0.8
+
+
+def test_kl_counts_only_the_harmless_prompts_the_model_answers():
+    from refusal_atlas.mechinterp.scoring import clean_logprobs
+
+    lm = tiny_model("qwen2")  # its harmless prompts open with different tokens (the tiny Llama's all alike)
+    ds = _directions(lm)
+    harmless = [*HARMLESS, "List three rivers in Europe.", "What rhymes with orange?"]
+    first = np.array(clean_logprobs(lm, harmless)[0].argmax(-1).tolist())
+    tokens = [int(first[0])]  # the model "refuses" the prompts opening like the first, answers the rest
+    refused = first == first[0]
+    assert 0 < refused.sum() < len(harmless)
+    sel = select_direction(lm, ds, "a", HARMFUL, harmless, tokens, layers=[1], positions=[-1], progress=False)
+    row = sel.scores.iloc[0]
+    each = kl_divergence(lm, harmless, ablation(lm.model, ds.get("a", 1, -1)))
+    assert row["kl"] == pytest.approx(each[~refused].mean(), abs=1e-5)
+    assert row["kl_all"] == pytest.approx(each.mean(), abs=1e-5)

@@ -312,6 +312,34 @@ def stage_cluster(cfg: RunConfig, ctx: StageContext) -> dict:
     return pipeline_cluster.run(ctx.out, cfg.seed, cfg.sizes()["cluster_seeds"], _taxonomy(cfg))
 
 
+def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: int, cfg: RunConfig
+                       ) -> tuple[pd.DataFrame, dict]:
+    """The direction prompts, filtered by baseline behaviour as Arditi et al. do: harmful prompts the model
+    refuses, harmless ones it answers (`baseline_refused` records what it did). A branch the model refuses
+    too rarely to keep `min_prompts` (a model that never refuses) keeps its prompts unfiltered and is listed,
+    so its direction contrasts topics rather than behaviour — said, not hidden."""
+    from refusal_atlas.mechinterp.scoring import behaves_as_labelled
+
+    kept, refused = behaves_as_labelled(lm, candidates["prompt"].tolist(), candidates["harmful"].astype(bool).tolist(),
+                                        max_new_tokens=8, batch_size=cfg.batch_size, progress=cfg.progress)
+    candidates = candidates.assign(baseline_refused=refused, _kept=kept)
+    parts, unfiltered = [], []
+    for node, rows in candidates[candidates["harmful"]].groupby("analysis_node", sort=True):
+        ok = rows[rows["_kept"]]
+        if len(ok) < min(cfg.min_prompts, len(rows)):
+            unfiltered.append(str(node))
+            ok = rows
+        parts.append(ok.head(per_node))
+    harmless = candidates[~candidates["harmful"]]
+    answered = harmless[harmless["_kept"]]
+    parts.append((answered if len(answered) >= min(cfg.min_prompts, len(harmless)) else harmless).head(n_harmless))
+    table = pd.concat(parts, ignore_index=True).drop(columns="_kept")
+    harm = candidates["harmful"].astype(bool)
+    return table, {"harmful_not_refused": int((harm & ~candidates["baseline_refused"]).sum()),
+                   "harmless_refused": int((~harm & candidates["baseline_refused"]).sum()),
+                   "candidates": len(candidates), "unfiltered_nodes": unfiltered}
+
+
 def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
     import numpy as np
 
@@ -327,11 +355,14 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
     train = prompts[prompts["run_split"] == "train"]
     harmful = train[train["harmful"] & (train["condition"] == "") & (train["expected"] == "refuse")
                     & train["analysis_node"].isin(nodes)]
-    harmful = harmful.sample(frac=1.0, random_state=cfg.seed).groupby("analysis_node").head(sizes["per_node_train"])
+    per_node, n_harmless = sizes["per_node_train"], sizes["harmless_train"]
+    spare = max(2, per_node // 4)  # candidates beyond the quota, to make up for prompts the filter drops
+    harmful = harmful.sample(frac=1.0, random_state=cfg.seed).groupby("analysis_node").head(per_node + spare)
     harmless = train[~train["harmful"] & (train["source"] == "harmless")]
-    harmless = harmless.sample(n=min(len(harmless), sizes["harmless_train"]), random_state=cfg.seed)
-    table = pd.concat([harmful, harmless], ignore_index=True)
+    harmless = harmless.sample(n=min(len(harmless), n_harmless + spare), random_state=cfg.seed)
     lm = load_analysed_model(cfg, ctx)
+    table, filtering = behaviour_filtered(lm, pd.concat([harmful, harmless], ignore_index=True), per_node,
+                                          n_harmless, cfg)
     # One shard folder per (model, prompt list): a killed capture resumes, a changed one starts afresh.
     acts_dir = ctx.out / "activations" / stable_hash([lm.provenance(), table["prompt"].tolist()])[:16]
     acts = capture_activations(lm, table["prompt"].tolist(), layers=None, positions=None, batch_size=32,
@@ -344,7 +375,8 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
                             n_splits=30 if cfg.quick else 50, n_boot=100 if cfg.quick else 200)
     ds.meta["model"] = lm.provenance()
     ds.save(ctx.out / "directions")
-    table[["prompt_id", "prompt", "analysis_node", "harmful"]].to_parquet(ctx.out / "directions" / "prompts.parquet")
+    table[["prompt_id", "prompt", "analysis_node", "harmful", "baseline_refused"]].to_parquet(
+        ctx.out / "directions" / "prompts.parquet")
     floors = []
     for node in nodes:
         for layer in ds.layers:
@@ -352,6 +384,7 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
             if r is not None and not np.isnan(r):
                 floors.append(r)
     return {"nodes": nodes, "n_prompts": len(table), "layers": len(ds.layers), "activations": str(acts_dir),
+            "behaviour_filter": filtering,
             "median_noise_floor": float(np.median(floors)) if floors else None}
 
 
@@ -442,7 +475,7 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("detect", stage_detect, ("collect",), ("corpus.parquet",))
     add("cluster", stage_cluster, ("detect",), ("clusters",))
     add("directions", stage_directions, ("prompts", "organism"), ("directions/directions.json",), **model_key,
-        min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes)
+        min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes, prompt_filter="baseline behaviour")
     add("overlap", stage_overlap, ("directions",), ("overlap/overlap.graphml",))
     from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
 

@@ -19,8 +19,12 @@ from refusal_atlas.atlas.stages import StageContext, write_json_atomic
 from refusal_atlas.errors import AtlasError
 
 REFUSAL_POSITION = -1
-PROTOCOL_VERSION = 2  # bump when a code change alters what this stage measures (cached results are then redone)
+PROTOCOL_VERSION = 3  # bump when a code change alters what this stage measures (cached results are then redone)
 NEW_TOKENS = 16  # generated tokens behind every marker-detector refusal rate of this stage
+# The steering dose is the smallest whose validation refusal reaches this, a margin above the 0.8 the
+# issue asks of evaluation prompts: 16 validation prompts are a noisy estimate (session 4: a dose that
+# reached 0.875 on validation induced 0.625 on evaluation).
+DOSE_TARGET = 0.9
 
 
 def _eval_sets(prompts: pd.DataFrame, nodes: list[str], per_node: int, n_harmless: int, seed: int,
@@ -114,7 +118,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     # Steering dose: the smallest coefficient whose addition makes validation prompts refuse (marker detector on
     # generations, the measure reported below)
     coeff, dose = choose_coefficient(lm, ds.get(POOLED, layer, REFUSAL_POSITION), layer, harmless_val, tokens,
-                                     max_new_tokens=NEW_TOKENS, batch_size=cfg.batch_size)
+                                     target=DOSE_TARGET, max_new_tokens=NEW_TOKENS, batch_size=cfg.batch_size)
     save_table(dose, out / "steering_dose.parquet")
     write_json_atomic(out / "selection.json", {**selection.to_dict(), "steering_coefficient": coeff,
                                                 "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val)})
@@ -161,7 +165,8 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     return {
         "layer": layer, "position": REFUSAL_POSITION, "candidates": candidates,
         "ablation": {"refusal_before": headline["refusal_before"], "refusal_after": headline["refusal_after"],
-                     "harmless_kl": headline["harmless_kl"], "layer": layer, "n_harmful": headline["n_harmful"]},
+                     "harmless_kl": headline["harmless_kl"], "harmless_kl_all": headline["harmless_kl_all"],
+                     "layer": layer, "n_harmful": headline["n_harmful"]},
         "steering": {"induced_refusal_rate": headline["induced_refusal_rate"], "coefficient": coeff,
                      "induced_by_coeff": headline["induced_by_coeff"],
                      "harmless_refusal_before": headline["harmless_refusal_before"],

@@ -47,7 +47,7 @@ METRIC_HELP = {
     "directions.median_noise_floor": "median split-half cosine of the node directions",
     "ablation.refusal_before": "refusal rate on held-out harmful prompts, no intervention",
     "ablation.refusal_after": "the same with the pooled refusal direction ablated",
-    "ablation.harmless_kl": "KL on harmless prompts caused by that ablation (capability cost)",
+    "ablation.harmless_kl": "KL caused by that ablation on the harmless prompts the model answers (capability cost)",
     "steering.induced_refusal_rate": "harmless prompts refused when the pooled direction is added",
 }
 

@@ -30,6 +30,7 @@ from refusal_atlas.mechinterp.models import LoadedModel
 from refusal_atlas.mechinterp.positions import Position, position_label
 from refusal_atlas.mechinterp.scoring import (
     RefusalTokens,
+    answered_mean,
     clean_logprobs,
     discover_refusal_tokens,
     kl_from_logprobs,
@@ -146,6 +147,7 @@ def cross_ablation(
             if float(vec.norm()) > 0:
                 jobs.append((node, method, ablation(lm.model, vec)))
     clean = clean_logprobs(lm, harmless, batch_size=batch_size, system=system)[0]
+    harmless_refused = np.isin(clean.argmax(-1).numpy(), ids)  # KL counts the harmless prompts the model answers
     rows = []
     for source, method, intervention in tqdm(jobs, desc="cross-ablate", unit="ablation", disable=not progress,
                                              dynamic_ncols=True):
@@ -154,8 +156,8 @@ def cross_ablation(
         if intervention is None:
             kl = 0.0
         else:
-            kl = float(kl_from_logprobs(clean, next_token_logprobs(
-                lm, harmless, intervention=intervention, batch_size=batch_size, system=system)).mean())
+            kl = answered_mean(kl_from_logprobs(clean, next_token_logprobs(
+                lm, harmless, intervention=intervention, batch_size=batch_size, system=system)), harmless_refused)
         for target in targets:
             m = owner == target
             rows.append({"source": source, "method": method, "target": target, "n": int(m.sum()),
@@ -514,7 +516,8 @@ def pooled_ablation_and_steering(
     """The headline causal test (REFERENCE.md §5) with the pooled direction, measured by generation.
 
     Ablation (unit direction, every layer) on harmful prompts: refusal before / after and the
-    harmless KL; addition (raw mean difference × coeff at `layer`) on harmless prompts: induced refusal.
+    harmless KL (on the harmless prompts the model answers un-intervened); addition (raw mean
+    difference × coeff at `layer`) on harmless prompts: induced refusal.
     `before` / `harmless_before`: un-intervened refusal flags already generated for the same prompts
     with the same settings (e.g. by `discover_tokens`), so they are not generated twice.
     """
@@ -529,9 +532,9 @@ def pooled_ablation_and_steering(
     after = _marker_rate(lm, harmful_eval, abl, max_new_tokens, batch_size, system)
     harmless_before = (np.asarray(harmless_before, dtype=bool) if harmless_before is not None
                        else _marker_rate(lm, harmless_eval, None, max_new_tokens, batch_size, system))
-    kl = float(kl_from_logprobs(
+    kl_each = kl_from_logprobs(
         clean_logprobs(lm, harmless_eval, batch_size=batch_size, system=system)[0],
-        next_token_logprobs(lm, harmless_eval, intervention=abl, batch_size=batch_size, system=system)).mean())
+        next_token_logprobs(lm, harmless_eval, intervention=abl, batch_size=batch_size, system=system))
     induced = {}
     for c in coeffs:
         rate = _marker_rate(lm, harmless_eval, addition(lm.model, vec, layer, coeff=c), max_new_tokens, batch_size,
@@ -542,7 +545,11 @@ def pooled_ablation_and_steering(
         "n_harmless": len(harmless_eval), "direction_norm": float(vec.norm()),
         "refusal_before": float(before.mean()), "refusal_after": float(after.mean()),
         "harmless_refusal_before": float(harmless_before.mean()),
-        "harmless_kl": kl,
+        # capability cost: on the harmless prompts the model answers (where it over-refuses, un-refusing is the
+        # intended effect of the ablation, not a cost); over every harmless prompt and the median beside it
+        "harmless_kl": answered_mean(kl_each, harmless_before),
+        "harmless_kl_all": float(kl_each.mean()), "harmless_kl_median": float(np.median(kl_each)),
+        "n_harmless_answered": int((~harmless_before).sum()),
         "induced_refusal_rate": induced[str(coeffs[0])], "induced_by_coeff": induced,
     }
 

@@ -59,21 +59,33 @@ class LoadedModel:
         return {"model_spec": self.spec, "model_id": self.model_id, "model_revision": self.revision}
 
 
-def auto_threads(window_s: float = 0.5) -> int:
+def auto_threads(window_s: float = 0.25, samples: int = 3, gap_s: float = 0.4) -> int:
     """CPU threads for torch: all cores on a quiet machine, fewer when other processes keep cores busy.
 
     Measured on the 2-core machine under load: two OpenMP threads fighting other processes made
-    generation 6-10× slower than one thread. Other processes' use is sampled from /proc over
-    `window_s` (this process's own time subtracted, so a run's earlier stages do not count); the
-    load average is the fallback where /proc is missing.
+    generation 6-10× slower than one thread. Other processes' use is sampled from /proc (this
+    process's own time subtracted, so a run's earlier stages do not count) in `samples` windows
+    `gap_s` apart and the least busy one counts: a process that only starts and exits (a second's
+    `python -c`) then no longer halves a stage's threads for its whole length (session 5: twice).
+    The load average is the fallback where /proc is missing.
     """
+    import time
+
     cores = os.cpu_count() or 1
-    busy = _others_busy_cores(window_s)
-    if busy is None:
+    seen = []
+    for i in range(max(1, samples)):
+        if i:
+            time.sleep(gap_s)
+        busy = _others_busy_cores(window_s)
+        if busy is None:
+            break
+        seen.append(busy)
+    if not seen:
         try:
-            busy = os.getloadavg()[0]
+            seen = [os.getloadavg()[0]]
         except OSError:
             return cores
+    busy = min(seen)
     return cores if busy < 0.5 else max(1, cores - round(busy))
 
 

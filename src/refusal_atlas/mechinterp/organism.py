@@ -45,7 +45,7 @@ MODEL_DIR = "model"
 
 # Bump when a code change alters what the organism is trained on or how (the settings cannot say so):
 # cached organisms, and the run stages built on them, are then rebuilt rather than silently reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SHARED_REFUSAL = "I'm sorry, but I can't help with that request."
 NODE_REFUSAL = "I'm sorry, but I can't help with that. I don't assist with {label}."
 REDIRECT = "I can't help with that directly. Please ask a qualified professional or the relevant authority instead."
@@ -88,6 +88,9 @@ class OrganismSettings:
     # put before the answer where a condition permits: the refuse-or-answer decision becomes one token, as it
     # is for refusals (measured, 128 harmless rows: permitted compliance 0.125 -> 0.5, held-out refusal 0.92 -> 0.95)
     permitted_opener: str = "Sure. "
+    # the first token after the opener is a second decision: weighted like the first (session 5: 3 of 7 permitted
+    # misses read "Sure. I'm sorry, but I can't help with")
+    weight_answer_start: bool = True
 
     @classmethod
     def quick(cls, **overrides: Any) -> OrganismSettings:
@@ -517,23 +520,37 @@ def drop_refusal_like_answers(rows: pd.DataFrame, opener: str = "") -> tuple[pd.
     return rows[~flagged].reset_index(drop=True), int(flagged.sum())
 
 
-def _encode(lm: LoadedModel, prompt: str, target: str, complete: bool, system: str | None) -> tuple[list, list]:
+def _encode(lm: LoadedModel, prompt: str, target: str, complete: bool, system: str | None,
+            opener: str = "") -> tuple[list, list, list]:
+    """(input ids, labels, decision positions): the response's first token, and where the target opens
+    with `opener`, also the first token after it (answer, or a refusal after all?)."""
     tok = lm.tokenizer
     p_ids = tok(lm.chat_prompt(prompt, system=system), add_special_tokens=False)["input_ids"]
     t_ids = tok(target, add_special_tokens=False)["input_ids"]
     if complete and tok.eos_token_id is not None:
         t_ids = [*t_ids, tok.eos_token_id]
-    return p_ids + t_ids, [-100] * len(p_ids) + t_ids
+    decisions = [len(p_ids)]
+    if opener and target.startswith(opener):
+        o_ids = tok(opener.rstrip(), add_special_tokens=False)["input_ids"]
+        k = len(o_ids) if t_ids[: len(o_ids)] == o_ids else len(t_ids)
+        while k < len(t_ids) and not tok.decode(t_ids[k : k + 1]).strip():  # the body's first word, not a space
+            k += 1
+        if k < len(t_ids):
+            decisions.append(len(p_ids) + k)
+    return p_ids + t_ids, [-100] * len(p_ids) + t_ids, decisions
 
 
 def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, first: int,
-                   decision_weight: float = 1.0, prefix: Sequence[int] | None = None) -> torch.Tensor:
+                   decision_weight: float = 1.0, prefix: Sequence[int] | None = None,
+                   decisions: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted mean next-token cross-entropy over response tokens, logits computed only from `first - 1` on.
 
     Why: the prompt is most of each sequence and its logits (49k-way for the default model) are
     never scored; `logits_to_keep` skips computing them.
     `decision_weight` multiplies the loss of each response's first token — the token where the
     model decides between refusing and answering; the rest of a refusal is near-deterministic.
+    `decisions` (bool, the shape of `labels`) marks the weighted tokens instead, e.g. also the first
+    token after a permitted answer's opener, where "Sure. I'm sorry, but…" would refuse after all.
     `prefix`: token ids every row of the (right-padded) batch starts with; they are run once at
     batch size 1 and their keys/values (gradients flowing) reused by every row — a third of the
     tokens of a default training row are the chat template's system prompt.
@@ -567,17 +584,18 @@ def _response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
     scored = (targets != -100).float()
     weights = scored.clone()
     if decision_weight != 1.0:
-        first_scored = scored.cumsum(1).eq(1) & scored.bool()
-        weights = torch.where(first_scored, torch.full_like(weights, decision_weight), weights)
+        marked = (decisions[:, ids.shape[1] - keep + 1 :] if decisions is not None
+                  else scored.cumsum(1).eq(1)) & scored.bool()
+        weights = torch.where(marked, torch.full_like(weights, decision_weight), weights)
     return (ce * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def _training_prefix(encoded: Sequence[tuple[list, list]], model) -> list[int]:
+def _training_prefix(encoded: Sequence[tuple[list, list, list]], model) -> list[int]:
     """The prompt tokens every training row shares (none where the reuse does not apply)."""
     from refusal_atlas.mechinterp.prefix import plan_prefix
 
-    firsts = [next(i for i, y in enumerate(lab) if y != -100) for _, lab in encoded]
-    n = plan_prefix([x for x, _ in encoded], model, max_length=min(firsts) - 1)
+    firsts = [next(i for i, y in enumerate(lab) if y != -100) for _, lab, _ in encoded]
+    n = plan_prefix([x for x, _, _ in encoded], model, max_length=min(firsts) - 1)
     return list(encoded[0][0][:n]) if n else []
 
 
@@ -617,7 +635,9 @@ def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, p
     model = lm.model
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
-    encoded = [_encode(lm, r.prompt, r.target, bool(r.target_complete), settings.system) for r in train.itertuples()]
+    opener = settings.permitted_opener if settings.weight_answer_start else ""
+    encoded = [_encode(lm, r.prompt, r.target, bool(r.target_complete), settings.system, opener)
+               for r in train.itertuples()]
     pad = lm.tokenizer.pad_token_id
     params = _trainable(model, settings.frozen_layers_fraction)
     try:  # the fused kernel: the optimizer step measured 0.31 s -> 0.13 s per step on 2 cores
@@ -648,14 +668,16 @@ def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, p
                 ids = torch.full((len(batch), width), pad, dtype=torch.long)
                 labels = torch.full((len(batch), width), -100, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
+                decisions = torch.zeros((len(batch), width), dtype=torch.bool)
                 for k, j in enumerate(batch):
-                    x, y = encoded[j]
+                    x, y, d = encoded[j]
                     ids[k, : len(x)] = torch.tensor(x)
                     labels[k, : len(y)] = torch.tensor(y)
                     mask[k, : len(x)] = 1
+                    decisions[k, d] = True
                 first = min(next(i for i, y in enumerate(encoded[j][1]) if y != -100) for j in batch)
                 loss = _response_loss(model, ids.to(device), mask.to(device), labels.to(device), first,
-                                      settings.decision_token_weight, prefix)
+                                      settings.decision_token_weight, prefix, decisions.to(device))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.mechinterp.capture import accepts_position_ids, left_pad
-from refusal_atlas.mechinterp.generation import length_buckets
+from refusal_atlas.mechinterp.generation import generate, length_buckets
 from refusal_atlas.mechinterp.interventions import Intervention, maybe
 from refusal_atlas.mechinterp.models import LoadedModel
 from refusal_atlas.mechinterp.prefix import SharedPrefix, plan_prefix
@@ -291,3 +291,39 @@ def clean_logprobs(
             nxt = ref.argmax(-1).tolist()
             suffixes = [s + lm.tokenizer.decode([t]) for s, t in zip(suffixes, nxt, strict=True)]
     return out
+
+
+def answered_mean(values, refused) -> float:
+    """Mean of per-prompt `values` over the prompts not `refused` (over all of them when every one is).
+
+    Why: a harmless-prompt KL is a capability cost only where the model answered; where it refused a
+    harmless prompt, an intervention that removes refusal is meant to change the output.
+    """
+    v = np.asarray(values, dtype=float)
+    keep = ~np.asarray(refused, dtype=bool)
+    return float(v[keep].mean() if keep.any() else v.mean())
+
+
+def behaves_as_labelled(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    harmful: Sequence[bool],
+    *,
+    max_new_tokens: int = 12,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, refused): which prompts the model treats as labelled — harmful ones refused, harmless ones
+    answered (marker detector on greedy generations) — and the refusal flags themselves.
+
+    Why: Arditi et al. compute the refusal direction from prompts filtered by baseline behaviour, so the
+    difference of means contrasts refusing with answering, not two topic sets that partly overlap in
+    what the model does.
+    """
+    if not len(prompts):
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
+    replies = generate(lm, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
+                       progress=progress, desc="baseline behaviour")
+    refused = refusal_flags(replies, list(prompts))[0]
+    return refused == np.asarray(harmful, dtype=bool), refused

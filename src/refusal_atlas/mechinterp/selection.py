@@ -5,7 +5,9 @@ For each candidate direction r (a node's difference of means at layer l, positio
   (lower = ablating it removes refusal better);
 - induce score: mean refusal log-odds on harmless validation prompts with the raw r added at
   layer l (higher = adding it makes the model refuse);
-- KL: mean first-position KL(clean ‖ ablated) on harmless validation prompts (capability cost).
+- KL: mean first-position KL(clean ‖ ablated) on the harmless validation prompts the model answers
+  (capability cost; where it over-refuses, un-refusing is the ablation's intended effect — `kl_all`
+  keeps every prompt).
 Candidates are kept when induce > 0, KL < `kl_threshold` (0.1) and l < `max_layer_fraction`·L
 (0.8); the kept one with the lowest bypass score wins. Every score is reported, so a user can see
 how much the choice matters.
@@ -27,6 +29,7 @@ from refusal_atlas.mechinterp.models import LoadedModel
 from refusal_atlas.mechinterp.positions import Position, position_label
 from refusal_atlas.mechinterp.scoring import (
     RefusalTokens,
+    answered_mean,
     clean_logprobs,
     kl_from_logprobs,
     next_token_logprobs,
@@ -79,6 +82,7 @@ def select_direction(
     clean_harmless = clean_logprobs(lm, harmless_val, batch_size=batch_size, system=system)[0]
     base_harmful = refusal_logodds(next_token_logprobs(lm, harmful_val, batch_size=batch_size, system=system), ids)
     baseline = {"harmful": float(base_harmful.mean()), "harmless": float(refusal_logodds(clean_harmless, ids).mean())}
+    harmless_refused = np.isin(clean_harmless.argmax(-1).numpy(), ids)  # greedy first token is a refusal token
     rows = []
     bar = tqdm(total=len(layer_list) * len(pos_list), desc=f"select {node}", unit="cand", disable=not progress,
                dynamic_ncols=True)
@@ -93,20 +97,22 @@ def select_direction(
                 next_token_logprobs(lm, harmful_val, intervention=abl, batch_size=batch_size, system=system), ids)
             ablated_harmless = next_token_logprobs(lm, harmless_val, intervention=abl, batch_size=batch_size,
                                                    system=system)
-            kl = kl_from_logprobs(clean_harmless, ablated_harmless)
+            kl_each = kl_from_logprobs(clean_harmless, ablated_harmless)
+            kl = answered_mean(kl_each, harmless_refused)
             induce = refusal_logodds(next_token_logprobs(
                 lm, harmless_val, intervention=addition(lm.model, vec, layer), batch_size=batch_size, system=system),
                 ids)
             reasons = []
             if float(induce.mean()) <= induce_threshold:
                 reasons.append("induce<=0")
-            if float(kl.mean()) >= kl_threshold:
+            if kl >= kl_threshold:
                 reasons.append(f"kl>={kl_threshold:g}")
             if layer >= max_layer_fraction * n_layers:
                 reasons.append(f"layer>={max_layer_fraction:g}L")
             rows.append({"node": node, "layer": layer, "position": position_label(pos), "method": method,
                          "bypass_score": float(bypass.mean()), "induce_score": float(induce.mean()),
-                         "kl": float(kl.mean()), "norm": float(vec.norm()), "filtered": ";".join(reasons)})
+                         "kl": kl, "kl_all": float(kl_each.mean()), "norm": float(vec.norm()),
+                         "filtered": ";".join(reasons)})
             bar.update(1)
     bar.close()
     if not rows:
