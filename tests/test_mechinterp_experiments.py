@@ -9,6 +9,7 @@ import pytest
 from refusal_atlas.mechinterp.capture import capture_activations
 from refusal_atlas.mechinterp.directions import POOLED, compute_directions
 from refusal_atlas.mechinterp.experiments import (
+    ablation_stability,
     bootstrap_ci,
     condition_summary,
     condition_table,
@@ -181,3 +182,22 @@ def test_cli_causal_commands(setup, tmp_path):
     assert res.exit_code == 0, res.output
     cond = pd.read_parquet(out / "conditions.parquet")
     assert set(cond["condition"]) == {"(none)", "user_age=minor"}
+
+
+def test_ablation_stability_resamples_the_direction_prompts(setup):
+    from refusal_atlas.mechinterp.experiments import first_token_scores
+    from refusal_atlas.mechinterp.interventions import ablation
+
+    lm, ds, acts, nodes, harmful, tokens = setup
+    table = ablation_stability(lm, acts, nodes, harmful, A + B, tokens, layer=2, position=-1, n_boot=3, seed=0)
+    assert table["resample"].tolist() == [-1, 0, 1, 2]
+    full = table[table["resample"] == -1].iloc[0]
+    # the full-sample row is the stored pooled direction's ablation
+    odds, first = first_token_scores(lm, A + B, tokens, ablation(lm.model, ds.get(POOLED, 2, -1)))
+    assert full["cosine_to_full"] == pytest.approx(1.0)
+    assert full["logit_score"] == pytest.approx(float(odds.mean()), abs=1e-4)
+    assert full["first_token_refusal_rate"] == pytest.approx(float(first.mean()))
+    boot = table[table["resample"] >= 0]
+    assert (boot["cosine_to_full"] < 1.0 - 1e-6).all() and (boot["cosine_to_full"] > 0).all()
+    again = ablation_stability(lm, acts, nodes, harmful, A + B, tokens, layer=2, position=-1, n_boot=3, seed=0)
+    pd.testing.assert_frame_equal(table, again)  # seeded

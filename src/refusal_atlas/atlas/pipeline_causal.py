@@ -19,7 +19,7 @@ from refusal_atlas.atlas.stages import StageContext, write_json_atomic
 from refusal_atlas.errors import AtlasError
 
 REFUSAL_POSITION = -1
-PROTOCOL_VERSION = 3  # bump when a code change alters what this stage measures (cached results are then redone)
+PROTOCOL_VERSION = 4  # bump when a code change alters what this stage measures (cached results are then redone)
 NEW_TOKENS = 16  # generated tokens behind every marker-detector refusal rate of this stage
 # The steering dose is the smallest whose validation refusal reaches this, a margin above the 0.8 the
 # issue asks of evaluation prompts: 16 validation prompts are a noisy estimate (session 4: a dose that
@@ -129,6 +129,8 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
                                             max_new_tokens=NEW_TOKENS, batch_size=cfg.batch_size, progress=progress,
                                             before=refused_h, harmless_before=refused_hl)
     write_json_atomic(out / "pooled.json", headline)
+    captured = _direction_activations(ctx)  # the direction prompts' activations (stability, wording)
+    stability = _ablation_stability(cfg, captured, lm, tokens, harmful_all, layer, out)
 
     cross = cross_ablation(lm, ds, sets, harmless, tokens, layer=layer, position=REFUSAL_POSITION,
                            batch_size=cfg.batch_size, progress=progress)
@@ -160,10 +162,11 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
                         "mean_abs_projection_delta": float(np.nanmean(np.abs(changed["projection_delta"])))
                         if len(changed) else None}
 
-    wording_summary = _wording(cfg, ctx, lm, ds, tokens, out)
+    wording_summary = _wording(cfg, ctx, lm, ds, tokens, out, captured)
 
     return {
         "layer": layer, "position": REFUSAL_POSITION, "candidates": candidates,
+        "ablation_stability": stability,
         "ablation": {"refusal_before": headline["refusal_before"], "refusal_after": headline["refusal_after"],
                      "harmless_kl": headline["harmless_kl"], "harmless_kl_all": headline["harmless_kl_all"],
                      "layer": layer, "n_harmful": headline["n_harmful"]},
@@ -178,17 +181,44 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     }
 
 
-def _wording(cfg: Any, ctx: StageContext, lm, ds, tokens, out: Path) -> dict:
-    """Per layer: node-identity probe accuracy (detection) vs refusal-token promotion (wording)."""
+def _direction_activations(ctx: StageContext):
+    """(activations, direction-prompt labels) the directions stage captured, or None when absent."""
     from refusal_atlas.mechinterp.capture import load_shards
-    from refusal_atlas.mechinterp.experiments import save_table, wording_vs_detection
 
     acts_dir = Path(ctx.results.get("directions", {}).get("activations", ctx.out / "activations"))
     labels_file = ctx.out / "directions" / "prompts.parquet"
     if not acts_dir.is_dir() or not labels_file.is_file():
+        return None
+    return load_shards(acts_dir), pd.read_parquet(labels_file)
+
+
+def _ablation_stability(cfg: Any, captured, lm, tokens, harmful_eval: list[str], layer: int, out: Path) -> dict:
+    """First-token refusal on the eval prompts under the pooled ablation, over bootstrap resamples of the
+    direction prompts (`causal/ablation_stability.parquet`)."""
+    from refusal_atlas.mechinterp.experiments import ablation_stability, save_table
+
+    if captured is None:
         return {}
-    acts = load_shards(acts_dir)
-    labels = pd.read_parquet(labels_file)
+    acts, labels = captured
+    table = ablation_stability(lm, acts, labels["analysis_node"].tolist(), labels["harmful"].astype(bool).tolist(),
+                               harmful_eval, tokens, layer=layer, position=REFUSAL_POSITION,
+                               n_boot=3 if cfg.quick else 5, seed=cfg.seed, batch_size=cfg.batch_size)
+    save_table(table, out / "ablation_stability.parquet")
+    boot = table[table["resample"] >= 0]
+    return {"full_first_token_refusal": float(table.loc[table["resample"] < 0, "first_token_refusal_rate"].iloc[0]),
+            "resamples": len(boot), "min": float(boot["first_token_refusal_rate"].min()),
+            "max": float(boot["first_token_refusal_rate"].max()),
+            "mean": float(boot["first_token_refusal_rate"].mean()),
+            "cosine_min": float(boot["cosine_to_full"].min())}
+
+
+def _wording(cfg: Any, ctx: StageContext, lm, ds, tokens, out: Path, captured) -> dict:
+    """Per layer: node-identity probe accuracy (detection) vs refusal-token promotion (wording)."""
+    from refusal_atlas.mechinterp.experiments import save_table, wording_vs_detection
+
+    if captured is None:
+        return {}
+    acts, labels = captured
     wordings = None
     organism_json = ctx.out / "organism" / "organism.json"
     shared = None

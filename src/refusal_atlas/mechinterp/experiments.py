@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from refusal_atlas.errors import AtlasError
@@ -552,6 +553,53 @@ def pooled_ablation_and_steering(
         "n_harmless_answered": int((~harmless_before).sum()),
         "induced_refusal_rate": induced[str(coeffs[0])], "induced_by_coeff": induced,
     }
+
+
+def ablation_stability(
+    lm: LoadedModel,
+    acts,
+    nodes: Sequence[str],
+    harmful: Sequence[bool],
+    harmful_eval: Sequence[str],
+    tokens: RefusalTokens | Sequence[int],
+    *,
+    layer: int,
+    position: Position,
+    n_boot: int = 5,
+    seed: int = 0,
+    batch_size: int = 16,
+    system: str | None = None,
+) -> pd.DataFrame:
+    """How much the pooled ablation depends on which prompts the direction was computed from.
+
+    The pooled direction (mean harmful minus mean harmless activation at `layer`/`position`) is
+    recomputed from `n_boot` bootstrap resamples of the direction prompts (harmful ones within each
+    node) and ablated in every layer; each row gives first-token refusal and mean refusal log-odds on
+    `harmful_eval`, and the resample's cosine to the full-sample direction (row `resample` -1).
+    Why: a headline measured with one direction estimate can sit at a tipping point — on the default
+    organism resamples with cosine 0.96 to each other left 0.11-0.33 refusal (session 5).
+    """
+    ids = tokens.ids if isinstance(tokens, RefusalTokens) else list(tokens)
+    x = acts.acts[:, acts.layer_index(layer), acts.position_index(position)].float()  # [n, d]
+    harm = np.asarray(harmful, dtype=bool)
+    node = np.asarray(nodes, dtype=object)
+    if not harm.any() or harm.all():
+        raise AtlasError("ablation stability: need harmful and harmless direction prompts")
+    full = x[torch.from_numpy(harm)].mean(0) - x[torch.from_numpy(~harm)].mean(0)
+    rng = np.random.default_rng(seed)
+    strata = [np.flatnonzero(harm & (node == n)) for n in sorted(set(node[harm]))] + [np.flatnonzero(~harm)]
+    rows = []
+    for b in range(-1, n_boot):
+        if b < 0:
+            vec = full
+        else:
+            picks = [rng.choice(idx, len(idx)) for idx in strata]
+            vec = x[torch.from_numpy(np.concatenate(picks[:-1]))].mean(0) - x[torch.from_numpy(picks[-1])].mean(0)
+        odds, first = first_token_scores(lm, harmful_eval, ids, ablation(lm.model, vec), batch_size, system)
+        rows.append({"resample": b, "layer": layer, "position": position_label(position), "n": len(harmful_eval),
+                     "first_token_refusal_rate": float(first.mean()), "logit_score": float(odds.mean()),
+                     "cosine_to_full": float(torch.nn.functional.cosine_similarity(vec, full, dim=0))})
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------------
