@@ -104,3 +104,13 @@ def test_answered_mean_counts_only_the_prompts_the_model_answered():
     kl = [0.1, 0.3, 2.5]
     assert answered_mean(kl, [False, False, True]) == pytest.approx(0.2)
     assert answered_mean(kl, [True, True, True]) == pytest.approx(sum(kl) / 3)  # nothing answered: every prompt
+
+
+def test_behaviour_mask_keeps_a_group_whole_where_too_few_behave():
+    from refusal_atlas.mechinterp.scoring import behaviour_mask
+
+    behaves = [True, True, False, False, False, True, True, False]
+    groups = ["a", "a", "a", "b", "b", "", "", ""]
+    keep, whole = behaviour_mask(behaves, groups, min_keep=2)
+    assert keep.tolist() == [True, True, False, True, True, True, True, False]
+    assert whole == ["b"]  # nobody in b behaves: kept whole and named

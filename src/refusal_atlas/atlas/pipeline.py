@@ -315,29 +315,22 @@ def stage_cluster(cfg: RunConfig, ctx: StageContext) -> dict:
 def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: int, cfg: RunConfig
                        ) -> tuple[pd.DataFrame, dict]:
     """The direction prompts, filtered by baseline behaviour as Arditi et al. do: harmful prompts the model
-    refuses, harmless ones it answers (`baseline_refused` records what it did). A branch the model refuses
-    too rarely to keep `min_prompts` (a model that never refuses) keeps its prompts unfiltered and is listed,
-    so its direction contrasts topics rather than behaviour — said, not hidden."""
-    from refusal_atlas.mechinterp.scoring import behaves_as_labelled
+    refuses, harmless ones it answers (`baseline_refused` records what it did); a branch the model refuses
+    too rarely to keep `min_prompts` keeps its prompts and is listed (`behaviour_mask`). Then each branch's
+    first `per_node` and the first `n_harmless` harmless prompts."""
+    from refusal_atlas.mechinterp.scoring import behaves_as_labelled, behaviour_mask
 
-    kept, refused = behaves_as_labelled(lm, candidates["prompt"].tolist(), candidates["harmful"].astype(bool).tolist(),
-                                        max_new_tokens=8, batch_size=cfg.batch_size, progress=cfg.progress)
-    candidates = candidates.assign(baseline_refused=refused, _kept=kept)
-    parts, unfiltered = [], []
-    for node, rows in candidates[candidates["harmful"]].groupby("analysis_node", sort=True):
-        ok = rows[rows["_kept"]]
-        if len(ok) < min(cfg.min_prompts, len(rows)):
-            unfiltered.append(str(node))
-            ok = rows
-        parts.append(ok.head(per_node))
-    harmless = candidates[~candidates["harmful"]]
-    answered = harmless[harmless["_kept"]]
-    parts.append((answered if len(answered) >= min(cfg.min_prompts, len(harmless)) else harmless).head(n_harmless))
-    table = pd.concat(parts, ignore_index=True).drop(columns="_kept")
     harm = candidates["harmful"].astype(bool)
-    return table, {"harmful_not_refused": int((harm & ~candidates["baseline_refused"]).sum()),
-                   "harmless_refused": int((~harm & candidates["baseline_refused"]).sum()),
-                   "candidates": len(candidates), "unfiltered_nodes": unfiltered}
+    behaves, refused = behaves_as_labelled(lm, candidates["prompt"].tolist(), harm.tolist(), max_new_tokens=8,
+                                           batch_size=cfg.batch_size, progress=cfg.progress)
+    groups = candidates["analysis_node"].where(harm, "")  # harmless prompts form one group
+    keep, whole = behaviour_mask(behaves, groups.tolist(), cfg.min_prompts)
+    kept = candidates.assign(baseline_refused=refused)[keep]
+    parts = [rows.head(per_node) for _, rows in kept[kept["harmful"]].groupby("analysis_node", sort=True)]
+    table = pd.concat([*parts, kept[~kept["harmful"]].head(n_harmless)], ignore_index=True)
+    return table, {"harmful_not_refused": int((harm & ~refused).sum()),
+                   "harmless_refused": int((~harm & refused).sum()),
+                   "candidates": len(candidates), "unfiltered_nodes": [g for g in whole if g]}
 
 
 def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:

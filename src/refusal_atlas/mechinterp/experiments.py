@@ -32,6 +32,8 @@ from refusal_atlas.mechinterp.positions import Position, position_label
 from refusal_atlas.mechinterp.scoring import (
     RefusalTokens,
     answered_mean,
+    behaves_as_labelled,
+    behaviour_mask,
     clean_logprobs,
     discover_refusal_tokens,
     kl_from_logprobs,
@@ -665,8 +667,15 @@ def causal_suite(
     keep = [(not h) or counts.get(lab, 0) >= 2 for lab, h in zip(labels, src["harmful"], strict=True)]
     src = src[keep].reset_index(drop=True)
     labels = [lab for lab, k in zip(labels, keep, strict=True) if k]
-    harmful_flags = list(src["harmful"].astype(bool))
     t = time.perf_counter()
+    # Arditi et al.: only prompts that behave as labelled (harmful refused, harmless answered) — per label,
+    # where at least 2 do; a label the model never refuses keeps its prompts (its direction contrasts topics)
+    behaves, _ = behaves_as_labelled(lm, list(src["prompt"]), list(src["harmful"].astype(bool)), max_new_tokens=8,
+                                     batch_size=batch_size, progress=progress)
+    keep, _ = behaviour_mask(behaves, labels, min_keep=2)
+    src = src[keep].reset_index(drop=True)
+    labels = [lab for lab, k in zip(labels, keep, strict=True) if k]
+    harmful_flags = list(src["harmful"].astype(bool))
     acts = capture_activations(lm, list(src["prompt"]), layers=None, positions=list(positions),
                                batch_size=batch_size, out_dir=out / "directions" / "activations", progress=progress)
     ds = compute_directions(acts, labels, harmful_flags, meta={"organism": str(organism_dir), "level": level})

@@ -327,3 +327,18 @@ def behaves_as_labelled(
                        progress=progress, desc="baseline behaviour")
     refused = refusal_flags(replies, list(prompts))[0]
     return refused == np.asarray(harmful, dtype=bool), refused
+
+
+def behaviour_mask(behaves: Sequence[bool], groups: Sequence[str], min_keep: int) -> tuple[np.ndarray, list[str]]:
+    """(rows to keep, groups kept whole): the rows that behave as labelled, except in a group where fewer
+    than `min_keep` (or all its rows, if fewer) do — a branch the model never refuses keeps its prompts,
+    so its direction contrasts topics rather than behaviour, and is named rather than dropped."""
+    b = np.asarray(behaves, dtype=bool)
+    g = np.asarray(list(groups), dtype=object)
+    keep, whole = b.copy(), []
+    for name in sorted(set(g.tolist())):
+        rows = g == name
+        if b[rows].sum() < min(min_keep, rows.sum()):
+            keep[rows] = True
+            whole.append(str(name))
+    return keep, whole
