@@ -201,3 +201,18 @@ def test_ablation_stability_resamples_the_direction_prompts(setup):
     assert (boot["cosine_to_full"] < 1.0 - 1e-6).all() and (boot["cosine_to_full"] > 0).all()
     again = ablation_stability(lm, acts, nodes, harmful, A + B, tokens, layer=2, position=-1, n_boot=3, seed=0)
     pd.testing.assert_frame_equal(table, again)  # seeded
+
+
+def test_cone_ablation_starts_from_the_pooled_ablation(setup):
+    from refusal_atlas.mechinterp.experiments import cone_ablation, first_token_scores
+    from refusal_atlas.mechinterp.interventions import ablation
+
+    lm, ds, acts, nodes, harmful, tokens = setup
+    table = cone_ablation(lm, acts, nodes, harmful, A + B, H, tokens, layer=2, position=-1)
+    assert table["extra_axes"].tolist() == [0, 1]  # two nodes: one residual axis
+    odds, first = first_token_scores(lm, A + B, tokens, ablation(lm.model, ds.get(POOLED, 2, -1)))
+    assert table.loc[0, "logit_score"] == pytest.approx(float(odds.mean()), abs=1e-4)
+    assert table.loc[0, "first_token_refusal_rate"] == pytest.approx(float(first.mean()))
+    # with two nodes the residuals are opposite: equal and opposite loadings on the one axis
+    assert table.loc[1, "loading:a"] == pytest.approx(-table.loc[1, "loading:b"], rel=1e-3)
+    assert table.loc[1, "singular_value"] > 0 and (table["harmless_kl"] >= 0).all()

@@ -191,3 +191,31 @@ def test_zero_direction_is_an_error():
 def test_layer_subset():
     assert layer_subset(30, 5, 0.8) == [2, 7, 12, 16, 21]
     assert layer_subset(4, 10) == [0, 1, 2, 3]
+
+
+def test_subspace_ablation_removes_every_row_and_equals_orthogonal_ablations_in_turn(lm):
+    from refusal_atlas.mechinterp.interventions import Intervention, orthonormal_rows
+
+    a, b = _direction(lm, 1), _direction(lm, 2)  # not orthogonal to each other
+    enc = _batch(lm)
+    cone = ablation(lm.model, torch.stack([a, b]))  # built first: finding the writers runs one probe forward
+    seen: list[torch.Tensor] = []
+    handles = [blk.register_forward_hook(lambda m, args, o: seen.append(hidden_from_output(o).detach()))
+               for blk in decoder_blocks(lm.model)]
+    try:
+        with torch.no_grad(), cone:
+            both = lm.model(**enc).logits
+    finally:
+        for h in handles:
+            h.remove()
+    for h in seen:  # neither vector (nor any mix of them) is left in the stream
+        assert (h @ unit(a)).abs().max() < 1e-4 and (h @ unit(b)).abs().max() < 1e-4
+    q = orthonormal_rows(torch.stack([a, b]))
+    assert torch.allclose(q @ q.T, torch.eye(2), atol=1e-5)
+    first, second = ablation(lm.model, q[0]), ablation(lm.model, q[1])
+    turn = Intervention(lambda: [*first._install(), *second._install()], "two orthogonal ablations")
+    with torch.no_grad(), turn:
+        seq = lm.model(**enc).logits
+    assert torch.allclose(both, seq, atol=1e-4)
+    with pytest.raises(AtlasError):
+        orthonormal_rows(torch.stack([a, 2 * a]))

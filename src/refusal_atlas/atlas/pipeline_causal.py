@@ -19,7 +19,7 @@ from refusal_atlas.atlas.stages import StageContext, write_json_atomic
 from refusal_atlas.errors import AtlasError
 
 REFUSAL_POSITION = -1
-PROTOCOL_VERSION = 4  # bump when a code change alters what this stage measures (cached results are then redone)
+PROTOCOL_VERSION = 5  # bump when a code change alters what this stage measures (cached results are then redone)
 NEW_TOKENS = 16  # generated tokens behind every marker-detector refusal rate of this stage
 # The steering dose is the smallest whose validation refusal reaches this, a margin above the 0.8 the
 # issue asks of evaluation prompts: 16 validation prompts are a noisy estimate (session 4: a dose that
@@ -131,6 +131,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     write_json_atomic(out / "pooled.json", headline)
     captured = _direction_activations(ctx)  # the direction prompts' activations (stability, wording)
     stability = _ablation_stability(cfg, captured, lm, tokens, harmful_all, layer, out)
+    cone = _cone(cfg, captured, lm, tokens, harmful_all, harmless, layer, out)
 
     cross = cross_ablation(lm, ds, sets, harmless, tokens, layer=layer, position=REFUSAL_POSITION,
                            batch_size=cfg.batch_size, progress=progress)
@@ -166,7 +167,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
 
     return {
         "layer": layer, "position": REFUSAL_POSITION, "candidates": candidates,
-        "ablation_stability": stability,
+        "ablation_stability": stability, "cone": cone,
         "ablation": {"refusal_before": headline["refusal_before"], "refusal_after": headline["refusal_after"],
                      "harmless_kl": headline["harmless_kl"], "harmless_kl_all": headline["harmless_kl_all"],
                      "layer": layer, "n_harmful": headline["n_harmful"]},
@@ -210,6 +211,23 @@ def _ablation_stability(cfg: Any, captured, lm, tokens, harmful_eval: list[str],
             "max": float(boot["first_token_refusal_rate"].max()),
             "mean": float(boot["first_token_refusal_rate"].mean()),
             "cosine_min": float(boot["cosine_to_full"].min())}
+
+
+def _cone(cfg: Any, captured, lm, tokens, harmful_eval: list[str], harmless_eval: list[str], layer: int,
+          out: Path) -> dict:
+    """First-token refusal and harmless KL with the pooled direction plus 0, 1, 2 residual axes ablated
+    (`causal/cone_ablation.parquet`)."""
+    from refusal_atlas.mechinterp.experiments import cone_ablation, save_table
+
+    if captured is None:
+        return {}
+    acts, labels = captured
+    table = cone_ablation(lm, acts, labels["analysis_node"].tolist(), labels["harmful"].astype(bool).tolist(),
+                          harmful_eval, harmless_eval, tokens, layer=layer, position=REFUSAL_POSITION,
+                          batch_size=cfg.batch_size)
+    save_table(table, out / "cone_ablation.parquet")
+    return {f"{int(r.extra_axes)}_extra_axes": {"first_token_refusal": r.first_token_refusal_rate,
+                                                "harmless_kl": r.harmless_kl} for r in table.itertuples()}
 
 
 def _wording(cfg: Any, ctx: StageContext, lm, ds, tokens, out: Path, captured) -> dict:

@@ -604,6 +604,61 @@ def ablation_stability(
     return pd.DataFrame(rows)
 
 
+def cone_ablation(
+    lm: LoadedModel,
+    acts,
+    nodes: Sequence[str],
+    harmful: Sequence[bool],
+    harmful_eval: Sequence[str],
+    harmless_eval: Sequence[str],
+    tokens: RefusalTokens | Sequence[int],
+    *,
+    layer: int,
+    position: Position,
+    max_extra: int = 2,
+    batch_size: int = 16,
+    system: str | None = None,
+) -> pd.DataFrame:
+    """Is refusal one direction or a cone? Ablate the pooled direction plus the first k principal axes of the
+    node directions' residuals (each node's difference of means minus its pooled component), k = 0..max_extra.
+
+    One row per k: first-token refusal and mean refusal log-odds on `harmful_eval`, harmless KL (prompts
+    the model answers), the k-th residual singular value, and each node's loading on that axis. Why: on the
+    default organism the pooled direction alone left 0.19 refusal and one more axis 0.03 (session 5) — what
+    "several sintered components" would look like in numbers (cf. Wollschläger et al.'s refusal cones).
+    """
+    ids = tokens.ids if isinstance(tokens, RefusalTokens) else list(tokens)
+    x = acts.acts[:, acts.layer_index(layer), acts.position_index(position)].float()
+    harm = np.asarray(harmful, dtype=bool)
+    node = np.asarray(nodes, dtype=object)
+    names = sorted(set(node[harm].tolist()))
+    if len(names) < 2 or harm.all() or not harm.any():
+        raise AtlasError("cone ablation: need harmless prompts and harmful prompts of at least 2 nodes")
+    harmless_mean = x[torch.from_numpy(~harm)].mean(0)
+    pooled = x[torch.from_numpy(harm)].mean(0) - harmless_mean
+    u = pooled / pooled.norm()
+    per_node = torch.stack([x[torch.from_numpy(harm & (node == n))].mean(0) - harmless_mean for n in names])
+    residual = per_node - (per_node @ u)[:, None] * u[None]
+    _, sing, axes = torch.linalg.svd(residual, full_matrices=False)
+    clean = clean_logprobs(lm, harmless_eval, batch_size=batch_size, system=system)[0]
+    answered_refused = np.isin(clean.argmax(-1).numpy(), ids)
+    rows = []
+    for k in range(min(max_extra, len(names) - 1) + 1):
+        basis = torch.cat([u[None], axes[:k]]) if k else u[None]
+        abl = ablation(lm.model, basis)
+        odds, first = first_token_scores(lm, harmful_eval, ids, abl, batch_size, system)
+        kl = kl_from_logprobs(clean, next_token_logprobs(lm, harmless_eval, intervention=abl, batch_size=batch_size,
+                                                          system=system))
+        row = {"extra_axes": k, "layer": layer, "position": position_label(position), "n": len(harmful_eval),
+               "first_token_refusal_rate": float(first.mean()), "logit_score": float(odds.mean()),
+               "harmless_kl": answered_mean(kl, answered_refused),
+               "singular_value": float(sing[k - 1]) if k else float("nan")}
+        if k:
+            row.update({f"loading:{n}": float(r @ axes[k - 1]) for n, r in zip(names, residual, strict=True)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------------------------
 # The whole causal suite on an organism (what `run` and `organism test` call)
 # --------------------------------------------------------------------------------------------

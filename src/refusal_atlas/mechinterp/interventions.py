@@ -39,6 +39,15 @@ except ImportError:  # pragma: no cover - very old transformers
 # --------------------------------------------------------------------------------------------
 
 
+def orthonormal_rows(vectors: Tensor) -> Tensor:
+    """An orthonormal basis [k, d] (float32) of the span of the rows of `vectors`; rank-deficient input is an error."""
+    v = vectors.detach().to(torch.float32)
+    q, r = torch.linalg.qr(v.T)
+    if not torch.isfinite(r).all() or (r.diagonal().abs() <= 1e-6 * r.diagonal().abs().max().clamp_min(1e-30)).any():
+        raise AtlasError("subspace ablation: the vectors are linearly dependent or non-finite")
+    return q.T.contiguous()
+
+
 def unit(direction: Tensor) -> Tensor:
     """The direction scaled to unit norm (float32); a zero vector is an error, not a silent no-op."""
     d = direction.detach().to(torch.float32).flatten()
@@ -273,14 +282,23 @@ def ablation(
 
     At each chosen block: its input (pre-hook), its output, and (``write_points``) the outputs of
     its attention/MLP write points, so no sub-layer ever reads or adds the direction.
+    A 2-D `direction` [k, d] removes the subspace its rows span (a refusal "cone").
     """
-    r = unit(direction)
+    if direction.dim() == 2 and direction.shape[0] > 1:
+        basis = orthonormal_rows(direction)
+
+        def fn(x: Tensor) -> Tensor:
+            q = basis.to(device=x.device, dtype=x.dtype)
+            return x - (x @ q.T) @ q
+    else:
+        r = unit(direction)
+
+        def fn(x: Tensor) -> Tensor:
+            return project_out(x, r)
+
     chosen = _layer_list(model, layers)
     blocks = decoder_blocks(model)
     points = residual_writers(model).write_points if write_points else [[] for _ in blocks]
-
-    def fn(x: Tensor) -> Tensor:
-        return project_out(x, r)
 
     def install() -> list[RemovableHandle]:
         handles = []
