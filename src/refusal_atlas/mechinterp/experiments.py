@@ -557,6 +557,16 @@ def pooled_ablation_and_steering(
     }
 
 
+def _direction_prompts_at(acts, nodes: Sequence[str], harmful: Sequence[bool], layer: int, position: Position,
+                          what: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(activations [n, d] at layer/position in float32, harmful flags, node labels) of the direction prompts."""
+    harm = np.asarray(harmful, dtype=bool)
+    if not harm.any() or harm.all():
+        raise AtlasError(f"{what}: need harmful and harmless direction prompts")
+    x = acts.acts[:, acts.layer_index(layer), acts.position_index(position)].float()
+    return x, harm, np.asarray(nodes, dtype=object)
+
+
 def ablation_stability(
     lm: LoadedModel,
     acts,
@@ -582,11 +592,7 @@ def ablation_stability(
     organism resamples with cosine 0.96 to each other left 0.11-0.33 refusal (session 5).
     """
     ids = tokens.ids if isinstance(tokens, RefusalTokens) else list(tokens)
-    x = acts.acts[:, acts.layer_index(layer), acts.position_index(position)].float()  # [n, d]
-    harm = np.asarray(harmful, dtype=bool)
-    node = np.asarray(nodes, dtype=object)
-    if not harm.any() or harm.all():
-        raise AtlasError("ablation stability: need harmful and harmless direction prompts")
+    x, harm, node = _direction_prompts_at(acts, nodes, harmful, layer, position, "ablation stability")
     full = x[torch.from_numpy(harm)].mean(0) - x[torch.from_numpy(~harm)].mean(0)
     rng = np.random.default_rng(seed)
     strata = [np.flatnonzero(harm & (node == n)) for n in sorted(set(node[harm]))] + [np.flatnonzero(~harm)]
@@ -624,16 +630,14 @@ def cone_ablation(
 
     One row per k: first-token refusal and mean refusal log-odds on `harmful_eval`, harmless KL (prompts
     the model answers), the k-th residual singular value, and each node's loading on that axis. Why: on the
-    default organism the pooled direction alone left 0.19 refusal and one more axis 0.03 (session 5) — what
+    default organism the pooled direction alone left 0.19 first-token refusal and one more axis 0.06 — what
     "several sintered components" would look like in numbers (cf. Wollschläger et al.'s refusal cones).
     """
     ids = tokens.ids if isinstance(tokens, RefusalTokens) else list(tokens)
-    x = acts.acts[:, acts.layer_index(layer), acts.position_index(position)].float()
-    harm = np.asarray(harmful, dtype=bool)
-    node = np.asarray(nodes, dtype=object)
+    x, harm, node = _direction_prompts_at(acts, nodes, harmful, layer, position, "cone ablation")
     names = sorted(set(node[harm].tolist()))
-    if len(names) < 2 or harm.all() or not harm.any():
-        raise AtlasError("cone ablation: need harmless prompts and harmful prompts of at least 2 nodes")
+    if len(names) < 2:
+        raise AtlasError("cone ablation: need harmful prompts of at least 2 nodes")
     harmless_mean = x[torch.from_numpy(~harm)].mean(0)
     pooled = x[torch.from_numpy(harm)].mean(0) - harmless_mean
     u = pooled / pooled.norm()
