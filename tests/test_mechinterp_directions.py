@@ -90,3 +90,63 @@ def test_lookup_and_input_errors(tmp_path):
         compute_directions(acts, nodes, harmful, methods=["pca"])
     with pytest.raises(AtlasError, match="run `refusal-atlas directions extract`"):
         DirectionSet.load(tmp_path / "nothing")
+
+
+def form_confounded(seed: int = 0, d: int = 32):
+    """Harmful prompts of two nodes and harmless ones that differ in request form as well as in harm.
+
+    Planted: a harm direction h (harmful prompts only) and a form direction f (questions only). Node
+    "a" is mostly instructions, node "b" mostly questions, the harmless set mostly questions.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.zeros(d)
+    h[0] = 4.0
+    f = torch.zeros(d)
+    f[1] = 6.0
+    plan = [("a", True, "instruction", 14), ("a", True, "question", 2), ("b", True, "question", 12),
+            ("b", True, "instruction", 4), ("", False, "question", 30), ("", False, "instruction", 10)]
+    nodes, harmful, forms, xs = [], [], [], []
+    for node, harm, form, n in plan:
+        xs.append(0.3 * torch.randn(n, 1, 1, d, generator=gen) + h * harm + f * (form == "question"))
+        nodes += [node] * n
+        harmful += [harm] * n
+        forms += [form] * n
+    return Activations(torch.cat(xs), [0], [-1]), nodes, harmful, forms, h, f
+
+
+def test_matched_baseline_removes_a_planted_form_confound():
+    acts, nodes, harmful, forms, h, f = form_confounded()
+    plain = compute_directions(acts, nodes, harmful)
+    matched = compute_directions(acts, nodes, harmful, strata=forms)
+    cos = torch.nn.functional.cosine_similarity
+    for node in ("a", "b", POOLED):
+        # unmatched: node "a" (instructions against question-heavy harmless prompts) points partly along -f
+        assert abs(float(cos(matched.get(node, 0, -1), h, dim=0))) > 0.98
+        assert abs(float(matched.get(node, 0, -1) @ f / f.norm())) < 0.3
+    assert float(plain.get("a", 0, -1) @ f / f.norm()) < -3.0
+    info = matched.meta["harmless_matched_on"]
+    assert info["strata"] == ["instruction", "question"]
+    assert info["harmless_per_stratum"] == {"instruction": 10, "question": 30}
+    assert info["shares"]["a"] == {"instruction": 0.875, "question": 0.125}
+    assert info["shares"][POOLED] == {"instruction": 0.5625, "question": 0.4375}
+    # the matched baseline is the stratum means weighted by the node's shares
+    x = acts.acts[:, 0, 0]
+    base = {s: x[[i for i, (hh, fm) in enumerate(zip(harmful, forms, strict=True)) if not hh and fm == s]].mean(0)
+            for s in ("instruction", "question")}
+    a = x[[i for i, n in enumerate(nodes) if n == "a"]].mean(0)
+    assert torch.allclose(matched.get("a", 0, -1), a - 0.875 * base["instruction"] - 0.125 * base["question"],
+                          atol=1e-5)
+
+
+def test_matching_falls_back_where_it_cannot_match():
+    acts, nodes, harmful, forms, _, _ = form_confounded()
+    plain = compute_directions(acts, nodes, harmful)
+    # one stratum, or a stratum with a single harmless prompt: nothing to match on, same as unmatched
+    same = compute_directions(acts, nodes, harmful, strata=["x"] * len(nodes))
+    lonely = ["rare" if (not h and i == len(nodes) - 1) else "common" for i, h in enumerate(harmful)]
+    for other in (same, compute_directions(acts, nodes, harmful, strata=lonely)):
+        assert "harmless_matched_on" not in other.meta
+        for node in ("a", "b", POOLED):
+            assert torch.allclose(other.get(node, 0, -1), plain.get(node, 0, -1))
+    with pytest.raises(AtlasError, match="strata"):
+        compute_directions(acts, nodes, harmful, strata=forms[:-1])

@@ -216,3 +216,22 @@ def test_cone_ablation_starts_from_the_pooled_ablation(setup):
     # with two nodes the residuals are opposite: equal and opposite loadings on the one axis
     assert table.loc[1, "loading:a"] == pytest.approx(-table.loc[1, "loading:b"], rel=1e-3)
     assert table.loc[1, "singular_value"] > 0 and (table["harmless_kl"] >= 0).all()
+
+
+def test_stability_and_cone_use_the_matched_pooled_direction(setup):
+    """With request forms given, both tables start from the direction `compute_directions` stores for them."""
+    from refusal_atlas.mechinterp.experiments import cone_ablation, first_token_scores
+    from refusal_atlas.mechinterp.interventions import ablation
+    from refusal_atlas.mechinterp.request_form import request_forms
+
+    lm, _, acts, nodes, harmful, tokens = setup
+    forms = request_forms(A + B + H)
+    matched = compute_directions(acts, nodes, harmful, strata=forms)
+    assert "harmless_matched_on" in matched.meta
+    odds, first = first_token_scores(lm, A + B, tokens, ablation(lm.model, matched.get(POOLED, 2, -1)))
+    table = ablation_stability(lm, acts, nodes, harmful, A + B, tokens, layer=2, position=-1, strata=forms,
+                               n_boot=2, seed=0)
+    cone = cone_ablation(lm, acts, nodes, harmful, A + B, H, tokens, layer=2, position=-1, strata=forms)
+    for row in (table[table["resample"] == -1].iloc[0], cone.iloc[0]):
+        assert row["logit_score"] == pytest.approx(float(odds.mean()), abs=1e-4)
+        assert row["first_token_refusal_rate"] == pytest.approx(float(first.mean()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -142,3 +143,44 @@ def test_kl_counts_only_the_harmless_prompts_the_model_answers():
     each = kl_divergence(lm, harmless, ablation(lm.model, ds.get("a", 1, -1)))
     assert row["kl"] == pytest.approx(each[~refused].mean(), abs=1e-5)
     assert row["kl_all"] == pytest.approx(each.mean(), abs=1e-5)
+
+
+def test_narrower_ablation_scopes_are_scored_and_compete(lm):
+    ds = _directions(lm)
+    tokens = [lm.tokenizer("I", add_special_tokens=False)["input_ids"][0]]
+    sel = select_direction(lm, ds, "a", HARMFUL, HARMLESS, tokens, positions=[-1], kl_threshold=10.0,
+                           induce_threshold=-1e9, max_layer_fraction=1.0, ablation_starts=(1, 2), progress=False)
+    scores = sel.scores
+    # every candidate passes the induce filter here: starts 1 and 2 where they do not exceed the layer
+    assert sorted(zip(scores["layer"], scores["ablate_from"], strict=True)) == [
+        (0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]
+    row = scores[(scores["layer"] == 2) & (scores["ablate_from"] == 1)].iloc[0]
+    abl = ablation(lm.model, ds.get("a", 2, -1), range(1, lm.n_layers))
+    assert row["bypass_score"] == pytest.approx(logit_refusal_score(lm, HARMFUL, tokens, intervention=abl).mean(),
+                                                abs=1e-4)
+    assert row["kl"] == pytest.approx(kl_divergence(lm, HARMLESS, abl).mean(), abs=1e-5)
+    best = scores.sort_values(["bypass_score", "kl"]).iloc[0]
+    assert (sel.layer, sel.ablate_from) == (int(best["layer"]), int(best["ablate_from"]))
+    assert scores["chosen"].sum() == 1
+    expected = None if sel.ablate_from == 0 else list(range(sel.ablate_from, lm.n_layers))
+    assert sel.ablation_layers == expected and sel.to_dict()["ablate_from"] == sel.ablate_from
+    # a candidate failing the induce filter gets no narrower scopes (they cannot pass)
+    strict = select_direction(lm, ds, "a", HARMFUL, HARMLESS, tokens, positions=[-1], induce_threshold=1e9,
+                              ablation_starts=(1, 2), progress=False)
+    assert (strict.scores["ablate_from"] == 0).all()
+
+
+def test_relaxed_choice_ignores_narrow_scopes():
+    from refusal_atlas.mechinterp.selection import choose
+
+    rows = [  # layer, ablate_from, bypass, kl, filtered
+        (5, 0, -1.0, 0.30, "kl>=0.1"), (5, 3, -0.9, 0.08, ""), (5, 4, 2.0, 0.01, "")]
+    table = pd.DataFrame([{"layer": la, "position": "-1", "ablate_from": a, "bypass_score": b, "kl": k,
+                           "filtered": f} for la, a, b, k, f in rows])
+    # tier 1: the scope that passes every filter with the lowest bypass (not the narrowest, lowest-KL one)
+    scores, layer, _, passed = choose(table)
+    assert passed and layer == 5 and scores.loc[scores["chosen"], "ablate_from"].item() == 3
+    # nothing passes: tier 3 takes the lowest KL among every-layer ablations only
+    failing = table.assign(filtered="kl>=0.1", kl=[0.30, 0.20, 0.15])
+    scores, _, _, passed = choose(failing)
+    assert not passed and scores.loc[scores["chosen"], "ablate_from"].item() == 0

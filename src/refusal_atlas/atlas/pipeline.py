@@ -192,8 +192,12 @@ def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict:
 
 
 def analysed_model_spec(cfg: RunConfig, ctx: StageContext) -> str:
+    """The organism inside this run's output folder (not the path its stage recorded: that one is relative to
+    the directory the run started in, so a moved folder or another working directory would miss it)."""
     if cfg.build_organism:
-        return ctx.results["organism"]["model_dir"]
+        from refusal_atlas.mechinterp.organism import MODEL_DIR
+
+        return str(ctx.out / "organism" / MODEL_DIR)
     return cfg.model
 
 
@@ -338,6 +342,7 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
 
     from refusal_atlas.mechinterp.capture import capture_activations
     from refusal_atlas.mechinterp.extract import extract_directions
+    from refusal_atlas.mechinterp.request_form import request_forms
 
     sizes = cfg.sizes()
     prompts = model_prompts(ctx.out, cfg)
@@ -363,12 +368,16 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
     tax = _taxonomy(cfg)
     parents = {n: list(tax[n].broader) for n in nodes}
     labels = {n: tax[n].label for n in nodes}
+    # the harmless baseline is matched on request form (question / instruction / first person): the harmful and
+    # harmless sets differ in it, and an unmatched difference of means encodes that too (request_form.py)
+    table = table.assign(request_form=request_forms(table["prompt"]))
     ds = extract_directions(acts, table["analysis_node"].tolist(), table["harmful"].astype(bool).tolist(),
                             seed=cfg.seed, parents=parents, labels=labels, n_model_layers=lm.n_layers,
-                            n_splits=30 if cfg.quick else 50, n_boot=100 if cfg.quick else 200)
+                            n_splits=30 if cfg.quick else 50, n_boot=100 if cfg.quick else 200,
+                            strata=table["request_form"].tolist())
     ds.meta["model"] = lm.provenance()
     ds.save(ctx.out / "directions")
-    table[["prompt_id", "prompt", "analysis_node", "harmful", "baseline_refused"]].to_parquet(
+    table[["prompt_id", "prompt", "analysis_node", "harmful", "baseline_refused", "request_form"]].to_parquet(
         ctx.out / "directions" / "prompts.parquet")
     floors = []
     for node in nodes:
@@ -468,7 +477,8 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("detect", stage_detect, ("collect",), ("corpus.parquet",))
     add("cluster", stage_cluster, ("detect",), ("clusters",))
     add("directions", stage_directions, ("prompts", "organism"), ("directions/directions.json",), **model_key,
-        min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes, prompt_filter="baseline behaviour")
+        min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes, prompt_filter="baseline behaviour",
+        harmless_matched_on="request form")
     add("overlap", stage_overlap, ("directions",), ("overlap/overlap.graphml",))
     from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
 

@@ -19,7 +19,7 @@ from refusal_atlas.atlas.stages import StageContext, write_json_atomic
 from refusal_atlas.errors import AtlasError
 
 REFUSAL_POSITION = -1
-PROTOCOL_VERSION = 5  # bump when a code change alters what this stage measures (cached results are then redone)
+PROTOCOL_VERSION = 7  # bump when a code change alters what this stage measures (cached results are then redone)
 NEW_TOKENS = 16  # generated tokens behind every marker-detector refusal rate of this stage
 # The steering dose is the smallest whose validation refusal reaches this, a margin above the 0.8 the
 # issue asks of evaluation prompts: 16 validation prompts are a noisy estimate (session 4: a dose that
@@ -64,6 +64,11 @@ def _candidate_layers(n_layers: int, available: list[int], quick: bool) -> list[
         wanted |= {la for la in available if 0.7 * n_layers <= la}
     ordered = sorted(wanted)
     return [la for la in ordered if la < 0.8 * n_layers] or ordered[:1]
+
+
+def ablation_starts(n_layers: int) -> list[int]:
+    """First layers of the narrower ablation scopes direction selection also scores (see `selection.py`)."""
+    return sorted({max(1, round(f * n_layers)) for f in (0.4, 0.55, 0.67)})
 
 
 def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
@@ -112,9 +117,11 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     # Layer: direction selection on the pooled direction over a few candidate layers.
     candidates = _candidate_layers(lm.n_layers, list(ds.layers), cfg.quick)
     selection = select_direction(lm, ds, POOLED, harmful_val, harmless_val, tokens,
-                                 layers=candidates, positions=[REFUSAL_POSITION], progress=progress)
+                                 layers=candidates, positions=[REFUSAL_POSITION],
+                                 ablation_starts=ablation_starts(lm.n_layers), progress=progress)
     save_table(selection.scores, out / "selection.parquet")
     layer = int(selection.layer)
+    scope = selection.ablation_layers  # None: every layer
     # Steering dose: the smallest coefficient whose addition makes validation prompts refuse (marker detector on
     # generations, the measure reported below)
     coeff, dose = choose_coefficient(lm, ds.get(POOLED, layer, REFUSAL_POSITION), layer, harmless_val, tokens,
@@ -127,14 +134,14 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     headline = pooled_ablation_and_steering(lm, ds, harmful_all, harmless, layer=layer, position=REFUSAL_POSITION,
                                             coeffs=(coeff,) if coeff == 1.0 else (coeff, 1.0),
                                             max_new_tokens=NEW_TOKENS, batch_size=cfg.batch_size, progress=progress,
-                                            before=refused_h, harmless_before=refused_hl)
+                                            before=refused_h, harmless_before=refused_hl, ablation_layers=scope)
     write_json_atomic(out / "pooled.json", headline)
     captured = _direction_activations(ctx)  # the direction prompts' activations (stability, wording)
-    stability = _ablation_stability(cfg, captured, lm, tokens, harmful_all, layer, out)
-    cone = _cone(cfg, captured, lm, tokens, harmful_all, harmless, layer, out)
+    stability = _ablation_stability(cfg, captured, lm, tokens, harmful_all, layer, scope, out)
+    cone = _cone(cfg, captured, lm, tokens, harmful_all, harmless, layer, scope, out)
 
     cross = cross_ablation(lm, ds, sets, harmless, tokens, layer=layer, position=REFUSAL_POSITION,
-                           batch_size=cfg.batch_size, progress=progress)
+                           batch_size=cfg.batch_size, progress=progress, ablation_layers=scope)
     save_table(cross, out / "cross_ablation.parquet")
     plot_cross_ablation(cross, out / "cross_ablation.png")
 
@@ -170,7 +177,9 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
         "ablation_stability": stability, "cone": cone,
         "ablation": {"refusal_before": headline["refusal_before"], "refusal_after": headline["refusal_after"],
                      "harmless_kl": headline["harmless_kl"], "harmless_kl_all": headline["harmless_kl_all"],
-                     "layer": layer, "n_harmful": headline["n_harmful"]},
+                     "layer": layer, "n_harmful": headline["n_harmful"], "ablate_from": selection.ablate_from,
+                     "tier": int(selection.scores["tier"].iloc[0]),
+                     **({"all_layers": headline["all_layers"]} if "all_layers" in headline else {})},
         "steering": {"induced_refusal_rate": headline["induced_refusal_rate"], "coefficient": coeff,
                      "induced_by_coeff": headline["induced_by_coeff"],
                      "harmless_refusal_before": headline["harmless_refusal_before"],
@@ -193,7 +202,13 @@ def _direction_activations(ctx: StageContext):
     return load_shards(acts_dir), pd.read_parquet(labels_file)
 
 
-def _ablation_stability(cfg: Any, captured, lm, tokens, harmful_eval: list[str], layer: int, out: Path) -> dict:
+def _strata(labels: pd.DataFrame) -> list[str] | None:
+    """The request forms the directions stage matched its harmless baseline on (absent in older outputs)."""
+    return labels["request_form"].tolist() if "request_form" in labels else None
+
+
+def _ablation_stability(cfg: Any, captured, lm, tokens, harmful_eval: list[str], layer: int,
+                        scope: list[int] | None, out: Path) -> dict:
     """First-token refusal on the eval prompts under the pooled ablation, over bootstrap resamples of the
     direction prompts (`causal/ablation_stability.parquet`)."""
     from refusal_atlas.mechinterp.experiments import ablation_stability, save_table
@@ -202,8 +217,9 @@ def _ablation_stability(cfg: Any, captured, lm, tokens, harmful_eval: list[str],
         return {}
     acts, labels = captured
     table = ablation_stability(lm, acts, labels["analysis_node"].tolist(), labels["harmful"].astype(bool).tolist(),
-                               harmful_eval, tokens, layer=layer, position=REFUSAL_POSITION,
-                               n_boot=3 if cfg.quick else 5, seed=cfg.seed, batch_size=cfg.batch_size)
+                               harmful_eval, tokens, layer=layer, position=REFUSAL_POSITION, strata=_strata(labels),
+                               ablation_layers=scope, n_boot=3 if cfg.quick else 5, seed=cfg.seed,
+                               batch_size=cfg.batch_size)
     save_table(table, out / "ablation_stability.parquet")
     boot = table[table["resample"] >= 0]
     return {"full_first_token_refusal": float(table.loc[table["resample"] < 0, "first_token_refusal_rate"].iloc[0]),
@@ -214,7 +230,7 @@ def _ablation_stability(cfg: Any, captured, lm, tokens, harmful_eval: list[str],
 
 
 def _cone(cfg: Any, captured, lm, tokens, harmful_eval: list[str], harmless_eval: list[str], layer: int,
-          out: Path) -> dict:
+          scope: list[int] | None, out: Path) -> dict:
     """First-token refusal and harmless KL with the pooled direction plus 0, 1, 2 residual axes ablated
     (`causal/cone_ablation.parquet`)."""
     from refusal_atlas.mechinterp.experiments import cone_ablation, save_table
@@ -224,7 +240,7 @@ def _cone(cfg: Any, captured, lm, tokens, harmful_eval: list[str], harmless_eval
     acts, labels = captured
     table = cone_ablation(lm, acts, labels["analysis_node"].tolist(), labels["harmful"].astype(bool).tolist(),
                           harmful_eval, harmless_eval, tokens, layer=layer, position=REFUSAL_POSITION,
-                          batch_size=cfg.batch_size)
+                          strata=_strata(labels), ablation_layers=scope, batch_size=cfg.batch_size)
     save_table(table, out / "cone_ablation.parquet")
     return {f"{int(r.extra_axes)}_extra_axes": {"first_token_refusal": r.first_token_refusal_rate,
                                                 "harmless_kl": r.harmless_kl} for r in table.itertuples()}

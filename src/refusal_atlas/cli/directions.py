@@ -140,6 +140,10 @@ def extract(
     n_boot: int = typer.Option(200, "--bootstrap", help="bootstrap resamples for CIs"),
     n_perm: int = typer.Option(100, "--permutations", help="permutations for the cross-node cosine null"),
     seed: int = typer.Option(0, "--seed"),
+    match_form: bool = typer.Option(True, "--match-form/--no-match-form",
+                                    help="match the harmless baseline on request form (question / instruction / "
+                                         "first person); unmatched, a direction also encodes how the sets differ "
+                                         "in form"),
     keep_activations: bool = typer.Option(True, "--keep-activations/--no-keep-activations",
                                           help="keep activation shards (resume; principal angles)"),
 ) -> None:
@@ -149,6 +153,7 @@ def extract(
     from refusal_atlas.mechinterp.capture import capture_activations
     from refusal_atlas.mechinterp.extract import extract_directions
     from refusal_atlas.mechinterp.models import file_sha256, load_model
+    from refusal_atlas.mechinterp.request_form import request_forms
 
     df = _read_prompts(prompts)
     parents, labels = _load_taxonomy(taxonomy)
@@ -167,6 +172,7 @@ def extract(
     ds = extract_directions(
         acts, [r[1] for r in rows], [r[2] for r in rows], n_splits=n_splits, n_boot=n_boot, n_perm=n_perm,
         seed=seed, parents=parents, labels=labels, n_model_layers=lm.n_layers, progress=True,
+        strata=request_forms(texts) if match_form else None,
     )
     ds.meta.update({
         **lm.provenance(),

@@ -7,6 +7,11 @@ For every node k, layer l and position p (see `positions.py`):
 - `residual`:   `diff_means` with its projection on the pooled direction removed — what is left
                 of k's direction once the shared refusal direction is taken out.
 The pooled direction (every harmful prompt minus harmless) is stored as node `POOLED`.
+With `strata` (a covariate per prompt, e.g. `request_form.request_form`), "the mean over the
+harmless set" becomes a *matched* harmless baseline: the harmless means per stratum weighted by the
+node's own share of prompts in each stratum (the effect of harm on the harmful prompts, with the
+covariate held fixed). Without it a difference of means also encodes how the two sets differ in
+form — see `request_form.py` for what that did to ablation.
 Following Zhao et al. 2025, the *harmfulness* direction is read at `last_instruction` and the
 *refusal* direction at the last template token (-1); `DirectionSet.harmfulness/refusal` say so.
 
@@ -41,16 +46,27 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Groups:
-    """Prompt indices of the harmless set, of each node, and of harmful prompts with no node."""
+    """Prompt indices of the harmless set, of each node, and of harmful prompts with no node.
+
+    `harmless_by_stratum` (empty: no matching) splits the harmless prompts by a covariate and
+    `shares` [K+1, S] gives each node's (last row: every harmful prompt's) share of prompts per
+    stratum: the weights of its matched harmless baseline.
+    """
 
     harmless: Tensor
     nodes: dict[str, Tensor]
     unassigned: Tensor
+    strata: tuple[str, ...] = ()
+    harmless_by_stratum: list[Tensor] = field(default_factory=list)
+    shares: Tensor | None = None
 
     @classmethod
-    def from_labels(cls, nodes: Sequence[str], harmful: Sequence[bool], min_prompts: int = 2) -> Groups:
+    def from_labels(cls, nodes: Sequence[str], harmful: Sequence[bool], min_prompts: int = 2,
+                    strata: Sequence[str] | None = None) -> Groups:
         if len(nodes) != len(harmful):
             raise AtlasError(f"{len(nodes)} node labels but {len(harmful)} harmful flags")
+        if strata is not None and len(strata) != len(nodes):
+            raise AtlasError(f"{len(nodes)} node labels but {len(strata)} strata")
         harmless = [i for i, h in enumerate(harmful) if not h]
         by_node: dict[str, list[int]] = {}
         unassigned = []
@@ -68,19 +84,63 @@ class Groups:
         def t(x: list[int]) -> Tensor:
             return torch.tensor(x, dtype=torch.long)
 
-        return cls(t(harmless), {k: t(v) for k, v in sorted(by_node.items())}, t(unassigned))
+        groups = cls(t(harmless), {k: t(v) for k, v in sorted(by_node.items())}, t(unassigned))
+        return groups if strata is None else groups._matched(list(strata), max(2, min_prompts))
+
+    def _matched(self, strata: list[str], min_harmless: int) -> Groups:
+        """The same groups with the harmless baseline matched on `strata`.
+
+        A stratum needs `min_harmless` harmless prompts to serve as a baseline; harmful prompts of any
+        other stratum do not count towards the shares (nothing to match them with), and a node with
+        no matchable prompt keeps the plain harmless mean. Fewer than two usable strata: no matching.
+        """
+        harmless_strata = [strata[i] for i in self.harmless.tolist()]
+        usable = sorted(s for s in set(harmless_strata) if harmless_strata.count(s) >= min_harmless)
+        if len(usable) < 2:
+            return self
+        by_stratum = [torch.tensor([i for i in self.harmless.tolist() if strata[i] == s], dtype=torch.long)
+                      for s in usable]
+        plain = torch.tensor([len(b) for b in by_stratum], dtype=torch.float32)
+        plain = plain / plain.sum()
+        harmful_sets = [*self.nodes.values(), torch.cat([*self.nodes.values(), self.unassigned])]
+        rows = []
+        for idx in harmful_sets:
+            counts = torch.tensor([sum(strata[i] == s for i in idx.tolist()) for s in usable], dtype=torch.float32)
+            rows.append(counts / counts.sum() if counts.sum() > 0 else plain)
+        return Groups(self.harmless, self.nodes, self.unassigned, tuple(usable), by_stratum, torch.stack(rows))
 
     @property
     def node_ids(self) -> list[str]:
         return list(self.nodes)
 
+    @property
+    def harmless_groups(self) -> list[Tensor]:
+        """The harmless prompts as groups: one per stratum when matched, else all of them."""
+        return self.harmless_by_stratum or [self.harmless]
+
+    def baseline_weights(self) -> Tensor:
+        """[K+1, S]: each node's (last row: the pooled set's) weights on the harmless groups' means."""
+        if self.shares is None:
+            return torch.ones((len(self.nodes) + 1, 1))
+        return self.shares
+
     def all_groups(self) -> list[Tensor]:
-        """Harmless first, then the nodes in order, then the unassigned harmful prompts."""
-        return [self.harmless, *self.nodes.values(), self.unassigned]
+        """The harmless group(s) first, then the nodes in order, then the unassigned harmful prompts."""
+        return [*self.harmless_groups, *self.nodes.values(), self.unassigned]
 
     def counts(self) -> dict[str, int]:
         return {"harmless": len(self.harmless), **{k: len(v) for k, v in self.nodes.items()},
                 "unassigned_harmful": len(self.unassigned)}
+
+    def matching(self) -> dict | None:
+        """What the harmless baseline was matched on (for metadata), or None."""
+        if self.shares is None:
+            return None
+        names = [*self.nodes, POOLED]
+        return {"strata": list(self.strata),
+                "harmless_per_stratum": {s: len(b) for s, b in zip(self.strata, self.harmless_by_stratum, strict=True)},
+                "shares": {n: {s: round(float(w), 4) for s, w in zip(self.strata, row, strict=True)}
+                           for n, row in zip(names, self.shares, strict=True)}}
 
 
 def group_means(x: Tensor, groups: Groups, weights: list[Tensor] | None = None) -> Tensor:
@@ -107,14 +167,17 @@ def directions_from_means(means: Tensor, groups: Groups) -> dict[str, Tensor]:
 
     Row K (after the nodes) is the pooled direction (`diff_means` only; zeros elsewhere).
     """
-    harmless, nodes, unassigned = means[:, 0], means[:, 1:-1], means[:, -1]
+    s = len(groups.harmless_groups)
+    harmless_means, nodes, unassigned = means[:, :s], means[:, s:-1], means[:, -1]
     k = nodes.shape[1]
+    weights = groups.baseline_weights().to(means.dtype)  # [K+1, S]
+    baseline = (weights.reshape(1, k + 1, s, *(1,) * (means.dim() - 2)) * harmless_means.unsqueeze(1)).sum(2)
     sizes = torch.tensor([len(v) for v in groups.nodes.values()], dtype=means.dtype)
     n_u = float(len(groups.unassigned))
     shape = (1, k) + (1,) * (nodes.dim() - 2)
     pooled_mean = ((nodes * sizes.reshape(shape)).sum(1) + n_u * unassigned) / (sizes.sum() + n_u)
-    pooled = pooled_mean - harmless
-    diff = nodes - harmless.unsqueeze(1)
+    pooled = pooled_mean - baseline[:, k]
+    diff = nodes - baseline[:, :k]
     if k > 1:
         others = (nodes.sum(1, keepdim=True) - nodes) / (k - 1)
         vs_other = nodes - others
@@ -280,12 +343,14 @@ def _atomic_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
 
 
 def compute_directions(acts, nodes: Sequence[str], harmful: Sequence[bool],
-                       methods: Sequence[str] = METHODS, meta: dict | None = None) -> DirectionSet:
-    """Directions for every node, layer and position of an `Activations` (no noise estimates)."""
+                       methods: Sequence[str] = METHODS, meta: dict | None = None,
+                       strata: Sequence[str] | None = None) -> DirectionSet:
+    """Directions for every node, layer and position of an `Activations` (no noise estimates);
+    with `strata`, against a harmless baseline matched on them (see the module docstring)."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise AtlasError(f"unknown methods {bad}; choose from {METHODS}")
-    groups = Groups.from_labels(nodes, harmful)
+    groups = Groups.from_labels(nodes, harmful, strata=strata)
     means = group_means(acts.acts, groups)  # [1, G, L, P, d]
     dirs = directions_from_means(means, groups)
     tensors: dict[str, Tensor] = {}
@@ -300,6 +365,7 @@ def compute_directions(acts, nodes: Sequence[str], harmful: Sequence[bool],
         **{k: v for k, v in acts.meta.items() if k.startswith("model")},
         "n_prompts": groups.counts(),
         "roles": dict(ROLES),
+        **({"harmless_matched_on": groups.matching()} if groups.matching() else {}),
         **(meta or {}),
     }
     return DirectionSet(tensors, groups.node_ids, list(acts.layers), list(acts.positions), list(methods), info)

@@ -25,9 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.mechinterp.directions import Groups, directions_from_means, group_means
 from refusal_atlas.mechinterp.generation import generate
 from refusal_atlas.mechinterp.interventions import Intervention, ablation, addition
 from refusal_atlas.mechinterp.models import LoadedModel
+from refusal_atlas.mechinterp.noise import bootstrap_weights
 from refusal_atlas.mechinterp.positions import Position, position_label
 from refusal_atlas.mechinterp.scoring import (
     RefusalTokens,
@@ -127,8 +129,10 @@ def cross_ablation(
     batch_size: int = 16,
     system: str | None = None,
     progress: bool = True,
+    ablation_layers: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """One row per (ablated source, method, target node): refusal on the target's prompts + harmless KL.
+    Each direction is ablated in every layer, or in `ablation_layers`.
 
     The source "none" is the un-ablated baseline. Refusal is measured by the logit score (mean
     log-odds), the share of prompts whose greedy first token opens a refusal, and — with
@@ -143,12 +147,13 @@ def cross_ablation(
     nodes = [s for s in (sources if sources is not None else directions.nodes) if s in directions.nodes]
     jobs: list[tuple[str, str, Intervention | None]] = [("none", "none", None)]
     if include_pooled:
-        jobs.append((POOLED_LABEL, "diff_means", ablation(lm.model, directions.get(POOLED_LABEL, layer, position))))
+        jobs.append((POOLED_LABEL, "diff_means",
+                     ablation(lm.model, directions.get(POOLED_LABEL, layer, position), ablation_layers)))
     for method in methods:
         for node in nodes:
             vec = directions.get(node, layer, position, method)
             if float(vec.norm()) > 0:
-                jobs.append((node, method, ablation(lm.model, vec)))
+                jobs.append((node, method, ablation(lm.model, vec, ablation_layers)))
     clean = clean_logprobs(lm, harmless, batch_size=batch_size, system=system)[0]
     harmless_refused = np.isin(clean.argmax(-1).numpy(), ids)  # KL counts the harmless prompts the model answers
     rows = []
@@ -515,17 +520,19 @@ def pooled_ablation_and_steering(
     progress: bool = True,
     before: Sequence[bool] | None = None,
     harmless_before: Sequence[bool] | None = None,
+    ablation_layers: Sequence[int] | None = None,
 ) -> dict:
     """The headline causal test (REFERENCE.md §5) with the pooled direction, measured by generation.
 
-    Ablation (unit direction, every layer) on harmful prompts: refusal before / after and the
-    harmless KL (on the harmless prompts the model answers un-intervened); addition (raw mean
-    difference × coeff at `layer`) on harmless prompts: induced refusal.
+    Ablation (unit direction, every layer or `ablation_layers`) on harmful prompts: refusal before /
+    after and the harmless KL (on the harmless prompts the model answers un-intervened); addition (raw
+    mean difference × coeff at `layer`) on harmless prompts: induced refusal. With `ablation_layers`,
+    the every-layer ablation (Arditi et al.'s) is reported beside it under `all_layers`.
     `before` / `harmless_before`: un-intervened refusal flags already generated for the same prompts
     with the same settings (e.g. by `discover_tokens`), so they are not generated twice.
     """
     vec = directions.get(POOLED_LABEL, layer, position)
-    abl = ablation(lm.model, vec)
+    abl = ablation(lm.model, vec, ablation_layers)
     if before is not None and len(before) != len(harmful_eval):
         raise AtlasError(f"pooled test: {len(before)} baseline flags for {len(harmful_eval)} harmful prompts")
     if harmless_before is not None and len(harmless_before) != len(harmless_eval):
@@ -535,9 +542,19 @@ def pooled_ablation_and_steering(
     after = _marker_rate(lm, harmful_eval, abl, max_new_tokens, batch_size, system)
     harmless_before = (np.asarray(harmless_before, dtype=bool) if harmless_before is not None
                        else _marker_rate(lm, harmless_eval, None, max_new_tokens, batch_size, system))
-    kl_each = kl_from_logprobs(
-        clean_logprobs(lm, harmless_eval, batch_size=batch_size, system=system)[0],
-        next_token_logprobs(lm, harmless_eval, intervention=abl, batch_size=batch_size, system=system))
+    clean = clean_logprobs(lm, harmless_eval, batch_size=batch_size, system=system)[0]
+    kl_each = kl_from_logprobs(clean, next_token_logprobs(lm, harmless_eval, intervention=abl, batch_size=batch_size,
+                                                          system=system))
+    compared = {}
+    if ablation_layers is not None:
+        everywhere = ablation(lm.model, vec)
+        kl_everywhere = kl_from_logprobs(clean, next_token_logprobs(lm, harmless_eval, intervention=everywhere,
+                                                                    batch_size=batch_size, system=system))
+        compared = {"all_layers": {
+            "refusal_after": float(_marker_rate(lm, harmful_eval, everywhere, max_new_tokens, batch_size,
+                                                system).mean()),
+            "harmless_kl": answered_mean(kl_everywhere, harmless_before),
+            "harmless_kl_all": float(kl_everywhere.mean())}}
     induced = {}
     for c in coeffs:
         rate = _marker_rate(lm, harmless_eval, addition(lm.model, vec, layer, coeff=c), max_new_tokens, batch_size,
@@ -554,17 +571,19 @@ def pooled_ablation_and_steering(
         "harmless_kl_all": float(kl_each.mean()), "harmless_kl_median": float(np.median(kl_each)),
         "n_harmless_answered": int((~harmless_before).sum()),
         "induced_refusal_rate": induced[str(coeffs[0])], "induced_by_coeff": induced,
+        "ablated_layers": "all" if ablation_layers is None else [int(la) for la in ablation_layers], **compared,
     }
 
 
-def _direction_prompts_at(acts, nodes: Sequence[str], harmful: Sequence[bool], layer: int, position: Position,
-                          what: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(activations [n, d] at layer/position in float32, harmful flags, node labels) of the direction prompts."""
+def _direction_groups(acts, nodes: Sequence[str], harmful: Sequence[bool], strata: Sequence[str] | None,
+                      layer: int, position: Position, what: str) -> tuple[torch.Tensor, Groups]:
+    """(activations [n, d] at layer/position in float32, their groups) of the direction prompts, grouped as
+    the directions stage grouped them (harmless baseline matched on `strata` where given)."""
     harm = np.asarray(harmful, dtype=bool)
     if not harm.any() or harm.all():
         raise AtlasError(f"{what}: need harmful and harmless direction prompts")
     x = acts.acts[:, acts.layer_index(layer), acts.position_index(position)].float()
-    return x, harm, np.asarray(nodes, dtype=object)
+    return x, Groups.from_labels(list(nodes), harm.tolist(), strata=strata)
 
 
 def ablation_stability(
@@ -577,6 +596,8 @@ def ablation_stability(
     *,
     layer: int,
     position: Position,
+    strata: Sequence[str] | None = None,
+    ablation_layers: Sequence[int] | None = None,
     n_boot: int = 5,
     seed: int = 0,
     batch_size: int = 16,
@@ -584,26 +605,22 @@ def ablation_stability(
 ) -> pd.DataFrame:
     """How much the pooled ablation depends on which prompts the direction was computed from.
 
-    The pooled direction (mean harmful minus mean harmless activation at `layer`/`position`) is
-    recomputed from `n_boot` bootstrap resamples of the direction prompts (harmful ones within each
-    node) and ablated in every layer; each row gives first-token refusal and mean refusal log-odds on
+    The pooled direction (as `compute_directions` builds it, with the same `strata`) is recomputed
+    from `n_boot` bootstrap resamples of the direction prompts (within each node and harmless group)
+    and ablated in every layer; each row gives first-token refusal and mean refusal log-odds on
     `harmful_eval`, and the resample's cosine to the full-sample direction (row `resample` -1).
     Why: a headline measured with one direction estimate can sit at a tipping point — on the default
-    organism resamples with cosine 0.96 to each other left 0.11-0.33 refusal (session 5).
+    organism, unmatched resamples with cosine 0.96 to each other left 0.11-0.33 refusal (session 5).
     """
     ids = tokens.ids if isinstance(tokens, RefusalTokens) else list(tokens)
-    x, harm, node = _direction_prompts_at(acts, nodes, harmful, layer, position, "ablation stability")
-    full = x[torch.from_numpy(harm)].mean(0) - x[torch.from_numpy(~harm)].mean(0)
-    rng = np.random.default_rng(seed)
-    strata = [np.flatnonzero(harm & (node == n)) for n in sorted(set(node[harm]))] + [np.flatnonzero(~harm)]
+    x, groups = _direction_groups(acts, nodes, harmful, strata, layer, position, "ablation stability")
+    full = directions_from_means(group_means(x, groups), groups)["diff_means"][0, -1]
+    weights = bootstrap_weights(groups, n_boot, torch.Generator().manual_seed(seed))
+    resampled = directions_from_means(group_means(x, groups, weights), groups)["diff_means"][:, -1]
     rows = []
-    for b in range(-1, n_boot):
-        if b < 0:
-            vec = full
-        else:
-            picks = [rng.choice(idx, len(idx)) for idx in strata]
-            vec = x[torch.from_numpy(np.concatenate(picks[:-1]))].mean(0) - x[torch.from_numpy(picks[-1])].mean(0)
-        odds, first = first_token_scores(lm, harmful_eval, ids, ablation(lm.model, vec), batch_size, system)
+    for b, vec in enumerate([full, *resampled], start=-1):
+        odds, first = first_token_scores(lm, harmful_eval, ids, ablation(lm.model, vec, ablation_layers), batch_size,
+                                         system)
         rows.append({"resample": b, "layer": layer, "position": position_label(position), "n": len(harmful_eval),
                      "first_token_refusal_rate": float(first.mean()), "logit_score": float(odds.mean()),
                      "cosine_to_full": float(torch.nn.functional.cosine_similarity(vec, full, dim=0))})
@@ -621,6 +638,8 @@ def cone_ablation(
     *,
     layer: int,
     position: Position,
+    strata: Sequence[str] | None = None,
+    ablation_layers: Sequence[int] | None = None,
     max_extra: int = 2,
     batch_size: int = 16,
     system: str | None = None,
@@ -630,18 +649,18 @@ def cone_ablation(
 
     One row per k: first-token refusal and mean refusal log-odds on `harmful_eval`, harmless KL (prompts
     the model answers), the k-th residual singular value, and each node's loading on that axis. Why: on the
-    default organism the pooled direction alone left 0.19 first-token refusal and one more axis 0.06 — what
-    "several sintered components" would look like in numbers (cf. Wollschläger et al.'s refusal cones).
+    default organism the unmatched pooled direction alone left 0.19 first-token refusal and one more axis
+    0.06 — what "several sintered components" would look like in numbers (cf. Wollschläger et al.'s refusal
+    cones); much of that axis was the harmful sets' request form (see `request_form.py`).
     """
     ids = tokens.ids if isinstance(tokens, RefusalTokens) else list(tokens)
-    x, harm, node = _direction_prompts_at(acts, nodes, harmful, layer, position, "cone ablation")
-    names = sorted(set(node[harm].tolist()))
+    x, groups = _direction_groups(acts, nodes, harmful, strata, layer, position, "cone ablation")
+    names = groups.node_ids
     if len(names) < 2:
         raise AtlasError("cone ablation: need harmful prompts of at least 2 nodes")
-    harmless_mean = x[torch.from_numpy(~harm)].mean(0)
-    pooled = x[torch.from_numpy(harm)].mean(0) - harmless_mean
+    diffs = directions_from_means(group_means(x, groups), groups)["diff_means"][0]  # [K+1, d], pooled last
+    per_node, pooled = diffs[:-1], diffs[-1]
     u = pooled / pooled.norm()
-    per_node = torch.stack([x[torch.from_numpy(harm & (node == n))].mean(0) - harmless_mean for n in names])
     residual = per_node - (per_node @ u)[:, None] * u[None]
     _, sing, axes = torch.linalg.svd(residual, full_matrices=False)
     clean = clean_logprobs(lm, harmless_eval, batch_size=batch_size, system=system)[0]
@@ -649,7 +668,7 @@ def cone_ablation(
     rows = []
     for k in range(min(max_extra, len(names) - 1) + 1):
         basis = torch.cat([u[None], axes[:k]]) if k else u[None]
-        abl = ablation(lm.model, basis)
+        abl = ablation(lm.model, basis, ablation_layers)
         odds, first = first_token_scores(lm, harmful_eval, ids, abl, batch_size, system)
         kl = kl_from_logprobs(clean, next_token_logprobs(lm, harmless_eval, intervention=abl, batch_size=batch_size,
                                                           system=system))
@@ -698,6 +717,7 @@ def causal_suite(
     from refusal_atlas.mechinterp.logit_lens import lens_table
     from refusal_atlas.mechinterp.models import load_model
     from refusal_atlas.mechinterp.organism import load_organism, node_root
+    from refusal_atlas.mechinterp.request_form import request_forms
     from refusal_atlas.mechinterp.selection import select_direction
     from refusal_atlas.taxonomy.loader import load_taxonomy
 
@@ -737,7 +757,8 @@ def causal_suite(
     harmful_flags = list(src["harmful"].astype(bool))
     acts = capture_activations(lm, list(src["prompt"]), layers=None, positions=list(positions),
                                batch_size=batch_size, out_dir=out / "directions" / "activations", progress=progress)
-    ds = compute_directions(acts, labels, harmful_flags, meta={"organism": str(organism_dir), "level": level})
+    ds = compute_directions(acts, labels, harmful_flags, meta={"organism": str(organism_dir), "level": level},
+                            strata=request_forms(src["prompt"]))
     ds.save(out / "directions")
     (out / "directions" / "labels.json").write_text(json.dumps(
         {"prompts": list(src["prompt"]), "nodes": labels, "harmful": harmful_flags}))

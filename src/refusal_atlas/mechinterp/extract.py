@@ -32,11 +32,17 @@ def extract_directions(
     parents: dict[str, list[str]] | None = None,
     labels: dict[str, str] | None = None,
     n_model_layers: int | None = None,
+    strata: Sequence[str] | None = None,
     progress: bool = False,
 ) -> DirectionSet:
-    """Directions for every node/layer/position with noise floors and (optionally) layer profiles."""
-    groups = Groups.from_labels(nodes, harmful)
-    ds = compute_directions(acts, nodes, harmful, methods)
+    """Directions for every node/layer/position with noise floors and (optionally) layer profiles.
+
+    `strata` (one label per prompt, e.g. `request_form.request_forms(prompts)`) matches each
+    direction's harmless baseline on that covariate (`directions.Groups`); the noise floors use
+    the same groups, so they describe the directions actually reported.
+    """
+    groups = Groups.from_labels(nodes, harmful, strata=strata)
+    ds = compute_directions(acts, nodes, harmful, methods, strata=strata)
     ds.noise = noise_floor(acts, groups, methods=tuple(methods), n_splits=n_splits, n_boot=n_boot,
                            n_perm=n_perm, seed=seed, progress=progress)
     ds.meta["noise"] = {"n_splits": n_splits, "n_boot": n_boot, "n_perm": n_perm, "seed": seed,

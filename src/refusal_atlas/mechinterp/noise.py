@@ -89,19 +89,19 @@ def spearman_brown(split_half: Tensor) -> Tensor:
 def _coefficients(groups: Groups, method: str) -> Tensor:
     """[K+1, G] weights of each direction on the group means (groups as in `Groups.all_groups`)."""
     k = len(groups.nodes)
-    g = k + 2
-    c = torch.zeros((k + 1, g))
+    s = len(groups.harmless_groups)
+    c = torch.zeros((k + 1, s + k + 1))
     sizes = torch.tensor([len(v) for v in groups.nodes.values()] + [len(groups.unassigned)], dtype=torch.float32)
     if method == "vs_other":
         if k > 1:
-            c[:k, 1 : k + 1] = -1.0 / (k - 1)
-            c[:k, 1 : k + 1].fill_diagonal_(1.0)
+            c[:k, s : s + k] = -1.0 / (k - 1)
+            c[:k, s : s + k].fill_diagonal_(1.0)
         return c
     # diff_means, and residual (a projection of diff_means; the one-dimensional difference is ignored)
-    c[:k, 0] = -1.0
-    c[:k, 1 : k + 1] = torch.eye(k)
-    c[k, 0] = -1.0
-    c[k, 1:] = sizes / sizes.sum()
+    baseline = groups.baseline_weights()
+    c[:, :s] = -baseline
+    c[:k, s : s + k] = torch.eye(k)
+    c[k, s:] = sizes / sizes.sum()
     return c
 
 

@@ -11,6 +11,13 @@ For each candidate direction r (a node's difference of means at layer l, positio
 Candidates are kept when induce > 0, KL < `kl_threshold` (0.1) and l < `max_layer_fraction`·L
 (0.8); the kept one with the lowest bypass score wins. Every score is reported, so a user can see
 how much the choice matters.
+
+Ablation scope (`ablation_starts`): Arditi et al. ablate in every layer. The issue's interventions
+allow chosen layers, and on the default organism most of the harmless KL came from ablating the
+early layers, where the direction is small and does not yet carry the refusal (session 6, layer-23
+direction on validation: every layer KL 0.148, layers 20-29 KL 0.090, refusal 0 in both). So each
+candidate that passes the induce filter is also scored ablated only from layer s on, for each s in
+`ablation_starts` (s ≤ l); these rows compete in the same rule (`ablate_from`, 0 = every layer).
 """
 
 from __future__ import annotations
@@ -48,10 +55,19 @@ class Selection:
     passed_filters: bool
     scores: pd.DataFrame
     baseline: dict[str, float] = field(default_factory=dict)
+    ablate_from: int = 0  # the first ablated layer (0: every layer)
+    n_layers: int | None = None
+
+    @property
+    def ablation_layers(self) -> list[int] | None:
+        """The layers to ablate the chosen direction in (None: every layer)."""
+        if self.ablate_from == 0 or self.n_layers is None:
+            return None
+        return list(range(self.ablate_from, self.n_layers))
 
     def to_dict(self) -> dict:
         return {"node": self.node, "layer": self.layer, "position": position_label(self.position),
-                "passed_filters": self.passed_filters, "baseline": self.baseline}
+                "passed_filters": self.passed_filters, "baseline": self.baseline, "ablate_from": self.ablate_from}
 
 
 def select_direction(
@@ -68,6 +84,7 @@ def select_direction(
     kl_threshold: float = 0.1,
     max_layer_fraction: float = 0.8,
     induce_threshold: float = 0.0,
+    ablation_starts: Sequence[int] = (),
     batch_size: int = 16,
     system: str | None = None,
     progress: bool = True,
@@ -92,27 +109,31 @@ def select_direction(
             if float(vec.norm()) == 0.0:
                 bar.update(1)
                 continue
-            abl = ablation(lm.model, vec)
-            bypass = refusal_logodds(
-                next_token_logprobs(lm, harmful_val, intervention=abl, batch_size=batch_size, system=system), ids)
-            ablated_harmless = next_token_logprobs(lm, harmless_val, intervention=abl, batch_size=batch_size,
-                                                   system=system)
-            kl_each = kl_from_logprobs(clean_harmless, ablated_harmless)
-            kl = answered_mean(kl_each, harmless_refused)
             induce = refusal_logodds(next_token_logprobs(
                 lm, harmless_val, intervention=addition(lm.model, vec, layer), batch_size=batch_size, system=system),
                 ids)
-            reasons = []
-            if float(induce.mean()) <= induce_threshold:
-                reasons.append("induce<=0")
-            if kl >= kl_threshold:
-                reasons.append(f"kl>={kl_threshold:g}")
-            if layer >= max_layer_fraction * n_layers:
-                reasons.append(f"layer>={max_layer_fraction:g}L")
-            rows.append({"node": node, "layer": layer, "position": position_label(pos), "method": method,
-                         "bypass_score": float(bypass.mean()), "induce_score": float(induce.mean()),
-                         "kl": kl, "kl_all": float(kl_each.mean()), "norm": float(vec.norm()),
-                         "filtered": ";".join(reasons)})
+            starts = [0] + ([st for st in sorted(set(ablation_starts)) if 0 < st <= layer]
+                            if float(induce.mean()) > induce_threshold else [])
+            for start in starts:
+                abl = ablation(lm.model, vec, None if start == 0 else range(start, n_layers))
+                bypass = refusal_logodds(
+                    next_token_logprobs(lm, harmful_val, intervention=abl, batch_size=batch_size, system=system), ids)
+                ablated_harmless = next_token_logprobs(lm, harmless_val, intervention=abl, batch_size=batch_size,
+                                                       system=system)
+                kl_each = kl_from_logprobs(clean_harmless, ablated_harmless)
+                kl = answered_mean(kl_each, harmless_refused)
+                reasons = []
+                if float(induce.mean()) <= induce_threshold:
+                    reasons.append("induce<=0")
+                if kl >= kl_threshold:
+                    reasons.append(f"kl>={kl_threshold:g}")
+                if layer >= max_layer_fraction * n_layers:
+                    reasons.append(f"layer>={max_layer_fraction:g}L")
+                rows.append({"node": node, "layer": layer, "position": position_label(pos), "method": method,
+                             "ablate_from": start,
+                             "bypass_score": float(bypass.mean()), "induce_score": float(induce.mean()),
+                             "kl": kl, "kl_all": float(kl_each.mean()), "norm": float(vec.norm()),
+                             "filtered": ";".join(reasons)})
             bar.update(1)
     bar.close()
     if not rows:
@@ -120,7 +141,8 @@ def select_direction(
     scores = pd.DataFrame(rows)
     scores, layer, label, passed = choose(scores, kl_threshold)
     pos = pos_list[[position_label(p) for p in pos_list].index(label)]
-    return Selection(node, layer, pos, passed, scores, baseline)
+    start = int(scores.loc[scores["chosen"], "ablate_from"].iloc[0])
+    return Selection(node, layer, pos, passed, scores, baseline, ablate_from=start, n_layers=n_layers)
 
 
 def choose(scores: pd.DataFrame, kl_threshold: float = 0.1) -> tuple[pd.DataFrame, int, str, bool]:
@@ -130,17 +152,22 @@ def choose(scores: pd.DataFrame, kl_threshold: float = 0.1) -> tuple[pd.DataFram
     in order rather than taking the global minimum (which is usually a direction whose ablation
     breaks the model — a huge KL also drives the refusal score down): tier 2 keeps the KL and
     layer filters and drops the induce filter; tier 3 keeps only the layer filter and takes the
-    lowest KL. The tier is reported so no relaxed choice passes for a clean one.
+    lowest KL among every-layer ablations (a narrower scope always has a lower KL, whether or not
+    it still removes refusal). The tier is reported so no relaxed choice passes for a clean one.
     """
     scores = scores.copy()
+    if "ablate_from" not in scores:
+        scores["ablate_from"] = 0
     layer_ok = ~scores["filtered"].str.contains("L", regex=False)
+    everywhere = scores["ablate_from"] == 0
     tiers = [
         (1, scores["filtered"] == "", ["bypass_score", "kl"]),
         (2, layer_ok & (scores["kl"] < kl_threshold), ["bypass_score", "kl"]),
-        (3, layer_ok if layer_ok.any() else scores["kl"] == scores["kl"], ["kl", "bypass_score"]),
+        (3, (layer_ok & everywhere) if (layer_ok & everywhere).any() else everywhere, ["kl", "bypass_score"]),
     ]
     chosen_tier, best = next((t, scores[m].sort_values(o).iloc[0]) for t, m, o in tiers if m.any())
-    scores["chosen"] = (scores["layer"] == best["layer"]) & (scores["position"] == best["position"])
+    scores["chosen"] = ((scores["layer"] == best["layer"]) & (scores["position"] == best["position"])
+                        & (scores["ablate_from"] == best["ablate_from"]))
     scores["tier"] = chosen_tier
     return scores, int(best["layer"]), str(best["position"]), chosen_tier == 1
 
