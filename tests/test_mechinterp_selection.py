@@ -149,7 +149,8 @@ def test_narrower_ablation_scopes_are_scored_and_compete(lm):
     ds = _directions(lm)
     tokens = [lm.tokenizer("I", add_special_tokens=False)["input_ids"][0]]
     sel = select_direction(lm, ds, "a", HARMFUL, HARMLESS, tokens, positions=[-1], kl_threshold=10.0,
-                           induce_threshold=-1e9, max_layer_fraction=1.0, ablation_starts=(1, 2), progress=False)
+                           induce_threshold=-1e9, max_layer_fraction=1.0, ablation_starts=(1, 2), scope_candidates=4,
+                           progress=False)
     scores = sel.scores
     # every candidate passes the induce filter here: starts 1 and 2 where they do not exceed the layer
     assert sorted(zip(scores["layer"], scores["ablate_from"], strict=True)) == [
@@ -164,6 +165,12 @@ def test_narrower_ablation_scopes_are_scored_and_compete(lm):
     assert scores["chosen"].sum() == 1
     expected = None if sel.ablate_from == 0 else list(range(sel.ablate_from, lm.n_layers))
     assert sel.ablation_layers == expected and sel.to_dict()["ablate_from"] == sel.ablate_from
+    # by default only the 3 every-layer candidates with the lowest bypass scores get narrower scopes
+    few = select_direction(lm, ds, "a", HARMFUL, HARMLESS, tokens, positions=[-1], kl_threshold=10.0,
+                           induce_threshold=-1e9, max_layer_fraction=1.0, ablation_starts=(1,), progress=False)
+    every = few.scores[few.scores["ablate_from"] == 0]
+    scoped = set(few.scores.loc[few.scores["ablate_from"] == 1, "layer"])
+    assert scoped == set(every.nsmallest(3, "bypass_score")["layer"]) - {0}  # start 1 needs layer >= 1
     # a candidate failing the induce filter gets no narrower scopes (they cannot pass)
     strict = select_direction(lm, ds, "a", HARMFUL, HARMLESS, tokens, positions=[-1], induce_threshold=1e9,
                               ablation_starts=(1, 2), progress=False)

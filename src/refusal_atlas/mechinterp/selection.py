@@ -15,9 +15,10 @@ how much the choice matters.
 Ablation scope (`ablation_starts`): Arditi et al. ablate in every layer. The issue's interventions
 allow chosen layers, and on the default organism most of the harmless KL came from ablating the
 early layers, where the direction is small and does not yet carry the refusal (session 6, layer-23
-direction on validation: every layer KL 0.148, layers 20-29 KL 0.090, refusal 0 in both). So each
-candidate that passes the induce filter is also scored ablated only from layer s on, for each s in
-`ablation_starts` (s ≤ l); these rows compete in the same rule (`ablate_from`, 0 = every layer).
+direction on validation: every layer KL 0.148, layers 20-29 KL 0.090, refusal 0 in both). So the
+`scope_candidates` (3) candidates that pass the induce filter with the lowest bypass scores are also
+scored ablated only from layer s on, for each s in `ablation_starts` (s ≤ l); these rows compete in
+the same rule (`ablate_from`, 0 = every layer).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def select_direction(
     max_layer_fraction: float = 0.8,
     induce_threshold: float = 0.0,
     ablation_starts: Sequence[int] = (),
+    scope_candidates: int = 3,
     batch_size: int = 16,
     system: str | None = None,
     progress: bool = True,
@@ -101,39 +103,49 @@ def select_direction(
     baseline = {"harmful": float(base_harmful.mean()), "harmless": float(refusal_logodds(clean_harmless, ids).mean())}
     harmless_refused = np.isin(clean_harmless.argmax(-1).numpy(), ids)  # greedy first token is a refusal token
     rows = []
+
+    def score(vec, layer: int, pos, start: int, induce: float) -> None:
+        abl = ablation(lm.model, vec, None if start == 0 else range(start, n_layers))
+        bypass = refusal_logodds(
+            next_token_logprobs(lm, harmful_val, intervention=abl, batch_size=batch_size, system=system), ids)
+        kl_each = kl_from_logprobs(clean_harmless, next_token_logprobs(lm, harmless_val, intervention=abl,
+                                                                       batch_size=batch_size, system=system))
+        kl = answered_mean(kl_each, harmless_refused)
+        reasons = []
+        if induce <= induce_threshold:
+            reasons.append("induce<=0")
+        if kl >= kl_threshold:
+            reasons.append(f"kl>={kl_threshold:g}")
+        if layer >= max_layer_fraction * n_layers:
+            reasons.append(f"layer>={max_layer_fraction:g}L")
+        rows.append({"node": node, "layer": layer, "position": position_label(pos), "method": method,
+                     "ablate_from": start, "bypass_score": float(bypass.mean()), "induce_score": induce,
+                     "kl": kl, "kl_all": float(kl_each.mean()), "norm": float(vec.norm()),
+                     "filtered": ";".join(reasons)})
+
     bar = tqdm(total=len(layer_list) * len(pos_list), desc=f"select {node}", unit="cand", disable=not progress,
                dynamic_ncols=True)
+    vectors = {}
     for layer in layer_list:
         for pos in pos_list:
             vec = directions.get(node, layer, pos, method)
-            if float(vec.norm()) == 0.0:
-                bar.update(1)
-                continue
-            induce = refusal_logodds(next_token_logprobs(
-                lm, harmless_val, intervention=addition(lm.model, vec, layer), batch_size=batch_size, system=system),
-                ids)
-            starts = [0] + ([st for st in sorted(set(ablation_starts)) if 0 < st <= layer]
-                            if float(induce.mean()) > induce_threshold else [])
-            for start in starts:
-                abl = ablation(lm.model, vec, None if start == 0 else range(start, n_layers))
-                bypass = refusal_logodds(
-                    next_token_logprobs(lm, harmful_val, intervention=abl, batch_size=batch_size, system=system), ids)
-                ablated_harmless = next_token_logprobs(lm, harmless_val, intervention=abl, batch_size=batch_size,
-                                                       system=system)
-                kl_each = kl_from_logprobs(clean_harmless, ablated_harmless)
-                kl = answered_mean(kl_each, harmless_refused)
-                reasons = []
-                if float(induce.mean()) <= induce_threshold:
-                    reasons.append("induce<=0")
-                if kl >= kl_threshold:
-                    reasons.append(f"kl>={kl_threshold:g}")
-                if layer >= max_layer_fraction * n_layers:
-                    reasons.append(f"layer>={max_layer_fraction:g}L")
-                rows.append({"node": node, "layer": layer, "position": position_label(pos), "method": method,
-                             "ablate_from": start,
-                             "bypass_score": float(bypass.mean()), "induce_score": float(induce.mean()),
-                             "kl": kl, "kl_all": float(kl_each.mean()), "norm": float(vec.norm()),
-                             "filtered": ";".join(reasons)})
+            if float(vec.norm()) > 0.0:
+                vectors[layer, position_label(pos)] = (vec, pos)
+                induce = float(refusal_logodds(next_token_logprobs(
+                    lm, harmless_val, intervention=addition(lm.model, vec, layer), batch_size=batch_size,
+                    system=system), ids).mean())
+                score(vec, layer, pos, 0, induce)
+            bar.update(1)
+    # narrower scopes for the few candidates that could win: they pass the induce filter and remove the most
+    everywhere = pd.DataFrame(rows)
+    if ablation_starts and len(everywhere):
+        contenders = everywhere[everywhere["induce_score"] > induce_threshold].nsmallest(scope_candidates,
+                                                                                          "bypass_score")
+        jobs = [(r, st) for r in contenders.itertuples() for st in sorted(set(ablation_starts)) if 0 < st <= r.layer]
+        bar.total += len(jobs)
+        for r, st in jobs:
+            vec, pos = vectors[r.layer, r.position]
+            score(vec, int(r.layer), pos, st, float(r.induce_score))
             bar.update(1)
     bar.close()
     if not rows:
