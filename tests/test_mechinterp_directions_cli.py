@@ -74,3 +74,28 @@ def test_bad_input_is_one_line_without_traceback(setup, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "directions", "overlap",
                            str(tmp_path / "nothing"), "-o", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 1 and "directions extract" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_extract_matches_the_harmless_baseline_on_request_form(setup, tmp_path):
+    rows = [{"prompt": f"Tell me how to {t}.", "node": node, "harmful": True}
+            for node, items in TOPICS.items() for t in items]
+    rows += [{"prompt": f"How do I {t}?", "node": "cyber", "harmful": True} for t in TOPICS["cyber"][:2]]
+    rows += [{"prompt": p, "node": "", "harmful": False} for p in
+             ["Tell me how to bake bread.", "Write a poem.", "Plant a garden.", "How do I make tea?",
+              "What is rice?", "Why is the sky blue?"]]
+    prompts = tmp_path / "mixed.parquet"
+    pd.DataFrame(rows).to_parquet(prompts)
+    runner = CliRunner()
+    metas = {}
+    for flag in ("--match-form", "--no-match-form"):
+        out = tmp_path / flag
+        res = runner.invoke(app, ["directions", "extract", "--model", str(setup / "model"), "--prompts", str(prompts),
+                                  "--layers", "1", "--positions", "-1", "--splits", "4", "--bootstrap", "8",
+                                  "--permutations", "4", flag, "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        metas[flag] = DirectionSet.load(out).meta
+    matched = metas["--match-form"]["harmless_matched_on"]
+    assert matched["harmless_per_stratum"] == {"instruction": 3, "question": 3}
+    assert matched["shares"]["cyber"] == {"instruction": round(5 / 7, 4), "question": round(2 / 7, 4)}
+    assert matched["shares"]["weapons"] == {"instruction": 1.0, "question": 0.0}
+    assert "harmless_matched_on" not in metas["--no-match-form"]
