@@ -23,7 +23,8 @@ def cluster(
     text: str = typer.Option("response", "--text", help="Column to cluster: response or prompt (any column)."),
     only_refused: bool = typer.Option(False, "--only-refused", help="Cluster only rows with refused = true."),
     embedder: str | None = typer.Option(None, "--embedder", help="sentence-transformers name or folder "
-                                        "(default: offline all-MiniLM-L6-v2)."),
+                                        "(default: offline all-MiniLM-L6-v2), or residual:MODEL[@LAYER] for a "
+                                        "chat model's own residual stream (e.g. residual:default@24)."),
     min_cluster_size: int = typer.Option(10, "--min-cluster-size", min=2),
     min_cluster_fraction: float = typer.Option(0.0, "--min-cluster-fraction", min=0.0, max=0.5,
                                                help="Also require this share of the rows per cluster "

@@ -19,7 +19,7 @@ import pandas as pd
 
 from refusal_atlas.curation import cluster_store, plots
 from refusal_atlas.curation.cluster import OUTLIER, ClusterConfig, ClusterPipeline, ClusterResult
-from refusal_atlas.curation.embed import Embedder
+from refusal_atlas.curation.embed import make_embedder
 from refusal_atlas.curation.stability import stability_report
 from refusal_atlas.curation.tables import read_table, require_columns, require_rows, write_rejects
 from refusal_atlas.errors import AtlasError
@@ -130,7 +130,7 @@ def cluster_corpus(corpus: Path | str, out_dir: Path | str, *, text_column: str 
         raise AtlasError(f"{corpus}: no {what} to cluster{where}")
 
     timings: dict[str, float] = {}
-    emb = Embedder(embedder, cache=cache, progress=progress is not None)
+    emb = make_embedder(embedder, cache=cache, progress=progress is not None)
     say(f"embedding {len(sel.texts)} texts with {emb.model_name}")
     t = time.perf_counter()
     x = emb.encode(sel.texts)

@@ -18,6 +18,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -58,6 +59,20 @@ def model_key(name_or_path: str) -> str:
         h.update(name_or_path.encode())
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.name or name_or_path)[:40].strip("-") or "model"
     return f"{slug}-{h.hexdigest()[:16]}"
+
+
+class TextEmbedder(Protocol):
+    """What clustering and mapping need of an embedder: unit vectors and a stable identity."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    def describe(self) -> dict[str, str | int]: ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 class EmbeddingCache:
@@ -169,6 +184,16 @@ class Embedder:
         return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
 
 
+def make_embedder(model: str | None = None, **kwargs) -> TextEmbedder:
+    """The embedder a spec names: `residual:MODEL[@LAYER]` → the chat model's residual stream
+    (`residual_embed.ResidualEmbedder`); anything else (or None) → a sentence-transformers `Embedder`."""
+    from refusal_atlas.curation.residual_embed import ResidualEmbedder, is_residual_spec
+
+    if is_residual_spec(model):
+        return ResidualEmbedder(str(model), **kwargs)
+    return Embedder(model, **kwargs)
+
+
 def embed_texts(texts: Sequence[str], model: str | None = None, **kwargs) -> np.ndarray:
-    """Convenience for notebooks: `Embedder(model, **kwargs).encode(texts)`."""
-    return Embedder(model, **kwargs).encode(texts)
+    """Convenience for notebooks: `make_embedder(model, **kwargs).encode(texts)`."""
+    return make_embedder(model, **kwargs).encode(texts)

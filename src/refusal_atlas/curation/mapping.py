@@ -26,7 +26,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from refusal_atlas.curation.cluster import OUTLIER
 from refusal_atlas.curation.cluster_store import ClusterRun
-from refusal_atlas.curation.embed import Embedder
+from refusal_atlas.curation.embed import TextEmbedder, make_embedder
 from refusal_atlas.taxonomy.model import Taxonomy
 
 DEFAULT_MIN_SCORE = {"label_majority": 0.5, "similarity": 0.4}
@@ -90,7 +90,7 @@ def node_texts(taxonomy: Taxonomy) -> dict[str, list[str]]:
     return {n.id: [f"{n.label}: {n.definition}", *n.examples] for n in taxonomy.active()}
 
 
-def node_vectors(taxonomy: Taxonomy, embedder: Embedder) -> tuple[list[str], np.ndarray]:
+def node_vectors(taxonomy: Taxonomy, embedder: TextEmbedder) -> tuple[list[str], np.ndarray]:
     texts = node_texts(taxonomy)
     ids = list(texts)
     flat = [t for i in ids for t in texts[i]]
@@ -118,7 +118,7 @@ def agreement(run: ClusterRun) -> dict:
             if (labels != OUTLIER).sum() > 1 else None}
 
 
-def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: Embedder | None = None, *, top: int = 3,
+def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: TextEmbedder | None = None, *, top: int = 3,
                  min_score: dict[str, float] | None = None) -> Mapping:
     """Best `top` nodes per cluster (see module docstring); `embedder` defaults to the run's own."""
     thresholds = {**DEFAULT_MIN_SCORE, **(min_score or {})}
@@ -137,7 +137,7 @@ def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: Embedder | None 
             method = "label_majority"
         else:
             if vecs is None:
-                emb = embedder or Embedder(run.meta.get("embedder", {}).get("model"))
+                emb = embedder or make_embedder(run.meta.get("embedder", {}).get("model"))
                 vec_ids, vecs = node_vectors(taxonomy, emb)
             centroid = run.embeddings[idx].mean(0)
             centroid /= np.linalg.norm(centroid) or 1.0
@@ -164,7 +164,7 @@ def map_folder(folder, taxonomy_dir=None, out_dir=None, *, embedder: str | None 
 
     run = load_run(folder)
     taxonomy = load_taxonomy(taxonomy_dir)
-    emb = Embedder(embedder) if embedder else None
+    emb = make_embedder(embedder) if embedder else None
     mapping = map_clusters(run, taxonomy, emb, min_score=min_score)
     out = Path(out_dir) if out_dir is not None else run.folder
     written = {"mapping": write_json(out / "mapping.json", {
