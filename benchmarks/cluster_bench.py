@@ -16,9 +16,14 @@ cache (content-hashed), so a second run does not re-embed 50k texts. A supervise
 logistic regression on the same embeddings predicting source:category) says how far any partition of these
 embeddings can agree with the labels.
 
+`--residual SPEC` (e.g. residual:default@24) also embeds the pooled set with a chat model's residual stream
+(`refusal_atlas.curation.residual_embed`) and fits ours on those vectors (`ours_residual`), with its own
+supervised ceiling; the peers stay on MiniLM, as a user of them would run them.
+
 Usage (from the repository root):
     nice .venv/bin/python benchmarks/cluster_bench.py [--synthetic 6000:harmbench 50000:all] [--seeds 0 1 2 3 4]
-Writes benchmarks/results/cluster_bench.json and benchmarks/results/cluster_bench.md.
+        [--residual residual:default@24] [--out benchmarks/results/cluster_bench.json]
+Writes the --out JSON and a Markdown table beside it.
 """
 
 from __future__ import annotations
@@ -39,7 +44,11 @@ PEERS_PATH = ROOT.parent / "shared" / "benchmarks" / "cluster_peers.py"
 RESULTS = ROOT / "benchmarks" / "results"
 PIPELINES = ("ours", "bertopic", "plain")
 # extra configurations of ours, run with --add: fewer larger clusters; near-duplicate collapse switched off
-VARIANTS = {"ours_frac": {"min_cluster_fraction": 0.01}, "ours_nodedup": {"dedup_threshold": 1.0}}
+VARIANTS = {"ours_frac": {"min_cluster_fraction": 0.01}, "ours_nodedup": {"dedup_threshold": 1.0},
+            "ours_residual": {}}
+# variants fitted on other embeddings of the pooled set than the shared MiniLM ones (file in the workdir);
+# not run on the templated sets (50k texts through a chat model take ~35 min on 2 cores)
+OWN_EMBEDDINGS = {"ours_residual": "pooled_residual.npy"}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -112,6 +121,18 @@ def worker(spec_path: str) -> None:
                             "labels": np.asarray(labels).tolist(), **extra})
     out["max_rss_mib"] = cp.max_rss_mib()
     Path(spec["result"]).write_text(json.dumps(out))
+
+
+def embed_residual(spec: str, workdir: Path) -> None:
+    """--embed-residual SPEC WORKDIR: the pooled documents through a chat model's residual stream."""
+    import numpy as np
+
+    from refusal_atlas.curation.embed import make_embedder
+
+    records = json.loads((workdir / "pooled.json").read_text())
+    emb = make_embedder(spec, progress=True)
+    np.save(workdir / OWN_EMBEDDINGS["ours_residual"], emb.encode([r["text"] for r in records]))
+    (workdir / "pooled_residual.embedder.json").write_text(json.dumps(emb.describe()))
 
 
 def launch(workdir: Path, name: str, **spec) -> dict:
@@ -200,11 +221,25 @@ def run_benchmark(args) -> dict:
     results["embedding"] = embed_sets(sets, workdir)
     results["supervised_ceiling"] = supervised_ceiling(records, np.load(workdir / "pooled.npy"))
     print("supervised ceiling:", json.dumps(results["supervised_ceiling"]), flush=True)
+    pipelines = PIPELINES
+    if args.residual:
+        # in its own process: the chat model's memory would otherwise become every later worker's peak RSS
+        # (Linux keeps ru_maxrss across fork + exec)
+        t = time.perf_counter()
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--embed-residual", args.residual, str(workdir)],
+                       check=True)
+        x = np.load(workdir / OWN_EMBEDDINGS["ours_residual"])
+        results["embedding"]["pooled_residual"] = {
+            "n_docs": len(records), "embed_process_s": time.perf_counter() - t,
+            "embedder": json.loads((workdir / "pooled_residual.embedder.json").read_text())}
+        results["supervised_ceiling_residual"] = supervised_ceiling(records, x)
+        print("supervised ceiling (residual):", json.dumps(results["supervised_ceiling_residual"]), flush=True)
+        pipelines = (*PIPELINES, "ours_residual")
     results["pooled"] = {}
     results["templated"] = {name: {"n_docs": len(docs), "n_unique_texts": len({r["text"] for r in docs}),
                                    "spec": spec}
                             for (name, docs), spec in zip(list(sets.items())[1:], args.synthetic, strict=True)}
-    measure(cp, args, workdir, records, {k: v for k, v in sets.items() if k != "pooled"}, PIPELINES, results)
+    measure(cp, args, workdir, records, {k: v for k, v in sets.items() if k != "pooled"}, pipelines, results)
     results["workdir"] = str(workdir)
     return results
 
@@ -212,8 +247,9 @@ def run_benchmark(args) -> dict:
 def measure(cp, args, workdir: Path, records: list[dict], templated: dict[str, list[dict]], pipelines,
             results: dict) -> None:
     """Pooled seed runs and each templated set, one fresh process per pipeline and set."""
-    pooled_docs, pooled_emb = str(workdir / "pooled.json"), str(workdir / "pooled.npy")
+    pooled_docs = str(workdir / "pooled.json")
     for p in pipelines:
+        pooled_emb = str(workdir / OWN_EMBEDDINGS.get(p, "pooled.npy"))
         runs = [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": args.seeds[0], "tag": "warmup"}]
         runs += [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": s, "tag": f"seed_{s}"} for s in args.seeds]
         res = launch(workdir, f"pooled_{p}", pipeline=p, runs=runs)
@@ -231,7 +267,8 @@ def measure(cp, args, workdir: Path, records: list[dict], templated: dict[str, l
 
     for name, docs in templated.items():
         docs_path, emb_path = str(workdir / f"{name}.json"), str(workdir / f"{name}.npy")
-        for p in pipelines:
+        pooled_emb = str(workdir / "pooled.npy")
+        for p in (p for p in pipelines if p not in OWN_EMBEDDINGS):
             seeds = args.seeds[:2] if p.startswith("ours") else args.seeds[:1]
             runs = [{"docs": pooled_docs, "embeddings": pooled_emb, "seed": seeds[0], "tag": "warmup"}]
             runs += [{"docs": docs_path, "embeddings": emb_path, "seed": s, "tag": f"seed_{s}"} for s in seeds]
@@ -272,7 +309,8 @@ def markdown(res: dict) -> str:
     lines = [f"# Clustering benchmark ({res['versions'].get('cpu_model', '?')}, {res['versions']['cpus']} CPUs, "
              "shared machine)", "",
              f"Pooled set: {res['embedding']['pooled']['n_docs']} prompts (HarmBench test+val, StrongREJECT, "
-             "Do-Not-Answer), labels `source:category`; MiniLM embeddings precomputed and shared; "
+             "Do-Not-Answer), labels `source:category`; MiniLM embeddings precomputed and shared "
+             "(`ours_residual`: the chat model's residual stream instead); "
              f"seeds {res['settings']['seeds']}.", "",
              "| pipeline | fit s (median) | first fit s (JIT) | clusters | outliers | ARI vs categories | NMI | "
              "ARI clustered-only | seed-to-seed ARI (mean, min) | peak RSS MiB |",
@@ -316,12 +354,20 @@ def markdown(res: dict) -> str:
                   f"regression on the same MiniLM embeddings predicting the {ceil['n_labels']} source:category "
                   "labels: " + "; ".join(f"{k}: ARI {v['ari']:.3f}, NMI {v['nmi']:.3f}, accuracy {v['accuracy']:.3f}"
                                          for k, v in ceil.items() if k.startswith("C="))]
+    ceil = res.get("supervised_ceiling_residual")
+    if ceil:
+        what = res["embedding"]["pooled_residual"]["embedder"]["model"]
+        lines += ["", f"The same ceiling on the residual-stream embeddings `ours_residual` clusters ({what}): "
+                  + "; ".join(f"{k}: ARI {v['ari']:.3f}, NMI {v['nmi']:.3f}, accuracy {v['accuracy']:.3f}"
+                              for k, v in ceil.items() if k.startswith("C="))]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         return worker(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--embed-residual":
+        return embed_residual(sys.argv[2], Path(sys.argv[3]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--synthetic", nargs="*", default=["50000:all"], metavar="N:BASE",
@@ -329,10 +375,13 @@ def main() -> None:
                          "strongreject, donotanswer); none = skip")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--out", type=Path, default=RESULTS / "cluster_bench.json")
-    ap.add_argument("--add", choices=["ours", *sorted(VARIANTS)],
+    ap.add_argument("--add", choices=["ours", *sorted(set(VARIANTS) - set(OWN_EMBEDDINGS))],
                     help="(re-)measure ours or one variant of it on the documents of the run in --out and merge it "
                          "in (the peers' figures stay those of the original run)")
     ap.add_argument("--add-sets", nargs="*", help="with --add: only these templated sets (default: all)")
+    ap.add_argument("--residual", metavar="SPEC",
+                    help="also fit ours on a chat model's residual-stream embeddings of the pooled set "
+                         "(e.g. residual:default@24)")
     args = ap.parse_args()
     args.synthetic = [s for s in args.synthetic if s.lower() != "none"]
     t = time.perf_counter()
