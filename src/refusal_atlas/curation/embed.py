@@ -128,14 +128,14 @@ class Embedder:
     """
 
     def __init__(self, model: str | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                 cache: bool = True, cache_root: Path | None = None, device: str = "cpu",
+                 cache: bool = True, cache_root: str | Path | None = None, device: str = "cpu",
                  progress: bool = False) -> None:
         self.model_name = model or default_model_path()
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
         self.key = model_key(self.model_name)
-        root = cache_root if cache_root is not None else paths.cache_dir() / "embeddings"
+        root = Path(cache_root) if cache_root is not None else paths.cache_dir() / "embeddings"
         self.cache = EmbeddingCache(root / self.key) if cache else None
         self._model = None
 

@@ -79,14 +79,14 @@ class ResidualEmbedder:
     """
 
     def __init__(self, spec: str, *, batch_size: int = DEFAULT_BATCH_SIZE, cache: bool = True,
-                 cache_root: Path | None = None, progress: bool = False, lm=None) -> None:
+                 cache_root: str | Path | None = None, progress: bool = False, lm=None) -> None:
         self.model_spec, layer = parse_residual_spec(spec)
         self.batch_size = batch_size
         self.progress = progress
         self._lm = lm
         self._layer = layer
         self._use_cache = cache
-        self._cache_root = cache_root if cache_root is not None else paths.cache_dir() / "embeddings"
+        self._cache_root = Path(cache_root) if cache_root is not None else paths.cache_dir() / "embeddings"
         self._cache: EmbeddingCache | None = None
         self._centre: np.ndarray | None = None
         self._references = reference_prompts()
