@@ -173,12 +173,20 @@ def test_real_organism_build_with_reduced_budget(tmp_path):
     assert build_organism(None, "default", seed=0, out_dir=tmp_path / "org", settings=settings).cached
 
 
-def test_causal_suite_runs_end_to_end_on_the_tiny_organism(built, tmp_path):
+def test_causal_suite_runs_end_to_end_on_the_tiny_organism(built, tmp_path, monkeypatch):
     import numpy as np
 
+    from refusal_atlas.mechinterp import selection
     from refusal_atlas.mechinterp.experiments import causal_suite
 
     lm, out, _ = built
+    real_select, seen = selection.select_direction, {}
+
+    def recording_select(*args, **kwargs):  # the real selection, with its scope argument recorded
+        seen.update(kwargs)
+        return real_select(*args, **kwargs)
+
+    monkeypatch.setattr(selection, "select_direction", recording_select)
     token = lm.tokenizer("I", add_special_tokens=False)["input_ids"][0]
     metrics = causal_suite(out, tmp_path / "causal", n_val=4, select_layers=3, max_new_tokens=3, progress=False,
                            refusal_tokens=[token])
@@ -191,6 +199,13 @@ def test_causal_suite_runs_end_to_end_on_the_tiny_organism(built, tmp_path):
         assert (tmp_path / "causal" / name).is_file(), name
     cross = pd.read_parquet(tmp_path / "causal" / "cross_ablation.parquet")
     assert {"none", "@pooled"} <= set(cross["source"])
+    # the same selection protocol as `run`: narrower ablation scopes compete with every-layer ablation
+    assert seen["ablation_starts"] == selection.default_ablation_starts(lm.n_layers)
+    scores = pd.read_parquet(tmp_path / "causal" / "selection_scores.parquet")
+    assert set(scores["ablate_from"]) - {0} <= set(seen["ablation_starts"])
+    chosen = int(scores.loc[scores["chosen"], "ablate_from"].iloc[0])
+    assert metrics["ablation"]["ablate_from"] == chosen
+    assert ("all_layers" in metrics["ablation"]) == (chosen > 0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2", "gpt2", "gpt_neox"])

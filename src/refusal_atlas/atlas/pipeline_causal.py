@@ -68,7 +68,9 @@ def _candidate_layers(n_layers: int, available: list[int], quick: bool) -> list[
 
 def ablation_starts(n_layers: int) -> list[int]:
     """First layers of the narrower ablation scopes direction selection also scores (see `selection.py`)."""
-    return sorted({max(1, round(f * n_layers)) for f in (0.4, 0.55, 0.67)})
+    from refusal_atlas.mechinterp.selection import default_ablation_starts
+
+    return default_ablation_starts(n_layers)
 
 
 def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:

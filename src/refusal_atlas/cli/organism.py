@@ -82,7 +82,11 @@ def test_cmd(
     torch.set_num_threads(threads or auto_threads())
     m = causal_suite(organism, out, level=level, coeffs=[float(c) for c in coeffs.split(",")])
     a, s = m["ablation"], m["steering"]
+    scope = f"layers {a['ablate_from']}+" if a.get("ablate_from") else "every layer"
     typer.echo(f"pooled direction at layer {a['layer']}, position {a['position']}: held-out refusal "
-               f"{a['refusal_before']:.2f} -> {a['refusal_after']:.2f} under ablation (harmless KL "
+               f"{a['refusal_before']:.2f} -> {a['refusal_after']:.2f} under ablation in {scope} (harmless KL "
                f"{a['harmless_kl']:.3f}); addition induces refusal on {s['induced_refusal_rate']:.2f} of harmless")
+    if "all_layers" in a:
+        typer.echo(f"  every layer (Arditi et al.): {a['refusal_before']:.2f} -> {a['all_layers']['refusal_after']:.2f}"
+                   f" (harmless KL {a['all_layers']['harmless_kl']:.3f})")
     typer.echo(f"-> {out}")

@@ -718,7 +718,7 @@ def causal_suite(
     from refusal_atlas.mechinterp.models import load_model
     from refusal_atlas.mechinterp.organism import load_organism, node_root
     from refusal_atlas.mechinterp.request_form import request_forms
-    from refusal_atlas.mechinterp.selection import select_direction
+    from refusal_atlas.mechinterp.selection import default_ablation_starts, select_direction
     from refusal_atlas.taxonomy.loader import load_taxonomy
 
     timings: dict[str, float] = {}
@@ -785,18 +785,21 @@ def causal_suite(
     cand_pos = list(positions)[:2]
     saved = out / "selection_scores.parquet"
     previous = pd.read_parquet(saved) if saved.is_file() and (out / "selection.json").is_file() else None
+    starts = default_ablation_starts(lm.n_layers)
     if previous is not None and sorted(set(previous["layer"])) == sorted(grid) and \
-            sorted(set(previous["position"])) == sorted(position_label(p) for p in cand_pos):
-        # resume: the scores were computed by an earlier run on the same directions
+            sorted(set(previous["position"])) == sorted(position_label(p) for p in cand_pos) and \
+            "ablate_from" in previous and set(previous["ablate_from"]) - {0} <= set(starts):
+        # resume: the scores were computed by an earlier run on the same directions, with scopes
         from refusal_atlas.mechinterp.selection import Selection, choose
 
         table, lay, lab, passed = choose(previous)
         old = json.loads((out / "selection.json").read_text()).get("pooled", {})
         sel = Selection(POOLED_LABEL, lay, cand_pos[[position_label(p) for p in cand_pos].index(lab)], passed,
-                        table, old.get("baseline", {}))
+                        table, old.get("baseline", {}), int(table.loc[table["chosen"], "ablate_from"].iloc[0]),
+                        lm.n_layers)
     else:
         sel = select_direction(lm, ds, POOLED_LABEL, val_harm, val_harmless, tokens, layers=grid,
-                               positions=cand_pos, batch_size=batch_size, progress=progress)
+                               positions=cand_pos, ablation_starts=starts, batch_size=batch_size, progress=progress)
     save_table(sel.scores, saved)
     (out / "selection.json").write_text(json.dumps({"pooled": sel.to_dict()}, indent=1, default=str))
     timings["select"] = time.perf_counter() - t
@@ -807,7 +810,8 @@ def causal_suite(
     held = rows[(rows["split"] == "heldout") & (rows["category"] == "refuse") & (rows["condition"] == "")]
     headline = pooled_ablation_and_steering(lm, ds, list(held["prompt"]), harmless_eval, layer=sel.layer,
                                             position=sel.position, coeffs=coeffs, max_new_tokens=max_new_tokens,
-                                            batch_size=batch_size, progress=progress)
+                                            batch_size=batch_size, progress=progress,
+                                            ablation_layers=sel.ablation_layers)
     timings["headline"] = time.perf_counter() - t
     (out / "headline.json").write_text(json.dumps(headline, indent=1, default=str))  # early: the key result
 
@@ -818,7 +822,7 @@ def causal_suite(
         held_sets[label(n)].append(p)
     held_sets = {k: v for k, v in held_sets.items() if k in ds.nodes}
     cross = cross_ablation(lm, ds, held_sets, harmless_eval, tokens, layer=sel.layer, position=sel.position,
-                           batch_size=batch_size, progress=progress)
+                           batch_size=batch_size, progress=progress, ablation_layers=sel.ablation_layers)
     save_table(cross, out / "cross_ablation.parquet")
     summary = cross_ablation_summary(cross)
     save_table(summary, out / "cross_ablation_summary.csv")
@@ -868,8 +872,10 @@ def causal_suite(
 
     pooled_rows = summary[summary["source"] == POOLED_LABEL]
     metrics = {
-        "ablation": {k: headline[k] for k in ("refusal_before", "refusal_after", "harmless_kl", "layer",
-                                              "position", "n_harmful", "n_harmless")},
+        "ablation": {**{k: headline[k] for k in ("refusal_before", "refusal_after", "harmless_kl", "layer",
+                                                 "position", "n_harmful", "n_harmless")},
+                     "ablate_from": sel.ablate_from, **({"all_layers": headline["all_layers"]}
+                                                        if "all_layers" in headline else {})},
         "steering": {"induced_refusal_rate": headline["induced_refusal_rate"],
                      "induced_by_coeff": headline["induced_by_coeff"],
                      "harmless_refusal_before": headline["harmless_refusal_before"]},

@@ -46,6 +46,11 @@ from refusal_atlas.mechinterp.scoring import (
 )
 
 
+def default_ablation_starts(n_layers: int) -> list[int]:
+    """First layers of the narrower ablation scopes scored beside every-layer ablation: 0.4 / 0.55 / 0.67 · L."""
+    return sorted({max(1, round(f * n_layers)) for f in (0.4, 0.55, 0.67)})
+
+
 @dataclass
 class Selection:
     """The chosen candidate for one node and the full scores table."""
