@@ -83,17 +83,39 @@ def test_choice_relaxes_filters_in_order_instead_of_taking_a_destructive_directi
 
     scores = pd.DataFrame({
         "layer": [1, 2, 3, 9], "position": ["-1"] * 4,
-        "bypass_score": [-6.0, 0.4, 0.9, -8.0], "induce_score": [-1.0] * 4, "kl": [7.0, 0.02, 0.05, 0.01],
+        "bypass_score": [-6.0, -0.4, -0.9, -8.0], "induce_score": [-1.0] * 4, "kl": [7.0, 0.02, 0.05, 0.01],
         "filtered": ["induce<=0;kl>=0.1", "induce<=0", "induce<=0", "induce<=0;layer>=0.8L"],
     })
+    # tier 2: no induce, but it removes refusal at a small KL (not the destructive layer 1, not layer 9 > 0.8 L)
     table, layer, position, passed = choose(scores)
-    assert (layer, position, passed) == (2, "-1", False) and table["tier"].iloc[0] == 2
-    scores.loc[2, "filtered"] = ""
+    assert (layer, position, passed) == (3, "-1", False) and table["tier"].iloc[0] == 2
+    scores.loc[1, "filtered"] = ""
     _, layer, _, passed = choose(scores)
-    assert (layer, passed) == (3, True)
+    assert (layer, passed) == (2, True)
+    # tier 3: over the KL threshold but below the cap, lowest KL among those that remove refusal
+    over = scores.assign(filtered=["kl>=0.1"] * 3 + ["kl>=0.1;layer>=0.8L"], kl=[7.0, 0.5, 0.3, 0.2])
+    table, layer, _, _ = choose(over)
+    assert layer == 3 and table["tier"].iloc[0] == 3
+    # tier 4: nothing removes refusal without breaking the model -> lowest KL (never the destructive one)
     only_bad = scores.assign(filtered="kl>=0.1", kl=[7.0, 3.0, 5.0, 9.0])
     table, layer, _, _ = choose(only_bad)
-    assert layer == 2 and table["tier"].iloc[0] == 3
+    assert layer == 2 and table["tier"].iloc[0] == 4
+
+
+def test_relaxed_choice_needs_a_direction_that_removes_refusal():
+    """The organism-test failure (session 7): KL-only relaxation chose a direction whose ablation left the
+    refusal score almost at baseline, although one that removes refusal sat just over the KL threshold."""
+    from refusal_atlas.mechinterp.selection import choose
+
+    rows = [  # layer, position, ablate_from, bypass, kl, filtered
+        (4, "-2", 0, 3.26, 0.017, "induce<=0"), (10, "-2", 0, 3.76, 0.012, "induce<=0"),
+        (4, "-1", 0, -3.82, 2.92, "induce<=0;kl>=0.1"), (22, "-1", 0, -4.12, 0.155, "kl>=0.1"),
+        (22, "-1", 20, -4.05, 0.110, "kl>=0.1")]
+    table = pd.DataFrame([{"layer": la, "position": p, "ablate_from": a, "bypass_score": b, "kl": k,
+                           "filtered": f} for la, p, a, b, k, f in rows])
+    scores, layer, position, passed = choose(table)
+    assert (layer, position, passed) == (22, "-1", False) and scores["tier"].iloc[0] == 3
+    assert scores.loc[scores["chosen"], "ablate_from"].item() == 20
 
 
 def test_choose_coefficient_takes_the_smallest_dose_that_reaches_the_target():
@@ -187,7 +209,8 @@ def test_relaxed_choice_ignores_narrow_scopes():
     # tier 1: the scope that passes every filter with the lowest bypass (not the narrowest, lowest-KL one)
     scores, layer, _, passed = choose(table)
     assert passed and layer == 5 and scores.loc[scores["chosen"], "ablate_from"].item() == 3
-    # nothing passes: tier 3 takes the lowest KL among every-layer ablations only
-    failing = table.assign(filtered="kl>=0.1", kl=[0.30, 0.20, 0.15])
+    # nothing removes refusal within the KL cap: tier 4 takes the lowest KL among every-layer ablations only
+    failing = table.assign(filtered="kl>=0.1", kl=[1.30, 1.20, 1.15])
     scores, _, _, passed = choose(failing)
-    assert not passed and scores.loc[scores["chosen"], "ablate_from"].item() == 0
+    assert not passed and scores["tier"].iloc[0] == 4
+    assert scores.loc[scores["chosen"], "ablate_from"].item() == 0

@@ -19,7 +19,7 @@ from refusal_atlas.atlas.stages import StageContext, write_json_atomic
 from refusal_atlas.errors import AtlasError
 
 REFUSAL_POSITION = -1
-PROTOCOL_VERSION = 7  # bump when a code change alters what this stage measures (cached results are then redone)
+PROTOCOL_VERSION = 8  # bump when a code change alters what this stage measures (cached results are then redone)
 NEW_TOKENS = 16  # generated tokens behind every marker-detector refusal rate of this stage
 # The steering dose is the smallest whose validation refusal reaches this, a margin above the 0.8 the
 # issue asks of evaluation prompts: 16 validation prompts are a noisy estimate (session 4: a dose that
@@ -55,15 +55,9 @@ def _eval_sets(prompts: pd.DataFrame, nodes: list[str], per_node: int, n_harmles
 
 
 def _candidate_layers(n_layers: int, available: list[int], quick: bool) -> list[int]:
-    """A coarse grid over 0.3-0.7·L plus, outside quick runs, every layer from 0.7·L up to Arditi et al.'s
-    0.8·L bound, each of them a candidate: on the default organism the best direction sat there, off the coarse
-    grid (session 4, validation prompts: the layer-23 direction left 0.0 refusal at KL 0.19, layer 21 0.33 at 0.68)."""
-    fractions = (0.4, 0.55, 0.7) if quick else (0.3, 0.4, 0.5, 0.6, 0.7)
-    wanted = {min(available, key=lambda la: abs(la - f * n_layers)) for f in fractions}
-    if not quick:
-        wanted |= {la for la in available if 0.7 * n_layers <= la}
-    ordered = sorted(wanted)
-    return [la for la in ordered if la < 0.8 * n_layers] or ordered[:1]
+    from refusal_atlas.mechinterp.selection import candidate_layers
+
+    return candidate_layers(n_layers, available, quick=quick)
 
 
 def ablation_starts(n_layers: int) -> list[int]:

@@ -693,7 +693,7 @@ def causal_suite(
     *,
     level: str = "root",
     positions: Sequence[Position] = (-1, -2, -3, -4, -5),
-    select_layers: int = 8,
+    select_layers: int | None = None,
     n_val: int = 16,
     coeffs: Sequence[float] = (1.0,),
     max_new_tokens: int = 16,
@@ -707,6 +707,8 @@ def causal_suite(
     Directions are extracted from the organism's `train` and `extra` prompts (never the held-out
     ones) with labels at the `level` of the taxonomy ("root": each node's branch, so every label
     has several prompts; "node": the nodes themselves). Evaluation uses the held-out split.
+    The pooled direction is selected as `run` selects it (`selection.candidate_layers`, narrower
+    ablation scopes, the same tiers); `select_layers` = N instead spreads N candidate layers evenly.
     """
     import json
     import time
@@ -718,7 +720,7 @@ def causal_suite(
     from refusal_atlas.mechinterp.models import load_model
     from refusal_atlas.mechinterp.organism import load_organism, node_root
     from refusal_atlas.mechinterp.request_form import request_forms
-    from refusal_atlas.mechinterp.selection import default_ablation_starts, select_direction
+    from refusal_atlas.mechinterp.selection import candidate_layers, default_ablation_starts, select_direction
     from refusal_atlas.taxonomy.loader import load_taxonomy
 
     timings: dict[str, float] = {}
@@ -779,7 +781,7 @@ def causal_suite(
 
     # 3. select the pooled direction's (layer, position)
     t = time.perf_counter()
-    grid = layer_subset(lm.n_layers, select_layers, 0.8)
+    grid = candidate_layers(lm.n_layers) if select_layers is None else layer_subset(lm.n_layers, select_layers, 0.8)
     val_harm = list(src[src["harmful"]]["prompt"])[:n_val]
     val_harmless = list(src[~src["harmful"]]["prompt"])[:n_val]
     cand_pos = list(positions)[:2]

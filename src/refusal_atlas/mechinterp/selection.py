@@ -9,8 +9,9 @@ For each candidate direction r (a node's difference of means at layer l, positio
   (capability cost; where it over-refuses, un-refusing is the ablation's intended effect — `kl_all`
   keeps every prompt).
 Candidates are kept when induce > 0, KL < `kl_threshold` (0.1) and l < `max_layer_fraction`·L
-(0.8); the kept one with the lowest bypass score wins. Every score is reported, so a user can see
-how much the choice matters.
+(0.8); the kept one with the lowest bypass score wins. When none is kept, `choose` relaxes the filters
+in a fixed order and only for candidates whose ablation still removes refusal (see its docstring).
+Every score is reported, so a user can see how much the choice matters.
 
 Ablation scope (`ablation_starts`): Arditi et al. ablate in every layer. The issue's interventions
 allow chosen layers, and on the default organism most of the harmless KL came from ablating the
@@ -44,6 +45,20 @@ from refusal_atlas.mechinterp.scoring import (
     refusal_flags,
     refusal_logodds,
 )
+
+
+def candidate_layers(n_layers: int, available: Sequence[int] | None = None, *, quick: bool = False) -> list[int]:
+    """The layers `run` and `organism test` select among: a coarse grid over 0.3-0.7·L plus, outside quick
+    runs, every layer from 0.7·L up to Arditi et al.'s 0.8·L bound. On the default organism the best direction
+    sat there, off the coarse grid (session 4, validation prompts: the layer-23 direction left 0.0 refusal at
+    KL 0.19, layer 21 0.33 at 0.68). `available`: the captured layers (default: all)."""
+    available = list(range(n_layers)) if available is None else list(available)
+    fractions = (0.4, 0.55, 0.7) if quick else (0.3, 0.4, 0.5, 0.6, 0.7)
+    wanted = {min(available, key=lambda la: abs(la - f * n_layers)) for f in fractions}
+    if not quick:
+        wanted |= {la for la in available if 0.7 * n_layers <= la}
+    ordered = sorted(wanted)
+    return [la for la in ordered if la < 0.8 * n_layers] or ordered[:1]
 
 
 def default_ablation_starts(n_layers: int) -> list[int]:
@@ -162,25 +177,33 @@ def select_direction(
     return Selection(node, layer, pos, passed, scores, baseline, ablate_from=start, n_layers=n_layers)
 
 
-def choose(scores: pd.DataFrame, kl_threshold: float = 0.1) -> tuple[pd.DataFrame, int, str, bool]:
+def choose(scores: pd.DataFrame, kl_threshold: float = 0.1, kl_cap: float = 1.0
+           ) -> tuple[pd.DataFrame, int, str, bool]:
     """Apply the choice rule to a scores table: (table with `chosen` and `tier`, layer, position, passed).
 
     Tier 1: every filter passed, lowest bypass score. When nothing passes, the filters are relaxed
     in order rather than taking the global minimum (which is usually a direction whose ablation
-    breaks the model — a huge KL also drives the refusal score down): tier 2 keeps the KL and
-    layer filters and drops the induce filter; tier 3 keeps only the layer filter and takes the
-    lowest KL among every-layer ablations (a narrower scope always has a lower KL, whether or not
-    it still removes refusal). The tier is reported so no relaxed choice passes for a clean one.
+    breaks the model — a huge KL also drives the refusal score down), and a relaxed choice must still
+    remove refusal (bypass score < 0: the refusal tokens are no longer favoured on average):
+    tier 2 drops the induce filter (KL < `kl_threshold`, lowest bypass); tier 3 also allows a KL up
+    to `kl_cap` and takes the lowest KL. Tier 4, when no candidate removes refusal without breaking
+    the model, takes the lowest KL among every-layer ablations (a narrower scope always has a lower
+    KL, whether or not it still removes refusal). Every tier keeps the layer filter where it can. The
+    tier is reported so no relaxed choice passes for a clean one.
     """
     scores = scores.copy()
     if "ablate_from" not in scores:
         scores["ablate_from"] = 0
     layer_ok = ~scores["filtered"].str.contains("L", regex=False)
+    if not layer_ok.any():
+        layer_ok = pd.Series(True, index=scores.index)
+    removes = scores["bypass_score"] < 0
     everywhere = scores["ablate_from"] == 0
     tiers = [
         (1, scores["filtered"] == "", ["bypass_score", "kl"]),
-        (2, layer_ok & (scores["kl"] < kl_threshold), ["bypass_score", "kl"]),
-        (3, (layer_ok & everywhere) if (layer_ok & everywhere).any() else everywhere, ["kl", "bypass_score"]),
+        (2, layer_ok & removes & (scores["kl"] < kl_threshold), ["bypass_score", "kl"]),
+        (3, layer_ok & removes & (scores["kl"] < kl_cap), ["kl", "bypass_score"]),
+        (4, (layer_ok & everywhere) if (layer_ok & everywhere).any() else layer_ok, ["kl", "bypass_score"]),
     ]
     chosen_tier, best = next((t, scores[m].sort_values(o).iloc[0]) for t, m, o in tiers if m.any())
     scores["chosen"] = ((scores["layer"] == best["layer"]) & (scores["position"] == best["position"])
