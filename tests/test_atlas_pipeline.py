@@ -106,15 +106,6 @@ def test_evaluation_rows_exclude_what_the_organism_trained_on(tmp_path):
     assert evaluation_rows(prompts, tmp_path / "no-organism")["prompt"].tolist() == ["a", "As a minor: b", "c", "d"]
 
 
-def test_candidate_layers_cover_the_band_below_the_arditi_bound():
-    from refusal_atlas.atlas.pipeline_causal import _candidate_layers
-
-    # coarse grid 0.3-0.7·L, then every layer in [0.7·L, 0.8·L); never 0.8·L or above
-    assert _candidate_layers(30, list(range(30)), quick=False) == [9, 12, 15, 18, 21, 22, 23]
-    assert _candidate_layers(30, list(range(30)), quick=True) == [12, 16, 21]
-    assert all(la < 0.8 * 10 for la in _candidate_layers(10, list(range(10)), quick=False))
-
-
 def test_direction_prompts_are_filtered_by_baseline_behaviour(monkeypatch):
     """Harmful prompts the model does not refuse and harmless ones it refuses are left out (Arditi et al.);
     a branch the model hardly refuses keeps its prompts unfiltered and is named. Generation is replaced by

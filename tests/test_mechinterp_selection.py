@@ -214,3 +214,14 @@ def test_relaxed_choice_ignores_narrow_scopes():
     scores, _, _, passed = choose(failing)
     assert not passed and scores["tier"].iloc[0] == 4
     assert scores.loc[scores["chosen"], "ablate_from"].item() == 0
+
+
+def test_candidate_layers_cover_the_band_below_the_arditi_bound():
+    from refusal_atlas.mechinterp.selection import candidate_layers, default_ablation_starts
+
+    # coarse grid 0.3-0.7·L, then every layer in [0.7·L, 0.8·L); never 0.8·L or above
+    assert candidate_layers(30) == [9, 12, 15, 18, 21, 22, 23]
+    assert candidate_layers(30, quick=True) == [12, 16, 21]
+    assert candidate_layers(30, [0, 10, 20, 29]) == [10, 20]  # only captured layers
+    assert all(la < 0.8 * 10 for la in candidate_layers(10))
+    assert default_ablation_starts(30) == [12, 16, 20]

@@ -54,19 +54,6 @@ def _eval_sets(prompts: pd.DataFrame, nodes: list[str], per_node: int, n_harmles
     return sets, harmless, conditioned, {k: v for k, v in val.items() if v}, harmless_val
 
 
-def _candidate_layers(n_layers: int, available: list[int], quick: bool) -> list[int]:
-    from refusal_atlas.mechinterp.selection import candidate_layers
-
-    return candidate_layers(n_layers, available, quick=quick)
-
-
-def ablation_starts(n_layers: int) -> list[int]:
-    """First layers of the narrower ablation scopes direction selection also scores (see `selection.py`)."""
-    from refusal_atlas.mechinterp.selection import default_ablation_starts
-
-    return default_ablation_starts(n_layers)
-
-
 def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
     from refusal_atlas.mechinterp.experiments import (
@@ -80,7 +67,12 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
         save_table,
         steering,
     )
-    from refusal_atlas.mechinterp.selection import choose_coefficient, select_direction
+    from refusal_atlas.mechinterp.selection import (
+        candidate_layers,
+        choose_coefficient,
+        default_ablation_starts,
+        select_direction,
+    )
 
     out: Path = ctx.out / "causal"
     out.mkdir(parents=True, exist_ok=True)
@@ -111,10 +103,10 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
     write_json_atomic(out / "refusal_tokens.json", tokens.to_dict())
 
     # Layer: direction selection on the pooled direction over a few candidate layers.
-    candidates = _candidate_layers(lm.n_layers, list(ds.layers), cfg.quick)
+    candidates = candidate_layers(lm.n_layers, list(ds.layers), quick=cfg.quick)
     selection = select_direction(lm, ds, POOLED, harmful_val, harmless_val, tokens,
                                  layers=candidates, positions=[REFUSAL_POSITION],
-                                 ablation_starts=ablation_starts(lm.n_layers), progress=progress)
+                                 ablation_starts=default_ablation_starts(lm.n_layers), progress=progress)
     save_table(selection.scores, out / "selection.parquet")
     layer = int(selection.layer)
     scope = selection.ablation_layers  # None: every layer
