@@ -21,7 +21,6 @@ Spec strings: ``residual:MODEL`` or ``residual:MODEL@LAYER``. MODEL is anything 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,23 +56,15 @@ def parse_residual_spec(spec: str) -> tuple[str, int | None]:
 
 def reference_prompts() -> list[str]:
     """The prompts whose mean vector is the centre: the project's harmless and over-refusal sets."""
-    out: list[str] = []
-    for name in REFERENCE_SETS:
-        path = paths.prompts_dir() / f"{name}.jsonl"
-        if not path.is_file():
-            raise AtlasError(f"{path}: project prompt set missing; reinstall refusal-atlas")
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                prompt = str(json.loads(line).get("prompt") or "").strip()
-                if prompt:
-                    out.append(prompt)
-    return out
+    from refusal_atlas.curation.datasets import get_loader
+
+    return [row.prompt for name in REFERENCE_SETS for row in get_loader(name)() if row.prompt]
 
 
 class ResidualEmbedder:
     """Same interface as `embed.Embedder` (`encode`, `describe`, `key`, `model_name`) over a chat model.
 
-    `lm`: an already loaded model (`LoadedModel`) to use instead of loading MODEL from the spec; the
+    `lm`: an already loaded model (`LoadedModel`) to use instead of loading MODEL from the spec.
     Vectors are cached under the model's id and revision (a hash of its weights); the cache is off for
     an in-memory model, which has no stable identity.
     """
@@ -90,6 +81,7 @@ class ResidualEmbedder:
         self._cache: EmbeddingCache | None = None
         self._centre: np.ndarray | None = None
         self._references = reference_prompts()
+        self._references_hash = hashlib.sha256("\n".join(self._references).encode()).hexdigest()[:8]
 
     # -- identity -----------------------------------------------------------------------------------
 
@@ -110,7 +102,7 @@ class ResidualEmbedder:
             layer = round(DEFAULT_LAYER_FRACTION * n) if self._layer is None else n + self._layer
             if not 0 <= layer < n:
                 raise AtlasError(f"{PREFIX}{self.model_spec}@{self._layer}: the model has {n} layers")
-            self._layer = min(layer, n - 1)
+            self._layer = layer
         return self._layer
 
     @property
@@ -120,8 +112,7 @@ class ResidualEmbedder:
     @property
     def key(self) -> str:
         source = model_key(f"{self.lm.model_id}:{self.lm.revision}")  # revision: a hash of the weights
-        refs = hashlib.sha256("\n".join(self._references).encode()).hexdigest()[:8]
-        return f"residual-{source}-L{self.layer}-{POSITION}-c{refs}"
+        return f"residual-{source}-L{self.layer}-{POSITION}-c{self._references_hash}"
 
     @property
     def cache(self) -> EmbeddingCache | None:
