@@ -45,10 +45,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 PIPELINES = ("ours", "bertopic", "plain")
 # extra configurations of ours, run with --add: fewer larger clusters; near-duplicate collapse switched off
 VARIANTS = {"ours_frac": {"min_cluster_fraction": 0.01}, "ours_nodedup": {"dedup_threshold": 1.0},
-            "ours_residual": {}}
+            "ours_residual": {}, "ours_residual_mcs20": {"min_cluster_size": 20}}
 # variants fitted on other embeddings of the pooled set than the shared MiniLM ones (file in the workdir);
 # not run on the templated sets (50k texts through a chat model take ~35 min on 2 cores)
-OWN_EMBEDDINGS = {"ours_residual": "pooled_residual.npy"}
+OWN_EMBEDDINGS = {"ours_residual": "pooled_residual.npy", "ours_residual_mcs20": "pooled_residual.npy"}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -234,7 +234,7 @@ def run_benchmark(args) -> dict:
             "embedder": json.loads((workdir / "pooled_residual.embedder.json").read_text())}
         results["supervised_ceiling_residual"] = supervised_ceiling(records, x)
         print("supervised ceiling (residual):", json.dumps(results["supervised_ceiling_residual"]), flush=True)
-        pipelines = (*PIPELINES, "ours_residual")
+        pipelines = (*PIPELINES, "ours_residual", "ours_residual_mcs20")
     results["pooled"] = {}
     results["templated"] = {name: {"n_docs": len(docs), "n_unique_texts": len({r["text"] for r in docs}),
                                    "spec": spec}
