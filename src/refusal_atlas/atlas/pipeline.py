@@ -174,7 +174,7 @@ def analysis_nodes(prompts: pd.DataFrame, cfg: RunConfig) -> list[str]:
 
 
 def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.mechinterp.organism import OrganismSettings, build_organism
+    from refusal_atlas.organism.core import OrganismSettings, build_organism
 
     settings = OrganismSettings.quick() if cfg.quick else OrganismSettings()
     if cfg.extra.get("organism"):
@@ -195,7 +195,7 @@ def analysed_model_spec(cfg: RunConfig, ctx: StageContext) -> str:
     """The organism inside this run's output folder (not the path its stage recorded: that one is relative to
     the directory the run started in, so a moved folder or another working directory would miss it)."""
     if cfg.build_organism:
-        from refusal_atlas.mechinterp.organism import MODEL_DIR
+        from refusal_atlas.organism.core import MODEL_DIR
 
         return str(ctx.out / "organism" / MODEL_DIR)
     return cfg.model
@@ -208,7 +208,7 @@ def set_threads(cfg: RunConfig) -> int:
     """Set torch's CPU threads before a model stage (see `auto_threads`: a busy machine gets fewer)."""
     import torch
 
-    from refusal_atlas.mechinterp.models import auto_threads
+    from refusal_atlas.lm.models import auto_threads
 
     threads = cfg.threads or auto_threads()
     torch.set_num_threads(threads)
@@ -217,7 +217,7 @@ def set_threads(cfg: RunConfig) -> int:
 
 def load_analysed_model(cfg: RunConfig, ctx: StageContext):
     """Load the analysed model once per process (several stages use it)."""
-    from refusal_atlas.mechinterp.models import load_model
+    from refusal_atlas.lm.models import load_model
 
     set_threads(cfg)
     spec = analysed_model_spec(cfg, ctx)
@@ -340,7 +340,7 @@ def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: 
 def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
     import numpy as np
 
-    from refusal_atlas.mechinterp.capture import capture_activations
+    from refusal_atlas.lm.capture import capture_activations
     from refusal_atlas.mechinterp.extract import extract_directions
     from refusal_atlas.mechinterp.request_form import request_forms
 
@@ -468,7 +468,7 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("taxonomy", stage_taxonomy, (), ())
     add("ontology", stage_ontology, ("taxonomy",), ("taxonomy.ttl",))
     add("prompts", stage_prompts, ("taxonomy",), ("prompts.parquet",), sets=list(cfg.sets))
-    from refusal_atlas.mechinterp.organism import RECIPE_VERSION
+    from refusal_atlas.organism.core import RECIPE_VERSION
 
     add("organism", stage_organism, ("taxonomy",), ("organism/organism.json",), enabled=cfg.build_organism,
         recipe=RECIPE_VERSION, **model_key)

@@ -55,8 +55,7 @@ def _eval_sets(prompts: pd.DataFrame, nodes: list[str], per_node: int, n_harmles
 
 
 def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
-    from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
-    from refusal_atlas.mechinterp.experiments import (
+    from refusal_atlas.mechinterp.causal.experiments import (
         condition_table,
         cross_ablation,
         discover_tokens,
@@ -67,12 +66,13 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
         save_table,
         steering,
     )
-    from refusal_atlas.mechinterp.selection import (
+    from refusal_atlas.mechinterp.causal.selection import (
         candidate_layers,
         choose_coefficient,
         default_ablation_starts,
         select_direction,
     )
+    from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
 
     out: Path = ctx.out / "causal"
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +181,7 @@ def run(cfg: Any, ctx: StageContext, lm, taxonomy) -> dict:
 
 def _direction_activations(ctx: StageContext):
     """(activations, direction-prompt labels) the directions stage captured, or None when absent."""
-    from refusal_atlas.mechinterp.capture import load_shards
+    from refusal_atlas.lm.capture import load_shards
 
     acts_dir = Path(ctx.results.get("directions", {}).get("activations", ctx.out / "activations"))
     labels_file = ctx.out / "directions" / "prompts.parquet"
@@ -199,7 +199,7 @@ def _ablation_stability(cfg: Any, captured, lm, tokens, harmful_eval: list[str],
                         scope: list[int] | None, out: Path) -> dict:
     """First-token refusal on the eval prompts under the pooled ablation, over bootstrap resamples of the
     direction prompts (`causal/ablation_stability.parquet`)."""
-    from refusal_atlas.mechinterp.experiments import ablation_stability, save_table
+    from refusal_atlas.mechinterp.causal.experiments import ablation_stability, save_table
 
     if captured is None:
         return {}
@@ -221,7 +221,7 @@ def _cone(cfg: Any, captured, lm, tokens, harmful_eval: list[str], harmless_eval
           scope: list[int] | None, out: Path) -> dict:
     """First-token refusal and harmless KL with the pooled direction plus 0, 1, 2 residual axes ablated
     (`causal/cone_ablation.parquet`)."""
-    from refusal_atlas.mechinterp.experiments import cone_ablation, save_table
+    from refusal_atlas.mechinterp.causal.experiments import cone_ablation, save_table
 
     if captured is None:
         return {}
@@ -236,7 +236,7 @@ def _cone(cfg: Any, captured, lm, tokens, harmful_eval: list[str], harmless_eval
 
 def _wording(cfg: Any, ctx: StageContext, lm, ds, tokens, out: Path, captured) -> dict:
     """Per layer: node-identity probe accuracy (detection) vs refusal-token promotion (wording)."""
-    from refusal_atlas.mechinterp.experiments import save_table, wording_vs_detection
+    from refusal_atlas.mechinterp.causal.experiments import save_table, wording_vs_detection
 
     if captured is None:
         return {}

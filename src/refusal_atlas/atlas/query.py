@@ -216,7 +216,7 @@ def rank_direction(
     """
     ds = store.directions
     store.require("directions (directions/directions.json)", ds is not None)
-    from refusal_atlas.mechinterp.positions import canonical_position, position_label
+    from refusal_atlas.lm.positions import canonical_position, position_label
 
     if method not in ds.methods:
         raise AtlasError(f"method {method!r} is not in this atlas; choose from {', '.join(ds.methods)}")

@@ -314,7 +314,7 @@ def _heatmap_setup(store: AtlasStore) -> tuple[Any, list[str], Any, int] | None:
     ds = store.directions
     if ds is None:
         return None
-    from refusal_atlas.mechinterp.positions import canonical_position
+    from refusal_atlas.lm.positions import canonical_position
 
     ov = store.overlap_json
     pos = ov.get("position")
@@ -357,7 +357,7 @@ def _section_heatmap(store: AtlasStore, figs: Figures) -> str:
     if setup is None:
         return not_run("directions", "refusal-atlas directions extract")
     ds, nodes, pos, layer0 = setup
-    from refusal_atlas.mechinterp.positions import position_label
+    from refusal_atlas.lm.positions import position_label
 
     go = _go()
     dm = store.direction_metrics

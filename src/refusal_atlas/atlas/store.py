@@ -437,7 +437,7 @@ class AtlasStore:
         ds = self.directions
         if ds is None:
             return None
-        from refusal_atlas.mechinterp.positions import position_label
+        from refusal_atlas.lm.positions import position_label
 
         rows = []
         names = ds.nodes_with_pooled

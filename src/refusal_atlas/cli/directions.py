@@ -150,9 +150,9 @@ def extract(
     """Capture activations and write per-node directions with noise floors (safetensors + JSON)."""
     import shutil
 
-    from refusal_atlas.mechinterp.capture import capture_activations
+    from refusal_atlas.lm.capture import capture_activations
+    from refusal_atlas.lm.models import file_sha256, load_model
     from refusal_atlas.mechinterp.extract import extract_directions
-    from refusal_atlas.mechinterp.models import file_sha256, load_model
     from refusal_atlas.mechinterp.request_form import request_forms
 
     df = _read_prompts(prompts)
@@ -205,9 +205,9 @@ def overlap(
                                       help="edge when the noise-corrected cosine's 95% lower bound exceeds this"),
 ) -> None:
     """Overlap graph (GraphML, JSON, heatmap and graph PNGs) with the sibling permutation test."""
+    from refusal_atlas.lm.positions import parse_position_label
     from refusal_atlas.mechinterp.directions import DirectionSet
     from refusal_atlas.mechinterp.overlap import write_overlap
-    from refusal_atlas.mechinterp.positions import parse_position_label
 
     ds = DirectionSet.load(directions)
     report = write_overlap(ds, out, layer, parse_position_label(position), method, min_overlap)
@@ -233,9 +233,9 @@ def geometry(
     from rich.console import Console
     from rich.table import Table
 
+    from refusal_atlas.lm.positions import parse_position_label, position_label
     from refusal_atlas.mechinterp.directions import DirectionSet
     from refusal_atlas.mechinterp.geometry import geometry_table
-    from refusal_atlas.mechinterp.positions import parse_position_label, position_label
 
     ds = DirectionSet.load(directions)
     pos = parse_position_label(position)
@@ -264,7 +264,7 @@ def geometry(
 def _print_angles(ds, folder: Path, layer: int, pos, k: int, console) -> None:
     from rich.table import Table
 
-    from refusal_atlas.mechinterp.capture import load_shards
+    from refusal_atlas.lm.capture import load_shards
     from refusal_atlas.mechinterp.directions import Groups
     from refusal_atlas.mechinterp.geometry import principal_angle_matrix
 

@@ -36,8 +36,8 @@ def _json(path: Path, obj) -> None:
 
 def _setup(model: str, directions: Path, prompts: Path, taxonomy: Path | None):
     from refusal_atlas.cli.directions import _read_prompts
+    from refusal_atlas.lm.models import load_model
     from refusal_atlas.mechinterp.directions import DirectionSet
-    from refusal_atlas.mechinterp.models import load_model
 
     ds = DirectionSet.load(directions)
     df = _read_prompts(prompts)
@@ -57,7 +57,7 @@ def _setup(model: str, directions: Path, prompts: Path, taxonomy: Path | None):
 
 
 def _position(ds, text: str | None):
-    from refusal_atlas.mechinterp.positions import parse_position_label
+    from refusal_atlas.lm.positions import parse_position_label
 
     if text is None:
         return -1 if -1 in ds.positions else ds.positions[-1]
@@ -84,7 +84,7 @@ def _layer(ds, lm, layer: int | None, *folders: Path) -> int:
 
 def _tokens(lm, df, out: Path, ds, tax, explicit: str | None = None, n: int = 24):
     """Refusal-opening tokens discovered from this model's own replies (cached in OUT), or given."""
-    from refusal_atlas.mechinterp.experiments import discover_tokens, eval_sets_from_table
+    from refusal_atlas.mechinterp.causal.experiments import discover_tokens, eval_sets_from_table
     from refusal_atlas.mechinterp.scoring import RefusalTokens
 
     if explicit:
@@ -130,10 +130,10 @@ def register(app: typer.Typer) -> None:
         refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Choose a (layer, position) per node by bypass / induce / KL scores (Arditi et al.)."""
-        from refusal_atlas.mechinterp.experiments import eval_sets_from_table, save_table
+        from refusal_atlas.lm.positions import parse_position_label
+        from refusal_atlas.mechinterp.causal.experiments import eval_sets_from_table, save_table
+        from refusal_atlas.mechinterp.causal.selection import select_all
         from refusal_atlas.mechinterp.interventions import layer_subset
-        from refusal_atlas.mechinterp.positions import parse_position_label
-        from refusal_atlas.mechinterp.selection import select_all
 
         lm, ds, df, tax = _setup(model, directions, prompts, taxonomy)
         tokens = _tokens(lm, df, out, ds, tax, refusal_tokens)
@@ -173,7 +173,7 @@ def register(app: typer.Typer) -> None:
         refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Ablate each node's direction (and the pooled one) → refusal on every node's prompts."""
-        from refusal_atlas.mechinterp.experiments import (
+        from refusal_atlas.mechinterp.causal.experiments import (
             cross_ablation,
             cross_ablation_summary,
             eval_sets_from_table,
@@ -210,7 +210,12 @@ def register(app: typer.Typer) -> None:
         refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Add a node's direction to harmless prompts, layer by layer → induced refusal."""
-        from refusal_atlas.mechinterp.experiments import eval_sets_from_table, plot_steering, save_table, steering
+        from refusal_atlas.mechinterp.causal.experiments import (
+            eval_sets_from_table,
+            plot_steering,
+            save_table,
+            steering,
+        )
         from refusal_atlas.mechinterp.interventions import layer_subset
 
         lm, ds, df, tax = _setup(model, directions, prompts, taxonomy)
@@ -240,11 +245,11 @@ def register(app: typer.Typer) -> None:
         refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Wording vs detection: per-layer node probe accuracy beside logit-lens refusal-token promotion."""
-        from refusal_atlas.mechinterp.capture import load_shards
+        from refusal_atlas.lm.capture import load_shards
+        from refusal_atlas.lm.models import load_model
+        from refusal_atlas.mechinterp.causal.experiments import save_table, wording_vs_detection
         from refusal_atlas.mechinterp.directions import DirectionSet
-        from refusal_atlas.mechinterp.experiments import save_table, wording_vs_detection
         from refusal_atlas.mechinterp.logit_lens import lens_table
-        from refusal_atlas.mechinterp.models import load_model
 
         ds = DirectionSet.load(directions)
         labels_file = directions / "labels.json"
@@ -293,7 +298,7 @@ def register(app: typer.Typer) -> None:
         """Per node with rules: projection on its direction and refusal rate under each condition (CIs)."""
         import pandas as pd
 
-        from refusal_atlas.mechinterp.experiments import (
+        from refusal_atlas.mechinterp.causal.experiments import (
             condition_summary,
             condition_table,
             direction_node_of,

@@ -1,4 +1,4 @@
-"""CLI: `refusal-atlas organism build` (thin layer over refusal_atlas.mechinterp.organism)."""
+"""CLI: `refusal-atlas organism build` (thin layer over refusal_atlas.organism.core)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def build(
     from dataclasses import replace
 
     from refusal_atlas.cli.directions import _read_prompts
-    from refusal_atlas.mechinterp.models import auto_threads
-    from refusal_atlas.mechinterp.organism import OrganismSettings, build_organism
+    from refusal_atlas.lm.models import auto_threads
+    from refusal_atlas.organism.core import OrganismSettings, build_organism
 
     settings = OrganismSettings.quick() if quick else OrganismSettings()
     if epochs is not None:
@@ -74,8 +74,8 @@ def test_cmd(
     import torch
 
     from refusal_atlas.errors import AtlasError
-    from refusal_atlas.mechinterp.experiments import causal_suite
-    from refusal_atlas.mechinterp.models import auto_threads
+    from refusal_atlas.lm.models import auto_threads
+    from refusal_atlas.mechinterp.causal.experiments import causal_suite
 
     if level not in ("root", "node"):
         raise AtlasError(f"--level {level!r}: use 'root' or 'node'")

@@ -95,7 +95,7 @@ class TransformersBackend:
     @classmethod
     def from_spec(cls, spec: str = "default", *, device: str | None = None, chat_template: str | None = None,
                   trust_remote_code: bool = False, progress: bool = True) -> TransformersBackend:
-        from refusal_atlas.mechinterp.models import load_model
+        from refusal_atlas.lm.models import load_model
 
         return cls(load_model(spec, device=device, chat_template=chat_template,
                               trust_remote_code=trust_remote_code), progress=progress)
@@ -108,7 +108,7 @@ class TransformersBackend:
 
     def generate(self, instructions: Sequence[str], settings: GenerationSettings
                  ) -> Iterator[tuple[list[int], list[str]]]:
-        from refusal_atlas.mechinterp.generation import iter_generate
+        from refusal_atlas.lm.generation import iter_generate
 
         yield from iter_generate(
             self.lm, list(instructions), max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
@@ -127,7 +127,7 @@ class VLLMBackend:
             raise AtlasError("the vllm backend needs vLLM: run `pip install vllm` on a machine with a GPU, "
                              "or use --backend transformers")
         if spec == "default":
-            from refusal_atlas.mechinterp.models import DEFAULT_MODEL_ID, default_model_gguf
+            from refusal_atlas.lm.models import DEFAULT_MODEL_ID, default_model_gguf
 
             self.model_id, model_arg = DEFAULT_MODEL_ID, str(default_model_gguf())
             engine_kwargs.setdefault("tokenizer", DEFAULT_MODEL_ID)

@@ -89,7 +89,7 @@ class ResidualEmbedder:
     def lm(self):
         """The chat model (loaded on first use; a local copy of the default reloads in well under a second)."""
         if self._lm is None:
-            from refusal_atlas.mechinterp.models import load_model
+            from refusal_atlas.lm.models import load_model
 
             self._lm = load_model(self.model_spec)
         return self._lm
@@ -131,7 +131,7 @@ class ResidualEmbedder:
     # -- vectors ------------------------------------------------------------------------------------
 
     def _raw(self, texts: list[str]) -> np.ndarray:
-        from refusal_atlas.mechinterp.capture import capture_activations
+        from refusal_atlas.lm.capture import capture_activations
 
         acts = capture_activations(self.lm, texts, layers=[self.layer], positions=[POSITION],
                                    batch_size=self.batch_size, progress=self.progress)

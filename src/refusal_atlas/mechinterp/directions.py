@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.mechinterp.positions import LAST_INSTRUCTION, Position, parse_position_label, position_label
+from refusal_atlas.lm.positions import LAST_INSTRUCTION, Position, parse_position_label, position_label
 
 POOLED = "@pooled"  # '@' cannot occur in a taxonomy id, so this never clashes with a node
 METHODS = ("diff_means", "vs_other", "residual")

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from refusal_atlas.lm.positions import position_label
 from refusal_atlas.mechinterp.directions import METHODS, ROLES, DirectionSet, Groups, compute_directions
 from refusal_atlas.mechinterp.noise import noise_floor
-from refusal_atlas.mechinterp.positions import position_label
 from refusal_atlas.mechinterp.probes import auroc_profile, probe_accuracy
 
 

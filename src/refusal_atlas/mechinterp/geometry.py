@@ -20,8 +20,8 @@ import torch
 from scipy.linalg import subspace_angles
 from torch import Tensor
 
+from refusal_atlas.lm.positions import Position
 from refusal_atlas.mechinterp.directions import DirectionSet, Groups
-from refusal_atlas.mechinterp.positions import Position
 
 
 def cosine_matrix(vectors: Tensor) -> Tensor:

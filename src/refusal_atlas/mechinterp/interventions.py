@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.mechinterp.blocks import decoder_blocks, hidden_from_output, replace_hidden
+from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_hidden
 
 try:  # GPT-2 style "Conv1D" is a Linear with a transposed weight ([in, out]).
     from transformers.pytorch_utils import Conv1D

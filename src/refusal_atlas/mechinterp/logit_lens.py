@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.mechinterp.blocks import decoder_blocks, hidden_from_output
-from refusal_atlas.mechinterp.models import LoadedModel
+from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
+from refusal_atlas.lm.models import LoadedModel
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from refusal_atlas.lm.positions import Position, position_label
 from refusal_atlas.mechinterp.directions import METHODS, DirectionSet, Groups, directions_from_means, group_means
-from refusal_atlas.mechinterp.positions import Position, position_label
 
 
 def split_half_weights(groups: Groups, n_splits: int, gen: torch.Generator) -> list[Tensor]:

@@ -25,9 +25,9 @@ import networkx as nx
 import numpy as np
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.positions import Position, parse_position_label, position_label
 from refusal_atlas.mechinterp.directions import DirectionSet
 from refusal_atlas.mechinterp.noise import cosine_report
-from refusal_atlas.mechinterp.positions import Position, parse_position_label, position_label
 
 
 def choose_layer(ds: DirectionSet, position: Position, method: str = "diff_means", max_depth: float = 0.8) -> int:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from refusal_atlas.lm.positions import Position
 from refusal_atlas.mechinterp.directions import Groups
-from refusal_atlas.mechinterp.positions import Position
 
 
 def auroc_from_scores(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:

@@ -21,11 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.mechinterp.capture import accepts_position_ids, left_pad
-from refusal_atlas.mechinterp.generation import generate, length_buckets
+from refusal_atlas.lm.capture import accepts_position_ids, left_pad
+from refusal_atlas.lm.generation import generate, length_buckets
+from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.lm.prefix import SharedPrefix, plan_prefix
 from refusal_atlas.mechinterp.interventions import Intervention, maybe
-from refusal_atlas.mechinterp.models import LoadedModel
-from refusal_atlas.mechinterp.prefix import SharedPrefix, plan_prefix
 
 # --------------------------------------------------------------------------------------------
 # Generation-based: the marker detector

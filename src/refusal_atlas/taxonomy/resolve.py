@@ -1,6 +1,6 @@
 """What behaviour the taxonomy expects for a node in a given context, and why.
 
-Resolution semantics (the documented contract; tests in tests/test_taxonomy_resolve.py):
+Resolution semantics (the documented contract; tests in tests/taxonomy/test_resolve.py):
 
 1. **Default behaviour.** A node's default is its own `expect`. A node without `expect`
    inherits the *most restrictive* of its parents' resolved defaults (refuse > redirect >

@@ -1,0 +1,1 @@
+"""Running a causal LM: loading, decoder blocks, generation, token positions, prefix reuse, capture."""

@@ -1,0 +1,1 @@
+"""The causal protocol: selection, ablation, addition, cross-ablation, steering, wording vs detection, conditions."""

@@ -1,0 +1,132 @@
+"""The whole `run` pipeline on a tiny random Llama turned into a (tiny) organism: every stage, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from refusal_atlas.atlas.pipeline import RunConfig, analysis_nodes, assign_analysis_nodes, run
+from refusal_atlas.lm.testing import tiny_model
+from refusal_atlas.taxonomy.loader import load_taxonomy
+
+CONTRACT_KEYS = {
+    "organism": ["heldout_refusal_rate", "harmless_refusal_rate", "permitted_compliance_rate"],
+    "detector": ["f1"],
+    "clusters": ["seed_ari", "node_ari"],
+    "directions": ["median_noise_floor"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", n_layers=4, d_model=64)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("atlas")
+    cfg = RunConfig(model=str(tiny_folder), out=out, quick=True, organism=True, progress=False,
+                    sets=("harmless", "overrefusal", "taxonomy"), min_prompts=4,
+                    extra={"sizes": {"collect_limit": 60, "max_new_tokens": 8, "per_node_eval": 4,
+                                     "harmless_eval": 8, "max_nodes": 3, "cluster_seeds": 2},
+                           "organism": {"max_nodes": 6, "epochs": 1}})
+    return cfg, run(cfg)
+
+
+def test_every_stage_writes_its_files(finished):
+    cfg, _ = finished
+    out = cfg.out
+    for name in ("taxonomy.ttl", "prompts.parquet", "organism/organism.json", "responses.parquet", "corpus.parquet",
+                 "clusters/clusters.json", "directions/directions.json", "overlap/overlap.graphml", "atlas.ttl",
+                 "report.html", "manifest.json", "metrics.json"):
+        assert (out / name).exists(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["stages"]) >= {"taxonomy", "ontology", "prompts", "organism", "collect", "detect", "cluster",
+                                       "directions", "overlap", "causal", "atlas"}
+    assert manifest["versions"]["torch"] != "absent"
+
+
+def test_metrics_carry_the_contract_keys(finished):
+    cfg, _ = finished
+    metrics = json.loads((cfg.out / "metrics.json").read_text())
+    for group, keys in CONTRACT_KEYS.items():
+        for key in keys:
+            assert key in metrics[group], f"{group}.{key}"
+    assert 0.0 <= metrics["detector"]["f1"] <= 1.0
+    assert len(metrics["directions"]["nodes"]) >= 2
+
+
+def test_rerun_resumes_every_stage_from_cache(finished):
+    cfg, _ = finished
+    again = run(cfg)
+    stages = again["manifest"]["stages"]
+    assert all(s["cached"] for s in stages.values()), stages
+
+
+def test_analysis_nodes_roll_prompts_up_to_their_branch():
+    tax = load_taxonomy()
+    df = pd.DataFrame({"node": ["weapons.explosives.synthesis", "cyber.malware", "", "weapons"],
+                       "harmful": [True, True, False, True]})
+    rolled = assign_analysis_nodes(df, tax)
+    assert rolled["analysis_node"].tolist() == ["weapons", "cyber", "", "weapons"]
+    frame = rolled.assign(condition="", expected="refuse", run_split="train")
+    assert analysis_nodes(frame, RunConfig(min_prompts=2)) == ["weapons"]
+
+
+def test_size_overrides_parse_and_reject_bad_keys():
+    from refusal_atlas.atlas.pipeline import parse_sizes
+    from refusal_atlas.errors import AtlasError
+
+    known = RunConfig().sizes()
+    assert parse_sizes(["collect_limit=600", "per_node_eval=16"], known) == {"collect_limit": 600, "per_node_eval": 16}
+    cfg = RunConfig(extra={"sizes": parse_sizes(["max_nodes=3"], known)})
+    assert cfg.sizes()["max_nodes"] == 3 and cfg.sizes()["collect_limit"] == known["collect_limit"]
+    for bad, why in (("colect_limit=5", "KEY=INT"), ("collect_limit", "KEY=INT"), ("collect_limit=x", "integer"),
+                     ("collect_limit=0", "at least 1")):
+        with pytest.raises(AtlasError, match=why):
+            parse_sizes([bad], known)
+
+
+def test_evaluation_rows_exclude_what_the_organism_trained_on(tmp_path):
+    from refusal_atlas.atlas.pipeline import evaluation_rows
+
+    (tmp_path / "organism").mkdir()
+    pd.DataFrame({"base_prompt": ["a", "b", "c"], "prompt": ["a", "As a chemist: b", "c"],
+                  "split": ["train", "train", "heldout"]}).to_parquet(tmp_path / "organism" / "prompts.parquet")
+    prompts = pd.DataFrame({"prompt": ["a", "As a minor: b", "c", "d", "e"], "base_prompt": ["", "b", "", "", ""],
+                            "run_split": ["eval", "eval", "eval", "eval", "train"]})
+    assert evaluation_rows(prompts, tmp_path)["prompt"].tolist() == ["c", "d"]
+    assert evaluation_rows(prompts, tmp_path / "no-organism")["prompt"].tolist() == ["a", "As a minor: b", "c", "d"]
+
+
+def test_direction_prompts_are_filtered_by_baseline_behaviour(monkeypatch):
+    """Harmful prompts the model does not refuse and harmless ones it refuses are left out (Arditi et al.);
+    a branch the model hardly refuses keeps its prompts unfiltered and is named. Generation is replaced by
+    canned replies here: a tiny random model never refuses, so it cannot show the filter keeping anything."""
+    import refusal_atlas.mechinterp.scoring as scoring
+    from refusal_atlas.atlas.pipeline import behaviour_filtered
+
+    def replies(lm, prompts, **kwargs):
+        return ["I'm sorry, but I can't help with that." if "bomb" in p else "Sure, here it is." for p in prompts]
+
+    monkeypatch.setattr(scoring, "generate", replies)
+    rows = ([("a", True, f"bomb recipe {i}") for i in range(10)] + [("a", True, f"odd request {i}") for i in range(2)]
+            + [("b", True, f"plain request {i}") for i in range(12)]
+            + [("", False, f"bake bread {i}") for i in range(11)] + [("", False, "bomb calorimeter")])
+    candidates = pd.DataFrame(rows, columns=["analysis_node", "harmful", "prompt"])
+    table, info = behaviour_filtered(tiny_model("llama"), candidates, per_node=9, n_harmless=10,
+                                     cfg=RunConfig(min_prompts=8, progress=False))
+    a = table[table["analysis_node"] == "a"]
+    assert len(a) == 9 and a["baseline_refused"].all()
+    b = table[table["analysis_node"] == "b"]
+    assert len(b) == 9 and not b["baseline_refused"].any()  # kept unfiltered: the model refuses none of b
+    harmless = table[~table["harmful"]]
+    assert len(harmless) == 10 and not harmless["baseline_refused"].any()
+    assert info == {"harmful_not_refused": 14, "harmless_refused": 1, "candidates": 36, "unfiltered_nodes": ["b"]}
