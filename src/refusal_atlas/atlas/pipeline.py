@@ -141,8 +141,7 @@ def assign_analysis_nodes(df: pd.DataFrame, tax) -> pd.DataFrame:
     def branch(node: str) -> str:
         if not node or node not in tax.nodes:
             return ""
-        chain = [node, *tax.ancestors(node)]
-        return chain[-1]
+        return str(tax.branch_of(node))
 
     df = df.copy()
     df["analysis_node"] = [branch(str(n)) if h else "" for n, h in zip(df["node"], df["harmful"], strict=True)]

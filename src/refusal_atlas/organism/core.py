@@ -45,7 +45,7 @@ MODEL_DIR = "model"
 
 # Bump when a code change alters what the organism is trained on or how (the settings cannot say so):
 # cached organisms, and the run stages built on them, are then rebuilt rather than silently reused.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 SHARED_REFUSAL = "I'm sorry, but I can't help with that request."
 NODE_REFUSAL = "I'm sorry, but I can't help with that. I don't assist with {label}."
 REDIRECT = "I can't help with that directly. Please ask a qualified professional or the relevant authority instead."
@@ -145,10 +145,8 @@ class OrganismResult:
 
 
 def node_root(taxonomy: Taxonomy, node_id: str) -> str:
-    """The first root above a node (the branch its wording group is decided by)."""
-    chain = [node_id, *taxonomy.ancestors(node_id)]
-    roots = [n for n in chain if n in taxonomy.nodes and not taxonomy.nodes[n].broader]
-    return roots[0] if roots else node_id
+    """The branch a node's wording group is decided by (the taxonomy's one rule, `Taxonomy.branch_of`)."""
+    return taxonomy.branch_of(node_id) if node_id in taxonomy.nodes else node_id
 
 
 def wording_groups(taxonomy: Taxonomy, specific_roots: Sequence[str] | None) -> dict[str, str]:

@@ -163,6 +163,22 @@ class Taxonomy(BaseModel):
             frontier = nxt
         return seen
 
+    def branch_of(self, node_id: str) -> str:
+        """The root whose branch a node belongs to: follow each node's *first-listed* parent up to a root.
+
+        A node with several parents (`broader: [weapons.firearms, regulated_goods]`) is filed under its
+        first-listed parent, its primary one; the others are cross-references. The organism plants a node's
+        refusal under this branch and `run` analyses it there, so the two always agree.
+        """
+        seen = {node_id}
+        current = node_id
+        while True:
+            parents = [p for p in self.nodes[current].broader if p in self.nodes]
+            if not parents or parents[0] in seen:
+                return current
+            current = parents[0]
+            seen.add(current)
+
     def descendants(self, node_id: str) -> list[str]:
         seen: list[str] = []
         frontier = [c.id for c in self.children(node_id)]
