@@ -206,3 +206,45 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     colours = image.getcolors(maxcolors=1_000_000)
     assert colours is None or len(colours) > 50  # a blank page has one or two colours
     assert max(ImageStat.Stat(image).stddev) > 10
+
+
+# ------------------------------------------------------------------------------ a real run, end to end
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory) -> Path:
+    """The whole `run` pipeline (its public entry point, as `refusal-atlas run` calls it) on a tiny random
+    Llama turned into a tiny organism: the report is rendered from what the stages really wrote."""
+    from refusal_atlas.atlas.pipeline import RunConfig, run
+    from refusal_atlas.lm.testing import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", n_layers=4, d_model=64)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    out = tmp_path_factory.mktemp("real-atlas")
+    cfg = RunConfig(model=str(folder), out=out, quick=True, organism=True, progress=False,
+                    sets=("harmless", "overrefusal", "taxonomy"), min_prompts=4,
+                    extra={"sizes": {"collect_limit": 60, "max_new_tokens": 8, "per_node_eval": 4,
+                                     "harmless_eval": 8, "max_nodes": 3, "cluster_seeds": 2},
+                           "organism": {"max_nodes": 6, "epochs": 1}})
+    run(cfg)
+    return out
+
+
+def _assert_page_sound(page: str) -> None:
+    for anchor in SECTIONS:
+        assert f"<section id='{anchor}'>" in page, anchor
+    failed = re.findall(r"could not render[^<]*", page)
+    assert not failed, failed
+    for block in re.findall(r"<script type='application/json'[^>]*>(.*?)</script>", page, flags=re.S):
+        json.loads(block, parse_constant=lambda c: pytest.fail(f"{c} in embedded JSON"))
+
+
+def test_the_report_of_a_real_run_renders_every_section(real_run):
+    _assert_page_sound((real_run / "report.html").read_text(encoding="utf-8"))  # as the run wrote it
+    page = build_report(real_run, real_run / "again.html").read_text(encoding="utf-8")
+    _assert_page_sound(page)
+    for anchor in ("headline", "heatmap", "profiles", "taxonomy", "provenance"):
+        body = page[page.index(f"<section id='{anchor}'>"):]
+        body = body[: body.index("</section>")]
+        assert "not run" not in body, anchor  # these stages always run
+    assert len(re.findall(r"<div class=.figure.", page)) >= 4

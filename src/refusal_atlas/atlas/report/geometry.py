@@ -7,7 +7,6 @@ else the layer where the median reliability peaks.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import networkx as nx
@@ -16,27 +15,11 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from refusal_atlas.atlas.query.common import POOLED, selected_layer_position
 from refusal_atlas.atlas.report.html import Figures, ci_text, esc, fmt, html_table, none_for_nan, not_run, short
 from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.lm.positions import Position, canonical_position, position_label
 from refusal_atlas.mechinterp.directions import DirectionSet
-
-POOLED = "@pooled"
-
-
-def selected_layer_position(store: AtlasStore) -> tuple[int, str] | None:
-    """The (layer, position label) the causal stage selected: the pooled row's, else the most chosen."""
-    sel = store.selection
-    if sel is None or "selected" not in sel.columns:
-        return None
-    chosen = sel[sel["selected"].fillna(False).astype(bool)]
-    if chosen.empty:
-        return None
-    pooled = chosen[chosen["node"].astype(str) == POOLED]
-    rows = pooled if not pooled.empty else chosen
-    counts = Counter(zip(rows["layer"].astype(int), rows["position"].astype(str), strict=True))
-    (layer, pos), _ = counts.most_common(1)[0]
-    return int(layer), str(pos)
 
 
 def figure_setup(store: AtlasStore) -> tuple[DirectionSet, list[str], Position, int] | None:
