@@ -92,7 +92,8 @@ def test_nan_and_single_prompt_intervals_render(atlas, tmp_path):
     shutil.copytree(atlas, out)
     path = out / "causal" / "conditions.parquet"
     ct = pd.read_parquet(path)
-    extra = ct.iloc[[1]].assign(condition="purpose=research", n=1, ci_low=float("nan"), ci_high=float("nan"),
+    extra = ct.iloc[[1]].assign(condition="purpose=research", n=1, refusal_ci_low=float("nan"),
+                                refusal_ci_high=float("nan"),
                                 projection_ci_low=float("nan"), projection_ci_high=float("inf"))
     pd.concat([ct, extra]).to_parquet(path, index=False)
     page = build_report(out).read_text(encoding="utf-8")

@@ -132,21 +132,27 @@ def _error_bars(d: pd.DataFrame, col: str, lo: str, hi: str) -> dict[str, object
     return {"type": "data", "symmetric": False, "array": none_for_nan(up), "arrayminus": none_for_nan(down)}
 
 
+def _refusal_ci(ct: pd.DataFrame) -> tuple[str, str]:
+    """The refusal-rate interval's columns: as the conditions step writes them, or already renamed."""
+    return ("refusal_ci_low", "refusal_ci_high") if "refusal_ci_low" in ct.columns else ("ci_low", "ci_high")
+
+
 def condition_rows(ct: pd.DataFrame) -> tuple[list[str], list[list[object]]]:
     """The condition table with each interval as one cell ("n = 1, no CI" where there is one prompt)."""
+    lo, hi = _refusal_ci(ct)
     n = ct["n"] if "n" in ct.columns else pd.Series([None] * len(ct), index=ct.index)
     columns = ["node", "condition", "expected", "n", "refusal_rate", "refusal 95% CI"]
     rows: list[list[object]] = []
     has_projection = "projection" in ct.columns
     if has_projection:
         columns += ["projection", "projection 95% CI"]
-    known = {"node", "condition", "expected", "n", "refusal_rate", "ci_low", "ci_high", "projection",
-             "projection_ci_low", "projection_ci_high"}
+    known = {"node", "condition", "expected", "n", "refusal_rate", lo, hi, "projection", "projection_ci_low",
+             "projection_ci_high"}
     extra = [c for c in ct.columns if c not in known]
     columns += extra
     for i, (_, r) in enumerate(ct.iterrows()):
         row: list[object] = [r.get("node"), r.get("condition"), r.get("expected"), n.iloc[i], r.get("refusal_rate"),
-                             ci_text(r.get("ci_low"), r.get("ci_high"), n.iloc[i])]
+                             ci_text(r.get(lo), r.get(hi), n.iloc[i])]
         if has_projection:
             row += [r.get("projection"), ci_text(r.get("projection_ci_low"), r.get("projection_ci_high"), n.iloc[i])]
         rows.append(row + [r.get(c) for c in extra])
@@ -162,7 +168,7 @@ def section_conditions(store: AtlasStore, figs: Figures) -> str:
             d = ct.copy()
             d["condition"] = d["condition"].fillna("").replace("", "(none)")
             x = [f"{esc(n)}<br>{esc(c)}" for n, c in zip(d["node"], d["condition"], strict=True)]
-            panels = [("refusal_rate", "ci_low", "ci_high", "refusal rate", "#ca6f1e")]
+            panels = [("refusal_rate", *_refusal_ci(d), "refusal rate", "#ca6f1e")]
             if "projection" in d.columns and d["projection"].notna().any():
                 panels.append(("projection", "projection_ci_low", "projection_ci_high",
                                "projection on the node's direction", "#6b8fb5"))
