@@ -278,7 +278,7 @@ def test_ranking_table_flags_chance_and_explains_match(app, atlas, tmp_path):
                                                "--json"]).output)
     assert all({"p_value", "above_chance"} <= set(row) for row in data["ranking"])
     if not any(row["above_chance"] for row in data["ranking"]):
-        assert "NOT SIGNIFICANT" in res.output and "no node is above chance" in res.output
+        assert "n.s." in res.output and "not significant" in res.output and "no node is above chance" in res.output
 
 
 def test_unanalysed_node_falls_back_to_its_nearest_analysed_ancestor(store):

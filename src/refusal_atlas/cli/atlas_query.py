@@ -63,8 +63,8 @@ def _table(console: Console, title: str, columns: list[str], rows: list[list[Any
     table = Table(show_header=True, header_style="bold")
     for col in columns:
         free = col in wide
-        table.add_column(Text(col), overflow="fold", no_wrap=not free, min_width=min(len(col), 12),
-                         ratio=2 if free else None)
+        table.add_column(Text(col), overflow="fold", no_wrap=not free, min_width=16 if free else min(len(col), 12),
+                         ratio=1 if free else None)
     for row in rows:
         table.add_row(*[Text(_fmt(v)) for v in row])
     console.print(table)
@@ -128,7 +128,7 @@ def show_node(report: dict[str, Any], console: Console) -> None:
                  (f"[{_fmt(n.get('ci_low'))}, {_fmt(n.get('ci_high'))}]" if "ci_low" in n else None),
                  n.get("source")] for n in near])
         _legend(console, "from overlap: an edge of the overlap graph (cosine with its 95% CI); from directions: "
-                         "cosine at the layer above beside the other node's noise floor")
+                         "cosine at this node's selected (or most reliable) layer beside the other node's noise floor")
     else:
         console.print(_line("nearest nodes: none (no overlap edge and no direction to compare)"))
     clusters = report.get("clusters") or []
@@ -156,14 +156,16 @@ def show_ranking(result: dict[str, Any], console: Console, limit: int) -> None:
     where = f"layer {layers[0]}" if len(layers) == 1 else f"best of layers {layers[0]}–{layers[-1]}"
     title = (f"harm sources closest to {result['source']} (shape {result['shape']}, position {result['position']}, "
              f"{where}: {result.get('layer_choice')})")
+    one_layer = len(layers) == 1
     rows = [[r["rank"], r["node"], r.get("label"), r["cosine"], r.get("p_value"),
-             "yes" if r.get("above_chance") else "NOT SIGNIFICANT", r.get("layer"), r.get("noise_floor"),
-             r.get("ceiling"), r.get("match")] for r in result["ranking"][:limit]]
-    _table(console, title, ["#", "node", "label", "cosine", "p", "above chance", "layer", "noise floor", "ceiling",
-                            "match"], rows)
+             "yes" if r.get("above_chance") else "n.s.", *([] if one_layer else [r.get("layer")]),
+             r.get("noise_floor"), r.get("ceiling"), r.get("match")] for r in result["ranking"][:limit]]
+    _table(console, title, ["#", "node", "label", "cosine", "p", "above chance", *([] if one_layer else ["layer"]),
+                            "noise floor", "ceiling", "match"], rows)
     chance = result.get("chance") or {}
     _legend(console, f"p: share of {chance.get('draws')} random unit directions (seed {chance.get('seed')}) whose "
-                     f"best cosine over the same layers reaches this one; above chance when p < {chance.get('alpha')}")
+                     f"best cosine over the same layers reaches this one; above chance when p < {chance.get('alpha')}, "
+                     "n.s. = not significant")
     _legend(console, result.get("match_legend") or q.MATCH_LEGEND)
     n_sig = sum(1 for r in result["ranking"] if r.get("above_chance"))
     if not n_sig:

@@ -85,9 +85,8 @@ def analysed_fallback(store: AtlasStore, node_id: str) -> dict[str, Any] | None:
     if tax is not None and node_id in tax.nodes:
         ancestor = next((a for a in _primary_ancestors(tax, node_id) if a in ds.nodes), None)
     min_prompts = (store.manifest.get("parameters") or {}).get("min_prompts")
-    why = ("not analysed in this run: the run extracts directions for nodes with at least "
-           f"{min_prompts if min_prompts is not None else 'min_prompts'} harmful training prompts "
-           "(and at most --max-nodes of them)")
+    why = (f"not analysed in this run (fewer than {min_prompts if min_prompts is not None else 'min_prompts'} "
+           "harmful training prompts, or beyond --max-nodes)")
     return {"reason": why, "ancestor": ancestor,
             "note": (f"showing the directions of its nearest analysed ancestor {ancestor}" if ancestor else
                      "no ancestor was analysed either")}
