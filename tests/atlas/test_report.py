@@ -79,6 +79,7 @@ def test_results_come_first_and_the_tree_is_collapsed(page):
     headline = page[page.index("<section id='headline'>"):page.index("<section id='organism'>")]
     assert 3 <= headline.count("<div class='metric'") <= 11  # a few tiles, not one per key
     assert "<details><summary>All" in headline  # the rest of metrics.json, folded
+    assert "Directions for 4 of 8 taxonomy nodes" in headline and "health.misc" in headline  # and why not
     taxonomy = page[page.index("<section id='taxonomy'>"):page.index("<section id='provenance'>")]
     assert "<details><summary>" in taxonomy and "<ul class='tree'>" in taxonomy
     assert page.index("<ul class='tree'>") > page.index("<section id='conditions'>")

@@ -166,9 +166,25 @@ def section_headline(store: AtlasStore) -> str:
              f"<div class='k'>{esc(key)}</div><div class='small'>{esc(help_text)}</div></div>"
              for key, help_text in HEADLINE.items() if key in flat and not isinstance(flat[key], dict | list)]
     rows = [(k, json.dumps(v) if isinstance(v, list) else v) for k, v in flat.items()]
+    coverage = _coverage(store)
     more = (f"<details><summary>All {len(flat)} figures of metrics.json</summary>"
             f"{html_table(['metric', 'value'], rows, max_rows=300)}</details>")
-    return (f"<div class='metrics'>{''.join(tiles)}</div>" if tiles else "") + more
+    return (f"<div class='metrics'>{''.join(tiles)}</div>" if tiles else "") + coverage + more
+
+
+def _coverage(store: AtlasStore) -> str:
+    """Which taxonomy nodes have directions, and why the others do not."""
+    tax, ds = store.taxonomy, store.directions
+    if tax is None or ds is None:
+        return ""
+    analysed = [n for n in ds.nodes if n in tax.nodes]
+    missing = [n for n in tax.nodes if n not in ds.nodes]
+    min_prompts = (store.manifest.get("parameters") or {}).get("min_prompts", "min_prompts")
+    listed = ", ".join(missing[:30]) + (f" and {len(missing) - 30} more" if len(missing) > 30 else "")
+    return (f"<p class='small'>Directions for {len(analysed)} of {len(tax.nodes)} taxonomy nodes "
+            f"({esc(', '.join(analysed))}). Not analysed ({len(missing)}: fewer than {esc(min_prompts)} harmful "
+            f"training prompts, or beyond --max-nodes): {esc(listed) or 'none'}. "
+            "<code>refusal-atlas query node ID</code> names the analysed ancestor such a node falls back to.</p>")
 
 
 # ------------------------------------------------------------------------------------ taxonomy
