@@ -143,7 +143,8 @@ def test_source_maps_external_category_to_nodes_and_directions(store):
 def test_source_reaches_descendants_with_directions(store):
     r = q.source_report(store, "llamaguard3:S14")
     by_node = {n["node"]: n for n in r["nodes"]}
-    assert by_node["cyber"]["best"] is None  # the branch itself has no direction
+    assert by_node["cyber"]["best"] is None  # the branch itself has no direction, and says why
+    assert "not analysed" in by_node["cyber"]["why"] and by_node["cyber"]["fallback"] is None
     assert by_node["cyber.malware"]["via"] == "cyber" and by_node["cyber.malware"]["best"] is not None
 
 
@@ -190,7 +191,9 @@ def test_cli_json_outputs(app, atlas, tmp_path):
 def test_cli_tables_render_text_without_markup(app, atlas):
     res = CliRunner().invoke(app, ["query", "node", "weapons.explosives", "--atlas", str(atlas)])
     assert res.exit_code == 0, res.output
-    assert "nearest nodes" in res.output and "directions (diff_means)" in res.output
+    assert "nearest nodes" in res.output and "directions of weapons.explosives (diff_means)" in res.output
+    assert "cell = reliability / noise floor |norm| auc AUROC" in res.output  # the grid has a legend
+    assert "selected direction (causal selection): layer 2" in res.output
     assert "last_instruction" in res.output  # one column per token position
     assert "<script>alert(1)</script>" in res.output  # a cluster label shown verbatim, not as rich markup
     res = CliRunner().invoke(app, ["query", "source", "llamaguard3:S9", "--atlas", str(atlas)])
@@ -222,3 +225,90 @@ def test_real_cli_missing_atlas_one_line_no_traceback(tmp_path):
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "refusal-atlas run" in lines[0], res.stderr
     assert "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------------------ honest rankings
+def test_default_comparison_is_at_the_selected_layer_and_position(store):
+    vec = torch.tensor(planted_directions()["weapons.cbrn"], dtype=torch.float32)
+    r = q.rank_direction(store, vec)
+    assert r["layers"] == [2] and r["position"] == "-1" and r["layer_choice"] == "selected by the causal stage"
+    assert q.rank_direction(store, vec, all_layers=True)["layers"] == LAYERS
+
+
+def test_planted_direction_is_above_chance(store):
+    vec = torch.tensor(planted_directions()["weapons.cbrn"], dtype=torch.float32)
+    top = q.rank_direction(store, vec, all_layers=True)["ranking"][0]
+    assert top["node"] == "weapons.cbrn" and top["above_chance"] and top["p_value"] < 0.01
+
+
+@pytest.mark.parametrize("all_layers", [False, True])
+def test_p_values_of_random_vectors_are_calibrated(store, all_layers):
+    """Random directions are above chance about 5% of the time, also when the best of 4 layers is taken."""
+    gen = torch.Generator().manual_seed(1)
+    flags, naive = [], []
+    for _ in range(30):
+        vec = torch.randn(D_MODEL, generator=gen)
+        r = q.rank_direction(store, vec, all_layers=all_layers, draws=400)
+        flags += [row["above_chance"] for row in r["ranking"]]
+        naive += [row["cosine"] > row["chance_cosine_95"] for row in r["ranking"]]
+        assert all(0 < row["p_value"] <= 1 for row in r["ranking"])
+    assert len(flags) == 30 * len(NODES)
+    assert 0.0 < sum(flags) / len(flags) < 0.12, sum(flags)
+    assert abs(sum(flags) - sum(naive)) <= 3  # the flag and the null's 95th percentile tell the same story
+
+
+def test_zero_or_nan_vectors_are_one_line_errors(store, app, atlas, tmp_path):
+    with pytest.raises(AtlasError, match="all zeros"):
+        q.rank_direction(store, torch.zeros(D_MODEL))
+    with pytest.raises(AtlasError, match="NaN"):
+        q.rank_direction(store, torch.full((D_MODEL,), float("nan")))
+    np.save(tmp_path / "zero.npy", np.zeros(D_MODEL, dtype=np.float32))
+    with pytest.raises(AtlasError, match="all zeros"):
+        q.load_vector(tmp_path / "zero.npy")
+    res = CliRunner().invoke(app, ["query", "direction", str(tmp_path / "zero.npy"), "--atlas", str(atlas)])
+    assert isinstance(res.exception, AtlasError) and "\n" not in str(res.exception)
+
+
+def test_ranking_table_flags_chance_and_explains_match(app, atlas, tmp_path):
+    np.save(tmp_path / "r.npy", np.random.default_rng(3).normal(size=D_MODEL).astype(np.float32))
+    res = CliRunner().invoke(app, ["query", "direction", str(tmp_path / "r.npy"), "--atlas", str(atlas)])
+    assert res.exit_code == 0, res.output
+    assert "match = cosine / ceiling" in res.output and "random unit directions" in res.output
+    data = json.loads(CliRunner().invoke(app, ["query", "direction", str(tmp_path / "r.npy"), "--atlas", str(atlas),
+                                               "--json"]).output)
+    assert all({"p_value", "above_chance"} <= set(row) for row in data["ranking"])
+    if not any(row["above_chance"] for row in data["ranking"]):
+        assert "n.s." in res.output and "not significant" in res.output and "no node is above chance" in res.output
+
+
+def test_unanalysed_node_falls_back_to_its_nearest_analysed_ancestor(store):
+    r = q.node_report(store, "health.misc")  # in the taxonomy, no direction in the run
+    assert r["fallback"]["ancestor"] is None and "not analysed" in r["fallback"]["reason"]
+    assert r["directions"] == [] and r["directions_of"] == "health.misc"
+    assert q.node_report(store, "health.dosing")["fallback"] is None
+
+
+def test_terminal_output_never_interprets_markup():
+    from rich.console import Console
+
+    from refusal_atlas.cli.atlas_query import show_node, show_ranking, show_source, show_sparql
+
+    evil = "[/] [link=https://evil.example]here[/link] [bold]x"
+    console = Console(record=True, width=200, highlight=False)
+    show_node({"node": evil, "label": evil, "definition": evil, "default": "refuse", "broader": [evil],
+               "rules": [{"from": evil, "when": {"a": evil}, "expect": "refuse", "rationale": evil}],
+               "directions": [], "fallback": {"reason": evil, "note": evil, "ancestor": None},
+               "nearest": [{"node": evil, "label": evil, "cosine": 0.5, "source": "directions"}],
+               "clusters": [{"cluster": "0", "label": evil, "size": 1, "score": 0.1}],
+               "cross_ablation": None, "condition_table": [], "adherence": None}, console)
+    show_ranking({"source": evil, "shape": [3], "position": evil, "layers": [1], "layer_choice": evil,
+                  "chance": {"draws": 10, "seed": 0, "alpha": 0.05}, "pooled": None,
+                  "ranking": [{"rank": 1, "node": evil, "label": evil, "cosine": 0.1, "p_value": 0.5,
+                               "above_chance": False, "layer": 1}]}, console, 5)
+    show_source({"source": evil, "label": evil, "directions_available": True,
+                 "nodes": [{"node": evil, "label": evil, "predicate": evil, "best": None, "why": evil,
+                            "fallback": evil}]}, console)
+    show_sparql({"type": "SELECT", "vars": [evil], "rows": [[evil]]}, console)
+    text = console.export_text()
+    assert text.count("[link=https://evil.example]here[/link]") >= 10
+    assert "evil.example" not in "".join(str(s.style) for s in console._record_buffer if s.style)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import shutil
 import subprocess
@@ -11,16 +13,30 @@ import pytest
 
 from fixtures.atlas.builder import XSS, XSS2, build_atlas, full_atlas
 from refusal_atlas.atlas.links import write_atlas_ttl
-from refusal_atlas.atlas.report import build_report, esc, script_json
+from refusal_atlas.atlas.report import build_report, clean, esc, script_json
 
-SECTIONS = ("metrics", "taxonomy", "organism", "clusters", "heatmap", "overlap", "profiles", "causal", "conditions",
-            "figures", "provenance")
+SECTIONS = ("findings", "headline", "organism", "clusters", "heatmap", "overlap", "profiles", "causal", "conditions",
+            "figures", "taxonomy", "provenance")
+
+
+FINDINGS = [
+    {"question": "shared_vs_separable", "title": "Is refusal one direction?", "subject": "all nodes",
+     "verdict": "separable", "sentence": "Node directions overlap less than their noise floors allow.",
+     "rule": "overlap_below_floor", "rule_text": "corrected cosine CI upper bound < 0.9 for most pairs",
+     "value": 0.41, "ci": [0.33, 0.52], "n": 6, "trusted": True, "evidence": ["overlap/overlap.graphml"]},
+    {"question": "conditions_act_late", "title": "Do conditions act after detection?", "subject": "health.dosing",
+     "verdict": "output_only", "sentence": f"The condition changes the output only {XSS}.",
+     "rule": f"projection_unchanged{XSS2}", "rule_text": "projection CI contains 0 while refusal changes",
+     "value": 0.2, "ci": [float("nan"), None], "n": 1, "trusted": False, "evidence": "conditions"},
+]
 
 
 @pytest.fixture(scope="module")
 def atlas(tmp_path_factory) -> Path:
     out = full_atlas(tmp_path_factory.mktemp("atlas") / "atlas-out")
     write_atlas_ttl(out)
+    # the verdicts stage's output; NaN is what Python's json writes for a missing bound
+    (out / "findings.json").write_text(json.dumps({"findings": FINDINGS}), encoding="utf-8")
     return out
 
 
@@ -48,6 +64,55 @@ def test_every_section_is_present_and_filled(page):
     assert "Selected direction per node" in page
 
 
+def test_results_come_first_and_the_tree_is_collapsed(page):
+    order = [page.index(f"<section id='{a}'>") for a in SECTIONS]
+    assert order == sorted(order)
+    findings = page[page.index("<section id='findings'>"):page.index("<section id='headline'>")]
+    assert findings.count("<li class='finding") == len(FINDINGS)
+    assert "Node directions overlap less than their noise floors allow." in findings
+    assert "value 0.410, 95% CI [0.330, 0.520], n = 6" in findings and "overlap_below_floor" in findings
+    assert "href='#overlap'" in findings and "href='#conditions'" in findings  # each links to its evidence
+    first, second = findings.split("<li class='finding")[1:]
+    assert "rule not yet validated — inconclusive" not in first
+    assert "rule not yet validated — inconclusive" in second and "v-inconclusive" in second
+    assert "n = 1, no CI" in second  # one observation has no interval, whatever the file says
+    headline = page[page.index("<section id='headline'>"):page.index("<section id='organism'>")]
+    assert 3 <= headline.count("<div class='metric'") <= 11  # a few tiles, not one per key
+    assert "<details><summary>All" in headline  # the rest of metrics.json, folded
+    assert "Directions for 4 of 8 taxonomy nodes" in headline and "health.misc" in headline  # and why not
+    taxonomy = page[page.index("<section id='taxonomy'>"):page.index("<section id='provenance'>")]
+    assert "<details><summary>" in taxonomy and "<ul class='tree'>" in taxonomy
+    assert page.index("<ul class='tree'>") > page.index("<section id='conditions'>")
+
+
+def test_nan_and_single_prompt_intervals_render(atlas, tmp_path):
+    """A condition with one prompt has NaN bounds: the section renders, the cell says why there is no CI."""
+    import pandas as pd
+
+    out = tmp_path / "nan-atlas"
+    shutil.copytree(atlas, out)
+    path = out / "causal" / "conditions.parquet"
+    ct = pd.read_parquet(path)
+    extra = ct.iloc[[1]].assign(condition="purpose=research", n=1, refusal_ci_low=float("nan"),
+                                refusal_ci_high=float("nan"),
+                                projection_ci_low=float("nan"), projection_ci_high=float("inf"))
+    pd.concat([ct, extra]).to_parquet(path, index=False)
+    page = build_report(out).read_text(encoding="utf-8")
+    assert "could not render" not in page
+    conditions = page[page.index("<section id='conditions'>"):page.index("<section id='figures'>")]
+    assert "n = 1, no CI" in conditions and "purpose=research" in conditions
+    for block in re.findall(r"<script type='application/json'[^>]*>(.*?)</script>", page, flags=re.S):
+        json.loads(block, parse_constant=lambda c: pytest.fail(f"{c} in embedded JSON"))
+
+
+def test_clean_turns_every_non_finite_number_into_null():
+    import numpy as np
+
+    data = {"a": float("nan"), "b": [np.float32("inf"), np.array([1.0, np.nan])], "c": np.int64(3), 4: -math.inf}
+    assert clean(data) == {"a": None, "b": [None, [1.0, None]], "c": 3, "4": None}
+    assert json.loads(script_json({"x": float("nan")})) == {"x": None}
+
+
 def test_self_contained_offline(page, report):
     assert not re.search(r"<script[^>]+src=", page)
     assert not re.search(r"<link[^>]+href=", page)
@@ -66,6 +131,8 @@ def test_self_contained_offline(page, report):
 def test_xss_payloads_are_inert(page):
     for payload in (XSS, XSS2):
         assert payload not in page
+    findings = page[page.index("<section id='findings'>"):page.index("<section id='headline'>")]
+    assert esc(XSS) in findings and esc(XSS2) in findings  # a finding's sentence and rule name, escaped
     assert all(tag.startswith("<img class='fig'") for tag in re.findall(r"<img\b[^>]*>", page))
     assert "<svg onload" not in page and esc("Misc </script><svg onload=alert(1)>") in page  # a taxonomy label
     assert esc(XSS) in page  # shown, escaped, in the HTML tables
@@ -92,6 +159,7 @@ def test_partial_atlas_renders_with_not_run_markers(tmp_path):
     for anchor in SECTIONS:
         assert f"<section id='{anchor}'>" in page
     assert page.count("not run") >= 5
+    assert "could not render" not in page
     assert "Explosives" in page
     from plotly.offline import get_plotlyjs
 
@@ -140,3 +208,45 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     colours = image.getcolors(maxcolors=1_000_000)
     assert colours is None or len(colours) > 50  # a blank page has one or two colours
     assert max(ImageStat.Stat(image).stddev) > 10
+
+
+# ------------------------------------------------------------------------------ a real run, end to end
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory) -> Path:
+    """The whole `run` pipeline (its public entry point, as `refusal-atlas run` calls it) on a tiny random
+    Llama turned into a tiny organism: the report is rendered from what the stages really wrote."""
+    from refusal_atlas.atlas.pipeline import RunConfig, run
+    from refusal_atlas.lm.testing import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", n_layers=4, d_model=64)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    out = tmp_path_factory.mktemp("real-atlas")
+    cfg = RunConfig(model=str(folder), out=out, quick=True, organism=True, progress=False,
+                    sets=("harmless", "overrefusal", "taxonomy"), min_prompts=4,
+                    extra={"sizes": {"collect_limit": 60, "max_new_tokens": 8, "per_node_eval": 4,
+                                     "harmless_eval": 8, "max_nodes": 3, "cluster_seeds": 2},
+                           "organism": {"max_nodes": 6, "epochs": 1}})
+    run(cfg)
+    return out
+
+
+def _assert_page_sound(page: str) -> None:
+    for anchor in SECTIONS:
+        assert f"<section id='{anchor}'>" in page, anchor
+    failed = re.findall(r"could not render[^<]*", page)
+    assert not failed, failed
+    for block in re.findall(r"<script type='application/json'[^>]*>(.*?)</script>", page, flags=re.S):
+        json.loads(block, parse_constant=lambda c: pytest.fail(f"{c} in embedded JSON"))
+
+
+def test_the_report_of_a_real_run_renders_every_section(real_run):
+    _assert_page_sound((real_run / "report.html").read_text(encoding="utf-8"))  # as the run wrote it
+    page = build_report(real_run, real_run / "again.html").read_text(encoding="utf-8")
+    _assert_page_sound(page)
+    for anchor in ("headline", "heatmap", "profiles", "taxonomy", "provenance"):
+        body = page[page.index(f"<section id='{anchor}'>"):]
+        body = body[: body.index("</section>")]
+        assert "not run" not in body, anchor  # these stages always run
+    assert len(re.findall(r"<div class=.figure.", page)) >= 4

@@ -1,7 +1,9 @@
 """CLI: `refusal-atlas query node|direction|source|sparql` (thin layer over refusal_atlas.atlas.query).
 
-Every command prints a rich table by default and the library's dict as JSON with `--json`.
+Every command prints rich tables by default and the library's dict as JSON with `--json`.
 A missing atlas folder or stage is a one-line AtlasError telling the user to run `refusal-atlas run`.
+Every string that comes from the atlas (labels, ids, file names, SPARQL values) is printed as a rich
+`Text`, never parsed as markup, so `[/]` or `[link=…]` in a label prints literally.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from refusal_atlas.atlas.store import AtlasStore
 AtlasOpt = Annotated[Path, typer.Option("--atlas", "-a", help="Atlas folder written by `refusal-atlas run`.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 DEFAULT_ATLAS = Path("atlas-out")
+CELL_LEGEND = ("cell = reliability / noise floor |norm| auc AUROC: reliability = split-half correlation of the "
+               "direction (Spearman-Brown corrected); noise floor = mean split-half cosine; |norm| = length of the "
+               "mean difference; AUROC = node vs harmless prompts, held out; * = causally selected; – = no "
+               "direction at this layer and position")
+CROSS_ABLATION_COLUMNS = ("evaluated", "method", "refusal_rate", "refusal_measure", "logit_score", "harmless_kl", "n")
 
 
 def _console() -> Console:
@@ -31,110 +38,168 @@ def _console() -> Console:
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return "–" if value != value else f"{value:.{digits}f}"
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items()) or "(none)"
     return str(value)
+
+
+def _line(text: str, style: str = "") -> Text:
+    """One line of output; `text` may hold atlas strings, so it is never parsed as markup."""
+    return Text(text, style=style)
 
 
 def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    table = Table(title=title, title_justify="left")
+def _table(console: Console, title: str, columns: list[str], rows: list[list[Any]], *,
+           wide: tuple[str, ...] = ("label", "definition", "rationale", "when", "why", "note")) -> None:
+    """Print a title line and a table: numbers and ids never wrap; only free-text columns fold."""
+    console.print(_line(title, "bold"))
+    table = Table(show_header=True, header_style="bold")
     for col in columns:
-        table.add_column(col, overflow="fold")
+        free = col in wide
+        table.add_column(Text(col), overflow="fold", no_wrap=not free, min_width=16 if free else min(len(col), 12),
+                         ratio=1 if free else None)
     for row in rows:
-        table.add_row(*[Text(_fmt(v)) for v in row])  # Text: corpus strings are never parsed as markup
-    return table
+        table.add_row(*[Text(_fmt(v)) for v in row])
+    console.print(table)
+
+
+def _legend(console: Console, text: str) -> None:
+    console.print(_line(text, "dim"))
+
+
+def _directions_grid(report: dict[str, Any], console: Console) -> None:
+    dirs = report.get("directions")
+    if dirs is None:
+        console.print(_line("directions: not run (no directions/ in this atlas)"))
+        return
+    fallback = report.get("fallback")
+    if fallback:
+        console.print(_line(f"{report['node']}: {fallback['reason']}; {fallback['note']}."))
+    if not dirs:
+        return
+    positions = list(dict.fromkeys(str(d["position"]) for d in dirs))
+    by_layer: dict[int, dict[str, dict[str, Any]]] = {}
+    for d in dirs:
+        by_layer.setdefault(int(d["layer"]), {})[str(d["position"])] = d
+
+    def cell(d: dict[str, Any] | None) -> str:
+        if not d:
+            return "–"
+        auroc = f" auc {_fmt(d.get('auroc'), 2)}" if d.get("auroc") is not None else ""
+        rel, floor, norm = _fmt(d.get("reliability"), 2), _fmt(d.get("noise_floor"), 2), _fmt(d.get("norm"), 1)
+        mark = " *" if d.get("selected") in (True, 1) else ""
+        return f"{rel} / {floor} |{norm}|{auroc}{mark}"
+
+    shown = report.get("directions_of") or report["node"]
+    _table(console, f"directions of {shown} (diff_means) by layer and token position", ["layer", *positions],
+           [[layer, *[cell(row.get(p)) for p in positions]] for layer, row in sorted(by_layer.items())])
+    _legend(console, CELL_LEGEND)
+    best = report.get("best")
+    if best:
+        name = "selected direction" if report.get("best_by") == "causal selection" else "most reliable direction"
+        console.print(_line(f"{name} ({report.get('best_by')}): layer {best['layer']}, position {best['position']}, "
+                            f"reliability {_fmt(best.get('reliability'))}"))
 
 
 def show_node(report: dict[str, Any], console: Console) -> None:
     """Render `node_report` as a few tables (text is printed as plain text, never as markup)."""
-    console.print(Text(f"{report['node']} — {report['label']}", style="bold"))
+    console.print(_line(f"{report['node']} — {report['label']}", "bold"))
     if report.get("definition"):
-        console.print(Text(report["definition"]))
+        console.print(_line(report["definition"]))
     if report.get("default"):
-        console.print(Text(f"default: {report['default']}; broader: {', '.join(report.get('broader') or []) or '–'}"))
+        console.print(_line(f"default: {report['default']}; broader: {', '.join(report.get('broader') or []) or '–'}"))
     rules = report.get("rules") or []
     if rules:
-        console.print(_table("conditions (own and inherited)", ["from", "when", "expect", "rationale"],
-                             [[r["from"], r["when"], r["expect"], r.get("rationale")] for r in rules]))
-    dirs = report.get("directions")
-    if dirs is None:
-        console.print("directions: not run")
-    else:
-        positions = list(dict.fromkeys(d["position"] for d in dirs))
-        by_layer: dict[int, dict[str, dict]] = {}
-        for d in dirs:
-            by_layer.setdefault(d["layer"], {})[d["position"]] = d
-
-        def cell(d: dict | None) -> str:
-            if not d:
-                return "–"
-            auroc = f" auc {_fmt(d.get('auroc'), 2)}" if d.get("auroc") is not None else ""
-            rel, floor, norm = _fmt(d.get("reliability"), 2), _fmt(d.get("noise_floor"), 2), _fmt(d.get("norm"), 1)
-            return f"{rel} / {floor} |{norm}|{auroc}"
-
-        console.print(_table("directions (diff_means): reliability / noise floor |norm| AUROC, by layer and position",
-                             ["layer", *positions],
-                             [[layer, *[cell(row.get(p)) for p in positions]]
-                              for layer, row in sorted(by_layer.items())]))
-        best = report.get("best")
-        if best:
-            console.print(Text(f"best: layer {best['layer']} position {best['position']} "
-                               f"(reliability {_fmt(best.get('reliability'))})"))
+        _table(console, "conditions (own and inherited)", ["from", "when", "expect", "rationale"],
+               [[r["from"], r["when"], r["expect"], r.get("rationale")] for r in rules])
+    _directions_grid(report, console)
     near = report.get("nearest") or []
-    console.print(_table("nearest nodes", ["node", "label", "cosine", "noise floor / CI", "from"],
-                         [[n["node"], n["label"], n.get("cosine"),
-                           n.get("noise_floor") if n.get("noise_floor") is not None else
-                           (f"[{_fmt(n.get('ci_low'))}, {_fmt(n.get('ci_high'))}]" if "ci_low" in n else None),
-                           n.get("source")] for n in near]) if near else "nearest nodes: not run")
+    if near:
+        _table(console, "nearest nodes", ["node", "label", "cosine", "noise floor / CI", "from"],
+               [[n["node"], n["label"], n.get("cosine"),
+                 n.get("noise_floor") if n.get("noise_floor") is not None else
+                 (f"[{_fmt(n.get('ci_low'))}, {_fmt(n.get('ci_high'))}]" if "ci_low" in n else None),
+                 n.get("source")] for n in near])
+        _legend(console, "from overlap: an edge of the overlap graph (cosine with its 95% CI); from directions: "
+                         "cosine at this node's selected (or most reliable) layer beside the other node's noise floor")
+    else:
+        console.print(_line("nearest nodes: none (no overlap edge and no direction to compare)"))
     clusters = report.get("clusters") or []
-    console.print(_table("clusters mapped here", ["cluster", "label", "size", "score"],
-                         [[c["cluster"], c["label"], c["size"], c["score"]] for c in clusters])
-                  if clusters else "clusters mapped here: none")
+    if clusters:
+        _table(console, "clusters mapped here", ["cluster", "label", "size", "score"],
+               [[c["cluster"], c["label"], c["size"], c["score"]] for c in clusters])
+    else:
+        console.print(_line("clusters mapped here: none"))
     for key, title in (("cross_ablation", "cross-ablation (ablating this node's direction)"),
                        ("condition_table", "conditions (causal)"), ("adherence", "organism adherence")):
         rows = report.get(key)
         if rows is None:
-            console.print(f"{title}: not run")
+            console.print(_line(f"{title}: not run"))
         elif rows:
             cols = list(rows[0])
-            console.print(_table(title, cols, [[r.get(c) for c in cols] for r in rows]))
+            if key == "cross_ablation":
+                cols = [c for c in CROSS_ABLATION_COLUMNS if c in cols]
+            _table(console, title, cols, [[r.get(c) for c in cols] for r in rows])
+        else:
+            console.print(_line(f"{title}: no rows for this node"))
 
 
 def show_ranking(result: dict[str, Any], console: Console, limit: int) -> None:
     layers = result["layers"]
+    where = f"layer {layers[0]}" if len(layers) == 1 else f"best of layers {layers[0]}–{layers[-1]}"
     title = (f"harm sources closest to {result['source']} (shape {result['shape']}, position {result['position']}, "
-             f"{'layer ' + str(layers[0]) if len(layers) == 1 else 'best of layers ' + str(layers)})")
-    rows = [[r["rank"], r["node"], r.get("label"), r["cosine"], r.get("layer"), r.get("noise_floor"),
-             r.get("ceiling"), r.get("match")] for r in result["ranking"][:limit]]
-    console.print(_table(title, ["#", "node", "label", "cosine", "layer", "noise floor", "ceiling", "match"], rows))
+             f"{where}: {result.get('layer_choice')})")
+    one_layer = len(layers) == 1
+    rows = [[r["rank"], r["node"], r.get("label"), r["cosine"], r.get("p_value"),
+             "yes" if r.get("above_chance") else "n.s.", *([] if one_layer else [r.get("layer")]),
+             r.get("noise_floor"), r.get("ceiling"), r.get("match")] for r in result["ranking"][:limit]]
+    _table(console, title, ["#", "node", "label", "cosine", "p", "above chance", *([] if one_layer else ["layer"]),
+                            "noise floor", "ceiling", "match"], rows)
+    chance = result.get("chance") or {}
+    _legend(console, f"p: share of {chance.get('draws')} random unit directions (seed {chance.get('seed')}) whose "
+                     f"best cosine over the same layers reaches this one; above chance when p < {chance.get('alpha')}, "
+                     "n.s. = not significant")
+    _legend(console, result.get("match_legend") or q.MATCH_LEGEND)
+    n_sig = sum(1 for r in result["ranking"] if r.get("above_chance"))
+    if not n_sig:
+        console.print(_line("no node is above chance: this vector matches no harm source better than a random "
+                            "direction would", "bold"))
     pooled = result.get("pooled")
     if pooled:
-        console.print(f"pooled refusal direction: cosine {_fmt(pooled['cosine'])} at layer {pooled['layer']}")
+        console.print(_line(f"pooled refusal direction: cosine {_fmt(pooled['cosine'])} at layer {pooled['layer']} "
+                            f"(p {_fmt(pooled.get('p_value'))})"))
 
 
 def show_source(result: dict[str, Any], console: Console) -> None:
     rows = []
     for n in result["nodes"]:
         best = n.get("best") or {}
+        note = None
+        if not best:
+            note = n.get("why") or "no direction"
+            if n.get("fallback"):
+                note += f"; nearest analysed ancestor: {n['fallback']}"
         rows.append([n["node"], n["label"], n["predicate"], n.get("via"), best.get("layer"), best.get("position"),
-                     best.get("reliability"), best.get("norm")])
-    console.print(_table(f"{result['source']} ({result.get('label') or ''}) -> nodes -> best direction",
-                         ["node", "label", "mapping", "via", "layer", "position", "reliability", "norm"], rows))
+                     best.get("reliability"), best.get("norm"), note])
+    _table(console, f"{result['source']} ({result.get('label') or ''}) -> nodes -> best direction",
+           ["node", "label", "mapping", "via", "layer", "position", "reliability", "norm", "note"], rows)
     if not result.get("directions_available"):
-        console.print("directions: not run")
+        console.print(_line("directions: not run"))
 
 
 def show_sparql(result: dict[str, Any], console: Console) -> None:
     if result["type"] == "ASK":
-        console.print("true" if result["answer"] else "false")
+        console.print(_line("true" if result["answer"] else "false"))
     elif result["type"] == "SELECT":
-        console.print(_table(f"{len(result['rows'])} row(s)", result["vars"], result["rows"]))
+        _table(console, f"{len(result['rows'])} row(s)", [str(v) for v in result["vars"]], result["rows"],
+               wide=tuple(str(v) for v in result["vars"]))
     else:
         typer.echo(result["turtle"])
 
@@ -154,17 +219,20 @@ def register_query(query_app: typer.Typer) -> None:
     def direction_cmd(
         file: Annotated[Path, typer.Argument(help="Vector file: .safetensors, .npy or .pt; [d] or [layers, d].")],
         atlas: AtlasOpt = DEFAULT_ATLAS, as_json: JsonOpt = False,
-        layer: Annotated[int | None, typer.Option(help="Compare at this layer only (default: best layer).")] = None,
-        position: Annotated[str | None, typer.Option(help="Token position (default: the refusal position).")] = None,
+        layer: Annotated[int | None, typer.Option(help="Compare at this layer only (default: the selected layer).")]
+        = None,
+        all_layers: Annotated[bool, typer.Option("--all-layers", help="Compare at every layer, best per node "
+                                                                      "(the p-value pays for the search).")] = False,
+        position: Annotated[str | None, typer.Option(help="Token position (default: the selected one).")] = None,
         key: Annotated[str | None, typer.Option(help="Tensor name inside a multi-tensor file.")] = None,
         method: Annotated[str, typer.Option(help="Compare with the nodes' diff_means, vs_other or residual "
                                                  "directions.")] = "diff_means",
         limit: Annotated[int, typer.Option(help="Rows to show in the table.")] = 20,
     ) -> None:
-        """Which harm sources does this direction correspond to? Cosine per node beside its noise floor."""
+        """Which harm sources does this direction correspond to? Cosine, p-value against chance, noise floor."""
         store = AtlasStore.open(atlas)
         result = q.rank_direction(store, q.load_vector(file, key), layer=layer, position=position, method=method,
-                                  source=str(file))
+                                  source=str(file), all_layers=all_layers)
         _print_json(result) if as_json else show_ranking(result, _console(), limit)
 
     @query_app.command("source")

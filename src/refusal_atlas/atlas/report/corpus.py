@@ -1,0 +1,110 @@
+"""Report sections about behaviour: the model organism's adherence and the cluster maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from refusal_atlas.atlas.report.html import Figures, df_table, esc, fmt, hover, html_table, not_run, short
+from refusal_atlas.atlas.store import AtlasStore, ClusterView
+
+MAX_POINTS = 5000
+
+
+def section_organism(store: AtlasStore, figs: Figures) -> str:
+    org, held = store.organism, store.adherence
+    if org is None and held is None:
+        return not_run("organism", "refusal-atlas organism build (run does it for --model default)")
+    parts = []
+    metrics = (org or {}).get("metrics") or {}
+    if metrics:
+        rows = [(k, v) for k, v in metrics.items() if not isinstance(v, dict | list)]
+        parts.append(html_table(["metric", "value"], rows))
+    if held is not None and not held.empty and {"category", "refused"} <= set(held.columns):
+        rates = held.groupby("category")["refused"].agg(["mean", "size"]).reset_index()
+        fig = go.Figure(go.Bar(x=[esc(c) for c in rates["category"]], y=rates["mean"],
+                               text=[f"n={n}" for n in rates["size"]], textposition="outside",
+                               marker_color="#6b8fb5"))
+        fig.update_layout(title="Held-out refusal rate by policy category", yaxis_title="refusal rate",
+                          yaxis_range=[0, 1.1], margin={"t": 50})
+        parts.append(figs.add(fig, 360))
+    by_node = store.adherence_by_node
+    if by_node is not None and not by_node.empty:
+        parts.append("<h3>Adherence per node and condition</h3>" +
+                     df_table(by_node, ["node", "condition", "expected", "category", "n", "refusal_rate",
+                                        "adherence"]))
+    if held is not None and not held.empty and "response" in held.columns:
+        by = "category" if "category" in held.columns else None
+        sample = held.groupby(by, sort=True).head(3) if by else held.head(12)
+        parts.append("<h3>Examples of held-out responses</h3>" +
+                     df_table(sample, ["node", "condition", "expected", "prompt", "response", "refused"]))
+    return "".join(parts)
+
+
+def _cluster_view_html(store: AtlasStore, view: ClusterView, figs: Figures, title: str, mapped: bool) -> str:
+    clusters, assign = view.clusters, view.assignments
+    parts = []
+    labels = {c.id: c.label or f"cluster {c.id}" for c in clusters}
+    if assign is not None and {"x", "y", "cluster"} <= set(assign.columns):
+        data = assign.head(MAX_POINTS)
+        text_col = next((c for c in ("text", "response", "prompt", "document") if c in data.columns), None)
+        fig = go.Figure()
+        for cid, rows in data.groupby("cluster", sort=True):
+            name = short(labels.get(str(cid), f"cluster {cid}"), 60)
+            texts = [hover(t) for t in rows[text_col]] if text_col else None
+            fig.add_trace(go.Scatter(
+                x=rows["x"], y=rows["y"], mode="markers", name=esc(name), hovertext=texts,
+                hoverinfo="text+name" if texts else "name",
+                marker={"size": 6, "opacity": 0.75, "color": "#b0b7bf" if str(cid) in ("-1", "outlier") else None},
+            ))
+        fig.update_layout(title=esc(title), xaxis_title="map x", yaxis_title="map y", legend={"font": {"size": 10}})
+        parts.append(figs.add(fig, 520))
+    if clusters:
+        rows = []
+        for c in clusters:
+            best = ", ".join(f"{n} ({fmt(s)})" for n, s in c.best_nodes[:3])
+            if c.outlier:
+                best = "outliers"
+            elif c.fits is False:
+                best = f"fits no node (closest: {best or '–'})"
+            row = [c.id, c.label, c.size, ", ".join(c.keywords[:8])]
+            row += [best or "–", c.method or "–"] if mapped else []
+            rows.append([*row, c.stability, c.examples[0] if c.examples else ""])
+        columns = ["cluster", "label", "size", "keywords"]
+        columns += ["best node(s) (score)", "mapped by"] if mapped else []
+        parts.append(html_table([*columns, "stability (seed Jaccard)", "example"], rows))
+    shown = {k: v for k, v in view.metrics.items()
+             if not k.endswith((".min", ".max", ".pairs")) and not k.startswith("stability.")}
+    if shown:
+        parts.append(html_table(["clustering metric", "value"], list(shown.items())))
+    if view.proposals_file is not None:
+        parts.append(f"<p>Proposed nodes for clusters that fit no node: <code>"
+                     f"{esc(view.proposals_file.relative_to(store.root))}</code> "
+                     "(review with <code>refusal-atlas taxonomy accept</code>).</p>")
+    return "".join(parts)
+
+
+def _text_column(folder: Path) -> str:
+    try:
+        meta = json.loads((folder / "clusters.json").read_text(encoding="utf-8"))
+        return str((meta.get("input") or {}).get("text_column") or "texts")
+    except (OSError, ValueError, AttributeError):
+        return "texts"
+
+
+def section_clusters(store: AtlasStore, figs: Figures) -> str:
+    main, responses = store.cluster_view, store.response_cluster_view
+    if not main.exists() and not responses.exists():
+        return not_run("clusters", "refusal-atlas curate cluster / map")
+    parts = []
+    if main.exists():
+        column = _text_column(main.folder)
+        parts.append(_cluster_view_html(store, main, figs, f"Cluster map of the corpus ({column})", mapped=True))
+    if responses.exists():
+        parts.append("<h3>Refusal wordings</h3><p class='small'>The responses the detector calls refusals, "
+                     "clustered: how many distinct ways does the model refuse?</p>")
+        parts.append(_cluster_view_html(store, responses, figs, "Cluster map of the refusals (responses)",
+                                        mapped=False))
+    return "".join(parts)
