@@ -81,3 +81,15 @@ def test_table_without_required_columns_is_one_line_error(tmp_path: Path) -> Non
     lm = tiny_model("llama", n_layers=2, d_model=32)
     with pytest.raises(AtlasError, match="lacks column"):
         run_harm_stage(tmp_path, lm, pd.DataFrame({"text": ["x"]}), load_taxonomy(None), 0)
+
+
+def test_cli_show_without_analysis_is_one_line_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from refusal_atlas.cli.harm import app
+
+    result = CliRunner().invoke(app, ["show", str(tmp_path)])
+    assert result.exit_code != 0 and isinstance(result.exception, AtlasError)
+    assert "harm analyse" in str(result.exception) and "\n" not in str(result.exception)
+    result = CliRunner().invoke(app, ["analyse", str(tmp_path), "-o", str(tmp_path / "o")])
+    assert isinstance(result.exception, AtlasError) and "corpus.parquet" in str(result.exception)

