@@ -93,3 +93,22 @@ def test_cli_show_without_analysis_is_one_line_error(tmp_path: Path) -> None:
     assert "harm analyse" in str(result.exception) and "\n" not in str(result.exception)
     result = CliRunner().invoke(app, ["analyse", str(tmp_path), "-o", str(tmp_path / "o")])
     assert isinstance(result.exception, AtlasError) and "corpus.parquet" in str(result.exception)
+
+
+def test_harm_table_adds_unlabelled_rows_per_branch() -> None:
+    from refusal_atlas.atlas.harm_stage import harm_table
+
+    corpus = pd.DataFrame({"prompt": ["a", "b"], "harmful": [True, False], "analysis_node": ["cyber", ""],
+                           "condition": "", "source": ["harmbench", "harmless"], "refused": [True, False]})
+    pool = pd.DataFrame({
+        "prompt": ["a", "c1", "c2", "c3", "k1", "p1", "h1", "h2"],
+        "harmful": [True, True, True, True, True, False, False, False],
+        "analysis_node": ["cyber", "cyber", "cyber", "cyber", "cyber", "", "", ""],
+        "condition": ["", "", "", "", "purpose=education", "", "", ""],
+        "source": ["harmbench"] * 5 + ["overrefusal", "harmless", "harmless"], "refused": [True] * 8})
+    out = harm_table(corpus, pool, extra_per_node=2, extra_harmless=1, seed=0)
+    added = out.iloc[2:]
+    assert "a" not in set(added["prompt"])  # already labelled in the corpus
+    assert added["refused"].isna().all()  # the pool's labels never leak in: the stage labels added rows
+    assert len(added[added["harmful"] & (added["condition"] == "")]) == 2
+    assert set(added["prompt"]) >= {"k1", "p1"} and len(added[added["source"] == "harmless"]) == 1

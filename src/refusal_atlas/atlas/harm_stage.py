@@ -349,3 +349,17 @@ def load_directions(out: Path) -> dict[str, torch.Tensor]:
         raise AtlasError(f"{path}: missing; run the harm stage first (`refusal-atlas harm analyse`)")
     return load_file(str(path))
 
+
+def harm_table(corpus: pd.DataFrame, pool: pd.DataFrame, *, extra_per_node: int = 16, extra_harmless: int = 24,
+               seed: int = 0) -> pd.DataFrame:
+    """The labelled corpus plus unlabelled held-out rows from `pool` (a run's evaluation prompts): plain and
+    conditioned harmful requests per branch, the over-refusal probes and some harmless requests, so the four
+    cells have prompts to read; the stage labels the added rows itself."""
+    pool = pool[~pool["prompt"].isin(set(corpus["prompt"]))].sample(frac=1.0, random_state=seed)
+    harmful = pool[pool["harmful"] & (pool["analysis_node"] != "")]
+    parts = [harmful[harmful["condition"] == ""].groupby("analysis_node").head(extra_per_node),
+             harmful[harmful["condition"] != ""].groupby("analysis_node").head(extra_per_node),
+             pool[pool["source"] == "overrefusal"],
+             pool[~pool["harmful"] & (pool["source"] == "harmless")].head(extra_harmless)]
+    extra = pd.concat(parts, ignore_index=True).drop(columns=["refused", "response"], errors="ignore")
+    return pd.concat([corpus, extra], ignore_index=True)

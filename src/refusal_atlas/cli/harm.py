@@ -89,6 +89,7 @@ def run_table(run_dir: Path, *, extra_per_node: int = 16, extra_harmless: int = 
     have prompts to read; the stage labels the added rows itself. Rows the organism trained on are left out."""
     import pandas as pd
 
+    from refusal_atlas.atlas.harm_stage import harm_table
     from refusal_atlas.atlas.pipeline import evaluation_rows
 
     run_dir = Path(run_dir)
@@ -98,12 +99,5 @@ def run_table(run_dir: Path, *, extra_per_node: int = 16, extra_harmless: int = 
     corpus = pd.read_parquet(run_dir / "corpus.parquet")
     prompts = pd.read_parquet(run_dir / "prompts.parquet")
     prompts = prompts[prompts["prompt"].str.len() <= max_chars]
-    pool = evaluation_rows(prompts, run_dir)
-    pool = pool[~pool["prompt"].isin(set(corpus["prompt"]))].sample(frac=1.0, random_state=seed)
-    harmful = pool[pool["harmful"] & (pool["analysis_node"] != "")]
-    parts = [harmful[harmful["condition"] == ""].groupby("analysis_node").head(extra_per_node),
-             harmful[harmful["condition"] != ""].groupby("analysis_node").head(extra_per_node),
-             pool[pool["source"] == "overrefusal"],
-             pool[~pool["harmful"] & (pool["source"] == "harmless")].head(extra_harmless)]
-    extra = pd.concat(parts, ignore_index=True).drop(columns=["refused", "response"], errors="ignore")
-    return pd.concat([corpus, extra], ignore_index=True)
+    return harm_table(corpus, evaluation_rows(prompts, run_dir), extra_per_node=extra_per_node,
+                      extra_harmless=extra_harmless, seed=seed)
