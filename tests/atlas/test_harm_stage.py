@@ -43,8 +43,8 @@ def test_harm_stage_end_to_end(tmp_path: Path) -> None:
     with Planted(lm, *planted_vectors(lm.d_model, same=False)):
         summary = run_harm_stage(tmp_path, lm, stage_table(), load_taxonomy(None), 0, settings=settings)
     folder = tmp_path / "harm"
-    for name in ("cells.csv", "geometry.csv", "projections.csv", "causal.csv", "findings.json", "prompts.parquet",
-                 "directions.safetensors", "harm.json"):
+    for name in ("cells.csv", "geometry.csv", "projections.csv", "projections.png", "causal.csv", "findings.json",
+                 "prompts.parquet", "directions.safetensors", "harm.json"):
         assert (folder / name).is_file(), name
     cells = pd.read_csv(folder / "cells.csv", keep_default_na=False).set_index("node")
     assert cells.loc["weapons", ["n_HR", "n_HC", "n_LR", "n_LC"]].tolist() == [10, 10, 10, 10]

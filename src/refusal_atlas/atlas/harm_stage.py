@@ -10,7 +10,7 @@ captures both positions at every layer, and writes into `out/harm/`:
 
 - `cells.csv`: n per cell per node (`mechinterp.harm_refusal.cell_table`), too-small cells named;
 - `geometry.csv`: per node and layer the cosine of h and r, its CI, both floors and reliabilities;
-- `projections.csv`: per node, group and direction, the mean projection with a bootstrap CI;
+- `projections.csv` / `projections.png`: per node, group and direction, the mean projection with a bootstrap CI;
 - `causal.csv`: additions and ablations, refusal and harm-judgement log-odds changes;
 - `findings.json`: one verdict row per node (`harm_refusal_verdict`);
 - `prompts.parquet`: every analysed row with its cell, group, response and label;
@@ -293,6 +293,7 @@ def run_harm_stage(out: Path, lm: LoadedModel, table: pd.DataFrame, taxonomy: Ta
     write_table(cells, folder / "cells.csv")
     write_table(geo_rows, folder / "geometry.csv")
     write_table(pd.DataFrame(proj_rows), folder / "projections.csv")
+    plot_projections(pd.DataFrame(proj_rows), folder / "projections.png")
     write_table(pd.DataFrame(causal_rows), folder / "causal.csv")
     cols = [c for c in ("prompt_id", "prompt", "base_prompt", "source", "branch", "resembles", "harmful", "refused",
                         "cell", "group", "condition", "expected", "framing", "added", "response") if c in df.columns]
@@ -363,3 +364,43 @@ def harm_table(corpus: pd.DataFrame, pool: pd.DataFrame, *, extra_per_node: int 
              pool[~pool["harmful"] & (pool["source"] == "harmless")].head(extra_harmless)]
     extra = pd.concat(parts, ignore_index=True).drop(columns=["refused", "response"], errors="ignore")
     return pd.concat([corpus, extra], ignore_index=True)
+
+
+def plot_projections(projections: pd.DataFrame, path: Path) -> Path | None:
+    """One panel per node: each group's mean projection on h (x) and r (y) with 95 % CIs; None without rows.
+
+    Reading it: harmful × refused sits up and right, harmless × complied at the origin; a jailbreak that moves
+    left but stays up lowers harmfulness only, one that moves down lowers refusal."""
+    if projections.empty:
+        return None
+    import matplotlib  # the plotting backend is only needed here
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wide = projections.pivot_table(index=["node", "group"], columns="direction",
+                                   values=["mean", "ci_low", "ci_high", "n"], aggfunc="first")
+    nodes = list(dict.fromkeys(projections["node"]))
+    cols = min(3, len(nodes))
+    rows = (len(nodes) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax, node in zip(axes.flat, nodes, strict=False):
+        part = wide.loc[node]
+        for group, rec in part.iterrows():
+            x, y = rec[("mean", "harmfulness")], rec[("mean", "refusal")]
+            xerr = [[x - rec[("ci_low", "harmfulness")]], [rec[("ci_high", "harmfulness")] - x]]
+            yerr = [[y - rec[("ci_low", "refusal")]], [rec[("ci_high", "refusal")] - y]]
+            ax.errorbar(x, y, xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), fmt="o", ms=4, capsize=2)
+            ax.annotate(f"{group} ({int(rec[('n', 'refusal')])})", (x, y), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_title(node, fontsize=8)
+        ax.set_xlabel("projection on h (last instruction token)", fontsize=7)
+        ax.set_ylabel("projection on r (last template token)", fontsize=7)
+    for ax in list(axes.flat)[len(nodes):]:
+        ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return path
