@@ -186,9 +186,12 @@ def label_rows(lm: LoadedModel, df: pd.DataFrame, settings: HarmSettings, progre
 # --------------------------------------------------------------------------------------------
 
 
-def _causal_layer(table: pd.DataFrame, n_layers: int, max_fraction: float) -> int:
-    """The layer below `max_fraction` of depth where the refusal direction is most reliable (earliest on ties)."""
-    t = table[table["layer"] < max(1, int(n_layers * max_fraction))].dropna(subset=["rel_r"])
+def _causal_layer(table: pd.DataFrame, n_layers: int, max_fraction: float, min_fraction: float = 0.3) -> int:
+    """The layer in [min_fraction, max_fraction) of depth where the refusal direction is most reliable (earliest on
+    ties). Why a band: the first blocks' directions are tiny and reliable only because the template tokens hardly
+    vary there, so adding them does nothing; Arditi et al.'s selected layers sit at 0.38-0.63 of depth."""
+    band = (table["layer"] >= int(n_layers * min_fraction)) & (table["layer"] < max(1, int(n_layers * max_fraction)))
+    t = table[band].dropna(subset=["rel_r"])
     if t.empty:
         return int(table["layer"].iloc[len(table) // 2])
     return int(t["layer"].to_numpy()[int(np.argmax(t["rel_r"].to_numpy()))])
