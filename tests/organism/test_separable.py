@@ -45,6 +45,13 @@ def test_band_outside_the_model_is_a_one_line_error():
         finetune(lm, _train_rows(), OrganismSettings.quick(), progress=False, band=(3, 6))
 
 
+def test_the_deepest_band_is_trained_first():
+    from refusal_atlas.organism.separable import training_order
+
+    assert training_order([(9, 17), (20, 27)]) == [1, 0]
+    assert training_order([(20, 27), (2, 5), (9, 17)]) == [0, 2, 1]
+
+
 def test_block_bands_are_disjoint_ranges():
     assert block_bands(30, ((0.3, 0.57), (0.67, 0.93))) == [(9, 17), (20, 27)]
     with pytest.raises(AtlasError, match="overlap"):

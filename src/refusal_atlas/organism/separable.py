@@ -44,7 +44,7 @@ from refusal_atlas.organism.training import finetune
 from refusal_atlas.taxonomy.model import Taxonomy
 
 # Bump when a code change alters what the separable organism is trained on or how.
-SEPARABLE_VERSION = 1
+SEPARABLE_VERSION = 2
 BRANCH_REFUSAL = "I'm sorry, but I can't help with that. I don't assist with {label}."
 OTHER = "(other)"
 
@@ -101,6 +101,17 @@ def block_bands(n_blocks: int, bands: tuple[tuple[float, float], ...]) -> list[t
             raise AtlasError(f"bands {bands} overlap on a {n_blocks}-block model; the planted truth needs disjoint "
                              "bands")
     return out
+
+
+def training_order(bands: list[tuple[int, int]]) -> list[int]:
+    """Band indices, deepest band first.
+
+    Why: a band trained after a lower one can learn to read the lower band's new refusal signal, and
+    restoring the lower band then removes both refusals (docs/decisions.md, "Organisms and verdicts").
+    Trained first, the upper band reads only the base model's features, which restoring the lower band
+    gives back.
+    """
+    return sorted(range(len(bands)), key=lambda i: -bands[i][0])
 
 
 def _pools(tax: Taxonomy, pool: pd.DataFrame, harmless: pd.DataFrame, lm: LoadedModel,
@@ -278,11 +289,13 @@ def build_separable(
     base_blocks = {i: copy.deepcopy(blocks[i].state_dict()) for band in bands for i in range(*band)}
     train_settings = replace(settings, epochs=s.epochs, lr=s.lr)
     losses: dict[str, list[float]] = {}
-    for k, (b, band) in enumerate(zip(branches, bands, strict=True)):
-        # stage k: branches 0..k refuse (earlier ones keep their targets), later ones are still answered
+    order = training_order(bands)
+    for k, j in enumerate(order):
+        b, band = branches[j], bands[j]
+        # this stage: the branches trained so far keep their refusal targets, b gets its own; branches still to
+        # come are left out (neither refused nor answered), so no band learns anything about them
         stage = rows[rows["split"] == "train"].copy()
-        later = stage["branch"].isin(branches[k + 1:])
-        stage = stage[~later]
+        stage = stage[~stage["branch"].isin([branches[i] for i in order[k + 1:]])]
         t = time.perf_counter()
         losses[b] = finetune(lm, stage.reset_index(drop=True), train_settings, progress=progress, band=band)
         timings[f"finetune:{b}"] = time.perf_counter() - t
@@ -306,8 +319,8 @@ def build_separable(
         "key": key, "recipe": "separable", "base": str(base) if not isinstance(base, LoadedModel) else base.spec,
         "base_identity": base_id, "settings": settings.to_dict(), "separable": s.to_dict(),
         "truth": {"kind": "separable", "n_blocks": n_blocks,
-                  "branches": {b: {"band": list(band), "wording": wording[b], "order": k}
-                               for k, (b, band) in enumerate(zip(branches, bands, strict=True))},
+                  "branches": {b: {"band": list(band), "wording": wording[b], "trained": order.index(j) + 1}
+                               for j, (b, band) in enumerate(zip(branches, bands, strict=True))},
                   "verification": verification},
         "policy": policy, "wording": {"per_branch": wording},
         "counts": {split: rows[rows["split"] == split]["category"].value_counts().to_dict()
