@@ -33,7 +33,6 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "overlap/overlap.json": ("pairs[].a", "pairs[].b", "pairs[].cos", "pairs[].ci_low", "pairs[].ci_high",
                              "pairs[].floor_a", "pairs[].floor_b"),
     "directions/directions.json": ("auroc.{node}.{position}[layer]", "n_prompts.{node}"),
-    "organism/organism.json": ("truth", "recipe"),
 }
 
 

@@ -7,6 +7,7 @@ Writes DIR/validation.json, DIR/validation.md (the README table) and one atlas f
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,13 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
                           separable=SeparableSettings.reduced() if reduced else SeparableSettings(), threads=threads)
     times["build separable"] = time.perf_counter() - t
 
-    def atlas(name: str, model: str, organism: bool) -> list:
+    def atlas(name: str, model: str, organism: bool, trained_on: Path | None = None) -> list:
         t0 = time.perf_counter()
         folder = out / f"atlas-{name}"
+        if trained_on is not None:
+            # where `run` looks for what the organism was trained on, so those prompts are never evaluated on
+            (folder / "organism").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(trained_on, folder / "organism" / "prompts.parquet")
         # the shared organism is the one `run` builds for `default`: the same recipe, cache and stage
         run(RunConfig(model=model, organism=organism, out=folder, quick=reduced, seed=seed, threads=threads), console)
         findings = decide(read_figures(folder))
@@ -82,7 +87,7 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
         return findings
 
     shared = atlas("shared", "default", True)
-    separable = atlas("separable", str(sep.model_dir), False)
+    separable = atlas("separable", str(sep.model_dir), False, sep.out_dir / "prompts.parquet")
     base = atlas("base", "default", False)
     truth = sep.info["truth"]
     checks = [*check_base(base), *check_shared(shared), *check_separable(separable, truth)]
