@@ -90,6 +90,13 @@ def test_a_node_that_never_refuses_is_no_refusal_and_joins_no_pair():
     assert set(found) == {"a and b", "c"} and found["a and b"].verdict == SHARED
 
 
+def test_one_refusing_node_and_one_unclear_node_give_no_pair():
+    fig = Figures(cross=_cross({"a": 1.0, "b": 0.33}, {}, n=6))
+    found = _by(decide(fig), "shared-vs-separable")
+    assert found["b"].verdict == INCONCLUSIVE and found["all nodes"].verdict == INCONCLUSIVE
+    assert "1 node(s) refuse" in found["all nodes"].sentence
+
+
 # ------------------------------------------------------------------------------------------ no refusal at all
 
 

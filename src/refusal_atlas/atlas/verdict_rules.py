@@ -142,12 +142,17 @@ def shared_vs_separable(fig: Figures) -> list[Finding]:
     out: list[Finding] = []
     nodes = sorted(n for n in base if n != POOLED_SOURCE)
     for node in nodes:
-        if node_status(*base[node]) == "none":
-            out.append(finding(q, node, NO_REFUSAL, "its baseline refusal is too low to ablate",
+        status = node_status(*base[node])
+        if status != "refuses":
+            out.append(finding(q, node, NO_REFUSAL if status == "none" else INCONCLUSIVE,
+                               "its baseline refusal is too low to ablate" if status == "none" else
+                               "its baseline refusal is neither clearly present nor absent",
                                value=base[node][0], ci=wilson(*base[node]), n=base[node][1]))
     refusing = [n for n in nodes if node_status(*base[n]) == "refuses"]
     for a, b in combinations(refusing, 2):
         out.append(_pair(fig, a, b, base))
+    if len(refusing) < 2:
+        out.append(finding(q, "all nodes", INCONCLUSIVE, f"{len(refusing)} node(s) refuse; a pair needs two"))
     return out
 
 
