@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 BUDGETS = ("full", "reduced")
+EVAL_PER_NODE = {"full": 16, "reduced": 10}
 
 
 def register(app: typer.Typer) -> None:
@@ -80,7 +81,11 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
             (folder / "organism").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(trained_on, folder / "organism" / "prompts.parquet")
         # the shared organism is the one `run` builds for `default`: the same recipe, cache and stage
-        run(RunConfig(model=model, organism=organism, out=folder, quick=reduced, seed=seed, threads=threads), console)
+        cfg = RunConfig(model=model, organism=organism, out=folder, quick=reduced, seed=seed, threads=threads)
+        # more evaluation prompts per node than the default run's 6: at n = 6 a cross-removal fraction's interval
+        # spans most of [0, 1], so the rules could only answer "inconclusive"
+        cfg.extra["sizes"] = {"per_node_eval": EVAL_PER_NODE["reduced" if reduced else "full"]}
+        run(cfg, console)
         findings = decide(read_figures(folder))
         atomic_write_json(folder / "findings.json", {"findings": [f.to_dict() for f in findings]})
         times[f"atlas {name}"] = time.perf_counter() - t0
