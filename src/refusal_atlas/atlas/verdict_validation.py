@@ -3,8 +3,8 @@
 Three known answers: the base model never refuses (every question: "no refusal to analyse"); the
 shared organism has one refusal decision for every branch (every pair of refusing branches: "one
 shared mechanism"); the separable organism has two branches planted in disjoint bands of blocks
-(their pair: "separable components"; each acts in layers that meet its band; the branches it did
-not train refuse nothing). A rule is trusted when it agreed everywhere it had a planted answer.
+(their pair: "separable components"; each acts in layers that meet its band). A rule is trusted
+when it agreed everywhere it had a planted answer.
 """
 
 from __future__ import annotations
@@ -73,10 +73,8 @@ def check_separable(findings: list[Finding], truth: dict[str, Any]) -> list[Chec
         meets = band is not None and band[0] <= hi - 1 + BAND_SLACK and band[1] >= lo - BAND_SLACK
         out.append(Check("separable", "where-it-acts", a, "layer-band", planted, f.verdict if f else "(not measured)",
                          meets))
-    for f in findings:
-        if f.question == "shared-vs-separable" and " and " not in f.subject and f.subject not in branches:
-            out.append(Check("separable", f.question, f.subject, f.rule, NO_REFUSAL, f.verdict,
-                             f.verdict == NO_REFUSAL))
+    # no check on the branches it was not trained to refuse: the middle band's refusal spreads to them (measured,
+    # docs/decisions.md), so their planted answer is not known
     return out
 
 
