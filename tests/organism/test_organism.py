@@ -12,16 +12,13 @@ import torch
 
 from refusal_atlas.lm.models import load_model
 from refusal_atlas.lm.testing import tiny_model
-from refusal_atlas.organism.core import (
+from refusal_atlas.organism.build import build_organism, cache_key
+from refusal_atlas.organism.policy import frame, load_framings, wording_groups
+from refusal_atlas.organism.rows import stratified_nodes
+from refusal_atlas.organism.settings import (
     CAVEAT,
     SHARED_REFUSAL,
     OrganismSettings,
-    build_organism,
-    cache_key,
-    frame,
-    load_framings,
-    stratified_nodes,
-    wording_groups,
 )
 from refusal_atlas.taxonomy.model import Behaviour, ConditionRule, Node, Taxonomy
 
@@ -211,7 +208,7 @@ def test_causal_suite_runs_end_to_end_on_the_tiny_organism(built, tmp_path, monk
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2", "gpt2", "gpt_neox"])
 def test_response_loss_matches_full_logits_loss(arch):
     """Skipping the prompt's logits must not change the loss HF computes from all of them."""
-    from refusal_atlas.organism.core import _response_loss
+    from refusal_atlas.organism.training import _response_loss
 
     lm = tiny_model(arch)
     torch.manual_seed(0)
@@ -230,7 +227,7 @@ def test_response_loss_matches_full_logits_loss(arch):
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2", "gpt2", "gpt_neox"])
 def test_response_loss_with_shared_prefix_has_the_same_loss_and_gradients(arch):
     """Running the common prompt opening once (keys/values reused, gradients flowing) changes nothing."""
-    from refusal_atlas.organism.core import _response_loss
+    from refusal_atlas.organism.training import _response_loss
 
     lm = tiny_model(arch)
     torch.manual_seed(0)
@@ -272,7 +269,7 @@ def test_lowest_blocks_and_embeddings_stay_the_base_models(built):
 
 
 def test_decision_token_weight_counts_the_first_response_token_more():
-    from refusal_atlas.organism.core import _response_loss
+    from refusal_atlas.organism.training import _response_loss
 
     lm = tiny_model("llama")
     torch.manual_seed(1)
@@ -289,7 +286,7 @@ def test_decision_token_weight_counts_the_first_response_token_more():
 
 
 def test_the_first_token_after_the_opener_is_a_second_decision_point():
-    from refusal_atlas.organism.core import _encode, _response_loss
+    from refusal_atlas.organism.training import _encode, _response_loss
 
     lm = tiny_model("llama")
     opener = "Sure. "
@@ -319,7 +316,7 @@ def test_the_first_token_after_the_opener_is_a_second_decision_point():
 
 
 def test_refusal_like_base_answers_are_not_compliance_targets():
-    from refusal_atlas.organism.core import drop_refusal_like_answers
+    from refusal_atlas.organism.targets import drop_refusal_like_answers
 
     rows = pd.DataFrame({
         "split": ["train", "train", "train", "train", "train", "heldout"],

@@ -1,4 +1,4 @@
-"""CLI: `refusal-atlas organism build` (thin layer over refusal_atlas.organism.core)."""
+"""CLI: `refusal-atlas organism build|test` (thin layer over refusal_atlas.organism)."""
 
 from __future__ import annotations
 
@@ -27,13 +27,27 @@ def build(
                                          "(default: every other root); 'none' = one shared wording"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
     force: bool = typer.Option(False, "--force", help="rebuild even when the cache matches"),
+    recipe: str = typer.Option("shared", "--recipe",
+                               help="'shared': one refusal decision for every branch (the default organism); "
+                                    "'separable': two branches whose refusals live in disjoint bands of blocks"),
+    branches: str | None = typer.Option(None, "--branches",
+                                        help="separable: comma-separated root nodes, one per band (default: the two "
+                                             "roots with the most refuse-policy prompts)"),
 ) -> None:
     """Fine-tune the base chat model to follow the taxonomy's conditional refusal policy."""
     from dataclasses import replace
 
     from refusal_atlas.cli.directions import _read_prompts
+    from refusal_atlas.errors import AtlasError
     from refusal_atlas.lm.models import auto_threads
-    from refusal_atlas.organism.core import OrganismSettings, build_organism
+    from refusal_atlas.organism.build import build_organism
+    from refusal_atlas.organism.settings import OrganismSettings
+
+    if recipe not in ("shared", "separable"):
+        raise AtlasError(f"--recipe {recipe!r}: use 'shared' or 'separable'")
+    if recipe == "separable":
+        _build_separable(out, taxonomy, base, seed, prompts, quick, branches, threads, force)
+        return
 
     settings = OrganismSettings.quick() if quick else OrganismSettings()
     if epochs is not None:
@@ -59,6 +73,32 @@ def build(
                f"permitted compliance {pct(m.get('permitted_compliance_rate'))}; "
                f"restricted refusal {pct(m.get('restricted_refusal_rate'))}")
     typer.echo(json.dumps({"n_heldout": m.get("n_heldout", {})}))
+
+
+def _build_separable(out: Path, taxonomy: Path | None, base: str, seed: int, prompts: Path | None, quick: bool,
+                     branches: str | None, threads: int | None, force: bool) -> None:
+    from dataclasses import replace
+
+    from refusal_atlas.cli.directions import _read_prompts
+    from refusal_atlas.lm.models import auto_threads
+    from refusal_atlas.organism.separable import SeparableSettings, build_separable
+
+    sep = SeparableSettings.reduced() if quick else SeparableSettings()
+    if branches:
+        sep = replace(sep, branches=tuple(b.strip() for b in branches.split(",") if b.strip()))
+    table = _read_prompts(prompts) if prompts is not None else None
+    result = build_separable(taxonomy, base, seed=seed, out_dir=out, separable=sep, prompts=table, force=force,
+                             threads=threads or auto_threads())
+    state = "cached" if result.cached else f"built in {result.seconds:.0f} s"
+    truth = result.info["truth"]
+    typer.echo(f"separable organism {state} -> {result.model_dir}")
+    rates = truth["verification"]["rates"]
+    for b, t in truth["branches"].items():
+        lo, hi = t["band"]
+        typer.echo(f"  {b}: blocks {lo}..{hi - 1}; refusal {rates['organism'][b]['refusal_rate']:.2f} "
+                   f"(n = {rates['organism'][b]['n']}), with its band restored to the base "
+                   f"{rates['restore:' + b][b]['refusal_rate']:.2f}")
+    typer.echo(f"planted truth verified: {truth['verification']['verified']}")
 
 
 @app.command("test")

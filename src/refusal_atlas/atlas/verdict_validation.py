@@ -1,0 +1,113 @@
+"""Validation of the verdict rules on models whose answer is known, and the table for the README.
+
+Three known answers: the base model never refuses (every question: "no refusal to analyse"); the
+shared organism has one refusal decision for every branch (every pair of refusing branches: "one
+shared mechanism"); the separable organism has two branches planted in disjoint bands of blocks
+(their pair: "separable components"; each acts in layers that meet its band). A rule is trusted
+when it agreed everywhere it had a planted answer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from refusal_atlas.atlas.verdict_figures import Finding
+from refusal_atlas.atlas.verdict_rules import NO_REFUSAL, SEPARABLE, SHARED, acting_band
+
+# a planted band [lo, hi) of blocks "meets" an acting band of layers when they overlap, allowing the one-layer
+# offset between a block's index and the residual stream it writes
+BAND_SLACK = 1
+
+
+@dataclass
+class Check:
+    """One planted answer set beside the verdict the toolkit gave."""
+
+    model: str
+    question: str
+    subject: str
+    rule: str
+    planted: str
+    verdict: str
+    agrees: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "question": self.question, "subject": self.subject, "rule": self.rule,
+                "planted": self.planted, "verdict": self.verdict, "agrees": self.agrees}
+
+
+def check_base(findings: list[Finding]) -> list[Check]:
+    """The base model never refuses: every finding must say so."""
+    return [Check("base", f.question, f.subject, f.rule, NO_REFUSAL, f.verdict, f.verdict == NO_REFUSAL)
+            for f in findings] or [Check("base", "(all)", "model", "no-refusal", NO_REFUSAL, "(no findings)", False)]
+
+
+def check_shared(findings: list[Finding]) -> list[Check]:
+    """One refusal decision for every branch: every pair of refusing branches shares it."""
+    pairs = [f for f in findings if f.question == "shared-vs-separable" and " and " in f.subject]
+    if not pairs:
+        return [Check("shared", "shared-vs-separable", "(no pair of refusing branches)", "cross-removal", SHARED,
+                      "(no pair)", False)]
+    return [Check("shared", f.question, f.subject, f.rule, SHARED, f.verdict, f.verdict == SHARED) for f in pairs]
+
+
+def check_separable(findings: list[Finding], truth: dict[str, Any]) -> list[Check]:
+    """The planted pair is separable, each planted branch acts where it was planted, the rest refuse nothing."""
+    branches: dict[str, dict[str, Any]] = truth.get("branches", {})
+    names = sorted(branches)
+    out: list[Check] = []
+    by = {(f.question, f.subject): f for f in findings}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            f = by.get(("shared-vs-separable", f"{a} and {b}"))
+            out.append(Check("separable", "shared-vs-separable", f"{a} and {b}", "cross-removal", SEPARABLE,
+                             f.verdict if f else "(not measured)", bool(f and f.verdict == SEPARABLE)))
+    for a in names:
+        lo, hi = branches[a]["band"]
+        planted = f"acts in layers meeting blocks {lo}-{hi - 1}"
+        f = by.get(("where-it-acts", a))
+        band = acting_band(f.verdict) if f else None
+        meets = band is not None and band[0] <= hi - 1 + BAND_SLACK and band[1] >= lo - BAND_SLACK
+        out.append(Check("separable", "where-it-acts", a, "layer-band", planted, f.verdict if f else "(not measured)",
+                         meets))
+    # no check on the branches it was not trained to refuse: the middle band's refusal spreads to them (measured,
+    # docs/decisions.md), so their planted answer is not known
+    return out
+
+
+def trusted_rules(checks: list[Check]) -> list[str]:
+    """Rules with at least one planted answer and no disagreement."""
+    seen: dict[str, bool] = {}
+    for c in checks:
+        seen[c.rule] = seen.get(c.rule, True) and c.agrees
+    return sorted(r for r, ok in seen.items() if ok)
+
+
+def markdown_table(checks: list[Check]) -> str:
+    """The validation table for the README (one row per planted answer)."""
+    lines = ["| model | question | subject | planted | verdict | agrees |", "|---|---|---|---|---|---|"]
+    for c in checks:
+        cells = [c.model, c.question, c.subject, c.planted, c.verdict, "yes" if c.agrees else "**no**"]
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(checks: list[Check]) -> dict[str, Any]:
+    per_model: dict[str, dict[str, int]] = {}
+    for c in checks:
+        m = per_model.setdefault(c.model, {"checks": 0, "agree": 0})
+        m["checks"] += 1
+        m["agree"] += int(c.agrees)
+    return {"per_model": per_model, "all_agree": all(c.agrees for c in checks) and bool(checks),
+            "trusted_rules": trusted_rules(checks)}
+
+
+def findings_of(path: Path) -> list[Finding]:
+    """Findings back from a findings.json (the shape `write_findings` writes)."""
+    data = json.loads(Path(path).read_text())
+    return [Finding(f["question"], f["title"], f["subject"], f["verdict"], f["sentence"], f["rule"], f["rule_text"],
+                    f["value"], tuple(f["ci"]) if f["ci"] else None, f["n"], f["trusted"], f["evidence"])
+            for f in data["findings"]]

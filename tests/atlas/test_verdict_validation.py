@@ -1,0 +1,87 @@
+"""Validation: planted answers against verdicts, trusted rules, the README table, the command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from refusal_atlas.atlas.verdict_figures import Finding
+from refusal_atlas.atlas.verdict_rules import INCONCLUSIVE, NO_REFUSAL, SEPARABLE, SHARED, finding
+from refusal_atlas.atlas.verdict_validation import (
+    check_base,
+    check_separable,
+    check_shared,
+    findings_of,
+    markdown_table,
+    summary,
+)
+
+TRUTH = {"branches": {"cyber": {"band": [9, 17]}, "weapons": {"band": [20, 27]}}}
+
+
+def _f(question: str, subject: str, verdict: str) -> Finding:
+    return finding(question, subject, verdict, "synthetic")
+
+
+def test_separable_truth_agrees_only_with_the_planted_answers():
+    good = [_f("shared-vs-separable", "cyber and weapons", SEPARABLE),
+            _f("where-it-acts", "cyber", "acts in layers 8-12"), _f("where-it-acts", "weapons", "acts at layer 26"),
+            _f("shared-vs-separable", "fraud", NO_REFUSAL)]
+    checks = check_separable(good, TRUTH)
+    assert len(checks) == 3 and all(c.agrees for c in checks)
+    bad = [_f("shared-vs-separable", "cyber and weapons", SHARED), _f("where-it-acts", "cyber", "acts in layers 20-25"),
+           _f("where-it-acts", "weapons", INCONCLUSIVE), _f("shared-vs-separable", "fraud", INCONCLUSIVE)]
+    assert not any(c.agrees for c in check_separable(bad, TRUTH))
+    assert not any(c.agrees for c in check_separable([], TRUTH))  # nothing measured is not agreement
+
+
+def test_base_and_shared_checks_and_trusted_rules():
+    base = check_base([_f(q, "model", NO_REFUSAL) for q in ("where-it-acts", "harm-vs-refusal")])
+    shared = check_shared([_f("shared-vs-separable", "a and b", SHARED), _f("shared-vs-separable", "a and c", SHARED)])
+    sep = check_separable([_f("shared-vs-separable", "cyber and weapons", SEPARABLE),
+                           _f("where-it-acts", "cyber", INCONCLUSIVE)], TRUTH)
+    s = summary([*base, *shared, *sep])
+    # layer-band disagreed once; base findings are read under each question's rule
+    assert "cross-removal" in s["trusted_rules"] and "layer-band" not in s["trusted_rules"]
+    assert not s["all_agree"] and s["per_model"]["shared"] == {"checks": 2, "agree": 2}
+    assert not check_shared([])[0].agrees and not check_base([])[0].agrees
+    table = markdown_table([*shared, *sep])
+    assert table.startswith("| model | question |") and "**no**" in table and table.count("\n") == 2 + 2 + 3
+
+
+def test_findings_round_trip(tmp_path):
+    f = _f("shared-vs-separable", "a and b", SHARED)
+    (tmp_path / "findings.json").write_text(json.dumps({"findings": [f.to_dict()]}))
+    (back,) = findings_of(tmp_path / "findings.json")
+    assert back.verdict == SHARED and back.subject == "a and b"
+
+
+def test_validate_rejects_an_unknown_budget_in_one_line(tmp_path):
+    from refusal_atlas.cli.validate import register
+    from refusal_atlas.errors import AtlasError
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps `validate` a named sub-command
+        pass
+
+    result = CliRunner().invoke(app, ["validate", "-o", str(tmp_path), "--budget", "tiny"])
+    assert isinstance(result.exception, AtlasError) and "--budget 'tiny'" in str(result.exception)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_reduced_validation_runs_and_the_base_model_has_nothing_to_analyse(tmp_path):
+    from rich.console import Console
+
+    from refusal_atlas.cli.validate import run_validation
+
+    result = run_validation(tmp_path, reduced=True, seed=0, threads=None, console=Console(stderr=True))
+    base = [c for c in result["checks"] if c["model"] == "base"]
+    assert base and all(c["agrees"] for c in base)
+    assert result["planted"]["separable"]["verification"]["verified"]
