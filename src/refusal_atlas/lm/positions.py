@@ -210,12 +210,12 @@ def gather_plan(
         n = len(pt.input_ids)
         offset = width - n
         for col, p in enumerate(point):
-            if p == LAST_INSTRUCTION:
-                index[row, col] = offset + pt.instruction_end - 1
-            else:
+            if isinstance(p, int):
                 if -p > n:
                     raise AtlasError(f"position {p} is before the start of a {n}-token prompt")
                 index[row, col] = width + p
+            else:  # LAST_INSTRUCTION, the only named point position
+                index[row, col] = offset + pt.instruction_end - 1
         if weights is not None:
             span = pt.instruction_end - pt.instruction_start
             weights[row, offset + pt.instruction_start : offset + pt.instruction_end] = 1.0 / span

@@ -7,15 +7,18 @@ ChatML-style chat template, and Llama / Gemma 2 / Qwen 2 / GPT-2 / GPT-NeoX conf
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerFast
 from transformers.tokenization_python import PythonBackend
 
+from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.lm.models import LoadedModel, wrap_model
+from refusal_atlas.lm.positions import LAST_INSTRUCTION, MEAN_INSTRUCTION, Position, tokenize_prompts
 
 ARCHITECTURES = ("llama", "gemma2", "qwen2", "gpt2", "gpt_neox")
 
@@ -44,8 +47,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from tokenizers import decoders
-
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
@@ -104,27 +105,30 @@ def tiny_model(
     return wrap_model(model, tiny_tokenizer(), name=f"tiny-{arch}")
 
 
-def _pick(hidden: torch.Tensor, position, start: int, end: int) -> torch.Tensor:
-    from refusal_atlas.lm.positions import LAST_INSTRUCTION, MEAN_INSTRUCTION
-
+def _pick(hidden: torch.Tensor, position: Position, start: int, end: int) -> torch.Tensor:
+    """One prompt's [d_model] vector at `position` from its [seq, d_model] hidden states."""
     if position == LAST_INSTRUCTION:
         return hidden[end - 1]
     if position == MEAN_INSTRUCTION:
         return hidden[start:end].mean(0)
+    assert isinstance(position, int)
     return hidden[position]
 
 
-def one_at_a_time_capture(lm: LoadedModel, instructions, layers, positions, system: str | None = None) -> torch.Tensor:
+def one_at_a_time_capture(
+    lm: LoadedModel,
+    instructions: Sequence[str],
+    layers: Sequence[int],
+    positions: Sequence[Position],
+    system: str | None = None,
+) -> torch.Tensor:
     """Ground truth for capture tests: one prompt at a time, no padding, no cache, `output_hidden_states`.
 
     hidden_states[l + 1] is block l's output; HF replaces the last one by the final-norm output, so the
-    last block is read with a plain hook. Returns [n, len(layers), len(positions), d_model].
+    last block is read with a plain hook. Returns [n, len(layers), len(positions), d_model], float32.
     """
-    from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
-    from refusal_atlas.lm.positions import tokenize_prompts
-
     out = torch.empty(len(instructions), len(layers), len(positions), lm.d_model)
-    kept: dict = {}
+    kept: dict[str, torch.Tensor] = {}
     handle = decoder_blocks(lm.model)[-1].register_forward_hook(lambda m, a, o: kept.update(h=hidden_from_output(o)))
     try:
         for i, pt in enumerate(tokenize_prompts(lm, instructions, system=system)):
