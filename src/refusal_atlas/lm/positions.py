@@ -130,10 +130,10 @@ def tokenize_prompts(lm: LoadedModel, instructions: Sequence[str], system: str |
     if getattr(tok, "is_fast", False):
         enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         out = []
-        for ids, offsets, (c0, c1) in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
+        for text, ids, offsets, (c0, c1) in zip(texts, enc["input_ids"], enc["offset_mapping"], spans, strict=True):
             inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < c1 and b > c0]
             if not inside:
-                raise AtlasError(f"prompt {texts[0][:60]!r}: no token overlaps the instruction (empty instruction?)")
+                raise AtlasError(f"prompt {text[:60]!r}: no token overlaps the instruction (empty instruction?)")
             out.append(PromptTokens(list(ids), inside[0], inside[-1] + 1))
         return out
     # Slow tokenizers have no offsets: tokenize the prefix up to each span edge and take the
