@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import constants as hub_constants
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.models import load_model
@@ -51,19 +54,31 @@ def test_load_folder_matches_in_memory_model(saved_tiny):
     assert torch.allclose(a, b, atol=1e-5), arch
 
 
-def test_missing_chat_template_is_a_clear_error(tmp_path):
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(tmp_path)
+def _save_without_template(lm, folder):
+    lm.model.save_pretrained(folder)
     tok = lm.tokenizer
     template, tok.chat_template = tok.chat_template, None
     try:
-        tok.save_pretrained(tmp_path)
+        tok.save_pretrained(folder)
     finally:
         tok.chat_template = template
-    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
-    with pytest.raises(AtlasError, match="no chat template"):
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return template
+
+
+def test_missing_chat_template_is_a_clear_error_whose_advice_works(tmp_path):
+    lm = tiny_model("llama")
+    template = _save_without_template(lm, tmp_path)
+    with pytest.raises(AtlasError, match="no chat template") as info:
         load_model(tmp_path)
-    # ... unless the caller supplies one
+    message = str(info.value)
+    assert "\n" not in message and "--chat-template" not in message  # no command has that option
+    assert "chat_template.jinja" in message
+    # ... the advice works: a template file in the folder is picked up
+    (tmp_path / "chat_template.jinja").write_text(template)
+    assert load_model(tmp_path).chat_prompt("hi").endswith("<|im_start|>assistant\n")
+    # ... and so does the Python API's argument
+    (tmp_path / "chat_template.jinja").unlink()
     assert "assistant" in load_model(tmp_path, chat_template=template).chat_prompt("hi")
 
 
@@ -109,3 +124,112 @@ def test_other_processes_cpu_use_is_seen_and_own_is_not():
         spinner.kill()
     assert busy is not None and busy >= 0.6  # a process spinning one core (plus whatever else runs)
     assert 1 <= auto_threads(0.1, samples=2, gap_s=0.1) <= (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("spec", ["./no-such-folder", "../models/missing", "a/b/c", "~/no-such-model-folder"])
+def test_a_missing_path_is_not_found_not_a_bad_hub_id(spec, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(AtlasError) as info:
+        load_model(spec)
+    message = str(info.value)
+    assert message.startswith(f"{spec}: model not found") and "Repo id" not in message and "\n" not in message
+
+
+def _no_proxy(monkeypatch):
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_hub_id_offline_fails_at_once_in_one_line(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    t0 = time.monotonic()
+    with pytest.raises(AtlasError) as info:
+        load_model("some-org/some-model")
+    elapsed = time.monotonic() - t0
+    message = str(info.value)
+    assert elapsed < 5, elapsed
+    assert "\n" not in message and "not in the Hugging Face cache" in message
+    assert "unset both to download it" in message  # how to go online
+    assert "Retrying" not in capfd.readouterr().err
+
+
+def test_hub_id_with_the_hub_unreachable_fails_at_once_in_one_line(monkeypatch, tmp_path, capfd):
+    # a local port nobody listens on: the connection is refused at once, as on a machine without network
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    _no_proxy(monkeypatch)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    t0 = time.monotonic()
+    with pytest.raises(AtlasError) as info:
+        load_model("some-org/some-model")
+    elapsed = time.monotonic() - t0
+    message = str(info.value)
+    assert elapsed < 10, elapsed  # the hub client alone retries five times with back-off (~30 s)
+    assert "\n" not in message and f"127.0.0.1:{port} cannot be reached" in message
+    assert "connect to the network" in message
+    assert "Retrying" not in capfd.readouterr().err
+
+
+def test_a_cached_hub_model_loads_offline(monkeypatch, tmp_path):
+    """Offline mode still finds a hub id that is in the cache (the layout huggingface_hub writes)."""
+    lm = tiny_model("qwen2")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-qwen2"
+    snapshot = repo / "snapshots" / commit
+    lm.model.save_pretrained(snapshot)
+    lm.tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_model("tiny-org/tiny-qwen2")
+    assert loaded.model_id == "tiny-org/tiny-qwen2" and loaded.revision == commit
+    x = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model(x).logits, lm.model(x).logits, atol=1e-6)
+
+
+class _RunsCode:
+    """Unpickling this runs code: it writes `marker` (a stand-in for anything an attacker would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def test_a_malicious_pickle_checkpoint_is_refused_in_one_line_and_never_runs(tmp_path):
+    lm = tiny_model("llama")
+    folder = tmp_path / "model"
+    lm.model.config.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    marker = tmp_path / "code-ran.txt"
+    torch.save({**state, "lm_head.weight": _RunsCode(marker)}, folder / "pytorch_model.bin")
+    # control: the same payload in a copy does run code when unpickled unsafely
+    control_marker = tmp_path / "control-ran.txt"
+    torch.save({"x": _RunsCode(control_marker)}, tmp_path / "control.bin")
+    torch.load(tmp_path / "control.bin", weights_only=False)
+    assert control_marker.read_text() == "ran"
+
+    with pytest.raises(AtlasError) as info:
+        load_model(folder)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(folder / "pytorch_model.bin") in message and "safetensors" in message
+    assert not marker.exists()
+    # a weights-only pickle of the same model still loads
+    torch.save(state, folder / "pytorch_model.bin")
+    loaded = load_model(folder)
+    x = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model(x).logits, lm.model(x).logits, atol=1e-5)  # SDPA vs eager
+    assert not marker.exists()

@@ -10,7 +10,7 @@ import torch
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.lm.generation import generate
-from refusal_atlas.lm.models import load_model
+from refusal_atlas.lm.models import load_model, wrap_model
 from refusal_atlas.lm.testing import ARCHITECTURES, tiny_model
 from refusal_atlas.mechinterp.interventions import (
     ablation,
@@ -171,9 +171,24 @@ def test_saved_orthogonalized_model_reloads(arch, tmp_path):
 
 def test_generate_accepts_interventions_as_hook_factories():
     lm = tiny_model("llama")
-    r = _direction(lm)
+    tok = lm.tokenizer
+    # Planted: the direction the model reads its first clean reply token t from (t's unembedding row
+    # scaled by the final norm's gain). With it ablated, t's first-step logit is exactly 0.
+    with torch.no_grad():
+        first = lm.model(**_batch(lm)).logits[:, -1].argmax(-1)
+        r = lm.model.model.norm.weight * lm.model.lm_head.weight[first[0]]
     clean = generate(lm, PROMPTS, max_new_tokens=6, progress=False)
+    assert tok.decode([int(first[0])]).strip() and clean[0].startswith(tok.decode([int(first[0])]).strip())
     ablated = generate(lm, PROMPTS, max_new_tokens=6, progress=False, hooks=ablation(lm.model, r))
+    # the same intervention done independently, by editing the weights, gives the same replies
+    edited = _fresh(lm.model)
+    orthogonalize_weights(edited, r)
+    with torch.no_grad():
+        edited_logits = edited(**_batch(lm)).logits[:, -1]
+    assert abs(edited_logits[0, first[0]].item()) < 1e-5
+    expected = generate(wrap_model(edited, tok, "edited"), PROMPTS, max_new_tokens=6, progress=False)
+    assert ablated == expected
+    assert ablated[0] != clean[0]  # prompt 0's first reply token can no longer win
     steered = generate(lm, PROMPTS, max_new_tokens=6, progress=False,
                        hooks=compose(addition(lm.model, r, 2, coeff=20.0)))
     again = generate(lm, PROMPTS, max_new_tokens=6, progress=False, hooks=ablation(lm.model, r))

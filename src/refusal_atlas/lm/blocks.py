@@ -8,12 +8,18 @@ GPT-NeoX `gpt_neox.layers`, ...). The residual stream "at layer l" is the output
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from torch import Tensor, nn
+
+# A block's output: the hidden state [batch, seq, d_model] alone (transformers 5) or first in a tuple/list.
+BlockOutput = TypeVar("BlockOutput", Tensor, tuple[Any, ...], list[Any])
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
-def n_layers_from_config(config) -> int | None:
+def n_layers_from_config(config: Any) -> int | None:
+    """The decoder layer count a (possibly multimodal) config declares, under whichever name it uses."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in _LAYER_COUNT_KEYS:
         value = getattr(text_config, key, None)
@@ -45,12 +51,12 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return blocks
 
 
-def hidden_from_output(output) -> Tensor:
+def hidden_from_output(output: Tensor | tuple[Any, ...] | list[Any]) -> Tensor:
     """A block's output is a tensor (transformers 5) or a tuple whose first item is the hidden state."""
     return output[0] if isinstance(output, tuple | list) else output
 
 
-def replace_hidden(output, hidden: Tensor):
+def replace_hidden(output: BlockOutput, hidden: Tensor) -> BlockOutput:
     """Return `output` with its hidden state replaced, keeping the original container type."""
     if isinstance(output, tuple):
         return (hidden, *output[1:])

@@ -2,13 +2,14 @@
 
 Why it is fast: forward hooks sit on just the requested blocks and keep only the requested
 slices; the hook of the last requested block raises a private exception, so the remaining
-blocks, the final norm and the LM head (49k-vocabulary logits for SmolLM2) are never computed;
+blocks, the final norm and the LM head (a vocabulary-sized matmul per token) are never computed;
 prompts are bucketed by length so batches carry little padding.
 Hooks run after any already on a block, so captures under an intervention are post-intervention.
 Why it is exact: left padding with an attention mask *and* mask-derived position ids (GPT-2's
 learned positions would otherwise shift), float32 accumulation, and per-prompt positions taken
 from the chat template (`positions.py`). Tests check equality with one-prompt-at-a-time
-`output_hidden_states` on every test architecture.
+`output_hidden_states` on every test architecture, in float32, bfloat16 and float16, with eager
+and SDPA attention.
 
 Large runs stream to `out_dir` as safetensors shards (one per batch) and resume from them.
 """
@@ -16,21 +17,24 @@ Large runs stream to `out_dir` as safetensors shards (one per batch) and resume 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write, atomic_write_json
 from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.lm.generation import length_buckets
 from refusal_atlas.lm.models import LoadedModel
@@ -55,20 +59,28 @@ class _StopForward(Exception):
 
 @dataclass
 class Activations:
-    """Captured residual stream: `acts[i, j, k]` is prompt i, layer `layers[j]`, position `positions[k]`."""
+    """Captured residual stream: `acts[i, j, k]` is prompt i, layer `layers[j]`, position `positions[k]`.
 
-    acts: Tensor  # [n, n_layers, n_positions, d_model], float32
+    - `acts`: [n_prompts, len(layers), len(positions), d_model], float32 whatever the model's dtype
+      (block outputs are cast as they are captured, so means over many prompts do not lose bits);
+    - `layers`: block indices, ascending (block l's output, hidden_states[l + 1] in HF numbering);
+    - `positions`: canonical positions (`positions.py`), in the order requested;
+    - `n_tokens`: [n_prompts] length of each formatted prompt in tokens;
+    - `meta`: provenance (model id, revision, batch size, system prompt), stored with the tensor.
+    """
+
+    acts: Tensor
     layers: list[int]
     positions: list[Position]
     n_tokens: list[int] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.acts.shape[0]
 
     @property
     def d_model(self) -> int:
-        return self.acts.shape[-1]
+        return int(self.acts.shape[-1])
 
     def layer_index(self, layer: int) -> int:
         try:
@@ -94,15 +106,9 @@ class Activations:
 
     def save(self, path: str | Path) -> None:
         """One safetensors file (atomic), metadata in its header."""
-        path = Path(path)
         meta = {"layers": self.layers, "positions": [position_label(p) for p in self.positions], **self.meta}
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(
-            {"acts": self.acts.contiguous(), "n_tokens": torch.tensor(self.n_tokens, dtype=torch.long)},
-            str(tmp),
-            metadata={"refusal_atlas": json.dumps(meta)},
-        )
-        os.replace(tmp, path)
+        tensors = {"acts": self.acts.contiguous(), "n_tokens": torch.tensor(self.n_tokens, dtype=torch.long)}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"refusal_atlas": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | Path) -> Activations:
@@ -117,7 +123,8 @@ class Activations:
         return cls(acts, layers, positions, n_tokens, meta)
 
 
-def accepts_position_ids(model: torch.nn.Module) -> bool:
+def accepts_position_ids(model: nn.Module) -> bool:
+    """Whether the model's forward takes explicit position ids (needed to keep them right under left padding)."""
     try:
         return "position_ids" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -125,7 +132,7 @@ def accepts_position_ids(model: torch.nn.Module) -> bool:
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
-    """Left-padded input_ids, attention_mask and mask-derived position_ids."""
+    """Left-padded `input_ids`, `attention_mask` and mask-derived `position_ids`, each [batch, longest]."""
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -137,6 +144,7 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
 
 
 def resolve_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
+    """Block indices sorted and deduplicated, negative ones counted from the end; out of range is an error."""
     n = lm.n_layers
     if layers is None:
         return list(range(n))
@@ -150,33 +158,33 @@ def resolve_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
 class _Capturer:
     """Forward hooks on the requested blocks, writing slices into a batch buffer."""
 
-    def __init__(self, lm: LoadedModel, layers: list[int], positions: list[Position]):
+    def __init__(self, lm: LoadedModel, layers: list[int], positions: list[Position]) -> None:
         self.blocks = decoder_blocks(lm.model)
         self.layers = layers
         self.positions = positions
         self.last = max(layers)
-        self.buffer: Tensor | None = None
-        self.index: Tensor | None = None
-        self.weights: Tensor | None = None
+        self.buffer: Tensor | None = None  # [batch, len(layers), len(positions), d_model] while a batch runs
+        self.index = torch.empty((0, 0), dtype=torch.long)  # [batch, n_point]: token column of each point slot
+        self.weights: Tensor | None = None  # [batch, width]: the mean_instruction weights, if requested
         self.point_slots: list[int] = []
         self.mean_slot = -1
-        self.handles: list = []
+        self.handles: list[RemovableHandle] = []
 
     def __enter__(self) -> _Capturer:
         for j, layer in enumerate(self.layers):
             # Appended, not prepended: hooks already on the block (interventions such as ablation or
-            # activation addition, registered with prepend=True as REFERENCE §1 advises) run first,
-            # so what we capture is the post-intervention residual stream.
+            # activation addition register with prepend=True) run first, so what we capture is the
+            # post-intervention residual stream.
             self.handles.append(self.blocks[layer].register_forward_hook(self._hook(j)))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
 
-    def _hook(self, j: int):
-        def hook(module, args, output):
+    def _hook(self, j: int) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self.buffer is None:  # the shared-prefix pass: nothing to record, stop at the last block
                 if self.layers[j] == self.last:
                     raise _StopForward
@@ -194,9 +202,11 @@ class _Capturer:
 
         return hook
 
-    def run(self, model: torch.nn.Module, prompts: Sequence[PromptTokens], pad_id: int, use_pos: bool,
+    def run(self, model: nn.Module, prompts: Sequence[PromptTokens], pad_id: int, use_pos: bool,
             prefix: SharedPrefix | None = None) -> Tensor:
+        """Captured slices of one batch, [batch, len(layers), len(positions), d_model] float32 on the CPU."""
         device = next(model.parameters()).device
+        inputs: dict[str, Any]
         if prefix is not None:  # run only each prompt's tail; the prefix's keys/values come from the cache
             p = prefix.length
             prompts = [PromptTokens(pt.input_ids[p:], pt.instruction_start - p, pt.instruction_end - p)
@@ -229,8 +239,9 @@ class _Capturer:
         return out.cpu()
 
     @staticmethod
-    def d_model(model: torch.nn.Module) -> int:
-        return int(model.get_input_embeddings().weight.shape[1])
+    def d_model(model: nn.Module) -> int:
+        embeddings = model.get_input_embeddings()  # type: ignore[operator]  # PreTrainedModel method
+        return int(embeddings.weight.shape[1])
 
 
 def _tail_needed(positions: Sequence[Position]) -> int:
@@ -239,7 +250,10 @@ def _tail_needed(positions: Sequence[Position]) -> int:
     return max([1, *offsets])
 
 
-def _run_key(lm: LoadedModel, texts_hash: str, layers: list[int], positions: list[Position], batch_size: int) -> dict:
+def _run_key(
+    lm: LoadedModel, texts_hash: str, layers: list[int], positions: list[Position], batch_size: int
+) -> dict[str, Any]:
+    """What a streamed capture folder's shards depend on: a rerun resumes only when all of it matches."""
     return {
         "model_id": lm.model_id,
         "model_revision": lm.revision,
@@ -309,9 +323,8 @@ def capture_activations(
                 out = cap.run(lm.model, [prompts[i] for i in idx], pad_id, use_pos, prefix)
                 acts[torch.as_tensor(idx)] = out
                 if shard is not None:
-                    tmp = shard.with_name(shard.name + f".tmp{os.getpid()}")
-                    save_file({"acts": out.contiguous(), "index": torch.as_tensor(idx, dtype=torch.long)}, str(tmp))
-                    os.replace(tmp, shard)
+                    tensors = {"acts": out.contiguous(), "index": torch.as_tensor(idx, dtype=torch.long)}
+                    atomic_write(shard, functools.partial(_save_tensors, tensors))
             bar.update(len(idx))
     bar.close()
     meta = {**lm.provenance(), "batch_size": batch_size, "system": system}
@@ -322,13 +335,15 @@ def capture_activations(
     return result
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    save_file(tensors, str(path))
 
 
-def _prepare_out_dir(out_dir: Path, key: dict) -> Path:
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_json(path, data, indent=1, sort_keys=False)
+
+
+def _prepare_out_dir(out_dir: Path, key: dict[str, Any]) -> Path:
     """Create or reuse a shard folder; shards from a different run configuration are an error."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / MANIFEST

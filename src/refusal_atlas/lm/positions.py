@@ -77,7 +77,11 @@ def parse_position_label(label: str) -> Position:
 
 
 def instruction_char_span(text: str, instruction: str) -> tuple[int, int]:
-    """Character span of the instruction inside the formatted prompt (templates may trim it)."""
+    """Character span of the instruction inside the formatted prompt, by search (templates may trim it).
+
+    Only the fallback for templates whose text around the instruction depends on the instruction:
+    a search can land in the template itself (instruction "a" inside "assistant").
+    """
     for candidate in (instruction, instruction.strip()):
         if candidate:
             idx = text.rfind(candidate)
@@ -89,18 +93,47 @@ def instruction_char_span(text: str, instruction: str) -> tuple[int, int]:
     )
 
 
+def template_around(lm: LoadedModel, system: str | None = None) -> tuple[str, str]:
+    """The template's text before and after the instruction (rendered around a sentinel)."""
+    text = lm.chat_prompt(_SENTINEL, system=system)
+    head, found, tail = text.partition(_SENTINEL)
+    if not found:
+        raise AtlasError(f"{lm.spec}: the chat template does not contain the instruction it is given")
+    return head, tail
+
+
+def instruction_char_spans(
+    texts: Sequence[str], instructions: Sequence[str], head: str, tail: str
+) -> list[tuple[int, int]]:
+    """Character span of each instruction in its formatted prompt.
+
+    The span is what lies between the template's head and tail, so text inside the template can
+    never be taken for the instruction; a template that renders differently around this
+    instruction falls back to a search.
+    """
+    spans = []
+    for text, instruction in zip(texts, instructions, strict=True):
+        c0, c1 = len(head), len(text) - len(tail)
+        framed = c0 <= c1 and text.startswith(head) and text.endswith(tail)
+        if framed and text[c0:c1] in (instruction, instruction.strip()):
+            spans.append((c0, c1))
+        else:
+            spans.append(instruction_char_span(text, instruction))
+    return spans
+
+
 def tokenize_prompts(lm: LoadedModel, instructions: Sequence[str], system: str | None = None) -> list[PromptTokens]:
     """Format each instruction with the chat template and locate the instruction's tokens."""
     tok = lm.tokenizer
     texts = [lm.chat_prompt(x, system=system) for x in instructions]
-    spans = [instruction_char_span(t, x) for t, x in zip(texts, instructions, strict=True)]
+    spans = instruction_char_spans(texts, instructions, *template_around(lm, system))
     if getattr(tok, "is_fast", False):
         enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         out = []
-        for ids, offsets, (c0, c1) in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
+        for text, ids, offsets, (c0, c1) in zip(texts, enc["input_ids"], enc["offset_mapping"], spans, strict=True):
             inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < c1 and b > c0]
             if not inside:
-                raise AtlasError(f"prompt {texts[0][:60]!r}: no token overlaps the instruction (empty instruction?)")
+                raise AtlasError(f"prompt {text[:60]!r}: no token overlaps the instruction (empty instruction?)")
             out.append(PromptTokens(list(ids), inside[0], inside[-1] + 1))
         return out
     # Slow tokenizers have no offsets: tokenize the prefix up to each span edge and take the
@@ -177,12 +210,12 @@ def gather_plan(
         n = len(pt.input_ids)
         offset = width - n
         for col, p in enumerate(point):
-            if p == LAST_INSTRUCTION:
-                index[row, col] = offset + pt.instruction_end - 1
-            else:
+            if isinstance(p, int):
                 if -p > n:
                     raise AtlasError(f"position {p} is before the start of a {n}-token prompt")
                 index[row, col] = width + p
+            else:  # LAST_INSTRUCTION, the only named point position
+                index[row, col] = offset + pt.instruction_end - 1
         if weights is not None:
             span = pt.instruction_end - pt.instruction_start
             weights[row, offset + pt.instruction_start : offset + pt.instruction_end] = 1.0 / span

@@ -1,7 +1,7 @@
 """Shared-prefix reuse: compute the chat template's common opening once per call, not once per prompt.
 
-Why: every formatted prompt starts with the same tokens (SmolLM2's template inserts a default system
-prompt and a role header: 20 of a typical 45 tokens). Their keys and values do not depend on what
+Why: every formatted prompt starts with the same tokens (a template's default system prompt and role
+header are often a third or more of a short prompt). Their keys and values do not depend on what
 follows (causal attention), so one forward pass over the prefix gives a KV cache that every batch
 reuses; each batch then runs only its own tokens, laid out as [prefix | left pads | prompt] with the
 pads masked and position ids counted on from the prefix. The result equals the full forward pass up
@@ -19,9 +19,11 @@ import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 MIN_PREFIX_TOKENS = 4  # below this the extra forward pass costs more than it saves
 
@@ -56,10 +58,13 @@ def cache_argument(model: nn.Module) -> str | None:
 
 @dataclass
 class SharedPrefix:
-    """The KV cache of `ids` (batch 1), expanded to each batch on demand."""
+    """The KV cache of `ids` (batch 1), expanded to each batch on demand.
+
+    `cache` holds per layer keys and values of shape [1, n_kv_heads, len(ids), head_dim].
+    """
 
     ids: list[int]
-    cache: object  # transformers Cache, batch 1
+    cache: DynamicCache
     argument: str = "past_key_values"  # the forward argument that takes it
 
     @property
@@ -69,9 +74,7 @@ class SharedPrefix:
     @classmethod
     def build(cls, model: nn.Module, ids: Sequence[int], stop: type[BaseException] | None = None) -> SharedPrefix:
         """Run the prefix once; `stop` is an exception a hook raises to cut the pass short (capture)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache(config=getattr(model, "config", None))
         device = next(model.parameters()).device
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
         mask = torch.ones_like(input_ids)
@@ -84,8 +87,9 @@ class SharedPrefix:
         return cls(list(ids), cache, arg)
 
     def batch_inputs(self, suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-                     ) -> dict[str, object]:
-        """Model inputs for a batch of prompt tails: left-padded ids, the full-length mask, positions, a cache copy."""
+                     ) -> dict[str, Any]:
+        """Model inputs for a batch of prompt tails: left-padded `input_ids` [batch, width], the full-length
+        `attention_mask` [batch, prefix + width], `position_ids` [batch, width] and a cache copy."""
         width = max(len(s) for s in suffixes)
         b, p = len(suffixes), self.length
         input_ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -101,9 +105,8 @@ class SharedPrefix:
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
                 "position_ids": position_ids.to(device), self.argument: cache, "use_cache": True}
 
-
     def generation_inputs(self, suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-                          ) -> dict[str, object]:
+                          ) -> dict[str, Any]:
         """`generate` inputs: the whole [prefix | pads | tail] ids (generate skips what the cache holds),
         the mask (generate derives position ids from it) and a cache copy."""
         enc = self.batch_inputs(suffixes, pad_id, device)
@@ -113,13 +116,14 @@ class SharedPrefix:
 
 
 def _sliding_window(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config: Any = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
     window = getattr(config, "sliding_window", None)
     return window if isinstance(window, int) and window > 0 else None
 
 
-def last_logit_only(model: nn.Module) -> dict:
+def last_logit_only(model: nn.Module) -> dict[str, int]:
     """Ask for no LM-head output on the prefix pass where the model allows it (logits are not needed)."""
     try:
         if "logits_to_keep" in inspect.signature(model.forward).parameters:

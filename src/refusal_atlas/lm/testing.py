@@ -6,13 +6,19 @@ ChatML-style chat template, and Llama / Gemma 2 / Qwen 2 / GPT-2 / GPT-NeoX conf
 
 from __future__ import annotations
 
+import string
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerFast
+from transformers.tokenization_python import PythonBackend
 
+from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.lm.models import LoadedModel, wrap_model
+from refusal_atlas.lm.positions import LAST_INSTRUCTION, MEAN_INSTRUCTION, Position, tokenize_prompts
 
 ARCHITECTURES = ("llama", "gemma2", "qwen2", "gpt2", "gpt_neox")
 
@@ -41,8 +47,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from tokenizers import decoders
-
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
@@ -59,9 +63,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_config(arch: str, *, n_layers: int = 4, d_model: int = 64, vocab_size: int | None = None):
-    from transformers import AutoConfig
-
+def tiny_config(
+    arch: str, *, n_layers: int = 4, d_model: int = 64, vocab_size: int | None = None, sliding_window: int = 64
+) -> PreTrainedConfig:
+    """A small config of `arch`; `sliding_window` applies to Gemma 2's local-attention layers."""
     vocab = vocab_size or len(tiny_tokenizer())
     common = {"vocab_size": vocab}
     if arch == "gpt2":
@@ -73,43 +78,57 @@ def tiny_config(arch: str, *, n_layers: int = 4, d_model: int = 64, vocab_size: 
         kw = {"num_hidden_layers": n_layers, "hidden_size": d_model, "num_attention_heads": 4,
               "num_key_value_heads": 2, "intermediate_size": 2 * d_model, "max_position_embeddings": 512}
         if arch == "gemma2":
-            kw.update(head_dim=16, sliding_window=64, query_pre_attn_scalar=16)
+            kw.update(head_dim=16, sliding_window=sliding_window, query_pre_attn_scalar=16)
     tok = tiny_tokenizer()
     ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
     return AutoConfig.for_model(arch, **common, **kw, **ids)
 
 
-def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 4, d_model: int = 64) -> LoadedModel:
-    """A randomly initialised causal LM of the given architecture, float32, in eval mode."""
+def tiny_model(
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    n_layers: int = 4,
+    d_model: int = 64,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
+    sliding_window: int = 64,
+) -> LoadedModel:
+    """A randomly initialised causal LM of the given architecture in eval mode (float32, eager attention
+    unless asked otherwise; the weights are drawn in float32 from `seed` and then cast)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
     torch.manual_seed(seed)
-    config = tiny_config(arch, n_layers=n_layers, d_model=d_model)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    config = tiny_config(arch, n_layers=n_layers, d_model=d_model, sliding_window=sliding_window)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
+    model = model.to(dtype)
     return wrap_model(model, tiny_tokenizer(), name=f"tiny-{arch}")
 
 
-def _pick(hidden: torch.Tensor, position, start: int, end: int) -> torch.Tensor:
-    from refusal_atlas.lm.positions import LAST_INSTRUCTION, MEAN_INSTRUCTION
-
+def _pick(hidden: torch.Tensor, position: Position, start: int, end: int) -> torch.Tensor:
+    """One prompt's [d_model] vector at `position` from its [seq, d_model] hidden states."""
     if position == LAST_INSTRUCTION:
         return hidden[end - 1]
     if position == MEAN_INSTRUCTION:
         return hidden[start:end].mean(0)
+    assert isinstance(position, int)
     return hidden[position]
 
 
-def one_at_a_time_capture(lm: LoadedModel, instructions, layers, positions, system: str | None = None) -> torch.Tensor:
+def one_at_a_time_capture(
+    lm: LoadedModel,
+    instructions: Sequence[str],
+    layers: Sequence[int],
+    positions: Sequence[Position],
+    system: str | None = None,
+) -> torch.Tensor:
     """Ground truth for capture tests: one prompt at a time, no padding, no cache, `output_hidden_states`.
 
     hidden_states[l + 1] is block l's output; HF replaces the last one by the final-norm output, so the
-    last block is read with a plain hook. Returns [n, len(layers), len(positions), d_model].
+    last block is read with a plain hook. Returns [n, len(layers), len(positions), d_model], float32.
     """
-    from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
-    from refusal_atlas.lm.positions import tokenize_prompts
-
     out = torch.empty(len(instructions), len(layers), len(positions), lm.d_model)
-    kept: dict = {}
+    kept: dict[str, torch.Tensor] = {}
     handle = decoder_blocks(lm.model)[-1].register_forward_hook(lambda m, a, o: kept.update(h=hidden_from_output(o)))
     try:
         for i, pt in enumerate(tokenize_prompts(lm, instructions, system=system)):
@@ -122,3 +141,47 @@ def one_at_a_time_capture(lm: LoadedModel, instructions, layers, positions, syst
     finally:
         handle.remove()
     return out
+
+
+_SLOW_PIECES = ("\nH", "\nW", "\nE", "user", "ass", "istant", "?a", ".a", "ea", "the", " the", "ing", " a", "ow", "I ")
+
+
+class TinySlowTokenizer(PythonBackend):
+    """A pure-Python ("slow", no character offsets) tokenizer: greedy longest match over printable ASCII and a
+    few multi-character pieces, some of which straddle the chat template's edges (`"\\nH"` joins the
+    template's newline to an instruction's first letter), as remote-code tokenizers can.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "<unk>"]
+        pieces = specials + sorted(set(string.printable)) + list(_SLOW_PIECES)
+        self._vocab = {t: i for i, t in enumerate(dict.fromkeys(pieces))}
+        self._tokens = {i: t for t, i in self._vocab.items()}
+        self._longest = max(len(t) for t in self._vocab)
+        kwargs.setdefault("chat_template", CHAT_TEMPLATE)
+        super().__init__(unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>",
+                         additional_special_tokens=["<|endoftext|>"], **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._vocab)
+
+    def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        out, i = [], 0
+        while i < len(text):
+            n = next((n for n in range(min(self._longest, len(text) - i), 0, -1) if text[i : i + n] in self._vocab), 0)
+            out.append(text[i : i + n] if n else "<unk>")
+            i += max(n, 1)
+        return out
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self._vocab.get(token, self._vocab["<unk>"])
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self._tokens[index]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return "".join(tokens)
