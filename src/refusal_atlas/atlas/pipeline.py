@@ -15,82 +15,72 @@ node) and branches with at least `min_prompts` training prompts get directions.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 from rich.console import Console
+from rich.table import Table
 
+from refusal_atlas.atlas import pipeline_causal, pipeline_cluster
+from refusal_atlas.atlas.links import write_atlas_ttl
+from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
+from refusal_atlas.atlas.report import build_report
+from refusal_atlas.atlas.runconfig import (
+    DEFAULT_OUT,
+    RunConfig,
+    evaluation_rows,
+    model_prompts,
+    organism_trained,
+    parse_sizes,
+    run_taxonomy,
+)
 from refusal_atlas.atlas.stages import Pipeline, Stage, StageContext, stable_hash, write_json_atomic
+from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
+from refusal_atlas.curation.collect import collect
+from refusal_atlas.curation.detect import DEFAULT_DETECTOR, evaluate_detectors, get_detector
+from refusal_atlas.curation.prompts import build_prompt_set
+from refusal_atlas.curation.tables import write_rejects, write_table
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.capture import capture_activations
+from refusal_atlas.lm.models import auto_threads, load_model
+from refusal_atlas.mechinterp.causal.files import DIRECTION_PROMPTS
+from refusal_atlas.mechinterp.causal.files import write_table as write_causal_table
+from refusal_atlas.mechinterp.directions import DirectionSet
+from refusal_atlas.mechinterp.extract import extract_directions
+from refusal_atlas.mechinterp.overlap import write_overlap
+from refusal_atlas.mechinterp.request_form import request_forms
+from refusal_atlas.mechinterp.scoring import behaves_as_labelled, behaviour_mask
+from refusal_atlas.ontology.export import build_graph
+from refusal_atlas.ontology.io import write_graph
+from refusal_atlas.ontology.shacl import validate_graph
+from refusal_atlas.organism.core import MODEL_DIR, RECIPE_VERSION, OrganismSettings, build_organism
+from refusal_atlas.taxonomy.loader import taxonomy_hash
+from refusal_atlas.taxonomy.resolve import contextual_nodes
 
-DEFAULT_OUT = Path("atlas-out")
-
-
-@dataclass
-class RunConfig:
-    """Everything `run` depends on; each stage's cache key uses the parts it reads."""
-
-    model: str = "default"
-    taxonomy: Path | None = None
-    out: Path = DEFAULT_OUT
-    quick: bool = False
-    resume: bool = True
-    seed: int = 0
-    sets: tuple[str, ...] = ("harmbench", "strongreject", "harmless", "overrefusal", "taxonomy")
-    organism: bool | None = None  # None: build one when the model is `default` (it never refuses)
-    max_new_tokens: int = 20
-    batch_size: int = 16
-    min_prompts: int = 8
-    max_nodes: int | None = None
-    progress: bool = True
-    threads: int | None = None  # torch CPU threads; None: chosen per stage from what other processes leave free
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def build_organism(self) -> bool:
-        return self.model == "default" if self.organism is None else self.organism
-
-    def sizes(self) -> dict[str, int]:
-        """Per-stage budgets; `quick` keeps CI to a few minutes."""
-        if self.quick:
-            sizes = {"per_node_train": 10, "per_node_eval": 6, "harmless_train": 40, "harmless_eval": 16,
-                     "per_node_val": 2, "harmless_val": 8,
-                     "max_nodes": self.max_nodes or 4, "collect_limit": 120, "max_new_tokens": 16,
-                     "cluster_seeds": 3, "max_prompt_chars": 320}
-        else:
-            # Budgeted for 2 CPU cores: measured 834 s cold with the default organism (438 s of it); raise
-            # with `--size key=value` (or RunConfig.extra["sizes"]) on a bigger machine.
-            sizes = {"per_node_train": 24, "per_node_eval": 6, "harmless_train": 64, "harmless_eval": 16,
-                     "per_node_val": 3, "harmless_val": 16,
-                     "max_nodes": self.max_nodes or 6, "collect_limit": 144, "max_new_tokens": self.max_new_tokens,
-                     "cluster_seeds": 8, "condition_per_node": 32, "max_prompt_chars": 320}
-        return {**sizes, **self.extra.get("sizes", {})}
-
-
-def parse_sizes(items: list[str], known: dict[str, int]) -> dict[str, int]:
-    """`KEY=INT` overrides of the stage budgets; an unknown key or a non-integer is a one-line error."""
-    out: dict[str, int] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise AtlasError(f"--size {item!r}: expected KEY=INT with KEY one of {', '.join(sorted(known))}")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            raise AtlasError(f"--size {item!r}: {value!r} is not an integer") from None
-        if out[key] < 1:
-            raise AtlasError(f"--size {item!r}: must be at least 1")
-    return out
-
-
-def _taxonomy(cfg: RunConfig):
-    from refusal_atlas.taxonomy.loader import load_taxonomy
-
-    return load_taxonomy(cfg.taxonomy)
+__all__ = [
+    "DEFAULT_OUT",
+    "RunConfig",
+    "analysis_nodes",
+    "assign_analysis_nodes",
+    "assign_splits",
+    "behaviour_filtered",
+    "build_pipeline",
+    "collect_metrics",
+    "evaluation_rows",
+    "headline_table",
+    "model_prompts",
+    "organism_trained",
+    "parse_sizes",
+    "run",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,19 +89,13 @@ def _taxonomy(cfg: RunConfig):
 
 
 def stage_taxonomy(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.taxonomy.resolve import contextual_nodes
-
-    tax = _taxonomy(cfg)
+    tax = run_taxonomy(cfg)
     depth = max(tax.depth(n.id) for n in tax)
     return {"nodes": len(tax), "accepted": len(tax.active()), "roots": len(tax.roots()), "depth": depth,
             "rules": sum(len(n.conditions) for n in tax), "contextual": len(contextual_nodes(tax))}
 
 
 def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.ontology.export import build_graph
-    from refusal_atlas.ontology.io import write_graph
-    from refusal_atlas.ontology.shacl import validate_graph
-
     graph = build_graph(cfg.taxonomy)
     write_graph(graph, ctx.out / "taxonomy.ttl", "turtle")
     problems = validate_graph(graph)
@@ -121,13 +105,10 @@ def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict:
 
 
 def stage_prompts(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.curation.prompts import build_prompt_set
-    from refusal_atlas.curation.tables import write_rejects, write_table
-
     rejects: list[dict] = []
-    df = build_prompt_set(list(cfg.sets), taxonomy=_taxonomy(cfg), conditions=True, seed=cfg.seed,
+    df = build_prompt_set(list(cfg.sets), taxonomy=run_taxonomy(cfg), conditions=True, seed=cfg.seed,
                           framings_per_value=1, rejects=rejects)
-    df = assign_analysis_nodes(df, _taxonomy(cfg))
+    df = assign_analysis_nodes(df, run_taxonomy(cfg))
     df = assign_splits(df, cfg)
     write_table(df, ctx.out / "prompts.parquet")
     write_rejects(ctx.out / "prompts.parquet", rejects)
@@ -150,8 +131,6 @@ def assign_analysis_nodes(df: pd.DataFrame, tax) -> pd.DataFrame:
 
 def assign_splits(df: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
     """A seeded train / eval split by base prompt, so a prompt and its condition variants stay together."""
-    import hashlib
-
     def bucket(base: str) -> str:
         h = int(hashlib.sha256(f"{cfg.seed}:{base}".encode()).hexdigest()[:8], 16)
         return "eval" if h % 3 == 0 else "train"
@@ -173,14 +152,10 @@ def analysis_nodes(prompts: pd.DataFrame, cfg: RunConfig) -> list[str]:
 
 
 def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.organism.core import OrganismSettings, build_organism
-
     settings = OrganismSettings.quick() if cfg.quick else OrganismSettings()
     if cfg.extra.get("organism"):
-        from dataclasses import replace
-
         settings = replace(settings, **cfg.extra["organism"])
-    result = build_organism(_taxonomy(cfg), base=cfg.model, seed=cfg.seed, out_dir=ctx.out / "organism",
+    result = build_organism(run_taxonomy(cfg), base=cfg.model, seed=cfg.seed, out_dir=ctx.out / "organism",
                             settings=settings, progress=cfg.progress, threads=set_threads(cfg))
     m = result.metrics
     return {"model_dir": str(result.model_dir), "seconds": result.seconds,
@@ -194,8 +169,6 @@ def analysed_model_spec(cfg: RunConfig, ctx: StageContext) -> str:
     """The organism inside this run's output folder (not the path its stage recorded: that one is relative to
     the directory the run started in, so a moved folder or another working directory would miss it)."""
     if cfg.build_organism:
-        from refusal_atlas.organism.core import MODEL_DIR
-
         return str(ctx.out / "organism" / MODEL_DIR)
     return cfg.model
 
@@ -205,10 +178,6 @@ _MODEL_CACHE: dict[str, Any] = {}
 
 def set_threads(cfg: RunConfig) -> int:
     """Set torch's CPU threads before a model stage (see `auto_threads`: a busy machine gets fewer)."""
-    import torch
-
-    from refusal_atlas.lm.models import auto_threads
-
     threads = cfg.threads or auto_threads()
     torch.set_num_threads(threads)
     return threads
@@ -216,44 +185,12 @@ def set_threads(cfg: RunConfig) -> int:
 
 def load_analysed_model(cfg: RunConfig, ctx: StageContext):
     """Load the analysed model once per process (several stages use it)."""
-    from refusal_atlas.lm.models import load_model
-
     set_threads(cfg)
     spec = analysed_model_spec(cfg, ctx)
     if spec not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
         _MODEL_CACHE[spec] = load_model(spec)
     return _MODEL_CACHE[spec]
-
-
-def model_prompts(out: Path, cfg: RunConfig) -> pd.DataFrame:
-    """The run's prompt table minus prompts longer than `max_prompt_chars`, for every stage that runs the model.
-
-    Why: a fifth of HarmBench's prompts carry a long context (up to ~3,800 characters); one of them
-    pads a whole batch to hundreds of tokens, and on a CPU every forward pass costs in proportion.
-    """
-    prompts = pd.read_parquet(out / "prompts.parquet")
-    return prompts[prompts["prompt"].str.len() <= cfg.sizes()["max_prompt_chars"]].reset_index(drop=True)
-
-
-def organism_trained(out: Path) -> set[str]:
-    """Base prompts the run's organism was fine-tuned on (empty without an organism)."""
-    table = out / "organism" / "prompts.parquet"
-    if not table.is_file():
-        return set()
-    rows = pd.read_parquet(table, columns=["base_prompt", "prompt", "split"])
-    trained = rows[rows["split"] == "train"]
-    return set(trained["base_prompt"]) | set(trained["prompt"])
-
-
-def evaluation_rows(prompts: pd.DataFrame, out: Path) -> pd.DataFrame:
-    """The run's eval split minus anything the organism trained on (its adherence would be memorised)."""
-    ev = prompts[prompts["run_split"] == "eval"]
-    trained = organism_trained(out)
-    if not trained:
-        return ev
-    base = ev["base_prompt"].where(ev["base_prompt"].astype(str) != "", ev["prompt"])
-    return ev[~(base.isin(trained) | ev["prompt"].isin(trained))]
 
 
 def collection_rows(prompts: pd.DataFrame, cfg: RunConfig, out: Path | None = None) -> pd.DataFrame:
@@ -273,9 +210,6 @@ def collection_rows(prompts: pd.DataFrame, cfg: RunConfig, out: Path | None = No
 
 
 def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
-    from refusal_atlas.curation.collect import collect
-
     prompts = model_prompts(ctx.out, cfg)
     rows = collection_rows(prompts, cfg, ctx.out)
     lm = load_analysed_model(cfg, ctx)
@@ -293,9 +227,6 @@ def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
 
 
 def stage_detect(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.curation.detect import DEFAULT_DETECTOR, evaluate_detectors, get_detector
-    from refusal_atlas.curation.tables import write_table
-
     corpus = pd.read_parquet(ctx.out / "responses.parquet")
     detector = get_detector(DEFAULT_DETECTOR)
     refused, scores = detector.predict(corpus["response"].astype(str).tolist(), corpus["prompt"].astype(str).tolist())
@@ -310,9 +241,7 @@ def stage_detect(cfg: RunConfig, ctx: StageContext) -> dict:
 
 
 def stage_cluster(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.atlas import pipeline_cluster
-
-    return pipeline_cluster.run(ctx.out, cfg.seed, cfg.sizes()["cluster_seeds"], _taxonomy(cfg))
+    return pipeline_cluster.run(ctx.out, cfg.seed, cfg.sizes()["cluster_seeds"], run_taxonomy(cfg))
 
 
 def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: int, cfg: RunConfig
@@ -321,7 +250,6 @@ def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: 
     refuses, harmless ones it answers (`baseline_refused` records what it did); a branch the model refuses
     too rarely to keep `min_prompts` keeps its prompts and is listed (`behaviour_mask`). Then each branch's
     first `per_node` and the first `n_harmless` harmless prompts."""
-    from refusal_atlas.mechinterp.scoring import behaves_as_labelled, behaviour_mask
 
     harm = candidates["harmful"].astype(bool)
     behaves, refused = behaves_as_labelled(lm, candidates["prompt"].tolist(), harm.tolist(), max_new_tokens=8,
@@ -337,12 +265,6 @@ def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: 
 
 
 def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
-    import numpy as np
-
-    from refusal_atlas.lm.capture import capture_activations
-    from refusal_atlas.mechinterp.extract import extract_directions
-    from refusal_atlas.mechinterp.request_form import request_forms
-
     sizes = cfg.sizes()
     prompts = model_prompts(ctx.out, cfg)
     nodes = analysis_nodes(prompts, cfg)
@@ -364,7 +286,7 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
     acts_dir = ctx.out / "activations" / stable_hash([lm.provenance(), table["prompt"].tolist()])[:16]
     acts = capture_activations(lm, table["prompt"].tolist(), layers=None, positions=None, batch_size=32,
                                out_dir=acts_dir, progress=cfg.progress)
-    tax = _taxonomy(cfg)
+    tax = run_taxonomy(cfg)
     parents = {n: list(tax[n].broader) for n in nodes}
     labels = {n: tax[n].label for n in nodes}
     # the harmless baseline is matched on request form (question / instruction / first person): the harmful and
@@ -376,8 +298,7 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
                             strata=table["request_form"].tolist())
     ds.meta["model"] = lm.provenance()
     ds.save(ctx.out / "directions")
-    table[["prompt_id", "prompt", "analysis_node", "harmful", "baseline_refused", "request_form"]].to_parquet(
-        ctx.out / "directions" / "prompts.parquet")
+    write_causal_table(table[list(DIRECTION_PROMPTS.columns)], ctx.out / "directions", DIRECTION_PROMPTS)
     floors = []
     for node in nodes:
         for layer in ds.layers:
@@ -390,9 +311,6 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
 
 
 def stage_overlap(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.mechinterp.directions import DirectionSet
-    from refusal_atlas.mechinterp.overlap import write_overlap
-
     ds = DirectionSet.load(ctx.out / "directions")
     report = write_overlap(ds, ctx.out / "overlap")
     return {"edges": len(report.get("edges", [])), "layer": report.get("layer"),
@@ -400,17 +318,12 @@ def stage_overlap(cfg: RunConfig, ctx: StageContext) -> dict:
 
 
 def stage_causal(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.atlas import pipeline_causal
-
-    return pipeline_causal.run(cfg, ctx, load_analysed_model(cfg, ctx), _taxonomy(cfg))
+    return pipeline_causal.run(cfg, ctx, load_analysed_model(cfg, ctx))
 
 
 def stage_atlas(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.atlas.links import write_atlas_ttl
-    from refusal_atlas.atlas.report import build_report
-
     write_json_atomic(ctx.out / "metrics.json", collect_metrics(ctx.results))
-    write_atlas_ttl(ctx.out, taxonomy=_taxonomy(cfg))
+    write_atlas_ttl(ctx.out, taxonomy=run_taxonomy(cfg))
     report = build_report(ctx.out)
     return {"report": str(report)}
 
@@ -441,8 +354,6 @@ def collect_metrics(results: dict[str, dict]) -> dict:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for pkg in ("refusal-atlas", "torch", "transformers", "sentence-transformers", "umap-learn", "hdbscan",
                 "rdflib", "pyshacl", "scikit-learn", "numpy"):
@@ -455,9 +366,7 @@ def versions() -> dict[str, str]:
 
 def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     pipe = Pipeline(cfg.out, console=console, resume=cfg.resume)
-    from refusal_atlas.taxonomy.loader import taxonomy_hash
-
-    tax_key = taxonomy_hash(_taxonomy(cfg))
+    tax_key = taxonomy_hash(run_taxonomy(cfg))
     base = {"taxonomy": tax_key, "seed": cfg.seed, "quick": cfg.quick, "extra": cfg.extra}
     model_key = {"model": cfg.model, "organism": cfg.build_organism}
 
@@ -467,8 +376,6 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("taxonomy", stage_taxonomy, (), ())
     add("ontology", stage_ontology, ("taxonomy",), ("taxonomy.ttl",))
     add("prompts", stage_prompts, ("taxonomy",), ("prompts.parquet",), sets=list(cfg.sets))
-    from refusal_atlas.organism.core import RECIPE_VERSION
-
     add("organism", stage_organism, ("taxonomy",), ("organism/organism.json",), enabled=cfg.build_organism,
         recipe=RECIPE_VERSION, **model_key)
     add("collect", stage_collect, ("prompts", "organism"), ("responses.parquet",), **model_key,
@@ -479,8 +386,6 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
         min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes, prompt_filter="baseline behaviour",
         harmless_matched_on="request form")
     add("overlap", stage_overlap, ("directions",), ("overlap/overlap.graphml",))
-    from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
-
     add("causal", stage_causal, ("directions", "prompts"), ("causal",), protocol=PROTOCOL_VERSION, **model_key)
     add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal"),
         ("report.html", "atlas.ttl", "metrics.json"))
@@ -508,16 +413,12 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict:
     write_json_atomic(cfg.out / "manifest.json", manifest)
     write_json_atomic(cfg.out / "metrics.json", metrics)
     if "atlas" in records and not records["atlas"].cached:  # the report's provenance section reads the manifest
-        from refusal_atlas.atlas.report import build_report
-
         build_report(cfg.out)
     return {"metrics": metrics, "manifest": manifest}
 
 
 def headline_table(metrics: dict):
     """The contract metrics as a rich table."""
-    from rich.table import Table
-
     table = Table(title="headline metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
