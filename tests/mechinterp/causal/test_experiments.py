@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 
 from refusal_atlas.lm.capture import capture_activations
-from refusal_atlas.lm.testing import tiny_model
 from refusal_atlas.lm.settings import RunSettings
+from refusal_atlas.lm.testing import tiny_model
 from refusal_atlas.mechinterp.causal.common import bootstrap_ci, first_token_scores
 from refusal_atlas.mechinterp.causal.conditions import condition_summary, condition_table
 from refusal_atlas.mechinterp.causal.cross import cross_ablation, cross_ablation_summary
-from refusal_atlas.mechinterp.causal.files import CROSS_ABLATION, write_table
 from refusal_atlas.mechinterp.causal.figures import plot_cross_ablation, plot_steering
+from refusal_atlas.mechinterp.causal.files import CROSS_ABLATION, write_table
 from refusal_atlas.mechinterp.causal.inputs import DirectionPrompts, direction_node_of, eval_sets_from_table
 from refusal_atlas.mechinterp.causal.pooled import ablation_stability, cone_ablation
 from refusal_atlas.mechinterp.causal.steering import steering
@@ -82,7 +82,7 @@ def test_steering_by_layer(setup, tmp_path):
 
 
 def test_wording_vs_detection(setup):
-    lm, ds, captured, nodes, harmful, tokens = setup
+    lm, ds, captured, _, _, tokens = setup
     table = wording_vs_detection(lm, ds, captured, tokens, position=-1,
                                  wordings={"a": "I'm sorry, I don't assist with bombs.", "b": "Sorry."},
                                  shared_wording="Sorry.")
@@ -189,7 +189,7 @@ def test_cli_causal_commands(setup, tmp_path):
 
 
 def test_ablation_stability_resamples_the_direction_prompts(setup):
-    lm, ds, captured, nodes, harmful, tokens = setup
+    lm, ds, captured, _, _, tokens = setup
     table = ablation_stability(lm, captured, A + B, tokens, layer=2, position=-1, n_boot=3, seed=0)
     assert table["resample"].tolist() == [-1, 0, 1, 2]
     full = table[table["resample"] == -1].iloc[0]
@@ -205,7 +205,7 @@ def test_ablation_stability_resamples_the_direction_prompts(setup):
 
 
 def test_cone_ablation_starts_from_the_pooled_ablation(setup):
-    lm, ds, captured, nodes, harmful, tokens = setup
+    lm, ds, captured, _, _, tokens = setup
     table = cone_ablation(lm, captured, A + B, H, tokens, layer=2, position=-1)
     assert table["extra_axes"].tolist() == [0, 1]  # two nodes: one residual axis
     odds, first = first_token_scores(lm, A + B, tokens, ablation(lm.model, ds.get(POOLED, 2, -1)))
