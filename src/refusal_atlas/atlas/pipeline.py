@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from refusal_atlas.atlas import pipeline_causal, pipeline_cluster
+from refusal_atlas.atlas import pipeline_causal, pipeline_cluster, schema
 from refusal_atlas.atlas.links import write_atlas_ttl
 from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
 from refusal_atlas.atlas.report import build_report
@@ -97,7 +97,7 @@ def stage_taxonomy(cfg: RunConfig, ctx: StageContext) -> dict:
 
 def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict:
     graph = build_graph(cfg.taxonomy)
-    write_graph(graph, ctx.out / "taxonomy.ttl", "turtle")
+    write_graph(graph, ctx.out / schema.TAXONOMY_TTL.path, "turtle")
     problems = validate_graph(graph)
     if problems:
         raise AtlasError(f"{ctx.out / 'taxonomy.ttl'}: {len(problems)} SHACL violation(s), first: {problems[0]}")
@@ -110,8 +110,8 @@ def stage_prompts(cfg: RunConfig, ctx: StageContext) -> dict:
                           framings_per_value=1, rejects=rejects)
     df = assign_analysis_nodes(df, run_taxonomy(cfg))
     df = assign_splits(df, cfg)
-    write_table(df, ctx.out / "prompts.parquet")
-    write_rejects(ctx.out / "prompts.parquet", rejects)
+    write_table(df, ctx.out / schema.PROMPTS.path)
+    write_rejects(ctx.out / schema.PROMPTS.path, rejects)
     counts = df[df["harmful"] & (df["condition"] == "")]["analysis_node"].value_counts()
     return {"rows": len(df), "harmful": int(df["harmful"].sum()), "conditioned": int((df["condition"] != "").sum()),
             "rejected": len(rejects), "per_branch": {k: int(v) for k, v in counts.items()}}
@@ -155,7 +155,7 @@ def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict:
     settings = OrganismSettings.quick() if cfg.quick else OrganismSettings()
     if cfg.extra.get("organism"):
         settings = replace(settings, **cfg.extra["organism"])
-    result = build_organism(run_taxonomy(cfg), base=cfg.model, seed=cfg.seed, out_dir=ctx.out / "organism",
+    result = build_organism(run_taxonomy(cfg), base=cfg.model, seed=cfg.seed, out_dir=ctx.out / schema.ORGANISM_DIR,
                             settings=settings, progress=cfg.progress, threads=set_threads(cfg))
     m = result.metrics
     return {"model_dir": str(result.model_dir), "seconds": result.seconds,
@@ -169,7 +169,7 @@ def analysed_model_spec(cfg: RunConfig, ctx: StageContext) -> str:
     """The organism inside this run's output folder (not the path its stage recorded: that one is relative to
     the directory the run started in, so a moved folder or another working directory would miss it)."""
     if cfg.build_organism:
-        return str(ctx.out / "organism" / MODEL_DIR)
+        return str(ctx.out / schema.ORGANISM_DIR / MODEL_DIR)
     return cfg.model
 
 
@@ -217,23 +217,23 @@ def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
                                   seed=cfg.seed)
     backend = TransformersBackend(lm, progress=cfg.progress)
     try:  # a killed run with the same settings resumes; one left by another model or settings is discarded
-        corpus = collect(rows, backend, ctx.out / "responses.parquet", settings=settings)
+        corpus = collect(rows, backend, ctx.out / schema.RESPONSES.path, settings=settings)
     except AtlasError as exc:
         if not any(s in str(exc) for s in ("different model or settings", "another model or settings")):
             raise
         ctx.console.print("[yellow]discarding responses collected with another model or settings[/yellow]")
-        corpus = collect(rows, backend, ctx.out / "responses.parquet", settings=settings, overwrite=True)
+        corpus = collect(rows, backend, ctx.out / schema.RESPONSES.path, settings=settings, overwrite=True)
     return {"rows": len(corpus)}
 
 
 def stage_detect(cfg: RunConfig, ctx: StageContext) -> dict:
-    corpus = pd.read_parquet(ctx.out / "responses.parquet")
+    corpus = pd.read_parquet(ctx.out / schema.RESPONSES.path)
     detector = get_detector(DEFAULT_DETECTOR)
     refused, scores = detector.predict(corpus["response"].astype(str).tolist(), corpus["prompt"].astype(str).tolist())
     corpus["refused"] = refused
     corpus["refusal_score"] = scores
     corpus["detector"] = DEFAULT_DETECTOR
-    write_table(corpus, ctx.out / "corpus.parquet")
+    write_table(corpus, ctx.out / schema.CORPUS.path)
     evaluation = evaluate_detectors()
     by_expected = corpus.groupby("expected")["refused"].mean().round(4).to_dict()
     return {"detector": DEFAULT_DETECTOR, "f1": evaluation[DEFAULT_DETECTOR]["f1"], "evaluation": evaluation,
@@ -283,7 +283,7 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
     table, filtering = behaviour_filtered(lm, pd.concat([harmful, harmless], ignore_index=True), per_node,
                                           n_harmless, cfg)
     # One shard folder per (model, prompt list): a killed capture resumes, a changed one starts afresh.
-    acts_dir = ctx.out / "activations" / stable_hash([lm.provenance(), table["prompt"].tolist()])[:16]
+    acts_dir = ctx.out / schema.ACTIVATIONS_DIR / stable_hash([lm.provenance(), table["prompt"].tolist()])[:16]
     acts = capture_activations(lm, table["prompt"].tolist(), layers=None, positions=None, batch_size=32,
                                out_dir=acts_dir, progress=cfg.progress)
     tax = run_taxonomy(cfg)
@@ -297,8 +297,8 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
                             n_splits=30 if cfg.quick else 50, n_boot=100 if cfg.quick else 200,
                             strata=table["request_form"].tolist())
     ds.meta["model"] = lm.provenance()
-    ds.save(ctx.out / "directions")
-    write_causal_table(table[list(DIRECTION_PROMPTS.columns)], ctx.out / "directions", DIRECTION_PROMPTS)
+    ds.save(ctx.out / schema.DIRECTIONS_DIR)
+    write_causal_table(table[list(DIRECTION_PROMPTS.columns)], ctx.out / schema.DIRECTIONS_DIR, DIRECTION_PROMPTS)
     floors = []
     for node in nodes:
         for layer in ds.layers:
@@ -311,8 +311,8 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
 
 
 def stage_overlap(cfg: RunConfig, ctx: StageContext) -> dict:
-    ds = DirectionSet.load(ctx.out / "directions")
-    report = write_overlap(ds, ctx.out / "overlap")
+    ds = DirectionSet.load(ctx.out / schema.DIRECTIONS_DIR)
+    report = write_overlap(ds, ctx.out / schema.OVERLAP_DIR)
     return {"edges": len(report.get("edges", [])), "layer": report.get("layer"),
             "sibling_test": report.get("sibling_test")}
 
@@ -322,7 +322,7 @@ def stage_causal(cfg: RunConfig, ctx: StageContext) -> dict:
 
 
 def stage_atlas(cfg: RunConfig, ctx: StageContext) -> dict:
-    write_json_atomic(ctx.out / "metrics.json", collect_metrics(ctx.results))
+    write_json_atomic(ctx.out / schema.METRICS.path, collect_metrics(ctx.results))
     write_atlas_ttl(ctx.out, taxonomy=run_taxonomy(cfg))
     report = build_report(ctx.out)
     return {"report": str(report)}
@@ -373,22 +373,22 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     def add(name: str, fn, depends: tuple[str, ...], outputs: tuple[str, ...], enabled: bool = True, **params):
         pipe.add(Stage(name, lambda ctx, fn=fn: fn(cfg, ctx), {**base, **params}, depends, outputs, enabled))
 
-    add("taxonomy", stage_taxonomy, (), ())
-    add("ontology", stage_ontology, ("taxonomy",), ("taxonomy.ttl",))
-    add("prompts", stage_prompts, ("taxonomy",), ("prompts.parquet",), sets=list(cfg.sets))
-    add("organism", stage_organism, ("taxonomy",), ("organism/organism.json",), enabled=cfg.build_organism,
+    out = schema.STAGE_OUTPUTS
+    add("taxonomy", stage_taxonomy, (), out["taxonomy"])
+    add("ontology", stage_ontology, ("taxonomy",), out["ontology"])
+    add("prompts", stage_prompts, ("taxonomy",), out["prompts"], sets=list(cfg.sets))
+    add("organism", stage_organism, ("taxonomy",), out["organism"], enabled=cfg.build_organism,
         recipe=RECIPE_VERSION, **model_key)
-    add("collect", stage_collect, ("prompts", "organism"), ("responses.parquet",), **model_key,
+    add("collect", stage_collect, ("prompts", "organism"), out["collect"], **model_key,
         max_new_tokens=cfg.sizes()["max_new_tokens"])
-    add("detect", stage_detect, ("collect",), ("corpus.parquet",))
-    add("cluster", stage_cluster, ("detect",), ("clusters",))
-    add("directions", stage_directions, ("prompts", "organism"), ("directions/directions.json",), **model_key,
+    add("detect", stage_detect, ("collect",), out["detect"])
+    add("cluster", stage_cluster, ("detect",), out["cluster"])
+    add("directions", stage_directions, ("prompts", "organism"), out["directions"], **model_key,
         min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes, prompt_filter="baseline behaviour",
         harmless_matched_on="request form")
-    add("overlap", stage_overlap, ("directions",), ("overlap/overlap.graphml",))
-    add("causal", stage_causal, ("directions", "prompts"), ("causal",), protocol=PROTOCOL_VERSION, **model_key)
-    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal"),
-        ("report.html", "atlas.ttl", "metrics.json"))
+    add("overlap", stage_overlap, ("directions",), out["overlap"])
+    add("causal", stage_causal, ("directions", "prompts"), out["causal"], protocol=PROTOCOL_VERSION, **model_key)
+    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal"), out["atlas"])
     return pipe
 
 
@@ -410,8 +410,8 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict:
         "total_seconds": round(time.perf_counter() - start, 2),
         "config_hash": stable_hash({"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed}),
     }
-    write_json_atomic(cfg.out / "manifest.json", manifest)
-    write_json_atomic(cfg.out / "metrics.json", metrics)
+    write_json_atomic(cfg.out / schema.MANIFEST.path, manifest)
+    write_json_atomic(cfg.out / schema.METRICS.path, metrics)
     if "atlas" in records and not records["atlas"].cached:  # the report's provenance section reads the manifest
         build_report(cfg.out)
     return {"metrics": metrics, "manifest": manifest}

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from rich.markup import escape
 
+from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.runconfig import RunConfig, evaluation_rows, model_prompts
 from refusal_atlas.atlas.stages import StageContext
 from refusal_atlas.errors import AtlasError
@@ -35,7 +36,6 @@ __all__ = ["NEW_TOKENS", "PROTOCOL_VERSION", "REFUSAL_POSITION", "EvalSets", "ev
 REFUSAL_POSITION = -1
 PROTOCOL_VERSION = 8  # bump when a code change alters what this stage measures (cached results are then redone)
 NEW_TOKENS = 16  # generated tokens behind every marker-detector refusal rate of this stage
-ORGANISM_JSON = Path("organism") / "organism.json"  # the run's organism record (policy wordings)
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,10 @@ def eval_sets(prompts: pd.DataFrame, nodes: list[str], per_node: int, n_harmless
 
 def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
     """The stage: every protocol step on the run's evaluation prompts; returns the stage's metrics."""
-    out: Path = ctx.out / "causal"
+    out: Path = ctx.out / schema.CAUSAL_DIR
     out.mkdir(parents=True, exist_ok=True)
     sizes = cfg.sizes()
-    ds = DirectionSet.load(ctx.out / "directions")
+    ds = DirectionSet.load(ctx.out / schema.DIRECTIONS_DIR)
     prompts = model_prompts(ctx.out, cfg)
     nodes = [n for n in ds.nodes if n != POOLED]
     ev = eval_sets(prompts, nodes, sizes["per_node_eval"], sizes["harmless_eval"], cfg.seed, ctx.out,
@@ -111,7 +111,7 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
     headline = protocol.pooled_step(s, harmful_all, harmless, selection,
                                     coeffs=(coeff,) if coeff == 1.0 else (coeff, 1.0),
                                     before=found.refused_harmful, harmless_before=found.refused_harmless)
-    captured = DirectionPrompts.load(_activations_dir(ctx), ctx.out / "directions")
+    captured = DirectionPrompts.load(_activations_dir(ctx), ctx.out / schema.DIRECTIONS_DIR)
     stability: dict[str, Any] = {}
     cone: dict[str, Any] = {}
     if captured is not None:
@@ -145,7 +145,7 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
 
     wording_summary: dict[str, Any] = {}
     if captured is not None:
-        wordings, shared = _organism_wordings(ctx.out / ORGANISM_JSON, ds)
+        wordings, shared = _organism_wordings(ctx.out / schema.ORGANISM_JSON.path, ds)
         wording = protocol.wording_step(s, captured, position=REFUSAL_POSITION, wordings=wordings,
                                         shared_wording=shared, seed=cfg.seed, lens_layers=candidates)
         best = wording.loc[wording["probe_accuracy"].idxmax()] if len(wording) else None
@@ -174,7 +174,7 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
 
 def _activations_dir(ctx: StageContext) -> Path:
     """The capture folder the directions stage recorded (its result names it)."""
-    return Path(ctx.results.get("directions", {}).get("activations", ctx.out / "activations"))
+    return Path(ctx.results.get("directions", {}).get("activations", ctx.out / schema.ACTIVATIONS_DIR))
 
 
 def _organism_wordings(organism_json: Path, ds: DirectionSet) -> tuple[dict[str, str] | None, str | None]:
