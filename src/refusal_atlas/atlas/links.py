@@ -32,8 +32,15 @@ from rdflib.namespace import DCTERMS, PROV
 from refusal_atlas.atlas.store import AtlasStore, model_identity
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256
+from refusal_atlas.lm.positions import position_label
 from refusal_atlas.ontology import iris
+from refusal_atlas.ontology.directions import add_direction
+from refusal_atlas.ontology.io import parse_rdf, write_graph
 from refusal_atlas.ontology.namespaces import RA
+from refusal_atlas.ontology.shacl import validate_graph
+from refusal_atlas.ontology.to_rdf import taxonomy_to_graph
+from refusal_atlas.taxonomy.conditions import load_conditions
+from refusal_atlas.taxonomy.crosswalk import load_crosswalks
 
 ATLAS_BASE = "https://w3id.org/refusal-atlas/atlas/"
 DIRECTIONS_FILE = "directions/directions.safetensors"
@@ -101,15 +108,9 @@ def _taxonomy_graph(store: AtlasStore, taxonomy) -> tuple[Graph, Any]:
     taxonomy is read back from taxonomy.ttl.
     """
     if store.taxonomy_ttl.is_file():
-        from refusal_atlas.ontology.io import parse_rdf
-
         return parse_rdf(store.taxonomy_ttl), taxonomy if taxonomy is not None else store.taxonomy
     if taxonomy is None:
         raise AtlasError(f"{store.taxonomy_ttl}: missing; run `refusal-atlas run` (or `ontology export`) first")
-    from refusal_atlas.ontology.to_rdf import taxonomy_to_graph
-    from refusal_atlas.taxonomy.conditions import load_conditions
-    from refusal_atlas.taxonomy.crosswalk import load_crosswalks
-
     return taxonomy_to_graph(taxonomy, load_conditions(), load_crosswalks()), taxonomy
 
 
@@ -137,8 +138,6 @@ def _describe_direction(graph: Graph, node: URIRef, *, model: str, revision: str
                         method: str, digest: str, prompt_count: int | None, metrics: dict[str, float],
                         fallback_iri: URIRef) -> URIRef:
     """One definition of the modelling: the ontology layer's `add_direction`."""
-    from refusal_atlas.ontology.directions import add_direction
-
     return add_direction(graph, node=node, model=model, layer=layer, position=position, method=method,
                          artefact_file=DIRECTIONS_FILE, sha256=digest, prompt_count=prompt_count,
                          model_revision=revision, metrics=metrics)
@@ -149,8 +148,6 @@ def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, at
     ds = store.directions
     if ds is None:
         return
-    from refusal_atlas.lm.positions import position_label
-
     digest = file_sha256(store.root / DIRECTIONS_FILE)
     model, revision = model_identity(ds.meta, store.manifest)
     counts = ds.meta.get("n_prompts") or {}
@@ -194,16 +191,12 @@ def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, at
 
 def validate_atlas_graph(graph: Graph) -> list[str]:
     """SHACL (data/ontology/shapes.ttl) plus the structural checks; [] when the graph conforms."""
-    from refusal_atlas.ontology.shacl import validate_graph
-
     return validate_graph(graph)
 
 
 def write_atlas_ttl(out_dir: str | Path, *, taxonomy=None, methods: tuple[str, ...] = DEFAULT_METHODS,
                     validate: bool = True) -> Path:
     """Build, validate (SHACL) and write `<out>/atlas.ttl` atomically; a violation is an AtlasError."""
-    from refusal_atlas.ontology.io import write_graph
-
     store = AtlasStore.open(out_dir)
     graph = build_atlas_graph(store, taxonomy=taxonomy, methods=methods)
     if validate:

@@ -100,7 +100,8 @@ def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict:
     write_graph(graph, ctx.out / schema.TAXONOMY_TTL.path, "turtle")
     problems = validate_graph(graph)
     if problems:
-        raise AtlasError(f"{ctx.out / 'taxonomy.ttl'}: {len(problems)} SHACL violation(s), first: {problems[0]}")
+        raise AtlasError(f"{ctx.out / schema.TAXONOMY_TTL.path}: {len(problems)} SHACL violation(s), "
+                         f"first: {problems[0]}")
     return {"triples": len(graph), "shacl_violations": 0}
 
 

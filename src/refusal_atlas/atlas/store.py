@@ -91,6 +91,12 @@ class AtlasStore:
     def atlas_ttl(self) -> Path:
         return self.root / schema.ATLAS_TTL.path
 
+    @property
+    def report_html(self) -> Path | None:
+        """The HTML report, once the atlas stage wrote it."""
+        path = self.root / schema.REPORT_HTML.path
+        return path if path.is_file() else None
+
     @cached_property
     def taxonomy_graph(self) -> Graph | None:
         for path in (self.taxonomy_ttl, self.atlas_ttl):

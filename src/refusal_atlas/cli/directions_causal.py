@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
         prompts: Path = PromptsOpt,
         model: str = ModelOpt,
         taxonomy: Path | None = TaxOpt,
-        nodes: str = typer.Option("@pooled", "--nodes", help="'@pooled', 'all', or comma-separated nodes to select "
+        nodes: str = typer.Option(POOLED, "--nodes", help=f"'{POOLED}', 'all', or comma-separated nodes to select "
                                                              "beside the pooled direction"),
         layers: str | None = typer.Option(None, "--layers", help="candidate layers (default: as `run` chooses them)"),
         positions: str | None = typer.Option(None, "--positions", help="candidate positions (default: -1)"),
@@ -238,7 +238,7 @@ def register(app: typer.Typer) -> None:
         prompts: Path = PromptsOpt,
         model: str = ModelOpt,
         taxonomy: Path | None = TaxOpt,
-        nodes: str = typer.Option("all", "--nodes", help="comma-separated nodes, '@pooled', or 'all'"),
+        nodes: str = typer.Option("all", "--nodes", help=f"comma-separated nodes, '{POOLED}', or 'all'"),
         layers: str | None = typer.Option(None, "--layers",
                                           help="default: the first and middle candidate layers and the selected one"),
         position: str | None = typer.Option(None, "--position"),

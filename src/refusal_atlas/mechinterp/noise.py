@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.positions import Position, position_label
 from refusal_atlas.mechinterp.directions import METHODS, DirectionSet, Groups, directions_from_means, group_means
 
@@ -336,8 +337,6 @@ def cosine_report(ds: DirectionSet, layer: int, position: Position, method: str 
                   include_pooled: bool = False) -> list[PairRow]:
     """Every cross-node cosine at one layer/position, with CIs, both floors and the null."""
     if f"{method}/cos" not in ds.noise:
-        from refusal_atlas.errors import AtlasError
-
         raise AtlasError(f"no noise estimates for {method!r} at {position_label(position)}; "
                          "re-run `directions extract` (noise is computed there)")
     li, pi = ds.layer_index(layer), ds.position_index(position)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from refusal_atlas.curation.detect import get_detector
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.capture import accepts_position_ids, left_pad
 from refusal_atlas.lm.generation import generate, length_buckets
@@ -36,8 +37,6 @@ def refusal_flags(
     responses: Sequence[str], prompts: Sequence[str] | None = None, detector: str = "marker"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(refused bool array, score array) from the curation area's detector (default: markers)."""
-    from refusal_atlas.curation.detect import get_detector
-
     det = get_detector(detector)
     refused, scores = det.predict(list(responses), list(prompts) if prompts is not None else [""] * len(responses))
     return np.asarray(refused, dtype=bool), np.asarray(scores, dtype=float)

@@ -40,6 +40,7 @@ __all__ = [
     "STEERING",
     "STEERING_DOSE",
     "STEERING_FIGURE",
+    "SUITE_METRICS",
     "TABLES",
     "WORDING",
     "TableSpec",
@@ -116,6 +117,7 @@ REFUSAL_TOKENS = "refusal_tokens.json"  # RefusalTokens.to_dict()
 SELECTION_JSON = "selection.json"  # the pooled Selection.to_dict() + steering_coefficient, validation sizes
 POOLED_JSON = "pooled.json"  # the headline: pooled ablation and addition on evaluation prompts
 SKIPPED = "skipped.json"  # {"reason"}: the model never refused, so nothing causal could be measured
+SUITE_METRICS = "causal.json"  # `organism test`'s metrics (`run` keeps its stage's metrics in the stage record)
 JSON_FILES = (REFUSAL_TOKENS, SELECTION_JSON, POOLED_JSON)
 CROSS_ABLATION_FIGURE = "cross_ablation.png"
 STEERING_FIGURE = "steering.png"

@@ -27,9 +27,7 @@ from refusal_atlas.mechinterp.interventions import layer_subset
 from refusal_atlas.mechinterp.request_form import request_forms
 from refusal_atlas.mechinterp.scoring import behaves_as_labelled, behaviour_mask
 
-__all__ = ["SUITE_JSON", "OrganismTables", "causal_suite"]
-
-SUITE_JSON = "causal.json"  # the suite's metrics (what `run` keeps in its stage record instead)
+__all__ = ["OrganismTables", "causal_suite"]
 
 
 @dataclass(frozen=True)
@@ -183,7 +181,7 @@ def causal_suite(
         "conditions": cond_summary.to_dict("records"),
         "timings": {**timings, "total": time.perf_counter() - t0},
     }
-    files.write_json(metrics, out, SUITE_JSON)
+    files.write_json(metrics, out, files.SUITE_METRICS)
     return metrics
 
 
