@@ -41,6 +41,7 @@ from refusal_atlas.ontology.shacl import validate_graph
 from refusal_atlas.ontology.to_rdf import taxonomy_to_graph
 from refusal_atlas.taxonomy.conditions import load_conditions
 from refusal_atlas.taxonomy.crosswalk import load_crosswalks
+from refusal_atlas.taxonomy.model import Taxonomy
 
 ATLAS_BASE = "https://w3id.org/refusal-atlas/atlas/"
 DIRECTIONS_FILE = "directions/directions.safetensors"
@@ -80,7 +81,7 @@ def _num(value: Any) -> Literal | None:
 def build_atlas_graph(
     out_dir: str | Path | AtlasStore,
     *,
-    taxonomy=None,
+    taxonomy: Taxonomy | None = None,
     methods: tuple[str, ...] = DEFAULT_METHODS,
 ) -> Graph:
     """The atlas graph of an output folder (taxonomy + clusters + directions)."""
@@ -101,7 +102,7 @@ def build_atlas_graph(
     return graph
 
 
-def _taxonomy_graph(store: AtlasStore, taxonomy) -> tuple[Graph, Any]:
+def _taxonomy_graph(store: AtlasStore, taxonomy: Taxonomy | None) -> tuple[Graph, Taxonomy]:
     """The run's own taxonomy.ttl when present (exactly what the ontology stage wrote), else an export.
 
     `taxonomy` (the run's Taxonomy object) names the nodes directions may link to; without it the
@@ -114,7 +115,7 @@ def _taxonomy_graph(store: AtlasStore, taxonomy) -> tuple[Graph, Any]:
     return taxonomy_to_graph(taxonomy, load_conditions(), load_crosswalks()), taxonomy
 
 
-def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atlas: URIRef) -> None:
+def _add_clusters(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, base: str, atlas: URIRef) -> None:
     score_term = optional_term("mappingScore")
     views = [("cluster/", store.cluster_view.clusters), ("cluster/responses/", store.response_cluster_view.clusters)]
     for prefix, c in ((p, c) for p, clusters in views for c in clusters):
@@ -130,8 +131,9 @@ def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atla
             if node not in tax.nodes:
                 continue
             graph.add((subject, RA.mapsToNode, iris.node_iri(ns, node)))
-            if rank == 0 and score_term is not None and _num(score) is not None:
-                graph.add((subject, score_term, _num(score)))
+            value = _num(score)
+            if rank == 0 and score_term is not None and value is not None:
+                graph.add((subject, score_term, value))
 
 
 def _describe_direction(graph: Graph, node: URIRef, *, model: str, revision: str | None, layer: int, position: str,
@@ -143,7 +145,7 @@ def _describe_direction(graph: Graph, node: URIRef, *, model: str, revision: str
                          model_revision=revision, metrics=metrics)
 
 
-def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atlas: URIRef,
+def _add_directions(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, base: str, atlas: URIRef,
                     methods: tuple[str, ...]) -> None:
     ds = store.directions
     if ds is None:
@@ -171,8 +173,8 @@ def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, at
                 norms = tensor.norm(dim=-1)
                 for j, layer in enumerate(ds.layers):
                     row = by_key.get((node, int(layer), label), {}) if method == "diff_means" else {}
-                    metrics = {name: _finite(row.get(col)) for name, col in columns.items()
-                               if _finite(row.get(col)) is not None}
+                    metrics = {name: value for name, col in columns.items()
+                               if (value := _finite(row.get(col))) is not None}
                     fallback = URIRef(f"{base}direction/{quote(method, safe='')}/{quote(node, safe='')}/"
                                       f"{quote(label, safe='')}/{int(layer)}")
                     subject = _describe_direction(
@@ -183,10 +185,11 @@ def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, at
                     graph.add((subject, RDFS.label, Literal(f"{node} {method} layer {layer} position {label}")))
                     graph.add((subject, DCTERMS.identifier, Literal(key)))  # tensor key in the artefact
                     graph.add((subject, PROV.wasGeneratedBy, atlas))
-                    if norm_term is not None:
-                        graph.add((subject, norm_term, _num(float(norms[j]))))
-                    if rel_term is not None and _num(row.get("reliability")) is not None:
-                        graph.add((subject, rel_term, _num(row.get("reliability"))))
+                    norm, reliability = _num(float(norms[j])), _num(row.get("reliability"))
+                    if norm_term is not None and norm is not None:
+                        graph.add((subject, norm_term, norm))
+                    if rel_term is not None and reliability is not None:
+                        graph.add((subject, rel_term, reliability))
 
 
 def validate_atlas_graph(graph: Graph) -> list[str]:
@@ -194,7 +197,7 @@ def validate_atlas_graph(graph: Graph) -> list[str]:
     return validate_graph(graph)
 
 
-def write_atlas_ttl(out_dir: str | Path, *, taxonomy=None, methods: tuple[str, ...] = DEFAULT_METHODS,
+def write_atlas_ttl(out_dir: str | Path, *, taxonomy: Taxonomy | None = None, methods: tuple[str, ...] = DEFAULT_METHODS,
                     validate: bool = True) -> Path:
     """Build, validate (SHACL) and write `<out>/atlas.ttl` atomically; a violation is an AtlasError."""
     store = AtlasStore.open(out_dir)

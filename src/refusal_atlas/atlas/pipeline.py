@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -88,14 +89,14 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 
 
-def stage_taxonomy(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_taxonomy(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     tax = run_taxonomy(cfg)
     depth = max(tax.depth(n.id) for n in tax)
     return {"nodes": len(tax), "accepted": len(tax.active()), "roots": len(tax.roots()), "depth": depth,
             "rules": sum(len(n.conditions) for n in tax), "contextual": len(contextual_nodes(tax))}
 
 
-def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     graph = build_graph(cfg.taxonomy)
     write_graph(graph, ctx.out / schema.TAXONOMY_TTL.path, "turtle")
     problems = validate_graph(graph)
@@ -105,7 +106,7 @@ def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict:
     return {"triples": len(graph), "shacl_violations": 0}
 
 
-def stage_prompts(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_prompts(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     rejects: list[dict] = []
     df = build_prompt_set(list(cfg.sets), taxonomy=run_taxonomy(cfg), conditions=True, seed=cfg.seed,
                           framings_per_value=1, rejects=rejects)
@@ -118,7 +119,7 @@ def stage_prompts(cfg: RunConfig, ctx: StageContext) -> dict:
             "rejected": len(rejects), "per_branch": {k: int(v) for k, v in counts.items()}}
 
 
-def assign_analysis_nodes(df: pd.DataFrame, tax) -> pd.DataFrame:
+def assign_analysis_nodes(df: pd.DataFrame, tax: Taxonomy) -> pd.DataFrame:
     """`analysis_node`: the branch (root) of each harmful prompt's node; "" for harmless prompts."""
     def branch(node: str) -> str:
         if not node or node not in tax.nodes:
@@ -152,7 +153,7 @@ def analysis_nodes(prompts: pd.DataFrame, cfg: RunConfig) -> list[str]:
     return sorted(nodes[: sizes["max_nodes"]])
 
 
-def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     settings = OrganismSettings.quick() if cfg.quick else OrganismSettings()
     if cfg.extra.get("organism"):
         settings = replace(settings, **cfg.extra["organism"])
@@ -174,7 +175,7 @@ def analysed_model_spec(cfg: RunConfig, ctx: StageContext) -> str:
     return cfg.model
 
 
-_MODEL_CACHE: dict[str, Any] = {}
+_MODEL_CACHE: dict[str, LoadedModel] = {}
 
 
 def set_threads(cfg: RunConfig) -> int:
@@ -184,7 +185,7 @@ def set_threads(cfg: RunConfig) -> int:
     return threads
 
 
-def load_analysed_model(cfg: RunConfig, ctx: StageContext):
+def load_analysed_model(cfg: RunConfig, ctx: StageContext) -> LoadedModel:
     """Load the analysed model once per process (several stages use it)."""
     set_threads(cfg)
     spec = analysed_model_spec(cfg, ctx)
@@ -210,7 +211,7 @@ def collection_rows(prompts: pd.DataFrame, cfg: RunConfig, out: Path | None = No
     return pd.concat(parts, ignore_index=True)
 
 
-def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     prompts = model_prompts(ctx.out, cfg)
     rows = collection_rows(prompts, cfg, ctx.out)
     lm = load_analysed_model(cfg, ctx)
@@ -227,7 +228,7 @@ def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
     return {"rows": len(corpus)}
 
 
-def stage_detect(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_detect(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     corpus = pd.read_parquet(ctx.out / schema.RESPONSES.path)
     detector = get_detector(DEFAULT_DETECTOR)
     refused, scores = detector.predict(corpus["response"].astype(str).tolist(), corpus["prompt"].astype(str).tolist())
@@ -241,11 +242,11 @@ def stage_detect(cfg: RunConfig, ctx: StageContext) -> dict:
             "refusal_rate_by_expected": by_expected, "refused": int(corpus["refused"].sum()), "rows": len(corpus)}
 
 
-def stage_cluster(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_cluster(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     return pipeline_cluster.run(ctx.out, cfg.seed, cfg.sizes()["cluster_seeds"], run_taxonomy(cfg))
 
 
-def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: int, cfg: RunConfig
+def behaviour_filtered(lm: LoadedModel, candidates: pd.DataFrame, per_node: int, n_harmless: int, cfg: RunConfig
                        ) -> tuple[pd.DataFrame, dict]:
     """The direction prompts, filtered by baseline behaviour as Arditi et al. do: harmful prompts the model
     refuses, harmless ones it answers (`baseline_refused` records what it did); a branch the model refuses
@@ -256,7 +257,7 @@ def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: 
     behaves, refused = behaves_as_labelled(lm, candidates["prompt"].tolist(), harm.tolist(), max_new_tokens=8,
                                            batch_size=cfg.batch_size, progress=cfg.progress)
     groups = candidates["analysis_node"].where(harm, "")  # harmless prompts form one group
-    keep, whole = behaviour_mask(behaves, groups.tolist(), cfg.min_prompts)
+    keep, whole = behaviour_mask(behaves.tolist(), groups.tolist(), cfg.min_prompts)
     kept = candidates.assign(baseline_refused=refused)[keep]
     parts = [rows.head(per_node) for _, rows in kept[kept["harmful"]].groupby("analysis_node", sort=True)]
     table = pd.concat([*parts, kept[~kept["harmful"]].head(n_harmless)], ignore_index=True)
@@ -265,7 +266,7 @@ def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: 
                    "candidates": len(candidates), "unfiltered_nodes": [g for g in whole if g]}
 
 
-def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     sizes = cfg.sizes()
     prompts = model_prompts(ctx.out, cfg)
     nodes = analysis_nodes(prompts, cfg)
@@ -311,18 +312,18 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
             "median_noise_floor": float(np.median(floors)) if floors else None}
 
 
-def stage_overlap(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_overlap(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     ds = DirectionSet.load(ctx.out / schema.DIRECTIONS_DIR)
     report = write_overlap(ds, ctx.out / schema.OVERLAP_DIR)
     return {"edges": len(report.get("edges", [])), "layer": report.get("layer"),
             "sibling_test": report.get("sibling_test")}
 
 
-def stage_causal(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_causal(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     return pipeline_causal.run(cfg, ctx, load_analysed_model(cfg, ctx))
 
 
-def stage_atlas(cfg: RunConfig, ctx: StageContext) -> dict:
+def stage_atlas(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     write_json_atomic(ctx.out / schema.METRICS.path, collect_metrics(ctx.results))
     write_atlas_ttl(ctx.out, taxonomy=run_taxonomy(cfg))
     report = build_report(ctx.out)
@@ -334,7 +335,7 @@ def stage_atlas(cfg: RunConfig, ctx: StageContext) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def collect_metrics(results: dict[str, dict]) -> dict:
+def collect_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The headline figures (issue contract keys) from the stage records."""
     org = results.get("organism", {})
     det = results.get("detect", {})
@@ -369,10 +370,14 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     pipe = Pipeline(cfg.out, console=console, resume=cfg.resume)
     tax_key = taxonomy_hash(run_taxonomy(cfg))
     base = {"taxonomy": tax_key, "seed": cfg.seed, "quick": cfg.quick, "extra": cfg.extra}
-    model_key = {"model": cfg.model, "organism": cfg.build_organism}
+    model_key: dict[str, Any] = {"model": cfg.model, "organism": cfg.build_organism}
 
-    def add(name: str, fn, depends: tuple[str, ...], outputs: tuple[str, ...], enabled: bool = True, **params):
-        pipe.add(Stage(name, lambda ctx, fn=fn: fn(cfg, ctx), {**base, **params}, depends, outputs, enabled))
+    def add(name: str, fn: Callable[[RunConfig, StageContext], dict[str, Any]], depends: tuple[str, ...],
+            outputs: tuple[str, ...], enabled: bool = True, **params: Any) -> None:
+        def call(ctx: StageContext) -> dict[str, Any]:
+            return fn(cfg, ctx)
+
+        pipe.add(Stage(name, call, {**base, **params}, depends, outputs, enabled))
 
     out = schema.STAGE_OUTPUTS
     add("taxonomy", stage_taxonomy, (), out["taxonomy"])
@@ -393,7 +398,7 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     return pipe
 
 
-def run(cfg: RunConfig, console: Console | None = None) -> dict:
+def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the metrics and writes manifest.json."""
     console = console or Console(stderr=True)
     start = time.perf_counter()
@@ -418,7 +423,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict:
     return {"metrics": metrics, "manifest": manifest}
 
 
-def headline_table(metrics: dict):
+def headline_table(metrics: dict[str, Any]) -> Table:
     """The contract metrics as a rich table."""
     table = Table(title="headline metrics")
     table.add_column("metric")

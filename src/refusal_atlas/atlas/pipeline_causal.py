@@ -104,7 +104,7 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
     candidates = candidate_layers(lm.n_layers, list(ds.layers), quick=cfg.quick)
     chosen = protocol.select_step(s, harmful_val, harmless_val, layers=candidates, positions=[REFUSAL_POSITION],
                                   ablation_starts=default_ablation_starts(lm.n_layers))
-    selection, coeff = chosen.selection, chosen.coefficient
+    selection, coeff = chosen.pooled, chosen.coefficient
     layer, scope = int(selection.layer), selection.ablation_layers
 
     # the un-ablated generations are the ones the refusal tokens were discovered from (same prompts, settings)

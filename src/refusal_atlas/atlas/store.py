@@ -290,7 +290,9 @@ class AtlasStore:
     def probe_accuracy(self) -> pd.DataFrame | None:
         """Per layer and position: cross-validated accuracy of a linear probe for node identity, and chance."""
         ds = self.directions
-        probe = (ds.meta.get("probe") or {}) if ds is not None else {}
+        if ds is None:
+            return None
+        probe = ds.meta.get("probe") or {}
         acc = probe.get("accuracy") or {}
         rows = [{"layer": int(layer), "position": str(pos), "probe_accuracy": as_float(values[j]),
                  "chance": as_float(probe.get("chance"))}
@@ -458,7 +460,7 @@ class AtlasStore:
 # ---------------------------------------------------------------------------------- helpers
 def model_identity(meta: dict[str, Any], manifest: dict[str, Any]) -> tuple[str, str | None]:
     """(model id, revision) from direction metadata (flat keys or a `model` provenance dict)."""
-    prov = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    prov: dict[str, Any] = meta["model"] if isinstance(meta.get("model"), dict) else {}
     model = meta.get("model_id") or prov.get("model_id") or prov.get("model_spec")
     if not model and isinstance(meta.get("model"), str):
         model = meta["model"]
@@ -481,7 +483,7 @@ def _fill_rate(df: pd.DataFrame, column: str) -> pd.DataFrame:
     return df
 
 
-def _cell(t, i: int, j: int, k: int) -> float | None:
+def _cell(t: Tensor | None, i: int, j: int, k: int) -> float | None:
     if t is None:
         return None
     value = float(t[i, j, k])

@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
         chosen = protocol.select_step(s, harmful_val, harmless[:n_val], layers=layer_list, positions=pos_list,
                                       ablation_starts=default_ablation_starts(lm.n_layers), kl_threshold=kl_threshold,
                                       node_val={n: sets.get(n, [])[:n_val] for n in others})
-        for sel in (chosen.selection, *chosen.others):
+        for sel in (chosen.pooled, *chosen.others):
             flag = "" if sel.passed_filters else " (no candidate passed the filters)"
             scope = f"layers {sel.ablate_from}+" if sel.ablate_from else "every layer"
             typer.echo(f"{sel.node}: layer {sel.layer}, position {sel.position}, ablated in {scope}{flag}")

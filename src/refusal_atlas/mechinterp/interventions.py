@@ -1,5 +1,5 @@
 """Causal interventions on the residual stream: directional ablation, activation addition, and
-weight orthogonalization (Arditi et al. 2024, REFERENCE.md §5), for any decoder architecture.
+weight orthogonalization (Arditi et al. 2024), for any decoder architecture.
 
 Hook interventions are `Intervention` objects: use one as a context manager (`with ablation(...):`)
 or pass it as the `hooks=` factory of `generation.generate` (calling it returns a fresh context).

@@ -39,7 +39,7 @@ def token_ids(tokens: TokenSpec) -> list[int]:
 def given_tokens(lm: LoadedModel, ids: Sequence[int], given: Sequence[str] | None = None) -> RefusalTokens:
     """RefusalTokens for ids chosen by the user (or a test) instead of discovered from generations."""
     ids = list(ids)
-    extra = {"given": list(given)} if given is not None else {}
+    extra: dict[str, object] = {"given": list(given)} if given is not None else {}
     return RefusalTokens(ids, [lm.tokenizer.decode([i]) for i in ids], [], [], float("nan"), 0, 0, extra)
 
 
@@ -55,7 +55,7 @@ def discover_tokens(
     responses = generate(lm, prompts, max_new_tokens=max_new_tokens, system=system, progress=progress,
                          desc="refusal tokens")
     refused, _ = refusal_flags(responses, prompts)
-    tokens = discover_refusal_tokens(lm, prompts, responses, refused, system=system)
+    tokens = discover_refusal_tokens(lm, prompts, responses, refused.tolist(), system=system)
     return tokens, refused[: len(harmful)], refused[len(harmful):]
 
 

@@ -29,6 +29,7 @@ from refusal_atlas.mechinterp.causal.cross import cross_ablation, cross_ablation
 from refusal_atlas.mechinterp.causal.figures import plot_cross_ablation, plot_steering
 from refusal_atlas.mechinterp.causal.inputs import DirectionPrompts
 from refusal_atlas.mechinterp.causal.pooled import ablation_stability, cone_ablation, pooled_ablation_and_steering
+from refusal_atlas.mechinterp.causal.selection import Selection
 from refusal_atlas.mechinterp.causal.steering import steering
 from refusal_atlas.mechinterp.causal.wording import wording_vs_detection
 from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
@@ -84,10 +85,10 @@ class Discovered:
 class Chosen:
     """The selected pooled direction, its steering dose, and any other nodes' selections."""
 
-    selection: selection.Selection
+    pooled: Selection
     coefficient: float
     dose: pd.DataFrame
-    others: tuple[selection.Selection, ...] = ()
+    others: tuple[Selection, ...] = ()
 
 
 def write_tokens(tokens: RefusalTokens, out: Path, model_revision: str | None = None) -> Path:

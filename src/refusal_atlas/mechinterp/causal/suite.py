@@ -113,7 +113,7 @@ def causal_suite(
     starts = selection.default_ablation_starts(lm.n_layers)
     chosen = protocol.select_step(session, val_harm, val_harmless, layers=grid, positions=cand_pos,
                                   ablation_starts=starts, previous=_previous(out, grid, cand_pos, starts, lm.n_layers))
-    sel = chosen.selection
+    sel = chosen.pooled
     timings["select"] = time.perf_counter() - t
 
     # the headline: pooled ablation and addition on held-out prompts
@@ -201,7 +201,7 @@ def _directions(lm: LoadedModel, rows: pd.DataFrame, label: Callable[[str], str]
     # direction then contrasts topics)
     behaves, _ = behaves_as_labelled(lm, list(src["prompt"]), list(src["harmful"].astype(bool)), max_new_tokens=8,
                                      batch_size=settings.batch_size, progress=settings.progress)
-    kept, _ = behaviour_mask(behaves, labels, min_keep=2)
+    kept, _ = behaviour_mask(behaves.tolist(), labels, min_keep=2)
     src = src[kept].reset_index(drop=True)
     labels = [lab for lab, k in zip(labels, kept, strict=True) if k]
     harmful_flags = list(src["harmful"].astype(bool))
