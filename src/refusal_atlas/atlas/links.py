@@ -108,8 +108,9 @@ def _taxonomy_graph(store: AtlasStore, taxonomy: Taxonomy | None) -> tuple[Graph
     `taxonomy` (the run's Taxonomy object) names the nodes directions may link to; without it the
     taxonomy is read back from taxonomy.ttl.
     """
-    if store.taxonomy_ttl.is_file():
-        return parse_rdf(store.taxonomy_ttl), taxonomy if taxonomy is not None else store.taxonomy
+    known = taxonomy if taxonomy is not None else store.taxonomy
+    if store.taxonomy_ttl.is_file() and known is not None:
+        return parse_rdf(store.taxonomy_ttl), known
     if taxonomy is None:
         raise AtlasError(f"{store.taxonomy_ttl}: missing; run `refusal-atlas run` (or `ontology export`) first")
     return taxonomy_to_graph(taxonomy, load_conditions(), load_crosswalks()), taxonomy
@@ -197,8 +198,8 @@ def validate_atlas_graph(graph: Graph) -> list[str]:
     return validate_graph(graph)
 
 
-def write_atlas_ttl(out_dir: str | Path, *, taxonomy: Taxonomy | None = None, methods: tuple[str, ...] = DEFAULT_METHODS,
-                    validate: bool = True) -> Path:
+def write_atlas_ttl(out_dir: str | Path, *, taxonomy: Taxonomy | None = None,
+                    methods: tuple[str, ...] = DEFAULT_METHODS, validate: bool = True) -> Path:
     """Build, validate (SHACL) and write `<out>/atlas.ttl` atomically; a violation is an AtlasError."""
     store = AtlasStore.open(out_dir)
     graph = build_atlas_graph(store, taxonomy=taxonomy, methods=methods)

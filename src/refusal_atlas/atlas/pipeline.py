@@ -51,7 +51,7 @@ from refusal_atlas.curation.prompts import build_prompt_set
 from refusal_atlas.curation.tables import write_rejects, write_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.capture import capture_activations
-from refusal_atlas.lm.models import auto_threads, load_model
+from refusal_atlas.lm.models import LoadedModel, auto_threads, load_model
 from refusal_atlas.mechinterp.causal.files import DIRECTION_PROMPTS
 from refusal_atlas.mechinterp.causal.files import write_table as write_causal_table
 from refusal_atlas.mechinterp.directions import DirectionSet
@@ -64,6 +64,7 @@ from refusal_atlas.ontology.io import write_graph
 from refusal_atlas.ontology.shacl import validate_graph
 from refusal_atlas.organism.core import MODEL_DIR, RECIPE_VERSION, OrganismSettings, build_organism
 from refusal_atlas.taxonomy.loader import taxonomy_hash
+from refusal_atlas.taxonomy.model import Taxonomy
 from refusal_atlas.taxonomy.resolve import contextual_nodes
 
 __all__ = [

@@ -50,7 +50,8 @@ class RunConfig:
                      "max_nodes": self.max_nodes or 4, "collect_limit": 120, "max_new_tokens": 16,
                      "cluster_seeds": 3, "max_prompt_chars": 320}
         else:
-            # Budgeted for 2 CPU cores (timings: docs/decisions.md, "Causal protocol"); raise with `--size key=value` (or RunConfig.extra["sizes"]) on a bigger machine.
+            # Budgeted for 2 CPU cores (timings: docs/decisions.md, "Causal protocol"); raise with
+            # `--size key=value` (or RunConfig.extra["sizes"]) on a bigger machine.
             sizes = {"per_node_train": 24, "per_node_eval": 6, "harmless_train": 64, "harmless_eval": 16,
                      "per_node_val": 3, "harmless_val": 16,
                      "max_nodes": self.max_nodes or 6, "collect_limit": 144, "max_new_tokens": self.max_new_tokens,

@@ -19,6 +19,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 from rdflib import Graph
+from torch import Tensor
 
 from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.store_clusters import ClusterInfo, ClusterView

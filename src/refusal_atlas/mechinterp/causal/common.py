@@ -40,7 +40,7 @@ def given_tokens(lm: LoadedModel, ids: Sequence[int], given: Sequence[str] | Non
     """RefusalTokens for ids chosen by the user (or a test) instead of discovered from generations."""
     ids = list(ids)
     extra: dict[str, object] = {"given": list(given)} if given is not None else {}
-    return RefusalTokens(ids, [lm.tokenizer.decode([i]) for i in ids], [], [], float("nan"), 0, 0, extra)
+    return RefusalTokens(ids, [str(lm.tokenizer.decode([i])) for i in ids], [], [], float("nan"), 0, 0, extra)
 
 
 def discover_tokens(
