@@ -29,6 +29,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write, atomic_write_text
+from refusal_atlas.lm.capture import Activations
 from refusal_atlas.lm.positions import LAST_INSTRUCTION, Position, parse_position_label, position_label
 
 POOLED = "@pooled"  # '@' cannot occur in a taxonomy id, so this never clashes with a node
@@ -338,8 +340,8 @@ def _atomic_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
-def compute_directions(acts, nodes: Sequence[str], harmful: Sequence[bool],
-                       methods: Sequence[str] = METHODS, meta: dict | None = None,
+def compute_directions(acts: Activations, nodes: Sequence[str], harmful: Sequence[bool],
+                       methods: Sequence[str] = METHODS, meta: dict[str, Any] | None = None,
                        strata: Sequence[str] | None = None) -> DirectionSet:
     """Directions for every node, layer and position of an `Activations` (no noise estimates);
     with `strata`, against a harmless baseline matched on them (see the module docstring)."""

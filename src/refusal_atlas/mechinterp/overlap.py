@@ -138,7 +138,7 @@ def overlap_graph(ds: DirectionSet, layer: int | None = None, position: Position
     return g
 
 
-def _bad(v) -> bool:
+def _bad(v: object) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from refusal_atlas.curation.detect import get_detector
@@ -292,7 +293,7 @@ def clean_logprobs(
     return out
 
 
-def answered_mean(values, refused) -> float:
+def answered_mean(values: Tensor | np.ndarray, refused: Sequence[bool] | np.ndarray) -> float:
     """Mean of per-prompt `values` over the prompts not `refused` (over all of them when every one is).
 
     Why: a harmless-prompt KL is a capability cost only where the model answered; where it refused a
