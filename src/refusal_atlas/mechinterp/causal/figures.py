@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import pandas as pd
+from matplotlib.figure import Figure
 
 from refusal_atlas.mechinterp.causal.files import write_figure
 from refusal_atlas.mechinterp.directions import POOLED
-
-matplotlib.use("Agg")  # figures are files, never windows
 
 __all__ = ["plot_cross_ablation", "plot_steering"]
 
