@@ -53,6 +53,34 @@ def test_every_stage_writes_its_files(finished):
     assert manifest["versions"]["torch"] != "absent"
 
 
+def test_the_written_folder_is_what_the_schema_declares(finished):
+    """Every declared file of a stage that ran exists and the store reads it; every data file the stages wrote
+    into the atlas's own folders is declared."""
+    from refusal_atlas.atlas import schema
+    from refusal_atlas.atlas.store import AtlasStore
+
+    cfg, _ = finished
+    out = cfg.out
+    declared = {a.path for a in schema.ARTIFACTS}
+    skipped = (out / "causal" / "skipped.json").is_file()  # a tiny random organism may never refuse
+    for artifact in schema.ARTIFACTS:
+        optional = artifact.stage == "causal" or artifact.path.startswith(("clusters/", "organism/adherence_by"))
+        assert optional or (out / artifact.path).is_file(), artifact.path
+    assert skipped or (out / "causal" / "pooled.json").is_file()
+    for path in out.rglob("*"):
+        rel = path.relative_to(out).as_posix()
+        top = rel.split("/")[0]
+        if path.is_file() and top in ("causal", "directions", "overlap") and path.suffix in (".parquet", ".json",
+                                                                                            ".graphml"):
+            assert rel in declared, f"{rel}: written but not in the schema"
+    store = AtlasStore(str(out))
+    assert store.prompts is not None and store.corpus is not None and store.responses is not None
+    assert store.direction_prompts is not None and store.organism is not None and store.adherence is not None
+    assert store.overlap_graph is not None and store.metrics and store.manifest and store.report_html
+    assert (store.causal_skipped is not None) == skipped
+    assert skipped or (store.pooled is not None and store.cross_ablation is not None)
+
+
 def test_metrics_carry_the_contract_keys(finished):
     cfg, _ = finished
     metrics = json.loads((cfg.out / "metrics.json").read_text())

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from fixtures.atlas.builder import LAYERS, MODEL_ID, NODES, POSITIONS, XSS, build_atlas, full_atlas
-from refusal_atlas.atlas.store import AtlasStore, rename_aliases
+from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.errors import AtlasError
 
 
@@ -95,10 +95,16 @@ def test_causal_tables_are_normalised(atlas):
     assert store.adherence_by_node is not None and "adherence" in store.adherence_by_node.columns
 
 
-def test_aliases_map_other_column_names():
-    df = pd.DataFrame({"direction": ["a"], "target": ["b"], "refusal": [0.5]})
-    out = rename_aliases(df, {"ablated": ("direction",), "evaluated": ("target",), "refusal_rate": ("refusal",)})
-    assert list(out.columns) == ["ablated", "evaluated", "refusal_rate"]
+def test_store_opens_a_str_path_and_shows_the_written_columns_under_its_view(atlas):
+    store = AtlasStore(str(atlas))  # a str works as well as a Path
+    assert store.root == atlas and store.manifest["model"] == MODEL_ID
+    written = pd.read_parquet(atlas / "causal" / "cross_ablation.parquet")
+    shown = store.cross_ablation
+    # the one declared rename: source -> ablated, target -> evaluated, logit_score -> refusal_score
+    assert list(shown["ablated"]) == list(written["source"]) and list(shown["evaluated"]) == list(written["target"])
+    assert list(shown["refusal_score"]) == list(written["logit_score"])
+    sel = store.selection
+    assert sel["selected"].sum() == len(NODES) and "kl_score" in sel.columns
 
 
 def test_partial_atlas_reports_missing_stages_as_none(tmp_path):

@@ -172,9 +172,9 @@ def test_real_organism_build_with_reduced_budget(tmp_path):
 
 def test_causal_suite_runs_end_to_end_on_the_tiny_organism(built, tmp_path, monkeypatch):
     import numpy as np
+    from refusal_atlas.mechinterp.causal.experiments import causal_suite
 
     from refusal_atlas.mechinterp.causal import selection
-    from refusal_atlas.mechinterp.causal.experiments import causal_suite
 
     lm, out, _ = built
     real_select, seen = selection.select_direction, {}

@@ -32,8 +32,16 @@ from rdflib.namespace import DCTERMS, PROV
 from refusal_atlas.atlas.store import AtlasStore, model_identity
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256
+from refusal_atlas.lm.positions import position_label
 from refusal_atlas.ontology import iris
+from refusal_atlas.ontology.directions import add_direction
+from refusal_atlas.ontology.io import parse_rdf, write_graph
 from refusal_atlas.ontology.namespaces import RA
+from refusal_atlas.ontology.shacl import validate_graph
+from refusal_atlas.ontology.to_rdf import taxonomy_to_graph
+from refusal_atlas.taxonomy.conditions import load_conditions
+from refusal_atlas.taxonomy.crosswalk import load_crosswalks
+from refusal_atlas.taxonomy.model import Taxonomy
 
 ATLAS_BASE = "https://w3id.org/refusal-atlas/atlas/"
 DIRECTIONS_FILE = "directions/directions.safetensors"
@@ -73,7 +81,7 @@ def _num(value: Any) -> Literal | None:
 def build_atlas_graph(
     out_dir: str | Path | AtlasStore,
     *,
-    taxonomy=None,
+    taxonomy: Taxonomy | None = None,
     methods: tuple[str, ...] = DEFAULT_METHODS,
 ) -> Graph:
     """The atlas graph of an output folder (taxonomy + clusters + directions)."""
@@ -94,26 +102,21 @@ def build_atlas_graph(
     return graph
 
 
-def _taxonomy_graph(store: AtlasStore, taxonomy) -> tuple[Graph, Any]:
+def _taxonomy_graph(store: AtlasStore, taxonomy: Taxonomy | None) -> tuple[Graph, Taxonomy]:
     """The run's own taxonomy.ttl when present (exactly what the ontology stage wrote), else an export.
 
     `taxonomy` (the run's Taxonomy object) names the nodes directions may link to; without it the
     taxonomy is read back from taxonomy.ttl.
     """
-    if store.taxonomy_ttl.is_file():
-        from refusal_atlas.ontology.io import parse_rdf
-
-        return parse_rdf(store.taxonomy_ttl), taxonomy if taxonomy is not None else store.taxonomy
+    known = taxonomy if taxonomy is not None else store.taxonomy
+    if store.taxonomy_ttl.is_file() and known is not None:
+        return parse_rdf(store.taxonomy_ttl), known
     if taxonomy is None:
         raise AtlasError(f"{store.taxonomy_ttl}: missing; run `refusal-atlas run` (or `ontology export`) first")
-    from refusal_atlas.ontology.to_rdf import taxonomy_to_graph
-    from refusal_atlas.taxonomy.conditions import load_conditions
-    from refusal_atlas.taxonomy.crosswalk import load_crosswalks
-
     return taxonomy_to_graph(taxonomy, load_conditions(), load_crosswalks()), taxonomy
 
 
-def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atlas: URIRef) -> None:
+def _add_clusters(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, base: str, atlas: URIRef) -> None:
     score_term = optional_term("mappingScore")
     views = [("cluster/", store.cluster_view.clusters), ("cluster/responses/", store.response_cluster_view.clusters)]
     for prefix, c in ((p, c) for p, clusters in views for c in clusters):
@@ -129,28 +132,25 @@ def _add_clusters(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atla
             if node not in tax.nodes:
                 continue
             graph.add((subject, RA.mapsToNode, iris.node_iri(ns, node)))
-            if rank == 0 and score_term is not None and _num(score) is not None:
-                graph.add((subject, score_term, _num(score)))
+            value = _num(score)
+            if rank == 0 and score_term is not None and value is not None:
+                graph.add((subject, score_term, value))
 
 
 def _describe_direction(graph: Graph, node: URIRef, *, model: str, revision: str | None, layer: int, position: str,
                         method: str, digest: str, prompt_count: int | None, metrics: dict[str, float],
                         fallback_iri: URIRef) -> URIRef:
     """One definition of the modelling: the ontology layer's `add_direction`."""
-    from refusal_atlas.ontology.directions import add_direction
-
     return add_direction(graph, node=node, model=model, layer=layer, position=position, method=method,
                          artefact_file=DIRECTIONS_FILE, sha256=digest, prompt_count=prompt_count,
                          model_revision=revision, metrics=metrics)
 
 
-def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, atlas: URIRef,
+def _add_directions(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, base: str, atlas: URIRef,
                     methods: tuple[str, ...]) -> None:
     ds = store.directions
     if ds is None:
         return
-    from refusal_atlas.lm.positions import position_label
-
     digest = file_sha256(store.root / DIRECTIONS_FILE)
     model, revision = model_identity(ds.meta, store.manifest)
     counts = ds.meta.get("n_prompts") or {}
@@ -174,8 +174,8 @@ def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, at
                 norms = tensor.norm(dim=-1)
                 for j, layer in enumerate(ds.layers):
                     row = by_key.get((node, int(layer), label), {}) if method == "diff_means" else {}
-                    metrics = {name: _finite(row.get(col)) for name, col in columns.items()
-                               if _finite(row.get(col)) is not None}
+                    metrics = {name: value for name, col in columns.items()
+                               if (value := _finite(row.get(col))) is not None}
                     fallback = URIRef(f"{base}direction/{quote(method, safe='')}/{quote(node, safe='')}/"
                                       f"{quote(label, safe='')}/{int(layer)}")
                     subject = _describe_direction(
@@ -186,24 +186,21 @@ def _add_directions(graph: Graph, store: AtlasStore, tax, ns: str, base: str, at
                     graph.add((subject, RDFS.label, Literal(f"{node} {method} layer {layer} position {label}")))
                     graph.add((subject, DCTERMS.identifier, Literal(key)))  # tensor key in the artefact
                     graph.add((subject, PROV.wasGeneratedBy, atlas))
-                    if norm_term is not None:
-                        graph.add((subject, norm_term, _num(float(norms[j]))))
-                    if rel_term is not None and _num(row.get("reliability")) is not None:
-                        graph.add((subject, rel_term, _num(row.get("reliability"))))
+                    norm, reliability = _num(float(norms[j])), _num(row.get("reliability"))
+                    if norm_term is not None and norm is not None:
+                        graph.add((subject, norm_term, norm))
+                    if rel_term is not None and reliability is not None:
+                        graph.add((subject, rel_term, reliability))
 
 
 def validate_atlas_graph(graph: Graph) -> list[str]:
     """SHACL (data/ontology/shapes.ttl) plus the structural checks; [] when the graph conforms."""
-    from refusal_atlas.ontology.shacl import validate_graph
-
     return validate_graph(graph)
 
 
-def write_atlas_ttl(out_dir: str | Path, *, taxonomy=None, methods: tuple[str, ...] = DEFAULT_METHODS,
-                    validate: bool = True) -> Path:
+def write_atlas_ttl(out_dir: str | Path, *, taxonomy: Taxonomy | None = None,
+                    methods: tuple[str, ...] = DEFAULT_METHODS, validate: bool = True) -> Path:
     """Build, validate (SHACL) and write `<out>/atlas.ttl` atomically; a violation is an AtlasError."""
-    from refusal_atlas.ontology.io import write_graph
-
     store = AtlasStore.open(out_dir)
     graph = build_atlas_graph(store, taxonomy=taxonomy, methods=methods)
     if validate:

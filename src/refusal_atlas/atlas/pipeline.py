@@ -15,82 +15,74 @@ node) and branches with at least `min_prompts` training prompts get directions.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 from rich.console import Console
+from rich.table import Table
 
+from refusal_atlas.atlas import pipeline_causal, pipeline_cluster, schema
+from refusal_atlas.atlas.links import write_atlas_ttl
+from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
+from refusal_atlas.atlas.report import build_report
+from refusal_atlas.atlas.runconfig import (
+    DEFAULT_OUT,
+    RunConfig,
+    evaluation_rows,
+    model_prompts,
+    organism_trained,
+    parse_sizes,
+    run_taxonomy,
+)
 from refusal_atlas.atlas.stages import Pipeline, Stage, StageContext, stable_hash, write_json_atomic
+from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
+from refusal_atlas.curation.collect import collect
+from refusal_atlas.curation.detect import DEFAULT_DETECTOR, evaluate_detectors, get_detector
+from refusal_atlas.curation.prompts import build_prompt_set
+from refusal_atlas.curation.tables import write_rejects, write_table
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.capture import capture_activations
+from refusal_atlas.lm.models import LoadedModel, auto_threads, load_model
+from refusal_atlas.mechinterp.causal.files import DIRECTION_PROMPTS
+from refusal_atlas.mechinterp.causal.files import write_table as write_causal_table
+from refusal_atlas.mechinterp.directions import DirectionSet
+from refusal_atlas.mechinterp.extract import extract_directions
+from refusal_atlas.mechinterp.overlap import write_overlap
+from refusal_atlas.mechinterp.request_form import request_forms
+from refusal_atlas.mechinterp.scoring import behaves_as_labelled, behaviour_mask
+from refusal_atlas.ontology.export import build_graph
+from refusal_atlas.ontology.io import write_graph
+from refusal_atlas.ontology.shacl import validate_graph
+from refusal_atlas.organism.core import MODEL_DIR, RECIPE_VERSION, OrganismSettings, build_organism
+from refusal_atlas.taxonomy.loader import taxonomy_hash
+from refusal_atlas.taxonomy.model import Taxonomy
+from refusal_atlas.taxonomy.resolve import contextual_nodes
 
-DEFAULT_OUT = Path("atlas-out")
-
-
-@dataclass
-class RunConfig:
-    """Everything `run` depends on; each stage's cache key uses the parts it reads."""
-
-    model: str = "default"
-    taxonomy: Path | None = None
-    out: Path = DEFAULT_OUT
-    quick: bool = False
-    resume: bool = True
-    seed: int = 0
-    sets: tuple[str, ...] = ("harmbench", "strongreject", "harmless", "overrefusal", "taxonomy")
-    organism: bool | None = None  # None: build one when the model is `default` (it never refuses)
-    max_new_tokens: int = 20
-    batch_size: int = 16
-    min_prompts: int = 8
-    max_nodes: int | None = None
-    progress: bool = True
-    threads: int | None = None  # torch CPU threads; None: chosen per stage from what other processes leave free
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def build_organism(self) -> bool:
-        return self.model == "default" if self.organism is None else self.organism
-
-    def sizes(self) -> dict[str, int]:
-        """Per-stage budgets; `quick` keeps CI to a few minutes."""
-        if self.quick:
-            sizes = {"per_node_train": 10, "per_node_eval": 6, "harmless_train": 40, "harmless_eval": 16,
-                     "per_node_val": 2, "harmless_val": 8,
-                     "max_nodes": self.max_nodes or 4, "collect_limit": 120, "max_new_tokens": 16,
-                     "cluster_seeds": 3, "max_prompt_chars": 320}
-        else:
-            # Budgeted for 2 CPU cores: measured 834 s cold with the default organism (438 s of it); raise
-            # with `--size key=value` (or RunConfig.extra["sizes"]) on a bigger machine.
-            sizes = {"per_node_train": 24, "per_node_eval": 6, "harmless_train": 64, "harmless_eval": 16,
-                     "per_node_val": 3, "harmless_val": 16,
-                     "max_nodes": self.max_nodes or 6, "collect_limit": 144, "max_new_tokens": self.max_new_tokens,
-                     "cluster_seeds": 8, "condition_per_node": 32, "max_prompt_chars": 320}
-        return {**sizes, **self.extra.get("sizes", {})}
-
-
-def parse_sizes(items: list[str], known: dict[str, int]) -> dict[str, int]:
-    """`KEY=INT` overrides of the stage budgets; an unknown key or a non-integer is a one-line error."""
-    out: dict[str, int] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise AtlasError(f"--size {item!r}: expected KEY=INT with KEY one of {', '.join(sorted(known))}")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            raise AtlasError(f"--size {item!r}: {value!r} is not an integer") from None
-        if out[key] < 1:
-            raise AtlasError(f"--size {item!r}: must be at least 1")
-    return out
-
-
-def _taxonomy(cfg: RunConfig):
-    from refusal_atlas.taxonomy.loader import load_taxonomy
-
-    return load_taxonomy(cfg.taxonomy)
+__all__ = [
+    "DEFAULT_OUT",
+    "RunConfig",
+    "analysis_nodes",
+    "assign_analysis_nodes",
+    "assign_splits",
+    "behaviour_filtered",
+    "build_pipeline",
+    "collect_metrics",
+    "evaluation_rows",
+    "headline_table",
+    "model_prompts",
+    "organism_trained",
+    "parse_sizes",
+    "run",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,45 +90,37 @@ def _taxonomy(cfg: RunConfig):
 # ------------------------------------------------------------------------------------------------
 
 
-def stage_taxonomy(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.taxonomy.resolve import contextual_nodes
-
-    tax = _taxonomy(cfg)
+def stage_taxonomy(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    tax = run_taxonomy(cfg)
     depth = max(tax.depth(n.id) for n in tax)
     return {"nodes": len(tax), "accepted": len(tax.active()), "roots": len(tax.roots()), "depth": depth,
             "rules": sum(len(n.conditions) for n in tax), "contextual": len(contextual_nodes(tax))}
 
 
-def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.ontology.export import build_graph
-    from refusal_atlas.ontology.io import write_graph
-    from refusal_atlas.ontology.shacl import validate_graph
-
+def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     graph = build_graph(cfg.taxonomy)
-    write_graph(graph, ctx.out / "taxonomy.ttl", "turtle")
+    write_graph(graph, ctx.out / schema.TAXONOMY_TTL.path, "turtle")
     problems = validate_graph(graph)
     if problems:
-        raise AtlasError(f"{ctx.out / 'taxonomy.ttl'}: {len(problems)} SHACL violation(s), first: {problems[0]}")
+        raise AtlasError(f"{ctx.out / schema.TAXONOMY_TTL.path}: {len(problems)} SHACL violation(s), "
+                         f"first: {problems[0]}")
     return {"triples": len(graph), "shacl_violations": 0}
 
 
-def stage_prompts(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.curation.prompts import build_prompt_set
-    from refusal_atlas.curation.tables import write_rejects, write_table
-
+def stage_prompts(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     rejects: list[dict] = []
-    df = build_prompt_set(list(cfg.sets), taxonomy=_taxonomy(cfg), conditions=True, seed=cfg.seed,
+    df = build_prompt_set(list(cfg.sets), taxonomy=run_taxonomy(cfg), conditions=True, seed=cfg.seed,
                           framings_per_value=1, rejects=rejects)
-    df = assign_analysis_nodes(df, _taxonomy(cfg))
+    df = assign_analysis_nodes(df, run_taxonomy(cfg))
     df = assign_splits(df, cfg)
-    write_table(df, ctx.out / "prompts.parquet")
-    write_rejects(ctx.out / "prompts.parquet", rejects)
+    write_table(df, ctx.out / schema.PROMPTS.path)
+    write_rejects(ctx.out / schema.PROMPTS.path, rejects)
     counts = df[df["harmful"] & (df["condition"] == "")]["analysis_node"].value_counts()
     return {"rows": len(df), "harmful": int(df["harmful"].sum()), "conditioned": int((df["condition"] != "").sum()),
             "rejected": len(rejects), "per_branch": {k: int(v) for k, v in counts.items()}}
 
 
-def assign_analysis_nodes(df: pd.DataFrame, tax) -> pd.DataFrame:
+def assign_analysis_nodes(df: pd.DataFrame, tax: Taxonomy) -> pd.DataFrame:
     """`analysis_node`: the branch (root) of each harmful prompt's node; "" for harmless prompts."""
     def branch(node: str) -> str:
         if not node or node not in tax.nodes:
@@ -150,8 +134,6 @@ def assign_analysis_nodes(df: pd.DataFrame, tax) -> pd.DataFrame:
 
 def assign_splits(df: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
     """A seeded train / eval split by base prompt, so a prompt and its condition variants stay together."""
-    import hashlib
-
     def bucket(base: str) -> str:
         h = int(hashlib.sha256(f"{cfg.seed}:{base}".encode()).hexdigest()[:8], 16)
         return "eval" if h % 3 == 0 else "train"
@@ -172,15 +154,11 @@ def analysis_nodes(prompts: pd.DataFrame, cfg: RunConfig) -> list[str]:
     return sorted(nodes[: sizes["max_nodes"]])
 
 
-def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.organism.core import OrganismSettings, build_organism
-
+def stage_organism(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     settings = OrganismSettings.quick() if cfg.quick else OrganismSettings()
     if cfg.extra.get("organism"):
-        from dataclasses import replace
-
         settings = replace(settings, **cfg.extra["organism"])
-    result = build_organism(_taxonomy(cfg), base=cfg.model, seed=cfg.seed, out_dir=ctx.out / "organism",
+    result = build_organism(run_taxonomy(cfg), base=cfg.model, seed=cfg.seed, out_dir=ctx.out / schema.ORGANISM_DIR,
                             settings=settings, progress=cfg.progress, threads=set_threads(cfg))
     m = result.metrics
     return {"model_dir": str(result.model_dir), "seconds": result.seconds,
@@ -194,66 +172,28 @@ def analysed_model_spec(cfg: RunConfig, ctx: StageContext) -> str:
     """The organism inside this run's output folder (not the path its stage recorded: that one is relative to
     the directory the run started in, so a moved folder or another working directory would miss it)."""
     if cfg.build_organism:
-        from refusal_atlas.organism.core import MODEL_DIR
-
-        return str(ctx.out / "organism" / MODEL_DIR)
+        return str(ctx.out / schema.ORGANISM_DIR / MODEL_DIR)
     return cfg.model
 
 
-_MODEL_CACHE: dict[str, Any] = {}
+_MODEL_CACHE: dict[str, LoadedModel] = {}
 
 
 def set_threads(cfg: RunConfig) -> int:
     """Set torch's CPU threads before a model stage (see `auto_threads`: a busy machine gets fewer)."""
-    import torch
-
-    from refusal_atlas.lm.models import auto_threads
-
     threads = cfg.threads or auto_threads()
     torch.set_num_threads(threads)
     return threads
 
 
-def load_analysed_model(cfg: RunConfig, ctx: StageContext):
+def load_analysed_model(cfg: RunConfig, ctx: StageContext) -> LoadedModel:
     """Load the analysed model once per process (several stages use it)."""
-    from refusal_atlas.lm.models import load_model
-
     set_threads(cfg)
     spec = analysed_model_spec(cfg, ctx)
     if spec not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
         _MODEL_CACHE[spec] = load_model(spec)
     return _MODEL_CACHE[spec]
-
-
-def model_prompts(out: Path, cfg: RunConfig) -> pd.DataFrame:
-    """The run's prompt table minus prompts longer than `max_prompt_chars`, for every stage that runs the model.
-
-    Why: a fifth of HarmBench's prompts carry a long context (up to ~3,800 characters); one of them
-    pads a whole batch to hundreds of tokens, and on a CPU every forward pass costs in proportion.
-    """
-    prompts = pd.read_parquet(out / "prompts.parquet")
-    return prompts[prompts["prompt"].str.len() <= cfg.sizes()["max_prompt_chars"]].reset_index(drop=True)
-
-
-def organism_trained(out: Path) -> set[str]:
-    """Base prompts the run's organism was fine-tuned on (empty without an organism)."""
-    table = out / "organism" / "prompts.parquet"
-    if not table.is_file():
-        return set()
-    rows = pd.read_parquet(table, columns=["base_prompt", "prompt", "split"])
-    trained = rows[rows["split"] == "train"]
-    return set(trained["base_prompt"]) | set(trained["prompt"])
-
-
-def evaluation_rows(prompts: pd.DataFrame, out: Path) -> pd.DataFrame:
-    """The run's eval split minus anything the organism trained on (its adherence would be memorised)."""
-    ev = prompts[prompts["run_split"] == "eval"]
-    trained = organism_trained(out)
-    if not trained:
-        return ev
-    base = ev["base_prompt"].where(ev["base_prompt"].astype(str) != "", ev["prompt"])
-    return ev[~(base.isin(trained) | ev["prompt"].isin(trained))]
 
 
 def collection_rows(prompts: pd.DataFrame, cfg: RunConfig, out: Path | None = None) -> pd.DataFrame:
@@ -272,10 +212,7 @@ def collection_rows(prompts: pd.DataFrame, cfg: RunConfig, out: Path | None = No
     return pd.concat(parts, ignore_index=True)
 
 
-def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
-    from refusal_atlas.curation.collect import collect
-
+def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     prompts = model_prompts(ctx.out, cfg)
     rows = collection_rows(prompts, cfg, ctx.out)
     lm = load_analysed_model(cfg, ctx)
@@ -283,51 +220,45 @@ def stage_collect(cfg: RunConfig, ctx: StageContext) -> dict:
                                   seed=cfg.seed)
     backend = TransformersBackend(lm, progress=cfg.progress)
     try:  # a killed run with the same settings resumes; one left by another model or settings is discarded
-        corpus = collect(rows, backend, ctx.out / "responses.parquet", settings=settings)
+        corpus = collect(rows, backend, ctx.out / schema.RESPONSES.path, settings=settings)
     except AtlasError as exc:
         if not any(s in str(exc) for s in ("different model or settings", "another model or settings")):
             raise
         ctx.console.print("[yellow]discarding responses collected with another model or settings[/yellow]")
-        corpus = collect(rows, backend, ctx.out / "responses.parquet", settings=settings, overwrite=True)
+        corpus = collect(rows, backend, ctx.out / schema.RESPONSES.path, settings=settings, overwrite=True)
     return {"rows": len(corpus)}
 
 
-def stage_detect(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.curation.detect import DEFAULT_DETECTOR, evaluate_detectors, get_detector
-    from refusal_atlas.curation.tables import write_table
-
-    corpus = pd.read_parquet(ctx.out / "responses.parquet")
+def stage_detect(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    corpus = pd.read_parquet(ctx.out / schema.RESPONSES.path)
     detector = get_detector(DEFAULT_DETECTOR)
     refused, scores = detector.predict(corpus["response"].astype(str).tolist(), corpus["prompt"].astype(str).tolist())
     corpus["refused"] = refused
     corpus["refusal_score"] = scores
     corpus["detector"] = DEFAULT_DETECTOR
-    write_table(corpus, ctx.out / "corpus.parquet")
+    write_table(corpus, ctx.out / schema.CORPUS.path)
     evaluation = evaluate_detectors()
     by_expected = corpus.groupby("expected")["refused"].mean().round(4).to_dict()
     return {"detector": DEFAULT_DETECTOR, "f1": evaluation[DEFAULT_DETECTOR]["f1"], "evaluation": evaluation,
             "refusal_rate_by_expected": by_expected, "refused": int(corpus["refused"].sum()), "rows": len(corpus)}
 
 
-def stage_cluster(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.atlas import pipeline_cluster
-
-    return pipeline_cluster.run(ctx.out, cfg.seed, cfg.sizes()["cluster_seeds"], _taxonomy(cfg))
+def stage_cluster(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    return pipeline_cluster.run(ctx.out, cfg.seed, cfg.sizes()["cluster_seeds"], run_taxonomy(cfg))
 
 
-def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: int, cfg: RunConfig
+def behaviour_filtered(lm: LoadedModel, candidates: pd.DataFrame, per_node: int, n_harmless: int, cfg: RunConfig
                        ) -> tuple[pd.DataFrame, dict]:
     """The direction prompts, filtered by baseline behaviour as Arditi et al. do: harmful prompts the model
     refuses, harmless ones it answers (`baseline_refused` records what it did); a branch the model refuses
     too rarely to keep `min_prompts` keeps its prompts and is listed (`behaviour_mask`). Then each branch's
     first `per_node` and the first `n_harmless` harmless prompts."""
-    from refusal_atlas.mechinterp.scoring import behaves_as_labelled, behaviour_mask
 
     harm = candidates["harmful"].astype(bool)
     behaves, refused = behaves_as_labelled(lm, candidates["prompt"].tolist(), harm.tolist(), max_new_tokens=8,
                                            batch_size=cfg.batch_size, progress=cfg.progress)
     groups = candidates["analysis_node"].where(harm, "")  # harmless prompts form one group
-    keep, whole = behaviour_mask(behaves, groups.tolist(), cfg.min_prompts)
+    keep, whole = behaviour_mask(behaves.tolist(), groups.tolist(), cfg.min_prompts)
     kept = candidates.assign(baseline_refused=refused)[keep]
     parts = [rows.head(per_node) for _, rows in kept[kept["harmful"]].groupby("analysis_node", sort=True)]
     table = pd.concat([*parts, kept[~kept["harmful"]].head(n_harmless)], ignore_index=True)
@@ -336,13 +267,7 @@ def behaviour_filtered(lm, candidates: pd.DataFrame, per_node: int, n_harmless: 
                    "candidates": len(candidates), "unfiltered_nodes": [g for g in whole if g]}
 
 
-def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
-    import numpy as np
-
-    from refusal_atlas.lm.capture import capture_activations
-    from refusal_atlas.mechinterp.extract import extract_directions
-    from refusal_atlas.mechinterp.request_form import request_forms
-
+def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     sizes = cfg.sizes()
     prompts = model_prompts(ctx.out, cfg)
     nodes = analysis_nodes(prompts, cfg)
@@ -361,10 +286,10 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
     table, filtering = behaviour_filtered(lm, pd.concat([harmful, harmless], ignore_index=True), per_node,
                                           n_harmless, cfg)
     # One shard folder per (model, prompt list): a killed capture resumes, a changed one starts afresh.
-    acts_dir = ctx.out / "activations" / stable_hash([lm.provenance(), table["prompt"].tolist()])[:16]
+    acts_dir = ctx.out / schema.ACTIVATIONS_DIR / stable_hash([lm.provenance(), table["prompt"].tolist()])[:16]
     acts = capture_activations(lm, table["prompt"].tolist(), layers=None, positions=None, batch_size=32,
                                out_dir=acts_dir, progress=cfg.progress)
-    tax = _taxonomy(cfg)
+    tax = run_taxonomy(cfg)
     parents = {n: list(tax[n].broader) for n in nodes}
     labels = {n: tax[n].label for n in nodes}
     # the harmless baseline is matched on request form (question / instruction / first person): the harmful and
@@ -375,9 +300,8 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
                             n_splits=30 if cfg.quick else 50, n_boot=100 if cfg.quick else 200,
                             strata=table["request_form"].tolist())
     ds.meta["model"] = lm.provenance()
-    ds.save(ctx.out / "directions")
-    table[["prompt_id", "prompt", "analysis_node", "harmful", "baseline_refused", "request_form"]].to_parquet(
-        ctx.out / "directions" / "prompts.parquet")
+    ds.save(ctx.out / schema.DIRECTIONS_DIR)
+    write_causal_table(table[list(DIRECTION_PROMPTS.columns)], ctx.out / schema.DIRECTIONS_DIR, DIRECTION_PROMPTS)
     floors = []
     for node in nodes:
         for layer in ds.layers:
@@ -389,28 +313,20 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict:
             "median_noise_floor": float(np.median(floors)) if floors else None}
 
 
-def stage_overlap(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.mechinterp.directions import DirectionSet
-    from refusal_atlas.mechinterp.overlap import write_overlap
-
-    ds = DirectionSet.load(ctx.out / "directions")
-    report = write_overlap(ds, ctx.out / "overlap")
+def stage_overlap(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    ds = DirectionSet.load(ctx.out / schema.DIRECTIONS_DIR)
+    report = write_overlap(ds, ctx.out / schema.OVERLAP_DIR)
     return {"edges": len(report.get("edges", [])), "layer": report.get("layer"),
             "sibling_test": report.get("sibling_test")}
 
 
-def stage_causal(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.atlas import pipeline_causal
-
-    return pipeline_causal.run(cfg, ctx, load_analysed_model(cfg, ctx), _taxonomy(cfg))
+def stage_causal(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    return pipeline_causal.run(cfg, ctx, load_analysed_model(cfg, ctx))
 
 
-def stage_atlas(cfg: RunConfig, ctx: StageContext) -> dict:
-    from refusal_atlas.atlas.links import write_atlas_ttl
-    from refusal_atlas.atlas.report import build_report
-
-    write_json_atomic(ctx.out / "metrics.json", collect_metrics(ctx.results))
-    write_atlas_ttl(ctx.out, taxonomy=_taxonomy(cfg))
+def stage_atlas(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    write_json_atomic(ctx.out / schema.METRICS.path, collect_metrics(ctx.results))
+    write_atlas_ttl(ctx.out, taxonomy=run_taxonomy(cfg))
     report = build_report(ctx.out)
     return {"report": str(report)}
 
@@ -420,7 +336,7 @@ def stage_atlas(cfg: RunConfig, ctx: StageContext) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def collect_metrics(results: dict[str, dict]) -> dict:
+def collect_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The headline figures (issue contract keys) from the stage records."""
     org = results.get("organism", {})
     det = results.get("detect", {})
@@ -441,8 +357,6 @@ def collect_metrics(results: dict[str, dict]) -> dict:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for pkg in ("refusal-atlas", "torch", "transformers", "sentence-transformers", "umap-learn", "hdbscan",
                 "rdflib", "pyshacl", "scikit-learn", "numpy"):
@@ -455,39 +369,37 @@ def versions() -> dict[str, str]:
 
 def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     pipe = Pipeline(cfg.out, console=console, resume=cfg.resume)
-    from refusal_atlas.taxonomy.loader import taxonomy_hash
-
-    tax_key = taxonomy_hash(_taxonomy(cfg))
+    tax_key = taxonomy_hash(run_taxonomy(cfg))
     base = {"taxonomy": tax_key, "seed": cfg.seed, "quick": cfg.quick, "extra": cfg.extra}
-    model_key = {"model": cfg.model, "organism": cfg.build_organism}
+    model_key: dict[str, Any] = {"model": cfg.model, "organism": cfg.build_organism}
 
-    def add(name: str, fn, depends: tuple[str, ...], outputs: tuple[str, ...], enabled: bool = True, **params):
-        pipe.add(Stage(name, lambda ctx, fn=fn: fn(cfg, ctx), {**base, **params}, depends, outputs, enabled))
+    def add(name: str, fn: Callable[[RunConfig, StageContext], dict[str, Any]], depends: tuple[str, ...],
+            outputs: tuple[str, ...], enabled: bool = True, **params: Any) -> None:
+        def call(ctx: StageContext) -> dict[str, Any]:
+            return fn(cfg, ctx)
 
-    add("taxonomy", stage_taxonomy, (), ())
-    add("ontology", stage_ontology, ("taxonomy",), ("taxonomy.ttl",))
-    add("prompts", stage_prompts, ("taxonomy",), ("prompts.parquet",), sets=list(cfg.sets))
-    from refusal_atlas.organism.core import RECIPE_VERSION
+        pipe.add(Stage(name, call, {**base, **params}, depends, outputs, enabled))
 
-    add("organism", stage_organism, ("taxonomy",), ("organism/organism.json",), enabled=cfg.build_organism,
+    out = schema.STAGE_OUTPUTS
+    add("taxonomy", stage_taxonomy, (), out["taxonomy"])
+    add("ontology", stage_ontology, ("taxonomy",), out["ontology"])
+    add("prompts", stage_prompts, ("taxonomy",), out["prompts"], sets=list(cfg.sets))
+    add("organism", stage_organism, ("taxonomy",), out["organism"], enabled=cfg.build_organism,
         recipe=RECIPE_VERSION, **model_key)
-    add("collect", stage_collect, ("prompts", "organism"), ("responses.parquet",), **model_key,
+    add("collect", stage_collect, ("prompts", "organism"), out["collect"], **model_key,
         max_new_tokens=cfg.sizes()["max_new_tokens"])
-    add("detect", stage_detect, ("collect",), ("corpus.parquet",))
-    add("cluster", stage_cluster, ("detect",), ("clusters",))
-    add("directions", stage_directions, ("prompts", "organism"), ("directions/directions.json",), **model_key,
+    add("detect", stage_detect, ("collect",), out["detect"])
+    add("cluster", stage_cluster, ("detect",), out["cluster"])
+    add("directions", stage_directions, ("prompts", "organism"), out["directions"], **model_key,
         min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes, prompt_filter="baseline behaviour",
         harmless_matched_on="request form")
-    add("overlap", stage_overlap, ("directions",), ("overlap/overlap.graphml",))
-    from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
-
-    add("causal", stage_causal, ("directions", "prompts"), ("causal",), protocol=PROTOCOL_VERSION, **model_key)
-    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal"),
-        ("report.html", "atlas.ttl", "metrics.json"))
+    add("overlap", stage_overlap, ("directions",), out["overlap"])
+    add("causal", stage_causal, ("directions", "prompts"), out["causal"], protocol=PROTOCOL_VERSION, **model_key)
+    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal"), out["atlas"])
     return pipe
 
 
-def run(cfg: RunConfig, console: Console | None = None) -> dict:
+def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the metrics and writes manifest.json."""
     console = console or Console(stderr=True)
     start = time.perf_counter()
@@ -505,19 +417,15 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict:
         "total_seconds": round(time.perf_counter() - start, 2),
         "config_hash": stable_hash({"model": cfg.model, "quick": cfg.quick, "seed": cfg.seed}),
     }
-    write_json_atomic(cfg.out / "manifest.json", manifest)
-    write_json_atomic(cfg.out / "metrics.json", metrics)
+    write_json_atomic(cfg.out / schema.MANIFEST.path, manifest)
+    write_json_atomic(cfg.out / schema.METRICS.path, metrics)
     if "atlas" in records and not records["atlas"].cached:  # the report's provenance section reads the manifest
-        from refusal_atlas.atlas.report import build_report
-
         build_report(cfg.out)
     return {"metrics": metrics, "manifest": manifest}
 
 
-def headline_table(metrics: dict):
+def headline_table(metrics: dict[str, Any]) -> Table:
     """The contract metrics as a rich table."""
-    from rich.table import Table
-
     table = Table(title="headline metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")

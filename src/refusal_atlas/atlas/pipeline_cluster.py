@@ -13,14 +13,15 @@ from typing import Any
 
 import pandas as pd
 
+from refusal_atlas.curation.cluster import ClusterConfig
+from refusal_atlas.curation.cluster_run import cluster_corpus
+from refusal_atlas.curation.mapping import map_folder
 from refusal_atlas.curation.tables import write_table
+from refusal_atlas.taxonomy.model import Taxonomy
 
 
-def run(out: Path, seed: int, n_seeds: int, taxonomy) -> dict[str, Any]:
-    from refusal_atlas.curation.cluster import ClusterConfig
-    from refusal_atlas.curation.cluster_run import cluster_corpus
-    from refusal_atlas.curation.mapping import map_folder
-
+def run(out: Path, seed: int, n_seeds: int, taxonomy: Taxonomy) -> dict[str, Any]:
+    """Cluster the harmful prompts (and the refusals, where there are enough), map them to the taxonomy."""
     corpus = pd.read_parquet(out / "corpus.parquet")
     seeds = tuple(seed * 1000 + j for j in range(n_seeds))
     harmful = corpus[corpus["harmful"].astype(bool)]

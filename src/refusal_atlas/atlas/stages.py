@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import Any
 
 from rich.console import Console
 
+from refusal_atlas.io import atomic_write_text
+
 
 def stable_hash(obj: Any) -> str:
     """sha256 of a JSON rendering with sorted keys (paths and other objects via str)."""
@@ -27,10 +28,8 @@ def stable_hash(obj: Any) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    """Indented JSON with sorted keys; values JSON cannot hold become their `str` (the stage records' format)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 @dataclass

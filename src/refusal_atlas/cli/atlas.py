@@ -6,6 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+
+from refusal_atlas.atlas import schema
+from refusal_atlas.atlas.pipeline import DEFAULT_OUT, RunConfig, headline_table, parse_sizes, run
+from refusal_atlas.cli.atlas_query import register_query
 
 MODEL_HELP = ("`default` (SmolLM2-135M-Instruct, turned into a refusing organism first), a model folder, "
               "a .gguf file or a hub id.")
@@ -18,7 +23,7 @@ def register(app: typer.Typer) -> None:
     def run_cmd(
         model: Annotated[str, typer.Option(help=MODEL_HELP)] = "default",
         taxonomy: Annotated[Path | None, typer.Option(help="Taxonomy folder (default: the shipped one).")] = None,
-        out: Annotated[Path, typer.Option(help="Output folder.")] = Path("atlas-out"),
+        out: Annotated[Path, typer.Option(help="Output folder.")] = DEFAULT_OUT,
         quick: Annotated[bool, typer.Option(help="A reduced run (CI, smoke tests).")] = False,
         resume: Annotated[bool, typer.Option(help="Skip stages whose inputs did not change.")] = True,
         seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
@@ -33,10 +38,6 @@ def register(app: typer.Typer) -> None:
             help="torch CPU threads (default: per stage, the cores other processes leave free).")] = None,
     ) -> None:
         """Run every stage, from the taxonomy to report.html (cached; a rerun resumes)."""
-        from rich.console import Console
-
-        from refusal_atlas.atlas.pipeline import RunConfig, parse_sizes, run
-
         cfg = RunConfig(model=model, taxonomy=taxonomy, out=out, quick=quick, resume=resume, seed=seed,
                         organism=organism, min_prompts=min_prompts, max_nodes=max_nodes, threads=threads)
         if size:
@@ -45,15 +46,10 @@ def register(app: typer.Typer) -> None:
         result = run(cfg, console)
         m = result["metrics"]
         console.print(f"[bold green]atlas written to {out}[/bold green] "
-                      f"({result['manifest']['total_seconds']:.0f} s): report.html, atlas.ttl, metrics.json")
-        from refusal_atlas.atlas.pipeline import headline_table
-
+                      f"({result['manifest']['total_seconds']:.0f} s): "
+                      f"{', '.join(a.path for a in (schema.REPORT_HTML, schema.ATLAS_TTL, schema.METRICS))}")
         console.print(headline_table(m))
 
     query_app = typer.Typer(no_args_is_help=True)
     app.add_typer(query_app, name="query", help="Ask the atlas which directions correspond to which harm sources.")
-    try:
-        from refusal_atlas.cli.atlas_query import register_query
-    except ImportError:  # pragma: no cover - during development only
-        return
     register_query(query_app)

@@ -4,40 +4,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import shutil
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from refusal_atlas.cli import directions_causal
+from refusal_atlas.cli.directions_common import read_prompts
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.hashing import file_sha256
+from refusal_atlas.io import atomic_write_text
+from refusal_atlas.lm.capture import capture_activations, load_shards
+from refusal_atlas.lm.models import load_model
+from refusal_atlas.lm.positions import Position, parse_position_label, position_label
+from refusal_atlas.mechinterp.causal.files import DIRECTION_PROMPTS
+from refusal_atlas.mechinterp.causal.inputs import DirectionPrompts
+from refusal_atlas.mechinterp.directions import DirectionSet, Groups
+from refusal_atlas.mechinterp.extract import extract_directions
+from refusal_atlas.mechinterp.geometry import geometry_table, principal_angle_matrix
+from refusal_atlas.mechinterp.overlap import write_overlap
+from refusal_atlas.mechinterp.request_form import request_forms
+from refusal_atlas.taxonomy.loader import load_taxonomy
 
 app = typer.Typer(no_args_is_help=True, help="Per-node refusal directions, noise floors, geometry, overlap graph.")
 
-REQUIRED_COLUMNS = ("prompt", "node", "harmful")
-
-
-def _read_prompts(path: Path):
-    import pandas as pd
-
-    if not path.is_file():
-        raise AtlasError(f"{path}: prompts file not found")
-    try:
-        if path.suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif path.suffix in (".jsonl", ".json"):
-            df = pd.read_json(path, lines=path.suffix == ".jsonl")
-        elif path.suffix == ".csv":
-            df = pd.read_csv(path, keep_default_na=False)
-        else:
-            raise AtlasError(f"{path}: unsupported prompts format (use .parquet, .jsonl or .csv)")
-    except AtlasError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise AtlasError(f"{path}: cannot read prompts ({exc})") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise AtlasError(f"{path}: missing column(s) {', '.join(missing)}; expected prompt, node, harmful[, condition]")
-    return df
+# `organism build` reads its prompt table with this (one reader for every command)
+_read_prompts = read_prompts
 
 
 def _as_bool(value) -> bool | None:
@@ -87,24 +83,16 @@ def select_rows(df, *, all_conditions: bool, known_nodes: set[str] | None, min_p
     return final, rejects
 
 
-def _write_rejects(out: Path, rejects: list[dict]) -> None:
+def _write_rejects(out: Path, rejects: list[dict[str, Any]]) -> None:
     path = out / "rejects.jsonl"
     if not rejects:
         path.unlink(missing_ok=True)
         return
-    tmp = out / f"rejects.jsonl.tmp{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rejects))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rejects))
 
 
-def _load_taxonomy(path: Path | None):
+def _load_taxonomy(path: Path | None) -> tuple[dict[str, list[str]] | None, dict[str, str] | None]:
     """(parents, labels) from the taxonomy, or (None, None) when none is available."""
-    try:
-        from refusal_atlas.taxonomy.loader import load_taxonomy
-    except ImportError:
-        if path is not None:
-            raise AtlasError("the taxonomy loader is not installed in this build") from None
-        return None, None
     try:
         tax = load_taxonomy(path)
     except AtlasError:
@@ -148,14 +136,7 @@ def extract(
                                           help="keep activation shards (resume; principal angles)"),
 ) -> None:
     """Capture activations and write per-node directions with noise floors (safetensors + JSON)."""
-    import shutil
-
-    from refusal_atlas.lm.capture import capture_activations
-    from refusal_atlas.lm.models import file_sha256, load_model
-    from refusal_atlas.mechinterp.extract import extract_directions
-    from refusal_atlas.mechinterp.request_form import request_forms
-
-    df = _read_prompts(prompts)
+    df = read_prompts(prompts)
     parents, labels = _load_taxonomy(taxonomy)
     rows, rejects = select_rows(df, all_conditions=all_conditions, known_nodes=set(parents) if parents else None)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,10 +150,10 @@ def extract(
     acts_dir = out / "activations"
     acts = capture_activations(lm, texts, _parse_layers(layers), positions.split(","), batch_size=batch_size,
                                system=system, out_dir=acts_dir)
+    strata = request_forms(texts) if match_form else None
     ds = extract_directions(
         acts, [r[1] for r in rows], [r[2] for r in rows], n_splits=n_splits, n_boot=n_boot, n_perm=n_perm,
-        seed=seed, parents=parents, labels=labels, n_model_layers=lm.n_layers, progress=True,
-        strata=request_forms(texts) if match_form else None,
+        seed=seed, parents=parents, labels=labels, n_model_layers=lm.n_layers, progress=True, strata=strata,
     )
     ds.meta.update({
         **lm.provenance(),
@@ -185,10 +166,7 @@ def extract(
         "n_rejected": len(rejects),
     })
     ds.save(out)
-    labels_tmp = out / f"labels.json.tmp{os.getpid()}"
-    labels_tmp.write_text(json.dumps({"prompts": texts, "nodes": [r[1] for r in rows],
-                                      "harmful": [r[2] for r in rows]}))
-    os.replace(labels_tmp, out / "labels.json")
+    DirectionPrompts(acts, texts, [r[1] for r in rows], [r[2] for r in rows], strata).save(out)
     if not keep_activations:
         shutil.rmtree(acts_dir, ignore_errors=True)
     typer.echo(f"{len(ds.nodes)} nodes x {len(ds.layers)} layers x {len(ds.positions)} positions -> {out}")
@@ -205,10 +183,6 @@ def overlap(
                                       help="edge when the noise-corrected cosine's 95% lower bound exceeds this"),
 ) -> None:
     """Overlap graph (GraphML, JSON, heatmap and graph PNGs) with the sibling permutation test."""
-    from refusal_atlas.lm.positions import parse_position_label
-    from refusal_atlas.mechinterp.directions import DirectionSet
-    from refusal_atlas.mechinterp.overlap import write_overlap
-
     ds = DirectionSet.load(directions)
     report = write_overlap(ds, out, layer, parse_position_label(position), method, min_overlap)
     n_overlap = sum(1 for e in report["edges"] if e.get("kind") == "overlap")
@@ -230,13 +204,6 @@ def geometry(
     k: int = typer.Option(3, "--k", help="subspace dimension for principal angles"),
 ) -> None:
     """Print per-layer geometry: cosines, effective rank, first-component share, floors, AUROC, probe."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from refusal_atlas.lm.positions import parse_position_label, position_label
-    from refusal_atlas.mechinterp.directions import DirectionSet
-    from refusal_atlas.mechinterp.geometry import geometry_table
-
     ds = DirectionSet.load(directions)
     pos = parse_position_label(position)
     rows = geometry_table(ds, pos, method)
@@ -261,19 +228,13 @@ def geometry(
         _print_angles(ds, Path(directions), angles_layer, pos, k, console)
 
 
-def _print_angles(ds, folder: Path, layer: int, pos, k: int, console) -> None:
-    from rich.table import Table
-
-    from refusal_atlas.lm.capture import load_shards
-    from refusal_atlas.mechinterp.directions import Groups
-    from refusal_atlas.mechinterp.geometry import principal_angle_matrix
-
-    labels_file = folder / "labels.json"
+def _print_angles(ds: DirectionSet, folder: Path, layer: int, pos: Position, k: int, console: Console) -> None:
+    labels_file = folder / DIRECTION_PROMPTS.name
     if not (folder / "activations").is_dir() or not labels_file.is_file():
         raise AtlasError(f"{folder}: principal angles need the activations (extract with --keep-activations)")
-    labels = json.loads(labels_file.read_text())
+    labels = pd.read_parquet(labels_file)
     acts = load_shards(folder / "activations")
-    groups = Groups.from_labels(labels["nodes"], labels["harmful"])
+    groups = Groups.from_labels(labels["analysis_node"].astype(str).tolist(), labels["harmful"].astype(bool).tolist())
     res = principal_angle_matrix(acts, groups, layer, pos, k)
     table = Table(title=f"principal angles (degrees) between top-{k} node subspaces, layer {layer}")
     table.add_column("node a")
@@ -286,9 +247,4 @@ def _print_angles(ds, folder: Path, layer: int, pos, k: int, console) -> None:
     console.print(table)
 
 
-try:  # causal tests (cross-ablate, steer, ...) live in their own module, owned by another area
-    from refusal_atlas.cli import directions_causal
-
-    directions_causal.register(app)
-except ImportError:
-    pass
+directions_causal.register(app)

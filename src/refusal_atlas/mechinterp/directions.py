@@ -26,16 +26,18 @@ tensor per key `f"{method}/{node}/{position}"`, `noise.safetensors` (see `noise.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write, atomic_write_text
+from refusal_atlas.lm.capture import Activations
 from refusal_atlas.lm.positions import LAST_INSTRUCTION, Position, parse_position_label, position_label
 
 POOLED = "@pooled"  # '@' cannot occur in a taxonomy id, so this never clashes with a node
@@ -291,9 +293,7 @@ class DirectionSet:
                                           self.layers, self.positions)
             meta["split_half_cosine_mean"] = _nested(self.noise.get("diff_means/split_half_mean"),
                                                      self.nodes_with_pooled, self.layers, self.positions)
-        tmp = out / f"directions.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, out / "directions.json")
+        atomic_write_text(out / "directions.json", json.dumps(meta, indent=1))
         return out
 
     def _norm_table(self) -> dict:
@@ -337,13 +337,11 @@ def _nested(t: Tensor | None, nodes: list[str], layers: list[int], positions: li
 
 
 def _atomic_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
-def compute_directions(acts, nodes: Sequence[str], harmful: Sequence[bool],
-                       methods: Sequence[str] = METHODS, meta: dict | None = None,
+def compute_directions(acts: Activations, nodes: Sequence[str], harmful: Sequence[bool],
+                       methods: Sequence[str] = METHODS, meta: dict[str, Any] | None = None,
                        strata: Sequence[str] | None = None) -> DirectionSet:
     """Directions for every node, layer and position of an `Activations` (no noise estimates);
     with `strata`, against a harmless baseline matched on them (see the module docstring)."""

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from refusal_atlas.lm.capture import Activations
 from refusal_atlas.lm.positions import position_label
 from refusal_atlas.mechinterp.directions import METHODS, ROLES, DirectionSet, Groups, compute_directions
 from refusal_atlas.mechinterp.noise import noise_floor
@@ -19,7 +20,7 @@ from refusal_atlas.mechinterp.probes import auroc_profile, probe_accuracy
 
 
 def extract_directions(
-    acts,
+    acts: Activations,
     nodes: Sequence[str],
     harmful: Sequence[bool],
     *,

@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.linalg import subspace_angles
 from torch import Tensor
 
+from refusal_atlas.lm.capture import Activations
 from refusal_atlas.lm.positions import Position
 from refusal_atlas.mechinterp.directions import DirectionSet, Groups
 
@@ -69,7 +71,8 @@ def geometry_table(ds: DirectionSet, position: Position, method: str = "diff_mea
 
 
 @torch.inference_mode()
-def node_subspace(acts, groups: Groups, node: str, layer: int, position: Position, k: int = 3) -> np.ndarray:
+def node_subspace(acts: Activations,
+                  groups: Groups, node: str, layer: int, position: Position, k: int = 3) -> np.ndarray:
     """[d, k] orthonormal top-k directions of the node's prompts minus the harmless mean."""
     li, pi = acts.layer_index(layer), acts.position_index(position)
     x = acts.acts[:, li, pi].double()
@@ -83,7 +86,8 @@ def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sort(np.degrees(subspace_angles(a, b)))
 
 
-def principal_angle_matrix(acts, groups: Groups, layer: int, position: Position, k: int = 3) -> dict:
+def principal_angle_matrix(acts: Activations,
+                           groups: Groups, layer: int, position: Position, k: int = 3) -> dict[str, Any]:
     """{"nodes": ids, "angles": [K, K, k] degrees} between every pair of node subspaces."""
     ids = groups.node_ids
     subs = {n: node_subspace(acts, groups, n, layer, position, k) for n in ids}

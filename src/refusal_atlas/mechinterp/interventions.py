@@ -1,5 +1,5 @@
 """Causal interventions on the residual stream: directional ablation, activation addition, and
-weight orthogonalization (Arditi et al. 2024, REFERENCE.md §5), for any decoder architecture.
+weight orthogonalization (Arditi et al. 2024), for any decoder architecture.
 
 Hook interventions are `Intervention` objects: use one as a context manager (`with ablation(...):`)
 or pass it as the `hooks=` factory of `generation.generate` (calling it returns a fresh context).
@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_hidden
+from refusal_atlas.lm.models import LoadedModel
 
 try:  # GPT-2 style "Conv1D" is a Linear with a transposed weight ([in, out]).
     from transformers.pytorch_utils import Conv1D
@@ -92,7 +94,7 @@ class Intervention:
         self._handles.append(self._install())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for handle in self._handles.pop():
             handle.remove()
 
@@ -185,7 +187,7 @@ def residual_writers(model: nn.Module) -> ResidualWriters:
             if not name or list(module.children()):
                 continue  # leaves only
 
-            def hook(mod, args, out, b=b, name=name):
+            def hook(mod: nn.Module, args: tuple[Any, ...], out: Any, b: int = b, name: str = name) -> None:
                 ins = tuple(k for k in (key(a) for a in args) if k is not None)
                 keep_alive.append(out)
                 calls.append((b, name, mod, ins, key(hidden_from_output(out))))
@@ -251,8 +253,8 @@ def _layer_list(model: nn.Module, layers: Iterable[int] | None) -> list[int]:
     return out
 
 
-def _input_pre_hook(fn: Callable[[Tensor], Tensor]):
-    def pre_hook(module, args, kwargs):
+def _input_pre_hook(fn: Callable[[Tensor], Tensor]) -> Callable[..., Any]:
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if args:
             return (fn(args[0]), *args[1:]), kwargs
         if "hidden_states" in kwargs:
@@ -264,8 +266,8 @@ def _input_pre_hook(fn: Callable[[Tensor], Tensor]):
     return pre_hook
 
 
-def _output_hook(fn: Callable[[Tensor], Tensor]):
-    def hook(module, args, output):
+def _output_hook(fn: Callable[[Tensor], Tensor]) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         return replace_hidden(output, fn(hidden_from_output(output)))
 
     return hook
@@ -394,7 +396,7 @@ def orthogonalize_weights(model: nn.Module, direction: Tensor) -> nn.Module:
     return model
 
 
-def save_orthogonalized(lm, direction: Tensor, out_dir: str | Path) -> Path:
+def save_orthogonalized(lm: LoadedModel, direction: Tensor, out_dir: str | Path) -> Path:
     """Orthogonalize a copy of `lm`'s model along `direction` and save it (safetensors + tokenizer)."""
     import copy
     import os

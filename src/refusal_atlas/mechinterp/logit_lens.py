@@ -10,7 +10,8 @@ GPT-NeoX `final_layer_norm`, ...).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.lm.positions import Position
+from refusal_atlas.mechinterp.directions import DirectionSet
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:
@@ -34,8 +37,8 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     found: list[nn.Module] = []
     handles = [blocks[-1].register_forward_hook(lambda m, a, o: last_out.append(hidden_from_output(o)))]
 
-    def make(mod):
-        def hook(m, args, out):
+    def make(mod: nn.Module) -> Callable[..., None]:
+        def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             if last_out and not found and args and isinstance(args[0], Tensor) and args[0] is last_out[-1]:
                 found.append(m)
         return hook
@@ -113,9 +116,9 @@ def wording_tokens(lm: LoadedModel, text: str, shared: str | None = None) -> lis
 
 def lens_table(
     lm: LoadedModel,
-    directions,
+    directions: DirectionSet,
     nodes: Sequence[str],
-    position,
+    position: Position,
     *,
     layers: Sequence[int] | None = None,
     method: str = "diff_means",

@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.capture import Activations
 from refusal_atlas.lm.positions import Position, position_label
 from refusal_atlas.mechinterp.directions import METHODS, DirectionSet, Groups, directions_from_means, group_means
 
@@ -177,7 +179,7 @@ def _basic_ci(point: Tensor, replicates: Tensor, center: Tensor | None = None) -
 
 @torch.inference_mode()
 def noise_floor(
-    acts,
+    acts: Activations,
     groups: Groups,
     *,
     methods: tuple[str, ...] = METHODS,
@@ -336,8 +338,6 @@ def cosine_report(ds: DirectionSet, layer: int, position: Position, method: str 
                   include_pooled: bool = False) -> list[PairRow]:
     """Every cross-node cosine at one layer/position, with CIs, both floors and the null."""
     if f"{method}/cos" not in ds.noise:
-        from refusal_atlas.errors import AtlasError
-
         raise AtlasError(f"no noise estimates for {method!r} at {position_label(position)}; "
                          "re-run `directions extract` (noise is computed there)")
     li, pi = ds.layer_index(layer), ds.position_index(position)
@@ -345,7 +345,7 @@ def cosine_report(ds: DirectionSet, layer: int, position: Position, method: str 
     n = ds.noise
     null = n.get("diff_means/cos_null95") if method == "diff_means" else None
 
-    def val(key: str, *idx) -> float:
+    def val(key: str, *idx: int) -> float:
         return float(n[f"{method}/{key}"][idx])
 
     rows = []

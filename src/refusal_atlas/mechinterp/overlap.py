@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import networkx as nx
 import numpy as np
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write, atomic_write_text
 from refusal_atlas.lm.positions import Position, parse_position_label, position_label
+from refusal_atlas.mechinterp.causal.files import write_figure
 from refusal_atlas.mechinterp.directions import DirectionSet
 from refusal_atlas.mechinterp.noise import cosine_report
 
@@ -137,7 +138,7 @@ def overlap_graph(ds: DirectionSet, layer: int | None = None, position: Position
     return g
 
 
-def _bad(v) -> bool:
+def _bad(v: object) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
@@ -177,12 +178,8 @@ def write_overlap(ds: DirectionSet, out_dir: str | Path, layer: int | None = Non
         raise AtlasError(f"{out}: an overlap graph needs at least two nodes with directions")
     g = overlap_graph(ds, layer, position, method, min_overlap)
     report = overlap_report(ds, g)
-    tmp = out / f"overlap.graphml.tmp{os.getpid()}"
-    nx.write_graphml(g, tmp)
-    os.replace(tmp, out / "overlap.graphml")
-    tmp = out / f"overlap.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out / "overlap.json")
+    atomic_write(out / "overlap.graphml", lambda tmp: nx.write_graphml(g, tmp))
+    atomic_write_text(out / "overlap.json", json.dumps(report, indent=1))
     _heatmap(ds, g, out / "heatmap.png")
     _graph_figure(g, out / "graph.png")
     return report
@@ -213,10 +210,10 @@ def _heatmap(ds: DirectionSet, g: nx.MultiGraph, path: Path) -> None:
                  fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _graph_figure(g: nx.MultiGraph, path: Path) -> None:
@@ -247,8 +244,8 @@ def _graph_figure(g: nx.MultiGraph, path: Path) -> None:
                  "\nedges: noise-corrected cosine significantly > 0; dashed: taxonomy", fontsize=8)
     ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_figure(fig, path)
+    finally:
+        plt.close(fig)
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from refusal_atlas.lm.capture import Activations
 from refusal_atlas.lm.positions import Position
 from refusal_atlas.mechinterp.directions import Groups
 
@@ -37,7 +38,8 @@ def _split(idx: torch.Tensor, frac: float, gen: torch.Generator) -> tuple[torch.
 
 
 @torch.inference_mode()
-def auroc_profile(acts, groups: Groups, *, train_frac: float = 0.5, seed: int = 0) -> dict[str, np.ndarray]:
+def auroc_profile(acts: Activations,
+                  groups: Groups, *, train_frac: float = 0.5, seed: int = 0) -> dict[str, np.ndarray]:
     """{node: [L, P] held-out AUROC of the node vs harmless, by projection on a train-half direction}."""
     gen = torch.Generator().manual_seed(seed)
     h_train, h_test = _split(groups.harmless, train_frac, gen)
@@ -54,7 +56,7 @@ def auroc_profile(acts, groups: Groups, *, train_frac: float = 0.5, seed: int = 
 
 
 def probe_accuracy(
-    acts,
+    acts: Activations,
     nodes: Sequence[str],
     harmful: Sequence[bool],
     *,

@@ -1,11 +1,10 @@
 """The grammatical form of a request, a confound of difference-of-means directions.
 
-Why: harmful and harmless prompt sets differ in more than harm. On the default run a third of the
-harmful direction prompts are questions ("How do I …?") against over half of the harmless ones;
-HarmBench's are mostly instructions ("Write …", "Generate …"). A plain difference of means then
-also encodes "instruction rather than question", and ablating it removed refusal from instructions
-but left it on questions (session 6, default organism: 0.19 first-token refusal left, nearly all of
-it on questions). `directions.Groups` matches the harmless baseline to each node's mix of forms.
+Why: harmful and harmless prompt sets differ in more than harm (HarmBench's prompts are mostly
+instructions, the harmless ones often questions), so a plain difference of means also encodes
+"instruction rather than question", and ablating it can leave refusal on questions (measurements:
+docs/decisions.md, "Causal protocol"). `directions.Groups` matches the harmless baseline to each
+node's mix of forms.
 
 The rule is deliberately simple and documented rather than learnt: a prompt is a `question` when it
 opens with an interrogative or auxiliary word or ends with "?", `first_person` when it opens with

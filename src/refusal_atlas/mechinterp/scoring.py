@@ -18,8 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from refusal_atlas.curation.detect import get_detector
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.capture import accepts_position_ids, left_pad
 from refusal_atlas.lm.generation import generate, length_buckets
@@ -36,8 +38,6 @@ def refusal_flags(
     responses: Sequence[str], prompts: Sequence[str] | None = None, detector: str = "marker"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(refused bool array, score array) from the curation area's detector (default: markers)."""
-    from refusal_atlas.curation.detect import get_detector
-
     det = get_detector(detector)
     refused, scores = det.predict(list(responses), list(prompts) if prompts is not None else [""] * len(responses))
     return np.asarray(refused, dtype=bool), np.asarray(scores, dtype=float)
@@ -293,7 +293,7 @@ def clean_logprobs(
     return out
 
 
-def answered_mean(values, refused) -> float:
+def answered_mean(values: Tensor | np.ndarray, refused: Sequence[bool] | np.ndarray) -> float:
     """Mean of per-prompt `values` over the prompts not `refused` (over all of them when every one is).
 
     Why: a harmless-prompt KL is a capability cost only where the model answered; where it refused a

@@ -1,4 +1,4 @@
-"""Choosing one (layer, position) direction per node, the way Arditi et al. do (REFERENCE.md §5).
+"""Choosing one (layer, position) direction per node, the way Arditi et al. do.
 
 For each candidate direction r (a node's difference of means at layer l, position p):
 - bypass score: mean refusal log-odds on harmful validation prompts with r ablated everywhere
@@ -13,10 +13,9 @@ Candidates are kept when induce > 0, KL < `kl_threshold` (0.1) and l < `max_laye
 in a fixed order and only for candidates whose ablation still removes refusal (see its docstring).
 Every score is reported, so a user can see how much the choice matters.
 
-Ablation scope (`ablation_starts`): Arditi et al. ablate in every layer. The issue's interventions
-allow chosen layers, and on the default organism most of the harmless KL came from ablating the
-early layers, where the direction is small and does not yet carry the refusal (session 6, layer-23
-direction on validation: every layer KL 0.148, layers 20-29 KL 0.090, refusal 0 in both). So the
+Ablation scope (`ablation_starts`): Arditi et al. ablate in every layer. Most of the harmless KL can
+come from ablating the early layers, where the direction is small and does not yet carry the refusal
+(measurements: docs/decisions.md, "Causal protocol"). So the
 `scope_candidates` (3) candidates that pass the induce filter with the lowest bypass scores are also
 scored ablated only from layer s on, for each s in `ablation_starts` (s ≤ l); these rows compete in
 the same rule (`ablate_from`, 0 = every layer).
@@ -26,15 +25,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.generation import generate
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.positions import Position, position_label
+from refusal_atlas.mechinterp.directions import DirectionSet
 from refusal_atlas.mechinterp.interventions import ablation, addition
 from refusal_atlas.mechinterp.scoring import (
     RefusalTokens,
@@ -49,9 +51,8 @@ from refusal_atlas.mechinterp.scoring import (
 
 def candidate_layers(n_layers: int, available: Sequence[int] | None = None, *, quick: bool = False) -> list[int]:
     """The layers `run` and `organism test` select among: a coarse grid over 0.3-0.7·L plus, outside quick
-    runs, every layer from 0.7·L up to Arditi et al.'s 0.8·L bound. On the default organism the best direction
-    sat there, off the coarse grid (session 4, validation prompts: the layer-23 direction left 0.0 refusal at
-    KL 0.19, layer 21 0.33 at 0.68). `available`: the captured layers (default: all)."""
+    runs, every layer from 0.7·L up to Arditi et al.'s 0.8·L bound, where the best direction can sit off the
+    coarse grid (docs/decisions.md, "Causal protocol"). `available`: the captured layers (default: all)."""
     available = list(range(n_layers)) if available is None else list(available)
     fractions = (0.4, 0.55, 0.7) if quick else (0.3, 0.4, 0.5, 0.6, 0.7)
     wanted = {min(available, key=lambda la: abs(la - f * n_layers)) for f in fractions}
@@ -86,14 +87,14 @@ class Selection:
             return None
         return list(range(self.ablate_from, self.n_layers))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, "layer": self.layer, "position": position_label(self.position),
                 "passed_filters": self.passed_filters, "baseline": self.baseline, "ablate_from": self.ablate_from}
 
 
 def select_direction(
     lm: LoadedModel,
-    directions,
+    directions: DirectionSet,
     node: str,
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
@@ -124,7 +125,7 @@ def select_direction(
     harmless_refused = np.isin(clean_harmless.argmax(-1).numpy(), ids)  # greedy first token is a refusal token
     rows = []
 
-    def score(vec, layer: int, pos, start: int, induce: float) -> None:
+    def score(vec: Tensor, layer: int, pos: Position, start: int, induce: float) -> None:
         abl = ablation(lm.model, vec, None if start == 0 else range(start, n_layers))
         bypass = refusal_logodds(
             next_token_logprobs(lm, harmful_val, intervention=abl, batch_size=batch_size, system=system), ids)
@@ -214,7 +215,7 @@ def choose(scores: pd.DataFrame, kl_threshold: float = 0.1, kl_cap: float = 1.0
 
 def choose_coefficient(
     lm: LoadedModel,
-    vector,
+    vector: Tensor,
     layer: int,
     harmless_val: Sequence[str],
     tokens: RefusalTokens | Sequence[int],
@@ -264,12 +265,12 @@ def choose_coefficient(
 
 def select_all(
     lm: LoadedModel,
-    directions,
+    directions: DirectionSet,
     nodes: Sequence[str],
     harmful_val: dict[str, Sequence[str]],
     harmless_val: Sequence[str],
     tokens: RefusalTokens | Sequence[int],
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(chosen pair per node, every candidate's scores) for several nodes."""
     chosen, tables = [], []

@@ -1,0 +1,141 @@
+"""Every file of an atlas folder, declared once: its path, the stage that writes it, its columns.
+
+The pipeline's stages write these paths and `AtlasStore` reads them; neither spells a file name of
+its own. The causal tables' names and columns come from the causal protocol (`mechinterp.causal.files`),
+which writes them. Where the store shows a table under other column names (the report's and the
+queries' vocabulary), `view` is that one rename, written column → shown column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from refusal_atlas.mechinterp.causal import files as causal_files
+from refusal_atlas.mechinterp.causal.files import TableSpec
+
+__all__ = [
+    "ACTIVATIONS_DIR",
+    "ADHERENCE",
+    "ADHERENCE_BY_NODE",
+    "ARTIFACTS",
+    "ASSIGNMENTS",
+    "ATLAS_TTL",
+    "CAUSAL",
+    "CAUSAL_DIR",
+    "CLUSTERS_DIR",
+    "CLUSTERS_JSON",
+    "CORPUS",
+    "DIRECTIONS_DIR",
+    "DIRECTIONS_JSON",
+    "DIRECTION_PROMPTS",
+    "MANIFEST",
+    "MAPPING_JSON",
+    "METRICS",
+    "ORGANISM_DIR",
+    "ORGANISM_JSON",
+    "OVERLAP_DIR",
+    "OVERLAP_GRAPHML",
+    "OVERLAP_JSON",
+    "PROMPTS",
+    "PROPOSALS",
+    "REPORT_HTML",
+    "RESPONSES",
+    "RESPONSE_CLUSTERS_DIR",
+    "STABILITY_JSON",
+    "STAGES_DIR",
+    "STAGE_OUTPUTS",
+    "TAXONOMY_TTL",
+    "Artifact",
+    "causal",
+]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file (or folder) of an atlas: `path` relative to the atlas root, the `stage` that writes it, and for
+    tables the written `columns` (None: the writer's own format, see its module) and the store's `view`."""
+
+    path: str
+    stage: str
+    columns: tuple[str, ...] | None = None
+    view: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+TAXONOMY_TTL = Artifact("taxonomy.ttl", "ontology")
+PROMPTS = Artifact("prompts.parquet", "prompts")
+ORGANISM_DIR = "organism"
+ORGANISM_JSON = Artifact(f"{ORGANISM_DIR}/organism.json", "organism")
+ADHERENCE = Artifact(f"{ORGANISM_DIR}/adherence.parquet", "organism")
+ADHERENCE_BY_NODE = Artifact(f"{ORGANISM_DIR}/adherence_by_node.csv", "organism")
+RESPONSES = Artifact("responses.parquet", "collect")  # collect's resumable output; corpus.parquet adds refusals
+CORPUS = Artifact("corpus.parquet", "detect")
+CLUSTERS_DIR = "clusters"
+RESPONSE_CLUSTERS_DIR = f"{CLUSTERS_DIR}/responses"
+# inside each clusters folder (curation.cluster_store's layout)
+ASSIGNMENTS = Artifact("assignments.parquet", "cluster")
+CLUSTERS_JSON = Artifact("clusters.json", "cluster")
+STABILITY_JSON = Artifact("stability.json", "cluster")
+MAPPING_JSON = Artifact("mapping.json", "cluster")
+PROPOSALS = Artifact("proposals.yaml", "cluster")
+DIRECTIONS_DIR = "directions"
+ACTIVATIONS_DIR = "activations"  # one capture folder per (model, direction prompts); the directions record names it
+DIRECTIONS_JSON = Artifact(f"{DIRECTIONS_DIR}/directions.json", "directions")
+DIRECTION_PROMPTS = Artifact(f"{DIRECTIONS_DIR}/{causal_files.DIRECTION_PROMPTS.name}", "directions",
+                             causal_files.DIRECTION_PROMPTS.columns)
+OVERLAP_DIR = "overlap"
+OVERLAP_GRAPHML = Artifact(f"{OVERLAP_DIR}/overlap.graphml", "overlap")
+OVERLAP_JSON = Artifact(f"{OVERLAP_DIR}/overlap.json", "overlap")
+CAUSAL_DIR = "causal"
+ATLAS_TTL = Artifact("atlas.ttl", "atlas")
+REPORT_HTML = Artifact("report.html", "atlas")
+METRICS = Artifact("metrics.json", "atlas")
+MANIFEST = Artifact("manifest.json", "run")
+STAGES_DIR = ".stages"  # one record per stage: {key, seconds, result}
+
+# The store's names for columns of the causal tables (what the report and the queries read).
+_VIEWS: dict[str, dict[str, str]] = {
+    causal_files.CROSS_ABLATION.name: {"source": "ablated", "target": "evaluated", "logit_score": "refusal_score",
+                                       "refusal_rate_baseline": "refusal_before"},
+    causal_files.CONDITIONS.name: {"refusal_ci_low": "ci_low", "refusal_ci_high": "ci_high"},
+    causal_files.SELECTION.name: {"kl": "kl_score", "chosen": "selected"},
+}
+
+
+def causal(spec: TableSpec | str) -> Artifact:
+    """The atlas artifact of one of the causal protocol's files (under `causal/`)."""
+    name = spec.name if isinstance(spec, TableSpec) else spec
+    columns = spec.columns if isinstance(spec, TableSpec) else None
+    return Artifact(f"{CAUSAL_DIR}/{name}", "causal", columns, _VIEWS.get(name, {}))
+
+
+CAUSAL: dict[str, Artifact] = {
+    a.name: a for a in [*(causal(t) for t in causal_files.TABLES), *(causal(n) for n in causal_files.JSON_FILES),
+                        causal(causal_files.CROSS_ABLATION_FIGURE), causal(causal_files.STEERING_FIGURE),
+                        causal(causal_files.SKIPPED)]}
+
+ARTIFACTS: tuple[Artifact, ...] = (
+    TAXONOMY_TTL, PROMPTS, ORGANISM_JSON, ADHERENCE, ADHERENCE_BY_NODE, RESPONSES, CORPUS,
+    *(Artifact(f"{CLUSTERS_DIR}/{a.path}", a.stage) for a in (ASSIGNMENTS, CLUSTERS_JSON, STABILITY_JSON,
+                                                             MAPPING_JSON, PROPOSALS)),
+    DIRECTIONS_JSON, DIRECTION_PROMPTS, OVERLAP_GRAPHML, OVERLAP_JSON, *CAUSAL.values(), ATLAS_TTL, REPORT_HTML,
+    METRICS, MANIFEST,
+)
+
+# What proves a stage finished (a resumed run skips a stage whose key matches and whose outputs exist).
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "taxonomy": (),
+    "ontology": (TAXONOMY_TTL.path,),
+    "prompts": (PROMPTS.path,),
+    "organism": (ORGANISM_JSON.path,),
+    "collect": (RESPONSES.path,),
+    "detect": (CORPUS.path,),
+    "cluster": (CLUSTERS_DIR,),
+    "directions": (DIRECTIONS_JSON.path,),
+    "overlap": (OVERLAP_GRAPHML.path,),
+    "causal": (CAUSAL_DIR,),
+    "atlas": (REPORT_HTML.path, ATLAS_TTL.path, METRICS.path),
+}
