@@ -172,8 +172,8 @@ def test_real_organism_build_with_reduced_budget(tmp_path):
 
 def test_causal_suite_runs_end_to_end_on_the_tiny_organism(built, tmp_path, monkeypatch):
     import numpy as np
-    from refusal_atlas.mechinterp.causal.experiments import causal_suite
 
+    from refusal_atlas.atlas.organism_test import run_organism_test
     from refusal_atlas.mechinterp.causal import selection
 
     lm, out, _ = built
@@ -185,20 +185,20 @@ def test_causal_suite_runs_end_to_end_on_the_tiny_organism(built, tmp_path, monk
 
     monkeypatch.setattr(selection, "select_direction", recording_select)
     token = lm.tokenizer("I", add_special_tokens=False)["input_ids"][0]
-    metrics = causal_suite(out, tmp_path / "causal", n_val=4, select_layers=3, max_new_tokens=3, progress=False,
+    metrics = run_organism_test(out, tmp_path / "causal", n_val=4, select_layers=3, max_new_tokens=3, progress=False,
                            refusal_tokens=[token])
     for key in ("refusal_before", "refusal_after", "harmless_kl"):
         assert 0.0 <= metrics["ablation"][key] <= (1.0 if "refusal" in key else np.inf)
     assert 0.0 <= metrics["steering"]["induced_refusal_rate"] <= 1.0
     for name in ("cross_ablation.parquet", "cross_ablation.png", "steering.parquet", "conditions.parquet",
-                 "wording_vs_detection.parquet", "selection_scores.parquet", "causal.json",
+                 "wording.parquet", "selection.parquet", "causal.json",
                  "directions/directions.safetensors"):
         assert (tmp_path / "causal" / name).is_file(), name
     cross = pd.read_parquet(tmp_path / "causal" / "cross_ablation.parquet")
     assert {"none", "@pooled"} <= set(cross["source"])
     # the same selection protocol as `run`: narrower ablation scopes compete with every-layer ablation
     assert seen["ablation_starts"] == selection.default_ablation_starts(lm.n_layers)
-    scores = pd.read_parquet(tmp_path / "causal" / "selection_scores.parquet")
+    scores = pd.read_parquet(tmp_path / "causal" / "selection.parquet")
     assert set(scores["ablate_from"]) - {0} <= set(seen["ablation_starts"])
     chosen = int(scores.loc[scores["chosen"], "ablate_from"].iloc[0])
     assert metrics["ablation"]["ablate_from"] == chosen
