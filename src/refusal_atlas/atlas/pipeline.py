@@ -33,6 +33,7 @@ from rich.table import Table
 from refusal_atlas.atlas import pipeline_causal, pipeline_cluster, schema
 from refusal_atlas.atlas.links import write_atlas_ttl
 from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
+from refusal_atlas.atlas.pipeline_findings import stage_harm, stage_verdicts
 from refusal_atlas.atlas.report import build_report
 from refusal_atlas.atlas.runconfig import (
     DEFAULT_OUT,
@@ -56,6 +57,7 @@ from refusal_atlas.mechinterp.causal.files import DIRECTION_PROMPTS
 from refusal_atlas.mechinterp.causal.files import write_table as write_causal_table
 from refusal_atlas.mechinterp.directions import DirectionSet
 from refusal_atlas.mechinterp.extract import extract_directions
+from refusal_atlas.mechinterp.harm_refusal_verdict import RULE_NAME as HARM_RULE
 from refusal_atlas.mechinterp.overlap import write_overlap
 from refusal_atlas.mechinterp.request_form import request_forms
 from refusal_atlas.mechinterp.scoring import behaves_as_labelled, behaviour_mask
@@ -353,6 +355,7 @@ def collect_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "ablation": causal.get("ablation", {}),
         "steering": causal.get("steering", {}),
         "cross_ablation": causal.get("cross_ablation", {}),
+        "verdicts": results.get("verdicts", {}),
     }
 
 
@@ -395,7 +398,10 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
         harmless_matched_on="request form")
     add("overlap", stage_overlap, ("directions",), out["overlap"])
     add("causal", stage_causal, ("directions", "prompts"), out["causal"], protocol=PROTOCOL_VERSION, **model_key)
-    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal"), out["atlas"])
+    add("harm", lambda c, ctx: stage_harm(c, ctx, load_analysed_model(c, ctx)), ("detect", "directions"),
+        out["harm"], rule=HARM_RULE, **model_key)
+    add("verdicts", stage_verdicts, ("directions", "overlap", "causal", "harm"), out["verdicts"])
+    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal", "verdicts"), out["atlas"])
     return pipe
 
 

@@ -28,6 +28,15 @@ __all__ = [
     "DIRECTIONS_DIR",
     "DIRECTIONS_JSON",
     "DIRECTION_PROMPTS",
+    "FINDINGS",
+    "HARM_CAUSAL",
+    "HARM_CELLS",
+    "HARM_DIR",
+    "HARM_FINDINGS",
+    "HARM_GEOMETRY",
+    "HARM_JSON",
+    "HARM_PROJECTIONS",
+    "HARM_PROJECTIONS_PNG",
     "MANIFEST",
     "MAPPING_JSON",
     "METRICS",
@@ -94,6 +103,15 @@ ATLAS_TTL = Artifact("atlas.ttl", "atlas")
 REPORT_HTML = Artifact("report.html", "atlas")
 METRICS = Artifact("metrics.json", "atlas")
 MANIFEST = Artifact("manifest.json", "run")
+FINDINGS = Artifact("findings.json", "verdicts")
+HARM_DIR = "harm"
+HARM_CELLS = Artifact(f"{HARM_DIR}/cells.csv", "harm")
+HARM_GEOMETRY = Artifact(f"{HARM_DIR}/geometry.csv", "harm")
+HARM_PROJECTIONS = Artifact(f"{HARM_DIR}/projections.csv", "harm")
+HARM_PROJECTIONS_PNG = Artifact(f"{HARM_DIR}/projections.png", "harm")
+HARM_CAUSAL = Artifact(f"{HARM_DIR}/causal.csv", "harm")
+HARM_FINDINGS = Artifact(f"{HARM_DIR}/findings.json", "harm")
+HARM_JSON = Artifact(f"{HARM_DIR}/harm.json", "harm")
 STAGES_DIR = ".stages"  # one record per stage: {key, seconds, result}
 
 # The store's names for columns of the causal tables (what the report and the queries read).
@@ -122,7 +140,8 @@ ARTIFACTS: tuple[Artifact, ...] = (
     *(Artifact(f"{CLUSTERS_DIR}/{a.path}", a.stage) for a in (ASSIGNMENTS, CLUSTERS_JSON, STABILITY_JSON,
                                                              MAPPING_JSON, PROPOSALS)),
     DIRECTIONS_JSON, DIRECTION_PROMPTS, OVERLAP_GRAPHML, OVERLAP_JSON, *CAUSAL.values(), ATLAS_TTL, REPORT_HTML,
-    METRICS, MANIFEST,
+    METRICS, MANIFEST, FINDINGS, HARM_CELLS, HARM_GEOMETRY, HARM_PROJECTIONS, HARM_PROJECTIONS_PNG, HARM_CAUSAL,
+    HARM_FINDINGS, HARM_JSON,
 )
 
 # What proves a stage finished (a resumed run skips a stage whose key matches and whose outputs exist).
@@ -137,5 +156,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "directions": (DIRECTIONS_JSON.path,),
     "overlap": (OVERLAP_GRAPHML.path,),
     "causal": (CAUSAL_DIR,),
+    "harm": (HARM_JSON.path,),
+    "verdicts": (FINDINGS.path,),
     "atlas": (REPORT_HTML.path, ATLAS_TTL.path, METRICS.path),
 }

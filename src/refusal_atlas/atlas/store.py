@@ -24,6 +24,7 @@ from torch import Tensor
 from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.store_clusters import ClusterInfo, ClusterView
 from refusal_atlas.atlas.store_read import RUN_HINT, as_float, graph_crosswalks, read_json, read_table
+from refusal_atlas.atlas.store_results import ResultsAccessors
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.positions import position_label
 from refusal_atlas.mechinterp.causal import files as causal_files
@@ -39,7 +40,7 @@ __all__ = ["RUN_HINT", "AtlasStore", "ClusterInfo", "ClusterView", "model_identi
 
 
 @dataclass
-class AtlasStore:
+class AtlasStore(ResultsAccessors):
     """Read-only view of one atlas folder; every artefact is loaded on first access."""
 
     root: Path

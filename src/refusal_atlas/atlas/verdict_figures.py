@@ -59,6 +59,7 @@ class Figures:
     decodable: pd.DataFrame = field(default_factory=pd.DataFrame)
     wording: pd.DataFrame = field(default_factory=pd.DataFrame)
     conditions: pd.DataFrame = field(default_factory=pd.DataFrame)
+    harm: list[dict[str, Any]] = field(default_factory=list)  # the harm stage's per-node findings rows
     skipped: str | None = None  # why the causal stage found nothing to ablate (the model does not refuse)
     n_layers: int | None = None
 
@@ -160,6 +161,10 @@ def read_figures(atlas: Path) -> Figures:
     """The figures of an atlas folder (files and columns: `SOURCES`); absent files give empty tables."""
     atlas = Path(atlas)
     fig = Figures()
+    harm = atlas / "harm" / "findings.json"
+    if harm.is_file():
+        rows = json.loads(harm.read_text(encoding="utf-8"))
+        fig.harm = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
     skipped = atlas / "causal" / "skipped.json"
     if skipped.is_file():
         fig.skipped = str(json.loads(skipped.read_text()).get("reason", "no refusal"))

@@ -331,7 +331,19 @@ def condition_effects(fig: Figures) -> list[Finding]:
 
 
 def harm_vs_refusal(fig: Figures) -> list[Finding]:
-    return [finding("harm-vs-refusal", "model", INCONCLUSIVE, "2×2 analysis not available")]
+    """The harm stage's per-node verdicts (its own rule, `harm_refusal_v1`), or inconclusive without them."""
+    if not fig.harm:
+        return [finding("harm-vs-refusal", "model", INCONCLUSIVE, "2×2 analysis not available")]
+    title, anchor = QUESTIONS["harm-vs-refusal"]
+    out = []
+    for row in fig.harm:
+        ci = row.get("ci")
+        out.append(Finding(question="harm-vs-refusal", title=title, subject=str(row.get("subject", "")),
+                           verdict=str(row.get("verdict", INCONCLUSIVE)), sentence=str(row.get("sentence", "")),
+                           rule=str(row.get("rule", "")), rule_text=str(row.get("rule_text", "")),
+                           value=row.get("value"), ci=(float(ci[0]), float(ci[1])) if ci and None not in ci else None,
+                           n=row.get("n"), evidence=anchor))
+    return out
 
 
 QUESTION_RULES: dict[str, Callable[[Figures], list[Finding]]] = {

@@ -6,9 +6,19 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pandas as pd
+import torch
 import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
+from refusal_atlas.atlas.harm_stage import HarmSettings, harm_table, run_harm_stage
+from refusal_atlas.atlas.pipeline import evaluation_rows
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import check_not_same_file
+from refusal_atlas.lm.models import auto_threads, load_model
+from refusal_atlas.taxonomy.loader import load_taxonomy
 
 if TYPE_CHECKING:  # pandas loads only when a command runs (a fast `--help`)
     import pandas as pd
@@ -30,13 +40,7 @@ def analyse(
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
 ) -> None:
     """Build the four cells per node, both directions with floors, projections, causal checks and verdicts."""
-    import torch
-    from rich.console import Console
 
-    from refusal_atlas.atlas.harm_stage import HarmSettings, run_harm_stage
-    from refusal_atlas.io import check_not_same_file
-    from refusal_atlas.lm.models import auto_threads, load_model
-    from refusal_atlas.taxonomy.loader import load_taxonomy
 
     check_not_same_file(out / "harm", run_dir)
     spec = model or (str(run_dir / "organism" / "model") if (run_dir / "organism" / "model").is_dir() else "default")
@@ -56,10 +60,6 @@ def show(out: Path = typer.Argument(..., help="the folder given to `harm analyse
 
 
 def _print(out: Path) -> None:
-    import pandas as pd
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
 
     folder = out / "harm"
     if not (folder / "cells.csv").is_file():
@@ -87,10 +87,7 @@ def run_table(run_dir: Path, *, extra_per_node: int = 16, extra_harmless: int = 
     """The labelled corpus of a `run` folder plus unlabelled held-out rows from its prompt table (plain and
     conditioned harmful requests per branch, over-refusal probes, harmless requests) so that the four cells
     have prompts to read; the stage labels the added rows itself. Rows the organism trained on are left out."""
-    import pandas as pd
 
-    from refusal_atlas.atlas.harm_stage import harm_table
-    from refusal_atlas.atlas.pipeline import evaluation_rows
 
     run_dir = Path(run_dir)
     for name in ("corpus.parquet", "prompts.parquet"):

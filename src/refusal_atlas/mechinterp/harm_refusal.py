@@ -230,7 +230,12 @@ def harm_refusal_geometry(acts: Activations, nodes: Sequence[str], harmful: Sequ
             continue
         if not (len(idx["HR"]) + len(idx["LR"]) >= MIN_CELL and len(idx["HC"]) + len(idx["LC"]) >= MIN_CELL):
             continue
-        out[node] = node_geometry(acts, node, idx, n_splits=n_splits, n_boot=n_boot, seed=seed + k, x=x)
+        try:
+            out[node] = node_geometry(acts, node, idx, n_splits=n_splits, n_boot=n_boot, seed=seed + k, x=x)
+        except AtlasError:
+            # too few prompts in the cells the contrast needs: the node stays in `cell_table` (its n per cell
+            # says why) and gets no geometry, rather than ending the whole stage
+            continue
     return out
 
 

@@ -81,8 +81,8 @@ def _text(raw: dict[str, Any], key: str) -> str:
 
 def load_findings(store: AtlasStore) -> list[Finding] | None:
     """The findings of `<atlas>/findings.json`, None when the file is absent."""
-    path = store.root / FINDINGS_FILE
-    if not path.is_file():
+    path = store.findings_file
+    if path is None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
