@@ -19,6 +19,7 @@ from rdflib.plugins.sparql import prepareQuery
 from rdflib.plugins.sparql.parserutils import CompValue
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import brief
 from refusal_atlas.ontology.to_rdf import bind_prefixes
 
 OUTPUT_FORMATS = ("table", "csv", "json")
@@ -169,4 +170,4 @@ def format_result(result: QueryTable | Graph, fmt: str = "table") -> str:
         return result.to_csv()
     if fmt == "json":
         return result.to_json()
-    raise AtlasError(f"unknown output format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+    raise AtlasError(f"unknown output format {brief(fmt)}; use one of {', '.join(OUTPUT_FORMATS)}")
