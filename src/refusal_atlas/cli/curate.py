@@ -168,10 +168,10 @@ def detect_cmd(
         text = rec[text_column]
         good = isinstance(text, str)
         if good and prompt_column is not None and not isinstance(rec[prompt_column], str):
-            reject(rejects, source=file, row=rowno, reason=f"{prompt_column} is not text")
+            reject(rejects, source=file, row=rowno, reason=f"{prompt_column} is not text", record=rec)
             good = False
         elif not good:
-            reject(rejects, source=file, row=rowno, reason=f"{text_column} is missing or not text")
+            reject(rejects, source=file, row=rowno, reason=f"{text_column} is missing or not text", record=rec)
         ok.append(good)
     kept = df[ok].copy()
     _report_rejects(output, rejects)

@@ -21,7 +21,7 @@ from refusal_atlas.curation import cluster_store, plots
 from refusal_atlas.curation.cluster import OUTLIER, ClusterConfig, ClusterPipeline, ClusterResult
 from refusal_atlas.curation.embed import make_embedder
 from refusal_atlas.curation.stability import stability_report
-from refusal_atlas.curation.tables import read_table, require_columns, require_rows, write_rejects
+from refusal_atlas.curation.tables import read_table, reject, require_columns, require_rows, write_rejects
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256
 
@@ -64,7 +64,7 @@ def select_rows(df: pd.DataFrame, path: Path | str, text_column: str, only_refus
     for row, value in zip(df.index, df[text_column], strict=True):
         text = "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
         if not text.strip():
-            rejects.append({"source": str(path), "row": int(row), "reason": f"empty {text_column}"})
+            reject(rejects, source=path, row=int(row), reason=f"empty {text_column}", record=df.loc[row])
         else:
             keep.append(row)
     selected = df.loc[keep]

@@ -205,7 +205,7 @@ def load_donotanswer(rejects: list[dict] | None = None, **_: Any) -> Iterator[So
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    reject(rejects, source=path, row=lineno, reason="invalid JSON")
+                    reject(rejects, source=path, row=lineno, reason="invalid JSON", text=line.rstrip("\n"))
                     continue
                 yield SourceRow(prompt=_clean(rec.get("prompt")).strip(), source="donotanswer",
                                 row=f"{path.stem}:{lineno}", prefix="donotanswer", category=area)
@@ -301,12 +301,12 @@ def load_user_file(path: Path | str, columns: dict[str, str] | None = None, cate
             elif raw in _FALSE:
                 is_harmful = False
             else:
-                reject(rejects, source=path, row=rowno, reason=f"harmful value {raw!r} is not true/false")
+                reject(rejects, source=path, row=rowno, reason=f"harmful value {raw!r} is not true/false", record=rec)
                 continue
         expected = _clean(rec.get(mapping["expected"])).strip() if "expected" in mapping else ""
         if expected and expected not in BEHAVIOURS:
             reject(rejects, source=path, row=rowno,
-                   reason=f"expected {expected!r} is not one of {', '.join(BEHAVIOURS)}")
+                   reason=f"expected {expected!r} is not one of {', '.join(BEHAVIOURS)}", record=rec)
             continue
         yield SourceRow(prompt=prompt, source="user", row=rowno,
                         split=_clean(rec.get(mapping["split"])).strip() if "split" in mapping else "",
@@ -419,7 +419,7 @@ def rows_to_frame(rows: Iterable[SourceRow], index: CategoryIndex, taxonomy: Any
     out: list[dict] = []
     for r in rows:
         if not r.prompt:
-            reject(rejects, source=r.origin or r.source, row=r.row, reason="empty prompt")
+            reject(rejects, source=r.origin or r.source, row=r.row, reason="empty prompt", record=vars(r))
             continue
         curie = r.curie or (index.curie(r.prefix, r.category) if r.prefix != "user"
                             else (index.curie_any_prefix(r.category) or index.curie("user", r.category)))
@@ -428,7 +428,8 @@ def rows_to_frame(rows: Iterable[SourceRow], index: CategoryIndex, taxonomy: Any
             unknown = [n for n in nodes if n not in known]
             if unknown and r.nodes and set(r.nodes) & set(unknown):
                 reject(rejects, source=r.origin or r.source, row=r.row,
-                       reason=f"node(s) {', '.join(sorted(set(r.nodes) & set(unknown)))} not in the taxonomy")
+                       reason=f"node(s) {', '.join(sorted(set(r.nodes) & set(unknown)))} not in the taxonomy",
+                       record=vars(r))
                 continue
             nodes = [n for n in nodes if n in known]
         node = nodes[0] if nodes else ""

@@ -13,9 +13,7 @@ written atomically and never modified, so concurrent runs cannot corrupt each ot
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +22,7 @@ import numpy as np
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write
 
 DEFAULT_BATCH_SIZE = 32  # fastest on CPU for MiniLM (REFERENCE.md §1)
 
@@ -107,14 +106,12 @@ class EmbeddingCache:
         self._load()
         self.root.mkdir(parents=True, exist_ok=True)
         shard = hashlib.sha256("".join(keys).encode()).hexdigest()[:24]
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def _write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
                 np.savez(f, keys=np.asarray(list(keys)), vectors=vectors.astype(np.float32))
-            os.replace(tmp, self.root / f"{shard}.npz")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write(self.root / f"{shard}.npz", _write)
         for k, v in zip(keys, vectors, strict=True):
             self._memory[k] = v.astype(np.float32)
 
