@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "brief",
+    "clip",
     "check_not_same_file",
     "file_lock",
     "json_default",
@@ -69,10 +70,11 @@ def atomic_write(path: Path | str, writer: Callable[[Path], None]) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except PermissionError as exc:
-        raise AtlasError(f"{target.parent}: cannot write here ({exc.strerror}); choose another output folder") from exc
     except NotADirectoryError as exc:
         raise AtlasError(f"{path}: a parent of this path is a file, not a folder") from exc
+    except OSError as exc:  # permission denied, read-only file system, immutable folder, disk full
+        raise AtlasError(f"{target.parent}: cannot write here ({exc.strerror or exc}); choose another output "
+                         "folder") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -155,6 +157,13 @@ def brief(value: Any, limit: int = BRIEF_CHARS) -> str:
     """
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip(value: Any, limit: int = BRIEF_CHARS) -> str:
+    """A value for a message: strings as they are, others as `brief` reprs; both cut to about `limit`."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[: limit - 3] + "..."
+    return brief(value, limit)
 
 
 def read_utf8(path: Path | str, what: str = "file") -> str:

@@ -132,6 +132,8 @@ def collect_cmd(
 
     table_format(output)
     check_output(output, prompts)
+    if limit is not None and limit < 0:
+        raise AtlasError(f"--limit must be 0 or more (got {limit})")
     if threads is not None:
         if threads < 1:
             raise AtlasError(f"--threads must be at least 1 (got {threads})")

@@ -80,6 +80,8 @@ class ConditionVocabulary(BaseModel):
 
 
 def _suggest(word: str, choices: Any) -> str:
+    if len(word) > 100:  # no close match is that long; difflib's cost grows with the length
+        return ""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {brief(close[0])}?)" if close else ""
 

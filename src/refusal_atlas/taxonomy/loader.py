@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError, ValidationErrors
-from refusal_atlas.io import brief
+from refusal_atlas.io import brief, clip
 from refusal_atlas.taxonomy.conditions import ConditionVocabulary, load_conditions
 from refusal_atlas.taxonomy.model import ID_PATTERN, Behaviour, ConditionRule, Node, Scheme, Status, Taxonomy
 from refusal_atlas.taxonomy.validate import validate_taxonomy
@@ -279,7 +279,7 @@ def _parse_rules(shown: str, raw: dict, line: int, where: str, problems: list[Pr
                 for dim, value in when.items():
                     vline = key_line(when, dim, rline)
                     if not isinstance(dim, str) or not isinstance(value, str):
-                        problems.append(Problem(shown, vline, f"{where}: condition `{dim}: {value}` must map a "
+                        problems.append(Problem(shown, vline, f"{where}: condition `{clip(dim)}: {clip(value)}` must map a "
                                                               "dimension name to a value name (both strings)"))
                         continue
                     if vocab is not None:
@@ -328,6 +328,8 @@ def behaviour_problem(value: Any) -> str | None:
 
 
 def _suggest(word: str, choices: Any) -> str:
+    if len(word) > 100:  # no close match is that long; difflib's cost grows with the length
+        return ""
     norm = word.replace("-", "_").lower()
     close = difflib.get_close_matches(norm, [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {brief(close[0])}?)" if close else ""
