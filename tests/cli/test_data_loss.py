@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tests.cli.helpers import one_line_error, run_main
 
 from refusal_atlas.curation.cluster import ClusterConfig, ClusterPipeline
 from refusal_atlas.curation.tables import read_table
 from refusal_atlas.taxonomy import edit
 from refusal_atlas.taxonomy.loader import load_taxonomy
-from tests.cli.helpers import one_line_error, run_main
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "taxonomy" / "basic"
 

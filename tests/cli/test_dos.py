@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.cli.helpers import subprocess_cli
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import brief
 from refusal_atlas.ontology.export import build_graph
 from refusal_atlas.ontology.sparql import run_query
 from refusal_atlas.taxonomy.loader import load_taxonomy
-from tests.cli.helpers import subprocess_cli
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "taxonomy" / "basic"
 
@@ -47,7 +47,7 @@ def test_alias_bomb_in_any_field_is_refused_quickly(tmp_path, field_yaml):
     root = _taxonomy_with(tmp_path, field_yaml, levels=9)
     proc = subprocess_cli("taxonomy", "validate", str(root))
     try:
-        out, err = proc.communicate(timeout=60)
+        _out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
@@ -96,6 +96,6 @@ def test_sparql_row_limit():
 
 def test_sparql_cli_default_limit_is_one_line(tmp_path):
     proc = subprocess_cli("ontology", "sparql", "SELECT ?a ?b ?c ?d WHERE { ?a ?x ?b . ?c ?y ?d }", "--max-rows", "50")
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     assert err.strip().count("\n") == 0 and "more than 50 rows" in err and "Traceback" not in err

@@ -27,6 +27,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from refusal_atlas.curation.cluster import OUTLIER
 from refusal_atlas.curation.cluster_store import ClusterRun
 from refusal_atlas.curation.embed import TextEmbedder, make_embedder
+from refusal_atlas.io import atomic_write_json
 from refusal_atlas.taxonomy.model import Taxonomy
 
 DEFAULT_MIN_SCORE = {"label_majority": 0.5, "similarity": 0.4}
@@ -158,7 +159,7 @@ def map_folder(folder, taxonomy_dir=None, out_dir=None, *, embedder: str | None 
     """
     from pathlib import Path
 
-    from refusal_atlas.curation.cluster_store import load_run, write_json
+    from refusal_atlas.curation.cluster_store import load_run
     from refusal_atlas.curation.proposals import propose_nodes, write_proposals
     from refusal_atlas.taxonomy.loader import load_taxonomy
 
@@ -167,7 +168,7 @@ def map_folder(folder, taxonomy_dir=None, out_dir=None, *, embedder: str | None 
     emb = make_embedder(embedder) if embedder else None
     mapping = map_clusters(run, taxonomy, emb, min_score=min_score)
     out = Path(out_dir) if out_dir is not None else run.folder
-    written = {"mapping": write_json(out / "mapping.json", {
+    written = {"mapping": atomic_write_json(out / "mapping.json", sort_keys=False, obj={
         "run_id": run.run_id, "clusters_folder": str(run.folder),
         "taxonomy": str(taxonomy_dir) if taxonomy_dir else "default", **mapping.to_dict()})}
     proposed = propose_nodes(run, mapping, taxonomy)
