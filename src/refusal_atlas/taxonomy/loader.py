@@ -280,7 +280,8 @@ def _parse_rules(shown: str, raw: dict, line: int, where: str, problems: list[Pr
                     vline = key_line(when, dim, rline)
                     if not isinstance(dim, str) or not isinstance(value, str):
                         problems.append(Problem(shown, vline, f"{where}: condition `{clip(dim)}: {clip(value)}` "
-                                                              "must map a dimension name to a value name (both strings)"))
+                                                              "must map a dimension name to a value name "
+                                                              "(both strings)"))
                         continue
                     if vocab is not None:
                         msg = vocab.problem(dim, value)
