@@ -64,7 +64,7 @@ def main() -> None:
     except KeyboardInterrupt:
         _interrupted()
     except typer.Abort as exc:
-        # click turns Ctrl-C into Abort; it must still say how to resume and exit 130
+        # click (outside typer's own handler) turns Ctrl-C into Abort; still say how to resume, exit 130
         if isinstance(exc.__context__, KeyboardInterrupt) or isinstance(exc.__cause__, KeyboardInterrupt):
             _interrupted()
         sys.exit(1)
@@ -73,6 +73,9 @@ def main() -> None:
         print(_os_error_line(exc), file=sys.stderr)
         sys.exit(1)
     except typer.Exit as exc:
+        # typer turns Ctrl-C into Exit(130) with nothing printed
+        if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
+            _interrupted()
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors
         import click
@@ -81,6 +84,8 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if rc == 130:  # typer's non-standalone mode returns Ctrl-C as exit code 130, having printed nothing
+        _interrupted()
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
