@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.cli.helpers import one_line_error, run_main, subprocess_cli
 
 from refusal_atlas.curation.tables import read_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.taxonomy import edit
 from refusal_atlas.taxonomy.loader import id_problem
 from refusal_atlas.taxonomy.model import Node
-from tests.cli.helpers import one_line_error, run_main, subprocess_cli
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "taxonomy" / "basic"
 

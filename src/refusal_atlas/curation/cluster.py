@@ -245,7 +245,7 @@ class ClusterPipeline:
             idx, sims = knn_search(x[rest], xf, k)
             lab_nb = labels_f[idx]
             labels[rest], confidence[rest] = neighbour_majority(lab_nb)
-            if layout_all is not None:
+            if layout_all is not None and layout is not None:
                 w = np.maximum(sims, 1e-6)
                 layout_all[rest] = (layout[idx] * w[..., None]).sum(1) / w.sum(1, keepdims=True)
             timings["assign_rest_s"] = time.perf_counter() - t

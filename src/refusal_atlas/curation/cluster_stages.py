@@ -172,9 +172,8 @@ class UmapReducer:
         n = len(x)
         dim = min(self.n_components, n - 2)
         idx, dist = self._with_self(knn)
-        init = self.initial_layout(x, knn, dim) if self.shared_init else None
-        if init is None:
-            init = "spectral"
+        layout = self.initial_layout(x, knn, dim) if self.shared_init else None
+        init: np.ndarray | str = "spectral" if layout is None else layout
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = umap.UMAP(n_neighbors=knn.k + 1, n_components=dim,

@@ -15,6 +15,7 @@ Every row carries `model_id`, `model_revision` (commit, weights-file sha256 or c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -95,6 +96,10 @@ def _content_hash(row: dict) -> str:
     keys = ("prompt_id", "sample", "prompt", "response", "model_id", "model_revision", "generation", "seed")
     payload = json.dumps({k: row[k] for k in keys}, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _write_parquet(batch: pd.DataFrame, tmp: Path) -> None:
+    batch.to_parquet(tmp, index=False)
 
 
 def _read_parts(folder: Path) -> pd.DataFrame:
@@ -206,7 +211,7 @@ def collect(
                 rows.append(row)
             batch = pd.DataFrame(rows)
             target = part_dir / f"part-{next_part:05d}.parquet"
-            atomic_write(target, lambda tmp, b=batch: b.to_parquet(tmp, index=False))
+            atomic_write(target, functools.partial(_write_parquet, batch))
             next_part += 1
             if on_batch is not None:
                 on_batch(batch)

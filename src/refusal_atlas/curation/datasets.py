@@ -24,6 +24,7 @@ import pandas as pd
 from refusal_atlas import paths
 from refusal_atlas.curation.tables import SUFFIXES, read_table, reject, require_columns
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.taxonomy.crosswalk import nodes_for_external
 
 # Columns of every prompt table (the cross-area contract), then the extras this module adds.
 PROMPT_COLUMNS = ("prompt_id", "prompt", "base_prompt", "source", "split", "external_category", "nodes",
@@ -361,18 +362,14 @@ def _node_of_subject(subject: str, known: set[str]) -> str:
 def build_category_index(mappings: list | None, taxonomy: Any = None) -> CategoryIndex:
     """Index the crosswalk mappings (objects with subject_id, predicate_id, object_id, object_label).
 
-    Nodes come from the crosswalk module's `nodes_for_external` when available (it owns the
-    subject-id convention) and are ordered most exact predicate first. Nodes not in `taxonomy`
-    (a user taxonomy without them) are left out.
+    Nodes come from the crosswalk module's `nodes_for_external` (it owns the subject-id convention)
+    and are ordered most exact predicate first. Nodes not in `taxonomy` (a user taxonomy without
+    them) are left out.
     """
     index = CategoryIndex()
     if not mappings:
         return index
     known = set(taxonomy.nodes) if taxonomy is not None else set()
-    try:
-        from refusal_atlas.taxonomy.crosswalk import nodes_for_external
-    except ImportError:  # pragma: no cover - the taxonomy area always ships it
-        nodes_for_external = None
     ranked: dict[str, list[tuple[int, int, str]]] = {}
     for order, m in enumerate(mappings):
         obj = str(getattr(m, "object_id", "") or "")
@@ -389,9 +386,8 @@ def build_category_index(mappings: list | None, taxonomy: Any = None) -> Categor
         ranked.setdefault(obj, []).append((rank, order, node))
     for obj, entries in ranked.items():
         ordered = [n for _, _, n in sorted(entries)]
-        if nodes_for_external is not None:
-            official = list(nodes_for_external(mappings, obj))
-            ordered = [n for n in ordered if n in official] + [n for n in official if n not in ordered]
+        official = list(nodes_for_external(mappings, obj))
+        ordered = [n for n in ordered if n in official] + [n for n in official if n not in ordered]
         seen: list[str] = []
         for n in ordered:
             if n not in seen and (not known or n in known):

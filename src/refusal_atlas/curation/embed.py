@@ -16,7 +16,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -134,10 +134,10 @@ class Embedder:
         self.key = model_key(self.model_name)
         root = Path(cache_root) if cache_root is not None else paths.cache_dir() / "embeddings"
         self.cache = EmbeddingCache(root / self.key) if cache else None
-        self._model = None
+        self._model: Any = None
 
     @property
-    def model(self):
+    def model(self) -> Any:  # a SentenceTransformer; its import is deferred (heavy)
         """The loaded SentenceTransformer (first use loads it; ~0.5 s for MiniLM)."""
         if self._model is None:
             from sentence_transformers import SentenceTransformer
@@ -181,7 +181,7 @@ class Embedder:
         return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
 
 
-def make_embedder(model: str | None = None, **kwargs) -> TextEmbedder:
+def make_embedder(model: str | None = None, **kwargs: Any) -> TextEmbedder:
     """The embedder a spec names: `residual:MODEL[@LAYER]` → the chat model's residual stream
     (`residual_embed.ResidualEmbedder`); anything else (or None) → a sentence-transformers `Embedder`."""
     from refusal_atlas.curation.residual_embed import ResidualEmbedder, is_residual_spec
@@ -191,6 +191,6 @@ def make_embedder(model: str | None = None, **kwargs) -> TextEmbedder:
     return Embedder(model, **kwargs)
 
 
-def embed_texts(texts: Sequence[str], model: str | None = None, **kwargs) -> np.ndarray:
+def embed_texts(texts: Sequence[str], model: str | None = None, **kwargs: Any) -> np.ndarray:
     """Convenience for notebooks: `make_embedder(model, **kwargs).encode(texts)`."""
     return make_embedder(model, **kwargs).encode(texts)

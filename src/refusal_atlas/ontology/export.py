@@ -82,7 +82,7 @@ def import_graph(
     carried = graph_to_conditions(graph)
     write_vocab = (carried is not None and not (target / CONDITIONS_FILE).is_file()
                    and carried.model_dump() != vocab.model_dump())
-    if write_vocab:
+    if write_vocab and carried is not None:
         vocab = carried  # the graph's own vocabulary: written beside the taxonomy below
     problems = validate_taxonomy(tax, vocab)
     if problems:

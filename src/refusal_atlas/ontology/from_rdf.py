@@ -122,11 +122,11 @@ def _one_text(graph: Graph, subject: RdfNode, predicate: URIRef, what: str, prob
         return None
     if len({str(v) for v in pool}) > 1:
         problems.append(f"<{subject}> has {len(pool)} different {what} values; keep one "
-                        f"({', '.join(repr(str(v)) for v in sorted(pool, key=str)[:3])})")
+                        f"({', '.join(brief(str(v)) for v in sorted(pool, key=str)[:3])})")
     return str(sorted(pool, key=str)[0])
 
 
-def _read_scheme(graph: Graph, node: URIRef, concepts: list[URIRef], problems: list[str]) -> Scheme:
+def _read_scheme(graph: Graph, node: RdfNode, concepts: list[URIRef], problems: list[str]) -> Scheme:
     defaults = Scheme()
     namespace = _one_text(graph, node, VANN.preferredNamespaceUri, "vann:preferredNamespaceUri", problems)
     if namespace is None:
@@ -214,7 +214,7 @@ def _read_node(graph: Graph, concept: URIRef, ids: dict[URIRef, str], namespace:
     definition = _one_text(graph, concept, SKOS.definition, "skos:definition", problems, required=True)
     parents = []
     for parent in graph.objects(concept, SKOS.broader):
-        if parent in ids:
+        if isinstance(parent, URIRef) and parent in ids:
             parents.append(ids[parent])
         elif isinstance(parent, URIRef) and str(parent).startswith(namespace):
             parents.append(str(parent)[len(namespace):])  # unknown parent: reported by taxonomy validation
@@ -227,7 +227,7 @@ def _read_node(graph: Graph, concept: URIRef, ids: dict[URIRef, str], namespace:
     kind = _one_text(graph, concept, RA.sourceKind, "ra:sourceKind", problems)
     provenance = _one_text(graph, concept, RA.provenance, "ra:provenance", problems)
     rules = _rules(graph, concept, node_id, vocab_index, problems)
-    if len(problems) > before:
+    if len(problems) > before or label is None or definition is None:
         return None
     try:
         return Node(id=node_id, label=label, definition=definition, broader=broader, kind=kind, expect=expect,

@@ -162,7 +162,8 @@ def _located(exc: Exception, data: bytes, fmt: str, shown: str) -> str:
         line = int(exc.lines) + 1
         col = index - (raw.rfind(newline, 0, index) + 1) + 1  # type: ignore[arg-type]
     elif hasattr(exc, "getLineNumber"):  # SAX (RDF/XML)
-        line, col = exc.getLineNumber(), exc.getColumnNumber() + 1
+        sax: Any = exc  # xml.sax's SAXParseException
+        line, col = sax.getLineNumber(), sax.getColumnNumber() + 1
     elif fmt == "nt":
         line, col = _first_bad_nt_line(data)
     elif hasattr(exc, "lineno"):

@@ -165,7 +165,7 @@ def propose(
                     examples=list(examples), status=Status.PROPOSED)
         _check_with(taxonomy, node, vocab)
 
-        target = Path(taxonomy.nodes[parents[0]].source_file) if parents else _root_file(root, file)
+        target = Path(taxonomy.nodes[parents[0]].source_file or "") if parents else _root_file(root, file)
         data, yaml = load_for_edit(target)
         seq = _nodes_seq(data, target)
         position = _insert_position(seq, taxonomy, parents[0] if parents else None)

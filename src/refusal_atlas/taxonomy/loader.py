@@ -294,7 +294,7 @@ def _parse_rules(shown: str, raw: dict, line: int, where: str, problems: list[Pr
         if "rationale" in rule and rule["rationale"] is not None and not isinstance(rule["rationale"], str):
             problems.append(Problem(shown, value_line(rule, "rationale", rline),
                                     f"{where}: condition 'rationale' must be a string"))
-        if len(problems) > n_before:
+        if len(problems) > n_before or not isinstance(when, dict):
             ok = False
             continue
         key = tuple(sorted((str(k), str(v)) for k, v in when.items()))
