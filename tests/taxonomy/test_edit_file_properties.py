@@ -1,4 +1,4 @@
-"""Class 6: a file edited in place keeps its encoding, BOM, line endings, mode and links; package data is never edited."""
+"""Class 6: an edited file keeps its encoding, BOM, line endings, mode and links; package data is never edited."""
 
 from __future__ import annotations
 
