@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tests.cli.helpers import one_line_error, run_main
 
+from cli.helpers import one_line_error, run_main
 from refusal_atlas.curation.cluster import ClusterConfig, ClusterPipeline
 from refusal_atlas.curation.tables import read_table
 from refusal_atlas.taxonomy import edit

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.cli.helpers import subprocess_cli
 
+from cli.helpers import subprocess_cli
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import brief
 from refusal_atlas.ontology.export import build_graph

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tests.cli.helpers import one_line_error, run_main
 
+from cli.helpers import one_line_error, run_main
 from refusal_atlas.cli import _os_error_line
 from refusal_atlas.curation.tables import read_table, write_table
 from refusal_atlas.errors import AtlasError

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.cli.helpers import run_main
 from typer.testing import CliRunner
 
+from cli.helpers import run_main
 from refusal_atlas.cli import app
 from refusal_atlas.taxonomy import edit
 

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.cli.helpers import one_line_error, run_main, subprocess_cli
 
+from cli.helpers import one_line_error, run_main, subprocess_cli
 from refusal_atlas.curation.tables import read_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.taxonomy import edit
