@@ -66,10 +66,16 @@ def test_jsonl_with_a_bom(tmp_path):
 
 
 def test_sigint_prints_the_resume_line_and_exits_130():
+    # Start-up (imports, graph build) takes seconds to minutes on a loaded machine; a signal then
+    # would hit the imports, not the command. Time a trivial query first and wait well past that.
+    started = time.monotonic()
+    probe = subprocess_cli("ontology", "sparql", "ASK { ?s ?p ?o }")
+    probe.communicate(timeout=600)
+    startup = time.monotonic() - started
     # a cartesian product over the shipped taxonomy runs for minutes with the time limit off
     proc = subprocess_cli("ontology", "sparql", "--timeout", "0", "--max-rows", "0",
                           "SELECT (COUNT(*) AS ?n) WHERE { ?a ?b ?c . ?d ?e ?f . ?g ?h ?i }")
-    time.sleep(12)  # past start-up (imports, graph build) and into the query
+    time.sleep(2 * startup + 3)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
