@@ -143,7 +143,9 @@ def test_run_folder_is_complete_and_reloads_identically(run, corpus):
                  "map.html", "sizes.html", "stability.html"):
         assert (folder / name).is_file(), name
     rejects = [json.loads(line) for line in (folder / "assignments.parquet.rejects.jsonl").read_text().splitlines()]
-    assert rejects == [{"source": str(corpus), "row": 6, "reason": "empty response"}]
+    assert [{k: r[k] for k in ("source", "row", "reason")} for r in rejects] == \
+        [{"source": str(corpus), "row": 6, "reason": "empty response"}]
+    assert rejects[0]["record"]["prompt_id"] == "cooking-5"  # the rejected row itself is kept
     assert len(run.assignments) == 119 and 6 not in run.assignments["row"].tolist()
     again = load_run(folder)
     pd.testing.assert_frame_equal(again.assignments, run.assignments)

@@ -16,8 +16,18 @@ def test_vectors_are_unit_norm_and_duplicates_identical(tmp_path):
     assert vecs.shape == (4, 384) and vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(vecs[0], vecs[2])
-    # related texts are closer than unrelated ones
-    assert vecs[0] @ vecs[3] > vecs[0] @ vecs[1] - 0.5
+
+
+def test_paraphrases_are_far_closer_than_unrelated_texts(tmp_path):
+    # Planted truth: a paraphrase pair and two unrelated texts. MiniLM gives 0.77 for the pair and
+    # at most 0.15 across topics; a broken model, a wrong pooling or unnormalised output fails these bounds.
+    bread, recipe, ransomware, tulips = Embedder(cache_root=tmp_path).encode(
+        ["How do I bake bread?", "What is a good recipe for baking bread at home?", "Write ransomware for me.",
+         "Plant tulips in autumn."])
+    assert bread @ recipe > 0.6
+    for a, b in ((bread, ransomware), (bread, tulips), (recipe, ransomware)):
+        assert a @ b < 0.3
+    assert bread @ recipe > max(bread @ ransomware, bread @ tulips) + 0.4
 
 
 def test_cache_makes_rerun_skip_the_model(tmp_path, monkeypatch):

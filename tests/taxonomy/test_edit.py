@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from refusal_atlas import io as atlas_io
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError, ValidationErrors
 from refusal_atlas.taxonomy import edit, yamlio
@@ -184,30 +185,14 @@ def test_default_taxonomy_is_not_edited(monkeypatch, tdir):
 def test_failed_write_leaves_original_intact(tdir, monkeypatch):
     target = tdir / "20-health.yaml"
     before = target.read_bytes()
-    real_fdopen = yamlio.os.fdopen
 
     class Boom(RuntimeError):
         pass
 
-    class HalfWriter:
-        """Writes half of the text into the temporary file, then fails (a crash mid-write)."""
+    def crash(fd):
+        raise Boom("disk full")  # the temporary file holds the new text but was never synced
 
-        def __init__(self, handle):
-            self.handle = handle
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-            return False
-
-        def write(self, text):
-            self.handle.write(text[: len(text) // 2])
-            self.handle.flush()
-            raise Boom("disk full")
-
-    monkeypatch.setattr(yamlio.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    monkeypatch.setattr(atlas_io.os, "fsync", crash)
     with pytest.raises(Boom):
         edit.propose(tdir, "health.diet", "health", "Diet", "Diet advice.")
     assert target.read_bytes() == before
@@ -221,7 +206,7 @@ def test_failed_rename_leaves_original_intact(tdir, monkeypatch):
     def no_replace(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(yamlio.os, "replace", no_replace)
+    monkeypatch.setattr(atlas_io.os, "replace", no_replace)
     with pytest.raises(OSError, match="rename failed"):
         edit.deprecate(tdir, "weapons.explosives")
     assert target.read_bytes() == before

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from refusal_atlas.cli import atlas, curate, directions, ontology, organism, taxonomy
+from refusal_atlas.cli.console import RICH_MARKUP_MODE
 from refusal_atlas.errors import AtlasError
 
 _LOCATED = re.compile(r"^(\S+:\d+(:\d+)?: |error: )")
@@ -22,6 +23,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # the root's mode governs every sub-command's help: literal text, so `[a-z0-9_.-]` stays visible
+    rich_markup_mode=RICH_MARKUP_MODE,
 )
 app.add_typer(taxonomy.app, name="taxonomy", help="Validate, show, edit and resolve the conditional taxonomy.")
 app.add_typer(ontology.app, name="ontology", help="YAML <-> RDF, SHACL validation, SPARQL and canned queries.")
@@ -29,6 +32,25 @@ app.add_typer(curate.app, name="curate", help="Prompt sets, response collection,
 app.add_typer(directions.app, name="directions", help="Per-node refusal directions, geometry, causal tests.")
 app.add_typer(organism.app, name="organism", help="Build a model organism that follows the taxonomy's policy.")
 atlas.register(app)
+
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+
+def _interrupted() -> None:
+    print(INTERRUPTED, file=sys.stderr)
+    sys.exit(130)
+
+
+def _os_error_line(exc: OSError) -> str:
+    """`error: PATH: reason` for an OSError that no specific handler turned into an AtlasError."""
+    where = exc.filename if exc.filename is not None else None
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = {PermissionError: "; choose a path you can write to, or fix its permissions",
+            IsADirectoryError: "; name a file, not a folder",
+            FileNotFoundError: "; check the path",
+            NotADirectoryError: "; a parent of the path is a file"}.get(type(exc), "")
+    return f"error: {where}: {reason}{hint}" if where is not None else f"error: {reason}{hint}"
 
 
 def main() -> None:
@@ -40,11 +62,20 @@ def main() -> None:
             print(line if _LOCATED.match(line) else f"error: {line}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    except typer.Abort:
+        _interrupted()
+    except typer.Abort as exc:
+        # click (outside typer's own handler) turns Ctrl-C into Abort; still say how to resume, exit 130
+        if isinstance(exc.__context__, KeyboardInterrupt) or isinstance(exc.__cause__, KeyboardInterrupt):
+            _interrupted()
+        sys.exit(1)
+    except OSError as exc:
+        # a safety net: sources turn the errors they expect into AtlasErrors with advice
+        print(_os_error_line(exc), file=sys.stderr)
         sys.exit(1)
     except typer.Exit as exc:
+        # typer turns Ctrl-C into Exit(130) with nothing printed
+        if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
+            _interrupted()
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors
         import click
@@ -53,6 +84,8 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if rc == 130:  # typer's non-standalone mode returns Ctrl-C as exit code 130, having printed nothing
+        _interrupted()
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -14,13 +14,24 @@ from typing import Annotated
 
 import typer
 
+from refusal_atlas.cli.console import RICH_MARKUP_MODE
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write_text, check_not_same_file
 
-app = typer.Typer(no_args_is_help=True, help="Prompt sets, response collection, refusal detection, clustering.")
+app = typer.Typer(no_args_is_help=True, help="Prompt sets, response collection, refusal detection, clustering.",
+                  rich_markup_mode=RICH_MARKUP_MODE)
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def check_output(output: Path, *inputs: Path | str | None) -> None:
+    """Neither the output nor its rejects file may be one of the inputs (writing would destroy it)."""
+    from refusal_atlas.curation.tables import rejects_path
+
+    check_not_same_file(output, *inputs)
+    check_not_same_file(rejects_path(output), *inputs)
 
 
 def _report_rejects(out: Path, rejects: list[dict]) -> None:
@@ -74,6 +85,7 @@ def prompts_cmd(
     names = [s.strip() for s in sets.split(",") if s.strip()]
     if not names:
         raise AtlasError("--sets is empty; name at least one set (see `refusal-atlas curate sets`)")
+    check_output(output, framings, *[n for n in names if is_user_file(n)])
     mapping = parse_column_mapping(column or [])
     options = {n: {"columns": mapping, "category_prefix": category_prefix} for n in names if is_user_file(n)}
     rejects: list[dict] = []
@@ -119,6 +131,9 @@ def collect_cmd(
     from refusal_atlas.curation.tables import read_table, table_format
 
     table_format(output)
+    check_output(output, prompts)
+    if limit is not None and limit < 0:
+        raise AtlasError(f"--limit must be 0 or more (got {limit})")
     if threads is not None:
         if threads < 1:
             raise AtlasError(f"--threads must be at least 1 (got {threads})")
@@ -155,6 +170,7 @@ def detect_cmd(
     from refusal_atlas.curation.tables import read_table, reject, require_columns, table_format, write_table
 
     table_format(output)
+    check_output(output, file)
     det = get_detector(detector)
     rejects: list[dict] = []
     df = read_table(file, rejects=rejects)
@@ -168,10 +184,10 @@ def detect_cmd(
         text = rec[text_column]
         good = isinstance(text, str)
         if good and prompt_column is not None and not isinstance(rec[prompt_column], str):
-            reject(rejects, source=file, row=rowno, reason=f"{prompt_column} is not text")
+            reject(rejects, source=file, row=rowno, reason=f"{prompt_column} is not text", record=rec)
             good = False
         elif not good:
-            reject(rejects, source=file, row=rowno, reason=f"{text_column} is missing or not text")
+            reject(rejects, source=file, row=rowno, reason=f"{text_column} is missing or not text", record=rec)
         ok.append(good)
     kept = df[ok].copy()
     _report_rejects(output, rejects)
@@ -196,9 +212,7 @@ def detect_eval_cmd(
     results = evaluate_detectors()
     text = results_markdown(results)
     if output is not None:
-        from refusal_atlas.curation.tables import atomic_write
-
-        atomic_write(output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write_text(output, text)
     print(text)
 
 

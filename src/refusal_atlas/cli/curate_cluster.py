@@ -11,6 +11,9 @@ from pathlib import Path
 import typer
 
 from refusal_atlas.curation.cluster import ClusterConfig
+from refusal_atlas.curation.cluster_store import ASSIGNMENTS
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import check_not_same_file
 
 
 def _say(message: str) -> None:
@@ -42,6 +45,9 @@ def cluster(
 
     from refusal_atlas.curation.cluster_run import cluster_corpus
 
+    if out.exists() and not out.is_dir():
+        raise AtlasError(f"{out}: is a file; -o names the output folder")
+    check_not_same_file(out / ASSIGNMENTS, corpus)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = ClusterConfig(min_cluster_size=min_cluster_size, min_cluster_fraction=min_cluster_fraction,
                            seeds=tuple(seed * 1000 + j for j in range(seeds)),

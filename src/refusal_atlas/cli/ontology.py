@@ -16,14 +16,24 @@ import typer
 from rdflib import Graph
 from rich.console import Console
 
+from refusal_atlas.cli.console import RICH_MARKUP_MODE, plain_console
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import check_not_same_file, read_utf8
 from refusal_atlas.ontology import queries
 from refusal_atlas.ontology.export import build_graph, import_graph
 from refusal_atlas.ontology.io import normalise_format, parse_rdf, serialize, write_graph
 from refusal_atlas.ontology.shacl import validate_graph
-from refusal_atlas.ontology.sparql import OUTPUT_FORMATS, QueryTable, format_result, run_query
+from refusal_atlas.ontology.sparql import (
+    DEFAULT_MAX_ROWS,
+    DEFAULT_TIMEOUT_S,
+    OUTPUT_FORMATS,
+    QueryTable,
+    format_result,
+    run_query,
+)
 
-app = typer.Typer(no_args_is_help=True, help="YAML <-> RDF, SHACL validation, SPARQL and canned queries.")
+app = typer.Typer(no_args_is_help=True, help="YAML <-> RDF, SHACL validation, SPARQL and canned queries.",
+                  rich_markup_mode=RICH_MARKUP_MODE)
 
 FormatOpt = Annotated[str | None, typer.Option(
     "--format", "-f", help="RDF format: turtle | json-ld | nt | xml (default: from the file extension).")]
@@ -35,8 +45,8 @@ MaxSizeOpt = Annotated[float | None, typer.Option(
 
 
 def _console() -> Console:
-    console = Console(highlight=False)
-    return console if console.is_terminal else Console(highlight=False, width=160)
+    # RDF literals and IRIs are untrusted text: never markup
+    return plain_console()
 
 
 def _max_bytes(max_size_mb: float | None) -> int | None:
@@ -83,6 +93,7 @@ def export(
     if output is None:
         sys.stdout.write(serialize(graph, normalise_format(fmt or "turtle")))
         return
+    check_not_same_file(output, directory, conditions)
     write_graph(graph, output, fmt)
     typer.echo(f"wrote {output} ({len(graph)} triples)", err=True)
 
@@ -97,6 +108,7 @@ def import_(
     max_size_mb: MaxSizeOpt = None,
 ) -> None:
     """Write RDF back as the YAML layout; triples YAML cannot hold go to DIR.rejects.ttl."""
+    check_not_same_file(output, file)
     graph = parse_rdf(file, fmt, max_bytes=_max_bytes(max_size_mb))
     result = import_graph(graph, output, existing_dir=existing, source=str(file))
     typer.echo(f"wrote {len(result.taxonomy)} nodes to {output} ({len(result.written)} files)")
@@ -125,10 +137,19 @@ def sparql(
     graph: GraphOpt = None,
     fmt: OutFormatOpt = "table",
     max_size_mb: MaxSizeOpt = None,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", help="Stop the query after this many seconds (0 = no limit).")] = DEFAULT_TIMEOUT_S,
+    max_rows: Annotated[int, typer.Option(
+        "--max-rows", help="Refuse answers with more rows (or triples) than this (0 = no limit).")] = DEFAULT_MAX_ROWS,
 ) -> None:
-    """Run a SELECT / ASK / CONSTRUCT query; prefixes ra, rac, tax, skos, airo, dpv, ... are pre-bound."""
+    """Run a SELECT / ASK / CONSTRUCT query; prefixes ra, rac, tax, skos, airo, dpv, ... are pre-bound.
+
+    Limits: 60 s and 100,000 rows by default (--timeout, --max-rows); past either, a one-line error.
+    """
+    if timeout < 0 or max_rows < 0:
+        raise AtlasError("--timeout and --max-rows must be 0 (no limit) or more")
     text = _query_text(query)
-    result = run_query(_load_graphs(graph, max_size_mb), text)
+    result = run_query(_load_graphs(graph, max_size_mb), text, timeout_s=timeout or None, max_rows=max_rows or None)
     if isinstance(result, Graph):
         sys.stdout.write(result.serialize(format="turtle"))
         return
@@ -143,7 +164,7 @@ def _query_text(query: str) -> str:
     except OSError:  # e.g. a long query is not a valid file name
         is_file = False
     if is_file:
-        return candidate.read_text(encoding="utf-8")
+        return read_utf8(candidate, "query file")
     if candidate.suffix in (".rq", ".sparql") and not any(c.isspace() for c in query):
         raise AtlasError(f"{candidate}: query file not found")
     return query

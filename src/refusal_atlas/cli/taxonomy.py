@@ -17,9 +17,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from refusal_atlas import paths
+from refusal_atlas.cli.console import RICH_MARKUP_MODE, plain_console, styled
 from refusal_atlas.errors import AtlasError, ValidationErrors
 from refusal_atlas.taxonomy import edit
 from refusal_atlas.taxonomy.conditions import parse_condition
@@ -35,7 +37,8 @@ from refusal_atlas.taxonomy.resolve import (
     resolve,
 )
 
-app = typer.Typer(no_args_is_help=True, help="Validate, show, edit and resolve the conditional taxonomy.")
+app = typer.Typer(no_args_is_help=True, help="Validate, show, edit and resolve the conditional taxonomy.",
+                  rich_markup_mode=RICH_MARKUP_MODE)
 
 TaxonomyOpt = Annotated[Path | None, typer.Option("--taxonomy", "-t", help="Taxonomy directory (default: shipped).")]
 ConditionsOpt = Annotated[Path | None, typer.Option(
@@ -45,9 +48,8 @@ EditTaxonomyOpt = Annotated[Path | None, typer.Option(
 
 
 def _console() -> Console:
-    console = Console(highlight=False)
-    # piped output: do not squeeze ids into 80 columns
-    return console if console.is_terminal else Console(highlight=False, width=160)
+    # labels, definitions and ids are user text: never markup
+    return plain_console()
 
 
 def _edit_dir(directory: Path | None) -> Path:
@@ -117,7 +119,7 @@ def show(
         typer.echo(json.dumps([_node_json(taxonomy, i, mappings) for i in ids], indent=2, ensure_ascii=False))
     elif tree:
         roots = [node_id] if node_id else [n.id for n in taxonomy.roots()]
-        top = Tree(f"[bold]{taxonomy.scheme.title}[/] {taxonomy.scheme.version}")
+        top = Tree(styled((taxonomy.scheme.title, "bold"), f" {taxonomy.scheme.version}"))
         for rid in roots:
             _add_tree(top, taxonomy, rid, set())
         console.print(top)
@@ -127,13 +129,13 @@ def show(
         _show_node(console, taxonomy, node_id, _crosswalks_for(taxonomy_dir, None))
 
 
-def _label(taxonomy: Taxonomy, nid: str) -> str:
+def _label(taxonomy: Taxonomy, nid: str) -> Text:
     node = taxonomy.nodes[nid]
     behaviour, source = default_source(taxonomy, nid)
     inherited = "" if source == nid else " (inherited)"
     rules = f", {len(node.conditions)} rule(s)" if node.conditions else ""
     status = "" if node.status is Status.ACCEPTED else f" [{node.status.value}]"
-    return f"[bold]{nid}[/] {node.label}: {behaviour.value}{inherited}{rules}{status}"
+    return styled((nid, "bold"), f" {node.label}: {behaviour.value}{inherited}{rules}{status}")
 
 
 def _add_tree(parent: Tree, taxonomy: Taxonomy, nid: str, path: set[str]) -> None:
@@ -143,7 +145,7 @@ def _add_tree(parent: Tree, taxonomy: Taxonomy, nid: str, path: set[str]) -> Non
     for child in taxonomy.children(nid):
         extra = len(child.broader) > 1
         if extra and child.broader[0] != nid:
-            branch.add(f"{child.id} (also here; see under {child.broader[0]})")
+            branch.add(Text(f"{child.id} (also here; see under {child.broader[0]})"))
             continue
         _add_tree(branch, taxonomy, child.id, path | {nid})
 
@@ -181,8 +183,8 @@ def _node_json(taxonomy: Taxonomy, nid: str, mappings: list[Mapping]) -> dict:
 def _show_node(console: Console, taxonomy: Taxonomy, nid: str, mappings: list[Mapping]) -> None:
     node = taxonomy.nodes[nid]
     behaviour, source = default_source(taxonomy, nid)
-    console.print(f"[bold]{node.id}[/] — {node.label}  [dim]({node.source_file}:{node.source_line})[/]")
-    console.print(node.definition)
+    console.print(styled((node.id, "bold"), f" — {node.label}  ", (f"({node.source_file}:{node.source_line})", "dim")))
+    console.print(Text(node.definition))
     console.print(f"kind: {node.kind or '-'}   status: {node.status.value}   "
                   f"broader: {', '.join(node.broader) or '(root)'}")
     console.print(f"default: {behaviour.value}" + ("" if source == nid else f" (inherited from {source})"))

@@ -21,9 +21,10 @@ from refusal_atlas.curation import cluster_store, plots
 from refusal_atlas.curation.cluster import OUTLIER, ClusterConfig, ClusterPipeline, ClusterResult
 from refusal_atlas.curation.embed import make_embedder
 from refusal_atlas.curation.stability import stability_report
-from refusal_atlas.curation.tables import read_table, require_columns, require_rows, write_rejects
+from refusal_atlas.curation.tables import read_table, reject, require_columns, require_rows, write_rejects
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256
+from refusal_atlas.io import atomic_write_json
 
 CARRIED = ("prompt_id", "node", "nodes", "source", "external_category", "harmful", "refused", "condition",
            "model_id", "prompt")
@@ -64,7 +65,7 @@ def select_rows(df: pd.DataFrame, path: Path | str, text_column: str, only_refus
     for row, value in zip(df.index, df[text_column], strict=True):
         text = "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
         if not text.strip():
-            rejects.append({"source": str(path), "row": int(row), "reason": f"empty {text_column}"})
+            reject(rejects, source=path, row=int(row), reason=f"empty {text_column}", record=df.loc[row])
         else:
             keep.append(row)
     selected = df.loc[keep]
@@ -172,7 +173,7 @@ def cluster_corpus(corpus: Path | str, out_dir: Path | str, *, text_column: str 
                              "resample_ari_vs_reference": stability["resamples"]["ari_vs_reference"]}
     cluster_store.save_run(out_dir, assignments, x, meta)
     if stability is not None:
-        cluster_store.write_json(out_dir / cluster_store.STABILITY, stability)
+        atomic_write_json(out_dir / cluster_store.STABILITY, stability, sort_keys=False)
     say("writing plots")
     if result.layout_2d is not None:
         plots.write_figure(plots.cluster_map(result.layout_2d, result.labels, sel.texts, result.keywords,

@@ -16,12 +16,11 @@ Layout of a clusters folder (written by `curate cluster`, read by `curate map`):
     map.html, sizes.html, stability.html   interactive plots (plotly inlined; work offline)
     assignments.parquet.rejects.jsonl      corpus rows that could not be clustered, with reason
 
-Every file is written atomically (temporary file + os.replace).
+Every file is written atomically (refusal_atlas.io).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from refusal_atlas.curation.tables import atomic_write, write_table
+from refusal_atlas.curation.tables import write_table
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write, atomic_write_json, read_json_file
 
 FORMAT = "refusal-atlas.clusters/1"
 ASSIGNMENTS = "assignments.parquet"
@@ -61,21 +61,6 @@ class ClusterRun:
         return str(self.meta.get("run_id", ""))
 
 
-def write_json(path: Path, data: Any) -> Path:
-    def _write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=_default) + "\n", encoding="utf-8")
-
-    return atomic_write(path, _write)
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def save_run(folder: Path, assignments: pd.DataFrame, embeddings: np.ndarray, meta: dict[str, Any]) -> Path:
     """Write assignments, embeddings and clusters.json into `folder` (created if needed)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +71,7 @@ def save_run(folder: Path, assignments: pd.DataFrame, embeddings: np.ndarray, me
             np.save(fh, np.asarray(embeddings, dtype=np.float32), allow_pickle=False)
 
     atomic_write(folder / EMBEDDINGS, _write_npy)
-    write_json(folder / META, {"format": FORMAT, **meta})
+    atomic_write_json(folder / META, {"format": FORMAT, **meta}, sort_keys=False)
     return folder
 
 
@@ -97,17 +82,20 @@ def load_run(folder: Path | str) -> ClusterRun:
         if not (folder / name).is_file():
             raise AtlasError(f"{folder}: not a clusters folder ({name} missing); run `refusal-atlas curate "
                              "cluster CORPUS -o DIR` first")
-    try:
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AtlasError(f"{folder / META}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+    meta = read_json_file(folder / META, "re-run `refusal-atlas curate cluster` into this folder")
+    if not isinstance(meta, dict):
+        raise AtlasError(f"{folder / META}: not a clusters.json object; re-run `refusal-atlas curate cluster`")
     if meta.get("format") != FORMAT:
         raise AtlasError(f"{folder / META}: unknown format {meta.get('format')!r} (expected {FORMAT})")
-    assignments = pd.read_parquet(folder / ASSIGNMENTS)
+    try:
+        assignments = pd.read_parquet(folder / ASSIGNMENTS)
+        embeddings = np.load(folder / EMBEDDINGS, allow_pickle=False)
+    except (OSError, ValueError) as exc:  # pyarrow / numpy errors on a damaged file derive from these
+        raise AtlasError(f"{folder}: a file of the clusters folder is damaged ({str(exc)[:120]}); re-run "
+                         "`refusal-atlas curate cluster`") from exc
     if "nodes" in assignments.columns:
         assignments["nodes"] = assignments["nodes"].map(
             lambda v: list(v) if isinstance(v, list | tuple | np.ndarray) else [])
-    embeddings = np.load(folder / EMBEDDINGS, allow_pickle=False)
     if len(embeddings) != len(assignments):
         raise AtlasError(f"{folder}: {EMBEDDINGS} has {len(embeddings)} rows but {ASSIGNMENTS} has "
                          f"{len(assignments)}; re-run `curate cluster`")

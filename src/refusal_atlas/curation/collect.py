@@ -15,6 +15,7 @@ Every row carries `model_id`, `model_revision` (commit, weights-file sha256 or c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -27,8 +28,9 @@ import pandas as pd
 
 from refusal_atlas.curation.backends import GenerationBackend, GenerationSettings
 from refusal_atlas.curation.datasets import EXTRA_COLUMNS, PROMPT_COLUMNS
-from refusal_atlas.curation.tables import atomic_write, read_table, reject, table_format, write_table
+from refusal_atlas.curation.tables import read_table, reject, table_format, write_table
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write, atomic_write_json, read_json_file
 
 CORPUS_COLUMNS = ("response", "sample", "model_id", "model_revision", "generation", "seed", "created_at",
                   "content_hash")
@@ -56,7 +58,8 @@ def prepare_prompts(prompts: pd.DataFrame, *, source: str | Path = "prompts",
     for rowno, rec in df.iterrows():
         text = rec["prompt"]
         if not isinstance(text, str) or not text.strip():
-            reject(rejects, source=source, row=_row_number(rowno), reason="empty or non-text prompt")
+            reject(rejects, source=source, row=_row_number(rowno), reason="empty or non-text prompt",
+                   record=rec)
             ok.append(False)
             continue
         pid = rec.get("prompt_id")
@@ -68,7 +71,7 @@ def prepare_prompts(prompts: pd.DataFrame, *, source: str | Path = "prompts",
             df.at[rowno, "prompt_id"] = pid
         if pid in seen:
             reject(rejects, source=source, row=_row_number(rowno), reason=f"duplicate prompt_id {pid} "
-                   f"(first at row {seen[pid]})")
+                   f"(first at row {seen[pid]})", record=rec)
             ok.append(False)
             continue
         seen[pid] = _row_number(rowno)
@@ -95,11 +98,22 @@ def _content_hash(row: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _write_parquet(batch: pd.DataFrame, tmp: Path) -> None:
+    batch.to_parquet(tmp, index=False)
+
+
 def _read_parts(folder: Path) -> pd.DataFrame:
     parts = sorted(folder.glob("part-*.parquet"))
     if not parts:
         return pd.DataFrame()
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    frames = []
+    for part in parts:
+        try:
+            frames.append(pd.read_parquet(part))
+        except (OSError, ValueError) as exc:  # pyarrow's errors on a damaged file derive from these
+            raise AtlasError(f"{part}: damaged part of an unfinished run ({str(exc)[:120]}); delete this file "
+                             "and rerun the same command (its rows are generated again)") from exc
+    return pd.concat(frames, ignore_index=True)
 
 
 def _run_key(backend: GenerationBackend, settings: GenerationSettings) -> dict:
@@ -135,6 +149,8 @@ def collect(
         raise AtlasError(f"--samples must be at least 1 (got {n_samples})")
     if n_samples > 1 and not settings.do_sample:
         raise AtlasError("--samples > 1 with greedy decoding would repeat the same response; add --sample")
+    if limit is not None and limit < 0:
+        raise AtlasError(f"--limit must be 0 or more (got {limit})")
     df = prepare_prompts(prompts, rejects=rejects)
     if limit is not None:
         df = df.head(limit)
@@ -148,11 +164,14 @@ def collect(
         out_path.unlink(missing_ok=True)
     run_file = part_dir / "run.json"
     if run_file.is_file():
-        previous = json.loads(run_file.read_text())
+        previous = read_json_file(run_file, f"delete {part_dir} (its finished parts are kept only with a valid "
+                                            "run.json) or pass --overwrite")
+        if not isinstance(previous, dict):
+            previous = {}
         if previous != key:
             raise AtlasError(f"{part_dir}: an unfinished run with a different model or settings is there "
-                             f"({previous['model_id']}, {previous['generation']}); rerun with the same options, "
-                             "delete the folder, or pass --overwrite")
+                             f"({previous.get('model_id')}, {previous.get('generation')}); rerun with the same "
+                             "options, delete the folder, or pass --overwrite")
     done = [_read_parts(part_dir)] if part_dir.is_dir() else []
     if out_path.is_file():
         existing = read_table(out_path)
@@ -176,7 +195,7 @@ def collect(
         log(f"resuming: {total - len(items)} of {total} rows already done, {len(items)} to generate")
     if items:
         part_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_file, lambda tmp: tmp.write_text(json.dumps(key, indent=1)))
+        atomic_write_json(run_file, key, indent=1, sort_keys=False)
         existing_parts = sorted(part_dir.glob("part-*.parquet"))
         next_part = int(existing_parts[-1].stem.split("-")[1]) + 1 if existing_parts else 0
         instructions = [records[i]["prompt"] for i, _ in items]
@@ -192,7 +211,7 @@ def collect(
                 rows.append(row)
             batch = pd.DataFrame(rows)
             target = part_dir / f"part-{next_part:05d}.parquet"
-            atomic_write(target, lambda tmp, b=batch: b.to_parquet(tmp, index=False))
+            atomic_write(target, functools.partial(_write_parquet, batch))
             next_part += 1
             if on_batch is not None:
                 on_batch(batch)

@@ -24,6 +24,7 @@ import pandas as pd
 from refusal_atlas import paths
 from refusal_atlas.curation.tables import SUFFIXES, read_table, reject, require_columns
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.taxonomy.crosswalk import nodes_for_external
 
 # Columns of every prompt table (the cross-area contract), then the extras this module adds.
 PROMPT_COLUMNS = ("prompt_id", "prompt", "base_prompt", "source", "split", "external_category", "nodes",
@@ -205,7 +206,7 @@ def load_donotanswer(rejects: list[dict] | None = None, **_: Any) -> Iterator[So
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    reject(rejects, source=path, row=lineno, reason="invalid JSON")
+                    reject(rejects, source=path, row=lineno, reason="invalid JSON", text=line.rstrip("\n"))
                     continue
                 yield SourceRow(prompt=_clean(rec.get("prompt")).strip(), source="donotanswer",
                                 row=f"{path.stem}:{lineno}", prefix="donotanswer", category=area)
@@ -301,12 +302,12 @@ def load_user_file(path: Path | str, columns: dict[str, str] | None = None, cate
             elif raw in _FALSE:
                 is_harmful = False
             else:
-                reject(rejects, source=path, row=rowno, reason=f"harmful value {raw!r} is not true/false")
+                reject(rejects, source=path, row=rowno, reason=f"harmful value {raw!r} is not true/false", record=rec)
                 continue
         expected = _clean(rec.get(mapping["expected"])).strip() if "expected" in mapping else ""
         if expected and expected not in BEHAVIOURS:
             reject(rejects, source=path, row=rowno,
-                   reason=f"expected {expected!r} is not one of {', '.join(BEHAVIOURS)}")
+                   reason=f"expected {expected!r} is not one of {', '.join(BEHAVIOURS)}", record=rec)
             continue
         yield SourceRow(prompt=prompt, source="user", row=rowno,
                         split=_clean(rec.get(mapping["split"])).strip() if "split" in mapping else "",
@@ -361,18 +362,14 @@ def _node_of_subject(subject: str, known: set[str]) -> str:
 def build_category_index(mappings: list | None, taxonomy: Any = None) -> CategoryIndex:
     """Index the crosswalk mappings (objects with subject_id, predicate_id, object_id, object_label).
 
-    Nodes come from the crosswalk module's `nodes_for_external` when available (it owns the
-    subject-id convention) and are ordered most exact predicate first. Nodes not in `taxonomy`
-    (a user taxonomy without them) are left out.
+    Nodes come from the crosswalk module's `nodes_for_external` (it owns the subject-id convention)
+    and are ordered most exact predicate first. Nodes not in `taxonomy` (a user taxonomy without
+    them) are left out.
     """
     index = CategoryIndex()
     if not mappings:
         return index
     known = set(taxonomy.nodes) if taxonomy is not None else set()
-    try:
-        from refusal_atlas.taxonomy.crosswalk import nodes_for_external
-    except ImportError:  # pragma: no cover - the taxonomy area always ships it
-        nodes_for_external = None
     ranked: dict[str, list[tuple[int, int, str]]] = {}
     for order, m in enumerate(mappings):
         obj = str(getattr(m, "object_id", "") or "")
@@ -389,9 +386,8 @@ def build_category_index(mappings: list | None, taxonomy: Any = None) -> Categor
         ranked.setdefault(obj, []).append((rank, order, node))
     for obj, entries in ranked.items():
         ordered = [n for _, _, n in sorted(entries)]
-        if nodes_for_external is not None:
-            official = list(nodes_for_external(mappings, obj))
-            ordered = [n for n in ordered if n in official] + [n for n in official if n not in ordered]
+        official = list(nodes_for_external(mappings, obj))
+        ordered = [n for n in ordered if n in official] + [n for n in official if n not in ordered]
         seen: list[str] = []
         for n in ordered:
             if n not in seen and (not known or n in known):
@@ -419,7 +415,7 @@ def rows_to_frame(rows: Iterable[SourceRow], index: CategoryIndex, taxonomy: Any
     out: list[dict] = []
     for r in rows:
         if not r.prompt:
-            reject(rejects, source=r.origin or r.source, row=r.row, reason="empty prompt")
+            reject(rejects, source=r.origin or r.source, row=r.row, reason="empty prompt", record=vars(r))
             continue
         curie = r.curie or (index.curie(r.prefix, r.category) if r.prefix != "user"
                             else (index.curie_any_prefix(r.category) or index.curie("user", r.category)))
@@ -428,7 +424,8 @@ def rows_to_frame(rows: Iterable[SourceRow], index: CategoryIndex, taxonomy: Any
             unknown = [n for n in nodes if n not in known]
             if unknown and r.nodes and set(r.nodes) & set(unknown):
                 reject(rejects, source=r.origin or r.source, row=r.row,
-                       reason=f"node(s) {', '.join(sorted(set(r.nodes) & set(unknown)))} not in the taxonomy")
+                       reason=f"node(s) {', '.join(sorted(set(r.nodes) & set(unknown)))} not in the taxonomy",
+                       record=vars(r))
                 continue
             nodes = [n for n in nodes if n in known]
         node = nodes[0] if nodes else ""

@@ -36,6 +36,7 @@ import numpy as np
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write_json, read_json_file
 
 DETECTOR_VERSION = "1"
 OPENING_CHARS = 400
@@ -333,13 +334,11 @@ class EmbeddingDetector:
         if self._params is None:
             cache_file = self._cache_file() if self.cache else None
             if cache_file is not None and cache_file.is_file():
-                self._params = json.loads(cache_file.read_text())
+                self._params = read_json_file(cache_file, "delete it; it is rebuilt on the next run")
             else:
                 self._params = self.fit()
                 if cache_file is not None:
-                    from refusal_atlas.curation.tables import atomic_write
-
-                    atomic_write(cache_file, lambda tmp: tmp.write_text(json.dumps(self._params)))
+                    atomic_write_json(cache_file, self._params, indent=None, sort_keys=False)
         return self._params
 
     # -- prediction -------------------------------------------------------------------------
@@ -399,9 +398,9 @@ def precision_recall_f1(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, flo
 def evaluate_detectors(names: Sequence[str] = ("marker", "embedding"), path: Path | None = None
                        ) -> dict[str, dict[str, float]]:
     """Precision/recall/F1 of each detector against the human labels (1 = refusal)."""
-    import pandas as pd
+    from refusal_atlas.curation.tables import read_table  # pulls in pandas, which only the evaluation needs
 
-    df = pd.read_csv(path or pyrit_refusal_labels(), comment="#")
+    df = read_table(path or pyrit_refusal_labels())
     y = df["human_score"].astype(int).to_numpy() == 1
     results = {}
     for name in names:

@@ -13,17 +13,16 @@ written atomically and never modified, so concurrent runs cannot corrupt each ot
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write
 
 DEFAULT_BATCH_SIZE = 32  # fastest on CPU for MiniLM (REFERENCE.md §1)
 
@@ -107,14 +106,12 @@ class EmbeddingCache:
         self._load()
         self.root.mkdir(parents=True, exist_ok=True)
         shard = hashlib.sha256("".join(keys).encode()).hexdigest()[:24]
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def _write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
                 np.savez(f, keys=np.asarray(list(keys)), vectors=vectors.astype(np.float32))
-            os.replace(tmp, self.root / f"{shard}.npz")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write(self.root / f"{shard}.npz", _write)
         for k, v in zip(keys, vectors, strict=True):
             self._memory[k] = v.astype(np.float32)
 
@@ -137,10 +134,10 @@ class Embedder:
         self.key = model_key(self.model_name)
         root = Path(cache_root) if cache_root is not None else paths.cache_dir() / "embeddings"
         self.cache = EmbeddingCache(root / self.key) if cache else None
-        self._model = None
+        self._model: Any = None
 
     @property
-    def model(self):
+    def model(self) -> Any:  # a SentenceTransformer; its import is deferred (heavy)
         """The loaded SentenceTransformer (first use loads it; ~0.5 s for MiniLM)."""
         if self._model is None:
             from sentence_transformers import SentenceTransformer
@@ -184,7 +181,7 @@ class Embedder:
         return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
 
 
-def make_embedder(model: str | None = None, **kwargs) -> TextEmbedder:
+def make_embedder(model: str | None = None, **kwargs: Any) -> TextEmbedder:
     """The embedder a spec names: `residual:MODEL[@LAYER]` → the chat model's residual stream
     (`residual_embed.ResidualEmbedder`); anything else (or None) → a sentence-transformers `Embedder`."""
     from refusal_atlas.curation.residual_embed import ResidualEmbedder, is_residual_spec
@@ -194,6 +191,6 @@ def make_embedder(model: str | None = None, **kwargs) -> TextEmbedder:
     return Embedder(model, **kwargs)
 
 
-def embed_texts(texts: Sequence[str], model: str | None = None, **kwargs) -> np.ndarray:
+def embed_texts(texts: Sequence[str], model: str | None = None, **kwargs: Any) -> np.ndarray:
     """Convenience for notebooks: `make_embedder(model, **kwargs).encode(texts)`."""
     return make_embedder(model, **kwargs).encode(texts)

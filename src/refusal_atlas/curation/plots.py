@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from refusal_atlas.curation.tables import atomic_write
+from refusal_atlas.io import atomic_write
 
 HOVER_CHARS = 300
 

@@ -254,7 +254,7 @@ def build_prompt_set(
         first = dict(zip(df.loc[~dup, "prompt_id"], df.loc[~dup, "source_row"], strict=True))
         for rec in df[dup].to_dict("records"):
             reject(rejects, source=rec["source"], row=rec["source_row"],
-                   reason=f"duplicate of {rec['source']} row {first[rec['prompt_id']]} (same prompt)")
+                   reason=f"duplicate of {rec['source']} row {first[rec['prompt_id']]} (same prompt)", record=rec)
         df = df[~dup].reset_index(drop=True)
     df["harmful"] = df["harmful"].astype(bool)
     return df

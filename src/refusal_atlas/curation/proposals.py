@@ -17,7 +17,7 @@ from ruamel.yaml import YAML
 
 from refusal_atlas.curation.cluster_store import ClusterRun
 from refusal_atlas.curation.mapping import Mapping
-from refusal_atlas.curation.tables import atomic_write
+from refusal_atlas.io import atomic_write_text
 from refusal_atlas.taxonomy.model import Behaviour, Node, Status, Taxonomy
 
 EXAMPLE_CHARS = 300
@@ -85,9 +85,4 @@ def proposals_yaml(nodes: list[Node], run: ClusterRun) -> str:
 
 
 def write_proposals(path: Path, nodes: list[Node], run: ClusterRun) -> Path:
-    text = proposals_yaml(nodes, run)
-
-    def _write(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
-
-    return atomic_write(path, _write)
+    return atomic_write_text(path, proposals_yaml(nodes, run))

@@ -23,12 +23,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from refusal_atlas import paths
 from refusal_atlas.curation.embed import DEFAULT_BATCH_SIZE, EmbeddingCache, model_key, text_key
 from refusal_atlas.errors import AtlasError
+
+if TYPE_CHECKING:  # torch-heavy; needed only for annotations
+    from refusal_atlas.lm.models import LoadedModel
 
 PREFIX = "residual:"
 POSITION = "mean_instruction"
@@ -70,7 +74,7 @@ class ResidualEmbedder:
     """
 
     def __init__(self, spec: str, *, batch_size: int = DEFAULT_BATCH_SIZE, cache: bool = True,
-                 cache_root: str | Path | None = None, progress: bool = False, lm=None) -> None:
+                 cache_root: str | Path | None = None, progress: bool = False, lm: LoadedModel | None = None) -> None:
         self.model_spec, layer = parse_residual_spec(spec)
         self.batch_size = batch_size
         self.progress = progress
@@ -86,7 +90,7 @@ class ResidualEmbedder:
     # -- identity -----------------------------------------------------------------------------------
 
     @property
-    def lm(self):
+    def lm(self) -> LoadedModel:
         """The chat model (loaded on first use; a local copy of the default reloads in well under a second)."""
         if self._lm is None:
             from refusal_atlas.lm.models import load_model

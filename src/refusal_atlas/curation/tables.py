@@ -7,15 +7,23 @@ and a missing column or an empty table is one clear `AtlasError` instead of a pa
 
 Row numbers: for JSONL the 1-based line number; for CSV and Parquet the 1-based data row (the row
 after the header is row 1). `read_table` keeps them as the DataFrame index so later checks can
-report `file:row N`.
+report `file:row N`. A rejected row is recorded with its content (`record`), so nothing a user
+gave is lost even when `-o` replaces an earlier output.
+
+CSV rules: UTF-8 with or without a BOM (Excel's "CSV UTF-8" writes one); lines starting with `#`
+*before the header* are comments (some published files carry a version line there); after the
+header nothing is stripped, so a cell may hold `# Step 1` or start a line with `#`. Cells may be
+up to MAX_CELL_BYTES long.
+
+This module is the one table reader and writer of the package; every write goes through
+`refusal_atlas.io.atomic_write`.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,16 @@ import numpy as np
 import pandas as pd
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write
+
+__all__ = [
+    "LIST_COLUMNS", "MAX_CELL_BYTES", "SUFFIXES", "atomic_write", "read_table", "reject", "rejects_path",
+    "require_columns", "require_rows", "table_format", "write_rejects", "write_table",
+]
+
+# The csv module refuses cells over 128 KiB by default; long model responses and pasted documents
+# exceed that. 64 MiB still bounds the memory one malformed (unclosed-quote) cell can take.
+MAX_CELL_BYTES = 64 * 1024 * 1024
 
 SUFFIXES = (".csv", ".jsonl", ".parquet")
 LIST_COLUMNS = ("nodes",)
@@ -45,10 +63,37 @@ def rejects_path(out: Path | str) -> Path:
     return out.with_name(out.name + ".rejects.jsonl")
 
 
-def reject(rejects: list[dict] | None, *, source: str, row: Any, reason: str, **extra: Any) -> None:
-    """Record one rejected row (no-op when the caller does not collect rejects)."""
+def reject(rejects: list[dict] | None, *, source: str | Path, row: Any, reason: str, record: Any = None,
+           **extra: Any) -> None:
+    """Record one rejected row with its content (`record`), so the rejects file can restore it."""
     if rejects is not None:
-        rejects.append({"source": str(source), "row": row, "reason": reason, **extra})
+        entry = {"source": str(source), "row": row, "reason": reason, **extra}
+        if record is not None:
+            entry["record"] = _plain(record)
+        rejects.append(entry)
+
+
+def _plain(record: Any) -> Any:
+    """A row (Series, dict, list) as JSON-ready plain values."""
+    if isinstance(record, pd.Series):
+        record = record.to_dict()
+    if isinstance(record, dict):
+        return {str(k): _plain_value(v) for k, v in record.items()}
+    if isinstance(record, list | tuple):
+        return [_plain_value(v) for v in record]
+    return _plain_value(record)
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    return value
 
 
 def _parse_list_cell(value: Any) -> Any:
@@ -66,17 +111,17 @@ def _parse_list_cell(value: Any) -> Any:
 def _read_jsonl(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
     records: list[dict] = []
     index: list[int] = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                reject(rejects, source=path, row=lineno, reason=f"invalid JSON ({exc.msg})", text=line[:200])
+                reject(rejects, source=path, row=lineno, reason=f"invalid JSON ({exc.msg})", text=line.rstrip("\n"))
                 continue
             if not isinstance(obj, dict):
-                reject(rejects, source=path, row=lineno, reason="line is not a JSON object")
+                reject(rejects, source=path, row=lineno, reason="line is not a JSON object", record=obj)
                 continue
             records.append(obj)
             index.append(lineno)
@@ -84,21 +129,38 @@ def _read_jsonl(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
 
 
 def _read_csv(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
-    with open(path, encoding="utf-8", newline="") as fh:
-        lines = [line for line in fh if not line.startswith("#")]
-    reader = csv.reader(lines)
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        text = fh.read()
+    # Leading `#` lines only (see the module docstring): the header ends the comment block.
+    start = 0
+    while start < len(text) and text.startswith("#", start):
+        end = text.find("\n", start)
+        start = len(text) if end < 0 else end + 1
+    if csv.field_size_limit() < MAX_CELL_BYTES:
+        csv.field_size_limit(MAX_CELL_BYTES)
+    reader = csv.reader(io.StringIO(text[start:], newline=""))
     try:
         header = next(reader)
     except StopIteration:
         return pd.DataFrame()
+    except csv.Error as exc:
+        raise AtlasError(f"{path}: header row: {exc}") from exc
     records: list[list[str]] = []
     index: list[int] = []
-    for rowno, fields in enumerate(reader, start=1):
+    rowno = 0
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise AtlasError(f"{path}: row {rowno + 1}: {exc}; fix the quoting in that row") from exc
+        rowno += 1
         if not fields or all(not f.strip() for f in fields):
             continue
         if len(fields) != len(header):
-            reject(rejects, source=path, row=rowno,
-                   reason=f"expected {len(header)} fields, found {len(fields)}")
+            reject(rejects, source=path, row=rowno, reason=f"expected {len(header)} fields, found {len(fields)}",
+                   record=fields)
             continue
         records.append(fields)
         index.append(rowno)
@@ -112,11 +174,13 @@ def _read_csv(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
 def read_table(path: Path | str, *, rejects: list[dict] | None = None) -> pd.DataFrame:
     """Read a table by extension; malformed rows go to `rejects` (if given) with their row number.
 
-    CSV lines starting with `#` are comments (some published files start with one). Values of
-    CSV columns are strings; list columns (`nodes`) written as JSON arrays are parsed back.
+    `#` lines before a CSV's header are comments (module docstring). Values of CSV columns are
+    strings; list columns (`nodes`) written as JSON arrays are parsed back.
     """
     path = Path(path)
     fmt = table_format(path)
+    if path.is_dir():
+        raise AtlasError(f"{path}: is a folder; name a table file")
     if not path.is_file():
         raise AtlasError(f"{path}: file not found")
     try:
@@ -176,21 +240,6 @@ def _records(df: pd.DataFrame) -> Iterable[dict]:
         yield rec
 
 
-def atomic_write(path: Path | str, writer) -> Path:
-    """Call `writer(tmp_path)` then move the finished file into place (same folder, os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_table(df: pd.DataFrame, path: Path | str) -> Path:
     """Write by extension, atomically. List cells become JSON arrays in CSV, real arrays elsewhere."""
     path = Path(path)
@@ -199,7 +248,7 @@ def write_table(df: pd.DataFrame, path: Path | str) -> Path:
 
     def _write(tmp: Path) -> None:
         if fmt == "parquet":
-            out.to_parquet(tmp, index=False)
+            _parquet_ready(out).to_parquet(tmp, index=False)
         elif fmt == "jsonl":
             with open(tmp, "w", encoding="utf-8") as fh:
                 for rec in _records(out):
@@ -212,7 +261,33 @@ def write_table(df: pd.DataFrame, path: Path | str) -> Path:
                                                   if isinstance(v, list | tuple | np.ndarray) else v)
             csv_df.to_csv(tmp, index=False)
 
-    return atomic_write(path, _write)
+    try:
+        return atomic_write(path, _write)
+    except (ValueError, TypeError) as exc:  # pyarrow's ArrowInvalid / ArrowTypeError derive from these
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AtlasError(f"{path}: cannot write {fmt} ({first[:200]}); write .jsonl instead, or make each "
+                         "column hold one type") from exc
+
+
+def _parquet_ready(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns Arrow can store: a text column holding some numbers (a user's id column) becomes text.
+
+    Arrow needs one type per column; mixing ints and strings would fail with ArrowInvalid. Only
+    object columns that mix scalar types are converted; lists and missing values are kept.
+    """
+    out = df
+    for col in df.columns:
+        series = df[col]
+        if series.dtype != object:
+            continue
+        kinds = {type(v) for v in series if v is not None and not (isinstance(v, float) and np.isnan(v))}
+        scalar = {k for k in kinds if not issubclass(k, list | tuple | dict | np.ndarray)}
+        if len(scalar) > 1 and str in scalar and scalar == kinds:
+            if out is df:
+                out = df.copy()
+            out[col] = series.map(lambda v: v if v is None or isinstance(v, str)
+                                  or (isinstance(v, float) and np.isnan(v)) else str(v))
+    return out
 
 
 def write_rejects(out: Path | str, rejects: list[dict]) -> Path | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rdflib import RDF, XSD, Graph, Literal, URIRef
 
+from refusal_atlas.io import brief
 from refusal_atlas.ontology.namespaces import RA
 
 METRICS: dict[str, URIRef] = {
@@ -24,7 +25,7 @@ METRICS: dict[str, URIRef] = {
     "induce_score": RA.induceScore,
     "kl_divergence": RA.klDivergence,
 }
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"[0-9a-f]{64}")  # fullmatch only
 
 
 def sha256_file(path: Path | str) -> str:
@@ -58,8 +59,8 @@ def add_direction(
     """Add one direction's description to `graph`; returns its IRI."""
     if layer < 0:
         raise ValueError(f"layer must be >= 0, got {layer}")
-    if not SHA256.match(sha256):
-        raise ValueError(f"sha256 must be 64 lower-case hex digits, got {sha256!r}")
+    if not SHA256.fullmatch(sha256):
+        raise ValueError(f"sha256 must be 64 lower-case hex digits, got {brief(sha256)}")
     unknown = set(metrics or {}) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {', '.join(METRICS)}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from rdflib import RDF, Graph
 
 from refusal_atlas.errors import ValidationErrors
+from refusal_atlas.io import atomic_write_text
 from refusal_atlas.ontology.from_rdf import graph_to_conditions, graph_to_taxonomy, write_taxonomy_yaml
 from refusal_atlas.ontology.io import write_graph
 from refusal_atlas.ontology.namespaces import DPV, RA
@@ -22,7 +23,7 @@ from refusal_atlas.taxonomy.conditions import ConditionVocabulary
 from refusal_atlas.taxonomy.loader import CONDITIONS_FILE, load_taxonomy, vocabulary_for
 from refusal_atlas.taxonomy.model import Taxonomy
 from refusal_atlas.taxonomy.validate import validate_taxonomy
-from refusal_atlas.taxonomy.yamlio import atomic_write_text, dump_to_text, round_trip_yaml
+from refusal_atlas.taxonomy.yamlio import dump_to_text, round_trip_yaml
 
 
 def build_graph(
@@ -81,7 +82,7 @@ def import_graph(
     carried = graph_to_conditions(graph)
     write_vocab = (carried is not None and not (target / CONDITIONS_FILE).is_file()
                    and carried.model_dump() != vocab.model_dump())
-    if write_vocab:
+    if write_vocab and carried is not None:
         vocab = carried  # the graph's own vocabulary: written beside the taxonomy below
     problems = validate_taxonomy(tax, vocab)
     if problems:

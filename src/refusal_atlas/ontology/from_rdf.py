@@ -17,6 +17,7 @@ from rdflib.namespace import DCTERMS, VANN
 from rdflib.term import Node as RdfNode
 
 from refusal_atlas.errors import AtlasError, ValidationErrors
+from refusal_atlas.io import brief
 from refusal_atlas.ontology import iris
 from refusal_atlas.ontology.namespaces import DPV, RA
 from refusal_atlas.ontology.yaml_layout import write_taxonomy_yaml
@@ -121,11 +122,11 @@ def _one_text(graph: Graph, subject: RdfNode, predicate: URIRef, what: str, prob
         return None
     if len({str(v) for v in pool}) > 1:
         problems.append(f"<{subject}> has {len(pool)} different {what} values; keep one "
-                        f"({', '.join(repr(str(v)) for v in sorted(pool, key=str)[:3])})")
+                        f"({', '.join(brief(str(v)) for v in sorted(pool, key=str)[:3])})")
     return str(sorted(pool, key=str)[0])
 
 
-def _read_scheme(graph: Graph, node: URIRef, concepts: list[URIRef], problems: list[str]) -> Scheme:
+def _read_scheme(graph: Graph, node: RdfNode, concepts: list[URIRef], problems: list[str]) -> Scheme:
     defaults = Scheme()
     namespace = _one_text(graph, node, VANN.preferredNamespaceUri, "vann:preferredNamespaceUri", problems)
     if namespace is None:
@@ -168,12 +169,12 @@ def _concept_ids(graph: Graph, concepts: list[URIRef], namespace: str, problems:
             problems.append(f"<{concept}> has no skos:notation and is outside the namespace {namespace}; "
                             "add a skos:notation with the node id")
             continue
-        if not ID_PATTERN.match(node_id) or ".." in node_id:
-            problems.append(f"<{concept}>: id {node_id!r} may contain only a-z, 0-9, '_', '.', '-' "
+        if not ID_PATTERN.fullmatch(node_id) or ".." in node_id:
+            problems.append(f"<{concept}>: id {brief(node_id)} may contain only a-z, 0-9, '_', '.', '-' "
                             "(no '/' or '..')")
             continue
         if node_id in seen:
-            problems.append(f"<{concept}> and <{seen[node_id]}> share the id {node_id!r}")
+            problems.append(f"<{concept}> and <{seen[node_id]}> share the id {brief(node_id)}")
             continue
         seen[node_id] = concept
         ids[concept] = node_id
@@ -213,12 +214,12 @@ def _read_node(graph: Graph, concept: URIRef, ids: dict[URIRef, str], namespace:
     definition = _one_text(graph, concept, SKOS.definition, "skos:definition", problems, required=True)
     parents = []
     for parent in graph.objects(concept, SKOS.broader):
-        if parent in ids:
+        if isinstance(parent, URIRef) and parent in ids:
             parents.append(ids[parent])
         elif isinstance(parent, URIRef) and str(parent).startswith(namespace):
             parents.append(str(parent)[len(namespace):])  # unknown parent: reported by taxonomy validation
         else:
-            problems.append(f"node {node_id!r}: skos:broader <{parent}> is not a concept of this scheme")
+            problems.append(f"node {brief(node_id)}: skos:broader <{parent}> is not a concept of this scheme")
     broader = _ordered(parents, _json_list(graph, concept, RA.broaderOrder, problems))
     expect = _behaviour(graph, concept, node_id, problems)
     status = _status(graph, concept, node_id, problems)
@@ -226,13 +227,13 @@ def _read_node(graph: Graph, concept: URIRef, ids: dict[URIRef, str], namespace:
     kind = _one_text(graph, concept, RA.sourceKind, "ra:sourceKind", problems)
     provenance = _one_text(graph, concept, RA.provenance, "ra:provenance", problems)
     rules = _rules(graph, concept, node_id, vocab_index, problems)
-    if len(problems) > before:
+    if len(problems) > before or label is None or definition is None:
         return None
     try:
         return Node(id=node_id, label=label, definition=definition, broader=broader, kind=kind, expect=expect,
                     conditions=rules, examples=examples, status=status, provenance=provenance)
     except ValidationError as exc:
-        problems.append(f"node {node_id!r}: {exc.errors()[0]['msg']}")
+        problems.append(f"node {brief(node_id)}: {exc.errors()[0]['msg']}")
         return None
 
 
@@ -281,12 +282,12 @@ def _behaviour(graph: Graph, subject: RdfNode, where: str, problems: list[str]) 
 def _status(graph: Graph, concept: URIRef, node_id: str, problems: list[str]) -> Status:
     values = set(graph.objects(concept, RA.status))
     if len(values) > 1:
-        problems.append(f"node {node_id!r}: {len(values)} ra:status values; keep one")
+        problems.append(f"node {brief(node_id)}: {len(values)} ra:status values; keep one")
         return Status.ACCEPTED
     if values:
         value = values.pop()
         if value not in iris.IRI_STATUS:
-            problems.append(f"node {node_id!r}: ra:status <{value}> is not one of "
+            problems.append(f"node {brief(node_id)}: ra:status <{value}> is not one of "
                             f"{', '.join(str(v) for v in iris.IRI_STATUS)}")
             return Status.ACCEPTED
         return iris.IRI_STATUS[value]  # type: ignore[index]
@@ -299,7 +300,7 @@ def _rules(graph: Graph, concept: URIRef, node_id: str, vocab_index: dict[RdfNod
            problems: list[str]) -> list[ConditionRule]:
     found = []
     for rule in set(graph.objects(concept, DPV.hasRule)):
-        where = f"node {node_id!r} rule <{rule}>"
+        where = f"node {brief(node_id)} rule <{rule}>"
         index_lit = next((o for o in graph.objects(rule, RA.ruleIndex) if isinstance(o, Literal)), None)
         index = index_lit.toPython() if index_lit is not None else None
         order = (0, index, str(rule)) if isinstance(index, int) else (1, 0, str(rule))
@@ -327,7 +328,7 @@ def _rules(graph: Graph, concept: URIRef, node_id: str, vocab_index: dict[RdfNod
                 continue
             dim, value = pair
             if dim in when and when[dim] != value:
-                problems.append(f"{where}: two values for dimension {dim!r} ({when[dim]!r}, {value!r})")
+                problems.append(f"{where}: two values for dimension {brief(dim)} ({brief(when[dim])}, {brief(value)})")
                 ok = False
             when[dim] = value
         if not ok:

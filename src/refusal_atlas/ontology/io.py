@@ -20,6 +20,7 @@ from typing import Any
 from rdflib import Graph
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write_text, brief
 from refusal_atlas.ontology.to_rdf import bind_prefixes
 
 DEFAULT_MAX_MB = 20.0
@@ -42,7 +43,7 @@ def normalise_format(fmt: str) -> str:
     """One of turtle | json-ld | nt | xml, from any of their usual names."""
     key = fmt.strip().lower()
     if key not in FORMATS:
-        raise AtlasError(f"unknown RDF format {fmt!r}; use one of turtle, json-ld, nt, xml")
+        raise AtlasError(f"unknown RDF format {brief(fmt)}; use one of turtle, json-ld, nt, xml")
     return FORMATS[key]
 
 
@@ -51,7 +52,7 @@ def max_bytes_default() -> int:
     try:
         mb = float(raw) if raw else DEFAULT_MAX_MB
     except ValueError:
-        raise AtlasError(f"REFUSAL_ATLAS_MAX_RDF_MB={raw!r} is not a number of megabytes") from None
+        raise AtlasError(f"REFUSAL_ATLAS_MAX_RDF_MB={brief(raw)} is not a number of megabytes") from None
     return int(mb * 1_000_000)
 
 
@@ -161,7 +162,8 @@ def _located(exc: Exception, data: bytes, fmt: str, shown: str) -> str:
         line = int(exc.lines) + 1
         col = index - (raw.rfind(newline, 0, index) + 1) + 1  # type: ignore[arg-type]
     elif hasattr(exc, "getLineNumber"):  # SAX (RDF/XML)
-        line, col = exc.getLineNumber(), exc.getColumnNumber() + 1
+        sax: Any = exc  # xml.sax's SAXParseException
+        line, col = sax.getLineNumber(), sax.getColumnNumber() + 1
     elif fmt == "nt":
         line, col = _first_bad_nt_line(data)
     elif hasattr(exc, "lineno"):
@@ -199,10 +201,7 @@ def serialize(graph: Graph, fmt: str = "turtle") -> str:
 
 def write_graph(graph: Graph, path: Path | str, fmt: str | None = None) -> Path:
     """Serialise atomically (temporary file + rename); format from `fmt` or the extension."""
-    from refusal_atlas.taxonomy.yamlio import atomic_write_text
-
     path = Path(path)
     kind = normalise_format(fmt) if fmt else EXTENSIONS.get(path.suffix.lower(), "turtle")
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, serialize(graph, kind))
     return path

@@ -13,6 +13,7 @@ import difflib
 from rdflib import SKOS, Graph, Literal, URIRef
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import brief
 from refusal_atlas.ontology.namespaces import RA
 from refusal_atlas.ontology.sparql import QueryTable, run_query
 
@@ -171,8 +172,8 @@ def _require_node(graph: Graph, node_id: str) -> None:
     ids = {str(o) for s, o in graph.subject_objects(SKOS.notation) if (s, SKOS.inScheme, None) in graph}
     if node_id not in ids:
         close = difflib.get_close_matches(node_id, sorted(ids), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise AtlasError(f"unknown node id {node_id!r}{hint}; `refusal-atlas taxonomy show` lists the ids")
+        hint = f" (did you mean {brief(close[0])}?)" if close else ""
+        raise AtlasError(f"unknown node id {brief(node_id)}{hint}; `refusal-atlas taxonomy show` lists the ids")
 
 
 def descendants(graph: Graph, node_id: str) -> QueryTable:
@@ -200,7 +201,7 @@ def mapped_to(graph: Graph, external: str) -> QueryTable:
         close = difflib.get_close_matches(external, sorted(known), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         prefixes = sorted({k.split(":", 1)[0] for k in known})
-        raise AtlasError(f"no crosswalk maps to {external!r}{hint} (known prefixes: "
+        raise AtlasError(f"no crosswalk maps to {brief(external)}{hint} (known prefixes: "
                          f"{', '.join(prefixes) or 'none: export with crosswalks'})")
     return _table(run_query(graph, MAPPED_TO, {"target": target, "curie": Literal(external)}))
 

@@ -3,6 +3,12 @@
 Our prefixes (ra, rac, tax, skos, airo, dpv, risk, loc, dct, owl, vann, rdf, rdfs, xsd and the
 crosswalk prefixes) are pre-bound, so queries need no PREFIX lines. Queries that would reach
 the network (`SERVICE`, `FROM <iri>`, `FROM NAMED`) are refused: rdflib would fetch them.
+
+Limits: a query (a cartesian product, say) can run for hours and fill memory, so `run_query`
+takes `timeout_s` and `max_rows`; the CLI always passes them (defaults DEFAULT_TIMEOUT_S and
+DEFAULT_MAX_ROWS, options `--timeout` and `--max-rows`). Going past either is a one-line error.
+The time limit interrupts rdflib with SIGALRM, which only the main thread receives; elsewhere it
+is checked between result rows.
 """
 
 from __future__ import annotations
@@ -10,6 +16,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -19,9 +30,16 @@ from rdflib.plugins.sparql import prepareQuery
 from rdflib.plugins.sparql.parserutils import CompValue
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import brief
 from refusal_atlas.ontology.to_rdf import bind_prefixes
 
 OUTPUT_FORMATS = ("table", "csv", "json")
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MAX_ROWS = 100_000
+
+
+class _QueryTimeout(BaseException):
+    """Raised by the alarm; a BaseException so that rdflib's own `except Exception` cannot swallow it."""
 
 
 def prefixes(graph: Graph | None = None) -> dict[str, str]:
@@ -87,13 +105,15 @@ class QueryTable:
         return json.dumps(self.records(short=short), ensure_ascii=False, indent=2) + "\n"
 
     def to_rich(self, title: str | None = None) -> Any:
-        from rich.table import Table
+        from rich.table import Table  # rich only for the terminal table
+        from rich.text import Text
 
         table = Table(title=title, show_lines=False)
         for col in self.columns:
             table.add_column(col, overflow="fold")
         for record in self.records():
-            table.add_row(*[str(record[c]) for c in self.columns])
+            # RDF literals are untrusted: Text cells are never parsed as rich markup
+            table.add_row(*[Text(str(record[c])) for c in self.columns])
         return table
 
 
@@ -138,27 +158,77 @@ def _prepare_cached(query: str, namespaces: tuple[tuple[str, str], ...]) -> Any:
     return prepared
 
 
-def run_query(graph: Graph, query: str, bindings: dict[str, Any] | None = None) -> QueryTable | Graph:
-    """SELECT/ASK -> QueryTable; CONSTRUCT/DESCRIBE -> Graph."""
-    prepared = prepare(query, graph)
+@contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise _QueryTimeout in the main thread after `seconds` (no-op elsewhere or without a limit)."""
+    usable = seconds is not None and seconds > 0 and threading.current_thread() is threading.main_thread() \
+        and hasattr(signal, "setitimer")
+    if not usable:
+        yield
+        return
+    assert seconds is not None
+
+    def _alarm(signum: int, frame: Any) -> None:
+        raise _QueryTimeout
+
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        result = graph.query(prepared, initBindings=bindings or {})
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_query(graph: Graph, query: str, bindings: dict[str, Any] | None = None, *,
+              timeout_s: float | None = None, max_rows: int | None = None) -> QueryTable | Graph:
+    """SELECT/ASK -> QueryTable; CONSTRUCT/DESCRIBE -> Graph.
+
+    `timeout_s` / `max_rows` (None = no limit) bound the run time and the rows (or triples) of the
+    answer; past either, a one-line AtlasError says which and how to raise it.
+    """
+    prepared = prepare(query, graph)
+    started = time.monotonic()
+
+    def too_slow() -> AtlasError:
+        return AtlasError(f"SPARQL query stopped after {timeout_s:g} s (the time limit); narrow it (more "
+                          "specific patterns, LIMIT) or raise --timeout")
+
+    def too_many(n: int) -> AtlasError:
+        return AtlasError(f"SPARQL query returned more than {n:,} rows (the row limit); add LIMIT or "
+                          "raise --max-rows")
+
+    names = prefixes(graph)
+    try:
+        with _time_limit(timeout_s):
+            result = graph.query(prepared, initBindings=bindings or {})
+            if result.type == "ASK":
+                return QueryTable(columns=["ask"], rows=[[bool(result.askAnswer)]], names=names)
+            if result.type in ("CONSTRUCT", "DESCRIBE"):
+                if max_rows is not None and result.graph is not None and len(result.graph) > max_rows:
+                    raise too_many(max_rows)
+                out = bind_prefixes(Graph())
+                for triple in result:
+                    out.add(triple)  # type: ignore[arg-type]
+                return out
+            columns = [str(v) for v in (result.vars or [])]
+            rows: list[list[Any]] = []
+            for row in result:  # rows are produced lazily: stop as soon as a limit is passed
+                if max_rows is not None and len(rows) >= max_rows:
+                    raise too_many(max_rows)
+                if timeout_s and time.monotonic() - started > timeout_s:
+                    raise too_slow()
+                rows.append([row[i] for i in range(len(columns))])  # type: ignore[index]
+            return QueryTable(columns=columns, rows=rows, names=names)
+    except _QueryTimeout:
+        raise too_slow() from None
     except AtlasError:
         raise
+    except RecursionError:
+        raise AtlasError("SPARQL query too deeply nested for rdflib; simplify it") from None
     except Exception as exc:
         raise AtlasError(f"SPARQL query failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                          ) from None
-    names = prefixes(graph)
-    if result.type == "ASK":
-        return QueryTable(columns=["ask"], rows=[[bool(result.askAnswer)]], names=names)
-    if result.type in ("CONSTRUCT", "DESCRIBE"):
-        out = bind_prefixes(Graph())
-        for triple in result:
-            out.add(triple)  # type: ignore[arg-type]
-        return out
-    columns = [str(v) for v in (result.vars or [])]
-    rows = [[row[i] for i in range(len(columns))] for row in result]  # type: ignore[index]
-    return QueryTable(columns=columns, rows=rows, names=names)
 
 
 def format_result(result: QueryTable | Graph, fmt: str = "table") -> str:
@@ -169,4 +239,4 @@ def format_result(result: QueryTable | Graph, fmt: str = "table") -> str:
         return result.to_csv()
     if fmt == "json":
         return result.to_json()
-    raise AtlasError(f"unknown output format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+    raise AtlasError(f"unknown output format {brief(fmt)}; use one of {', '.join(OUTPUT_FORMATS)}")

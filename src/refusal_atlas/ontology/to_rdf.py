@@ -28,6 +28,7 @@ from rdflib import OWL, RDF, SKOS, XSD, Graph, Literal, URIRef
 from rdflib.namespace import DCTERMS, VANN
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import brief
 from refusal_atlas.ontology import iris
 from refusal_atlas.ontology.namespaces import AIRO, CONDITION_IRI, DEFAULT_TAXONOMY_IRI, DPV, LOC, RA, RISK
 from refusal_atlas.taxonomy.model import Behaviour, Node, Scheme, Taxonomy
@@ -259,5 +260,5 @@ def _mapped_node_id(tax: Taxonomy, subject: str) -> str:
         return local
     if subject.startswith(tax.scheme.namespace) and subject[len(tax.scheme.namespace):] in tax.nodes:
         return subject[len(tax.scheme.namespace):]
-    raise AtlasError(f"crosswalk subject {subject!r} is not a node of the taxonomy; fix the SSSOM row "
+    raise AtlasError(f"crosswalk subject {brief(subject)} is not a node of the taxonomy; fix the SSSOM row "
                      "or add the node")

@@ -17,9 +17,11 @@ from typing import Any
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write_text, file_lock, write_text_like
+from refusal_atlas.taxonomy.edit import lock_path
 from refusal_atlas.taxonomy.loader import CONDITIONS_FILE, NODE_KEYS, taxonomy_files
 from refusal_atlas.taxonomy.model import Scheme, Taxonomy
-from refusal_atlas.taxonomy.yamlio import atomic_write_text, dump_to_text, load_for_edit, round_trip_yaml
+from refusal_atlas.taxonomy.yamlio import dump_to_text, load_for_edit, round_trip_yaml
 
 SCHEME_FILE = "00-scheme.yaml"
 
@@ -29,8 +31,15 @@ def write_taxonomy_yaml(tax: Taxonomy, out_dir: Path | str, existing_dir: Path |
 
     With `existing_dir` (which may be `out_dir` itself) its files, comments and node placement
     are kept. A non-empty `out_dir` that is not `existing_dir` is refused, so stale files can
-    never be merged into the result.
+    never be merged into the result. Holds the taxonomy edit lock, like `taxonomy propose`.
     """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(lock_path(out)):
+        return _write_layout(tax, out, existing_dir)
+
+
+def _write_layout(tax: Taxonomy, out_dir: Path, existing_dir: Path | str | None) -> list[Path]:
     out = Path(out_dir)
     existing = Path(existing_dir) if existing_dir is not None else None
     if existing is not None and not existing.is_dir():
@@ -68,7 +77,9 @@ def write_taxonomy_yaml(tax: Taxonomy, out_dir: Path | str, existing_dir: Path |
                 target.unlink()  # every node of the file was deleted
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(target, dump_to_text(yamls.get(rel) or _new_yaml(), data))
+        text = dump_to_text(yamls.get(rel) or _new_yaml(), data)
+        # an updated file keeps its BOM and line endings; a new one is plain UTF-8 with LF
+        write_text_like(target, text) if target.is_file() else atomic_write_text(target, text)
         written.append(target)
     if existing is not None and not same and (existing / CONDITIONS_FILE).is_file():
         shutil.copyfile(existing / CONDITIONS_FILE, out / CONDITIONS_FILE)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError, ValidationErrors
+from refusal_atlas.io import brief
 from refusal_atlas.taxonomy.model import Behaviour, ConditionRule
 from refusal_atlas.taxonomy.yamlio import Problem, key_line, read_yaml, value_line
 
@@ -61,11 +62,12 @@ class ConditionVocabulary(BaseModel):
     def problem(self, dimension: str, value: str) -> str | None:
         """A one-line message if `dimension=value` is not in the vocabulary, else None."""
         if dimension not in self.dimensions:
-            return (f"unknown condition dimension {dimension!r}{_suggest(dimension, self.dimensions)}; "
+            return (f"unknown condition dimension {brief(dimension)}{_suggest(dimension, self.dimensions)}; "
                     f"known dimensions: {', '.join(self.dimensions)}")
         values = self.dimensions[dimension].values
         if value not in values:
-            return (f"unknown value {value!r} for condition dimension {dimension!r}{_suggest(value, values)}; "
+            return (f"unknown value {brief(value)} for condition dimension {brief(dimension)}"
+                    f"{_suggest(value, values)}; "
                     f"allowed: {', '.join(values)}")
         return None
 
@@ -78,8 +80,10 @@ class ConditionVocabulary(BaseModel):
 
 
 def _suggest(word: str, choices: Any) -> str:
+    if len(word) > 100:  # no close match is that long; difflib's cost grows with the length
+        return ""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {brief(close[0])}?)" if close else ""
 
 
 def load_conditions(path: Path | str | None = None) -> ConditionVocabulary:
@@ -99,7 +103,7 @@ def load_conditions(path: Path | str | None = None) -> ConditionVocabulary:
         raise ValidationErrors([f"{shown}:1: expected a top-level `dimensions:` mapping"])
     for key in data:
         if key != "dimensions":
-            problems.append(Problem(shown, key_line(data, key), f"unknown top-level key {key!r}; "
+            problems.append(Problem(shown, key_line(data, key), f"unknown top-level key {brief(key)}; "
                                                                  "only `dimensions:` is allowed"))
     raw_dims = data["dimensions"]
     if not isinstance(raw_dims, dict) or not raw_dims:
@@ -108,7 +112,7 @@ def load_conditions(path: Path | str | None = None) -> ConditionVocabulary:
     for dim, spec in raw_dims.items():
         line = key_line(raw_dims, dim)
         if not isinstance(dim, str) or not set(dim) <= NAME_CHARS:
-            problems.append(Problem(shown, line, f"dimension name {dim!r} must use only a-z, 0-9 and '_'"))
+            problems.append(Problem(shown, line, f"dimension name {brief(dim)} must use only a-z, 0-9 and '_'"))
             continue
         parsed = _parse_dimension(shown, dim, spec, line, problems)
         if parsed is not None:
@@ -120,30 +124,32 @@ def load_conditions(path: Path | str | None = None) -> ConditionVocabulary:
 
 def _parse_dimension(shown: str, dim: str, spec: Any, line: int, problems: list[Problem]) -> Dimension | None:
     if not isinstance(spec, dict):
-        problems.append(Problem(shown, line, f"dimension {dim!r} must be a mapping with label, definition, values"))
+        problems.append(Problem(shown, line, f"dimension {brief(dim)} must be a mapping with label, "
+                                                  "definition, values"))
         return None
     ok = True
     for key in spec:
         if key not in ("label", "definition", "values"):
             problems.append(Problem(shown, key_line(spec, key, line),
-                                    f"unknown key {key!r} in dimension {dim!r}"
+                                    f"unknown key {brief(key)} in dimension {brief(dim)}"
                                     f"{_suggest(str(key), ['label', 'definition', 'values'])}"))
             ok = False
     for key in ("label", "definition"):
         if not isinstance(spec.get(key), str) or not spec.get(key, "").strip():
             problems.append(Problem(shown, key_line(spec, key, line),
-                                    f"dimension {dim!r} needs a non-empty string `{key}`"))
+                                    f"dimension {brief(dim)} needs a non-empty string `{key}`"))
             ok = False
     raw_values = spec.get("values")
     if not isinstance(raw_values, dict) or not raw_values:
         problems.append(Problem(shown, key_line(spec, "values", line),
-                                f"dimension {dim!r} needs a non-empty `values` mapping"))
+                                f"dimension {brief(dim)} needs a non-empty `values` mapping"))
         return None
     values: dict[str, ConditionValue] = {}
     for name, vspec in raw_values.items():
         vline = key_line(raw_values, name, line)
         if not isinstance(name, str) or not set(name) <= NAME_CHARS:
-            problems.append(Problem(shown, vline, f"value name {name!r} of {dim!r} must use only a-z, 0-9 and '_'"))
+            problems.append(Problem(shown, vline, f"value name {brief(name)} of {brief(dim)} "
+                                                   "must use only a-z, 0-9 and '_'"))
             ok = False
             continue
         if not isinstance(vspec, dict):
@@ -153,7 +159,8 @@ def _parse_dimension(shown: str, dim: str, spec: Any, line: int, problems: list[
         bad = [k for k in vspec if k not in ("label", "definition", "dpv")]
         for k in bad:
             hint = _suggest(str(k), ["label", "definition", "dpv"])
-            problems.append(Problem(shown, key_line(vspec, k, vline), f"unknown key {k!r} in value {dim}={name}{hint}"))
+            problems.append(Problem(shown, key_line(vspec, k, vline), 
+                                    f"unknown key {brief(k)} in value {dim}={name}{hint}"))
         missing = [k for k in ("label", "definition") if not isinstance(vspec.get(k), str)]
         for k in missing:
             problems.append(Problem(shown, vline, f"value {dim}={name} needs a string `{k}`"))
@@ -181,12 +188,13 @@ def parse_condition(text: str) -> dict[str, str]:
         dim, sep, value = part.partition("=")
         dim, value = dim.strip(), value.strip()
         if not sep or not dim or not value:
-            raise AtlasError(f"condition {text!r}: expected dim=value[,dim=value], got {part!r}")
+            raise AtlasError(f"condition {brief(text)}: expected dim=value[,dim=value], got {brief(part)}")
         if dim in context and context[dim] != value:
-            raise AtlasError(f"condition {text!r}: dimension {dim!r} given twice ({context[dim]!r}, {value!r})")
+            raise AtlasError(f"condition {brief(text)}: dimension {brief(dim)} given twice "
+                             f"({brief(context[dim])}, {brief(value)})")
         context[dim] = value
     if not context:
-        raise AtlasError(f"condition {text!r}: expected dim=value[,dim=value]")
+        raise AtlasError(f"condition {brief(text)}: expected dim=value[,dim=value]")
     return context
 
 
@@ -194,13 +202,13 @@ def parse_rule(text: str) -> ConditionRule:
     """Parse `"dim=value,dim=value:behaviour"` (the CLI's --condition form) into a ConditionRule."""
     when_text, sep, behaviour = text.rpartition(":")
     if not sep:
-        raise AtlasError(f"condition rule {text!r}: expected 'dim=value[,dim=value]:behaviour', "
+        raise AtlasError(f"condition rule {brief(text)}: expected 'dim=value[,dim=value]:behaviour', "
                          f"behaviour one of {', '.join(b.value for b in Behaviour)}")
     behaviour = behaviour.strip()
     try:
         expect = Behaviour(behaviour)
     except ValueError:
-        raise AtlasError(f"condition rule {text!r}: unknown behaviour {behaviour!r}"
+        raise AtlasError(f"condition rule {brief(text)}: unknown behaviour {brief(behaviour)}"
                          f"{_suggest(behaviour, [b.value for b in Behaviour])}; "
                          f"allowed: {', '.join(b.value for b in Behaviour)}") from None
     return ConditionRule(when=parse_condition(when_text), expect=expect)

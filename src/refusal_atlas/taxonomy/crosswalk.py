@@ -27,6 +27,7 @@ from ruamel.yaml.error import YAMLError
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError, ValidationErrors
+from refusal_atlas.io import brief
 from refusal_atlas.taxonomy.model import Taxonomy
 from refusal_atlas.taxonomy.yamlio import Problem, decode_utf8
 
@@ -78,10 +79,11 @@ def external_iri(curie: str, curie_map: dict[str, str] | None = None) -> str:
         return curie
     prefix, sep, local = curie.partition(":")
     if not sep or not prefix or not local:
-        raise AtlasError(f"{curie!r} is not a CURIE (prefix:local)")
+        raise AtlasError(f"{brief(curie)} is not a CURIE (prefix:local)")
     prefixes = {**BUILTIN_PREFIXES, **(curie_map or {})}
     if prefix not in prefixes:
-        raise AtlasError(f"unknown CURIE prefix {prefix!r} in {curie!r}; known: {', '.join(sorted(prefixes))}")
+        raise AtlasError(f"unknown CURIE prefix {brief(prefix)} in {brief(curie)}; "
+                         f"known: {', '.join(sorted(prefixes))}")
     return prefixes[prefix] + quote(local, safe="._-~")
 
 
@@ -194,21 +196,21 @@ def _row_problem(row: dict[str, str], prefixes: dict[str, str]) -> str | None:
     for col in ("subject_id", "object_id"):
         prefix, sep, local = row[col].partition(":")
         if not sep or not local:
-            return f"{col} {row[col]!r} is not a CURIE (prefix:local)"
+            return f"{col} {brief(row[col])} is not a CURIE (prefix:local)"
         if prefix not in prefixes:
-            return f"{col} {row[col]!r} uses prefix {prefix!r} missing from the curie_map"
+            return f"{col} {brief(row[col])} uses prefix {brief(prefix)} missing from the curie_map"
     if row["predicate_id"] not in PREDICATES:
         close = difflib.get_close_matches(row["predicate_id"], PREDICATES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown predicate_id {row['predicate_id']!r}{hint}; allowed: {', '.join(PREDICATES)}"
+        hint = f" (did you mean {brief(close[0])}?)" if close else ""
+        return f"unknown predicate_id {brief(row['predicate_id'])}{hint}; allowed: {', '.join(PREDICATES)}"
     if not row["mapping_justification"].startswith("semapv:"):
-        return (f"mapping_justification {row['mapping_justification']!r} must be a semapv: term "
+        return (f"mapping_justification {brief(row['mapping_justification'])} must be a semapv: term "
                 "(e.g. semapv:ManualMappingCuration)")
     if row.get("confidence"):
         try:
             value = float(row["confidence"])
         except ValueError:
-            return f"confidence {row['confidence']!r} is not a number"
+            return f"confidence {brief(row['confidence'])} is not a number"
         if not 0.0 <= value <= 1.0:
             return f"confidence {value} is outside [0, 1]"
     return None
@@ -220,9 +222,9 @@ def check_crosswalks(taxonomy: Taxonomy, mappings: list[Mapping]) -> list[Proble
     for m in mappings:
         if m.node_id not in taxonomy.nodes:
             close = difflib.get_close_matches(m.node_id, list(taxonomy.nodes), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = f" (did you mean {brief(close[0])}?)" if close else ""
             problems.append(Problem(m.source_file or "<crosswalk>", m.line or 1,
-                                    f"subject_id {m.subject_id!r}: unknown node id {m.node_id!r}{hint}"))
+                                    f"subject_id {brief(m.subject_id)}: unknown node id {brief(m.node_id)}{hint}"))
     return problems
 
 

@@ -12,6 +12,7 @@ The shipped default taxonomy is package data and is never edited: copy it first
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError, ValidationErrors
+from refusal_atlas.io import brief, file_lock
 from refusal_atlas.taxonomy.conditions import ConditionVocabulary, parse_rule
 from refusal_atlas.taxonomy.loader import (
     CONDITIONS_FILE,
@@ -32,7 +34,9 @@ from refusal_atlas.taxonomy.loader import (
 )
 from refusal_atlas.taxonomy.model import Behaviour, ConditionRule, Node, Status, Taxonomy
 from refusal_atlas.taxonomy.validate import validate_taxonomy
-from refusal_atlas.taxonomy.yamlio import atomic_write_text, dump_to_text, load_for_edit
+from refusal_atlas.taxonomy.yamlio import load_for_edit, write_edited
+
+LOCK_NAME = ".refusal-atlas-lock"
 
 
 def is_default_taxonomy(directory: Path) -> bool:
@@ -42,14 +46,49 @@ def is_default_taxonomy(directory: Path) -> bool:
         return False
 
 
+def is_package_data(path: Path | str) -> bool:
+    """Whether `path` (a folder or a file, after following links) lies inside the shipped data folder."""
+    resolved = Path(path).resolve()
+    for shipped in (paths.default_taxonomy_dir, paths.data_dir):
+        try:
+            if resolved.is_relative_to(shipped().resolve()):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def _refuse_package_data(path: Path, allow_default: bool) -> None:
+    if not allow_default and is_package_data(path):
+        raise AtlasError(f"{path}: this is the shipped default taxonomy (package data) and is not edited in place; "
+                         "copy it with `refusal-atlas taxonomy init DIR` and pass --taxonomy DIR")
+
+
 def _editable(directory: Path | str, allow_default: bool) -> Path:
     root = Path(directory)
-    if not allow_default and is_default_taxonomy(root):
-        raise AtlasError(f"{root}: this is the shipped default taxonomy (package data) and is not edited in place; "
-                         "copy it with `refusal-atlas taxonomy init DIR` and pass --taxonomy DIR")
+    _refuse_package_data(root, allow_default)
     if not root.exists():
         raise AtlasError(f"{root}: taxonomy not found")
     return root
+
+
+def lock_path(root: Path) -> Path:
+    """The lock file that serialises edits of the taxonomy at `root`: beside the folder or file.
+
+    Beside rather than inside, so the taxonomy folder holds only the user's files; a parent the
+    user cannot write (a taxonomy at a mount point) falls back to inside the folder.
+    """
+    resolved = root.resolve()
+    beside = resolved.parent / f".{resolved.name}.refusal-atlas-lock"
+    if resolved.is_dir() and not os.access(resolved.parent, os.W_OK):
+        return resolved / LOCK_NAME
+    return beside
+
+
+def _write(path: Path, yaml: Any, data: Any, allow_default: bool) -> None:
+    # a link or a single file inside a user's folder may still point into the package data
+    _refuse_package_data(path, allow_default)
+    write_edited(path, yaml, data)
 
 
 def copy_default(dest: Path | str) -> Path:
@@ -57,9 +96,15 @@ def copy_default(dest: Path | str) -> Path:
     target = Path(dest)
     if target.exists() and any(target.iterdir()):
         raise AtlasError(f"{target}: already exists and is not empty; choose a new folder")
-    shutil.copytree(paths.default_taxonomy_dir(), target, dirs_exist_ok=True)
-    if paths.conditions_file().is_file() and not (target / CONDITIONS_FILE).exists():
-        shutil.copy2(paths.conditions_file(), target / CONDITIONS_FILE)
+    try:
+        shutil.copytree(paths.default_taxonomy_dir(), target, dirs_exist_ok=True)
+        if paths.conditions_file().is_file() and not (target / CONDITIONS_FILE).exists():
+            shutil.copy2(paths.conditions_file(), target / CONDITIONS_FILE)
+    except (shutil.Error, OSError) as exc:
+        raise AtlasError(f"{target}: cannot copy the taxonomy here ({exc}); choose a writable folder") from exc
+    # package data may be installed read-only; the copy is for editing
+    for f in [target, *target.rglob("*")]:
+        f.chmod(f.stat().st_mode | 0o200)
     return target
 
 
@@ -84,49 +129,51 @@ def propose(
     (no parent) goes into `file`, or the last node file. Returns the node as written.
     """
     root = _editable(directory, allow_default)
-    vocab = vocabulary_for(root, vocabulary)
-    taxonomy = load_taxonomy(root, conditions=vocab)
-    parents = [parent] if isinstance(parent, str) else list(parent or [])
-    problems = []
-    msg = id_problem(node_id)
-    if msg:
-        problems.append(msg)
-    if node_id in taxonomy.nodes:
-        other = taxonomy.nodes[node_id]
-        problems.append(f"id {node_id!r} already exists ({other.source_file}:{other.source_line}); choose a new id")
-    for p in parents:
-        if p not in taxonomy.nodes:
-            problems.append(f"unknown parent {p!r}")
-    if expect is not None:
-        msg = behaviour_problem(str(expect.value if isinstance(expect, Behaviour) else expect))
+    with file_lock(lock_path(root)):
+        vocab = vocabulary_for(root, vocabulary)
+        taxonomy = load_taxonomy(root, conditions=vocab)
+        parents = [parent] if isinstance(parent, str) else list(parent or [])
+        problems = []
+        msg = id_problem(node_id)
         if msg:
             problems.append(msg)
-    rules: list[ConditionRule] = []
-    for rule in conditions:
-        parsed = parse_rule(rule) if isinstance(rule, str) else rule
-        for dim, value in parsed.when.items():
-            msg = vocab.problem(dim, value)
+        if node_id in taxonomy.nodes:
+            other = taxonomy.nodes[node_id]
+            problems.append(f"id {brief(node_id)} already exists ({other.source_file}:{other.source_line}); "
+                            "choose a new id")
+        for p in parents:
+            if p not in taxonomy.nodes:
+                problems.append(f"unknown parent {brief(p)}")
+        if expect is not None:
+            msg = behaviour_problem(str(expect.value if isinstance(expect, Behaviour) else expect))
             if msg:
                 problems.append(msg)
-        rules.append(parsed)
-    if not label.strip() or not definition.strip():
-        problems.append("label and definition must not be empty")
-    if problems:
-        raise AtlasError(f"cannot propose {node_id!r}: " + "; ".join(problems))
-    node = Node(id=node_id, label=label, definition=definition, broader=parents, kind=kind,
-                expect=Behaviour(expect) if expect is not None else None, conditions=rules,
-                examples=list(examples), status=Status.PROPOSED)
-    _check_with(taxonomy, node, vocab)
+        rules: list[ConditionRule] = []
+        for rule in conditions:
+            parsed = parse_rule(rule) if isinstance(rule, str) else rule
+            for dim, value in parsed.when.items():
+                msg = vocab.problem(dim, value)
+                if msg:
+                    problems.append(msg)
+            rules.append(parsed)
+        if not label.strip() or not definition.strip():
+            problems.append("label and definition must not be empty")
+        if problems:
+            raise AtlasError(f"cannot propose {brief(node_id)}: " + "; ".join(problems))
+        node = Node(id=node_id, label=label, definition=definition, broader=parents, kind=kind,
+                    expect=Behaviour(expect) if expect is not None else None, conditions=rules,
+                    examples=list(examples), status=Status.PROPOSED)
+        _check_with(taxonomy, node, vocab)
 
-    target = Path(taxonomy.nodes[parents[0]].source_file) if parents else _root_file(root, file)
-    data, yaml = load_for_edit(target)
-    seq = _nodes_seq(data, target)
-    position = _insert_position(seq, taxonomy, parents[0] if parents else None)
-    seq.insert(position, _node_map(node))
-    if position > 0:
-        _move_trailing_comment(seq, position - 1, position)
-    atomic_write_text(target, dump_to_text(yaml, data))
-    return node.model_copy(update={"source_file": str(target)})
+        target = Path(taxonomy.nodes[parents[0]].source_file or "") if parents else _root_file(root, file)
+        data, yaml = load_for_edit(target)
+        seq = _nodes_seq(data, target)
+        position = _insert_position(seq, taxonomy, parents[0] if parents else None)
+        seq.insert(position, _node_map(node))
+        if position > 0:
+            _move_trailing_comment(seq, position - 1, position)
+        _write(target, yaml, data, allow_default)
+        return node.model_copy(update={"source_file": str(target)})
 
 
 def accept(directory: Path | str, node_id: str, *, allow_default: bool = False,
@@ -145,58 +192,61 @@ def set_status(directory: Path | str, node_id: str, status: Status, *, allow_def
                vocabulary: ConditionVocabulary | Path | str | None = None) -> Node:
     """Set a node's `status` key in place (inserted after `id` when absent)."""
     root = _editable(directory, allow_default)
-    taxonomy = load_taxonomy(root, conditions=vocabulary_for(root, vocabulary))
-    node = _existing(taxonomy, node_id)
-    if node.status is status:
-        return node
-    path = Path(node.source_file or "")
-    data, yaml = load_for_edit(path)
-    item = _find_item(data, path, node_id)
-    if "status" in item:
-        item["status"] = status.value
-    else:
-        item.insert(1, "status", status.value)
-    atomic_write_text(path, dump_to_text(yaml, data))
-    return node.model_copy(update={"status": status})
+    with file_lock(lock_path(root)):
+        taxonomy = load_taxonomy(root, conditions=vocabulary_for(root, vocabulary))
+        node = _existing(taxonomy, node_id)
+        if node.status is status:
+            return node
+        path = Path(node.source_file or "")
+        data, yaml = load_for_edit(path)
+        item = _find_item(data, path, node_id)
+        if "status" in item:
+            item["status"] = status.value
+        else:
+            item.insert(1, "status", status.value)
+        _write(path, yaml, data, allow_default)
+        return node.model_copy(update={"status": status})
 
 
 def move(directory: Path | str, node_id: str, new_parent: str | Sequence[str] | None, *,
          allow_default: bool = False, vocabulary: ConditionVocabulary | Path | str | None = None) -> Node:
     """Give a node new parents (None = make it a root); refuses to create a cycle."""
     root = _editable(directory, allow_default)
-    vocab = vocabulary_for(root, vocabulary)
-    taxonomy = load_taxonomy(root, conditions=vocab)
-    node = _existing(taxonomy, node_id)
-    parents = [new_parent] if isinstance(new_parent, str) else list(new_parent or [])
-    descendants = set(taxonomy.descendants(node_id))
-    for p in parents:
-        if p not in taxonomy.nodes:
-            raise AtlasError(f"cannot move {node_id!r}: unknown parent {p!r}")
-        if p == node_id or p in descendants:
-            raise AtlasError(f"cannot move {node_id!r} under {p!r}: {p!r} is {node_id!r} or one of its "
-                             "descendants, which would make a cycle")
-    moved = node.model_copy(update={"broader": parents})
-    _check_with(taxonomy, moved, vocab, replace=True)
-    path = Path(node.source_file or "")
-    data, yaml = load_for_edit(path)
-    item = _find_item(data, path, node_id)
-    if not parents:
-        if "broader" in item:
-            _delete_key(item, "broader")
-    else:
-        new = CommentedSeq(parents)
-        old = item.get("broader")
-        if not isinstance(old, CommentedSeq) or old.fa.flow_style():
-            new.fa.set_flow_style()
-        if "broader" in item:
-            _replace_value(item, "broader", new)
+    with file_lock(lock_path(root)):
+        vocab = vocabulary_for(root, vocabulary)
+        taxonomy = load_taxonomy(root, conditions=vocab)
+        node = _existing(taxonomy, node_id)
+        parents = [new_parent] if isinstance(new_parent, str) else list(new_parent or [])
+        descendants = set(taxonomy.descendants(node_id))
+        for p in parents:
+            if p not in taxonomy.nodes:
+                raise AtlasError(f"cannot move {brief(node_id)}: unknown parent {brief(p)}")
+            if p == node_id or p in descendants:
+                raise AtlasError(f"cannot move {brief(node_id)} under {brief(p)}: {brief(p)} is {brief(node_id)} "
+                                 "or one of its "
+                                 "descendants, which would make a cycle")
+        moved = node.model_copy(update={"broader": parents})
+        _check_with(taxonomy, moved, vocab, replace=True)
+        path = Path(node.source_file or "")
+        data, yaml = load_for_edit(path)
+        item = _find_item(data, path, node_id)
+        if not parents:
+            if "broader" in item:
+                _delete_key(item, "broader")
         else:
-            keys = list(item)
-            item.insert(keys.index("definition") + 1 if "definition" in keys else len(keys), "broader", new)
-            if list(item)[-1] == "broader":
-                _move_trailing_key_comment(item, keys[-1], "broader")
-    atomic_write_text(path, dump_to_text(yaml, data))
-    return moved
+            new = CommentedSeq(parents)
+            old = item.get("broader")
+            if not isinstance(old, CommentedSeq) or old.fa.flow_style():
+                new.fa.set_flow_style()
+            if "broader" in item:
+                _replace_value(item, "broader", new)
+            else:
+                keys = list(item)
+                item.insert(keys.index("definition") + 1 if "definition" in keys else len(keys), "broader", new)
+                if list(item)[-1] == "broader":
+                    _move_trailing_key_comment(item, keys[-1], "broader")
+        _write(path, yaml, data, allow_default)
+        return moved
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -204,7 +254,7 @@ def move(directory: Path | str, node_id: str, new_parent: str | Sequence[str] | 
 
 def _existing(taxonomy: Taxonomy, node_id: str) -> Node:
     if node_id not in taxonomy.nodes:
-        raise AtlasError(f"unknown node id {node_id!r}; `refusal-atlas taxonomy show` lists the ids")
+        raise AtlasError(f"unknown node id {brief(node_id)}; `refusal-atlas taxonomy show` lists the ids")
     return taxonomy.nodes[node_id]
 
 
@@ -249,7 +299,7 @@ def _find_item(data: Any, path: Path, node_id: str) -> CommentedMap:
     for item in _nodes_seq(data, path):
         if isinstance(item, CommentedMap) and item.get("id") == node_id:
             return item
-    raise AtlasError(f"{path}: node {node_id!r} not found in the file (was it edited meanwhile?)")
+    raise AtlasError(f"{path}: node {brief(node_id)} not found in the file (was it edited meanwhile?)")
 
 
 def _insert_position(seq: CommentedSeq, taxonomy: Taxonomy, parent: str | None) -> int:

@@ -24,13 +24,14 @@ from pydantic import ValidationError
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError, ValidationErrors
+from refusal_atlas.io import brief, clip
 from refusal_atlas.taxonomy.conditions import ConditionVocabulary, load_conditions
 from refusal_atlas.taxonomy.model import ID_PATTERN, Behaviour, ConditionRule, Node, Scheme, Status, Taxonomy
 from refusal_atlas.taxonomy.validate import validate_taxonomy
 from refusal_atlas.taxonomy.yamlio import Problem, item_line, key_line, node_line, read_yaml, value_line
 
 CONDITIONS_FILE = "conditions.yaml"
-KIND_PATTERN = re.compile(r"^[a-z0-9_]+$")
+KIND_PATTERN = re.compile(r"[a-z0-9_]+")  # fullmatch only
 TOP_KEYS = ("scheme", "nodes")
 NODE_KEYS = ("id", "label", "definition", "broader", "kind", "expect", "conditions", "examples", "status",
              "provenance")
@@ -113,7 +114,7 @@ def parse_files(files: list[Path], vocab: ConditionVocabulary | None = None
         for key in data:
             if key not in TOP_KEYS:
                 problems.append(Problem(shown, key_line(data, key),
-                                        f"unknown top-level key {key!r}{_suggest(key, TOP_KEYS)}; "
+                                        f"unknown top-level key {brief(key)}{_suggest(key, TOP_KEYS)}; "
                                         "allowed: scheme, nodes"))
         if "scheme" in data:
             line = key_line(data, "scheme")
@@ -138,7 +139,7 @@ def parse_files(files: list[Path], vocab: ConditionVocabulary | None = None
             line = item_line(raw_nodes, index, key_line(data, "nodes"))
             raw_id = str(raw["id"]) if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
             if raw_id is not None and raw_id in first_seen:
-                problems.append(Problem(shown, line, f"duplicate id {raw_id!r} (first defined at "
+                problems.append(Problem(shown, line, f"duplicate id {brief(raw_id)} (first defined at "
                                                      f"{first_seen[raw_id]}); ids must be unique across all files"))
                 continue
             if raw_id is not None:
@@ -160,11 +161,11 @@ def _parse_scheme(shown: str, raw: Any, line: int, problems: list[Problem]) -> S
     for key, value in raw.items():
         kline = key_line(raw, key, line)
         if key not in SCHEME_KEYS:
-            problems.append(Problem(shown, kline, f"unknown scheme key {key!r}{_suggest(key, SCHEME_KEYS)}; "
+            problems.append(Problem(shown, kline, f"unknown scheme key {brief(key)}{_suggest(key, SCHEME_KEYS)}; "
                                                   f"allowed: {', '.join(SCHEME_KEYS)}"))
             ok = False
         elif not isinstance(value, str):
-            problems.append(Problem(shown, kline, f"scheme key {key!r} must be a string, not a {_type_name(value)}"
+            problems.append(Problem(shown, kline, f"scheme key {brief(key)} must be a string, not a {_type_name(value)}"
                                                   + (" (quote it, e.g. \"1.0\")" if key == "version" else "")))
             ok = False
     if not ok:
@@ -180,30 +181,30 @@ def parse_node(shown: str, raw: Any, line: int, problems: list[Problem],
         return None
     start = len(problems)
     label = raw.get("id") if isinstance(raw.get("id"), str) else f"at line {line}"
-    where = f"node {label!r}" if "id" in raw and isinstance(raw.get("id"), str) else f"node {label}"
+    where = f"node {brief(label)}" if "id" in raw and isinstance(raw.get("id"), str) else f"node {label}"
     for key in raw:
         if key not in NODE_KEYS:
             problems.append(Problem(shown, key_line(raw, key, line),
-                                    f"unknown key {key!r} in {where}{_suggest(str(key), NODE_KEYS)}; "
+                                    f"unknown key {brief(key)} in {where}{_suggest(str(key), NODE_KEYS)}; "
                                     f"allowed: {', '.join(NODE_KEYS)}"))
     for key in REQUIRED_NODE_KEYS:
         if key not in raw or raw[key] is None:
-            problems.append(Problem(shown, line, f"{where} is missing required key {key!r}"))
+            problems.append(Problem(shown, line, f"{where} is missing required key {brief(key)}"))
     for key in ("id", "label", "definition", "kind", "provenance"):
         if key in raw and raw[key] is not None and not isinstance(raw[key], str):
             problems.append(Problem(shown, value_line(raw, key, line),
-                                    f"{where}: {key!r} must be a string, not a {_type_name(raw[key])}"))
+                                    f"{where}: {brief(key)} must be a string, not a {_type_name(raw[key])}"))
         elif key in REQUIRED_NODE_KEYS and isinstance(raw.get(key), str) and not raw[key].strip():
-            problems.append(Problem(shown, value_line(raw, key, line), f"{where}: {key!r} must not be empty"))
+            problems.append(Problem(shown, value_line(raw, key, line), f"{where}: {brief(key)} must not be empty"))
     node_id = raw.get("id")
     if isinstance(node_id, str) and node_id.strip():
         msg = id_problem(node_id)
         if msg:
             problems.append(Problem(shown, value_line(raw, "id", line), msg))
     kind = raw.get("kind")
-    if isinstance(kind, str) and not KIND_PATTERN.match(kind):
+    if isinstance(kind, str) and not KIND_PATTERN.fullmatch(kind):
         problems.append(Problem(shown, value_line(raw, "kind", line),
-                                f"{where}: kind {kind!r} must be a slug of a-z, 0-9 and '_' "
+                                f"{where}: kind {brief(kind)} must be a slug of a-z, 0-9 and '_' "
                                 "(e.g. capability_uplift, intent_to_harm, vulnerable_target)"))
     for key in ("broader", "examples"):
         if key in raw and raw[key] is not None:
@@ -211,7 +212,7 @@ def parse_node(shown: str, raw: Any, line: int, problems: list[Problem],
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 hint = "a list of parent ids, e.g. [weapons]" if key == "broader" else "a list of strings"
                 problems.append(Problem(shown, value_line(raw, key, line),
-                                        f"{where}: {key!r} must be {hint}, not {_describe(value)}"))
+                                        f"{where}: {brief(key)} must be {hint}, not {_describe(value)}"))
     if "expect" in raw and raw["expect"] is not None:
         msg = behaviour_problem(raw["expect"])
         if msg:
@@ -221,7 +222,7 @@ def parse_node(shown: str, raw: Any, line: int, problems: list[Problem],
         allowed = [s.value for s in Status]
         if not isinstance(status, str) or status not in allowed:
             problems.append(Problem(shown, value_line(raw, "status", line),
-                                    f"{where}: unknown status {status!r}{_suggest(str(status), allowed)}; "
+                                    f"{where}: unknown status {brief(status)}{_suggest(str(status), allowed)}; "
                                     f"allowed: {', '.join(allowed)}"))
     rules = _parse_rules(shown, raw, line, where, problems, vocab)
     if len(problems) > start:
@@ -262,11 +263,12 @@ def _parse_rules(shown: str, raw: dict, line: int, where: str, problems: list[Pr
         for key in rule:
             if key not in RULE_KEYS:
                 problems.append(Problem(shown, key_line(rule, key, rline),
-                                        f"{where}: unknown key {key!r} in condition{_suggest(str(key), RULE_KEYS)}; "
+                                        f"{where}: unknown key {brief(key)} in condition"
+                                        f"{_suggest(str(key), RULE_KEYS)}; "
                                         f"allowed: {', '.join(RULE_KEYS)}"))
         for key in ("when", "expect"):
             if key not in rule or rule[key] is None:
-                problems.append(Problem(shown, rline, f"{where}: condition is missing required key {key!r}"))
+                problems.append(Problem(shown, rline, f"{where}: condition is missing required key {brief(key)}"))
         when = rule.get("when")
         if when is not None:
             if not isinstance(when, dict) or not when:
@@ -277,8 +279,9 @@ def _parse_rules(shown: str, raw: dict, line: int, where: str, problems: list[Pr
                 for dim, value in when.items():
                     vline = key_line(when, dim, rline)
                     if not isinstance(dim, str) or not isinstance(value, str):
-                        problems.append(Problem(shown, vline, f"{where}: condition `{dim}: {value}` must map a "
-                                                              "dimension name to a value name (both strings)"))
+                        problems.append(Problem(shown, vline, f"{where}: condition `{clip(dim)}: {clip(value)}` "
+                                                              "must map a dimension name to a value name "
+                                                              "(both strings)"))
                         continue
                     if vocab is not None:
                         msg = vocab.problem(dim, value)
@@ -291,7 +294,7 @@ def _parse_rules(shown: str, raw: dict, line: int, where: str, problems: list[Pr
         if "rationale" in rule and rule["rationale"] is not None and not isinstance(rule["rationale"], str):
             problems.append(Problem(shown, value_line(rule, "rationale", rline),
                                     f"{where}: condition 'rationale' must be a string"))
-        if len(problems) > n_before:
+        if len(problems) > n_before or not isinstance(when, dict):
             ok = False
             continue
         key = tuple(sorted((str(k), str(v)) for k, v in when.items()))
@@ -309,10 +312,10 @@ def _parse_rules(shown: str, raw: dict, line: int, where: str, problems: list[Pr
 def id_problem(node_id: str) -> str | None:
     """A one-line message if `node_id` is not a valid id, else None."""
     if "/" in node_id or ".." in node_id or "\\" in node_id:
-        return (f"id {node_id!r} must not contain '/', '\\' or '..' (ids become file names and IRIs); "
+        return (f"id {brief(node_id)} must not contain '/', '\\' or '..' (ids become file names and IRIs); "
                 "use a-z, 0-9, '_', '.', '-'")
-    if not ID_PATTERN.match(node_id):
-        return (f"id {node_id!r} may contain only lower-case a-z, 0-9, '_', '.', '-' "
+    if not ID_PATTERN.fullmatch(node_id):
+        return (f"id {brief(node_id)} may contain only lower-case a-z, 0-9, '_', '.', '-' "
                 "(and must not start with '.' or '-')")
     return None
 
@@ -322,13 +325,15 @@ def behaviour_problem(value: Any) -> str | None:
     allowed = [b.value for b in Behaviour]
     if isinstance(value, str) and value in allowed:
         return None
-    return f"unknown behaviour {value!r}{_suggest(str(value), allowed)}; allowed: {', '.join(allowed)}"
+    return f"unknown behaviour {brief(value)}{_suggest(str(value), allowed)}; allowed: {', '.join(allowed)}"
 
 
 def _suggest(word: str, choices: Any) -> str:
+    if len(word) > 100:  # no close match is that long; difflib's cost grows with the length
+        return ""
     norm = word.replace("-", "_").lower()
     close = difflib.get_close_matches(norm, [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {brief(close[0])}?)" if close else ""
 
 
 def _type_name(value: Any) -> str:

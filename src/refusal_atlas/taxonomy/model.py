@@ -13,7 +13,9 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ID_PATTERN = re.compile(r"^[a-z0-9_][a-z0-9_.-]*$")
+from refusal_atlas.io import brief
+
+ID_PATTERN = re.compile(r"[a-z0-9_][a-z0-9_.-]*")  # use fullmatch: `$` also matches before a final newline
 
 
 class Behaviour(StrEnum):
@@ -81,8 +83,8 @@ class Node(BaseModel):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
-        if not ID_PATTERN.match(value) or ".." in value:
-            raise ValueError(f"id {value!r} may contain only a-z, 0-9, '_', '.', '-' (no '/' or '..')")
+        if not ID_PATTERN.fullmatch(value) or ".." in value:
+            raise ValueError(f"id {brief(value)} may contain only a-z, 0-9, '_', '.', '-' (no '/' or '..')")
         return value
 
     def to_yaml_dict(self) -> dict:

@@ -38,6 +38,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import brief
 from refusal_atlas.taxonomy.model import Behaviour, ConditionRule, Status, Taxonomy
 
 
@@ -80,8 +81,8 @@ def format_when(when: dict[str, str]) -> str:
 def _require(taxonomy: Taxonomy, node_id: str) -> None:
     if node_id not in taxonomy.nodes:
         close = difflib.get_close_matches(node_id, list(taxonomy.nodes), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise AtlasError(f"unknown node id {node_id!r}{hint}; `refusal-atlas taxonomy show` lists the ids")
+        hint = f" (did you mean {brief(close[0])}?)" if close else ""
+        raise AtlasError(f"unknown node id {brief(node_id)}{hint}; `refusal-atlas taxonomy show` lists the ids")
 
 
 def default_source(taxonomy: Taxonomy, node_id: str) -> tuple[Behaviour, str]:
@@ -98,7 +99,7 @@ def default_source(taxonomy: Taxonomy, node_id: str) -> tuple[Behaviour, str]:
         else:
             parents = [p for p in node.broader if p in taxonomy.nodes and p not in path]
             if not parents:
-                raise AtlasError(f"node {nid!r} has no `expect` and no parent to inherit one from; "
+                raise AtlasError(f"node {brief(nid)} has no `expect` and no parent to inherit one from; "
                                  "set `expect` on it or on a root above it")
             found = [walk(p, (*path, nid)) for p in parents]
             # most restrictive; the first parent (in `broader` order) wins a tie
@@ -129,13 +130,13 @@ def resolve(taxonomy: Taxonomy, node_id: str, context: dict[str, str] | None = N
     default, source = default_source(taxonomy, node_id)
     candidates = [(nid, r) for nid, r in effective_rules(taxonomy, node_id) if r.matches(context)]
     if not candidates:
-        how = "its own `expect`" if source == node_id else f"inherited from {source!r}"
+        how = "its own `expect`" if source == node_id else f"inherited from {brief(source)}"
         what = "no condition rule matches the context" if context else "no context given"
         return Resolution(default, None, source, f"{what}; default {default.value} ({how})",
                           node_id=node_id, context=context, default=default)
     # max() keeps the first of equal keys, and candidates are nearest-first
     best_nid, best = max(candidates, key=lambda c: (c[1].specificity, c[1].expect.restrictiveness))
-    where = "own rule" if best_nid == node_id else f"rule inherited from {best_nid!r}"
+    where = "own rule" if best_nid == node_id else f"rule inherited from {brief(best_nid)}"
     reason = f"{where} when {format_when(best.when)} ({best.specificity} dimension(s)) matched"
     others = len(candidates) - 1
     if others:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 
+from refusal_atlas.io import brief
 from refusal_atlas.taxonomy.conditions import ConditionVocabulary
 from refusal_atlas.taxonomy.model import Node, Taxonomy
 from refusal_atlas.taxonomy.yamlio import Problem
@@ -41,14 +42,14 @@ def check_parents(taxonomy: Taxonomy, unparsed_ids: frozenset[str] = frozenset()
         seen: set[str] = set()
         for parent in node.broader:
             if parent in seen:
-                problems.append(_at(node, f"node {node.id!r} lists parent {parent!r} twice in broader"))
+                problems.append(_at(node, f"node {brief(node.id)} lists parent {brief(parent)} twice in broader"))
             seen.add(parent)
             if parent == node.id or parent in unparsed_ids:
                 continue  # reported as a cycle
             if parent not in taxonomy.nodes:
                 close = difflib.get_close_matches(parent, list(taxonomy.nodes), n=1, cutoff=0.6)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.append(_at(node, f"node {node.id!r}: unknown parent {parent!r} in broader{hint}; "
+                hint = f" (did you mean {brief(close[0])}?)" if close else ""
+                problems.append(_at(node, f"node {brief(node.id)}: unknown parent {brief(parent)} in broader{hint}; "
                                           "every parent must be a node id defined in the taxonomy"))
     return problems
 
@@ -103,7 +104,7 @@ def check_cycles(taxonomy: Taxonomy) -> list[Problem]:
 def check_root_defaults(taxonomy: Taxonomy) -> list[Problem]:
     """A node without `expect` inherits it, so every root must set one."""
     return [
-        _at(node, f"root node {node.id!r} has no `expect`: a node without parents must set the default "
+        _at(node, f"root node {brief(node.id)} has no `expect`: a node without parents must set the default "
                   "behaviour (refuse, redirect, comply_with_caveats, comply)")
         for node in taxonomy
         if node.expect is None and not node.broader
@@ -118,5 +119,5 @@ def check_vocabulary(taxonomy: Taxonomy, vocab: ConditionVocabulary) -> list[Pro
             for dim, value in rule.when.items():
                 msg = vocab.problem(dim, value)
                 if msg:
-                    problems.append(_at(node, f"node {node.id!r}: {msg}"))
+                    problems.append(_at(node, f"node {brief(node.id)}: {msg}"))
     return problems

@@ -8,8 +8,6 @@ file's comments, key order and indentation and never leave a half-written file.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,14 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.util import load_yaml_guess_indent
+
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import brief, write_text_like
+
+# The most values (scalars + containers, aliases counted at every use) one file may expand to.
+# A large real taxonomy has tens of thousands; an alias bomb of a few lines has billions, and
+# every later check (and any error message) would walk them all.
+MAX_EXPANDED_VALUES = 1_000_000
 
 
 @dataclass(frozen=True, order=True)
@@ -71,7 +77,7 @@ def parse_text(path: str, text: str) -> tuple[Any, Problem | None]:
         hint = "; check the indentation" if "block" in what else ""
         return None, Problem(path, line, f"YAML syntax error: {what}{context}{hint}")
     except YAMLError as exc:
-        return None, Problem(path, 1, f"YAML error: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        return None, Problem(path, 1, f"YAML error: {brief(str(exc).splitlines()[0] if str(exc) else exc)}")
 
 
 def read_yaml(path: Path, display: str | None = None) -> tuple[Any, list[Problem]]:
@@ -88,10 +94,52 @@ def read_yaml(path: Path, display: str | None = None) -> tuple[Any, list[Problem
     data, problem = parse_text(shown, text)
     if problem is not None:
         return None, [problem]
+    problem = alias_bomb_problem(shown, data)
+    if problem is not None:
+        return None, [problem]
     if data is None:
         return None, [Problem(shown, 1, "empty file: expected a top-level `nodes:` list (or `scheme:`); "
                                         "add content or delete the file")]
     return data, []
+
+
+def expanded_size(data: Any, limit: int = MAX_EXPANDED_VALUES) -> int:
+    """How many values `data` holds with aliases expanded, counting up to just past `limit`.
+
+    Shared (aliased) containers are sized once and their size reused, so the count itself
+    costs one visit per distinct container; a cycle (a recursive alias) counts as over the limit.
+    """
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(obj: Any) -> int:
+        if not isinstance(obj, dict | list):
+            return 1
+        key = id(obj)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            return limit + 1
+        visiting.add(key)
+        total = 1
+        children = [v for pair in obj.items() for v in pair] if isinstance(obj, dict) else obj
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        visiting.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(data)
+
+
+def alias_bomb_problem(shown: str, data: Any) -> Problem | None:
+    """A Problem when YAML aliases make `data` expand past MAX_EXPANDED_VALUES (an alias bomb)."""
+    if expanded_size(data) > MAX_EXPANDED_VALUES:
+        return Problem(shown, 1, f"the YAML expands to more than {MAX_EXPANDED_VALUES:,} values through "
+                                 "aliases (*name) or refers to itself; write the values out instead of aliasing them")
+    return None
 
 
 def key_line(mapping: Any, key: str, default: int = 1) -> int:
@@ -132,15 +180,28 @@ def node_line(obj: Any, default: int = 1) -> int:
 
 
 def load_for_edit(path: Path) -> tuple[Any, YAML]:
-    """Load a file for editing with a YAML instance set to the file's own indentation."""
-    text = path.read_text(encoding="utf-8")
+    """Load a file for editing with a YAML instance set to the file's own indentation.
+
+    The text is read as `write_edited` will write it back: BOM dropped and CRLF as LF here,
+    both restored on write.
+    """
+    raw = path.read_bytes()
+    text, problem = decode_utf8(str(path), raw)
+    if problem is not None:
+        raise AtlasError(str(problem))
+    assert text is not None
+    text = text.replace("\r\n", "\n")
     _, indent, block_seq_indent = load_yaml_guess_indent(text)
     yaml = round_trip_yaml()
     # ruamel guesses the sequence indent and the dash offset; the mapping indent is the rest
     sequence = indent or 2
     offset = block_seq_indent or 0
     yaml.indent(mapping=max(sequence - offset, 1), sequence=sequence, offset=offset)
-    return yaml.load(text), yaml
+    data = yaml.load(text)
+    problem = alias_bomb_problem(str(path), data)
+    if problem is not None:
+        raise AtlasError(str(problem))
+    return data, yaml
 
 
 def dump_to_text(yaml: YAML, data: Any) -> str:
@@ -149,23 +210,6 @@ def dump_to_text(yaml: YAML, data: Any) -> str:
     return buf.getvalue()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same folder and `os.replace`.
-
-    A crash or error at any point leaves either the old file or the new one, never a mix;
-    the temporary file is removed on failure.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_edited(path: Path, yaml: YAML, data: Any) -> None:
+    """Write an edited file back atomically, keeping its BOM, line endings, mode and symlink."""
+    write_text_like(path, dump_to_text(yaml, data))

@@ -1,0 +1,31 @@
+"""Terminal output that never interprets untrusted text as markup.
+
+Labels, definitions, ids, RDF literals, prompts and responses come from users and models; rich
+would read `[/]` in them as markup (a crash) and `[link=URL]` as a hidden hyperlink. Every
+console here has markup and emoji codes off, so any `str` handed to it (directly, as a table
+cell, tree label or title) is printed literally; styling is added with `Text` objects only.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+__all__ = ["RICH_MARKUP_MODE", "escape", "plain_console", "styled"]
+
+# Typer option: help strings are printed literally (`[a-z0-9_.-]` stays visible), not as rich markup.
+RICH_MARKUP_MODE = None
+
+
+def plain_console(*, stderr: bool = False) -> Console:
+    """A console that prints strings literally; piped output is 160 columns wide so ids are not squeezed."""
+    console = Console(highlight=False, markup=False, emoji=False, stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(highlight=False, markup=False, emoji=False, stderr=stderr, width=160)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """`Text` from plain strings and (text, style) pairs; the text is never parsed as markup."""
+    return Text.assemble(*parts)

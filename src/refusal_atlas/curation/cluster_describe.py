@@ -1,0 +1,74 @@
+"""Describe clusters: c-TF-IDF keywords, representative texts and centroids (outliers excluded)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from refusal_atlas.curation.cluster_stages import OUTLIER
+
+# --------------------------------------------------------------------------- keywords and examples
+
+
+_STOP_EXTRA = ["ll", "ve", "don", "just", "like", "make", "want", "need"]
+
+
+def ctfidf_keywords(texts: Sequence[str], labels: np.ndarray, n_keywords: int = 10) -> dict[int, list[str]]:
+    """Class-based TF-IDF: each cluster is one document; weight = tf(term, class) · log(1 + A / f(term)).
+
+    A is the mean number of words per class and f the term's count over all classes, so words
+    frequent everywhere (e.g. "sorry" in a refusal corpus) score low and distinctive ones high.
+    """
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
+
+    classes = sorted(set(labels.tolist()))
+    docs = [" ".join(t for t, lab in zip(texts, labels, strict=True) if lab == c) for c in classes]
+    try:
+        vec = CountVectorizer(stop_words=sorted(ENGLISH_STOP_WORDS.union(_STOP_EXTRA)), ngram_range=(1, 2),
+                              token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9'-]+\b", min_df=1)
+        counts = vec.fit_transform(docs)
+    except ValueError:  # empty vocabulary (texts are all stop words or symbols)
+        return {c: [] for c in classes}
+    counts = sp.csr_matrix(counts, dtype=np.float64)
+    tf = sp.diags(1.0 / np.maximum(np.asarray(counts.sum(1)).ravel(), 1)) @ counts
+    term_freq = np.asarray(counts.sum(0)).ravel()
+    avg_words = counts.sum() / len(classes)
+    idf = np.log1p(avg_words / np.maximum(term_freq, 1))
+    scores = (tf @ sp.diags(idf)).toarray()
+    vocab = vec.get_feature_names_out()
+    out: dict[int, list[str]] = {}
+    for row, c in enumerate(classes):
+        order = np.lexsort((vocab, -scores[row]))
+        out[c] = [str(vocab[j]) for j in order[:n_keywords] if scores[row, j] > 0]
+    return out
+
+
+def representatives(x: np.ndarray, labels: np.ndarray, texts: Sequence[str], k: int = 5) -> dict[int, list[int]]:
+    """Per cluster, the row indices of up to k distinct texts closest (cosine) to the cluster centroid."""
+    out: dict[int, list[int]] = {}
+    for c in sorted(set(labels.tolist()) - {OUTLIER}):
+        members = np.flatnonzero(labels == c)
+        centroid = x[members].mean(0)
+        centroid /= np.linalg.norm(centroid) or 1.0
+        sims = x[members] @ centroid
+        chosen: list[int] = []
+        seen: set[str] = set()
+        for j in members[np.lexsort((members, -sims))]:
+            if texts[j] not in seen:
+                seen.add(texts[j])
+                chosen.append(int(j))
+            if len(chosen) == k:
+                break
+        out[c] = chosen
+    return out
+
+
+def centroids(x: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Unit-norm mean embedding of each cluster (outliers excluded)."""
+    out = {}
+    for c in sorted(set(labels.tolist()) - {OUTLIER}):
+        v = x[labels == c].mean(0)
+        out[c] = v / (np.linalg.norm(v) or 1.0)
+    return out

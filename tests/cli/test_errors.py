@@ -1,0 +1,140 @@
+"""Class 4: bad paths and bad files end in one `error:` line and exit 1, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cli.helpers import one_line_error, run_main
+from refusal_atlas.cli import _os_error_line
+from refusal_atlas.curation.tables import read_table, write_table
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import read_json_file
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "taxonomy" / "basic"
+
+
+@pytest.fixture
+def responses(tmp_path: Path) -> Path:
+    src = tmp_path / "r.csv"
+    src.write_text("prompt,response\na,I can't help with that.\nb,Sure.\n", encoding="utf-8")
+    return src
+
+
+@pytest.fixture
+def unwritable(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody can create files in, root included (immutable), else skip."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+        yield folder
+        subprocess.run(["chattr", "-i", str(folder)], check=False)
+        return
+    folder.chmod(0o555)
+    probe = folder / "probe"
+    try:
+        probe.touch()
+    except PermissionError:
+        yield folder
+        folder.chmod(0o755)
+        return
+    probe.unlink()
+    pytest.skip("cannot make an unwritable folder here (root without chattr)")
+
+
+def test_unwritable_output_folder(monkeypatch, capsys, responses, unwritable):
+    line = one_line_error(monkeypatch, capsys, "curate", "detect", str(responses), "-o",
+                          str(unwritable / "out.parquet"), "--detector", "marker")
+    assert line.startswith("error: ") and "cannot write here" in line
+
+
+def test_read_only_taxonomy_folder(monkeypatch, capsys, tmp_path):
+    root = tmp_path / "tax"
+    shutil.copytree(FIXTURE, root)
+    if subprocess.run(["chattr", "+i", str(root)], capture_output=True).returncode != 0:
+        pytest.skip("chattr not available")
+    try:
+        line = one_line_error(monkeypatch, capsys, "taxonomy", "propose", "--id", "health.x", "--parent", "health",
+                              "--label", "X", "--definition", "An x.", "--taxonomy", str(root))
+    finally:
+        subprocess.run(["chattr", "-i", str(root)], check=False)
+    assert "cannot write here" in line
+
+
+def test_output_naming_a_folder(monkeypatch, capsys, responses, tmp_path):
+    (tmp_path / "out.jsonl").mkdir()
+    line = one_line_error(monkeypatch, capsys, "curate", "detect", str(responses), "-o", str(tmp_path / "out.jsonl"),
+                          "--detector", "marker")
+    assert "is a folder" in line
+
+
+def test_cell_over_128_kib_is_read(tmp_path):
+    big = "word " * 60_000  # 300 KB in one quoted cell
+    src = tmp_path / "big.csv"
+    src.write_text(f'prompt,response\nq,"{big}"\n', encoding="utf-8")
+    df = read_table(src)
+    assert df["response"].iloc[0] == big
+
+
+def test_mixed_int_and_text_column_to_parquet(monkeypatch, capsys, tmp_path):
+    src = tmp_path / "m.jsonl"
+    src.write_text('{"id": 1, "prompt": "a", "response": "Sure."}\n{"id": "x2", "prompt": "b", "response": "No."}\n',
+                   encoding="utf-8")
+    out = tmp_path / "m.parquet"
+    code, _, err = run_main(monkeypatch, capsys, "curate", "detect", str(src), "-o", str(out), "--detector", "marker")
+    assert code == 0, err
+    assert pd.read_parquet(out)["id"].tolist() == ["1", "x2"]
+
+
+def test_unwritable_parquet_value_is_one_line(tmp_path):
+    df = pd.DataFrame({"v": [{"a": 1}, 3]})
+    with pytest.raises(AtlasError, match=r"cannot write parquet"):
+        write_table(df, tmp_path / "x.parquet")
+    assert not list(tmp_path.iterdir())
+
+
+def test_non_utf8_query_file(monkeypatch, capsys, tmp_path):
+    rq = tmp_path / "q.rq"
+    rq.write_bytes(b"SELECT ?s WHERE { ?s ?p \"caf\xe9\" }\n")
+    line = one_line_error(monkeypatch, capsys, "ontology", "sparql", str(rq))
+    assert str(rq) in line and "not UTF-8" in line
+
+
+def test_truncated_json_names_the_file_and_the_remedy(tmp_path):
+    damaged = tmp_path / "run.json"
+    damaged.write_text('{"model_id": "x", "gener', encoding="utf-8")
+    with pytest.raises(AtlasError, match=r"run\.json:1: not valid JSON .*delete it"):
+        read_json_file(damaged, "delete it")
+
+
+def test_damaged_clusters_json_is_one_line(monkeypatch, capsys, tmp_path):
+    folder = tmp_path / "clusters"
+    folder.mkdir()
+    for name in ("assignments.parquet", "embeddings.npy"):
+        (folder / name).write_bytes(b"")
+    (folder / "clusters.json").write_text('{"format": ', encoding="utf-8")
+    line = one_line_error(monkeypatch, capsys, "curate", "map", str(folder))
+    assert "clusters.json" in line and "not valid JSON" in line
+
+
+def test_os_error_safety_net_is_one_line():
+    exc = PermissionError(13, "Permission denied", "/some/file")
+    assert _os_error_line(exc) == "error: /some/file: Permission denied; choose a path you can write to, or fix its " \
+                                  "permissions"
+    assert _os_error_line(OSError(28, "No space left on device")) == "error: No space left on device"
+
+
+def test_rejects_are_json_lines(monkeypatch, capsys, tmp_path):
+    src = tmp_path / "r.csv"
+    src.write_text('prompt,response\nx,"a","b"\n', encoding="utf-8")
+    code, _, err = run_main(monkeypatch, capsys, "curate", "detect", str(src), "-o", str(tmp_path / "o.csv"),
+                            "--detector", "marker")
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("error: ") and "all 1 were rejected" in err
+    assert json.loads((tmp_path / "o.csv.rejects.jsonl").read_text())["record"] == ["x", "a", "b"]
