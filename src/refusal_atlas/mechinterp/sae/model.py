@@ -76,6 +76,7 @@ class SparseAutoencoder(nn.Module):
             with torch.no_grad():
                 for name, value in weights.items():
                     getattr(self, name).copy_(value.to(torch.float32))
+        self.requires_grad_(False)  # an inference object: gradients flow to inputs and latents, not weights
 
     # -- inference ---------------------------------------------------------------------------
 
