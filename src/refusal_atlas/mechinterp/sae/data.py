@@ -101,7 +101,7 @@ def open_activations(path: str | Path, layer: int | None = None) -> ActivationSo
         raise AtlasError(f"{p}: no such activations file or capture folder")
     try:
         with safe_open(str(p), framework="pt") as f:
-            if ACTS_KEY not in f:
+            if ACTS_KEY not in f.keys():  # noqa: SIM118 - safe_open is not a container
                 raise AtlasError(f"{p}: no tensor '{ACTS_KEY}'; expected acts [n, d_in] (found {', '.join(f.keys())})")
             shape = f.get_slice(ACTS_KEY).get_shape()
             meta = f.metadata() or {}

@@ -84,7 +84,7 @@ class _State:
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         except (SafetensorError, OSError) as exc:
             raise AtlasError(f"{path}: unreadable checkpoint ({exc}); delete it to start over") from exc
         if json.loads(header.get("meta", "{}")) != meta:
