@@ -45,3 +45,36 @@ def info(path: Path = typer.Argument(..., help="SAE folder (SAELens format or Ge
     Console().print(f"{c.architecture} SAE: d_in {c.d_in}, d_sae {c.d_sae}"
                     + (f", k {c.k}" if c.k else "")
                     + f", hook {escape(str(c.metadata.get('hook_name')))} (layer {c.hook_layer})")
+
+
+@app.command("features")
+def features(
+    run: Path = typer.Argument(..., help="a run's output folder (or its sae/ folder) holding features.parquet"),
+    node: str | None = typer.Option(None, "--node", help="only this node"),
+    top: int = typer.Option(10, "--top", help="features per node to show"),
+) -> None:
+    """Show each node's selected SAE features: decoder cosine, attribution, activations, contexts, tokens."""
+    import pandas as pd
+    from rich.table import Table
+
+    from refusal_atlas.errors import AtlasError
+
+    table_path = next((p for p in (run / "features.parquet", run / "sae" / "features.parquet") if p.is_file()), None)
+    if table_path is None:
+        raise AtlasError(f"{run}: no features.parquet (run the sae stage first)")
+    df = pd.read_parquet(table_path)
+    if node is not None:
+        if node not in set(df["node"]):
+            raise AtlasError(f"{table_path}: no node {node!r}; nodes: {', '.join(sorted(set(df['node'])))}")
+        df = df[df["node"] == node]
+    console = Console()
+    for name, rows in df.groupby("node", sort=True):
+        t = Table(title=escape(str(name)))
+        for col in ("rank", "feature", "cos", "attribution", "act node", "act harmless", "top context", "promotes"):
+            t.add_column(col)
+        for r in rows.head(top).itertuples():
+            contexts = list(r.top_contexts)
+            t.add_row(str(r.rank), str(r.feature), f"{r.decoder_cosine:.3f}", f"{r.attribution:.3g}",
+                      f"{r.mean_act_node:.3g}", f"{r.mean_act_harmless:.3g}",
+                      escape(contexts[0]) if contexts else "", escape(" ".join(map(repr, r.promoted_tokens[:5]))))
+        console.print(t)

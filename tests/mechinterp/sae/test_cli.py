@@ -32,3 +32,17 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
 
     result = CliRunner().invoke(app, ["sae", "train", str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "o")])
     assert isinstance(result.exception, AtlasError) and "no such activations" in str(result.exception)
+
+
+def test_features_command_escapes_text(tmp_path: Path) -> None:
+    import pandas as pd
+
+    (tmp_path / "sae").mkdir()
+    pd.DataFrame([{"node": "weapons", "rank": 1, "feature": 12, "decoder_cosine": 0.5, "attribution": 1.5,
+                   "mean_act_node": 2.0, "mean_act_harmless": 0.1, "top_contexts": ["[bold red]x[/bold red] ⟦bomb⟧"],
+                   "promoted_tokens": ["I", " cannot"]}]).to_parquet(tmp_path / "sae" / "features.parquet")
+    result = CliRunner().invoke(app, ["sae", "features", str(tmp_path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "[bold red]x[/bold red]" in result.output  # markup in the data is shown as text, not applied
+    result = CliRunner().invoke(app, ["sae", "features", str(tmp_path), "--node", "cyber"])
+    assert "no node 'cyber'" in str(result.exception)
