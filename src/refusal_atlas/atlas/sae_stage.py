@@ -136,7 +136,7 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
         select,
     )
     from refusal_atlas.mechinterp.sae.overlap import feature_overlap, shared_and_specific
-    from refusal_atlas.mechinterp.sae.tokens import TokenActivations, capture_tokens
+    from refusal_atlas.mechinterp.sae.tokens import TokenActivations, capture_tokens, concat
     from refusal_atlas.mechinterp.sae.train import TRAINING_JSON, TrainSettings, train_sae
 
     s = settings or SaeSettings()
@@ -145,20 +145,25 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     started = time.perf_counter()
     nodes = [n for n in inputs.harmful if n in directions and inputs.harmful[n]]
 
-    # 1. token supply: selection prompts first, so the per-prompt statistics below find them
-    texts = [p for n in nodes for p in inputs.harmful[n]] + list(inputs.harmless)
-    n_stat = len(texts)
-    texts += [p for ps in inputs.harmful_eval.values() for p in ps] + list(inputs.harmless_eval) + list(inputs.extra)
-    replies: list[str | None] = [None] * len(texts) + [a for _, a in inputs.answers]
-    texts += [q for q, _ in inputs.answers]
+    # 1. token supply: the selection prompts always, whole (their per-prompt statistics are reported),
+    # then the other prompt sets and answers up to `max_tokens`
+    selection = [p for n in nodes for p in inputs.harmful[n]] + list(inputs.harmless)
+    n_stat = len(selection)
+    rest = [p for ps in inputs.harmful_eval.values() for p in ps] + list(inputs.harmless_eval) + list(inputs.extra)
+    replies: list[str | None] = [None] * len(rest) + [a for _, a in inputs.answers]
+    rest += [q for q, _ in inputs.answers]
     token_file = folder / "tokens.safetensors"
     t0 = time.perf_counter()
     if token_file.is_file():
         tokens = TokenActivations.load(token_file)
     else:
-        tokens = capture_tokens(lm, texts, layer, responses=replies, batch_size=s.forward_batch,
-                                max_tokens=s.max_tokens, progress=progress)
-        tokens.save(token_file, {"n_prompts": len(texts), "model": lm.provenance()})
+        parts = [capture_tokens(lm, selection, layer, batch_size=s.forward_batch, progress=progress)]
+        budget = s.max_tokens - parts[0].acts.shape[0]
+        if rest and budget > 0:
+            parts.append(capture_tokens(lm, rest, layer, responses=replies, batch_size=s.forward_batch,
+                                        max_tokens=budget, progress=progress))
+        tokens = concat(parts)
+        tokens.save(token_file, {"n_prompts": n_stat + len(rest), "model": lm.provenance()})
     capture_s = time.perf_counter() - t0
 
     # 2. the SAE

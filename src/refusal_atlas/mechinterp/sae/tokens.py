@@ -72,6 +72,18 @@ class TokenActivations:
                 + decode(ids[p + 1:p + 1 + after]))
 
 
+def concat(parts: Sequence[TokenActivations]) -> TokenActivations:
+    """Several captures of the same layer as one (prompt indices renumbered in order)."""
+    offset = 0
+    index, ids = [], []
+    for part in parts:
+        index.append(part.prompt_index + offset)
+        ids.extend(part.token_ids)
+        offset += len(part.token_ids)
+    positions = torch.cat([p.token_pos for p in parts])
+    return TokenActivations(torch.cat([p.acts for p in parts]), torch.cat(index), positions, ids, parts[0].layer)
+
+
 def capture_tokens(
     lm: LoadedModel,
     instructions: Sequence[str],
