@@ -140,3 +140,24 @@ def test_overlap_distinct_vs_shared() -> None:
     table, _ = feature_overlap({"A": a, "B": shared_b}, {"A": cand, "B": cand}, 20, n_boot=50)
     assert table.iloc[0]["jaccard"] > 0.8 and table.iloc[0]["overlapping"] and not table.iloc[0]["distinct"]
     assert jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
+
+
+def test_token_capture_with_shared_prefix() -> None:
+    """A system prompt makes a long common opening: it runs once (prefix reuse), rows stay exact."""
+    lm = tiny_model("qwen2", seed=3)
+    system = "You are a careful assistant who answers briefly and politely."
+    toks = capture_tokens(lm, PROMPTS, 2, system=system, batch_size=4, progress=False)
+    kept: dict[str, torch.Tensor] = {}
+    h = decoder_blocks(lm.model)[2].register_forward_hook(lambda m, a, o: kept.update(h=hidden_from_output(o)))
+    try:
+        for i, p in enumerate(PROMPTS):
+            ids = lm.tokenizer(lm.chat_prompt(p, system=system), add_special_tokens=False, return_tensors="pt")
+            with torch.no_grad():
+                lm.model(input_ids=ids["input_ids"])
+            mine = toks.acts[toks.prompt_index == i]
+            assert torch.allclose(mine, kept["h"][0][toks.token_pos[toks.prompt_index == i]], atol=1e-4)
+    finally:
+        h.remove()
+    from refusal_atlas.lm.prefix import plan_prefix
+
+    assert plan_prefix(toks.token_ids, lm.model) >= 4  # the prefix path was taken

@@ -29,6 +29,7 @@ from refusal_atlas.lm.capture import accepts_position_ids, left_pad
 from refusal_atlas.lm.generation import length_buckets
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.positions import tokenize_prompts
+from refusal_atlas.lm.prefix import SharedPrefix, plan_prefix
 
 
 class _Stop(Exception):
@@ -121,22 +122,32 @@ def capture_tokens(
     use_pos = accepts_position_ids(lm.model)
     device = next(lm.model.parameters()).device
     order = length_buckets([len(x) for x in ids], batch_size)
+    # the template's common opening (system prompt, role header) runs once; its rows are never kept
+    n_prefix = plan_prefix(ids, lm.model, enabled=use_pos, max_length=min(starts))
     bar = tqdm(total=len(ids), desc="sae tokens", unit="prompt", disable=not progress, dynamic_ncols=True)
     handle = block.register_forward_hook(hook)
     try:
         with torch.inference_mode():
+            prefix = SharedPrefix.build(lm.model, ids[0][:n_prefix], stop=_Stop) if n_prefix else None
+            kept.clear()
             for batch in order:
-                enc = left_pad([ids[i] for i in batch], tok.pad_token_id)
-                if not use_pos:
-                    enc.pop("position_ids")
-                width = enc["input_ids"].shape[1]
+                if prefix is not None:
+                    enc = prefix.batch_inputs([ids[i][n_prefix:] for i in batch], tok.pad_token_id, device)
+                else:
+                    enc = {k: v.to(device) for k, v in left_pad([ids[i] for i in batch], tok.pad_token_id).items()}
+                    if not use_pos:
+                        enc.pop("position_ids")
+                    enc["use_cache"] = False
+                input_ids = enc["input_ids"]
+                assert isinstance(input_ids, Tensor)
+                width = input_ids.shape[1]
                 with contextlib.suppress(_Stop):
-                    lm.model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False)
+                    lm.model(**enc)
                 h = kept.pop("h").float().cpu()
                 for j, i in enumerate(batch):
-                    pad = width - len(ids[i])
+                    pad = width - (len(ids[i]) - n_prefix)
                     keep = torch.arange(starts[i], len(ids[i]))
-                    rows.append(h[j, pad + keep])
+                    rows.append(h[j, pad + keep - n_prefix])
                     index.append(torch.full((len(keep),), i, dtype=torch.long))
                     pos.append(keep)
                     total += len(keep)
