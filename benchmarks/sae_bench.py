@@ -39,7 +39,7 @@ def activations(path: Path, layer: int, n_tokens: int) -> Path:
     prompts = build_prompt_set(seed=0)["prompt"].drop_duplicates().sample(frac=1.0, random_state=0).tolist()
     lm = load_model("default")
     t0 = time.perf_counter()
-    toks = capture_tokens(lm, prompts, layer, max_tokens=n_tokens, batch_size=16)
+    toks = capture_tokens(lm, prompts, layer, max_tokens=n_tokens, max_prompt_tokens=128, batch_size=16)
     seconds = time.perf_counter() - t0
     save_file({"acts": toks.acts.contiguous()}, str(path),
               metadata={"layer": str(layer), "capture_seconds": f"{seconds:.1f}", "n_prompts": str(len(prompts))})

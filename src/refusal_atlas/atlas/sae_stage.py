@@ -37,6 +37,7 @@ SUBDIR = "sae"
 @dataclass
 class SaeSettings:
     max_tokens: int = 40_000
+    max_prompt_tokens: int = 128  # per prompt, from the instruction on
     width: int = 2048
     k: int = 32
     epochs: int = 5
@@ -157,11 +158,16 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     if token_file.is_file():
         tokens = TokenActivations.load(token_file)
     else:
-        parts = [capture_tokens(lm, selection, layer, batch_size=s.forward_batch, progress=progress)]
+        parts = [capture_tokens(lm, selection, layer, batch_size=s.forward_batch,
+                                max_prompt_tokens=s.max_prompt_tokens, progress=progress)]
         budget = s.max_tokens - parts[0].acts.shape[0]
         if rest and budget > 0:
+            # a seeded shuffle, so the budget samples every prompt set rather than the first listed
+            perm = np.random.default_rng(s.seed).permutation(len(rest)).tolist()
+            rest, replies = [rest[i] for i in perm], [replies[i] for i in perm]
             parts.append(capture_tokens(lm, rest, layer, responses=replies, batch_size=s.forward_batch,
-                                        max_tokens=budget, progress=progress))
+                                        max_tokens=budget, max_prompt_tokens=s.max_prompt_tokens,
+                                        progress=progress))
         tokens = concat(parts)
         tokens.save(token_file, {"n_prompts": n_stat + len(rest), "model": lm.provenance()})
     capture_s = time.perf_counter() - t0

@@ -161,3 +161,15 @@ def test_token_capture_with_shared_prefix() -> None:
     from refusal_atlas.lm.prefix import plan_prefix
 
     assert plan_prefix(toks.token_ids, lm.model) >= 4  # the prefix path was taken
+
+
+def test_token_budget_keeps_the_first_prompts(planted: tuple[LoadedModel, SparseAutoencoder, torch.Tensor]) -> None:
+    lm, _, _ = planted
+    full = capture_tokens(lm, PROMPTS, LAYER, progress=False)
+    per_prompt = torch.bincount(full.prompt_index, minlength=len(PROMPTS))
+    budget = int(per_prompt[:3].sum())
+    part = capture_tokens(lm, PROMPTS, LAYER, max_tokens=budget, batch_size=2, progress=False)
+    assert part.prompt_index.unique().tolist() == [0, 1, 2]
+    assert torch.allclose(part.acts, full.acts[full.prompt_index < 3], atol=1e-4)  # same rows, prompt order
+    cut = capture_tokens(lm, PROMPTS, LAYER, max_prompt_tokens=3, progress=False)
+    assert torch.bincount(cut.prompt_index).max() == 3

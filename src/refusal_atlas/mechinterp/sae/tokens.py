@@ -93,10 +93,15 @@ def capture_tokens(
     responses: Sequence[str | None] | None = None,
     batch_size: int = 16,
     max_tokens: int | None = None,
+    max_prompt_tokens: int | None = None,
     system: str | None = None,
     progress: bool = True,
 ) -> TokenActivations:
-    """Output of block `layer` at every token from each instruction's start (responses appended)."""
+    """Output of block `layer` at every token from each instruction's start (responses appended).
+
+    `max_prompt_tokens` cuts each prompt that many tokens after its instruction starts; `max_tokens` keeps
+    the first prompts, in the order given, whose rows fit the budget (shuffle the prompts to sample).
+    """
     if not instructions:
         raise AtlasError("no prompts to capture SAE training tokens from")
     if not 0 <= layer < lm.n_layers:
@@ -108,6 +113,12 @@ def capture_tokens(
         reply = responses[i] if responses is not None else None
         ids.append(list(pt.input_ids) + (tok(reply, add_special_tokens=False)["input_ids"] if reply else []))
     starts = [pt.instruction_start for pt in prompts]
+    if max_prompt_tokens is not None:  # a few very long prompts (contextual HarmBench) must not crowd out the rest
+        ids = [x[: starts[i] + max_prompt_tokens] for i, x in enumerate(ids)]
+    chosen = list(range(len(ids)))
+    if max_tokens is not None:  # the first prompts, in the caller's order, that fit the budget
+        counts = torch.tensor([len(x) - s for x, s in zip(ids, starts, strict=True)]).cumsum(0)
+        chosen = chosen[: max(1, int((counts <= max_tokens).sum()))]
     block: nn.Module = decoder_blocks(lm.model)[layer]
     kept: dict[str, Tensor] = {}
 
@@ -118,13 +129,12 @@ def capture_tokens(
     rows: list[Tensor] = []
     index: list[Tensor] = []
     pos: list[Tensor] = []
-    total = 0
     use_pos = accepts_position_ids(lm.model)
     device = next(lm.model.parameters()).device
-    order = length_buckets([len(x) for x in ids], batch_size)
+    order = [[chosen[j] for j in b] for b in length_buckets([len(ids[i]) for i in chosen], batch_size)]
     # the template's common opening (system prompt, role header) runs once; its rows are never kept
-    n_prefix = plan_prefix(ids, lm.model, enabled=use_pos, max_length=min(starts))
-    bar = tqdm(total=len(ids), desc="sae tokens", unit="prompt", disable=not progress, dynamic_ncols=True)
+    n_prefix = plan_prefix([ids[i] for i in chosen], lm.model, enabled=use_pos, max_length=min(starts))
+    bar = tqdm(total=len(chosen), desc="sae tokens", unit="prompt", disable=not progress, dynamic_ncols=True)
     handle = block.register_forward_hook(hook)
     try:
         with torch.inference_mode():
@@ -150,15 +160,12 @@ def capture_tokens(
                     rows.append(h[j, pad + keep - n_prefix])
                     index.append(torch.full((len(keep),), i, dtype=torch.long))
                     pos.append(keep)
-                    total += len(keep)
                 bar.update(len(batch))
-                if max_tokens is not None and total >= max_tokens:
-                    break
     finally:
         handle.remove()
         bar.close()
-    acts = torch.cat(rows)
-    out = TokenActivations(acts, torch.cat(index), torch.cat(pos), ids, layer)
-    if max_tokens is not None and acts.shape[0] > max_tokens:
-        out = TokenActivations(acts[:max_tokens], out.prompt_index[:max_tokens], out.token_pos[:max_tokens], ids, layer)
-    return out
+    # rows in prompt order (batches ran longest first), whatever the batching
+    prompt_index = torch.cat(index)
+    order_rows = torch.argsort(prompt_index * (max(len(x) for x in ids) + 1) + torch.cat(pos))
+    return TokenActivations(torch.cat(rows)[order_rows], prompt_index[order_rows], torch.cat(pos)[order_rows], ids,
+                            layer)
