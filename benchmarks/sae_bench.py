@@ -76,7 +76,7 @@ def sae_lens_run(source, out: Path, args: argparse.Namespace) -> dict:
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=source.d_in, d_sae=args.width, k=args.k,
                                                 normalize_activations="expected_average_only_in"))
     cfg = SAETrainerConfig(total_training_samples=steps * args.batch, train_batch_size_samples=args.batch,
-                           lr=args.lr, n_batches_for_norm_estimate=40)
+                           lr=args.lr, lr_end=args.lr, n_batches_for_norm_estimate=40)
     t0 = time.perf_counter()
     trained = SAETrainer(cfg, sae, provider()).fit()
     seconds = time.perf_counter() - t0

@@ -76,7 +76,10 @@ def inputs_from_prompts(prompts: pd.DataFrame, nodes: Sequence[str], refusal_tok
         ev = rows[rows["run_split"] == "eval"].sample(frac=1.0, random_state=seed)["prompt"].tolist()
         if train:
             harmful[node], held[node] = train[:per_node], ev[:per_node_eval]
-    harmless_rows = plain[~plain["harmful"].astype(bool)].drop_duplicates("prompt")
+    harmless_rows = plain[~plain["harmful"].astype(bool)]
+    if "source" in harmless_rows:  # over-refusal prompts look harmful: they feed the token supply only
+        harmless_rows = harmless_rows[harmless_rows["source"] == "harmless"]
+    harmless_rows = harmless_rows.drop_duplicates("prompt")
     harmless = harmless_rows[harmless_rows["run_split"] == "train"]["prompt"].tolist()
     harmless_eval = harmless_rows[harmless_rows["run_split"] == "eval"].sample(
         frac=1.0, random_state=seed)["prompt"].tolist()[:n_harmless_eval]
