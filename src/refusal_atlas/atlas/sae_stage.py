@@ -47,6 +47,9 @@ class SaeSettings:
     clamp_factor: float = -1.0
     n_boot: int = 200
     forward_batch: int = 16
+    # direction ablation beside the clamp: the causal stage's cross-ablation matrix already measures it,
+    # and repeating it here doubles the stage's slowest step
+    compare_ablation: bool = False
     seed: int = 0
 
 
@@ -109,8 +112,9 @@ def _clamp_matrix(lm: LoadedModel, sae: Any, layer: int, chosen: dict[str, list[
     ref = clean_logprobs(lm, inputs.harmless_eval, batch_size=s.forward_batch) if inputs.harmless_eval else None
     rows = []
     for source, feats in chosen.items():
-        arms = {"clamp": clamp(lm.model, sae, layer, feats, factor=s.clamp_factor),
-                "ablate_direction": ablation(lm.model, directions[source])}
+        arms = {"clamp": clamp(lm.model, sae, layer, feats, factor=s.clamp_factor)}
+        if s.compare_ablation:
+            arms["ablate_direction"] = ablation(lm.model, directions[source])
         for method, intervention in arms.items():
             kl = (float(np.mean(kl_divergence(lm, inputs.harmless_eval, intervention, clean=ref,
                                               batch_size=s.forward_batch))) if ref is not None else float("nan"))

@@ -34,7 +34,7 @@ def test_stage_writes_everything(tmp_path: Path) -> None:
     inputs = SaeInputs(harmful, {n: _prompts(t, 2, 50) for n, t in NODES.items()}, harmless,
                        _prompts(HARMLESS, 2, 50), refusal_token_ids=[7, 11], extra=["Is it legal to own a knife?"])
     settings = SaeSettings(max_tokens=3_000, width=128, k=8, epochs=2, batch_size=64, n_candidates=20, k_star=5,
-                           n_boot=20)
+                           n_boot=20, compare_ablation=True)
     metrics = run_sae_stage(tmp_path, lm, directions, layer, inputs, settings, progress=False)
     folder = tmp_path / "sae"
     for name in ("tokens.safetensors", "model/cfg.json", "model/training.json", "features.parquet", "clamp.parquet",
