@@ -1,0 +1,172 @@
+"""Per-node SAE feature selection (after Yeo et al.): decoder cosine for candidates, attribution for K*.
+
+Attribution is gradient × activation (attribution patching against zeroing the latent): for each
+prompt, the SAE is spliced into block `layer`'s output with its error term kept (so the forward pass
+is unchanged), the refusal log-odds at the first generated position is differentiated with respect
+to every latent's activation at every token, and grad × activation is summed over the prompt's
+tokens. A positive value: the latent, as active on this prompt, pushes the model towards refusing.
+The log-odds is log P(refusal opener) − log(1 − P), P summed over the model's refusal-opening tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_hidden
+from refusal_atlas.lm.capture import accepts_position_ids, left_pad
+from refusal_atlas.lm.generation import length_buckets
+from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.mechinterp.sae.model import SparseAutoencoder
+from refusal_atlas.mechinterp.sae.tokens import TokenActivations
+
+
+def _logodds(logits: Tensor, token_ids: Tensor) -> Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    lp = torch.logsumexp(logp[:, token_ids], dim=-1).clamp(max=-1e-6)
+    return lp - torch.log(-torch.expm1(lp))
+
+
+def attributions(
+    lm: LoadedModel,
+    sae: SparseAutoencoder,
+    layer: int,
+    instructions: Sequence[str],
+    refusal_token_ids: Sequence[int],
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """[n_prompts, d_sae] gradient × activation of the refusal log-odds, summed over each prompt's tokens."""
+    if not refusal_token_ids:
+        raise AtlasError("attribution needs the model's refusal-opening token ids (none given)")
+    if not instructions:
+        return torch.zeros(0, sae.cfg.d_sae)
+    tok = lm.tokenizer
+    ids = [tok(lm.chat_prompt(x, system=system), add_special_tokens=False)["input_ids"] for x in instructions]
+    target = torch.as_tensor(list(refusal_token_ids), dtype=torch.long)
+    block: nn.Module = decoder_blocks(lm.model)[layer]
+    device = next(lm.model.parameters()).device
+    sae_dev = sae.to(device)
+    out = torch.zeros(len(ids), sae.cfg.d_sae)
+    slot: dict[str, Tensor] = {}
+
+    def splice(module: nn.Module, args: Any, output: Any) -> Any:
+        h = hidden_from_output(output)
+        f = sae_dev.encode(h.detach().float()).requires_grad_(True)
+        x_hat = sae_dev.decode(f, h.detach().float())
+        slot["f"] = f
+        # the error term keeps the forward value exactly h; gradient reaches h only through f
+        return replace_hidden(output, (x_hat + (h.float() - x_hat).detach()).to(h.dtype))
+
+    use_pos = accepts_position_ids(lm.model)
+    handle = block.register_forward_hook(splice, prepend=True)
+    bar = tqdm(total=len(ids), desc="sae attribution", unit="prompt", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in length_buckets([len(x) for x in ids], batch_size):
+            enc = left_pad([ids[i] for i in batch], tok.pad_token_id)
+            if not use_pos:
+                enc.pop("position_ids")
+            mask = enc["attention_mask"].to(device)
+            with torch.enable_grad():
+                logits = lm.model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False).logits[:, -1]
+                score = _logodds(logits, target.to(device)).sum()
+                f = slot.pop("f")
+                (grad,) = torch.autograd.grad(score, f)
+            contrib = (grad * f.detach() * mask.unsqueeze(-1)).sum(1).float().cpu()
+            out[torch.as_tensor(batch)] = contrib
+            bar.update(len(batch))
+    finally:
+        handle.remove()
+        bar.close()
+        sae.to("cpu")
+    return out
+
+
+def candidates(sae: SparseAutoencoder, direction: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(latent ids, decoder cosines) of the `n` latents whose decoder rows point most along the direction."""
+    r = direction.detach().float().flatten()
+    r = r / r.norm().clamp_min(1e-12)
+    cos = sae.unit_decoder() @ r
+    top = torch.topk(cos, min(n, cos.numel()))
+    return top.indices, top.values
+
+
+def select(attr: Tensor, cand: Tensor, k: int) -> Tensor:
+    """The `k` candidates with the largest mean attribution (rows of `attr` = prompts)."""
+    score = attr[:, cand].mean(0)
+    return cand[torch.argsort(score, descending=True, stable=True)[: min(k, cand.numel())]]
+
+
+@torch.no_grad()
+def latent_stats(sae: SparseAutoencoder, tokens: TokenActivations, features: Sequence[int],
+                 n_contexts: int = 5, chunk: int = 4096) -> tuple[Tensor, list[list[int]]]:
+    """(per-prompt mean activation [n_prompts, len(features)], each feature's top rows by activation)."""
+    feats = torch.as_tensor(list(features), dtype=torch.long)
+    n_prompts = len(tokens.token_ids)
+    sums = torch.zeros(n_prompts, len(feats), dtype=torch.float64)
+    counts = torch.bincount(tokens.prompt_index, minlength=n_prompts).clamp_min(1).double()
+    best_val = torch.full((n_contexts, len(feats)), -torch.inf)
+    best_row = torch.full((n_contexts, len(feats)), -1, dtype=torch.long)
+    for start in range(0, tokens.acts.shape[0], chunk):
+        f = sae.encode(tokens.acts[start:start + chunk])[:, feats]
+        sums.index_add_(0, tokens.prompt_index[start:start + chunk], f.double())
+        rows = torch.arange(start, start + f.shape[0]).unsqueeze(1).expand_as(f)
+        vals = torch.cat([best_val, f])
+        idx = torch.cat([best_row, rows])
+        top = torch.topk(vals, min(n_contexts, vals.shape[0]), dim=0)
+        best_val, best_row = top.values, idx.gather(0, top.indices)
+    tops = [[int(r) for r, v in zip(best_row[:, j], best_val[:, j], strict=True) if v > 0] for j in range(len(feats))]
+    return (sums / counts.unsqueeze(1)).float(), tops
+
+
+def _mean(x: Tensor) -> float:
+    return float(x.mean()) if x.numel() else float("nan")
+
+
+def feature_table(
+    lm: LoadedModel,
+    sae: SparseAutoencoder,
+    node: str,
+    chosen: Tensor,
+    cand: Tensor,
+    cos: Tensor,
+    attr: Tensor,
+    mean_acts: Tensor,
+    node_prompts: Tensor,
+    harmless_prompts: Tensor,
+    tops: list[list[int]],
+    tokens: TokenActivations,
+    feature_order: Sequence[int],
+    n_promoted: int = 8,
+) -> pd.DataFrame:
+    """One row per selected latent of a node, with the evidence the report and the atlas show."""
+    from refusal_atlas.mechinterp.logit_lens import promoted_tokens
+
+    decode = lm.tokenizer.decode
+    position = {int(f): i for i, f in enumerate(feature_order)}
+    cos_of = {int(c): float(v) for c, v in zip(cand, cos, strict=True)}
+    rows = []
+    for rank, feat in enumerate(chosen.tolist()):
+        j = position[feat]
+        lens = promoted_tokens(lm, sae.W_dec[feat].detach(), k=n_promoted)
+        rows.append({
+            "node": node,
+            "rank": rank + 1,
+            "feature": int(feat),
+            "decoder_cosine": cos_of[int(feat)],
+            "attribution": float(attr[:, feat].mean()),
+            "attribution_se": float(attr[:, feat].std() / max(attr.shape[0], 1) ** 0.5) if attr.shape[0] > 1 else 0.0,
+            "mean_act_node": _mean(mean_acts[node_prompts, j]),
+            "mean_act_harmless": _mean(mean_acts[harmless_prompts, j]),
+            "top_contexts": [tokens.context(r, 12, 4, decode) for r in tops[j]],
+            "promoted_tokens": lens[lens["sign"] == "promoted"]["token"].tolist(),
+        })
+    return pd.DataFrame(rows)
