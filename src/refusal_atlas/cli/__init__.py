@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from refusal_atlas.cli import atlas, curate, directions, ontology, organism, taxonomy
+from refusal_atlas.cli import atlas, curate, directions, harm, ontology, organism, sae, taxonomy, validate
 from refusal_atlas.cli.console import RICH_MARKUP_MODE
 from refusal_atlas.errors import AtlasError
 
@@ -31,7 +31,10 @@ app.add_typer(ontology.app, name="ontology", help="YAML <-> RDF, SHACL validatio
 app.add_typer(curate.app, name="curate", help="Prompt sets, response collection, refusal detection, clustering.")
 app.add_typer(directions.app, name="directions", help="Per-node refusal directions, geometry, causal tests.")
 app.add_typer(organism.app, name="organism", help="Build a model organism that follows the taxonomy's policy.")
+app.add_typer(harm.app, name="harm", help="Harmfulness vs refusal per harm source: the 2×2, jailbreaks, verdicts.")
+app.add_typer(sae.app, name="sae", help="Sparse autoencoders (SAELens format): train, inspect, per-node features.")
 atlas.register(app)
+validate.register(app)
 
 
 INTERRUPTED = "interrupted; rerun the same command to resume"

