@@ -65,6 +65,9 @@ def test_the_written_folder_is_what_the_schema_declares(finished):
     skipped = (out / "causal" / "skipped.json").is_file()  # a tiny random organism may never refuse
     for artifact in schema.ARTIFACTS:
         optional = artifact.stage == "causal" or artifact.path.startswith(("clusters/", "organism/adherence_by"))
+        # a node with too few prompts in a cell gets no geometry, so its projections and causal checks may be absent
+        optional |= artifact.stage == "harm" and artifact not in (schema.HARM_JSON, schema.HARM_CELLS,
+                                                                  schema.HARM_FINDINGS)
         assert optional or (out / artifact.path).is_file(), artifact.path
     assert skipped or (out / "causal" / "pooled.json").is_file()
     for path in out.rglob("*"):
