@@ -10,7 +10,8 @@ from ruamel.yaml import YAML
 from curation_cluster_fixtures import planted
 from refusal_atlas.curation.cluster import ClusterConfig
 from refusal_atlas.curation.cluster_run import cluster_corpus
-from refusal_atlas.curation.mapping import map_clusters, map_folder
+from refusal_atlas.curation.map_folder import map_folder
+from refusal_atlas.curation.mapping import map_clusters
 from refusal_atlas.curation.proposals import proposals_yaml, propose_nodes
 from refusal_atlas.taxonomy.loader import load_taxonomy
 from refusal_atlas.taxonomy.model import Node, Status, Taxonomy

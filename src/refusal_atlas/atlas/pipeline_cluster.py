@@ -15,7 +15,7 @@ import pandas as pd
 
 from refusal_atlas.curation.cluster import ClusterConfig
 from refusal_atlas.curation.cluster_run import cluster_corpus
-from refusal_atlas.curation.mapping import map_folder
+from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.tables import write_table
 from refusal_atlas.taxonomy.model import Taxonomy
 

@@ -15,6 +15,7 @@ Steps (each writes into `<out>/sae/` and is skipped on a rerun when its file is 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,21 @@ from torch import Tensor
 from refusal_atlas.hashing import file_sha256
 from refusal_atlas.io import atomic_write, atomic_write_json
 from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.mechinterp.interventions import ablation
+from refusal_atlas.mechinterp.sae import load_sae
+from refusal_atlas.mechinterp.sae.clamp import clamp
+from refusal_atlas.mechinterp.sae.data import open_activations
+from refusal_atlas.mechinterp.sae.features import (
+    attributions,
+    candidates,
+    feature_table,
+    latent_stats,
+    select,
+)
+from refusal_atlas.mechinterp.sae.overlap import feature_overlap, shared_and_specific
+from refusal_atlas.mechinterp.sae.tokens import TokenActivations, capture_tokens, concat
+from refusal_atlas.mechinterp.sae.train import TRAINING_JSON, TrainSettings, train_sae
+from refusal_atlas.mechinterp.scoring import clean_logprobs, kl_divergence, logit_refusal_score
 
 SUBDIR = "sae"
 
@@ -93,7 +109,6 @@ def inputs_from_prompts(prompts: pd.DataFrame, nodes: Sequence[str], refusal_tok
 
 def _first_token_refusal(lm: LoadedModel, prompts: list[str], ids: list[int], intervention: Any,
                          batch: int) -> np.ndarray:
-    from refusal_atlas.mechinterp.scoring import logit_refusal_score
 
     if not prompts:
         return np.zeros(0)
@@ -102,9 +117,6 @@ def _first_token_refusal(lm: LoadedModel, prompts: list[str], ids: list[int], in
 
 def _clamp_matrix(lm: LoadedModel, sae: Any, layer: int, chosen: dict[str, list[int]],
                   directions: Mapping[str, Tensor], inputs: SaeInputs, s: SaeSettings) -> pd.DataFrame:
-    from refusal_atlas.mechinterp.interventions import ablation
-    from refusal_atlas.mechinterp.sae.clamp import clamp
-    from refusal_atlas.mechinterp.scoring import clean_logprobs, kl_divergence
 
     ids = inputs.refusal_token_ids
     targets = {n: p for n, p in inputs.harmful_eval.items() if p}
@@ -134,18 +146,6 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
 
     Returns the `sae.*` metrics (FVU, L0, dead fraction, tokens, per-node K*, clamp refusal own/other).
     """
-    from refusal_atlas.mechinterp.sae import load_sae
-    from refusal_atlas.mechinterp.sae.data import open_activations
-    from refusal_atlas.mechinterp.sae.features import (
-        attributions,
-        candidates,
-        feature_table,
-        latent_stats,
-        select,
-    )
-    from refusal_atlas.mechinterp.sae.overlap import feature_overlap, shared_and_specific
-    from refusal_atlas.mechinterp.sae.tokens import TokenActivations, capture_tokens, concat
-    from refusal_atlas.mechinterp.sae.train import TRAINING_JSON, TrainSettings, train_sae
 
     s = settings or SaeSettings()
     folder = Path(out) / SUBDIR
@@ -192,7 +192,6 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
                                        progress=progress)
         flat.unlink(missing_ok=True)
     else:
-        import json
 
         sae = load_sae(model_dir)
         train_metrics = json.loads((model_dir / TRAINING_JSON).read_text())["metrics"]

@@ -12,11 +12,29 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from refusal_atlas.cli.console import RICH_MARKUP_MODE
+from refusal_atlas.cli.curate_cluster import register as _register_cluster
+from refusal_atlas.curation.backends import GenerationSettings, make_backend
+from refusal_atlas.curation.collect import collect
+from refusal_atlas.curation.datasets import describe_sets, is_user_file, parse_column_mapping
+from refusal_atlas.curation.detect import evaluate_detectors, get_detector, results_markdown
+from refusal_atlas.curation.prompts import build_prompt_set
+from refusal_atlas.curation.tables import (
+    read_table,
+    reject,
+    rejects_path,
+    require_columns,
+    table_format,
+    write_rejects,
+    write_table,
+)
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write_text, check_not_same_file
+from refusal_atlas.taxonomy.crosswalk import load_crosswalks
+from refusal_atlas.taxonomy.loader import load_taxonomy
 
 app = typer.Typer(no_args_is_help=True, help="Prompt sets, response collection, refusal detection, clustering.",
                   rich_markup_mode=RICH_MARKUP_MODE)
@@ -28,14 +46,12 @@ def _say(message: str) -> None:
 
 def check_output(output: Path, *inputs: Path | str | None) -> None:
     """Neither the output nor its rejects file may be one of the inputs (writing would destroy it)."""
-    from refusal_atlas.curation.tables import rejects_path
 
     check_not_same_file(output, *inputs)
     check_not_same_file(rejects_path(output), *inputs)
 
 
 def _report_rejects(out: Path, rejects: list[dict]) -> None:
-    from refusal_atlas.curation.tables import write_rejects
 
     path = write_rejects(out, rejects)
     if path is not None:
@@ -45,7 +61,6 @@ def _report_rejects(out: Path, rejects: list[dict]) -> None:
 @app.command("sets")
 def sets_cmd() -> None:
     """List the prompt sets `curate prompts --sets` accepts."""
-    from refusal_atlas.curation.datasets import describe_sets
 
     for name, desc in describe_sets().items():
         print(f"{name:14s} {desc}")
@@ -75,11 +90,6 @@ def prompts_cmd(
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
 ) -> None:
     """Build a prompt set mapped onto taxonomy nodes (optionally with condition variants)."""
-    from refusal_atlas.curation.datasets import is_user_file, parse_column_mapping
-    from refusal_atlas.curation.prompts import build_prompt_set
-    from refusal_atlas.curation.tables import table_format, write_table
-    from refusal_atlas.taxonomy.crosswalk import load_crosswalks
-    from refusal_atlas.taxonomy.loader import load_taxonomy
 
     table_format(output)
     names = [s.strip() for s in sets.split(",") if s.strip()]
@@ -126,9 +136,6 @@ def collect_cmd(
         help="torch CPU threads; 1 is much faster on a machine shared with other jobs.")] = None,
 ) -> None:
     """Generate responses with the model's chat template (resumable: rerun to continue)."""
-    from refusal_atlas.curation.backends import GenerationSettings, make_backend
-    from refusal_atlas.curation.collect import collect
-    from refusal_atlas.curation.tables import read_table, table_format
 
     table_format(output)
     check_output(output, prompts)
@@ -137,7 +144,6 @@ def collect_cmd(
     if threads is not None:
         if threads < 1:
             raise AtlasError(f"--threads must be at least 1 (got {threads})")
-        import torch
 
         torch.set_num_threads(threads)
     rejects: list[dict] = []
@@ -166,8 +172,6 @@ def detect_cmd(
     detector: Annotated[str, typer.Option(help="embedding (default) | marker.")] = "embedding",
 ) -> None:
     """Label each response refused / not refused, with a score in [0, 1]."""
-    from refusal_atlas.curation.detect import get_detector
-    from refusal_atlas.curation.tables import read_table, reject, require_columns, table_format, write_table
 
     table_format(output)
     check_output(output, file)
@@ -207,7 +211,6 @@ def detect_eval_cmd(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write a Markdown table here.")] = None,
 ) -> None:
     """Precision / recall / F1 of each detector on pyrit's human-labelled refusal set (evaluation only)."""
-    from refusal_atlas.curation.detect import evaluate_detectors, results_markdown
 
     results = evaluate_detectors()
     text = results_markdown(results)
@@ -217,6 +220,5 @@ def detect_eval_cmd(
 
 
 # `cluster` and `map` live in their own module (the clustering area) and are mounted here.
-from refusal_atlas.cli.curate_cluster import register as _register_cluster  # noqa: E402
 
 _register_cluster(app)

@@ -5,13 +5,16 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import typer
 
 from refusal_atlas.curation.cluster import ClusterConfig
+from refusal_atlas.curation.cluster_run import cluster_corpus
 from refusal_atlas.curation.cluster_store import ASSIGNMENTS
+from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import check_not_same_file
 
@@ -41,9 +44,7 @@ def cluster(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the embedding cache."),
 ) -> None:
     """Embed, cluster (consensus UMAP → HDBSCAN), check stability, and write the clusters folder."""
-    import logging
 
-    from refusal_atlas.curation.cluster_run import cluster_corpus
 
     if out.exists() and not out.is_dir():
         raise AtlasError(f"{out}: is a file; -o names the output folder")
@@ -74,7 +75,6 @@ def map_clusters(
                                     help="Below this share of rows labelled with the best node, no fit."),
 ) -> None:
     """Link each cluster to its best taxonomy node(s); unmatched clusters become proposed nodes."""
-    from refusal_atlas.curation.mapping import map_folder
 
     mapping, proposed, written = map_folder(clusters, taxonomy, out, embedder=embedder,
                                             min_score={"similarity": min_similarity, "label_majority": min_share})

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import typer
+
+from refusal_atlas.atlas.organism_test import run_organism_test
+from refusal_atlas.cli.directions import _read_prompts
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.models import auto_threads
+from refusal_atlas.organism.build import build_organism
+from refusal_atlas.organism.separable import SeparableSettings, build_separable
+from refusal_atlas.organism.settings import OrganismSettings
 
 app = typer.Typer(no_args_is_help=True, help="Build a model organism that follows the taxonomy's policy.")
 
@@ -35,13 +44,7 @@ def build(
                                              "roots with the most refuse-policy prompts)"),
 ) -> None:
     """Fine-tune the base chat model to follow the taxonomy's conditional refusal policy."""
-    from dataclasses import replace
 
-    from refusal_atlas.cli.directions import _read_prompts
-    from refusal_atlas.errors import AtlasError
-    from refusal_atlas.lm.models import auto_threads
-    from refusal_atlas.organism.build import build_organism
-    from refusal_atlas.organism.settings import OrganismSettings
 
     if recipe not in ("shared", "separable"):
         raise AtlasError(f"--recipe {recipe!r}: use 'shared' or 'separable'")
@@ -77,11 +80,7 @@ def build(
 
 def _build_separable(out: Path, taxonomy: Path | None, base: str, seed: int, prompts: Path | None, quick: bool,
                      branches: str | None, threads: int | None, force: bool) -> None:
-    from dataclasses import replace
 
-    from refusal_atlas.cli.directions import _read_prompts
-    from refusal_atlas.lm.models import auto_threads
-    from refusal_atlas.organism.separable import SeparableSettings, build_separable
 
     sep = SeparableSettings.reduced() if quick else SeparableSettings()
     if branches:
@@ -114,8 +113,6 @@ def test_cmd(
     # imported here only to keep this edit inside the `test` command's body (the rest of the file has another owner)
     import torch
 
-    from refusal_atlas.atlas.organism_test import run_organism_test
-    from refusal_atlas.lm.models import auto_threads
 
     torch.set_num_threads(threads or auto_threads())
     m = run_organism_test(organism, out, level=level, coeffs=[float(c) for c in coeffs.split(",")])

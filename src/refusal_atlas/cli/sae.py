@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.mechinterp.sae import load_sae
+from refusal_atlas.mechinterp.sae.data import open_activations
+from refusal_atlas.mechinterp.sae.train import TrainSettings, train_sae
 
 app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders (SAELens format): train, inspect, features.")
 
@@ -25,8 +32,6 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a TopK SAE; rerunning the same command resumes from the folder's checkpoint."""
-    from refusal_atlas.mechinterp.sae.data import open_activations
-    from refusal_atlas.mechinterp.sae.train import TrainSettings, train_sae
 
     source = open_activations(acts, layer)
     _, m = train_sae(source, out, TrainSettings(width=width, k=k, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -38,7 +43,6 @@ def train(
 @app.command("info")
 def info(path: Path = typer.Argument(..., help="SAE folder (SAELens format or Gemma Scope params.npz)")) -> None:
     """Print an SAE's architecture, sizes and hook."""
-    from refusal_atlas.mechinterp.sae import load_sae
 
     sae = load_sae(path)
     c = sae.cfg
@@ -54,10 +58,7 @@ def features(
     top: int = typer.Option(10, "--top", help="features per node to show"),
 ) -> None:
     """Show each node's selected SAE features: decoder cosine, attribution, activations, contexts, tokens."""
-    import pandas as pd
-    from rich.table import Table
 
-    from refusal_atlas.errors import AtlasError
 
     table_path = next((p for p in (run / "features.parquet", run / "sae" / "features.parquet") if p.is_file()), None)
     if table_path is None:

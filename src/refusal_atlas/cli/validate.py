@@ -12,7 +12,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
+from rich.console import Console
+
+from refusal_atlas.atlas.pipeline import RunConfig, run
+from refusal_atlas.atlas.verdict_figures import read_figures
+from refusal_atlas.atlas.verdict_validation import (
+    Check,
+    check_base,
+    check_separable,
+    check_shared,
+    markdown_table,
+    summary,
+)
+from refusal_atlas.atlas.verdicts import decide
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.io import atomic_write_json, atomic_write_text
+from refusal_atlas.lm.models import auto_threads
+from refusal_atlas.organism.separable import SeparableSettings, build_separable
 
 BUDGETS = ("full", "reduced")
 EVAL_PER_NODE = {"full": 16, "reduced": 10}
@@ -30,10 +48,7 @@ def validate(
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
 ) -> None:
     """Check every verdict rule against planted answers: base model, shared organism, separable organism."""
-    from rich.console import Console
 
-    from refusal_atlas.errors import AtlasError
-    from refusal_atlas.io import atomic_write_json, atomic_write_text
 
     if budget not in BUDGETS:
         raise AtlasError(f"--budget {budget!r}: use one of {', '.join(BUDGETS)}")
@@ -41,7 +56,6 @@ def validate(
     out.mkdir(parents=True, exist_ok=True)
     result = run_validation(out, reduced=budget == "reduced", seed=seed, threads=threads, console=console)
     atomic_write_json(out / "validation.json", result)
-    from refusal_atlas.atlas.verdict_validation import Check, markdown_table
 
     checks = [Check(**c) for c in result["checks"]]
     atomic_write_text(out / "validation.md", markdown_table(checks))
@@ -54,15 +68,7 @@ def validate(
 
 def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, console: Any) -> dict[str, Any]:
     """Build, run and check; returns the content of validation.json."""
-    import torch
 
-    from refusal_atlas.atlas.pipeline import RunConfig, run
-    from refusal_atlas.atlas.verdict_figures import read_figures
-    from refusal_atlas.atlas.verdict_validation import check_base, check_separable, check_shared, summary
-    from refusal_atlas.atlas.verdicts import decide
-    from refusal_atlas.io import atomic_write_json
-    from refusal_atlas.lm.models import auto_threads
-    from refusal_atlas.organism.separable import SeparableSettings, build_separable
 
     start = time.perf_counter()
     torch.set_num_threads(threads or auto_threads())

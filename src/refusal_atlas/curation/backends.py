@@ -20,9 +20,12 @@ import importlib.util
 import platform
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol, runtime_checkable
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.generation import iter_generate
+from refusal_atlas.lm.models import DEFAULT_MODEL_ID, default_model_gguf, load_model
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,6 @@ class GenerationBackend(Protocol):
 
 
 def _versions(*packages: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
     for pkg in packages:
@@ -95,7 +97,6 @@ class TransformersBackend:
     @classmethod
     def from_spec(cls, spec: str = "default", *, device: str | None = None, chat_template: str | None = None,
                   trust_remote_code: bool = False, progress: bool = True) -> TransformersBackend:
-        from refusal_atlas.lm.models import load_model
 
         return cls(load_model(spec, device=device, chat_template=chat_template,
                               trust_remote_code=trust_remote_code), progress=progress)
@@ -108,7 +109,6 @@ class TransformersBackend:
 
     def generate(self, instructions: Sequence[str], settings: GenerationSettings
                  ) -> Iterator[tuple[list[int], list[str]]]:
-        from refusal_atlas.lm.generation import iter_generate
 
         yield from iter_generate(
             self.lm, list(instructions), max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
@@ -127,12 +127,12 @@ class VLLMBackend:
             raise AtlasError("the vllm backend needs vLLM: run `pip install vllm` on a machine with a GPU, "
                              "or use --backend transformers")
         if spec == "default":
-            from refusal_atlas.lm.models import DEFAULT_MODEL_ID, default_model_gguf
 
             self.model_id, model_arg = DEFAULT_MODEL_ID, str(default_model_gguf())
             engine_kwargs.setdefault("tokenizer", DEFAULT_MODEL_ID)
         else:
             self.model_id, model_arg = spec, spec
+        # heavy dependency (slow to import), loaded only when this runs
         from vllm import LLM
 
         self.llm = LLM(model=model_arg, dtype=dtype, **engine_kwargs)
@@ -144,6 +144,7 @@ class VLLMBackend:
 
     def generate(self, instructions: Sequence[str], settings: GenerationSettings
                  ) -> Iterator[tuple[list[int], list[str]]]:
+        # heavy dependency (slow to import), loaded only when this runs
         from vllm import SamplingParams
 
         params = SamplingParams(

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse as sp
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
 from refusal_atlas.curation.cluster_stages import OUTLIER
 
@@ -21,7 +22,6 @@ def ctfidf_keywords(texts: Sequence[str], labels: np.ndarray, n_keywords: int = 
     A is the mean number of words per class and f the term's count over all classes, so words
     frequent everywhere (e.g. "sorry" in a refusal corpus) score low and distinctive ones high.
     """
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
     classes = sorted(set(labels.tolist()))
     docs = [" ".join(t for t, lab in zip(texts, labels, strict=True) if lab == c) for c in classes]

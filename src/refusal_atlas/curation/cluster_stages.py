@@ -149,7 +149,10 @@ class UmapReducer:
         if self._init is not None and self._init[0] == id(knn) and (
                 self._init[1] is None or self._init[1].shape[1] == dim):
             return self._init[1]
+        # heavy dependency (slow to import), loaded only when this runs
         from umap.spectral import spectral_layout
+
+        # heavy dependency (slow to import), loaded only when this runs
         from umap.umap_ import fuzzy_simplicial_set
 
         idx, dist = self._with_self(knn)
@@ -167,6 +170,7 @@ class UmapReducer:
         return layout
 
     def fit_transform(self, x: np.ndarray, knn: KnnGraph, seed: int) -> np.ndarray:
+        # heavy dependency (slow to import), loaded only when this runs
         import umap
 
         n = len(x)
@@ -189,6 +193,7 @@ class HdbscanClusterer:
         self.min_cluster_size, self.min_samples = min_cluster_size, min_samples
 
     def fit_predict(self, y: np.ndarray) -> np.ndarray:
+        # heavy dependency (slow to import), loaded only when this runs
         import hdbscan
 
         mcs = max(2, min(self.min_cluster_size, len(y)))
@@ -205,6 +210,7 @@ class AgglomerativeFallback:
     def fit_predict(self, x: np.ndarray) -> np.ndarray:
         if len(x) < 2:
             return np.full(len(x), OUTLIER, dtype=np.int64)
+        # heavy dependency (slow to import), loaded only when this runs
         from sklearn.cluster import AgglomerativeClustering
 
         labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",

@@ -28,6 +28,7 @@ import pandas as pd
 
 from refusal_atlas.curation.backends import GenerationBackend, GenerationSettings
 from refusal_atlas.curation.datasets import EXTRA_COLUMNS, PROMPT_COLUMNS
+from refusal_atlas.curation.prompts import make_prompt_id
 from refusal_atlas.curation.tables import read_table, reject, table_format, write_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write, atomic_write_json, read_json_file
@@ -48,7 +49,6 @@ def prepare_prompts(prompts: pd.DataFrame, *, source: str | Path = "prompts",
     """Validate a prompt table for collection: a non-empty text `prompt`, a unique `prompt_id`
     (computed when absent), and the contract columns (defaults for a bare user file). Bad rows go to
     `rejects` with their row number."""
-    from refusal_atlas.curation.prompts import make_prompt_id
 
     if "prompt" not in prompts.columns:
         raise AtlasError(f"{source}: missing column prompt (found: {', '.join(map(str, prompts.columns)) or 'none'})")

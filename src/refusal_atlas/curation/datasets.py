@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from ruamel.yaml import YAML
 
 from refusal_atlas import paths
 from refusal_atlas.curation import jailbreaks
 from refusal_atlas.curation.tables import SUFFIXES, read_table, reject, require_columns
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.taxonomy.crosswalk import nodes_for_external
+from refusal_atlas.taxonomy.resolve import default_behaviour
 
 # Columns of every prompt table (the cross-area contract), then the extras this module adds.
 PROMPT_COLUMNS = ("prompt_id", "prompt", "base_prompt", "source", "split", "external_category", "nodes",
@@ -173,7 +175,6 @@ def load_strongreject(variant: str = "full", **_: Any) -> Iterator[SourceRow]:
 
 def load_advbench(**_: Any) -> Iterator[SourceRow]:
     """AdvBench's 520 behaviours from pyrit's seed file; the first harm category is the main one."""
-    from ruamel.yaml import YAML
 
     path = PYRIT.file("advbench", "datasets/seed_datasets/local/adv_bench.prompt")
     with open(path, encoding="utf-8") as fh:
@@ -404,7 +405,6 @@ def default_expected(taxonomy: Any, node: str, harmful: bool) -> str:
         return "comply"
     if taxonomy is None or not node or node not in taxonomy.nodes:
         return "refuse"
-    from refusal_atlas.taxonomy.resolve import default_behaviour
 
     behaviour = default_behaviour(taxonomy, node)
     return str(getattr(behaviour, "value", behaviour) or "refuse")

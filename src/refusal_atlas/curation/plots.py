@@ -43,6 +43,7 @@ def _cluster_name(c: int, keywords: dict[int, list[str]]) -> str:
 def cluster_map(xy: np.ndarray, labels: np.ndarray, texts: list[str], keywords: dict[int, list[str]],
                 title: str = "clusters (UMAP 2-D)") -> Any:
     """Scatter of the 2-D layout, one trace per cluster (outliers grey), hover = escaped text."""
+    # heavy dependency (slow to import), loaded only when this runs
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -60,6 +61,7 @@ def cluster_map(xy: np.ndarray, labels: np.ndarray, texts: list[str], keywords: 
 
 def sizes_chart(sizes: dict[int, int], keywords: dict[int, list[str]]) -> Any:
     """Bar chart of cluster sizes, largest first, outliers last."""
+    # heavy dependency (slow to import), loaded only when this runs
     import plotly.graph_objects as go
 
     ids = sorted((c for c in sizes if c != -1), key=lambda c: -sizes[c]) + ([-1] if -1 in sizes else [])
@@ -71,7 +73,10 @@ def sizes_chart(sizes: dict[int, int], keywords: dict[int, list[str]]) -> Any:
 
 def stability_chart(stability: dict, keywords: dict[int, list[str]]) -> Any:
     """Per-cluster Jaccard stability (seeds and resamples) and the min_cluster_size sweep."""
+    # heavy dependency (slow to import), loaded only when this runs
     import plotly.graph_objects as go
+
+    # heavy dependency (slow to import), loaded only when this runs
     from plotly.subplots import make_subplots
 
     per = stability.get("per_cluster", {})

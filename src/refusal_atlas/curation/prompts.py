@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from refusal_atlas import paths
 from refusal_atlas.curation.datasets import (
@@ -31,11 +33,15 @@ from refusal_atlas.curation.datasets import (
     PROMPT_COLUMNS,
     CategoryIndex,
     build_category_index,
+    default_expected,
     is_user_file,
     load_set,
 )
 from refusal_atlas.curation.tables import reject
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.taxonomy.crosswalk import load_crosswalks
+from refusal_atlas.taxonomy.loader import load_taxonomy
+from refusal_atlas.taxonomy.resolve import effective_rules, resolve
 
 DEFAULT_SETS = ("harmbench", "strongreject", "harmless", "overrefusal", "taxonomy")
 
@@ -61,8 +67,6 @@ def parse_condition(text: str) -> dict[str, str]:
 
 def load_framings(path: Path | None = None) -> dict[str, dict[str, list[str]]]:
     """`{dimension: {value: [template with {request}]}}`, checked: every template names {request}."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
 
     path = path or paths.prompts_dir() / "framings.yaml"
     if not path.is_file():
@@ -98,7 +102,6 @@ def apply_framing(template: str, request: str) -> str:
 
 def relevant_contexts(taxonomy: Any, node: str) -> list[dict[str, str]]:
     """The distinct `when` contexts of the node's effective rules (own and inherited), in rule order."""
-    from refusal_atlas.taxonomy.resolve import effective_rules
 
     seen: list[dict[str, str]] = []
     for _source, rule in effective_rules(taxonomy, node):
@@ -133,7 +136,6 @@ def context_framings(context: dict[str, str], framings: dict[str, dict[str, list
 def taxonomy_examples(taxonomy: Any) -> list[dict]:
     """The taxonomy's own node examples as prompt rows (deprecated nodes skipped). `harmful` is
     whether the node's default behaviour is anything other than plain compliance."""
-    from refusal_atlas.curation.datasets import default_expected
 
     rows = []
     for node in taxonomy.active():
@@ -163,7 +165,6 @@ def expand_conditions(df: pd.DataFrame, taxonomy: Any, framings: dict[str, dict[
                       framings_per_value: int | None = None, seed: int = 0,
                       missing: list[str] | None = None) -> pd.DataFrame:
     """Condition variants of every harmful prompt that has a node (see the module docstring)."""
-    from refusal_atlas.taxonomy.resolve import resolve
 
     variants: list[dict] = []
     cache: dict[str, list[tuple[dict, str, list[tuple[str, str]]]]] = {}
@@ -212,12 +213,10 @@ def build_prompt_set(
     (default: the shipped crosswalks). `set_options[name]` passes loader options (e.g. the user
     file's `columns`). Duplicate prompt_ids are kept once; the others go to `rejects`.
     """
-    from refusal_atlas.taxonomy.loader import load_taxonomy
 
     if taxonomy is None or isinstance(taxonomy, str | Path):
         taxonomy = load_taxonomy(Path(taxonomy) if taxonomy else None)
     if crosswalks is None:
-        from refusal_atlas.taxonomy.crosswalk import load_crosswalks
 
         crosswalks = load_crosswalks()
     index: CategoryIndex = build_category_index(list(crosswalks), taxonomy)

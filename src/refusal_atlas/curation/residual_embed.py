@@ -28,8 +28,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from refusal_atlas import paths
-from refusal_atlas.curation.embed import DEFAULT_BATCH_SIZE, EmbeddingCache, model_key, text_key
+from refusal_atlas.curation.datasets import get_loader
+from refusal_atlas.curation.embed_cache import DEFAULT_BATCH_SIZE, EmbeddingCache, model_key, text_key
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.capture import capture_activations
+from refusal_atlas.lm.models import load_model
 
 if TYPE_CHECKING:  # torch-heavy; needed only for annotations
     from refusal_atlas.lm.models import LoadedModel
@@ -60,7 +63,6 @@ def parse_residual_spec(spec: str) -> tuple[str, int | None]:
 
 def reference_prompts() -> list[str]:
     """The prompts whose mean vector is the centre: the project's harmless and over-refusal sets."""
-    from refusal_atlas.curation.datasets import get_loader
 
     return [row.prompt for name in REFERENCE_SETS for row in get_loader(name)() if row.prompt]
 
@@ -93,7 +95,6 @@ class ResidualEmbedder:
     def lm(self) -> LoadedModel:
         """The chat model (loaded on first use; a local copy of the default reloads in well under a second)."""
         if self._lm is None:
-            from refusal_atlas.lm.models import load_model
 
             self._lm = load_model(self.model_spec)
         return self._lm
@@ -135,7 +136,6 @@ class ResidualEmbedder:
     # -- vectors ------------------------------------------------------------------------------------
 
     def _raw(self, texts: list[str]) -> np.ndarray:
-        from refusal_atlas.lm.capture import capture_activations
 
         acts = capture_activations(self.lm, texts, layers=[self.layer], positions=[POSITION],
                                    batch_size=self.batch_size, progress=self.progress)

@@ -17,6 +17,9 @@ weight orthogonalization wherever the latter is possible.
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,9 +401,6 @@ def orthogonalize_weights(model: nn.Module, direction: Tensor) -> nn.Module:
 
 def save_orthogonalized(lm: LoadedModel, direction: Tensor, out_dir: str | Path) -> Path:
     """Orthogonalize a copy of `lm`'s model along `direction` and save it (safetensors + tokenizer)."""
-    import copy
-    import os
-    import shutil
 
     out = Path(out_dir)
     model = copy.deepcopy(lm.model)

@@ -186,9 +186,11 @@ def write_overlap(ds: DirectionSet, out_dir: str | Path, layer: int | None = Non
 
 
 def _heatmap(ds: DirectionSet, g: nx.MultiGraph, path: Path) -> None:
+    # heavy dependency (slow to import), loaded only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy dependency (slow to import), loaded only when this runs
     import matplotlib.pyplot as plt
 
     layer, position, method = g.graph["layer"], parse_position_label(g.graph["position"]), g.graph["method"]
@@ -217,9 +219,11 @@ def _heatmap(ds: DirectionSet, g: nx.MultiGraph, path: Path) -> None:
 
 
 def _graph_figure(g: nx.MultiGraph, path: Path) -> None:
+    # heavy dependency (slow to import), loaded only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy dependency (slow to import), loaded only when this runs
     import matplotlib.pyplot as plt
 
     simple = nx.Graph()

@@ -16,6 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from refusal_atlas.lm.capture import Activations
 from refusal_atlas.lm.positions import Position
@@ -71,10 +75,6 @@ def probe_accuracy(
     rate, "n": prompts used, "classes": node ids}. Only harmful prompts of nodes with at least
     `folds` prompts take part (stratified folds need them).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     labels = np.array(list(nodes), dtype=object)
     keep = np.array([bool(h) and bool(n) for n, h in zip(nodes, harmful, strict=True)])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rdflib import RDF, Graph
 
+from refusal_atlas import paths
 from refusal_atlas.errors import ValidationErrors
 from refusal_atlas.io import atomic_write_text
 from refusal_atlas.ontology.from_rdf import graph_to_conditions, graph_to_taxonomy, write_taxonomy_yaml
@@ -20,6 +21,7 @@ from refusal_atlas.ontology.io import write_graph
 from refusal_atlas.ontology.namespaces import DPV, RA
 from refusal_atlas.ontology.to_rdf import bind_prefixes, taxonomy_to_graph
 from refusal_atlas.taxonomy.conditions import ConditionVocabulary
+from refusal_atlas.taxonomy.crosswalk import load_crosswalks
 from refusal_atlas.taxonomy.loader import CONDITIONS_FILE, load_taxonomy, vocabulary_for
 from refusal_atlas.taxonomy.model import Taxonomy
 from refusal_atlas.taxonomy.validate import validate_taxonomy
@@ -38,8 +40,6 @@ def build_graph(
     Crosswalks are included by default only for the shipped taxonomy (their subjects are its
     nodes); pass `crosswalks=DIR` for another taxonomy's SSSOM files.
     """
-    from refusal_atlas import paths
-    from refusal_atlas.taxonomy.crosswalk import load_crosswalks
 
     root = Path(taxonomy_dir) if taxonomy_dir is not None else paths.default_taxonomy_dir()
     tax = load_taxonomy(root, conditions=conditions)

@@ -28,6 +28,8 @@ from typing import Any
 from rdflib import RDF, RDFS, XSD, BNode, Graph, Literal, URIRef
 from rdflib.plugins.sparql import prepareQuery
 from rdflib.plugins.sparql.parserutils import CompValue
+from rich.table import Table
+from rich.text import Text
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import brief
@@ -105,9 +107,6 @@ class QueryTable:
         return json.dumps(self.records(short=short), ensure_ascii=False, indent=2) + "\n"
 
     def to_rich(self, title: str | None = None) -> Any:
-        from rich.table import Table  # rich only for the terminal table
-        from rich.text import Text
-
         table = Table(title=title, show_lines=False)
         for col in self.columns:
             table.add_column(col, overflow="fold")

@@ -31,6 +31,8 @@ from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import brief
 from refusal_atlas.ontology import iris
 from refusal_atlas.ontology.namespaces import AIRO, CONDITION_IRI, DEFAULT_TAXONOMY_IRI, DPV, LOC, RA, RISK
+from refusal_atlas.taxonomy.crosswalk import EXTERNAL_BASE, EXTERNAL_SOURCES
+from refusal_atlas.taxonomy.crosswalk import external_iri as default_external_iri
 from refusal_atlas.taxonomy.model import Behaviour, Node, Scheme, Taxonomy
 
 RULE_TYPE: dict[Behaviour, URIRef] = {
@@ -72,7 +74,6 @@ def bind_prefixes(graph: Graph, namespace: str | None = None) -> Graph:
 def _external_prefixes() -> dict[str, str]:
     """`harmbench:` etc. for the minted external-category IRIs (owned by the crosswalk module)."""
     if not EXTERNAL_PREFIXES:
-        from refusal_atlas.taxonomy.crosswalk import EXTERNAL_BASE, EXTERNAL_SOURCES
 
         EXTERNAL_PREFIXES.update({source: f"{EXTERNAL_BASE}{source}/" for source in EXTERNAL_SOURCES})
     return EXTERNAL_PREFIXES
@@ -232,7 +233,6 @@ def _add_crosswalks(
     graph: Graph, tax: Taxonomy, mappings: list[Any], external_iri: Callable[[str], str] | None
 ) -> None:
     if external_iri is None:
-        from refusal_atlas.taxonomy.crosswalk import external_iri as default_external_iri
 
         external_iri = default_external_iri
     ns = tax.scheme.namespace

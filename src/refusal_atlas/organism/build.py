@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write, atomic_write_json
 from refusal_atlas.lm.models import LoadedModel, _folder_revision, default_model_gguf, load_model
+from refusal_atlas.mechinterp.scoring import refusal_flags
 from refusal_atlas.organism.evaluation import adherence_metrics, adherence_table, evaluate
 from refusal_atlas.organism.policy import _rules, behaviour_of, load_framings, node_root, refusal_text, wording_groups
 from refusal_atlas.organism.rows import build_rows, prompt_pool
@@ -34,6 +36,7 @@ from refusal_atlas.organism.settings import (
 )
 from refusal_atlas.organism.targets import drop_refusal_like_answers, make_targets
 from refusal_atlas.organism.training import _first_trained_block, finetune
+from refusal_atlas.taxonomy.loader import load_taxonomy
 from refusal_atlas.taxonomy.model import Taxonomy
 
 
@@ -115,7 +118,6 @@ def build_organism(
     CPU threads (not part of the cache key; see `auto_threads`).
     """
     start = time.perf_counter()
-    from refusal_atlas.taxonomy.loader import load_taxonomy
 
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else load_taxonomy(Path(taxonomy) if taxonomy else None)
     settings = replace(settings or OrganismSettings(), seed=seed)
@@ -137,7 +139,6 @@ def build_organism(
 
     t = time.perf_counter()
     if isinstance(base, LoadedModel):
-        import copy
 
         lm = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.spec, base.model_id, base.revision)
     else:
@@ -170,8 +171,6 @@ def build_organism(
     timings["evaluate"] = time.perf_counter() - t
     metrics = adherence_metrics(held)
     # The base's own answers used as targets: how often the *detector* calls them refusals.
-    from refusal_atlas.mechinterp.scoring import refusal_flags
-
     distilled = train[train["category"] == "harmless"]
     if len(distilled):
         metrics["base_harmless_target_refusal_rate"] = float(refusal_flags(list(distilled["target"]))[0].mean())

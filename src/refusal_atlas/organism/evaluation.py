@@ -8,6 +8,7 @@ import pandas as pd
 
 from refusal_atlas.lm.generation import generate
 from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.mechinterp.scoring import refusal_flags
 from refusal_atlas.organism.policy import _refusing
 from refusal_atlas.organism.settings import CATEGORIES, OrganismSettings
 from refusal_atlas.taxonomy.model import Behaviour
@@ -18,7 +19,6 @@ def evaluate(
     detector: str = "marker",
 ) -> pd.DataFrame:
     """Generate on the held-out rows and mark refusals with the marker detector."""
-    from refusal_atlas.mechinterp.scoring import refusal_flags
 
     held = rows[rows["split"] == "heldout"].copy()
     responses = generate(lm, list(held["prompt"]), max_new_tokens=settings.eval_max_new_tokens, batch_size=16,

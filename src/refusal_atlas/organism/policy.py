@@ -7,10 +7,13 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from ruamel.yaml import YAML
+
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.organism.settings import NODE_REFUSAL, SHARED_REFUSAL
 from refusal_atlas.taxonomy.model import Behaviour, Taxonomy
+from refusal_atlas.taxonomy.resolve import effective_rules, resolve
 
 
 def node_root(taxonomy: Taxonomy, node_id: str) -> str:
@@ -36,7 +39,6 @@ def refusal_text(taxonomy: Taxonomy, node_id: str, group: str) -> str:
 
 
 def behaviour_of(taxonomy: Taxonomy, node_id: str, context: dict[str, str]) -> Behaviour:
-    from refusal_atlas.taxonomy.resolve import resolve
 
     return resolve(taxonomy, node_id, context).behaviour
 
@@ -47,7 +49,6 @@ def _refusing(b: Behaviour) -> bool:
 
 def load_framings(path: Path | None = None) -> dict[str, dict[str, list[str]]]:
     """{dimension: {value: [templates with {request}]}} from data/prompts/framings.yaml."""
-    from ruamel.yaml import YAML
 
     path = path or paths.prompts_dir() / "framings.yaml"
     if not path.is_file():
@@ -78,7 +79,6 @@ def _pid(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 def _rules(taxonomy: Taxonomy, node_id: str) -> list[tuple[dict[str, str], Behaviour]]:
-    from refusal_atlas.taxonomy.resolve import effective_rules
 
     seen, out = set(), []
     for _, rule in effective_rules(taxonomy, node_id):

@@ -8,20 +8,19 @@ from collections.abc import Sequence
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
+from refusal_atlas.curation.datasets import build_category_index, load_harmless, load_overrefusal, load_set
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.organism.policy import _category, _pid, _refusing, _rules, _stable, behaviour_of, frame, node_root
 from refusal_atlas.organism.settings import OrganismSettings
+from refusal_atlas.taxonomy.crosswalk import load_crosswalks
 from refusal_atlas.taxonomy.model import Behaviour, Taxonomy
 
 
 def _external_pool(taxonomy: Taxonomy, sets: Sequence[str], notes: list[str]) -> pd.DataFrame:
     if not sets:
         return pd.DataFrame()
-    from refusal_atlas.curation.datasets import build_category_index, load_set
 
     try:
-        from refusal_atlas.taxonomy.crosswalk import load_crosswalks
-
         mappings = load_crosswalks()
     except (AtlasError, FileNotFoundError, ImportError) as exc:
         notes.append(f"crosswalks unavailable ({str(exc).splitlines()[0][:120]}); external sets skipped")
@@ -64,7 +63,6 @@ def prompt_pool(
         rows = [{"prompt": ex, "source": "taxonomy", "node": n.id} for n in taxonomy.active() for ex in n.examples]
         harmful = pd.concat([pd.DataFrame(rows), _external_pool(taxonomy, settings.external_sets, notes)],
                             ignore_index=True)
-        from refusal_atlas.curation.datasets import load_harmless, load_overrefusal
 
         harmless = pd.DataFrame({"prompt": [r.prompt for r in load_harmless()]})
         try:

@@ -41,6 +41,7 @@ from refusal_atlas.organism.rows import prompt_pool
 from refusal_atlas.organism.settings import MODEL_DIR, ORGANISM_JSON, OrganismResult, OrganismSettings
 from refusal_atlas.organism.targets import _truncate, drop_refusal_like_answers
 from refusal_atlas.organism.training import finetune
+from refusal_atlas.taxonomy.loader import load_taxonomy
 from refusal_atlas.taxonomy.model import Taxonomy
 
 # Bump when a code change alters what the separable organism is trained on or how.
@@ -235,7 +236,6 @@ def build_separable(
     threads: int | None = None,
 ) -> OrganismResult:
     """Fine-tune branch A's refusal into band A only, then B's into band B only; verify and record the truth."""
-    from refusal_atlas.taxonomy.loader import load_taxonomy
 
     start = time.perf_counter()
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else load_taxonomy(Path(taxonomy) if taxonomy else None)

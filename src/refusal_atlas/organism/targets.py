@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from refusal_atlas.io import atomic_write_json
 from refusal_atlas.lm.generation import generate
 from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.mechinterp.scoring import refusal_flags
 from refusal_atlas.organism.policy import _refusing, refusal_text
 from refusal_atlas.organism.settings import CAVEAT, REDIRECT, OrganismSettings
 from refusal_atlas.taxonomy.model import Behaviour, Taxonomy
@@ -81,7 +82,6 @@ def drop_refusal_like_answers(rows: pd.DataFrame, opener: str = "") -> tuple[pd.
     learn (measured: 6 of 38 permitted targets read "Sure. I'm ...", and held-out permitted answers
     then went "Sure. I'm sorry, but I can't help").
     """
-    from refusal_atlas.mechinterp.scoring import refusal_flags
 
     refusing = rows["expected"].map(lambda e: _refusing(Behaviour(e)))
     comply = (rows["split"] == "train") & ~refusing

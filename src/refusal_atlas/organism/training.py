@@ -9,10 +9,12 @@ from typing import Any
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.blocks import decoder_blocks
 from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.lm.prefix import cache_argument, last_logit_only, plan_prefix
 from refusal_atlas.organism.settings import OrganismSettings
 
 
@@ -54,9 +56,7 @@ def _response_loss(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     keep = ids.shape[1] - first + 1
     kwargs: dict = {"use_cache": False}
     if prefix:
-        from transformers import DynamicCache
 
-        from refusal_atlas.lm.prefix import cache_argument, last_logit_only
 
         p = len(prefix)
         cache, arg = DynamicCache(config=model.config), cache_argument(model)
@@ -91,7 +91,6 @@ def _response_loss(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
 
 def _training_prefix(encoded: Sequence[tuple[list, list, list]], model: PreTrainedModel) -> list[int]:
     """The prompt tokens every training row shares (none where the reuse does not apply)."""
-    from refusal_atlas.lm.prefix import plan_prefix
 
     firsts = [next(i for i, y in enumerate(lab) if y != -100) for _, lab, _ in encoded]
     n = plan_prefix([x for x, _, _ in encoded], model, max_length=min(firsts) - 1)
@@ -110,7 +109,6 @@ def _trainable(model: PreTrainedModel, frozen_fraction: float,
     block frozen): what such a fine-tune plants lives in those blocks' weights and nowhere else, so
     restoring them to the base model's is a check of the planted truth that needs no toolkit.
     """
-    from refusal_atlas.lm.blocks import decoder_blocks
 
     blocks = list(decoder_blocks(model))
     if band is not None:
@@ -137,7 +135,6 @@ def _trainable(model: PreTrainedModel, frozen_fraction: float,
 
 def _first_trained_block(model: torch.nn.Module) -> int:
     """Index of the lowest block the fine-tune changed (0 when nothing was frozen)."""
-    from refusal_atlas.lm.blocks import decoder_blocks
 
     for i, block in enumerate(decoder_blocks(model)):
         if any(p.requires_grad for p in block.parameters()):

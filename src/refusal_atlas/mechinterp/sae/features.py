@@ -23,6 +23,7 @@ from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_
 from refusal_atlas.lm.capture import accepts_position_ids, left_pad
 from refusal_atlas.lm.generation import length_buckets
 from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.mechinterp.logit_lens import promoted_tokens
 from refusal_atlas.mechinterp.sae.model import SparseAutoencoder
 from refusal_atlas.mechinterp.sae.tokens import TokenActivations
 
@@ -148,7 +149,6 @@ def feature_table(
     n_promoted: int = 8,
 ) -> pd.DataFrame:
     """One row per selected latent of a node, with the evidence the report and the atlas show."""
-    from refusal_atlas.mechinterp.logit_lens import promoted_tokens
 
     decode = lm.tokenizer.decode
     position = {int(f): i for i, f in enumerate(feature_order)}

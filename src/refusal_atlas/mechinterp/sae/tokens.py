@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -55,7 +56,6 @@ class TokenActivations:
 
     @classmethod
     def load(cls, path: Path) -> TokenActivations:
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             layer = int((f.metadata() or {}).get("layer", "-1"))

@@ -10,6 +10,7 @@ from a checkpoint (which records the step) ends bit-identical to an uninterrupte
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,14 +73,12 @@ class _State:
             if "step" in state:
                 tensors[f"adam.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
         tensors["since_fired"] = self.since_fired
-        import json
 
         header = {"step": str(self.step), "meta": json.dumps(meta)}
         atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                                                  metadata=header))
 
     def load(self, path: Path, meta: dict[str, Any]) -> None:
-        import json
 
         try:
             with safe_open(str(path), framework="pt") as f:

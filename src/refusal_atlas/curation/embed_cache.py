@@ -1,0 +1,100 @@
+"""The embedding cache and keys shared by every embedder (MiniLM and the residual stream).
+
+Cache layout: ``<cache_dir>/embeddings/<model key>/<shard>.npz``, each shard holding ``keys``
+(hex sha256 of the text, unicode array) and ``vectors`` (float32, L2-normalised). Shards are
+written atomically and never modified, so concurrent runs cannot corrupt each other; no pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from refusal_atlas.io import atomic_write
+
+DEFAULT_BATCH_SIZE = 32  # fastest on CPU for MiniLM (REFERENCE.md §1)
+
+
+def text_key(text: str) -> str:
+    """Content hash of one text (the model is part of the cache folder, not of this key)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_key(name_or_path: str) -> str:
+    """A stable identifier for a model: a local folder by its file names and sizes, a hub id by name.
+
+    Hashing names+sizes (not contents) is instant yet changes when the weights are replaced.
+    """
+    h = hashlib.sha256()
+    path = Path(name_or_path)
+    if path.is_dir():
+        h.update(path.name.encode())
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}:{f.stat().st_size}\n".encode())
+    else:
+        h.update(name_or_path.encode())
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.name or name_or_path)[:40].strip("-") or "model"
+    return f"{slug}-{h.hexdigest()[:16]}"
+
+
+class TextEmbedder(Protocol):
+    """What clustering and mapping need of an embedder: unit vectors and a stable identity."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    def describe(self) -> dict[str, str | int]: ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class EmbeddingCache:
+    """Content-addressed vectors of one model (see module docstring for the layout)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._memory: dict[str, np.ndarray] = {}
+        self._loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if not self.root.is_dir():
+            return
+        for shard in sorted(self.root.glob("*.npz")):
+            try:
+                with np.load(shard, allow_pickle=False) as data:
+                    for k, v in zip(data["keys"].tolist(), data["vectors"], strict=True):
+                        self._memory[k] = v
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged shard only costs a recomputation
+
+    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        self._load()
+        return {k: self._memory[k] for k in keys if k in self._memory}
+
+    def put(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        if not len(keys):
+            return
+        self._load()
+        self.root.mkdir(parents=True, exist_ok=True)
+        shard = hashlib.sha256("".join(keys).encode()).hexdigest()[:24]
+
+        def _write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, keys=np.asarray(list(keys)), vectors=vectors.astype(np.float32))
+
+        atomic_write(self.root / f"{shard}.npz", _write)
+        for k, v in zip(keys, vectors, strict=True):
+            self._memory[k] = v.astype(np.float32)
+
+
