@@ -6,7 +6,7 @@ STAMP := $(VENV)/.refusal-atlas-installed
 OUT ?= atlas-out
 PYTEST_ARGS ?=
 
-.PHONY: setup run quick test lint bench clean
+.PHONY: setup run quick test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,10 @@ quick: setup
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
-test: setup lint
+typecheck: setup
+	$(BIN)/mypy
+
+test: setup lint typecheck
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q -m 'not slow' --durations=15 $(PYTEST_ARGS)
 
 bench: setup
