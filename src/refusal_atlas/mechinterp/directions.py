@@ -42,7 +42,7 @@ from refusal_atlas.lm.positions import LAST_INSTRUCTION, Position, parse_positio
 
 POOLED = "@pooled"  # '@' cannot occur in a taxonomy id, so this never clashes with a node
 METHODS = ("diff_means", "vs_other", "residual")
-ROLES = {"harmfulness": LAST_INSTRUCTION, "refusal": -1}
+ROLES: dict[str, Position] = {"harmfulness": LAST_INSTRUCTION, "refusal": -1}
 FORMAT_VERSION = 1
 
 
@@ -71,7 +71,7 @@ class Groups:
             raise AtlasError(f"{len(nodes)} node labels but {len(strata)} strata")
         harmless = [i for i, h in enumerate(harmful) if not h]
         by_node: dict[str, list[int]] = {}
-        unassigned = []
+        unassigned: list[int] = []
         for i, (node, h) in enumerate(zip(nodes, harmful, strict=True)):
             if h:
                 (by_node.setdefault(node, []) if node else unassigned).append(i)

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -134,7 +134,7 @@ def _is_linear(module: nn.Module) -> bool:
 def _linear_out_features(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
-    return int(module.weight.shape[1])  # Conv1D: weight [in, out]
+    return int(cast(Tensor, module.weight).shape[1])  # Conv1D: weight [in, out]
 
 
 @dataclass
@@ -159,7 +159,7 @@ class ResidualWriters:
 
 def _probe_inputs(model: nn.Module) -> dict[str, Tensor]:
     device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = cast(Any, model).get_input_embeddings().weight.shape[0]  # a transformers PreTrainedModel method
     ids = torch.arange(1, 6, device=device).remainder(vocab).unsqueeze(0)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -177,8 +177,9 @@ def residual_writers(model: nn.Module) -> ResidualWriters:
     if cached is not None:
         return cached
     blocks = decoder_blocks(model)
-    d_model = int(model.get_input_embeddings().weight.shape[1])
-    calls: list[tuple[int, str, nn.Module, tuple, tuple]] = []  # (block, name, module, in_keys, out_key)
+    d_model = int(cast(Any, model).get_input_embeddings().weight.shape[1])  # a transformers PreTrainedModel method
+    # (block, name, module, in_keys, out_key)
+    calls: list[tuple[int, str, nn.Module, tuple[tuple[Any, ...], ...], tuple[Any, ...] | None]] = []
     handles: list[RemovableHandle] = []
     keep_alive: list[object] = []  # so no freed tensor's memory is reused and mistaken for another
 
@@ -225,9 +226,9 @@ def residual_writers(model: nn.Module) -> ResidualWriters:
         if not writers[b]:
             raise AtlasError(f"{type(model).__name__}: found no residual writers in decoder block {b}")
 
-    out_emb = model.get_output_embeddings()
+    out_emb = cast(Any, model).get_output_embeddings()  # a transformers PreTrainedModel method
     block_params = {id(p) for p in blocks.parameters()}
-    embeddings = [
+    embeddings: list[nn.Module] = [
         m
         for m in model.modules()
         if isinstance(m, nn.Embedding)
@@ -356,12 +357,13 @@ def addition(
 
 def _untie_output_embeddings(model: nn.Module) -> None:
     """Give the LM head its own weight: orthogonalizing the input embedding must not edit it."""
-    out_emb = model.get_output_embeddings()
-    in_emb = model.get_input_embeddings()
+    hf = cast(Any, model)  # a transformers PreTrainedModel (nn.Module's stubs type attributes as Tensor | Module)
+    out_emb = hf.get_output_embeddings()
+    in_emb = hf.get_input_embeddings()
     if out_emb is None or out_emb.weight is not in_emb.weight:
         return
     out_emb.weight = nn.Parameter(in_emb.weight.detach().clone(), requires_grad=in_emb.weight.requires_grad)
-    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+    for cfg in {id(c): c for c in (hf.config, hf.config.get_text_config())}.values():
         cfg.tie_word_embeddings = False
 
 
@@ -382,19 +384,19 @@ def orthogonalize_weights(model: nn.Module, direction: Tensor) -> nn.Module:
     r = unit(direction)
     _untie_output_embeddings(model)
     for emb in found.embeddings:
-        w = emb.weight
+        w = cast(Tensor, emb.weight)
         rr = r.to(w.device, w.dtype)
         w.sub_((w @ rr).unsqueeze(1) * rr)
     for block_writers in found.writers:
         for mod in block_writers:
-            w = mod.weight
+            w = cast(Tensor, mod.weight)
             rr = r.to(w.device, w.dtype)
             if isinstance(mod, nn.Linear):  # [out=d, in]
                 w.sub_(rr.unsqueeze(1) * (rr @ w).unsqueeze(0))
             else:  # Conv1D [in, out=d]
                 w.sub_((w @ rr).unsqueeze(1) * rr.unsqueeze(0))
             if getattr(mod, "bias", None) is not None:
-                b = mod.bias
+                b = cast(Tensor, mod.bias)
                 b.sub_((b @ rr) * rr)
     return model
 

@@ -11,7 +11,7 @@ GPT-NeoX `final_layer_norm`, ...).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -29,10 +29,10 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm applied to the last block's output before the LM head (None if there is none)."""
     cached = getattr(model, "_refusal_atlas_final_norm", False)
     if cached is not False:
-        return cached
+        return cast("nn.Module | None", cached)
     blocks = decoder_blocks(model)
     block_modules = {id(m) for m in blocks.modules()}
-    head = model.get_output_embeddings()
+    head = cast(Any, model).get_output_embeddings()  # a transformers PreTrainedModel method
     last_out: list[Tensor] = []
     found: list[nn.Module] = []
     handles = [blocks[-1].register_forward_hook(lambda m, a, o: last_out.append(hidden_from_output(o)))]

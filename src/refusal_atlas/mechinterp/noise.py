@@ -200,7 +200,7 @@ def noise_floor(
     def put(key: str, layer: int, value: Tensor, shape: tuple[int, ...], layer_axis: int) -> None:
         if key not in stats:
             stats[key] = torch.full(shape, float("nan"))
-        index = [slice(None)] * len(shape)
+        index: list[slice | int] = [slice(None)] * len(shape)
         index[layer_axis] = layer
         stats[key][tuple(index)] = value
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -198,7 +199,7 @@ def discover_refusal_tokens(
     ids = [c[3] for c in chosen]
     return RefusalTokens(
         ids=ids,
-        tokens=[lm.tokenizer.decode([i]) for i in ids],
+        tokens=[cast(str, lm.tokenizer.decode([i])) for i in ids],  # decode of one id list is a str
         refusal_share=[c[1] for c in chosen],
         comply_share=[c[2] for c in chosen],
         coverage=float(sum(c[1] for c in chosen)),
@@ -269,7 +270,7 @@ def kl_divergence(
             total += kl_from_logprobs(ref, alt)
         if pos + 1 < n_positions:
             nxt = ref.argmax(-1).tolist()
-            suffixes = [s + lm.tokenizer.decode([t]) for s, t in zip(suffixes, nxt, strict=True)]
+            suffixes = [s + cast(str, lm.tokenizer.decode([t])) for s, t in zip(suffixes, nxt, strict=True)]
     return total / max(n_positions, 1)
 
 
@@ -289,7 +290,7 @@ def clean_logprobs(
         out.append(ref)
         if pos + 1 < n_positions:
             nxt = ref.argmax(-1).tolist()
-            suffixes = [s + lm.tokenizer.decode([t]) for s, t in zip(suffixes, nxt, strict=True)]
+            suffixes = [s + cast(str, lm.tokenizer.decode([t])) for s, t in zip(suffixes, nxt, strict=True)]
     return out
 
 
