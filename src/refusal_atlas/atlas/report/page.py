@@ -17,6 +17,7 @@ from plotly.offline import get_plotlyjs
 from refusal_atlas.atlas.report.causal import section_causal, section_conditions
 from refusal_atlas.atlas.report.corpus import section_clusters, section_organism
 from refusal_atlas.atlas.report.geometry import section_heatmap, section_overlap, section_profiles
+from refusal_atlas.atlas.report.harm import section_harm
 from refusal_atlas.atlas.report.html import Figures, esc
 from refusal_atlas.atlas.report.overview import (
     section_figures,
@@ -71,6 +72,10 @@ HOW = {
                   "interval and, where measured, the projection onto the node's direction. A changed refusal "
                   "with an unchanged projection means the condition acts after detection (on the output). A row "
                   "with a single prompt has no interval (\"n = 1, no CI\").",
+    "harmfulness": "Is harmfulness represented apart from refusal? Prompts fall in four cells (harmful or harmless, "
+                   "refused or answered); a harmfulness direction (last instruction token) and a refusal direction "
+                   "(last template token) are estimated per branch with split-half floors, and every group "
+                   "(jailbreak-wrapped, rephrased, over-refused) is projected onto both.",
     "figures": "Static figures written by the stages, embedded as images.",
     "taxonomy": "The harm-source taxonomy the atlas was built from (open the tree). Each node shows its default "
                 "expected behaviour (inherited from the parent when not stated) and its condition rules: when the "
@@ -83,7 +88,8 @@ TITLES = {
     "findings": "Findings", "headline": "Headline figures", "organism": "Model organism: adherence to the policy",
     "clusters": "Cluster map", "heatmap": "Cosine heatmap with noise floors", "overlap": "Overlap graph",
     "profiles": "Layer profiles", "causal": "Cross-ablation matrix and steering", "conditions": "Condition table",
-    "figures": "Stage figures", "taxonomy": "Taxonomy tree with conditions", "provenance": "Provenance",
+    "harmfulness": "Harmfulness vs refusal (the 2×2)", "figures": "Stage figures",
+    "taxonomy": "Taxonomy tree with conditions", "provenance": "Provenance",
 }
 ANCHORS = tuple(TITLES)
 
@@ -106,6 +112,7 @@ def build_sections(store: AtlasStore, figs: Figures) -> list[Section]:
         "profiles": lambda: section_profiles(store, figs),
         "causal": lambda: section_causal(store, figs),
         "conditions": lambda: section_conditions(store, figs),
+        "harmfulness": lambda: section_harm(store),
         "figures": lambda: section_figures(store),
         "taxonomy": lambda: section_taxonomy(store),
         "provenance": lambda: section_provenance(store),
