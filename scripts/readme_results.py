@@ -1,0 +1,100 @@
+"""Regenerate the README's "Results (the default run)" block from an atlas folder's own files.
+
+    .venv/bin/python scripts/readme_results.py atlas-out > /tmp/results.md   # or --write README.md
+
+Every figure in the block comes from metrics.json, manifest.json, findings.json and harm/cells.csv of
+the named run; nothing is typed by hand. `--write` replaces the text between the README's
+`<!-- results:begin -->` and `<!-- results:end -->` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render(atlas: Path, machine: str, state: str) -> str:
+    metrics = json.loads((atlas / "metrics.json").read_text())
+    manifest = json.loads((atlas / "manifest.json").read_text())
+    stages = manifest.get("stages", {})
+    times = ", ".join(f"{name} {rec['seconds']:.0f} s" + (" (cached)" if rec.get("cached") else "")
+                      for name, rec in stages.items())
+    lines = [f"Run: `{manifest.get('command', 'refusal-atlas run')}` with seed {manifest['seeds']['global']} on "
+             f"{machine}, {state}; total {manifest['total_seconds']:.0f} s ({times}).", ""]
+    lines += ["| figure (`metrics.json` key) | value |", "|---|---|"]
+    org, ab, st = metrics.get("organism", {}), metrics.get("ablation", {}), metrics.get("steering", {})
+    rows = [
+        ("organism.heldout_refusal_rate", org.get("heldout_refusal_rate")),
+        ("organism.harmless_refusal_rate", org.get("harmless_refusal_rate")),
+        ("organism.permitted_compliance_rate", org.get("permitted_compliance_rate")),
+        ("organism.restricted_refusal_rate", org.get("restricted_refusal_rate")),
+        ("detector.f1", metrics.get("detector", {}).get("f1")),
+        ("clusters.seed_ari / node_ari / n_clusters",
+         f"{_fmt(metrics['clusters'].get('seed_ari'))} / {_fmt(metrics['clusters'].get('node_ari'))} / "
+         f"{_fmt(metrics['clusters'].get('n_clusters'))}"),
+        ("directions.median_noise_floor", metrics.get("directions", {}).get("median_noise_floor")),
+        ("directions.nodes", ", ".join(metrics.get("directions", {}).get("nodes") or [])),
+        ("ablation: layer / ablated from / tier", f"{ab.get('layer')} / {ab.get('ablate_from')} / {ab.get('tier')}"),
+        (f"ablation.refusal_before → refusal_after (n = {ab.get('n_harmful')})",
+         f"{_fmt(ab.get('refusal_before'))} → {_fmt(ab.get('refusal_after'))}"),
+        ("ablation.harmless_kl", ab.get("harmless_kl")),
+        (f"steering.induced_refusal_rate (n = {st.get('n_harmless')}, coefficient {st.get('coefficient')})",
+         st.get("induced_refusal_rate")),
+        ("cross_ablation own / other node after (mean)",
+         f"{_fmt(metrics.get('cross_ablation', {}).get('own_node_after_mean'))} / "
+         f"{_fmt(metrics.get('cross_ablation', {}).get('other_nodes_after_mean'))}"),
+    ]
+    lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows]
+    findings_path = atlas / "findings.json"
+    if findings_path.is_file():
+        findings = json.loads(findings_path.read_text()).get("findings", [])
+        lines += ["", "Findings (`findings.json`; a rule is trusted only after `refusal-atlas validate` showed it "
+                  "giving the planted answer):", ""]
+        for f in findings:
+            mark = "" if f.get("trusted") else " *(rule not yet validated — inconclusive)*"
+            lines.append(f"- **{f.get('title', f.get('question'))}** — {f.get('subject')}: {f.get('verdict')}. "
+                         f"{f.get('sentence', '')}{mark}")
+    cells_path = atlas / "harm" / "cells.csv"
+    if cells_path.is_file():
+        cells = pd.read_csv(cells_path)
+        cols = [c for c in ("node", "n_HR", "n_HC", "n_LR", "n_LC", "too_small") if c in cells.columns]
+        lines += ["", "Harmfulness vs refusal, the four cells (`harm/cells.csv`):", "",
+                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for _, r in cells[cols].iterrows():
+            lines.append("| " + " | ".join(_fmt(r[c]) if not isinstance(r[c], str) else r[c] for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("atlas", type=Path)
+    parser.add_argument("--machine", default="the 2-core CPU machine")
+    parser.add_argument("--state", default="cold (no output folder)")
+    parser.add_argument("--write", type=Path, help="README to update between the results markers")
+    args = parser.parse_args()
+    block = render(args.atlas, args.machine, args.state)
+    if args.write is None:
+        print(block, end="")
+        return
+    text = args.write.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    args.write.write_text(text[:start] + "\n" + block + text[end:])
+
+
+if __name__ == "__main__":
+    main()
