@@ -20,7 +20,6 @@ The pooled direction (`@pooled`) has no taxonomy node and is left out of the gra
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from rdflib.namespace import DCTERMS, PROV
 
 from refusal_atlas.atlas.store import AtlasStore, model_identity
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.hashing import file_sha256
+from refusal_atlas.hashing import file_sha256, text_sha256
 from refusal_atlas.lm.positions import position_label
 from refusal_atlas.ontology import iris
 from refusal_atlas.ontology.directions import add_direction
@@ -62,7 +61,7 @@ def run_id(store: AtlasStore) -> str:
         path = store.root / rel
         if path.is_file():
             return file_sha256(path)[:16]
-    return hashlib.sha256(str(store.root).encode()).hexdigest()[:16]
+    return text_sha256(str(store.root))[:16]
 
 
 def _finite(value: Any) -> float | None:

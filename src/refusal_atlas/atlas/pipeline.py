@@ -15,7 +15,6 @@ node) and branches with at least `min_prompts` training prompts get directions.
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from refusal_atlas.curation.detect import DEFAULT_DETECTOR, evaluate_detectors, 
 from refusal_atlas.curation.prompts import build_prompt_set
 from refusal_atlas.curation.tables import write_rejects, write_table
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.hashing import text_sha256
 from refusal_atlas.lm.capture import capture_activations
 from refusal_atlas.lm.models import LoadedModel, auto_threads, load_model
 from refusal_atlas.mechinterp.causal.files import DIRECTION_PROMPTS
@@ -137,7 +137,7 @@ def assign_analysis_nodes(df: pd.DataFrame, tax: Taxonomy) -> pd.DataFrame:
 def assign_splits(df: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
     """A seeded train / eval split by base prompt, so a prompt and its condition variants stay together."""
     def bucket(base: str) -> str:
-        h = int(hashlib.sha256(f"{cfg.seed}:{base}".encode()).hexdigest()[:8], 16)
+        h = int(text_sha256(f"{cfg.seed}:{base}")[:8], 16)
         return "eval" if h % 3 == 0 else "train"
 
     df = df.copy()

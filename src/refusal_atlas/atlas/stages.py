@@ -9,7 +9,6 @@ assembled from them without re-running anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -19,12 +18,13 @@ from typing import Any
 
 from rich.console import Console
 
+from refusal_atlas.hashing import text_sha256
 from refusal_atlas.io import atomic_write_text
 
 
 def stable_hash(obj: Any) -> str:
     """sha256 of a JSON rendering with sorted keys (paths and other objects via str)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return text_sha256(json.dumps(obj, sort_keys=True, default=str))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

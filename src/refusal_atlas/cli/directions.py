@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from rich.table import Table
 from refusal_atlas.cli import directions_causal
 from refusal_atlas.cli.directions_common import read_prompts
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.hashing import file_sha256
+from refusal_atlas.hashing import file_sha256, text_sha256
 from refusal_atlas.io import atomic_write_text
 from refusal_atlas.lm.capture import capture_activations, load_shards
 from refusal_atlas.lm.models import load_model
@@ -159,7 +158,7 @@ def extract(
         **lm.provenance(),
         "prompts_file": str(prompts),
         "prompts_sha256": file_sha256(prompts),
-        "prompt_ids_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
+        "prompt_ids_sha256": text_sha256("\n".join(texts)),
         "system": system,
         "batch_size": batch_size,
         "conditions": "all" if all_conditions else "unconditioned only",

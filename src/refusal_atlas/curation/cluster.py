@@ -50,7 +50,6 @@ logged and recorded per row).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -75,6 +74,7 @@ from refusal_atlas.curation.cluster_stages import (
     propagate,
 )
 from refusal_atlas.curation.dedup import collapse_near_duplicates
+from refusal_atlas.hashing import text_sha256
 
 __all__ = [
     "OUTLIER", "AgglomerativeFallback", "ClusterConfig", "ClusterPipeline", "ClusterResult", "Clusterer",
@@ -123,7 +123,7 @@ class ClusterResult:
 
 def canonical_order(texts: Sequence[str]) -> np.ndarray:
     """A permutation that sorts rows by (content hash, text, position): the same set in any order fits the same."""
-    keys = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
+    keys = [text_sha256(t) for t in texts]
     return np.asarray(sorted(range(len(texts)), key=lambda i: (keys[i], texts[i], i)), dtype=np.int64)
 
 

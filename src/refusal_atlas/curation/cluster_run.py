@@ -6,7 +6,6 @@ output folder layout is documented in `cluster_store`.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from refusal_atlas.curation.embed import make_embedder
 from refusal_atlas.curation.stability import stability_report
 from refusal_atlas.curation.tables import read_table, reject, require_columns, require_rows, write_rejects
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.hashing import file_sha256
+from refusal_atlas.hashing import file_sha256, sha256
 from refusal_atlas.io import atomic_write_json
 
 CARRIED = ("prompt_id", "node", "nodes", "source", "external_category", "harmful", "refused", "condition",
@@ -150,7 +149,7 @@ def cluster_corpus(corpus: Path | str, out_dir: Path | str, *, text_column: str 
     rows = np.asarray(sel.frame.index, dtype=np.int64)
     assignments = assignments_frame(sel, result)
     digest = file_sha256(corpus)
-    run_id = hashlib.sha256(
+    run_id = sha256(
         f"{digest}|{text_column}|{only_refused}|{emb.key}|{sorted(config.to_dict().items())}".encode()
     ).hexdigest()[:12]
     meta = {

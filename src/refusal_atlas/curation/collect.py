@@ -16,7 +16,6 @@ Every row carries `model_id`, `model_revision` (commit, weights-file sha256 or c
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import shutil
 import sys
@@ -31,6 +30,7 @@ from refusal_atlas.curation.datasets import EXTRA_COLUMNS, PROMPT_COLUMNS
 from refusal_atlas.curation.prompts import make_prompt_id
 from refusal_atlas.curation.tables import read_table, reject, table_format, write_table
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.hashing import text_sha256
 from refusal_atlas.io import atomic_write, atomic_write_json, read_json_file
 
 CORPUS_COLUMNS = ("response", "sample", "model_id", "model_revision", "generation", "seed", "created_at",
@@ -95,7 +95,7 @@ def _row_number(index_value: object) -> object:
 def _content_hash(row: dict) -> str:
     keys = ("prompt_id", "sample", "prompt", "response", "model_id", "model_revision", "generation", "seed")
     payload = json.dumps({k: row[k] for k in keys}, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return text_sha256(payload)
 
 
 def _write_parquet(batch: pd.DataFrame, tmp: Path) -> None:

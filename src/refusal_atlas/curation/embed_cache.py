@@ -7,7 +7,6 @@ written atomically and never modified, so concurrent runs cannot corrupt each ot
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from refusal_atlas.hashing import sha256, text_sha256
 from refusal_atlas.io import atomic_write
 
 DEFAULT_BATCH_SIZE = 32  # fastest on CPU for MiniLM (REFERENCE.md §1)
@@ -22,7 +22,7 @@ DEFAULT_BATCH_SIZE = 32  # fastest on CPU for MiniLM (REFERENCE.md §1)
 
 def text_key(text: str) -> str:
     """Content hash of one text (the model is part of the cache folder, not of this key)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return text_sha256(text)
 
 
 def model_key(name_or_path: str) -> str:
@@ -30,7 +30,7 @@ def model_key(name_or_path: str) -> str:
 
     Hashing names+sizes (not contents) is instant yet changes when the weights are replaced.
     """
-    h = hashlib.sha256()
+    h = sha256()
     path = Path(name_or_path)
     if path.is_dir():
         h.update(path.name.encode())
@@ -87,7 +87,7 @@ class EmbeddingCache:
             return
         self._load()
         self.root.mkdir(parents=True, exist_ok=True)
-        shard = hashlib.sha256("".join(keys).encode()).hexdigest()[:24]
+        shard = text_sha256("".join(keys))[:24]
 
         def _write(tmp: Path) -> None:
             with open(tmp, "wb") as f:

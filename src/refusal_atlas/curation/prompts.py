@@ -17,7 +17,6 @@ prompt, condition, framing), stable across runs and machines.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from refusal_atlas.curation.datasets import (
 )
 from refusal_atlas.curation.tables import reject
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.hashing import text_sha256
 from refusal_atlas.taxonomy.crosswalk import load_crosswalks
 from refusal_atlas.taxonomy.loader import load_taxonomy
 from refusal_atlas.taxonomy.resolve import effective_rules, resolve
@@ -49,7 +49,7 @@ DEFAULT_SETS = ("harmbench", "strongreject", "harmless", "overrefusal", "taxonom
 def make_prompt_id(source: str, base_prompt: str, condition: str = "", framing: str = "") -> str:
     """16 hex characters of sha256 over the four fields (unit-separated)."""
     payload = "\x1f".join((source, base_prompt, condition, framing))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+    return text_sha256(payload)[:16]
 
 
 def condition_string(context: dict[str, str]) -> str:

@@ -20,7 +20,6 @@ Spec strings: ``residual:MODEL`` or ``residual:MODEL@LAYER``. MODEL is anything 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ from refusal_atlas import paths
 from refusal_atlas.curation.datasets import get_loader
 from refusal_atlas.curation.embed_cache import DEFAULT_BATCH_SIZE, EmbeddingCache, model_key, text_key
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.hashing import text_sha256
 from refusal_atlas.lm.capture import capture_activations
 from refusal_atlas.lm.models import load_model
 
@@ -87,7 +87,7 @@ class ResidualEmbedder:
         self._cache: EmbeddingCache | None = None
         self._centre: np.ndarray | None = None
         self._references = reference_prompts()
-        self._references_hash = hashlib.sha256("\n".join(self._references).encode()).hexdigest()[:8]
+        self._references_hash = text_sha256("\n".join(self._references))[:8]
 
     # -- identity -----------------------------------------------------------------------------------
 

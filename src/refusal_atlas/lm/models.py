@@ -9,7 +9,6 @@ user cache and later loads read that.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.hashing import file_sha256
+from refusal_atlas.hashing import file_sha256, sha256, text_sha256
 from refusal_atlas.lm import hub
 from refusal_atlas.lm.blocks import decoder_blocks
 from refusal_atlas.paths import cache_dir
@@ -148,7 +147,7 @@ def _finish_tokenizer(
 def _gguf_cached_copy(gguf: Path, dtype: torch.dtype) -> tuple[Path, str]:
     """Load a GGUF once, save it as safetensors under the cache, return (folder, sha256 of the GGUF)."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}".encode()).hexdigest()[:16]
+    key = text_sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}")[:16]
     folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
     meta_file = folder / "refusal_atlas_source.json"
     if meta_file.is_file():
@@ -180,7 +179,7 @@ def _folder_revision(folder: Path) -> str:
     (safetensors stores tensors by name, embeddings first), so a partial hash would call them the
     same model and a resumed stage would reuse one model's results for the other.
     """
-    digest = hashlib.sha256()
+    digest = sha256()
     for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
         digest.update(f.name.encode())
         digest.update(_file_sha256(f.resolve(), f.stat().st_size, f.stat().st_mtime_ns).encode())
@@ -190,7 +189,7 @@ def _folder_revision(folder: Path) -> str:
 @functools.lru_cache(maxsize=64)
 def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
     """sha256 of a file, once per process per (path, size, mtime): every run stage loads the model."""
-    digest = hashlib.sha256()
+    digest = sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 24):
             digest.update(chunk)

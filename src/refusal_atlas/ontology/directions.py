@@ -8,12 +8,12 @@ file on disk is the one described. `rash:RefusalDirectionShape` in shapes.ttl va
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 from rdflib import RDF, XSD, Graph, Literal, URIRef
 
+from refusal_atlas.hashing import sha256, text_sha256
 from refusal_atlas.io import brief
 from refusal_atlas.ontology.namespaces import RA
 
@@ -29,7 +29,7 @@ SHA256 = re.compile(r"[0-9a-f]{64}")  # fullmatch only
 
 
 def sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
+    digest = sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -38,7 +38,7 @@ def sha256_file(path: Path | str) -> str:
 
 def direction_iri(node: URIRef, model: str, layer: int, position: str, method: str) -> URIRef:
     """Deterministic: the same (node, model, layer, position, method) always gets the same IRI."""
-    key = hashlib.sha256(f"{model}\n{layer}\n{position}\n{method}".encode()).hexdigest()[:16]
+    key = text_sha256(f"{model}\n{layer}\n{position}\n{method}")[:16]
     return URIRef(f"{node}/direction/{key}")
 
 

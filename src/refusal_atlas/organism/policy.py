@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from ruamel.yaml import YAML
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.hashing import sha256, text_sha256
 from refusal_atlas.organism.settings import NODE_REFUSAL, SHARED_REFUSAL
 from refusal_atlas.taxonomy.model import Behaviour, Taxonomy
 from refusal_atlas.taxonomy.resolve import effective_rules, resolve
@@ -71,12 +71,12 @@ def frame(request: str, when: dict[str, str], framings: dict, rng: random.Random
 
 def _stable(text: str, seed: int) -> float:
     """A number in [0, 1) fixed by (seed, text): the train/held-out split is by base prompt."""
-    h = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+    h = sha256(f"{seed}\x00{text}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64
 
 
 def _pid(*parts: str) -> str:
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+    return text_sha256("\x00".join(parts))[:16]
 
 def _rules(taxonomy: Taxonomy, node_id: str) -> list[tuple[dict[str, str], Behaviour]]:
 

@@ -14,7 +14,6 @@ is chosen as: the `conditions` argument, else `<dir>/conditions.yaml`, else the 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ from pydantic import ValidationError
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError, ValidationErrors
+from refusal_atlas.hashing import text_sha256
 from refusal_atlas.io import brief, clip
 from refusal_atlas.taxonomy.conditions import ConditionVocabulary, load_conditions
 from refusal_atlas.taxonomy.model import ID_PATTERN, Behaviour, ConditionRule, Node, Scheme, Status, Taxonomy
@@ -369,4 +369,4 @@ def taxonomy_hash(taxonomy: Taxonomy) -> str:
         "nodes": {nid: taxonomy.nodes[nid].to_yaml_dict() for nid in sorted(taxonomy.nodes)},
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return text_sha256(blob)
