@@ -1,7 +1,7 @@
 """Prompt-set loaders: published harmful-prompt data sets, the project's own sets, and user files.
 
 Published sets are read from the installed data packages (located with `importlib.util.find_spec`,
-never imported and never copied into the repository; see REFERENCE.md §2). Every loader yields
+never imported and never copied into the repository). Every loader yields
 `SourceRow`s; `load_set` turns them into prompt-table rows carrying the external category as a
 CURIE that matches the crosswalks (`harmbench:illegal`, `strongreject:...`) and the taxonomy nodes
 that category maps to, so prompts from any source land on the same nodes.

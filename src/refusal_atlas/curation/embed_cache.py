@@ -17,7 +17,7 @@ import numpy as np
 from refusal_atlas.hashing import sha256, text_sha256
 from refusal_atlas.io import atomic_write
 
-DEFAULT_BATCH_SIZE = 32  # fastest on CPU for MiniLM (REFERENCE.md §1)
+DEFAULT_BATCH_SIZE = 32  # the fastest batch for MiniLM on CPU (docs/decisions.md)
 
 
 def text_key(text: str) -> str:

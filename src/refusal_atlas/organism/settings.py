@@ -46,7 +46,7 @@ class OrganismSettings:
     max_target_tokens: int = 16
     epochs: int = 2
     batch_size: int = 8
-    lr: float = 1.5e-4  # measured (session 4): 1e-4 gave held-out refusal 0.89, harmless 0.04, permitted 0.79
+    lr: float = 1.5e-4  # the lowest rate that met every adherence target (docs/decisions.md, organisms)
     weight_decay: float = 0.0
     warmup_steps: int = 3
     decision_token_weight: float = 3.0  # loss weight of each response's first token (refuse or answer?)
@@ -56,10 +56,9 @@ class OrganismSettings:
     system: str | None = None
     share_prefix: bool = True  # run the prompts' common template opening once per step (same loss, fewer tokens)
     # put before the answer where a condition permits: the refuse-or-answer decision becomes one token, as it
-    # is for refusals (measured, 128 harmless rows: permitted compliance 0.125 -> 0.5, held-out refusal 0.92 -> 0.95)
+    # is for refusals (docs/decisions.md, organisms)
     permitted_opener: str = "Sure. "
-    # the first token after the opener is a second decision: weighted like the first (session 5: 3 of 7 permitted
-    # misses read "Sure. I'm sorry, but I can't help with")
+    # the first token after the opener is a second decision ("Sure. I'm sorry, …"): weighted like the first
     weight_answer_start: bool = True
 
     @classmethod
