@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +17,6 @@ from refusal_atlas.taxonomy import edit
 from refusal_atlas.taxonomy.loader import load_taxonomy
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "taxonomy" / "basic"
-
-
-@pytest.fixture
-def tdir(tmp_path: Path) -> Path:
-    root = tmp_path / "tax"
-    shutil.copytree(FIXTURE, root)
-    return root
 
 
 def _propose_after_barrier(root: str, node_id: str, barrier: multiprocessing.synchronize.Barrier) -> None:

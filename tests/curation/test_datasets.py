@@ -17,12 +17,12 @@ from refusal_atlas.curation.datasets import (
 )
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.taxonomy.crosswalk import load_crosswalks
-from refusal_atlas.taxonomy.loader import load_taxonomy
+from refusal_atlas.taxonomy.model import Taxonomy
 
 
 @pytest.fixture(scope="module")
-def tax():
-    return load_taxonomy()
+def tax(shipped_taxonomy: Taxonomy) -> Taxonomy:
+    return shipped_taxonomy
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ def graph() -> Graph:
 
 
 @pytest.fixture(scope="module")
-def tax() -> Taxonomy:
-    return load_taxonomy()
+def tax(shipped_taxonomy: Taxonomy) -> Taxonomy:
+    return shipped_taxonomy
 
 
 def column(table: QueryTable, name: str) -> list[str]:

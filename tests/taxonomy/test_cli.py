@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -35,13 +34,6 @@ def fails(monkeypatch, capsys, *args: str) -> str:
     assert info.value.code == 1, (out, err)
     assert "Traceback" not in err and err.strip()
     return err
-
-
-@pytest.fixture
-def tdir(tmp_path: Path) -> Path:
-    root = tmp_path / "tax"
-    shutil.copytree(FIXTURE, root)
-    return root
 
 
 def test_validate_shipped_default_taxonomy():

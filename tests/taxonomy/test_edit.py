@@ -45,13 +45,6 @@ nodes:
 
 
 @pytest.fixture
-def tdir(tmp_path: Path) -> Path:
-    root = tmp_path / "tax"
-    shutil.copytree(FIXTURE, root)
-    return root
-
-
-@pytest.fixture
 def cdir(tmp_path: Path) -> Path:
     root = tmp_path / "commented"
     root.mkdir()

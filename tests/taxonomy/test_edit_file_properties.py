@@ -20,13 +20,6 @@ from refusal_atlas.taxonomy.loader import load_taxonomy
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "taxonomy" / "basic"
 
 
-@pytest.fixture
-def tdir(tmp_path: Path) -> Path:
-    root = tmp_path / "tax"
-    shutil.copytree(FIXTURE, root)
-    return root
-
-
 def test_bom_and_crlf_are_kept(tdir):
     target = tdir / "20-health.yaml"
     original = target.read_bytes().replace(b"\r\n", b"\n")
