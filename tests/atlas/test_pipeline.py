@@ -92,6 +92,25 @@ def test_metrics_carry_the_contract_keys(finished):
             assert key in metrics[group], f"{group}.{key}"
     assert 0.0 <= metrics["detector"]["f1"] <= 1.0
     assert len(metrics["directions"]["nodes"]) >= 2
+    # every headline figure is the one its stage's own files give (not merely a key the writer always writes)
+    out = cfg.out
+    held = pd.read_parquet(out / "organism" / "adherence.parquet")
+
+    def rate(category: str, refused: bool = True) -> float | None:
+        rows = held[held["category"] == category]["refused"].astype(bool)
+        return None if not len(rows) else float((rows if refused else ~rows).mean())
+
+    org = metrics["organism"]
+    assert org["heldout_refusal_rate"] == rate("refuse")
+    assert org["harmless_refusal_rate"] == rate("harmless")
+    assert org["permitted_compliance_rate"] == rate("permitted", refused=False)
+    assert org["restricted_refusal_rate"] == rate("restricted")
+    assert metrics["directions"]["nodes"] == json.loads((out / "directions" / "directions.json").read_text())["nodes"]
+    clusters = json.loads((out / "clusters" / "clusters.json").read_text())
+    assert metrics["clusters"]["n_clusters"] == clusters["n_clusters"]
+    findings = json.loads((out / "findings.json").read_text())["findings"]
+    assert metrics["verdicts"]["n_findings"] == len(findings) > 0
+    assert sum(metrics["verdicts"]["by_verdict"].values()) == len(findings)
 
 
 def test_rerun_resumes_every_stage_from_cache(finished):
