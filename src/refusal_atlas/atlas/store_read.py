@@ -32,6 +32,8 @@ def read_table(path: Path, view: dict[str, str] | None = None) -> pd.DataFrame |
         return None
     try:
         df = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()  # a stage that had no rows to write (e.g. no node with enough prompts)
     except (OSError, ValueError) as exc:
         raise AtlasError(f"{path}: unreadable table ({exc}); rerun the stage that writes it") from exc
     return df.rename(columns=view) if view else df
