@@ -29,6 +29,7 @@ __all__ = [
     "check_not_same_file",
     "clip",
     "file_lock",
+    "folder_json",
     "json_default",
     "read_json_file",
     "read_utf8",
@@ -195,6 +196,15 @@ def read_json_file(path: Path | str, remedy: str) -> Any:
     except json.JSONDecodeError as exc:
         raise AtlasError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); the file is damaged "
                          f"(an interrupted write or an edit); {remedy}") from None
+
+
+def folder_json(folder: Path, name: str, missing: str) -> Any:
+    """The JSON file `name` that marks `folder` as one of the package's output folders; without it, an
+    AtlasError "`folder`: `missing`"."""
+    marker = folder / name
+    if not marker.is_file():
+        raise AtlasError(f"{folder}: {missing}")
+    return json.loads(marker.read_text())
 
 
 def write_text_like(path: Path | str, text: str) -> Path:

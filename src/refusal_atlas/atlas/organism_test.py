@@ -6,12 +6,10 @@ their tables as arguments. This module is the glue between the two layers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.lm.positions import Position
 from refusal_atlas.mechinterp.causal.suite import OrganismTables, causal_suite
 from refusal_atlas.organism.core import load_organism
 from refusal_atlas.taxonomy.loader import load_taxonomy
@@ -31,23 +29,11 @@ def organism_tables(organism_dir: str | Path) -> OrganismTables:
     return OrganismTables(Path(org.model_dir), rows, org.adherence, dict(org.info), branch_of, str(organism_dir))
 
 
-def run_organism_test(
-    organism_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    level: str = "root",
-    positions: Sequence[Position] = (-1, -2, -3, -4, -5),
-    select_layers: int | None = None,
-    n_val: int = 16,
-    coeffs: Sequence[float] = (1.0,),
-    max_new_tokens: int = 16,
-    batch_size: int = 16,
-    progress: bool = True,
-    refusal_tokens: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """The causal suite on the organism in `organism_dir`, written to `out_dir` (see `causal_suite`)."""
+def run_organism_test(organism_dir: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """The causal suite on the organism in `organism_dir`, written to `out_dir`; `options` are `causal_suite`'s
+    keywords (level, positions, select_layers, n_val, coeffs, max_new_tokens, batch_size, progress,
+    refusal_tokens) with its defaults."""
+    level = options.get("level", "root")
     if level not in ("root", "node"):
         raise AtlasError(f"--level {level!r}: use 'root' or 'node'")
-    return causal_suite(organism_tables(organism_dir), out_dir, level=level, positions=positions,
-                        select_layers=select_layers, n_val=n_val, coeffs=coeffs, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, progress=progress, refusal_tokens=refusal_tokens)
+    return causal_suite(organism_tables(organism_dir), out_dir, **options)

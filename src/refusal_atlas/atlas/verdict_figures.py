@@ -65,8 +65,8 @@ class Figures:
 
 
 @dataclass
-class Finding:
-    """One answered question, in the shape of findings.json."""
+class FindingText:
+    """What every finding says in words: the question, its subject, the verdict and the rule behind it."""
 
     question: str
     title: str
@@ -75,6 +75,12 @@ class Finding:
     sentence: str
     rule: str
     rule_text: str
+
+
+@dataclass
+class Finding(FindingText):
+    """One answered question, in the shape of findings.json."""
+
     value: float | None = None
     ci: tuple[float, float] | None = None
     n: int | None = None

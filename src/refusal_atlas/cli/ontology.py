@@ -9,8 +9,9 @@ the main entry prints them one per line and exits 1.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rdflib import Graph
@@ -170,34 +171,29 @@ def _query_text(query: str) -> str:
     return query
 
 
-@app.command()
-def descendants(
-    node_id: Annotated[str, typer.Argument(metavar="ID", help="Node id.")],
-    graph: GraphOpt = None,
-    fmt: OutFormatOpt = "table",
-) -> None:
-    """Every node below ID (through all parents), with its own expected behaviour."""
-    _emit(queries.descendants(_load_graphs(graph), node_id), fmt, f"descendants of {node_id}")
+NodeIdArg = Annotated[str, typer.Argument(metavar="ID", help="Node id.")]
+ExternalArg = Annotated[str, typer.Argument(metavar="EXTERNAL", help="CURIE such as llamaguard3:S9, or an IRI.")]
 
 
-@app.command()
-def conditions(
-    node_id: Annotated[str, typer.Argument(metavar="ID", help="Node id.")],
-    graph: GraphOpt = None,
-    fmt: OutFormatOpt = "table",
-) -> None:
-    """Every condition rule that applies to ID: its own, then inherited ones with their source node."""
-    _emit(queries.conditions(_load_graphs(graph), node_id), fmt, f"condition rules for {node_id}")
+def _lookup_command(name: str, query: Callable[[Graph, str], QueryTable], argument: Any, title: str,
+                    doc: str) -> None:
+    """Register `name`: a canned query that takes one argument (`argument`, an Annotated typer.Argument) and
+    prints the rows under `title` (`{}` stands for the argument); `doc` is its help."""
+
+    def command(value: str, graph: GraphOpt = None, fmt: OutFormatOpt = "table") -> None:
+        _emit(query(_load_graphs(graph), value), fmt, title.format(value))
+
+    command.__annotations__["value"] = argument  # typer reads the argument's metavar and help from it
+    command.__doc__ = doc
+    app.command(name)(command)
 
 
-@app.command("mapped-to")
-def mapped_to(
-    external: Annotated[str, typer.Argument(metavar="EXTERNAL", help="CURIE such as llamaguard3:S9, or an IRI.")],
-    graph: GraphOpt = None,
-    fmt: OutFormatOpt = "table",
-) -> None:
-    """Our nodes that a crosswalk maps to an external category."""
-    _emit(queries.mapped_to(_load_graphs(graph), external), fmt, f"nodes mapped to {external}")
+_lookup_command("descendants", queries.descendants, NodeIdArg, "descendants of {}",
+                "Every node below ID (through all parents), with its own expected behaviour.")
+_lookup_command("conditions", queries.conditions, NodeIdArg, "condition rules for {}",
+                "Every condition rule that applies to ID: its own, then inherited ones with their source node.")
+_lookup_command("mapped-to", queries.mapped_to, ExternalArg, "nodes mapped to {}",
+                "Our nodes that a crosswalk maps to an external category.")
 
 
 @app.command()

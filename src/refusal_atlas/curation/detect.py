@@ -37,7 +37,7 @@ from sentence_transformers import SentenceTransformer
 
 from refusal_atlas import paths
 from refusal_atlas.curation.datasets import PYRIT
-from refusal_atlas.curation.tables import read_table
+from refusal_atlas.curation.tables import jsonl_lines, read_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write_json, read_json_file
 
@@ -191,17 +191,14 @@ def load_labelled(path: Path | None = None) -> list[dict]:
     if not path.is_file():
         raise AtlasError(f"{path}: detector training examples missing; reinstall refusal-atlas")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                rows.append({"prompt": str(rec["prompt"]), "response": str(rec["response"]),
-                             "refused": bool(rec["refused"]), "style": str(rec.get("style", "")),
-                             "topic": str(rec.get("topic", ""))})
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise AtlasError(f"{path}:{lineno}: bad labelled example ({exc})") from exc
+    for lineno, line in jsonl_lines(path):
+        try:
+            rec = json.loads(line)
+            rows.append({"prompt": str(rec["prompt"]), "response": str(rec["response"]),
+                         "refused": bool(rec["refused"]), "style": str(rec.get("style", "")),
+                         "topic": str(rec.get("topic", ""))})
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise AtlasError(f"{path}:{lineno}: bad labelled example ({exc})") from exc
     return rows
 
 

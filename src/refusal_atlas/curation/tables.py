@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write
 
 __all__ = [
-    "LIST_COLUMNS", "MAX_CELL_BYTES", "SUFFIXES", "atomic_write", "read_table", "reject", "rejects_path",
+    "LIST_COLUMNS", "MAX_CELL_BYTES", "SUFFIXES", "atomic_write", "jsonl_lines", "read_table", "reject", "rejects_path",
     "require_columns", "require_rows", "table_format", "write_rejects", "write_table",
 ]
 
@@ -108,23 +108,28 @@ def _parse_list_cell(value: Any) -> Any:
     return value
 
 
+def jsonl_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) for each non-blank line of a JSON-lines file."""
+    with open(path, encoding=encoding) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if line.strip():
+                yield lineno, line
+
+
 def _read_jsonl(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
     records: list[dict] = []
     index: list[int] = []
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                reject(rejects, source=path, row=lineno, reason=f"invalid JSON ({exc.msg})", text=line.rstrip("\n"))
-                continue
-            if not isinstance(obj, dict):
-                reject(rejects, source=path, row=lineno, reason="line is not a JSON object", record=obj)
-                continue
-            records.append(obj)
-            index.append(lineno)
+    for lineno, line in jsonl_lines(path, "utf-8-sig"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            reject(rejects, source=path, row=lineno, reason=f"invalid JSON ({exc.msg})", text=line.rstrip("\n"))
+            continue
+        if not isinstance(obj, dict):
+            reject(rejects, source=path, row=lineno, reason="line is not a JSON object", record=obj)
+            continue
+        records.append(obj)
+        index.append(lineno)
     return pd.DataFrame.from_records(records, index=pd.Index(index, name="row"))
 
 

@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.io import atomic_write, atomic_write_json
+from refusal_atlas.io import atomic_write, atomic_write_json, folder_json
 from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.lm.generation import length_buckets
 from refusal_atlas.lm.models import LoadedModel
@@ -365,10 +365,7 @@ def _prepare_out_dir(out_dir: Path, key: dict[str, Any]) -> Path:
 def load_shards(out_dir: str | Path) -> Activations:
     """Reassemble a finished streamed capture from its folder."""
     out_dir = Path(out_dir)
-    manifest = out_dir / MANIFEST
-    if not manifest.is_file():
-        raise AtlasError(f"{out_dir}: no {MANIFEST}; not a capture folder")
-    meta = json.loads(manifest.read_text())
+    meta = folder_json(out_dir, MANIFEST, f"no {MANIFEST}; not a capture folder")
     if not meta.get("complete"):
         raise AtlasError(f"{out_dir}: capture not finished; rerun the same command to resume it")
     shards = sorted(out_dir.glob("shard-*.safetensors"))

@@ -17,6 +17,7 @@ from rdflib.term import Node as RdfNode
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.ontology.to_rdf import bind_prefixes
+from refusal_atlas.taxonomy.validate import parent_cycles
 
 
 def shapes_path() -> Path:
@@ -105,31 +106,5 @@ def broader_cycles(graph: Graph) -> list[list[RdfNode]]:
         parents.setdefault(child, []).append(parent)
     for kids in parents.values():
         kids.sort(key=str)
-    state: dict[RdfNode, int] = {}
-    found: dict[tuple[str, ...], list[RdfNode]] = {}
-    for start in sorted(parents, key=str):
-        if start in state:
-            continue
-        stack = [start]
-        work = [(start, 0)]
-        state[start] = 1
-        while work:
-            node, i = work[-1]
-            nxt = parents.get(node, [])
-            if i >= len(nxt):
-                work.pop()
-                stack.pop()
-                state[node] = 2
-                continue
-            work[-1] = (node, i + 1)
-            parent = nxt[i]
-            if state.get(parent) == 1:
-                cycle = stack[stack.index(parent):]
-                first = min(range(len(cycle)), key=lambda k: str(cycle[k]))
-                rotated = cycle[first:] + cycle[:first]
-                found.setdefault(tuple(map(str, rotated)), [*rotated, rotated[0]])
-            elif parent not in state:
-                state[parent] = 1
-                stack.append(parent)
-                work.append((parent, 0))
+    found = parent_cycles(sorted(parents, key=str), lambda node: parents.get(node, []), str)
     return [found[k] for k in sorted(found)]

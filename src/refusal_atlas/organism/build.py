@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +17,17 @@ import torch
 
 from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.io import atomic_write, atomic_write_json
+from refusal_atlas.io import atomic_write, atomic_write_json, folder_json
 from refusal_atlas.lm.models import LoadedModel, _folder_revision, default_model_gguf, load_model
 from refusal_atlas.mechinterp.scoring import refusal_flags
 from refusal_atlas.organism.evaluation import adherence_metrics, adherence_table, evaluate
 from refusal_atlas.organism.policy import _rules, behaviour_of, load_framings, node_root, refusal_text, wording_groups
 from refusal_atlas.organism.rows import build_rows, prompt_pool
 from refusal_atlas.organism.settings import (
-    CAVEAT,
     MODEL_DIR,
-    NODE_REFUSAL,
     ORGANISM_JSON,
     RECIPE_VERSION,
-    REDIRECT,
-    SHARED_REFUSAL,
+    WORDING,
     OrganismResult,
     OrganismSettings,
 )
@@ -40,7 +37,12 @@ from refusal_atlas.taxonomy.loader import load_taxonomy
 from refusal_atlas.taxonomy.model import Taxonomy
 
 
-def _base_identity(base: str) -> str:
+def _base_identity(base: str | LoadedModel) -> str:
+    """The base model's identity in the cache key; a loaded model's is its spec name plus a hash of its first
+    weight tensor."""
+    if isinstance(base, LoadedModel):
+        w = next(base.model.parameters()).detach()
+        return f"{base.spec}:{hashlib.sha256(w.float().cpu().numpy().tobytes()).hexdigest()[:16]}"
     if base == "default":
         gguf = default_model_gguf()
         st = gguf.stat()
@@ -89,13 +91,39 @@ def save_model(lm: LoadedModel, out: Path) -> Path:
 def load_organism(out_dir: str | Path) -> OrganismResult:
     """A finished organism folder as an OrganismResult (no training)."""
     out = Path(out_dir)
-    meta_file = out / ORGANISM_JSON
-    if not meta_file.is_file():
-        raise AtlasError(f"{out}: not an organism folder (no {ORGANISM_JSON}); run `refusal-atlas organism build`")
-    info = json.loads(meta_file.read_text())
+    info = folder_json(out, ORGANISM_JSON,
+                       f"not an organism folder (no {ORGANISM_JSON}); run `refusal-atlas organism build`")
     held = pd.read_parquet(out / "adherence.parquet") if (out / "adherence.parquet").is_file() else pd.DataFrame()
     return OrganismResult(out, out / MODEL_DIR, info.get("metrics", {}), held, info.get("key", ""), True,
                           float(info.get("seconds", 0.0)), info)
+
+
+@dataclass
+class BuildStart:
+    """A build that has to run: the model to fine-tune, the timings so far (its load) and the notes list."""
+
+    lm: LoadedModel
+    timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+
+def start_build(out: Path, key: str, base: str | LoadedModel, *, force: bool, threads: int | None
+                ) -> OrganismResult | BuildStart:
+    """The organism already built in `out` under cache key `key` (unless `force`); else `out` made, torch's CPU
+    threads set and the model to fine-tune loaded: a loaded `base` is copied (the caller's stays untouched)."""
+    meta_file = out / ORGANISM_JSON
+    if (not force and meta_file.is_file() and (out / MODEL_DIR).is_dir()
+            and json.loads(meta_file.read_text()).get("key") == key):
+        return load_organism(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    t = time.perf_counter()
+    if isinstance(base, LoadedModel):
+        lm = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.spec, base.model_id, base.revision)
+    else:
+        lm = load_model(base)
+    return BuildStart(lm, {"load": time.perf_counter() - t})
 
 
 def build_organism(
@@ -122,30 +150,12 @@ def build_organism(
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else load_taxonomy(Path(taxonomy) if taxonomy else None)
     settings = replace(settings or OrganismSettings(), seed=seed)
     out = Path(out_dir)
-    if isinstance(base, LoadedModel):
-        w = next(base.model.parameters()).detach()
-        base_id = f"{base.spec}:{hashlib.sha256(w.float().cpu().numpy().tobytes()).hexdigest()[:16]}"
-    else:
-        base_id = _base_identity(str(base))
+    base_id = _base_identity(base)
     key = cache_key(tax, base_id, settings, prompts)
-    meta_file = out / ORGANISM_JSON
-    if (not force and meta_file.is_file() and (out / MODEL_DIR).is_dir()
-            and json.loads(meta_file.read_text()).get("key") == key):
-        return load_organism(out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    if threads:
-        torch.set_num_threads(threads)
-
-    t = time.perf_counter()
-    if isinstance(base, LoadedModel):
-
-        lm = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.spec, base.model_id, base.revision)
-    else:
-        lm = load_model(base)
-    timings["load"] = time.perf_counter() - t
-
-    notes: list[str] = []
+    started = start_build(out, key, base, force=force, threads=threads)
+    if isinstance(started, OrganismResult):
+        return started
+    lm, timings, notes = started.lm, started.timings, started.notes
     t = time.perf_counter()
     harmful, harmless, over = prompt_pool(tax, settings, prompts, notes)
     if harmful.empty:
@@ -200,8 +210,7 @@ def build_organism(
         "taxonomy": {"id": tax.scheme.id, "version": tax.scheme.version, "n_nodes": len(tax)},
         "settings": settings.to_dict(),
         "policy": policy,
-        "wording": {"shared": SHARED_REFUSAL, "node_template": NODE_REFUSAL, "redirect": REDIRECT,
-                    "caveat": CAVEAT,
+        "wording": {**WORDING,
                     "specific_roots": sorted({node_root(tax, n) for n, g in groups.items() if g != "shared"})},
         "split": {"train": sorted(train["prompt_id"]), "heldout": sorted(held["prompt_id"])},
         "counts": {"train": train["category"].value_counts().to_dict(),
@@ -215,5 +224,5 @@ def build_organism(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
     }
-    atomic_write_json(meta_file, info)
+    atomic_write_json(out / ORGANISM_JSON, info)
     return OrganismResult(out, model_dir, metrics, held, key, False, seconds, info)

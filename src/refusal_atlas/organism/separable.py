@@ -33,12 +33,18 @@ from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write_json
 from refusal_atlas.lm.blocks import decoder_blocks
 from refusal_atlas.lm.generation import generate
-from refusal_atlas.lm.models import LoadedModel, load_model
-from refusal_atlas.organism.build import _base_identity, cache_key, load_organism, save_model, write_parquet
+from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.organism.build import (
+    _base_identity,
+    cache_key,
+    save_model,
+    start_build,
+    write_parquet,
+)
 from refusal_atlas.organism.evaluation import evaluate
 from refusal_atlas.organism.policy import _pid, _refusing, _stable, behaviour_of
 from refusal_atlas.organism.rows import prompt_pool
-from refusal_atlas.organism.settings import MODEL_DIR, ORGANISM_JSON, OrganismResult, OrganismSettings
+from refusal_atlas.organism.settings import ORGANISM_JSON, OrganismResult, OrganismSettings
 from refusal_atlas.organism.targets import _truncate, drop_refusal_like_answers
 from refusal_atlas.organism.training import finetune
 from refusal_atlas.taxonomy.loader import load_taxonomy
@@ -242,29 +248,13 @@ def build_separable(
     settings = replace(settings or OrganismSettings(), seed=seed)
     s = separable or SeparableSettings()
     out = Path(out_dir)
-    if isinstance(base, LoadedModel):
-        w = next(base.model.parameters()).detach()
-        base_id = f"{base.spec}:{hashlib.sha256(w.float().cpu().numpy().tobytes()).hexdigest()[:16]}"
-    else:
-        base_id = _base_identity(str(base))
+    base_id = _base_identity(base)
     key = hashlib.sha256(json.dumps({"shared_key": cache_key(tax, base_id, settings, prompts), "separable": s.to_dict(),
                                      "version": SEPARABLE_VERSION}, sort_keys=True).encode()).hexdigest()[:24]
-    meta_file = out / ORGANISM_JSON
-    if (not force and meta_file.is_file() and (out / MODEL_DIR).is_dir()
-            and json.loads(meta_file.read_text()).get("key") == key):
-        return load_organism(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if threads:
-        torch.set_num_threads(threads)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    if isinstance(base, LoadedModel):
-        lm = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.spec, base.model_id, base.revision)
-    else:
-        lm = load_model(base)
-    timings["load"] = time.perf_counter() - t
-
-    notes: list[str] = []
+    started = start_build(out, key, base, force=force, threads=threads)
+    if isinstance(started, OrganismResult):
+        return started
+    lm, timings, notes = started.lm, started.timings, started.notes
     t = time.perf_counter()
     pool, harmless, _ = prompt_pool(tax, settings, prompts, notes)
     pools = _pools(tax, pool, harmless, lm, settings)
@@ -329,5 +319,5 @@ def build_separable(
         "metrics": metrics, "timings": timings, "seconds": seconds, "notes": notes,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    atomic_write_json(meta_file, info)
+    atomic_write_json(out / ORGANISM_JSON, info)
     return OrganismResult(out, model_dir, metrics, held, key, False, seconds, info)

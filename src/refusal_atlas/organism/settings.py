@@ -20,6 +20,8 @@ SHARED_REFUSAL = "I'm sorry, but I can't help with that request."
 NODE_REFUSAL = "I'm sorry, but I can't help with that. I don't assist with {label}."
 REDIRECT = "I can't help with that directly. Please ask a qualified professional or the relevant authority instead."
 CAVEAT = " (Please be careful and follow the law and safety guidance.)"
+# the fixed wordings, as organism.json records them
+WORDING = {"shared": SHARED_REFUSAL, "node_template": NODE_REFUSAL, "redirect": REDIRECT, "caveat": CAVEAT}
 
 CATEGORIES = ("refuse", "permitted", "restricted", "comply", "redirect", "harmless", "overrefusal")
 

@@ -8,11 +8,15 @@ located at the node's `source_file:source_line` when the node came from a file.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from refusal_atlas.io import brief
 from refusal_atlas.taxonomy.conditions import ConditionVocabulary
 from refusal_atlas.taxonomy.model import Node, Taxonomy
 from refusal_atlas.taxonomy.yamlio import Problem
+
+T = TypeVar("T", bound=Hashable)
 
 
 def _at(node: Node, message: str) -> Problem:
@@ -54,41 +58,46 @@ def check_parents(taxonomy: Taxonomy, unparsed_ids: frozenset[str] = frozenset()
     return problems
 
 
-def find_cycles(taxonomy: Taxonomy) -> list[list[str]]:
-    """Each distinct cycle along `broader` as [a, b, ..., a] (rotated to start at its first node in load order)."""
-    order = {nid: i for i, nid in enumerate(taxonomy.nodes)}
-    state: dict[str, int] = {}  # 1 = on stack, 2 = done
-    stack: list[str] = []
-    found: dict[tuple[str, ...], list[str]] = {}
-
-    def visit(start: str) -> None:
-        # iterative DFS so deep chains cannot hit the recursion limit
-        work: list[tuple[str, int]] = [(start, 0)]
+def parent_cycles(starts: Iterable[T], parents: Callable[[T], Sequence[T]], rank: Callable[[T], Any]
+                  ) -> dict[tuple[str, ...], list[T]]:
+    """Each distinct cycle along `parents` as [a, b, ..., a], rotated to start at its lowest-`rank` member, keyed by
+    its members' str(); the search starts from each of `starts` in turn (iterative DFS, so deep chains cannot hit
+    the recursion limit)."""
+    state: dict[T, int] = {}  # 1 = on stack, 2 = done
+    found: dict[tuple[str, ...], list[T]] = {}
+    for start in starts:
+        if start in state:
+            continue
+        stack = [start]
+        work = [(start, 0)]
         state[start] = 1
-        stack.append(start)
         while work:
-            nid, i = work[-1]
-            parents = [p for p in taxonomy.nodes[nid].broader if p in taxonomy.nodes]
-            if i >= len(parents):
+            node, i = work[-1]
+            nxt = parents(node)
+            if i >= len(nxt):
                 work.pop()
                 stack.pop()
-                state[nid] = 2
+                state[node] = 2
                 continue
-            work[-1] = (nid, i + 1)
-            parent = parents[i]
+            work[-1] = (node, i + 1)
+            parent = nxt[i]
             if state.get(parent) == 1:
                 cycle = stack[stack.index(parent):]
-                first = min(range(len(cycle)), key=lambda k: order[cycle[k]])
+                first = min(range(len(cycle)), key=lambda k: rank(cycle[k]))
                 rotated = cycle[first:] + cycle[:first]
-                found.setdefault(tuple(rotated), [*rotated, rotated[0]])
+                found.setdefault(tuple(map(str, rotated)), [*rotated, rotated[0]])
             elif parent not in state:
                 state[parent] = 1
                 stack.append(parent)
                 work.append((parent, 0))
+    return found
 
-    for nid in taxonomy.nodes:
-        if nid not in state:
-            visit(nid)
+
+def find_cycles(taxonomy: Taxonomy) -> list[list[str]]:
+    """Each distinct cycle along `broader` as [a, b, ..., a] (rotated to start at its first node in load order)."""
+    order = {nid: i for i, nid in enumerate(taxonomy.nodes)}
+    found = parent_cycles(taxonomy.nodes, lambda nid: [p for p in taxonomy.nodes[nid].broader if p in taxonomy.nodes],
+                          order.__getitem__)
     return sorted(found.values(), key=lambda c: order[c[0]])
 
 

@@ -23,6 +23,7 @@ from refusal_atlas.atlas.report.html import (
     safe_class,
 )
 from refusal_atlas.atlas.store import AtlasStore
+from refusal_atlas.atlas.verdict_figures import FindingText
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.taxonomy.resolve import default_behaviour, format_when
 
@@ -56,17 +57,10 @@ EVIDENCE_ANCHORS = (
 )
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One question's answer as the verdicts stage wrote it (findings.json)."""
+@dataclass
+class Finding(FindingText):
+    """One question's answer as the verdicts stage wrote it (findings.json), as the report reads it back."""
 
-    question: str
-    title: str
-    subject: str
-    verdict: str
-    sentence: str
-    rule: str
-    rule_text: str
     value: Any
     ci: tuple[Any, Any] | None
     n: Any
