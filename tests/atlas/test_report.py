@@ -16,7 +16,7 @@ from refusal_atlas.atlas.links import write_atlas_ttl
 from refusal_atlas.atlas.report import build_report, clean, esc, script_json
 
 SECTIONS = ("findings", "headline", "organism", "clusters", "heatmap", "overlap", "profiles", "causal", "conditions",
-            "figures", "taxonomy", "provenance")
+            "harmfulness", "figures", "taxonomy", "provenance")
 
 
 FINDINGS = [
