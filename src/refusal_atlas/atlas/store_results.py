@@ -19,6 +19,9 @@ class ResultsAccessors:
 
     root: Path
 
+    def _result_table(self, artifact: schema.Artifact) -> pd.DataFrame | None:
+        return read_table(self.root / artifact.path)
+
     def _result_json(self, artifact: schema.Artifact) -> Any:
         path = self.root / artifact.path
         return read_json(path) if path.is_file() else None
@@ -37,20 +40,20 @@ class ResultsAccessors:
     @cached_property
     def harm_cells(self) -> pd.DataFrame | None:
         """n per cell (harmful/harmless × refused/complied) per node, with the too-small flag."""
-        return read_table(self.root / schema.HARM_CELLS.path)
+        return self._result_table(schema.HARM_CELLS)
 
     @cached_property
     def harm_geometry(self) -> pd.DataFrame | None:
         """The harmfulness–refusal cosine per node and layer, beside both directions' split-half floors."""
-        return read_table(self.root / schema.HARM_GEOMETRY.path)
+        return self._result_table(schema.HARM_GEOMETRY)
 
     @cached_property
     def harm_projections(self) -> pd.DataFrame | None:
-        return read_table(self.root / schema.HARM_PROJECTIONS.path)
+        return self._result_table(schema.HARM_PROJECTIONS)
 
     @cached_property
     def harm_causal(self) -> pd.DataFrame | None:
-        return read_table(self.root / schema.HARM_CAUSAL.path)
+        return self._result_table(schema.HARM_CAUSAL)
 
     @cached_property
     def harm_findings(self) -> list[dict[str, Any]]:

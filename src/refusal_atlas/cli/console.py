@@ -8,11 +8,12 @@ cell, tree label or title) is printed literally; styling is added with `Text` ob
 
 from __future__ import annotations
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-__all__ = ["RICH_MARKUP_MODE", "escape", "plain_console", "styled"]
+__all__ = ["RICH_MARKUP_MODE", "escape", "plain_console", "styled", "sub_app"]
 
 # Typer option: help strings are printed literally (`[a-z0-9_.-]` stays visible), not as rich markup.
 RICH_MARKUP_MODE = None
@@ -29,3 +30,8 @@ def plain_console(*, stderr: bool = False) -> Console:
 def styled(*parts: str | tuple[str, str]) -> Text:
     """`Text` from plain strings and (text, style) pairs; the text is never parsed as markup."""
     return Text.assemble(*parts)
+
+
+def sub_app(help: str) -> typer.Typer:
+    """A command group: no arguments shows its help, and help text is literal (untrusted-looking `[...]` stays)."""
+    return typer.Typer(no_args_is_help=True, help=help, rich_markup_mode=RICH_MARKUP_MODE)

@@ -15,7 +15,7 @@ from typing import Annotated
 import torch
 import typer
 
-from refusal_atlas.cli.console import RICH_MARKUP_MODE
+from refusal_atlas.cli.console import sub_app
 from refusal_atlas.cli.curate_cluster import register as _register_cluster
 from refusal_atlas.curation.backends import GenerationSettings, make_backend
 from refusal_atlas.curation.collect import collect
@@ -36,8 +36,7 @@ from refusal_atlas.io import atomic_write_text, check_not_same_file
 from refusal_atlas.taxonomy.crosswalk import load_crosswalks
 from refusal_atlas.taxonomy.loader import load_taxonomy
 
-app = typer.Typer(no_args_is_help=True, help="Prompt sets, response collection, refusal detection, clustering.",
-                  rich_markup_mode=RICH_MARKUP_MODE)
+app = sub_app("Prompt sets, response collection, refusal detection, clustering.")
 
 
 def _say(message: str) -> None:

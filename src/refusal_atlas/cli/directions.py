@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from refusal_atlas.cli import directions_causal
+from refusal_atlas.cli.console import sub_app
 from refusal_atlas.cli.directions_common import read_prompts
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256, text_sha256
@@ -29,7 +30,7 @@ from refusal_atlas.mechinterp.overlap import write_overlap
 from refusal_atlas.mechinterp.request_form import request_forms
 from refusal_atlas.taxonomy.loader import load_taxonomy
 
-app = typer.Typer(no_args_is_help=True, help="Per-node refusal directions, noise floors, geometry, overlap graph.")
+app = sub_app("Per-node refusal directions, noise floors, geometry, overlap graph.")
 
 # `organism build` reads its prompt table with this (one reader for every command)
 _read_prompts = read_prompts

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from refusal_atlas.atlas.harm_stage import HarmSettings, harm_table, run_harm_stage
 from refusal_atlas.atlas.pipeline import evaluation_rows
+from refusal_atlas.cli.console import sub_app
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import check_not_same_file
 from refusal_atlas.lm.models import auto_threads, load_model
@@ -23,7 +24,7 @@ from refusal_atlas.taxonomy.loader import load_taxonomy
 if TYPE_CHECKING:  # pandas loads only when a command runs (a fast `--help`)
     import pandas as pd
 
-app = typer.Typer(no_args_is_help=True, help="Harmfulness vs refusal per harm source: the 2×2, jailbreaks, verdicts.")
+app = sub_app("Harmfulness vs refusal per harm source: the 2×2, jailbreaks, verdicts.")
 
 
 @app.command()

@@ -17,7 +17,7 @@ import typer
 from rdflib import Graph
 from rich.console import Console
 
-from refusal_atlas.cli.console import RICH_MARKUP_MODE, plain_console
+from refusal_atlas.cli.console import plain_console, sub_app
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import check_not_same_file, read_utf8
 from refusal_atlas.ontology import queries
@@ -33,8 +33,7 @@ from refusal_atlas.ontology.sparql import (
     run_query,
 )
 
-app = typer.Typer(no_args_is_help=True, help="YAML <-> RDF, SHACL validation, SPARQL and canned queries.",
-                  rich_markup_mode=RICH_MARKUP_MODE)
+app = sub_app("YAML <-> RDF, SHACL validation, SPARQL and canned queries.")
 
 FormatOpt = Annotated[str | None, typer.Option(
     "--format", "-f", help="RDF format: turtle | json-ld | nt | xml (default: from the file extension).")]

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from refusal_atlas.atlas.organism_test import run_organism_test
+from refusal_atlas.cli.console import sub_app
 from refusal_atlas.cli.directions import _read_prompts
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.models import auto_threads
@@ -16,7 +17,7 @@ from refusal_atlas.organism.build import build_organism
 from refusal_atlas.organism.separable import SeparableSettings, build_separable
 from refusal_atlas.organism.settings import OrganismSettings
 
-app = typer.Typer(no_args_is_help=True, help="Build a model organism that follows the taxonomy's policy.")
+app = sub_app("Build a model organism that follows the taxonomy's policy.")
 
 
 @app.command()

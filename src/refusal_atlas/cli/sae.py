@@ -10,12 +10,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from refusal_atlas.cli.console import sub_app
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.mechinterp.sae import load_sae
 from refusal_atlas.mechinterp.sae.data import open_activations
 from refusal_atlas.mechinterp.sae.train import TrainSettings, train_sae
 
-app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders (SAELens format): train, inspect, features.")
+app = sub_app("Sparse autoencoders (SAELens format): train, inspect, features.")
 
 
 @app.command("train")

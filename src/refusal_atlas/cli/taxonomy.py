@@ -21,7 +21,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from refusal_atlas import paths
-from refusal_atlas.cli.console import RICH_MARKUP_MODE, plain_console, styled
+from refusal_atlas.cli.console import plain_console, styled, sub_app
 from refusal_atlas.errors import AtlasError, ValidationErrors
 from refusal_atlas.taxonomy import edit
 from refusal_atlas.taxonomy.conditions import parse_condition
@@ -37,8 +37,7 @@ from refusal_atlas.taxonomy.resolve import (
     resolve,
 )
 
-app = typer.Typer(no_args_is_help=True, help="Validate, show, edit and resolve the conditional taxonomy.",
-                  rich_markup_mode=RICH_MARKUP_MODE)
+app = sub_app("Validate, show, edit and resolve the conditional taxonomy.")
 
 TaxonomyOpt = Annotated[Path | None, typer.Option("--taxonomy", "-t", help="Taxonomy directory (default: shipped).")]
 ConditionsOpt = Annotated[Path | None, typer.Option(
