@@ -65,10 +65,19 @@ def render(atlas: Path, machine: str, state: str) -> str:
         findings = json.loads(findings_path.read_text()).get("findings", [])
         lines += ["", "Findings (`findings.json`; a rule is trusted only after `refusal-atlas validate` showed it "
                   "giving the planted answer):", ""]
+        by_title: dict[str, list[dict[str, Any]]] = {}
         for f in findings:
-            mark = "" if f.get("trusted") else " *(rule not yet validated — inconclusive)*"
-            lines.append(f"- **{f.get('title', f.get('question'))}** — {f.get('subject')}: {f.get('verdict')}. "
-                         f"{f.get('sentence', '')}{mark}")
+            by_title.setdefault(str(f.get("title", f.get("question"))), []).append(f)
+        for title, group in by_title.items():
+            counts: dict[str, int] = {}
+            for f in group:
+                counts[str(f.get("verdict"))] = counts.get(str(f.get("verdict")), 0) + 1
+            tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+            lines.append(f"- **{title}** ({len(group)} findings: {tally})")
+            for f in group:
+                if f.get("verdict") != "inconclusive":
+                    mark = "" if f.get("trusted") else " *(rule not yet validated, so read as inconclusive)*"
+                    lines.append(f"  - {f.get('sentence', '')}{mark}")
     cells_path = atlas / "harm" / "cells.csv"
     if cells_path.is_file():
         cells = pd.read_csv(cells_path)
