@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.pipeline import DEFAULT_OUT, RunConfig, headline_table, parse_sizes, run
@@ -45,7 +46,7 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         result = run(cfg, console)
         m = result["metrics"]
-        console.print(f"[bold green]atlas written to {out}[/bold green] "
+        console.print(f"[bold green]atlas written to {escape(str(out))}[/bold green] "
                       f"({result['manifest']['total_seconds']:.0f} s): "
                       f"{', '.join(a.path for a in (schema.REPORT_HTML, schema.ATLAS_TTL, schema.METRICS))}")
         console.print(headline_table(m))

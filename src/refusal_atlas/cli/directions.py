@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from refusal_atlas.cli import directions_causal
-from refusal_atlas.cli.console import sub_app
+from refusal_atlas.cli.console import plain_console, sub_app
 from refusal_atlas.cli.directions_common import read_prompts
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256, text_sha256
@@ -222,7 +222,7 @@ def geometry(
             f"{sum(aus) / len(aus):.3f}" if aus else "-",
             f"{probe[i]:.3f}" if probe and probe[i] is not None else "-",
         )
-    console = Console()
+    console = plain_console()  # node ids and labels in the rows are data, never markup
     console.print(table)
     if angles_layer is not None:
         _print_angles(ds, Path(directions), angles_layer, pos, k, console)
