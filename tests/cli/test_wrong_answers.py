@@ -81,3 +81,23 @@ def test_sigint_prints_the_resume_line_and_exits_130():
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("delay", [1.0, 2.5])
+def test_ctrl_c_while_the_commands_load_is_the_resume_line_not_a_traceback(delay: float) -> None:
+    """Loading the sub-commands takes seconds (torch, transformers); a Ctrl-C then ends with 130 and one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "from refusal_atlas.cli import main; main()", "--help"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the commands loaded before the signal arrived")
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"

@@ -11,9 +11,16 @@ import sys
 
 import typer
 
-from refusal_atlas.cli import atlas, curate, directions, harm, ontology, organism, sae, taxonomy, validate
-from refusal_atlas.cli.console import RICH_MARKUP_MODE
 from refusal_atlas.errors import AtlasError
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+try:  # loading the sub-commands imports torch and transformers: seconds in which a Ctrl-C must not be a traceback
+    from refusal_atlas.cli import atlas, curate, directions, harm, ontology, organism, sae, taxonomy, validate
+    from refusal_atlas.cli.console import RICH_MARKUP_MODE
+except KeyboardInterrupt:
+    print(INTERRUPTED, file=sys.stderr)
+    sys.exit(130)
 
 _LOCATED = re.compile(r"^(\S+:\d+(:\d+)?: |error: )")
 
@@ -37,7 +44,6 @@ atlas.register(app)
 validate.register(app)
 
 
-INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 def _interrupted() -> None:
