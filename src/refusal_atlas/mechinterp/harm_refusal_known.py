@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_hidden
+from refusal_atlas.lm.blocks import BlockOutput, decoder_blocks, hidden_from_output, replace_hidden
 from refusal_atlas.lm.capture import Activations, capture_activations
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.positions import LAST_INSTRUCTION, post_instruction_positions
@@ -77,7 +77,7 @@ class Planted:
         def stash(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             self.ids = kwargs.get("input_ids", args[0] if args else None)
 
-        def plant(module: torch.nn.Module, args: tuple, output: object) -> object:
+        def plant(module: torch.nn.Module, args: tuple, output: BlockOutput) -> BlockOutput:
             hidden = hidden_from_output(output).clone()
             if self.ids is None or self.ids.shape[1] < -self.last_instruction:
                 return output
