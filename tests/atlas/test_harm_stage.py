@@ -15,11 +15,19 @@ import pandas as pd
 import pytest
 import torch
 
-from refusal_atlas.atlas.harm_rows import HARM_POSITIONS, Reused, direction_capture, prepare_table, probe_rows
+from refusal_atlas.atlas.harm_rows import (
+    HARM_POSITIONS,
+    Reused,
+    direction_capture,
+    label_and_capture,
+    prepare_table,
+    probe_rows,
+)
 from refusal_atlas.atlas.harm_stage import HarmSettings, findings_rows, group_of, load_directions, run_harm_stage
 from refusal_atlas.atlas.stages import stable_hash
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.capture import capture_activations
+from refusal_atlas.lm.generation import generate
 from refusal_atlas.lm.models import LoadedModel, load_model
 from refusal_atlas.lm.testing import tiny_model
 from refusal_atlas.mechinterp.harm_refusal_known import Planted, make_prompts, planted_vectors
@@ -214,3 +222,17 @@ def test_direction_capture_reads_the_directions_stage_folder(tmp_path: Path) -> 
     assert direction_capture(tmp_path, loaded) is None  # other prompts (token counts) under the same weights
     (folder / "capture.json").unlink()
     assert direction_capture(tmp_path, lm) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_label_pass_captures_what_a_capture_would(arch: str) -> None:
+    """The activations taken from the generation's prefill equal a separate capture of the same prompts
+    (prompts of different lengths, so batches are left-padded, and more prompts than one batch)."""
+    lm = tiny_model(arch, n_layers=3, d_model=64)
+    prompts = [f"Tell me about {' '.join(['bread'] * k)} and the sea" for k in range(1, 12)] + ["Hi"]
+    replies, refused, acts = label_and_capture(lm, prompts, max_new_tokens=3, batch_size=4, progress=False)
+    assert acts is not None and len(replies) == len(refused) == len(prompts) == acts.shape[0]
+    assert replies == generate(lm, prompts, max_new_tokens=3, batch_size=4, progress=False)
+    want = capture_activations(lm, prompts, positions=list(HARM_POSITIONS), progress=False)
+    assert torch.allclose(acts, want.acts, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(acts[:, :, 0], acts[:, :, 1])  # two different positions

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.stages import stable_hash
@@ -27,8 +28,9 @@ from refusal_atlas.curation import jailbreaks as jb
 from refusal_atlas.curation.datasets import load_set
 from refusal_atlas.curation.detect import DEFAULT_DETECTOR, get_detector
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.lm.capture import MANIFEST, Activations, load_shards
-from refusal_atlas.lm.generation import generate
+from refusal_atlas.lm.generation import iter_generate
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.positions import LAST_INSTRUCTION, Position, tokenize_prompts
 from refusal_atlas.taxonomy.model import Taxonomy
@@ -168,23 +170,95 @@ def group_of(row: pd.Series) -> str:
     return "plain"
 
 
+class _PrefillCapture:
+    """A `hooks` factory for `lm.generation.iter_generate` that keeps, per batch, every block's output at the
+    last `width` positions of the batch's last multi-token forward call: the prompt's prefill (the shared
+    template opening is prefilled before it, the decode steps see one token each). With left padding the
+    prompt's end is the call's end, so the two positions the stage reads sit at fixed offsets from it."""
+
+    per_position = True  # it changes nothing, so generation may keep sharing the template's opening
+
+    def __init__(self, lm: LoadedModel, width: int) -> None:
+        self.blocks = decoder_blocks(lm.model)
+        self.width = width
+        self.batches: list[list[torch.Tensor | None]] = []
+        self.handles: list[Any] = []
+
+    def __call__(self) -> _PrefillCapture:
+        return self
+
+    def __enter__(self) -> _PrefillCapture:
+        current: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.batches.append(current)
+
+        def keep(j: int) -> Any:
+            def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+                hidden = hidden_from_output(output)
+                if hidden.shape[1] > 1:
+                    current[j] = hidden[:, -self.width:].detach().float().clone()
+            return hook
+
+        self.handles = [b.register_forward_hook(keep(j)) for j, b in enumerate(self.blocks)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def label_and_capture(lm: LoadedModel, prompts: list[str], max_new_tokens: int, batch_size: int,
+                      progress: bool) -> tuple[list[str], list[bool], torch.Tensor | None]:
+    """Greedy replies, the default detector's refusal labels and the activations at `HARM_POSITIONS` of every
+    layer ([n, n_layers, 2, d]) from the same forward passes: the prompt's prefill during generation is the
+    forward pass a capture would repeat. The activations are None when the tokenization the generation used
+    does not match the positions' (then the caller captures them separately)."""
+    tokens = tokenize_prompts(lm, prompts)
+    n_post = [p.n_post for p in tokens]
+    # the generation tokenizes the formatted prompt itself: its ids must be the ones the positions refer to
+    same = all(lm.tokenizer(lm.chat_prompt(x), add_special_tokens=False)["input_ids"] == p.input_ids
+               for x, p in zip(prompts, tokens, strict=True))
+    width = max(n_post) + 1
+    hooks = _PrefillCapture(lm, width)
+    replies: list[str] = [""] * len(prompts)
+    acts = torch.empty((len(prompts), len(hooks.blocks), 2, lm.d_model), dtype=torch.float32)
+    ok = True
+    for b, (idx, batch_replies) in enumerate(iter_generate(lm, prompts, max_new_tokens=max_new_tokens,
+                                                           batch_size=batch_size, hooks=hooks, progress=progress,
+                                                           desc="harm: label")):
+        for i, r in zip(idx, batch_replies, strict=True):
+            replies[i] = r
+        kept = hooks.batches[b]
+        if any(t is None or t.shape[:2] != (len(idx), width) for t in kept):
+            ok = False
+            continue
+        stacked = torch.stack([t for t in kept if t is not None], dim=1)  # [B, L, width, d]
+        for row, i in enumerate(idx):
+            acts[i, :, 0] = stacked[row, :, width - 1 - n_post[i]]
+            acts[i, :, 1] = stacked[row, :, width - 1]
+    refused, _ = get_detector(DEFAULT_DETECTOR).predict(replies, prompts)
+    return replies, [bool(x) for x in refused], acts if ok and same else None
+
+
 def label_rows(lm: LoadedModel, df: pd.DataFrame, max_new_tokens: int, batch_size: int,
-               progress: bool) -> pd.DataFrame:
-    """Generate and detect refusal for the rows without a label (greedy, default detector)."""
+               progress: bool) -> tuple[pd.DataFrame, Reused | None]:
+    """Generate and detect refusal for the rows without a label (greedy, default detector); the activations of
+    those rows come back from the same passes (`label_and_capture`) as a `Reused`, or None."""
 
     todo = df.index[df["refused"].isna()].tolist()
     if not todo:
-        return df
+        return df, None
     prompts = df.loc[todo, "prompt"].astype(str).tolist()
-    replies = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                       desc="harm: label")
-    refused, _ = get_detector(DEFAULT_DETECTOR).predict(replies, prompts)
+    replies, refused, acts = label_and_capture(lm, prompts, max_new_tokens, batch_size, progress)
     df = df.copy()
     df["response"] = df["response"].astype(object)
     df.loc[todo, "response"] = replies
-    df.loc[todo, "refused"] = pd.array([bool(x) for x in refused], dtype="boolean")
+    df.loc[todo, "refused"] = pd.array(refused, dtype="boolean")
     df.loc[todo, "label_source"] = "harm"
-    return df
+    if acts is None:
+        return df, None
+    captured = Activations(acts, list(range(acts.shape[1])), list(HARM_POSITIONS), meta=lm.provenance())
+    return df, Reused(df.loc[todo].reset_index(drop=True), captured)
 
 
 # --------------------------------------------------------------------------------------------

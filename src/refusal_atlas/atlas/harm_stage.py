@@ -143,32 +143,32 @@ def _refusal_ids(lm: LoadedModel, df: pd.DataFrame) -> tuple[list[int], str]:
     return tokens.ids, f"refusal tokens {tokens.tokens} (coverage {tokens.coverage:.2f})"
 
 
-def _assemble(lm: LoadedModel, df: pd.DataFrame, reuse: Reused | None, folder: Path, batch_size: int,
-              progress: bool) -> Activations:
-    """Activations at `HARM_POSITIONS`, every layer, aligned with `df`: rows whose prompt `reuse` holds take
-    its activations, the rest are captured (resumable, in `folder/activations/<hash>`)."""
+def _assemble(lm: LoadedModel, df: pd.DataFrame, known: Sequence[Reused | None], folder: Path, batch_size: int,
+              progress: bool) -> tuple[Activations, int]:
+    """Activations at `HARM_POSITIONS`, every layer, aligned with `df`: rows whose prompt one of `known` holds
+    take its activations (the directions stage's capture, the label pass's prefill), the rest are captured
+    (resumable, in `folder/activations/<hash>`); also how many rows were captured here."""
     prompts = df["prompt"].astype(str).tolist()
-    have = {p: i for i, p in enumerate(reuse.rows["prompt"])} if reuse is not None else {}
+    have: dict[str, torch.Tensor] = {}
+    for source in known:
+        if source is None:
+            continue
+        if list(source.acts.layers) != list(range(lm.n_layers)) or list(source.acts.positions) != list(HARM_POSITIONS):
+            raise AtlasError("harm stage: activations to reuse have other layers or positions than the stage reads")
+        for k, prompt in enumerate(source.rows["prompt"].astype(str)):
+            have.setdefault(prompt, source.acts.acts[k])
     todo = [i for i, p in enumerate(prompts) if p not in have]
-    parts: list[tuple[list[int], torch.Tensor]] = []
-    layers: list[int] = list(range(lm.n_layers))
+    out = torch.empty((len(prompts), lm.n_layers, len(HARM_POSITIONS), lm.d_model), dtype=torch.float32)
     if todo:
         fresh = [prompts[i] for i in todo]
         acts_dir = folder / "activations" / stable_hash([lm.provenance(), fresh])[:16]
         captured = capture_activations(lm, fresh, positions=list(HARM_POSITIONS), out_dir=acts_dir,
                                        batch_size=batch_size, progress=progress)
-        layers = list(captured.layers)
-        parts.append((todo, captured.acts))
-    if reuse is not None and len(todo) < len(prompts):
-        if list(reuse.acts.layers) != layers or list(reuse.acts.positions) != list(HARM_POSITIONS):
-            raise AtlasError("harm stage: the reused activations have other layers or positions than the capture")
-        rows = [i for i, p in enumerate(prompts) if p in have]
-        parts.append((rows, reuse.acts.acts[[have[prompts[i]] for i in rows]]))
-    shape = parts[0][1].shape[1:]
-    out = torch.empty((len(prompts), *shape), dtype=torch.float32)
-    for rows, tensor in parts:
-        out[torch.as_tensor(rows, dtype=torch.long)] = tensor
-    return Activations(out, layers, list(HARM_POSITIONS), meta=lm.provenance())
+        out[torch.as_tensor(todo, dtype=torch.long)] = captured.acts
+    for i, prompt in enumerate(prompts):
+        if prompt in have:
+            out[i] = have[prompt]
+    return Activations(out, list(range(lm.n_layers)), list(HARM_POSITIONS), meta=lm.provenance()), len(todo)
 
 
 def _projection_groups(df: pd.DataFrame, node: str) -> dict[str, list[int]]:
@@ -224,12 +224,12 @@ def run_harm_stage(out: Path, lm: LoadedModel, table: pd.DataFrame, taxonomy: Ta
     for note in notes:
         console.print(f"[yellow]harm stage: {escape(note)}[/yellow]")
     with clock.part("label"):
-        df = label_rows(lm, df, settings.max_new_tokens, settings.batch_size, progress)
+        df, labelled = label_rows(lm, df, settings.max_new_tokens, settings.batch_size, progress)
     df["refused"] = df["refused"].astype(bool)
     df["cell"] = hr.cell_labels(df["harmful"].tolist(), df["refused"].tolist())
     df["group"] = [group_of(r) for _, r in df.iterrows()]
     with clock.part("capture"):
-        acts = _assemble(lm, df, reuse, folder, 32, progress)
+        acts, n_captured = _assemble(lm, df, [reuse, labelled], folder, 32, progress)
     # Wrapped and reformulated prompts are projected, never used to estimate a direction: the directions
     # describe the plain requests, and the question is where the wrappers move them.
     base = (df["added"] == "").to_numpy()
@@ -292,6 +292,8 @@ def run_harm_stage(out: Path, lm: LoadedModel, table: pd.DataFrame, taxonomy: Ta
                "cells": cells.to_dict("records"), "rows": len(df), "added_rows": int((~base).sum()),
                "rows_by_label_source": {str(k): int(v) for k, v in df["label_source"].value_counts().items()},
                "reused_activations": int(df["prompt"].isin(set(reuse.rows["prompt"])).sum()) if reuse else 0,
+               "captured_with_labels": len(labelled.rows) if labelled is not None else 0,
+               "captured_separately": n_captured,
                "jailbreak_refusal_rate": _rate(own, "jailbreak"), "tense_refusal_rate": _rate(own, "tense"),
                "plain_harmful_refusal_rate": _rate(own[own["harmful"]], "", group="plain"),
                "overrefusal_probe_refusal_rate": {g: _rate(own, "", group=g)
