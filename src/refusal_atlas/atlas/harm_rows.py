@@ -341,7 +341,7 @@ def direction_capture(out: Path, lm: LoadedModel, exclude: Iterable[str] = ()) -
 
 
 def harm_table(corpus: pd.DataFrame, pool: pd.DataFrame, *, plain_per_node: int = 4, loosening_per_node: int = 16,
-               refusing_per_node: int = 2, extra_harmless: int = 24, seed: int = 0) -> pd.DataFrame:
+               refusing_per_node: int = 0, extra_harmless: int = 12, seed: int = 0) -> pd.DataFrame:
     """The labelled corpus plus unlabelled held-out rows from `pool` (a run's evaluation prompts), chosen for
     the cells that are otherwise empty: harmful requests under loosening conditions (harmful × complied),
     the over-refusal probes (harmless × refused), a few plain and refusing-condition requests per branch and

