@@ -95,7 +95,11 @@ def cell_table(table: pd.DataFrame, node_column: str = "analysis_node") -> pd.Da
         rec["too_small"] = ",".join(small)
         rec["design"] = "factorial" if all(len(idx[c]) >= MIN_CELL for c in CELLS) else "confounded"
         rows.append(rec)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    for col in ("n_LR_own", "n_LC_own"):  # counts, empty for the pooled node (not 3.0 beside a NaN)
+        if col in out.columns:
+            out[col] = out[col].astype("Int64")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
