@@ -1,0 +1,66 @@
+"""Crosswalks travel with the taxonomy: `init` copies them, export / validate / rename find them, none is a warning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli.helpers import run_main
+from refusal_atlas import paths
+from refusal_atlas.taxonomy.crosswalk import crosswalk_files, load_crosswalks, nodes_for_external
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "taxonomy" / "basic"
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[str, str]:
+    code, out, err = run_main(monkeypatch, capsys, *args)
+    assert code == 0 and "Traceback" not in err, (out, err)
+    return out, err
+
+
+@pytest.fixture
+def copy(tmp_path: Path, monkeypatch, capsys) -> Path:
+    if not crosswalk_files(paths.crosswalk_dir()):
+        pytest.skip("no shipped crosswalks")
+    out, _ = cli(monkeypatch, capsys, "taxonomy", "init", str(tmp_path / "mine"))
+    assert f"{len(load_crosswalks())} crosswalk mappings" in out
+    return tmp_path / "mine"
+
+
+def test_init_copies_every_crosswalk_byte_for_byte(copy: Path, monkeypatch, capsys):
+    shipped = {p.name: p.read_bytes() for p in crosswalk_files(paths.crosswalk_dir())}
+    assert {p.name: p.read_bytes() for p in crosswalk_files(copy / "crosswalks")} == shipped
+    out, err = cli(monkeypatch, capsys, "taxonomy", "validate", str(copy))
+    assert f"{len(load_crosswalks())} crosswalk mappings" in out and not err
+
+
+def test_mapped_to_works_on_the_copy_and_follows_a_rename(copy: Path, tmp_path: Path, monkeypatch, capsys):
+    ttl = tmp_path / "copy.ttl"
+    _, err = cli(monkeypatch, capsys, "ontology", "export", str(copy), "-o", str(ttl))
+    assert "warning" not in err
+    out, _ = cli(monkeypatch, capsys, "ontology", "mapped-to", "llamaguard3:S9", "-g", str(ttl), "-f", "json")
+    expected = nodes_for_external(load_crosswalks(), "llamaguard3:S9")
+    assert "weapons.explosives" in expected
+    assert sorted(r["id"] for r in json.loads(out)) == sorted(expected)
+    cli(monkeypatch, capsys, "taxonomy", "rename", "weapons.explosives", "weapons.blast", "-t", str(copy))
+    cli(monkeypatch, capsys, "ontology", "export", str(copy), "-o", str(ttl))
+    out, _ = cli(monkeypatch, capsys, "ontology", "mapped-to", "llamaguard3:S9", "-g", str(ttl), "-f", "json")
+    assert sorted(r["id"] for r in json.loads(out)) == sorted(
+        "weapons.blast" if n == "weapons.explosives" else n for n in expected)
+    out, err = cli(monkeypatch, capsys, "taxonomy", "validate", str(copy))  # crosswalk subjects all still known
+    assert "valid" in out
+
+
+def test_a_taxonomy_without_crosswalks_warns_once(tmp_path: Path, monkeypatch, capsys):
+    out, err = cli(monkeypatch, capsys, "ontology", "export", str(FIXTURE), "-o", str(tmp_path / "f.ttl"))
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no crosswalks" in warnings[0] and "--crosswalks DIR" in warnings[0]
+    _, err = cli(monkeypatch, capsys, "ontology", "export", str(FIXTURE), "-o", str(tmp_path / "g.ttl"),
+                 "--no-crosswalks")
+    assert "warning" not in err
+    _, err = cli(monkeypatch, capsys, "taxonomy", "validate", str(FIXTURE))
+    assert "warning: no crosswalks" in err
+    _, err = cli(monkeypatch, capsys, "ontology", "export", "-o", str(tmp_path / "d.ttl"))  # the shipped one has them
+    assert "warning" not in err
