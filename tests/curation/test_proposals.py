@@ -197,7 +197,7 @@ def test_curator_path_from_curate_map_to_an_accepted_node(run, tmp_path, monkeyp
     tax_dir.mkdir()
     shutil.copy(FIXTURE / "conditions.yaml", tax_dir / "conditions.yaml")
     YAML().dump({"nodes": [n.to_yaml_dict() for n in NODES]}, tax_dir / "01-nodes.yaml")
-    code, out, err = run_main(monkeypatch, capsys, "curate", "map", str(run.folder), "--taxonomy", str(tax_dir),
+    code, _out, err = run_main(monkeypatch, capsys, "curate", "map", str(run.folder), "--taxonomy", str(tax_dir),
                               "-o", str(tmp_path / "m"))
     assert code == 0, err
     record = json.loads((tmp_path / "m" / "mapping.json").read_text())

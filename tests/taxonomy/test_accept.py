@@ -60,7 +60,7 @@ def test_a_proposal_with_its_template_definition_is_refused_at_the_definition_li
     text = PROPOSAL.replace(f"'{PROPOSAL_DEFINITION_PREFIX}: name the source of harm these 30 prompt texts share "
                             "(cluster 3).'", "Uplift toward acquiring or making firearms that cannot be traced.")
     (tdir / "90-proposals.yaml").write_text(text, encoding="utf-8")
-    code, out, err = run_main(monkeypatch, capsys, "taxonomy", "accept", "weapons.guns_untraceable", "-t", str(tdir))
+    code, _out, err = run_main(monkeypatch, capsys, "taxonomy", "accept", "weapons.guns_untraceable", "-t", str(tdir))
     assert code == 0, err
     assert (tdir / "90-proposals.yaml").read_text() == text.replace("status: proposed", "status: accepted")
 

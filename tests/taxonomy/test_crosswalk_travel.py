@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 from cli.helpers import run_main
 from refusal_atlas import paths
 from refusal_atlas.taxonomy.crosswalk import crosswalk_files, load_crosswalks, nodes_for_external
+from refusal_atlas.taxonomy.loader import load_taxonomy
+from refusal_atlas.taxonomy.model import Status
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "taxonomy" / "basic"
 
@@ -54,13 +58,28 @@ def test_mapped_to_works_on_the_copy_and_follows_a_rename(copy: Path, tmp_path: 
 
 
 def test_a_taxonomy_without_crosswalks_warns_once(tmp_path: Path, monkeypatch, capsys):
-    out, err = cli(monkeypatch, capsys, "ontology", "export", str(FIXTURE), "-o", str(tmp_path / "f.ttl"))
+    _out, err = cli(monkeypatch, capsys, "ontology", "export", str(FIXTURE), "-o", str(tmp_path / "f.ttl"))
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "no crosswalks" in warnings[0] and "--crosswalks DIR" in warnings[0]
     _, err = cli(monkeypatch, capsys, "ontology", "export", str(FIXTURE), "-o", str(tmp_path / "g.ttl"),
                  "--no-crosswalks")
     assert "warning" not in err
-    _, err = cli(monkeypatch, capsys, "taxonomy", "validate", str(FIXTURE))
-    assert "warning: no crosswalks" in err
+    out, _ = cli(monkeypatch, capsys, "taxonomy", "validate", str(FIXTURE))
+    assert out.count("\n") == 1 and "; no crosswalks (add " in out and "--crosswalks DIR" in out
     _, err = cli(monkeypatch, capsys, "ontology", "export", "-o", str(tmp_path / "d.ttl"))  # the shipped one has them
     assert "warning" not in err
+
+
+def test_the_readme_taxonomy_commands_run_as_written(tmp_path: Path, monkeypatch, capsys):
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Using it", 1)[1].split("\n## ", 1)[0]
+    lines = [line.split("   #")[0] for line in section.splitlines()
+             if line.startswith(("refusal-atlas taxonomy init", "refusal-atlas taxonomy rename"))]
+    assert len(lines) == 2
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        for command in re.split(r" && | ; ", line):
+            args = shlex.split(command)
+            assert args[0] == "refusal-atlas"
+            cli(monkeypatch, capsys, *args[1:])
+    assert load_taxonomy(tmp_path / "my-tax")["cyber.exploits"].status is Status.ACCEPTED

@@ -101,7 +101,8 @@ def test_dry_run_writes_nothing_and_lists_every_change(xdir: Path, monkeypatch, 
 @pytest.mark.parametrize(("old", "new", "message"), [
     ("health", "weapons", "node 'weapons' already exists"),
     ("weapons", "health", "node 'health' already exists"),
-    ("nope", "x", "no such node id 'nope'"),
+    ("nope", "x", "cannot rename 'nope': no such node id"),
+    ("helth", "x", "no such node id (did you mean 'health'?)"),
     ("health", "Health", "may contain only lower-case"),
     ("health", "[bold]x", "'[bold]x' may contain only lower-case"),  # shown as typed, not as markup
     ("health", "<script>alert(1)</script>", "must not contain '/'"),
@@ -159,7 +160,7 @@ def test_an_extra_crosswalk_folder_is_updated_and_the_shipped_one_never(tdir, tm
     extra = tmp_path / "xw"
     extra.mkdir()
     (extra / "a.sssom.tsv").write_text(CROSSWALK, encoding="utf-8")
-    code, out, err = run_main(monkeypatch, capsys, "taxonomy", "rename", "health", "medical", "-t", str(tdir),
+    code, _out, err = run_main(monkeypatch, capsys, "taxonomy", "rename", "health", "medical", "-t", str(tdir),
                               "--crosswalks", str(extra))
     assert code == 0, err
     assert "ra:medical\tHealth" in (extra / "a.sssom.tsv").read_text()

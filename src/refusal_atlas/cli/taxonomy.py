@@ -4,8 +4,8 @@ Read-only commands (validate, show, resolve, diff) default to the shipped taxono
 commands (propose, accept, deprecate, move, rename) need `--taxonomy DIR`: the shipped taxonomy is
 package data inside the installed tool, so edits there would be lost on reinstall and would
 silently change every later run. `taxonomy init DIR` copies it (with its condition vocabulary
-and crosswalks, which name its node ids) into a folder you own. Problems are raised as AtlasError / ValidationErrors; the main entry
-prints them as `path:line: message` lines and exits 1.
+and crosswalks, which name its node ids) into a folder you own. Problems are raised as AtlasError /
+ValidationErrors; the main entry prints them as `path:line: message` lines and exits 1.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from refusal_atlas.errors import AtlasError, ValidationErrors
 from refusal_atlas.taxonomy import edit
 from refusal_atlas.taxonomy.conditions import parse_condition
 from refusal_atlas.taxonomy.crosswalk import (
+    LOCAL_DIR,
     Mapping,
     check_crosswalks,
     crosswalk_dir_for,
     externals_for_node,
     load_crosswalks,
-    no_crosswalks_warning,
 )
 from refusal_atlas.taxonomy.diff import diff_taxonomies
 from refusal_atlas.taxonomy.loader import load_taxonomy, vocabulary_for
@@ -66,13 +66,11 @@ def _edit_dir(directory: Path | None) -> Path:
     return directory
 
 
-def _crosswalks_for(directory: Path | None, crosswalks: Path | None, *, warn: bool = False) -> list[Mapping]:
-    """The taxonomy's crosswalks (`--crosswalks`, else DIR/crosswalks/, else the shipped ones for the shipped
-    taxonomy); with `warn`, a taxonomy that has none gets a warning on stderr."""
+def _crosswalks_for(directory: Path | None, crosswalks: Path | None) -> list[Mapping]:
+    """The taxonomy's crosswalks: `--crosswalks`, else DIR/crosswalks/, else the shipped ones for the shipped
+    taxonomy, else none."""
     folder = crosswalk_dir_for(directory, crosswalks)
     if folder is None:
-        if warn:
-            typer.echo(no_crosswalks_warning(directory), err=True)
         return []
     return load_crosswalks(folder)
 
@@ -87,11 +85,15 @@ def validate(
 ) -> None:
     """Check every file; print a one-line summary, or every problem as `path:line: message` (exit 1)."""
     taxonomy = load_taxonomy(directory, conditions=conditions)
-    mappings = _crosswalks_for(directory, crosswalks, warn=directory is not None and Path(directory).is_dir())
+    mappings = _crosswalks_for(directory, crosswalks)
     problems = check_crosswalks(taxonomy, mappings)
     if problems:
         raise ValidationErrors([str(p) for p in problems])
-    typer.echo(summary(taxonomy, directory or paths.default_taxonomy_dir(), len(mappings)))
+    text = summary(taxonomy, directory or paths.default_taxonomy_dir(), len(mappings))
+    if crosswalk_dir_for(directory, crosswalks) is None and directory is not None and Path(directory).is_dir():
+        # still one line: the note says what is missing and how to add it
+        text += f"; no crosswalks (add {Path(directory) / LOCAL_DIR}/*.sssom.tsv or pass --crosswalks DIR)"
+    typer.echo(text)
 
 
 def summary(taxonomy: Taxonomy, where: Path, n_mappings: int = 0) -> str:

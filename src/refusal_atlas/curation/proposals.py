@@ -9,7 +9,9 @@ rows' own labels whether it is a candidate harm source, and if so drafts a node:
   answers is not one (a harmless cluster the model refuses is over-refusal, reported as such).
   Skipped clusters are listed with their reason in `mapping.json`.
 * **Parent**: the branch (`Taxonomy.branch_of`, the root of the first-parent chain) of the
-  cluster's nearest node, so a proposal sits under an existing branch and can be moved.
+  cluster's nearest node, so a proposal sits under an existing branch and can be moved; for a
+  cluster mapped through its rows' node labels, the branch most of its rows are labelled under
+  (its best single node may hold a small, tied share).
 * **expect** from the refusal rate of the cluster's rows with a `refused` label, its n and the 95%
   Wilson interval [lo, hi]. The model *refuses* the cluster when lo >= 0.5 (clearly most refused:
   `refuse`), *answers* it when hi <= 0.5 (clearly most answered), and is *mixed* when the interval
@@ -33,6 +35,8 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from refusal_atlas.curation.cluster_store import ClusterRun
-from refusal_atlas.curation.mapping import ClusterLink, Mapping
+from refusal_atlas.curation.mapping import ClusterLink, Mapping, row_nodes
 from refusal_atlas.io import atomic_write_text
 from refusal_atlas.taxonomy.loader import id_problem
 from refusal_atlas.taxonomy.model import Behaviour, Node, Status, Taxonomy
@@ -239,7 +243,7 @@ def _nearest(link: ClusterLink, mapping: Mapping) -> dict[str, Any] | None:
 def cluster_evidence(run: ClusterRun, link: ClusterLink, mapping: Mapping) -> Evidence:
     df = run.assignments
     idx = np.flatnonzero(run.labels == link.cluster)
-    info = next((c for c in run.meta.get("clusters", []) if c.get("id") == link.cluster), {})
+    info: dict[str, Any] = next((c for c in run.meta.get("clusters", []) if c.get("id") == link.cluster), {})
     keywords = [clean_text(k, 40) for k in info.get("keywords", [])]
     name = clean_text(info.get("name") or info.get("label") or " / ".join(keywords[:3]) or f"cluster {link.cluster}",
                       80)
@@ -247,6 +251,25 @@ def cluster_evidence(run: ClusterRun, link: ClusterLink, mapping: Mapping) -> Ev
     harmful = _rate(df["harmful"].to_numpy()[idx]) if "harmful" in df.columns else None
     return Evidence(link.cluster, len(idx), name, keywords, refused, harmful, _nearest(link, mapping),
                     _examples(run, idx), observed_behaviour(refused))
+
+
+def suggested_parent(run: ClusterRun, link: ClusterLink, ev: Evidence, taxonomy: Taxonomy) -> str | None:
+    """The branch of the nearest node; for a cluster mapped by its rows' labels, the branch most of its rows
+    are labelled under (a row counts once per branch; ties go to the nearest node's branch, then by id)."""
+    nearest = ev.nearest["node"] if ev.nearest else None
+    home = taxonomy.branch_of(nearest) if nearest in taxonomy.nodes else None
+    if link.method != "label_majority":
+        return home
+    per_row = row_nodes(run)
+    counts: Counter[str] = Counter()
+    for i in np.flatnonzero(run.labels == link.cluster):
+        counts.update({taxonomy.branch_of(n) for n in per_row[i] if n in taxonomy.nodes})
+    if not counts:
+        return home
+    best = min(counts, key=lambda b: (-counts[b], b != home, b))
+    if ev.nearest is not None:
+        ev.nearest["branch_share"] = round(counts[best] / ev.size, 4)
+    return best
 
 
 def decide(ev: Evidence) -> tuple[Behaviour | None, str] | str:
@@ -289,8 +312,7 @@ def review_clusters(run: ClusterRun, mapping: Mapping, taxonomy: Taxonomy | None
             review.skipped.append((ev, outcome))
             continue
         expect, ev.expect_rule = outcome
-        nearest = ev.nearest["node"] if ev.nearest else None
-        parent = taxonomy.branch_of(nearest) if taxonomy is not None and nearest in taxonomy.nodes else None
+        parent = suggested_parent(run, link, ev, taxonomy) if taxonomy is not None else None
         if parent is None and expect is None:
             # a root must set a default; without evidence the conservative one
             expect, ev.expect_rule = Behaviour.REFUSE, ev.expect_rule + "; refuse because a root needs a default"
@@ -325,21 +347,23 @@ def _comment_lines(p: Proposal) -> list[str]:
     lines.append(f"expect: {ev.expect_rule}")
     if ev.nearest:
         near = ev.nearest
+        parent = p.node.broader[0] if p.node.broader else "(none: a new root)"
+        why = (f"the branch of {near['branch_share']:.0%} of its rows" if "branch_share" in near
+               else "the nearest node's branch")
         lines.append(f"nearest node {near['node']} ({near['method']} {near['score']:.2f}, fits from "
-                     f"{near['fit_threshold']}); suggested parent: its branch "
-                     f"{p.node.broader[0] if p.node.broader else '(none: a new root)'}")
+                     f"{near['fit_threshold']}); suggested parent {parent}: {why}")
     lines.append("examples below are the rows nearest the cluster's centroid")
     return [clean_text(line, 200) for line in lines]
 
 
-def proposals_yaml(proposals: list[Proposal] | list[Node], run: ClusterRun) -> str:
+def proposals_yaml(proposals: Sequence[Proposal | Node], run: ClusterRun) -> str:
     """The proposals as a taxonomy file: `nodes:` with each node's evidence as comments above it."""
     yaml = YAML(typ="rt", pure=True)
     yaml.width = 4096
     yaml.indent(mapping=2, sequence=4, offset=2)
     seq = CommentedSeq()
     for i, item in enumerate(proposals):
-        node = item.node if isinstance(item, Proposal) else item
+        node: Node = item.node if isinstance(item, Proposal) else item
         data = node.to_yaml_dict()
         out = CommentedMap()
         out["id"], out["status"] = data.pop("id"), node.status.value
@@ -359,5 +383,5 @@ def proposals_yaml(proposals: list[Proposal] | list[Node], run: ClusterRun) -> s
     return header + dump_to_text(yaml, {"nodes": seq})
 
 
-def write_proposals(path: Path, proposals: list[Proposal] | list[Node], run: ClusterRun) -> Path:
+def write_proposals(path: Path, proposals: Sequence[Proposal | Node], run: ClusterRun) -> Path:
     return atomic_write_text(path, proposals_yaml(proposals, run))

@@ -102,7 +102,7 @@ def copy_default(dest: Path | str) -> Path:
     """
     target = Path(dest)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise AtlasError(f"{target}: already exists and is not an empty folder; choose a new folder")
+        raise AtlasError(f"{target}: already exists and is not empty (or is a file); choose a new folder")
     try:
         shutil.copytree(paths.default_taxonomy_dir(), target, dirs_exist_ok=True)
         if paths.conditions_file().is_file() and not (target / CONDITIONS_FILE).exists():

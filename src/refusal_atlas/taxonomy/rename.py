@@ -18,6 +18,7 @@ rename is all or nothing. `dry_run` returns the plan without writing.
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import tempfile
@@ -132,8 +133,10 @@ def rename(directory: Path | str, old: str, new: str, *, crosswalks: Path | str 
 
 def _id_map(taxonomy: Taxonomy, old: str, new: str) -> dict[str, str]:
     if old not in taxonomy.nodes:
-        raise AtlasError(f"cannot rename {brief(old)}: no such node id; `refusal-atlas taxonomy show -t DIR` lists "
-                         "the ids")
+        close = difflib.get_close_matches(old, list(taxonomy.nodes), n=1, cutoff=0.6)
+        hint = f" (did you mean {brief(close[0])}?)" if close else ""
+        raise AtlasError(f"cannot rename {brief(old)}: no such node id{hint}; `refusal-atlas taxonomy show -t DIR` "
+                         "lists the ids")
     problem = id_problem(new)
     if problem:
         raise AtlasError(f"cannot rename {brief(old)} to {brief(new)}: {problem}")
@@ -159,18 +162,55 @@ def _styled(old: Any, value: str) -> Any:
     return type(old)(value) if isinstance(old, ScalarString) else value
 
 
+def _position(container: Any, key: Any) -> tuple[int, int] | None:
+    """0-based (line, column) where the value at `key` starts in the file, from ruamel's line/column record."""
+    try:
+        where = container.lc.value(key) if isinstance(container, CommentedMap) else container.lc.item(key)
+    except (KeyError, TypeError, AttributeError, IndexError):
+        return None
+    return (int(where[0]), int(where[1])) if where is not None else None
+
+
+def _swap_token(line: str, col: int, old: str, new: str) -> str | None:
+    """`line` with the id token `old` (plain, '-' or "-quoted) that starts at `col` replaced by `new`, else None."""
+    for quote in ("", '"', "'"):
+        token = quote + old + quote
+        end = col + len(token)
+        if line.startswith(token, col) and (quote or end == len(line) or line[end] in " \t,]}#"):
+            return line[:col] + quote + new + quote + line[end:]
+    return None
+
+
+def _text_edit(text: str, spots: list[tuple[tuple[int, int] | None, str, str]]) -> str | None:
+    """`text` with each id token replaced in place (every other byte kept), or None when a spot is not a
+    simple token (an anchor, an escape, a multi-line scalar): the caller then re-dumps the file."""
+    lines = text.split("\n")
+    for where, old, new in sorted(spots, key=lambda s: (s[0] or (-1, -1)), reverse=True):
+        if where is None or where[0] >= len(lines):
+            return None
+        swapped = _swap_token(lines[where[0]], where[1], old, new)
+        if swapped is None:
+            return None
+        lines[where[0]] = swapped
+    return "\n".join(lines)
+
+
 def _plan_yaml(plan: RenamePlan, path: Path) -> None:
+    """Rename in one file: replace the id tokens in the text itself, so comments, spacing and quoting stay byte for
+    byte; fall back to ruamel's round trip (comments and order kept, spacing normalised) where that cannot work."""
     data, yaml = load_for_edit(path)
     seq = data.get("nodes") if isinstance(data, CommentedMap) else None
     if not isinstance(seq, CommentedSeq):
         return
     changes: list[Change] = []
+    spots: list[tuple[tuple[int, int] | None, str, str]] = []
     for item in seq:
         if not isinstance(item, CommentedMap):
             continue
         nid = item.get("id")
         if isinstance(nid, str) and nid in plan.ids:
             changes.append(Change(path, value_line(item, "id"), "id", nid, plan.ids[nid]))
+            spots.append((_position(item, "id"), nid, plan.ids[nid]))
             item["id"] = _styled(nid, plan.ids[nid])
         parents = item.get("broader")
         if isinstance(parents, list):
@@ -178,10 +218,12 @@ def _plan_yaml(plan: RenamePlan, path: Path) -> None:
                 if isinstance(parent, str) and parent in plan.ids:
                     changes.append(Change(path, item_line(parents, i, value_line(item, "broader")), "broader",
                                           parent, plan.ids[parent]))
+                    spots.append((_position(parents, i), parent, plan.ids[parent]))
                     parents[i] = _styled(parent, plan.ids[parent])
     if changes:
         plan.changes.extend(changes)
-        plan.texts[path] = dump_to_text(yaml, data)
+        text = path.read_bytes().decode("utf-8").lstrip("\ufeff").replace("\r\n", "\n")
+        plan.texts[path] = _text_edit(text, spots) or dump_to_text(yaml, data)
 
 
 def _plan_crosswalk(plan: RenamePlan, path: Path) -> None:
