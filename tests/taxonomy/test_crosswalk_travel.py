@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.helpers import run_main
+from cli.helpers import run_main, subprocess_cli
 from refusal_atlas import paths
 from refusal_atlas.taxonomy.crosswalk import crosswalk_files, load_crosswalks, nodes_for_external
 from refusal_atlas.taxonomy.loader import load_taxonomy
@@ -57,17 +57,25 @@ def test_mapped_to_works_on_the_copy_and_follows_a_rename(copy: Path, tmp_path: 
     assert "valid" in out
 
 
-def test_a_taxonomy_without_crosswalks_warns_once(tmp_path: Path, monkeypatch, capsys):
-    _out, err = cli(monkeypatch, capsys, "ontology", "export", str(FIXTURE), "-o", str(tmp_path / "f.ttl"))
-    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "no crosswalks" in warnings[0] and "--crosswalks DIR" in warnings[0]
-    _, err = cli(monkeypatch, capsys, "ontology", "export", str(FIXTURE), "-o", str(tmp_path / "g.ttl"),
-                 "--no-crosswalks")
-    assert "warning" not in err
+def test_a_taxonomy_without_crosswalks_warns_once(tmp_path: Path, monkeypatch, capsys, caplog):
+    cli(monkeypatch, capsys, "ontology", "export", str(FIXTURE), "-o", str(tmp_path / "f.ttl"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: no crosswalks") and "--crosswalks DIR" in warnings[0]
+    caplog.clear()
+    cli(monkeypatch, capsys, "ontology", "export", str(FIXTURE), "-o", str(tmp_path / "g.ttl"), "--no-crosswalks")
+    cli(monkeypatch, capsys, "ontology", "export", "-o", str(tmp_path / "d.ttl"))  # the shipped one has them
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
     out, _ = cli(monkeypatch, capsys, "taxonomy", "validate", str(FIXTURE))
     assert out.count("\n") == 1 and "; no crosswalks (add " in out and "--crosswalks DIR" in out
-    _, err = cli(monkeypatch, capsys, "ontology", "export", "-o", str(tmp_path / "d.ttl"))  # the shipped one has them
-    assert "warning" not in err
+
+
+def test_the_export_warning_is_one_stderr_line_for_a_user(tmp_path: Path):
+    proc = subprocess_cli("ontology", "export", str(FIXTURE), "-o", str(tmp_path / "f.ttl"))
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[0].startswith("warning: no crosswalks for the taxonomy ") and len(lines) == 2, err
+    assert lines[1].startswith("wrote ")
 
 
 def test_the_readme_taxonomy_commands_run_as_written(tmp_path: Path, monkeypatch, capsys):

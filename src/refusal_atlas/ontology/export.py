@@ -8,7 +8,7 @@ in another tool) into a rejects file beside the output, so nothing is dropped si
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,8 @@ from refusal_atlas.taxonomy.model import Taxonomy
 from refusal_atlas.taxonomy.validate import validate_taxonomy
 from refusal_atlas.taxonomy.yamlio import dump_to_text, round_trip_yaml
 
+log = logging.getLogger(__name__)
+
 
 def build_graph(
     taxonomy_dir: Path | str | None = None,
@@ -42,7 +44,8 @@ def build_graph(
 
     Crosswalks (unless `with_crosswalks=False`): `crosswalks=DIR`, else the taxonomy's own
     `DIR/crosswalks/`, else the shipped ones for the shipped taxonomy; when there are none, `warn`
-    (default: stderr) gets a one-line warning, since `mapped-to` on the graph will then find nothing.
+    (default: this module's logger, which prints it on stderr when logging is not configured) gets a
+    one-line warning, since `mapped-to` on the graph will then find nothing.
     """
 
     root = Path(taxonomy_dir) if taxonomy_dir is not None else paths.default_taxonomy_dir()
@@ -50,7 +53,7 @@ def build_graph(
     vocab = vocabulary_for(root, conditions)
     folder = crosswalk_dir_for(taxonomy_dir, crosswalks) if with_crosswalks is not False else None
     if folder is None and with_crosswalks is not False:
-        (warn or (lambda msg: print(msg, file=sys.stderr)))(no_crosswalks_warning(root))
+        (warn or log.warning)(no_crosswalks_warning(root))
     mappings = load_crosswalks(folder) if folder is not None else None
     return taxonomy_to_graph(tax, vocab, mappings)
 
