@@ -7,6 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from cli.helpers import run_main, subprocess_cli
@@ -91,3 +92,15 @@ def test_the_readme_taxonomy_commands_run_as_written(tmp_path: Path, monkeypatch
             assert args[0] == "refusal-atlas"
             cli(monkeypatch, capsys, *args[1:])
     assert load_taxonomy(tmp_path / "my-tax")["cyber.exploits"].status is Status.ACCEPTED
+
+
+def test_curate_prompts_maps_external_sets_through_the_copys_crosswalks(copy: Path, tmp_path: Path, monkeypatch,
+                                                                       capsys):
+    cli(monkeypatch, capsys, "taxonomy", "rename", "weapons.explosives", "weapons.blast", "-t", str(copy))
+    out = tmp_path / "p.parquet"
+    _, err = cli(monkeypatch, capsys, "curate", "prompts", "--sets", "harmbench,strongreject", "-t", str(copy),
+                 "-o", str(out))
+    assert "warning" not in err
+    nodes = {n for row in pd.read_parquet(out)["nodes"] for n in row}
+    assert "weapons.blast.synthesis" in nodes and "weapons.blast" in nodes
+    assert not {n for n in nodes if n.startswith("weapons.explosives")}
