@@ -34,7 +34,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize(("text", "expected"), [
     (f"{PROPOSAL_DEFINITION_PREFIX}: name the source of harm.", True), ("...", True), ("…", True), ("", True),
-    ("TODO", True), ("TBD: describe", True), ("<describe the harm>", True), ("Lorem ipsum dolor", True),
+    ("TODO", True), ("TBD: describe", True), ("Cluster 12", True), ("Cluster analysis of phishing", False),
+    ("<describe the harm>", True), ("Lorem ipsum dolor", True),
     ("Requests for step-by-step uplift toward explosives.", False), ("Users under 18 (age < 18).", False),
     ("Instructions for a to-do list of attacks.", False),
 ])

@@ -34,8 +34,8 @@ _TEMPLATE_PHRASES = re.compile(
     r"|<\s*(?:label|definition|description|describe|placeholder|fill|todo|example|rationale)[^<>]{0,40}>",
     re.IGNORECASE)
 # A whole value that says nothing: punctuation or ellipses only, or a lone placeholder word.
-_EMPTY_VALUE = re.compile(r"[\s.\u2026?!_*#\-]*|(?:todo|tbd|fixme|xxx|placeholder|example|n/?a|none|null)",
-                          re.IGNORECASE)
+_EMPTY_VALUE = re.compile(r"[\s.\u2026?!_*#\-]*|(?:todo|tbd|fixme|xxx|placeholder|example|n/?a|none|null)"
+                          r"|cluster[ _]?-?\d+", re.IGNORECASE)  # the last: a proposal's label when it had no words
 
 
 @dataclass(frozen=True)
