@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from ruamel.yaml import YAML
@@ -21,6 +22,7 @@ from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.mapping import map_clusters
 from refusal_atlas.curation.proposals import (
     Rate,
+    as_label,
     clean_text,
     name_words,
     proposal_id,
@@ -185,6 +187,12 @@ def test_proposal_ids_are_valid_short_and_unique(words):
     for node_id in (first, second):
         assert id_problem(node_id) is None and node_id.startswith("cyber.") and len(node_id) <= 48
     assert first != second and first not in taken
+
+
+def test_labels_from_csv_cells_are_read_not_truth_tested():
+    values = [True, np.bool_(False), 1, 0.0, "false", "TRUE", " no ", "", None, float("nan"), "maybe", 2]
+    assert [as_label(v) for v in values] == [True, False, True, False, False, True, False, None, None, None, None,
+                                             None]
 
 
 def test_clean_text():

@@ -201,8 +201,23 @@ def proposal_id(parent: str | None, words: list[str], cluster: int, taken: set[s
 # --- evidence ------------------------------------------------------------------------------------
 
 
+_TRUE = frozenset({"true", "1", "yes", "y", "t"})
+_FALSE = frozenset({"false", "0", "no", "n", "f"})  # an empty cell is a missing label, not "no"
+
+
+def as_label(value: Any) -> bool | None:
+    """A yes/no label from a table cell: booleans, 0/1, or the words a CSV holds ("true", "no"); else None."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | float | np.integer | np.floating) and not pd.isna(value) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    return None
+
+
 def _rate(values: Any) -> Rate | None:
-    labelled = [bool(v) for v in values if not pd.isna(v)]
+    labelled = [b for b in (as_label(v) for v in values) if b is not None]
     return Rate(sum(labelled), len(labelled)) if labelled else None
 
 
