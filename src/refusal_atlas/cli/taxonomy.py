@@ -292,8 +292,8 @@ def accept(node_id: Annotated[str, typer.Argument(help="Node id.")], taxonomy_di
 
 @app.command()
 def rename(
-    old: Annotated[str, typer.Argument(help="Current node id.")],
-    new: Annotated[str, typer.Argument(help="New node id ([a-z0-9_.-]).")],
+    old: Annotated[str, typer.Argument(metavar="OLD", help="Current node id.")],
+    new: Annotated[str, typer.Argument(metavar="NEW", help="New node id ([a-z0-9_.-]).")],
     taxonomy_dir: EditTaxonomyOpt = None,
     crosswalks: Annotated[Path | None, typer.Option(
         help="Also update this folder of *.sssom.tsv (DIR/crosswalks/ is always updated).")] = None,
