@@ -33,8 +33,7 @@ from refusal_atlas.atlas import pipeline_causal, pipeline_cluster, schema
 from refusal_atlas.atlas.links import write_atlas_ttl
 from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
 from refusal_atlas.atlas.pipeline_findings import stage_harm, stage_verdicts
-from refusal_atlas.atlas.pipeline_sae import STAGE_VERSION as SAE_VERSION
-from refusal_atlas.atlas.pipeline_sae import stage_sae
+from refusal_atlas.atlas.pipeline_sae import sae_params, stage_sae
 from refusal_atlas.atlas.report import build_report
 from refusal_atlas.atlas.runconfig import (
     DEFAULT_OUT,
@@ -403,7 +402,7 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("overlap", stage_overlap, ("directions",), out["overlap"])
     add("causal", stage_causal, ("directions", "prompts"), out["causal"], protocol=PROTOCOL_VERSION, **model_key)
     add("sae", lambda c, ctx: stage_sae(c, ctx, load_analysed_model(c, ctx)),
-        ("causal", "collect", "directions", "prompts"), out["sae"], version=SAE_VERSION, **model_key)
+        ("causal", "collect", "directions", "prompts"), out["sae"], **sae_params(cfg), **model_key)
     add("harm", lambda c, ctx: stage_harm(c, ctx, load_analysed_model(c, ctx)), ("detect", "directions"),
         out["harm"], rule=HARM_RULE, **model_key)
     add("verdicts", stage_verdicts, ("directions", "overlap", "causal", "harm"), out["verdicts"])

@@ -8,7 +8,7 @@ and features are then chosen by decoder cosine alone (the stage record says so).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import pandas as pd
@@ -22,13 +22,18 @@ from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.mechinterp.causal.protocol import load_tokens
 from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
 
-__all__ = ["STAGE_VERSION", "sae_settings", "stage_sae"]
+__all__ = ["sae_params", "sae_settings", "stage_sae"]
 
 
 def sae_settings(cfg: RunConfig) -> SaeSettings:
     """The stage's settings: quick or default, then `RunConfig.extra["sae"]` overrides."""
     settings = SaeSettings.quick() if cfg.quick else SaeSettings()
     return replace(settings, **cfg.extra.get("sae", {}))
+
+
+def sae_params(cfg: RunConfig) -> dict[str, Any]:
+    """What the stage's cache key adds to the run's: its code version and its settings."""
+    return {"sae_version": STAGE_VERSION, "sae_settings": asdict(sae_settings(cfg))}
 
 
 def _layer(ctx: StageContext, ds: DirectionSet, n_layers: int) -> int:

@@ -63,11 +63,11 @@ ATTRIBUTIONS_FILE = "attributions.safetensors"
 class SaeSettings:
     """The stage's budget (defaults: the default `run` on 2 CPU cores; figures in docs/decisions.md)."""
 
-    max_tokens: int = 12_000
-    max_prompt_tokens: int = 64  # per prompt, from the instruction on
+    max_tokens: int = 8_000
+    max_prompt_tokens: int = 48  # per prompt, from the instruction on
     width: int = 1024
     k: int = 32
-    epochs: int = 5
+    epochs: int = 6
     batch_size: int = 512
     n_candidates: int = 64
     k_star: int = 20
@@ -75,9 +75,9 @@ class SaeSettings:
     n_boot: int = 200
     forward_batch: int = 16
     per_node: int = 8  # selection (attribution) prompts per node
-    per_node_eval: int = 6  # held-out prompts per node the cross-clamp scores
+    per_node_eval: int = 4  # held-out prompts per node the cross-clamp scores
     n_harmless: int = 32  # harmless prompts for the per-feature activation statistics
-    n_harmless_eval: int = 8  # harmless prompts for the clamp's KL
+    n_harmless_eval: int = 6  # harmless prompts for the clamp's KL
     n_answers: int = 48  # the model's own answers in the token supply
     # direction ablation beside the clamp: the causal stage's cross-ablation matrix already measures it,
     # and repeating it here doubles the stage's slowest step
@@ -233,6 +233,13 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     _start(folder, inputs_key(lm, directions, layer, inputs, s))
     nodes = [n for n in inputs.harmful if n in directions and inputs.harmful[n]]
     steps: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # process CPU seconds (all threads): comparable across machine loads
+    c0 = time.process_time()
+
+    def lap(name: str, t0: float) -> None:
+        nonlocal c0
+        steps[name], cpu[name] = time.perf_counter() - t0, time.process_time() - c0
+        c0 = time.process_time()
 
     # 1. token supply (skipped when a finished capture of the same inputs is there)
     token_file = folder / TOKENS_FILE
@@ -243,7 +250,7 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     else:
         tokens, n_stat = _capture(lm, layer, inputs, nodes, s, progress)
         tokens.save(token_file, {"n_selection": n_stat, "model": lm.provenance()})
-    steps["tokens"] = time.perf_counter() - t0
+    lap("tokens", t0)
 
     # 2. the SAE (the trainer resumes from its own checkpoint)
     t0 = time.perf_counter()
@@ -261,7 +268,7 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     else:
         sae = load_sae(model_dir)
         train_metrics = json.loads((model_dir / TRAINING_JSON).read_text())["metrics"]
-    steps["train"] = time.perf_counter() - t0
+    lap("train", t0)
 
     # 3. per-node features
     t0 = time.perf_counter()
@@ -279,7 +286,7 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
             attr[node] = torch.zeros(1, sae.cfg.d_sae).index_put_((torch.zeros_like(cand[node]), cand[node]),
                                                                   cos[node])
         chosen[node] = select(attr[node], cand[node], s.k_star).tolist()
-    steps["attribution"] = time.perf_counter() - t0
+    lap("attribution", t0)
     t0 = time.perf_counter()
     atomic_write(folder / ATTRIBUTIONS_FILE, lambda tmp: save_file(
         {f"{n}.attribution": attr[n][:, cand[n]].contiguous() for n in nodes}
@@ -295,13 +302,13 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     features = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
         columns=list(schema.SAE_FEATURES.columns or ()))
     features.to_parquet(folder / schema.SAE_FEATURES.name, index=False)
-    steps["features"] = time.perf_counter() - t0
+    lap("features", t0)
 
     # 4. cross-clamp matrix (and, opt-in, direction ablation beside it)
     t0 = time.perf_counter()
     matrix = clamp_matrix(lm, sae, layer, chosen, directions, inputs, s)
     matrix.to_parquet(folder / schema.SAE_CLAMP.name, index=False)
-    steps["clamp"] = time.perf_counter() - t0
+    lap("clamp", t0)
 
     # 5. overlap of the feature sets
     t0 = time.perf_counter()
@@ -311,7 +318,7 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     shared = shared_and_specific({n: set(f) for n, f in chosen.items()})
     shared = shared if len(shared) else pd.DataFrame(columns=list(schema.SAE_SHARED.columns or ()))
     shared.to_parquet(folder / schema.SAE_SHARED.name, index=False)
-    steps["overlap"] = time.perf_counter() - t0
+    lap("overlap", t0)
 
     def arm(method: str, own: bool) -> float | None:
         part = matrix[(matrix["method"] == method) & (matrix["own"] == own)] if len(matrix) else matrix
@@ -334,6 +341,7 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
         "self_agreement": self_agree,
         "sae_sha256": file_sha256(Path(out) / schema.SAE_WEIGHTS.path),
         "model": lm.model_id, "step_seconds": {k: round(v, 2) for k, v in steps.items()},
+        "step_cpu_seconds": {k: round(v, 2) for k, v in cpu.items()}, "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - started,
         "settings": asdict(s),
     }
