@@ -14,7 +14,9 @@ import typer
 from rdflib import Literal, URIRef
 from typer.testing import CliRunner
 
-from fixtures.atlas.builder import XSS, full_atlas
+from fixtures.atlas.builder import D_MODEL, MODEL_ID, XSS, full_atlas
+from fixtures.atlas.builder import NODES as FIXTURE_NODES
+from fixtures.atlas.sae_fixture import write_sae
 from refusal_atlas.atlas import query as q
 from refusal_atlas.atlas.links import build_atlas_graph, write_atlas_ttl
 from refusal_atlas.atlas.query.feature import node_sae
@@ -162,3 +164,17 @@ def test_without_the_stage_everything_says_not_run(tmp_path: Path) -> None:
     assert not set(graph.subjects(predicate=None, object=URIRef(RA_IRI + "SaeFeature")))
     sections = {a: body for a, _, _, body in build_sections(store, Figures())}
     assert "not run" in sections["sae"]
+
+
+def test_markup_and_html_in_atlas_text_stay_text(tmp_path: Path, app: typer.Typer) -> None:
+    """The fixture SAE tables carry `<script>` and rich markup in contexts and promoted tokens."""
+    out = full_atlas(tmp_path / "atlas-out")
+    write_sae(out, FIXTURE_NODES, D_MODEL, MODEL_ID)
+    res = CliRunner().invoke(app, ["query", "feature", "0", "--atlas", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "[bold red]not markup[/]" in res.output and XSS in res.output
+    res = CliRunner().invoke(app, ["query", "node", FIXTURE_NODES[0], "--atlas", str(out)])
+    assert res.exit_code == 0 and XSS in res.output
+    body = {a: b for a, _, _, b in build_sections(AtlasStore.open(out), Figures())}["sae"]
+    assert XSS not in body and html.escape(XSS) in body and "could not render" not in body
+    assert q.feature_report(AtlasStore.open(out), 0)["shared"] is True  # latent 0 is every node's
