@@ -100,7 +100,12 @@ def _cell(value: Any, digits: int = 3) -> Text:
         return Text(f"{value:.{digits}g}" if abs(value) >= 1000 or 0 < abs(value) < 1e-3 else f"{value:.{digits}f}")
     if isinstance(value, list | tuple):
         return Text(" ".join(repr(v) if isinstance(v, str) else str(v) for v in value))
-    return Text(str(value))
+    return Text(one_line(str(value)))
+
+
+def one_line(text: str) -> str:
+    """A context on one line: the chat template's newlines shown as ⏎."""
+    return text.replace("\n", "⏎")
 
 
 def _rows_table(title: str, columns: list[str], rows: list[list[Any]], free: tuple[str, ...] = ()) -> Table:
@@ -153,7 +158,7 @@ def show_feature(result: dict[str, Any], console: Console) -> None:
                               free=("label",)))
     console.print(Text("top-activating contexts (the token in ⟦ ⟧):", style="bold"))
     for context in result.get("top_contexts") or []:
-        console.print(Text(f"  {context}"))
+        console.print(Text(f"  {one_line(context)}"))
     console.print(Text(f"promotes: {' '.join(repr(t) for t in result.get('promoted_tokens') or [])}"))
     if result.get("shared") is not None:
         console.print(Text("shared: selected by several nodes" if result["shared"] else "node-specific"))
