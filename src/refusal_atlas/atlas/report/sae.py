@@ -118,8 +118,9 @@ def _jaccard_html(pairs: pd.DataFrame, shared: pd.DataFrame | None, figs: Figure
     fig.add_trace(go.Scatter(x=[pos[n][0] for n in nodes], y=[pos[n][1] for n in nodes], mode="markers+text",
                              text=[esc(short(n, 30)) for n in nodes], textposition="top center", hoverinfo="text",
                              marker={"size": 16, "color": "#6b8fb5"}, showlegend=False))
-    fig.update_layout(title="Feature-set overlap: solid edge = overlapping beyond chance (width = Jaccard), dotted = "
-                            "undecided, none = distinct", xaxis={"visible": False}, yaxis={"visible": False})
+    fig.update_layout(title="Feature-set overlap: solid = more shared latents than chance (width = Jaccard; the "
+                            "table says if also distinct), dotted = undecided, no edge = distinct",
+                      xaxis={"visible": False}, yaxis={"visible": False})
     parts = [figs.add(fig, 460), df_table(pairs, ["node_a", "node_b", "jaccard", "ci_low", "ci_high", "self_a_low",
                                                   "self_b_low", "chance_95", "distinct", "overlapping", "n_boot"])]
     if shared is not None and len(shared) and "shared" in shared.columns:
