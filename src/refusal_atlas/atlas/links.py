@@ -28,6 +28,7 @@ from urllib.parse import quote
 from rdflib import RDF, RDFS, XSD, Graph, Literal, URIRef
 from rdflib.namespace import DCTERMS, PROV
 
+from refusal_atlas.atlas.sae_links import add_sae_features
 from refusal_atlas.atlas.store import AtlasStore, model_identity
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256, text_sha256
@@ -98,6 +99,7 @@ def build_atlas_graph(
         graph.add((atlas, DCTERMS.created, Literal(str(created))))
     _add_clusters(graph, store, tax, ns, base, atlas)
     _add_directions(graph, store, tax, ns, base, atlas, methods)
+    add_sae_features(graph, store, tax, ns, base, atlas)
     return graph
 
 

@@ -34,6 +34,7 @@ from refusal_atlas.atlas.harm_stage import HARM_VERSION
 from refusal_atlas.atlas.links import write_atlas_ttl
 from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
 from refusal_atlas.atlas.pipeline_findings import stage_harm, stage_verdicts
+from refusal_atlas.atlas.pipeline_sae import sae_params, stage_sae
 from refusal_atlas.atlas.report import build_report
 from refusal_atlas.atlas.runconfig import (
     DEFAULT_OUT,
@@ -44,6 +45,7 @@ from refusal_atlas.atlas.runconfig import (
     parse_sizes,
     run_taxonomy,
 )
+from refusal_atlas.atlas.sae_stage import sae_metrics
 from refusal_atlas.atlas.stages import Pipeline, Stage, StageContext, stable_hash, write_json_atomic
 from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
 from refusal_atlas.curation.collect import collect
@@ -357,6 +359,7 @@ def collect_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "steering": causal.get("steering", {}),
         "cross_ablation": causal.get("cross_ablation", {}),
         "verdicts": results.get("verdicts", {}),
+        "sae": sae_metrics(results.get("sae", {})),
     }
 
 
@@ -399,10 +402,13 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
         harmless_matched_on="request form")
     add("overlap", stage_overlap, ("directions",), out["overlap"])
     add("causal", stage_causal, ("directions", "prompts"), out["causal"], protocol=PROTOCOL_VERSION, **model_key)
+    add("sae", lambda c, ctx: stage_sae(c, ctx, load_analysed_model(c, ctx)),
+        ("causal", "collect", "directions", "prompts"), out["sae"], **sae_params(cfg), **model_key)
     add("harm", lambda c, ctx: stage_harm(c, ctx, load_analysed_model(c, ctx)), ("detect", "directions"),
         out["harm"], rule=HARM_RULE, version=HARM_VERSION, **model_key)
     add("verdicts", stage_verdicts, ("directions", "overlap", "causal", "harm"), out["verdicts"])
-    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal", "verdicts"), out["atlas"])
+    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal", "verdicts", "sae"),
+        out["atlas"])
     return pipe
 
 
