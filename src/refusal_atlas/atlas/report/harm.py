@@ -47,11 +47,14 @@ def _geometry_summary(geo: pd.DataFrame, findings: list[dict[str, Any]]) -> pd.D
         reliable = details.get("reliable_layers") or []
         at = g[g["layer"] == details.get("read_layer")] if "read_layer" in details else g.iloc[0:0]
         best = at.iloc[0] if len(at) else g.loc[g["cos"].abs().idxmin()]
+        def val(col: str, row: pd.Series = best) -> Any:  # a table from an older stage may lack a column
+            return row.get(col, math.nan)
+
         rows.append({"node": node, "layer": int(best["layer"]),
-                     "cos [95% CI]": _interval(best["cos"], best["ci_low"], best["ci_high"]),
-                     "disattenuated [95% CI]": _interval(best["cos_disattenuated"], best["dis_ci_low"],
-                                                         best["dis_ci_high"]),
-                     "floor h": _fmt(best["floor_h"]), "floor r": _fmt(best["floor_r"]),
+                     "cos [95% CI]": _interval(val("cos"), val("ci_low"), val("ci_high")),
+                     "disattenuated [95% CI]": _interval(val("cos_disattenuated"), val("dis_ci_low"),
+                                                         val("dis_ci_high")),
+                     "floor h": _fmt(val("floor_h")), "floor r": _fmt(val("floor_r")),
                      "distinct / reliable layers": f"{details.get('distinct_layers', '–')} / {len(reliable)}",
                      "design": best.get("design", "")})
     return pd.DataFrame(rows)
@@ -60,6 +63,9 @@ def _geometry_summary(geo: pd.DataFrame, findings: list[dict[str, Any]]) -> pd.D
 def _projection_summary(proj: pd.DataFrame) -> pd.DataFrame:
     """One row per node and group: n and the mean projection on h and on r with their CIs."""
     rows = []
+    need = {"node", "group", "layer", "n", "direction", "mean", "ci_low", "ci_high"}
+    if not need <= set(proj.columns):
+        return proj  # a table from an older stage: shown as it is
     for (node, group), g in proj.groupby(["node", "group"], sort=False):
         rec: dict[str, Any] = {"node": node, "group": group, "layer": int(g["layer"].iloc[0]), "n": int(g["n"].max())}
         for which, label in (("harmfulness", "on h"), ("refusal", "on r")):
@@ -72,7 +78,7 @@ def _projection_summary(proj: pd.DataFrame) -> pd.DataFrame:
 
 
 def _summary_line(summary: dict[str, Any] | None) -> str:
-    if not summary:
+    if not summary or not summary.get("rows"):
         return ""
 
     def rate(key: str, value: Any) -> str:
