@@ -168,9 +168,10 @@ def section_overlap(store: AtlasStore, figs: Figures) -> str:
                      if rows else "<p>No pair of nodes overlaps beyond its noise at this layer.</p>")
     ov = store.overlap_json
     scalars = {k: v for k, v in ov.items() if isinstance(v, int | float | str | bool)}
-    sibling = ov.get("sibling_test")
-    if isinstance(sibling, dict):
-        scalars.update({f"sibling_test.{k}": v for k, v in sibling.items() if isinstance(v, int | float | str | bool)})
+    for group in ("spectrum", "sibling_test"):
+        sub = ov.get(group)
+        if isinstance(sub, dict):
+            scalars.update({f"{group}.{k}": v for k, v in sub.items() if isinstance(v, int | float | str | bool)})
     if scalars:
         parts.append(html_table(["overlap statistic", "value"], list(scalars.items())))
     return "".join(parts) or "<p>The overlap graph is empty.</p>"
