@@ -77,8 +77,9 @@ def test_selection_scores_and_the_selected_direction_are_in_the_graph(atlas, gra
         d = graph.value(c, RA.candidateDirection)
         assert (d, RDF.type, RA.RefusalDirection) in graph  # the candidate scores a described direction
         assert graph.value(c, RA.layer) == graph.value(d, RA.layer)
-        row = sel[(sel["layer"] == int(graph.value(c, RA.layer))) & (sel["position"] == str(graph.value(c, RA.position)))
-                  & (sel["node"] == str(graph.value(graph.value(d, RA.forNode), SKOS_NOTATION)))].iloc[0]
+        node = str(graph.value(graph.value(d, RA.forNode), SKOS_NOTATION))
+        row = sel[(sel["layer"] == int(graph.value(c, RA.layer)))
+                  & (sel["position"] == str(graph.value(c, RA.position))) & (sel["node"] == node)].iloc[0]
         assert float(graph.value(c, RA.bypassScore)) == pytest.approx(row["bypass_score"])
         assert float(graph.value(c, RA.induceScore)) == pytest.approx(row["induce_score"])
         assert float(graph.value(c, RA.klDivergence)) == pytest.approx(row["kl"])

@@ -45,7 +45,7 @@ def test_the_readme_query_examples_print_what_the_readme_shows(tmp_path, monkeyp
     commands = {shlex.split(cmd)[2] for cmd, _ in blocks}
     assert {"node", "direction", "source", "sparql"} <= commands, commands
     outputs = []
-    for cmd, shown in blocks:
+    for cmd, _ in blocks:
         res = CliRunner().invoke(app, shlex.split(cmd)[1:], catch_exceptions=False)
         assert res.exit_code == 0, (cmd, res.output)
         outputs.append((cmd, _tidy(res.output)))

@@ -8,8 +8,13 @@ import torch
 
 from refusal_atlas.lm.capture import Activations
 from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
-from refusal_atlas.mechinterp.tree import counts_by_node, level_labels, nearest_analysed, primary_path, \
-    tree_direction_set
+from refusal_atlas.mechinterp.tree import (
+    counts_by_node,
+    level_labels,
+    nearest_analysed,
+    primary_path,
+    tree_direction_set,
+)
 from refusal_atlas.taxonomy.model import Taxonomy
 
 
@@ -76,6 +81,22 @@ def test_every_depth_gets_directions_and_floors_that_recover_the_planted_truth(t
     assert f"diff_means/{POOLED}/-1" in back.tensors
     assert torch.allclose(back.noise["diff_means/reliability"].nan_to_num(-9),
                           ds.noise["diff_means/reliability"].nan_to_num(-9))
+
+
+def test_members_restrict_a_parent_to_its_own_sample():
+    """With `members`, a parent is the prompts sampled for it, not every prompt of its deepest child."""
+    acts, paths, harmful, truth = _planted(seed=2)
+    ax = [i for i, p in enumerate(paths) if p[-1:] == ["a.x"]]
+    ay = [i for i, p in enumerate(paths) if p[-1:] == ["a.y"]]
+    # the parent sampled half of each child; a.x has all of its own prompts
+    ds = tree_direction_set(acts, paths, harmful, ["a", "a.x"], members={"a": ax[::2] + ay[::2], "a.x": ax},
+                            n_splits=10, n_boot=20, n_perm=10)
+    assert ds.meta["n_prompts"]["a"] == len(ax[::2]) + len(ay[::2]) and ds.meta["n_prompts"]["a.x"] == len(ax)
+    mid = (truth["a.x"] + truth["a.y"]) / 2
+    assert float(ds.unit("a", 0, -1) @ (mid / mid.norm())) > 0.85
+    only_x = tree_direction_set(acts, paths, harmful, ["a", "a.x"], members={"a": ax, "a.x": ax},
+                                n_splits=10, n_boot=20, n_perm=10)
+    assert torch.allclose(only_x.unit("a", 0, -1), only_x.unit("a.x", 0, -1), atol=1e-5)  # the bias avoided
 
 
 def test_a_node_below_an_unanalysed_parent_still_gets_its_direction():

@@ -37,7 +37,7 @@ from refusal_atlas.atlas.store_directions import BRANCH_SET, TREE_SET
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256, text_sha256
 from refusal_atlas.lm.positions import position_label
-from refusal_atlas.mechinterp.directions import POOLED
+from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
 from refusal_atlas.mechinterp.tree import TREE_METHOD
 from refusal_atlas.ontology import iris
 from refusal_atlas.ontology.directions import add_direction, direction_iri
@@ -172,18 +172,23 @@ def _add_directions(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, bas
             by_key[(row["node"], int(row["layer"]), str(row["position"]))] = row
     columns = {"noise_floor": "noise_floor", "split_half_cosine": "noise_floor", "auroc": "auroc",
                "reliability": "reliability"}
-    sets = [(ds, DIRECTIONS_FILE, BRANCH_SET, methods, set())]
+    sets: list[tuple[DirectionSet, str, str, tuple[str, ...], set[str]]] = [
+        (ds, DIRECTIONS_FILE, BRANCH_SET, methods, set())]
     if store.tree_directions is not None:
         sets.append((store.tree_directions, TREE_FILE, TREE_SET, (TREE_METHOD,), set(ds.nodes)))
     for dset, file, set_name, set_methods, skip in sets:
         digest = file_sha256(store.root / file)
         counts = dset.meta.get("n_prompts") or {}
+        # the tree set is described where its floors were estimated (the positions the atlas reads)
+        floored = (dset.meta.get("noise") or {}).get("positions") if set_name == TREE_SET else None
         for method in set_methods:
             for node in dset.nodes:
                 if node in skip or node not in tax.nodes:
                     continue
                 for pos in dset.positions:
                     label = position_label(pos)
+                    if floored is not None and label not in floored:
+                        continue
                     key = f"{method}/{node}/{label}"
                     tensor = dset.tensors.get(key)
                     if tensor is None:

@@ -28,7 +28,8 @@ from refusal_atlas.atlas.runconfig import RunConfig, model_prompts, run_taxonomy
 from refusal_atlas.atlas.stages import StageContext, stable_hash, write_json_atomic
 from refusal_atlas.lm.capture import Activations, capture_activations, load_shards
 from refusal_atlas.lm.models import LoadedModel
-from refusal_atlas.mechinterp.directions import DirectionSet
+from refusal_atlas.lm.positions import Position
+from refusal_atlas.mechinterp.directions import ROLES, DirectionSet
 from refusal_atlas.mechinterp.request_form import request_forms
 from refusal_atlas.mechinterp.scoring import behaves_as_labelled, behaviour_mask
 from refusal_atlas.mechinterp.tree import counts_by_node, nearest_analysed, primary_path, tree_direction_set
@@ -60,24 +61,25 @@ def stage_tree(cfg: RunConfig, ctx: StageContext, model: Callable[[], LoadedMode
     dirs = ctx.out / schema.DIRECTIONS_DIR
     main = DirectionSet.load(dirs)
     branch = pd.read_parquet(dirs / schema.DIRECTION_PROMPTS.name)
-    branch_acts = load_shards(Path(ctx.results.get("directions", {}).get("activations", "")))
+    branch_acts = load_shards(_capture_folder(ctx))
     node_of = dict(zip(pool["prompt"], pool["node"], strict=True))
     captured = set(branch["prompt"])
     have = [p for p in branch[branch["harmful"].astype(bool)]["prompt"] if p in node_of]
-    chosen = [primary_path(tax, node_of[p]) for p in have]
-    quota, spare = sizes["per_node_train"], max(2, sizes["per_node_train"] // 4)
-    extras: list[str] = []
-    # deepest nodes first: their prompts also count for their ancestors, which then need fewer of their own
-    for node in sorted(candidates, key=lambda n: (-len(primary_path(tax, n)), n)):
-        held = sum(node in path for path in chosen)
-        if held >= quota:
-            continue
-        taken = set(extras)
-        extra = [p for p, path in zip(pool["prompt"], pool_paths, strict=True)
-                 if node in path and p not in captured and p not in taken][: quota - held + spare]
-        extras += extra
-        chosen += [primary_path(tax, node_of[p]) for p in extra]
-
+    # cheaper than the branches (run budget): at most 2 x min_prompts new prompts per node and 2 spares
+    quota, spare = min(sizes["per_node_train"], 2 * cfg.min_prompts), 2
+    # Roots first, each node a random sample of its own subtree (the pool is shuffled): every prompt already
+    # captured or picked for an ancestor is used (free), new ones only up to the quota. Picking deepest first
+    # would make a parent little more than its deepest child's prompts.
+    available = list(have)
+    picks: dict[str, list[str]] = {}
+    for node in sorted(candidates, key=lambda n: (len(primary_path(tax, n)), n)):
+        inside = [p for p, path in zip(pool["prompt"], pool_paths, strict=True) if node in path]
+        free = set(available)
+        mine = [p for p in inside if p in free]
+        new = [p for p in inside if p not in free and p not in captured][: max(0, quota + spare - len(mine))]
+        picks[node] = mine + new
+        available += new
+    extras = [p for p in available if p not in captured]
     filtering: dict[str, Any] = {"candidates": len(extras)}
     extra_acts = None
     if extras:
@@ -105,11 +107,15 @@ def stage_tree(cfg: RunConfig, ctx: StageContext, model: Callable[[], LoadedMode
     texts = have + extras + harmless
     paths = [primary_path(tax, node_of[p]) for p in have + extras] + [[] for _ in harmless]
     harmful = [True] * (len(have) + len(extras)) + [False] * len(harmless)
-    used = counts_by_node(paths)
+    row_of = {p: i for i, p in enumerate(texts)}
+    members = {n: [row_of[p] for p in ps if p in row_of] for n, ps in picks.items()}
+    used = {n: len(rows) for n, rows in members.items()}
     analysed = [n for n in candidates if used.get(n, 0) >= cfg.min_prompts]
     if analysed:
-        ds = tree_direction_set(acts, paths, harmful, analysed, strata=request_forms(texts), seed=cfg.seed,
-                                n_splits=30 if cfg.quick else 50, n_boot=100 if cfg.quick else 200,
+        ds = tree_direction_set(acts, paths, harmful, analysed, members=members, strata=request_forms(texts),
+                                seed=cfg.seed,
+                                n_splits=30, n_boot=100,
+                                floor_positions=_floor_positions(main, branch_acts.positions),
                                 parents={n: list(tax[n].broader) for n in analysed},
                                 labels={n: tax[n].label for n in analysed},
                                 n_model_layers=main.meta.get("n_model_layers"))
@@ -123,6 +129,21 @@ def stage_tree(cfg: RunConfig, ctx: StageContext, model: Callable[[], LoadedMode
     return {"nodes": analysed, "n_analysed": len(analysed), "n_candidates": len(candidates),
             "n_with_directions": sum(1 for r in records if r["analysed"]), "extra_prompts": len(extras),
             "behaviour_filter": filtering, "not_analysed": sum(1 for r in records if not r["analysed"])}
+
+
+def _floor_positions(main: DirectionSet, captured: list[Position]) -> list[Position]:
+    """Where the tree's noise floors are estimated: the positions the atlas reads a direction at (the refusal
+    position, which the causal stage selects at, and the harmfulness one), not all captured ones (cost)."""
+    roles = [p for p in (main.meta.get("roles") or ROLES).values() if p in captured]
+    return list(dict.fromkeys(roles)) or list(captured)
+
+
+def _capture_folder(ctx: StageContext) -> Path:
+    """The directions stage's capture folder: the one inside this output folder (a moved or copied atlas keeps
+    its captures), else the path the stage recorded."""
+    recorded = Path(str(ctx.results.get("directions", {}).get("activations", "")))
+    inside = ctx.out / schema.ACTIVATIONS_DIR / recorded.name
+    return inside if recorded.name and inside.is_dir() else recorded
 
 
 COVERAGE_RULE = ("a node is analysed when at least min_prompts harmful training prompts whose policy is refuse, its "

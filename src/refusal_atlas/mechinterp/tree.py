@@ -14,15 +14,15 @@ computed (the vs_other and residual variants stay at branch level, where the cau
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from refusal_atlas.lm.capture import Activations
-from refusal_atlas.lm.positions import position_label
-from refusal_atlas.mechinterp.directions import POOLED, DirectionSet, Groups
-from refusal_atlas.mechinterp.extract import extract_directions
+from refusal_atlas.lm.positions import Position, position_label
+from refusal_atlas.mechinterp.directions import POOLED, DirectionSet, Groups, compute_directions
+from refusal_atlas.mechinterp.noise import noise_floor
 from refusal_atlas.mechinterp.probes import auroc_profile
 from refusal_atlas.taxonomy.model import Taxonomy
 
@@ -65,22 +65,46 @@ def tree_direction_set(
     n_splits: int = 50,
     n_boot: int = 200,
     n_perm: int = 100,
+    floor_positions: Sequence[Position] | None = None,
+    members: Mapping[str, Sequence[int]] | None = None,
     parents: dict[str, list[str]] | None = None,
     labels: dict[str, str] | None = None,
     n_model_layers: int | None = None,
 ) -> DirectionSet:
     """One merged `DirectionSet` over every depth (see the module docstring); `paths[i]` is prompt i's
-    primary path ([] for a harmless prompt), `analysed` the nodes to give directions."""
+    primary path ([] for a harmless prompt), `analysed` the nodes to give directions. Directions and AUROC
+    are computed at every captured position; the noise estimates (the costly part) at `floor_positions`
+    only (None: all), NaN elsewhere. `members` (node -> prompt indices) restricts each node to the prompts
+    sampled for it (None: every prompt on a path through it), so a parent is not just its deepest child."""
     wanted = set(analysed)
+    chosen = {n: set(v) for n, v in members.items()} if members is not None else None
     depth_of = {n: p.index(n) for p in paths for n in p if n in wanted}
     levels = sorted(set(depth_of.values()))
+    floor_at = [acts.position_index(p) for p in floor_positions] if floor_positions is not None else \
+        list(range(len(acts.positions)))
     sets: list[tuple[int, DirectionSet]] = []
     for depth in levels:
         names = level_labels(paths, depth, wanted)
-        ds = extract_directions(acts, names, harmful, methods=(TREE_METHOD,), n_splits=n_splits, n_boot=n_boot,
-                                n_perm=n_perm, seed=seed + depth, profiles=False, strata=strata)
-        groups = Groups.from_labels(names, harmful, strata=strata)
-        auroc = auroc_profile(acts, groups, seed=seed + depth)
+        if chosen is not None:
+            names = [n if n and i in chosen.get(n, set()) else "" for i, n in enumerate(names)]
+        # below the roots, harmful prompts of unanalysed nodes would only feed the pooled direction (kept from
+        # depth 0 alone), so they are left out: each level costs in proportion to the prompts it holds
+        keep = [i for i, (n, h) in enumerate(zip(names, harmful, strict=True)) if n or not h or depth == levels[0]]
+        index = torch.tensor(keep, dtype=torch.long)
+        sub = Activations(acts.acts[index], acts.layers, acts.positions, [], acts.meta)
+        names_k, harmful_k = [names[i] for i in keep], [harmful[i] for i in keep]
+        strata_k = [strata[i] for i in keep] if strata is not None else None
+        ds = compute_directions(sub, names_k, harmful_k, methods=(TREE_METHOD,), strata=strata_k)
+        groups = Groups.from_labels(names_k, harmful_k, strata=strata_k)
+        at = Activations(sub.acts[:, :, floor_at], acts.layers, [acts.positions[j] for j in floor_at], [], acts.meta)
+        noise = noise_floor(at, groups, methods=(TREE_METHOD,), n_splits=n_splits, n_boot=n_boot, n_perm=n_perm,
+                            seed=seed + depth)
+        ds.noise = {k: _spread(k, v, floor_at, len(acts.positions)) for k, v in noise.items()}
+        ds.meta["noise"] = {"n_splits": n_splits, "n_boot": n_boot, "n_perm": n_perm, "seed": seed + depth,
+                            "positions": [position_label(acts.positions[j]) for j in floor_at],
+                            "interval": "basic bootstrap 95%",
+                            "reliability": "Spearman-Brown of mean split-half cosine"}
+        auroc = auroc_profile(sub, groups, seed=seed + depth)
         ds.meta["auroc"] = {node: {position_label(p): [round(float(x), 4) for x in a[:, j]]
                                    for j, p in enumerate(acts.positions)} for node, a in auroc.items()}
         sets.append((depth, ds))
@@ -132,6 +156,21 @@ def _merge(sets: list[DirectionSet]) -> DirectionSet:
     if matching:
         meta["harmless_matched_on"] = {**(first.meta.get("harmless_matched_on") or {}), "shares": matching}
     return DirectionSet(tensors, nodes, list(first.layers), list(first.positions), [TREE_METHOD], meta, noise)
+
+
+def _spread(key: str, value: Tensor, at: list[int], n_positions: int) -> Tensor:
+    """A noise array over some positions widened to all of them, NaN elsewhere (the position axis follows the
+    node axes and the layer axis: 2, or 3 for the cross-node arrays)."""
+    if len(at) == n_positions:
+        return value
+    axis = 3 if _square(key) else 2
+    shape = list(value.shape)
+    shape[axis] = n_positions
+    out = torch.full(shape, float("nan"))
+    index: list[slice | list[int]] = [slice(None)] * len(shape)
+    index[axis] = at
+    out[tuple(index)] = value
+    return out
 
 
 def _square(key: str) -> bool:

@@ -36,6 +36,11 @@ def number(value: Any) -> Literal | None:
     return None if math.isnan(x) or math.isinf(x) else Literal(round(x, 6), datatype=XSD.double)
 
 
+def _integer(value: Any) -> int | None:
+    """An int, or None for a missing or non-finite value."""
+    return None if number(value) is None else int(float(value))
+
+
 def _put(graph: Graph, subject: URIRef, values: dict[URIRef, Any]) -> None:
     for prop, value in values.items():
         if isinstance(value, bool):
@@ -53,8 +58,9 @@ def add_pooled_direction(graph: Graph, subject: URIRef, *, nodes: list[URIRef], 
                          position: str, method: str, artefact_file: str, sha256: str,
                          metrics: dict[URIRef, Any] | None = None) -> URIRef:
     """The pooled direction at one layer and position, pooling `nodes`."""
+    # typed by its own class only: ra:RefusalDirection's shape asks for exactly one ra:forNode (the vocabulary
+    # makes it a subclass, so a reasoner still finds it among the refusal directions)
     graph.add((subject, RDF.type, RA.PooledRefusalDirection))
-    graph.add((subject, RDF.type, RA.RefusalDirection))
     for node in nodes:
         graph.add((subject, RA.pooledOver, node))
     _put(graph, subject, {RA.model: model, RA.layer: int(layer), RA.position: position, RA.method: method,
@@ -66,14 +72,14 @@ def add_selection_candidate(graph: Graph, subject: URIRef, direction: URIRef, ro
     """One row of causal/selection.parquet (store column names) as a `ra:SelectionCandidate`."""
     graph.add((subject, RDF.type, RA.SelectionCandidate))
     graph.add((subject, RA.candidateDirection, direction))
-    tier, start = row.get("tier"), row.get("ablate_from")
+    tier, start = _integer(row.get("tier")), _integer(row.get("ablate_from"))
     _put(graph, subject, {
         RA.layer: int(row["layer"]), RA.position: str(row["position"]),
         RA.bypassScore: row.get("bypass_score"), RA.induceScore: row.get("induce_score"),
         RA.klDivergence: row.get("kl_score"), RA.selected: row.get("selected") in (True, 1),
         RA.filteredBy: str(row.get("filtered") or ""),
-        **({RA.tier: int(tier)} if number(tier) is not None else {}),
-        **({RA.ablateFrom: int(start)} if number(start) is not None else {}),
+        **({RA.tier: tier} if tier is not None else {}),
+        **({RA.ablateFrom: start} if start is not None else {}),
     })
     return subject
 
@@ -101,13 +107,13 @@ def add_finding(graph: Graph, subject: URIRef, finding: dict[str, Any]) -> URIRe
     graph.add((subject, RDF.type, RA.Finding))
     ci = finding.get("ci")
     low, high = (ci[0], ci[1]) if isinstance(ci, list | tuple) and len(ci) == 2 else (None, None)
-    n = finding.get("n")
+    n = _integer(finding.get("n"))
     _put(graph, subject, {
         RA.question: str(finding.get("question") or ""), RA.verdict: str(finding.get("verdict") or "inconclusive"),
         RA.findingSubject: str(finding.get("subject") or ""), RA.rule: str(finding.get("rule") or ""),
         RA.value: finding.get("value"), RA.ciLow: low, RA.ciHigh: high,
         RA.trusted: finding.get("trusted") is True, DCTERMS.description: str(finding.get("sentence") or ""),
         RA.rationale: str(finding.get("rule_text") or ""),
-        **({RA.sampleSize: int(n)} if number(n) is not None and float(n) >= 0 else {}),
+        **({RA.sampleSize: n} if n is not None and n >= 0 else {}),
     })
     return subject

@@ -176,8 +176,8 @@ def rank_direction(
     null = chance_null(rows_by_layer, targets, draws=draws, seed=seed)
     # the family: a random direction's best cosine over every ranked node as well (their directions are
     # correlated, so this is tighter than Bonferroni); without it ~5% of the nodes of any vector look significant
-    ranked = torch.tensor([n != POOLED for n in names], dtype=torch.bool)
-    family = null[ranked].amax(0) if bool(ranked.any()) else null.amax(0)
+    in_family = torch.tensor([n != POOLED for n in names], dtype=torch.bool)
+    family = null[in_family].amax(0) if bool(in_family.any()) else null.amax(0)
     results: list[dict[str, Any]] = []
     pooled: dict[str, Any] | None = None
     for t, (node, src) in enumerate(sets):
@@ -211,7 +211,7 @@ def rank_direction(
     for rank, ranked in enumerate(results, start=1):
         ranked["rank"] = rank
     chance = {"draws": draws, "seed": seed, "alpha": ALPHA,
-              "n_searched": {"layers": len(layers), "positions": 1, "nodes": int(ranked.sum())},
+              "n_searched": {"layers": len(layers), "positions": 1, "nodes": int(in_family.sum())},
               "rule": "p_value = share of seeded random unit directions in d_model whose best cosine over the "
                       "searched layers, the one position and every ranked node reaches the observed one (corrected "
                       "for all three searches); p_node = the same for this node alone; above_chance when "

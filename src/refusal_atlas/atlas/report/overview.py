@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from refusal_atlas.atlas.query.common import selected_layer_position
 from refusal_atlas.atlas.report.html import (
     ci_text,
     esc,
@@ -22,7 +23,6 @@ from refusal_atlas.atlas.report.html import (
     not_run,
     safe_class,
 )
-from refusal_atlas.atlas.query.common import selected_layer_position
 from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.atlas.verdict_figures import FindingText
 from refusal_atlas.errors import AtlasError
