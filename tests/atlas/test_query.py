@@ -143,9 +143,12 @@ def test_source_maps_external_category_to_nodes_and_directions(store):
 def test_source_reaches_descendants_with_directions(store):
     r = q.source_report(store, "llamaguard3:S14")
     by_node = {n["node"]: n for n in r["nodes"]}
-    assert by_node["cyber"]["best"] is None  # the branch itself has no direction, and says why
-    assert "not analysed" in by_node["cyber"]["why"] and by_node["cyber"]["fallback"] is None
-    assert by_node["cyber.malware"]["via"] == "cyber" and by_node["cyber.malware"]["best"] is not None
+    assert by_node["cyber"]["best_of"] == "cyber" and by_node["cyber"]["best"]["set"] == "tree"  # the tree set's
+    assert by_node["cyber.malware"]["via"] == "cyber" and by_node["cyber.malware"]["best"]["set"] == "branches"
+    health = q.source_report(store, "llamaguard3:S6")["nodes"]
+    misc = next(n for n in health if n["node"] == "health.misc") if any(n["node"] == "health.misc" for n in health) \
+        else None
+    assert misc is None or (misc["best_of"] == "health" and "not analysed" in misc["why"])
 
 
 def test_unknown_source_lists_known_categories(store):
@@ -191,10 +194,13 @@ def test_cli_json_outputs(app, atlas, tmp_path):
 def test_cli_tables_render_text_without_markup(app, atlas):
     res = CliRunner().invoke(app, ["query", "node", "weapons.explosives", "--atlas", str(atlas)])
     assert res.exit_code == 0, res.output
-    assert "nearest nodes" in res.output and "directions of weapons.explosives (diff_means)" in res.output
-    assert "cell = reliability / noise floor |norm| auc AUROC" in res.output  # the grid has a legend
-    assert "selected direction (causal selection): layer 2" in res.output
-    assert "last_instruction" in res.output  # one column per token position
+    assert "nearest nodes" in res.output and "directions of weapons.explosives (branch set" in res.output
+    assert "reliability = split-half correlation" in res.output  # the table has a legend
+    assert "selected direction: layer 2, position -1" in res.output
+    assert "other positions: last_instruction" in res.output
+    res2 = CliRunner().invoke(app, ["query", "node", "weapons.explosives", "--atlas", str(atlas),
+                                    "--position", "last_instruction"])
+    assert "position last_instruction, by layer" in res2.output
     assert "<script>alert(1)</script>" in res.output  # a cluster label shown verbatim, not as rich markup
     res = CliRunner().invoke(app, ["query", "source", "llamaguard3:S9", "--atlas", str(atlas)])
     assert res.exit_code == 0 and "weapons.cbrn" in res.output

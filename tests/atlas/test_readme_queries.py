@@ -35,9 +35,9 @@ def _tidy(text: str) -> str:
 
 def test_the_readme_query_examples_print_what_the_readme_shows(tmp_path, monkeypatch):
     write_atlas_ttl(full_atlas(tmp_path / "atlas-out"))
-    np.save(tmp_path / "random.npy", np.random.default_rng(0).normal(size=D_MODEL).astype(np.float32))
+    np.save(tmp_path / "random.npy", np.random.default_rng(7).normal(size=D_MODEL).astype(np.float32))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setenv("COLUMNS", "160")
     text = README.read_text(encoding="utf-8")
     start, end = _section(text)
     section = text[start:end]

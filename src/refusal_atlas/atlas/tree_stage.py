@@ -124,6 +124,11 @@ def stage_tree(cfg: RunConfig, ctx: StageContext, model: Callable[[], LoadedMode
     elif (ctx.out / schema.TREE_DIR).is_dir():  # an earlier run's tree set would describe other prompts
         shutil.rmtree(ctx.out / schema.TREE_DIR)
     records = coverage(tax, prompts, train_counts, used, analysed, main.nodes, cfg.min_prompts)
+    # a parent whose kept prompts all come from one child has that child's direction: say so
+    same = {n: m for n in analysed for m in analysed if m != n and len(primary_path(tax, m)) > len(primary_path(tax, n))
+            and sorted(members[n]) == sorted(members[m])}
+    for r in records:
+        r["same_prompts_as"] = same.get(r["node"])
     write_json_atomic(ctx.out / schema.COVERAGE_JSON.path,
                       {"min_prompts": cfg.min_prompts, "rule": COVERAGE_RULE, "nodes": records})
     return {"nodes": analysed, "n_analysed": len(analysed), "n_candidates": len(candidates),

@@ -107,13 +107,16 @@ def _directions_grid(report: dict[str, Any], console: Console, position: str | N
            [[d["layer"], d.get("reliability"), d.get("noise_floor"), d.get("norm"), d.get("auroc"),
              "*" if int(d["layer"]) == mark else ""] for d in rows])
     _legend(console, CELL_LEGEND)
+    if report.get("same_prompts_as"):
+        console.print(_line(f"note: every prompt of {shown} kept after the behaviour filter belongs to "
+                            f"{report['same_prompts_as']}, so the two directions are the same estimate", "bold"))
     if len(positions) > 1:
         _legend(console, f"other positions: {', '.join(p for p in positions if p != shown_pos)} (--position P, "
                          "or --json for all)")
     if best:
-        console.print(_line(f"selected direction ({report.get('best_by')}): layer {best['layer']}, position "
-                            f"{best['position']}, reliability {_fmt(best.get('reliability'))}, noise floor "
-                            f"{_fmt(best.get('noise_floor'))}"))
+        console.print(_line(f"selected direction: layer {best['layer']}, position {best['position']}, reliability "
+                            f"{_fmt(best.get('reliability'))}, noise floor {_fmt(best.get('noise_floor'))} "
+                            f"(chosen by {report.get('best_by')})"))
 
 
 def show_node(report: dict[str, Any], console: Console, position: str | None = None) -> None:

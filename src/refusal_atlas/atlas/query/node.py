@@ -28,6 +28,8 @@ def node_report(store: AtlasStore, node_id: str, *, nearest: int = 5) -> dict[st
     out["directions_of"] = shown
     out["directions"] = _node_directions(store, shown)
     out["direction_set"] = _set_name(out["directions"])
+    record = next((r for r in store.coverage if r.get("node") == shown), {})
+    out["same_prompts_as"] = record.get("same_prompts_as")  # its kept prompts are all one child's
     out["best"] = _best_direction(out["directions"], selected_layer_position(store))
     out["best_by"] = _best_by(out["best"])
     out["nearest"] = _nearest(store, shown, nearest, out["best"])
@@ -74,7 +76,7 @@ def _best_direction(rows: list[dict[str, Any]] | None,
     return {**best, "chosen_by": MOST_RELIABLE}
 
 
-SELECTED = "causal selection (the layer and position selected for the pooled direction)"
+SELECTED = "causal selection: the layer and position selected for the pooled direction"
 MOST_RELIABLE = "highest split-half reliability (no causal selection in this atlas)"
 
 
