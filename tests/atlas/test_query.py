@@ -300,7 +300,7 @@ def test_unanalysed_node_falls_back_to_its_nearest_analysed_ancestor(store):
     weapons = q.node_report(store, "weapons")  # a tree node: its own direction, nearest nodes of its depth
     assert weapons["fallback"] is None and weapons["direction_set"] == "tree"
     assert {n["node"] for n in weapons["nearest"]} == {"cyber", "health"}
-    assert all(n["ci_low"] <= n["cosine"] <= n["ci_high"] + 0.2 for n in weapons["nearest"])
+    assert all(n["debiased_ci_low"] <= n["cos_debiased"] <= n["debiased_ci_high"] for n in weapons["nearest"])
     # the tree root pools its leaves: its direction sits between theirs
     ds = store.tree_directions
     leaves = store.directions.unit("weapons.cbrn", 2, -1) + store.directions.unit("weapons.explosives", 2, -1)

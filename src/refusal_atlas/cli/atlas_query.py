@@ -133,14 +133,17 @@ def show_node(report: dict[str, Any], console: Console, position: str | None = N
     _directions_grid(report, console, position)
     near = report.get("nearest") or []
     if near:
-        _table(console, "nearest nodes", ["node", "label", "cosine", "cosine 95% CI", "its noise floor", "from"],
-               [[n["node"], n["label"], n.get("cosine"),
-                 f"[{_fmt(n.get('ci_low'))}, {_fmt(n.get('ci_high'))}]" if "ci_low" in n else None,
-                 n.get("noise_floor", n.get("floor_b")), n.get("source")] for n in near])
-        _legend(console, "cosine between the two nodes' directions at the selected layer and position, with its "
-                         "bootstrap 95% CI; its noise floor = the other node's split-half cosine (a cosine near both "
-                         "floors: indistinguishable given the data); from overlap = an edge of the overlap graph "
-                         "(noise-corrected cosine significantly > 0), from directions = nodes of the same depth")
+        _table(console, "nearest nodes", ["node", "label", "noise-corrected cosine", "its 95% CI", "raw cosine",
+                                          "its noise floor", "from"],
+               [[n["node"], n["label"], n.get("cos_debiased"),
+                 f"[{_fmt(n.get('debiased_ci_low'))}, {_fmt(n.get('debiased_ci_high'))}]"
+                 if n.get("debiased_ci_low") is not None else None,
+                 n.get("cosine"), n.get("noise_floor", n.get("floor_b")), n.get("source")] for n in near])
+        _legend(console, "at the selected layer and position: the noise-corrected cosine estimates the cosine between "
+                         "the two true directions, with its bootstrap 95% CI (upper bound below 1: distinguishable); "
+                         "the raw cosine of the two estimates is pulled toward 0 by sampling noise; its noise floor = "
+                         "the other node's split-half cosine; from overlap = an edge of the overlap graph (corrected "
+                         "cosine's lower bound > 0), from directions = nodes of the same depth")
     else:
         console.print(_line("nearest nodes: none (no overlap edge and no direction to compare)"))
     clusters = report.get("clusters") or []

@@ -109,7 +109,8 @@ def _nearest(store: AtlasStore, node_id: str, k: int, best: dict[str, Any] | Non
     li, pi = ds.layer_index(layer), ds.position_index(position)
     depth = ds.meta.get("depth") or {}
     same = [n for n in ds.nodes if n != node_id and depth.get(n) == depth.get(node_id)]
-    cos_t, ci_t = ds.noise.get("diff_means/cos"), ds.noise.get("diff_means/cos_ci")
+    cos_t = ds.noise.get("diff_means/cos")
+    deb_t, ci_t = ds.noise.get("diff_means/cos_debiased"), ds.noise.get("diff_means/cos_debiased_ci")
     me = ds.unit(node_id, layer, position)
     rows = []
     for other in same:
@@ -117,8 +118,9 @@ def _nearest(store: AtlasStore, node_id: str, k: int, best: dict[str, Any] | Non
         cos = float(cos_t[i, j, li, pi]) if cos_t is not None else float(me @ ds.unit(other, layer, position))
         row = {"node": other, "label": store.node_label(other), "cosine": cos, "layer": layer, "position": position,
                "source": "directions", "noise_floor": _floor(store, other, layer, position)}
-        if ci_t is not None:
-            row["ci_low"], row["ci_high"] = float(ci_t[i, j, li, pi, 0]), float(ci_t[i, j, li, pi, 1])
+        if deb_t is not None and ci_t is not None:
+            row["cos_debiased"] = float(deb_t[i, j, li, pi])
+            row["debiased_ci_low"], row["debiased_ci_high"] = float(ci_t[i, j, li, pi, 0]), float(ci_t[i, j, li, pi, 1])
         rows.append(row)
     rows.sort(key=lambda r: -r["cosine"])
     return rows[:k]
