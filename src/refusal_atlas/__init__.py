@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from refusal_atlas.lm.capture import Activations, capture_activations
     from refusal_atlas.lm.models import LoadedModel, load_model
     from refusal_atlas.mechinterp.directions import DirectionSet, compute_directions
+    from refusal_atlas.mechinterp.sae import load_sae
     from refusal_atlas.taxonomy.loader import load_taxonomy
     from refusal_atlas.taxonomy.model import Taxonomy
     from refusal_atlas.taxonomy.resolve import resolve
@@ -37,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "capture_activations": "refusal_atlas.lm.capture",
     "compute_directions": "refusal_atlas.mechinterp.directions",
     "load_model": "refusal_atlas.lm.models",
+    "load_sae": "refusal_atlas.mechinterp.sae",
     "load_taxonomy": "refusal_atlas.taxonomy.loader",
     "load_vector": "refusal_atlas.atlas.query",
     "node_report": "refusal_atlas.atlas.query",
@@ -57,6 +59,7 @@ __all__ = [
     "capture_activations",
     "compute_directions",
     "load_model",
+    "load_sae",
     "load_taxonomy",
     "load_vector",
     "node_report",

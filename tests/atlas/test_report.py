@@ -16,7 +16,7 @@ from refusal_atlas.atlas.links import write_atlas_ttl
 from refusal_atlas.atlas.report import build_report, clean, esc, script_json
 
 SECTIONS = ("findings", "headline", "organism", "clusters", "heatmap", "overlap", "profiles", "causal", "conditions",
-            "harmfulness", "figures", "taxonomy", "provenance")
+            "harmfulness", "sae", "figures", "taxonomy", "provenance")
 
 
 FINDINGS = [
@@ -57,8 +57,8 @@ def test_every_section_is_present_and_filled(page):
     assert "could not render" not in page
     assert page.count("How to read this.") == len(SECTIONS)
     # one plotly figure per drawn section: organism, cluster map, heatmap, overlap, profiles, cross-ablation,
-    # steering, wording vs detection, conditions
-    assert len(re.findall(r"<div class=.figure.", page)) == 9
+    # steering, wording vs detection, conditions, SAE cross-clamp beside cross-ablation, SAE feature overlap
+    assert len(re.findall(r"<div class=.figure.", page)) == 11
     assert "Medication dosing" in page and "when user_age=minor" in page
     assert "abc123" in page  # a stage record under .stages/ is listed in the provenance section
     assert "<h3>Selected direction</h3>" in page and "All 32 candidates scored" in page
@@ -191,7 +191,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
     figures = int(re.search(r'data-figures="(\d+)"', body).group(1))
     rendered = int(re.search(r'data-rendered="(\d+)"', body).group(1))
-    assert figures == 9 and rendered == figures, body
+    assert figures == 11 and rendered == figures, body
     assert "data-errors" not in body
     # plotly draws each figure as an SVG with class main-svg
     assert dom.stdout.count('class="main-svg"') >= figures

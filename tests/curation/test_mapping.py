@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -83,7 +84,8 @@ def test_label_majority_where_rows_carry_nodes(runs, taxonomy):
 
 
 def test_proposals_are_valid_taxonomy_yaml(runs, taxonomy, tmp_path):
-    run = runs["unlabelled"]
+    # without refusal labels an unmatched cluster (cooking) is proposed, inheriting its parent's default
+    run = dataclasses.replace(runs["unlabelled"], assignments=runs["unlabelled"].assignments.drop(columns="refused"))
     mapping = map_clusters(run, taxonomy)
     nodes = propose_nodes(run, mapping, taxonomy)
     assert len(nodes) == len(mapping.unmatched()) >= 1
@@ -91,7 +93,7 @@ def test_proposals_are_valid_taxonomy_yaml(runs, taxonomy, tmp_path):
     data = YAML(typ="safe").load(text)
     node = data["nodes"][0]
     assert node["status"] == "proposed" and run.run_id in node["provenance"]
-    assert node["examples"] and node["expect"] in ("refuse", "comply")
+    assert node["examples"] and "expect" not in node and node["broader"][0] in taxonomy.nodes
     # the file drops into a taxonomy folder and validates there
     tax_dir = tmp_path / "tax"
     tax_dir.mkdir()
@@ -109,7 +111,11 @@ def test_map_folder_writes_mapping_and_proposals(runs, tmp_path):
     mapping, proposed, written = map_folder(runs["unlabelled"].folder, tax_dir, tmp_path / "out")
     data = json.loads(written["mapping"].read_text())
     assert len(data["clusters"]) == 4 and data["run_id"] == runs["unlabelled"].run_id
-    assert written["proposals"].is_file() and len(proposed) == len(mapping.unmatched())
+    # the only unmatched cluster, cooking, is answered by the model: reported, not proposed
+    assert proposed == [] and "proposals" not in written and len(mapping.unmatched()) == 1
+    assert [s["reason"] for s in data["review"]["skipped"]] == [
+        "the model answers these (refused 0/30 = 0% (95% CI 0%-11%)) and no node fits and no row label calls them "
+        "harmful"]
 
 
 def test_cli_map(runs, tmp_path):

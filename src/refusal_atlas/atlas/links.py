@@ -32,6 +32,7 @@ from rdflib import RDF, RDFS, XSD, Graph, Literal, URIRef
 from rdflib.namespace import DCTERMS, PROV
 
 from refusal_atlas.atlas import schema
+from refusal_atlas.atlas.sae_links import add_sae_features
 from refusal_atlas.atlas.store import AtlasStore, model_identity
 from refusal_atlas.atlas.store_directions import BRANCH_SET, TREE_SET
 from refusal_atlas.errors import AtlasError
@@ -109,6 +110,7 @@ def build_atlas_graph(
     _add_directions(graph, store, tax, ns, base, atlas, methods)
     _add_overlap(graph, store, tax, ns, base, atlas)
     _add_findings(graph, store, base, atlas)
+    add_sae_features(graph, store, tax, ns, base, atlas)
     return graph
 
 

@@ -1,7 +1,8 @@
 """`refusal-atlas run`: every stage from the taxonomy to the report, cached and resumable.
 
 taxonomy → ontology (taxonomy.ttl) → prompts → organism (default model only) → collect → detect
-→ cluster + map → directions (capture + diff-in-means + noise floors) → overlap → causal tests
+→ cluster + map → directions (capture + diff-in-means + noise floors) → tree (every node with enough
+prompts) → causal tests → overlap (at the selected layer) → sae → harm → verdicts
 → atlas (atlas.ttl, report.html, manifest.json, metrics.json).
 
 Each stage writes its files into the output folder and a record under `.stages/`; a rerun with
@@ -34,6 +35,7 @@ from refusal_atlas.atlas import pipeline_causal, pipeline_cluster, schema
 from refusal_atlas.atlas.links import write_atlas_ttl
 from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
 from refusal_atlas.atlas.pipeline_findings import stage_harm, stage_verdicts
+from refusal_atlas.atlas.pipeline_sae import sae_params, stage_sae
 from refusal_atlas.atlas.report import build_report
 from refusal_atlas.atlas.runconfig import (
     DEFAULT_OUT,
@@ -44,6 +46,7 @@ from refusal_atlas.atlas.runconfig import (
     parse_sizes,
     run_taxonomy,
 )
+from refusal_atlas.atlas.sae_stage import sae_metrics
 from refusal_atlas.atlas.stages import Pipeline, Stage, StageContext, stable_hash, write_json_atomic
 from refusal_atlas.atlas.tree_stage import stage_tree
 from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
@@ -371,6 +374,7 @@ def collect_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "steering": causal.get("steering", {}),
         "cross_ablation": causal.get("cross_ablation", {}),
         "verdicts": results.get("verdicts", {}),
+        "sae": sae_metrics(results.get("sae", {})),
     }
 
 
@@ -418,10 +422,12 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("causal", stage_causal, ("directions", "prompts"), out["causal"], protocol=PROTOCOL_VERSION, **model_key)
     # after causal: the overlap graph is drawn at the layer and position the causal stage selected
     add("overlap", stage_overlap, ("directions", "causal"), out["overlap"], at="causally selected layer")
+    add("sae", lambda c, ctx: stage_sae(c, ctx, load_analysed_model(c, ctx)),
+        ("causal", "collect", "directions", "prompts"), out["sae"], **sae_params(cfg), **model_key)
     add("harm", lambda c, ctx: stage_harm(c, ctx, load_analysed_model(c, ctx)), ("detect", "directions"),
         out["harm"], rule=HARM_RULE, **model_key)
     add("verdicts", stage_verdicts, ("directions", "overlap", "causal", "harm"), out["verdicts"])
-    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "tree", "overlap", "causal", "verdicts"),
+    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "tree", "overlap", "causal", "verdicts", "sae"),
         out["atlas"])
     return pipe
 

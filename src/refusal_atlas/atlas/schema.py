@@ -51,6 +51,15 @@ __all__ = [
     "REPORT_HTML",
     "RESPONSES",
     "RESPONSE_CLUSTERS_DIR",
+    "SAE_ARTIFACTS",
+    "SAE_CLAMP",
+    "SAE_DIR",
+    "SAE_FEATURES",
+    "SAE_JACCARD",
+    "SAE_JSON",
+    "SAE_MODEL_DIR",
+    "SAE_SHARED",
+    "SAE_WEIGHTS",
     "STABILITY_JSON",
     "STAGES_DIR",
     "STAGE_OUTPUTS",
@@ -118,6 +127,21 @@ HARM_PROJECTIONS_PNG = Artifact(f"{HARM_DIR}/projections.png", "harm")
 HARM_CAUSAL = Artifact(f"{HARM_DIR}/causal.csv", "harm")
 HARM_FINDINGS = Artifact(f"{HARM_DIR}/findings.json", "harm")
 HARM_JSON = Artifact(f"{HARM_DIR}/harm.json", "harm")
+SAE_DIR = "sae"
+SAE_MODEL_DIR = f"{SAE_DIR}/model"  # SAELens format: cfg.json + sae_weights.safetensors (+ training.json)
+SAE_WEIGHTS = Artifact(f"{SAE_MODEL_DIR}/sae_weights.safetensors", "sae")
+SAE_JSON = Artifact(f"{SAE_DIR}/sae.json", "sae")  # the stage's figures, its settings and the weights' sha256
+SAE_FEATURES = Artifact(f"{SAE_DIR}/features.parquet", "sae", (
+    "node", "rank", "feature", "decoder_cosine", "attribution", "attribution_se", "mean_act_node",
+    "mean_act_harmless", "top_contexts", "promoted_tokens"))
+SAE_CLAMP = Artifact(f"{SAE_DIR}/clamp.parquet", "sae", (
+    "source", "target", "method", "own", "logodds_before", "logodds_after", "refusal_before", "refusal_after", "n",
+    "harmless_kl", "n_harmless", "n_features", "factor"))
+SAE_JACCARD = Artifact(f"{SAE_DIR}/jaccard.parquet", "sae", (
+    "node_a", "node_b", "jaccard", "ci_low", "ci_high", "self_a_low", "self_b_low", "chance_95", "distinct",
+    "overlapping", "shared", "n_boot"))
+SAE_SHARED = Artifact(f"{SAE_DIR}/shared.parquet", "sae", ("feature", "n_nodes", "nodes", "shared"))
+SAE_ARTIFACTS = (SAE_WEIGHTS, SAE_JSON, SAE_FEATURES, SAE_CLAMP, SAE_JACCARD, SAE_SHARED)
 STAGES_DIR = ".stages"  # one record per stage: {key, seconds, result}
 
 # The store's names for columns of the causal tables (what the report and the queries read).
@@ -149,6 +173,7 @@ ARTIFACTS: tuple[Artifact, ...] = (
     OVERLAP_GRAPHML, OVERLAP_JSON, *CAUSAL.values(), ATLAS_TTL, REPORT_HTML,
     METRICS, MANIFEST, FINDINGS, HARM_CELLS, HARM_GEOMETRY, HARM_PROJECTIONS, HARM_PROJECTIONS_PNG, HARM_CAUSAL,
     HARM_FINDINGS, HARM_JSON,
+    *SAE_ARTIFACTS,
 )
 
 # What proves a stage finished (a resumed run skips a stage whose key matches and whose outputs exist).
@@ -166,5 +191,6 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "causal": (CAUSAL_DIR,),
     "harm": (HARM_JSON.path,),
     "verdicts": (FINDINGS.path,),
+    "sae": (SAE_JSON.path,),
     "atlas": (REPORT_HTML.path, ATLAS_TTL.path, METRICS.path),
 }

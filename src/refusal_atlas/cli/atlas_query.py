@@ -20,6 +20,7 @@ from rich.text import Text
 
 from refusal_atlas.atlas import query as q
 from refusal_atlas.atlas.store import AtlasStore
+from refusal_atlas.cli.sae import register_feature_query, show_node_features
 
 AtlasOpt = Annotated[Path, typer.Option("--atlas", "-a", help="Atlas folder written by `refusal-atlas run`.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
@@ -152,6 +153,7 @@ def show_node(report: dict[str, Any], console: Console, position: str | None = N
                [[c["cluster"], c["label"], c["size"], c["score"]] for c in clusters])
     else:
         console.print(_line("clusters mapped here: none"))
+    show_node_features(report, console)
     for key, title in (("cross_ablation", "cross-ablation (ablating this node's direction)"),
                        ("condition_table", "conditions (causal)"), ("adherence", "organism adherence")):
         rows = report.get(key)
@@ -261,6 +263,8 @@ def register_query(query_app: typer.Typer) -> None:
         """An external category -> our nodes (crosswalks) -> their directions."""
         result = q.source_report(AtlasStore.open(atlas), external)
         _print_json(result) if as_json else show_source(result, _console())
+
+    register_feature_query(query_app)
 
     @query_app.command("sparql")
     def sparql_cmd(query: Annotated[str, typer.Argument(help="SPARQL text, or a .rq/.sparql file.")],

@@ -33,7 +33,7 @@ from refusal_atlas.curation.tables import (
 )
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write_text, check_not_same_file
-from refusal_atlas.taxonomy.crosswalk import load_crosswalks
+from refusal_atlas.taxonomy.crosswalk import LOCAL_DIR, crosswalk_dir_for, load_crosswalks
 from refusal_atlas.taxonomy.loader import load_taxonomy
 
 app = sub_app("Prompt sets, response collection, refusal detection, clustering.")
@@ -74,7 +74,8 @@ def prompts_cmd(
         "harmbench,strongreject,harmless,overrefusal,taxonomy",
     taxonomy: Annotated[Path | None, typer.Option("--taxonomy", "-t", help="Taxonomy folder (default: shipped).")]
         = None,
-    crosswalks: Annotated[Path | None, typer.Option(help="Folder of *.sssom.tsv (default: shipped).")] = None,
+    crosswalks: Annotated[Path | None, typer.Option(
+        help="Folder of *.sssom.tsv (default: the taxonomy's DIR/crosswalks/, else the shipped ones).")] = None,
     conditions: Annotated[bool, typer.Option("--conditions", help="Add condition-framed variants.")] = False,
     framings: Annotated[Path | None, typer.Option(help="Framings YAML (default: shipped).")] = None,
     framings_per_value: Annotated[int | None, typer.Option(
@@ -99,8 +100,13 @@ def prompts_cmd(
     options = {n: {"columns": mapping, "category_prefix": category_prefix} for n in names if is_user_file(n)}
     rejects: list[dict] = []
     warnings: list[str] = []
+    folder = crosswalk_dir_for(taxonomy, crosswalks)
+    if folder is None:
+        warnings.append(f"the taxonomy {taxonomy} has no crosswalks folder ({taxonomy}/{LOCAL_DIR}/): external sets "
+                        "are mapped with the shipped crosswalks, whose node ids must be this taxonomy's; pass "
+                        "--crosswalks DIR")
     df = build_prompt_set(names, taxonomy=load_taxonomy(taxonomy), conditions=conditions, seed=seed,
-                          max_per_node=max_per_node, crosswalks=load_crosswalks(crosswalks), framings=framings,
+                          max_per_node=max_per_node, crosswalks=load_crosswalks(folder), framings=framings,
                           framings_per_value=framings_per_value, set_options=options, rejects=rejects,
                           warnings=warnings)
     _report_rejects(output, rejects)

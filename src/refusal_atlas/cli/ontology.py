@@ -84,7 +84,8 @@ def export(
     conditions: Annotated[Path | None, typer.Option(
         help="Condition vocabulary (default: DIR/conditions.yaml, else the shipped one).")] = None,
     crosswalks: Annotated[Path | None, typer.Option(
-        help="Folder of *.sssom.tsv to include (default: the shipped ones for the shipped taxonomy).")] = None,
+        help="Folder of *.sssom.tsv to include "
+             "(default: DIR/crosswalks/, else the shipped ones for the shipped taxonomy).")] = None,
     no_crosswalks: Annotated[bool, typer.Option("--no-crosswalks", help="Leave crosswalk mappings out.")] = False,
 ) -> None:
     """Write the taxonomy as RDF (SKOS + AIRO + DPV)."""

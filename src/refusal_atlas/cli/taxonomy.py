@@ -1,11 +1,11 @@
 """CLI: `refusal-atlas taxonomy ...` (thin layer over refusal_atlas.taxonomy).
 
 Read-only commands (validate, show, resolve, diff) default to the shipped taxonomy. Editing
-commands (propose, accept, deprecate, move) need `--taxonomy DIR`: the shipped taxonomy is
+commands (propose, accept, deprecate, move, rename) need `--taxonomy DIR`: the shipped taxonomy is
 package data inside the installed tool, so edits there would be lost on reinstall and would
-silently change every later run. `taxonomy init DIR` copies it (with its condition vocabulary)
-into a folder you own. Problems are raised as AtlasError / ValidationErrors; the main entry
-prints them as `path:line: message` lines and exits 1.
+silently change every later run. `taxonomy init DIR` copies it (with its condition vocabulary
+and crosswalks, which name its node ids) into a folder you own. Problems are raised as AtlasError /
+ValidationErrors; the main entry prints them as `path:line: message` lines and exits 1.
 """
 
 from __future__ import annotations
@@ -25,10 +25,18 @@ from refusal_atlas.cli.console import plain_console, styled, sub_app
 from refusal_atlas.errors import AtlasError, ValidationErrors
 from refusal_atlas.taxonomy import edit
 from refusal_atlas.taxonomy.conditions import parse_condition
-from refusal_atlas.taxonomy.crosswalk import Mapping, check_crosswalks, externals_for_node, load_crosswalks
+from refusal_atlas.taxonomy.crosswalk import (
+    LOCAL_DIR,
+    Mapping,
+    check_crosswalks,
+    crosswalk_dir_for,
+    externals_for_node,
+    load_crosswalks,
+)
 from refusal_atlas.taxonomy.diff import diff_taxonomies
 from refusal_atlas.taxonomy.loader import load_taxonomy, vocabulary_for
 from refusal_atlas.taxonomy.model import Status, Taxonomy
+from refusal_atlas.taxonomy.rename import rename as rename_node
 from refusal_atlas.taxonomy.resolve import (
     contextual_nodes,
     default_source,
@@ -59,11 +67,12 @@ def _edit_dir(directory: Path | None) -> Path:
 
 
 def _crosswalks_for(directory: Path | None, crosswalks: Path | None) -> list[Mapping]:
-    if crosswalks is not None:
-        return load_crosswalks(crosswalks)
-    if directory is None or edit.is_default_taxonomy(directory):
-        return load_crosswalks(None)
-    return []
+    """The taxonomy's crosswalks: `--crosswalks`, else DIR/crosswalks/, else the shipped ones for the shipped
+    taxonomy, else none."""
+    folder = crosswalk_dir_for(directory, crosswalks)
+    if folder is None:
+        return []
+    return load_crosswalks(folder)
 
 
 @app.command()
@@ -71,8 +80,8 @@ def validate(
     directory: Annotated[Path | None, typer.Argument(help="Taxonomy directory or file (default: shipped).")] = None,
     conditions: ConditionsOpt = None,
     crosswalks: Annotated[Path | None, typer.Option(
-        help="Also check a folder of *.sssom.tsv against the taxonomy (default: shipped ones for the "
-             "shipped taxonomy).")] = None,
+        help="Also check a folder of *.sssom.tsv against the taxonomy (default: DIR/crosswalks/, else the "
+             "shipped ones for the shipped taxonomy).")] = None,
 ) -> None:
     """Check every file; print a one-line summary, or every problem as `path:line: message` (exit 1)."""
     taxonomy = load_taxonomy(directory, conditions=conditions)
@@ -80,7 +89,11 @@ def validate(
     problems = check_crosswalks(taxonomy, mappings)
     if problems:
         raise ValidationErrors([str(p) for p in problems])
-    typer.echo(summary(taxonomy, directory or paths.default_taxonomy_dir(), len(mappings)))
+    text = summary(taxonomy, directory or paths.default_taxonomy_dir(), len(mappings))
+    if crosswalk_dir_for(directory, crosswalks) is None and directory is not None and Path(directory).is_dir():
+        # still one line: the note says what is missing and how to add it
+        text += f"; no crosswalks (add {Path(directory) / LOCAL_DIR}/*.sssom.tsv or pass --crosswalks DIR)"
+    typer.echo(text)
 
 
 def summary(taxonomy: Taxonomy, where: Path, n_mappings: int = 0) -> str:
@@ -267,10 +280,35 @@ def propose(
 
 @app.command()
 def accept(node_id: Annotated[str, typer.Argument(help="Node id.")], taxonomy_dir: EditTaxonomyOpt = None,
-           conditions: ConditionsOpt = None) -> None:
-    """Mark a node accepted."""
-    node = edit.accept(_edit_dir(taxonomy_dir), node_id, vocabulary=conditions)
+           conditions: ConditionsOpt = None,
+           root: Annotated[bool, typer.Option(
+               "--root", help="Accept a proposed node that has no parent as a new top-level branch.")] = False,
+           ) -> None:
+    """Mark a node accepted: refused while a field holds template text ("Rewrite this definition...", TODO,
+    "...") or while it has no accepted parent (--root accepts a new top-level branch)."""
+    node = edit.accept(_edit_dir(taxonomy_dir), node_id, vocabulary=conditions, allow_root=root)
     typer.echo(f"accepted {node.id} ({node.source_file})")
+
+
+@app.command()
+def rename(
+    old: Annotated[str, typer.Argument(metavar="OLD", help="Current node id.")],
+    new: Annotated[str, typer.Argument(metavar="NEW", help="New node id ([a-z0-9_.-]).")],
+    taxonomy_dir: EditTaxonomyOpt = None,
+    crosswalks: Annotated[Path | None, typer.Option(
+        help="Also update this folder of *.sssom.tsv (DIR/crosswalks/ is always updated).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print every change; write nothing.")] = False,
+    conditions: ConditionsOpt = None,
+) -> None:
+    """Rename a node id, and the ids below it that start with OLD., in every reference (broader, crosswalks).
+
+    Comments and formatting are kept; a new id that exists already is refused; all files change or none.
+    """
+    plan = rename_node(_edit_dir(taxonomy_dir), old, new, crosswalks=crosswalks, dry_run=dry_run,
+                       vocabulary=conditions)
+    for change in plan.changes:
+        typer.echo(str(change))
+    typer.echo(plan.summary(dry_run))
 
 
 @app.command()
@@ -317,7 +355,9 @@ def diff(
 
 @app.command()
 def init(dest: Annotated[Path, typer.Argument(help="New folder for an editable copy.")]) -> None:
-    """Copy the shipped taxonomy and its condition vocabulary into DEST for editing."""
+    """Copy the shipped taxonomy, its condition vocabulary and its crosswalks (DEST/crosswalks/) for editing."""
     target = edit.copy_default(dest)
     taxonomy = load_taxonomy(target)
-    typer.echo(f"copied {len(taxonomy)} nodes to {target}; edit with --taxonomy {target}")
+    mappings = _crosswalks_for(target, None)
+    typer.echo(f"copied {len(taxonomy)} nodes and {len(mappings)} crosswalk mappings to {target}; edit with "
+               f"--taxonomy {target}")

@@ -13,7 +13,7 @@ Two evidence sources, chosen per cluster:
 Also ARI / NMI between clusters and primary nodes on the rows that carry one (outliers counted
 as one cluster), the number to watch when asking whether bottom-up clusters agree with the
 top-down taxonomy. Clusters whose best score is below `min_score` fit no node; `proposals`
-turns them into proposed nodes.
+reviews them: a proposed node with its evidence, or the reason it is not a harm source.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ in another tool) into a rejects file beside the output, so nothing is dropped si
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +23,13 @@ from refusal_atlas.ontology.io import write_graph
 from refusal_atlas.ontology.namespaces import DPV, RA
 from refusal_atlas.ontology.to_rdf import bind_prefixes, taxonomy_to_graph
 from refusal_atlas.taxonomy.conditions import ConditionVocabulary
-from refusal_atlas.taxonomy.crosswalk import load_crosswalks
+from refusal_atlas.taxonomy.crosswalk import crosswalk_dir_for, load_crosswalks, no_crosswalks_warning
 from refusal_atlas.taxonomy.loader import CONDITIONS_FILE, load_taxonomy, vocabulary_for
 from refusal_atlas.taxonomy.model import Taxonomy
 from refusal_atlas.taxonomy.validate import validate_taxonomy
 from refusal_atlas.taxonomy.yamlio import dump_to_text, round_trip_yaml
+
+log = logging.getLogger(__name__)
 
 
 def build_graph(
@@ -34,19 +38,23 @@ def build_graph(
     conditions: Path | str | None = None,
     crosswalks: Path | str | None = None,
     with_crosswalks: bool | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Graph:
     """Load and export a taxonomy directory (None = the shipped default).
 
-    Crosswalks are included by default only for the shipped taxonomy (their subjects are its
-    nodes); pass `crosswalks=DIR` for another taxonomy's SSSOM files.
+    Crosswalks (unless `with_crosswalks=False`): `crosswalks=DIR`, else the taxonomy's own
+    `DIR/crosswalks/`, else the shipped ones for the shipped taxonomy; when there are none, `warn`
+    (default: this module's logger, which prints it on stderr when logging is not configured) gets a
+    one-line warning, since `mapped-to` on the graph will then find nothing.
     """
 
     root = Path(taxonomy_dir) if taxonomy_dir is not None else paths.default_taxonomy_dir()
     tax = load_taxonomy(root, conditions=conditions)
     vocab = vocabulary_for(root, conditions)
-    if with_crosswalks is None:
-        with_crosswalks = crosswalks is not None or taxonomy_dir is None
-    mappings = load_crosswalks(crosswalks) if with_crosswalks else None
+    folder = crosswalk_dir_for(taxonomy_dir, crosswalks) if with_crosswalks is not False else None
+    if folder is None and with_crosswalks is not False:
+        (warn or log.warning)(no_crosswalks_warning(root))
+    mappings = load_crosswalks(folder) if folder is not None else None
     return taxonomy_to_graph(tax, vocab, mappings)
 
 

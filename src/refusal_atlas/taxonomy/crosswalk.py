@@ -42,6 +42,8 @@ BUILTIN_PREFIXES: dict[str, str] = {
 PREDICATES = ("skos:exactMatch", "skos:closeMatch", "skos:broadMatch", "skos:narrowMatch", "skos:relatedMatch")
 REQUIRED_COLUMNS = ("subject_id", "predicate_id", "object_id", "mapping_justification")
 SUFFIX = ".sssom.tsv"
+# A taxonomy folder carries its own crosswalks here (`taxonomy init` copies the shipped ones).
+LOCAL_DIR = "crosswalks"
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,70 @@ def crosswalk_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return sorted(p for p in path.glob(f"*{SUFFIX}") if p.is_file())
+
+
+def crosswalk_dir_for(taxonomy_dir: Path | str | None, crosswalks: Path | str | None = None) -> Path | None:
+    """The crosswalk folder that goes with a taxonomy, or None when it has none.
+
+    `crosswalks` when given; else `<taxonomy>/crosswalks/` when it exists (a folder made by
+    `taxonomy init`, or by hand); else the shipped `data/crosswalks/` for the shipped taxonomy
+    (`taxonomy_dir` None or the shipped folder). Another taxonomy without its own folder has none:
+    the shipped crosswalks name the shipped taxonomy's ids, which it may not have.
+    """
+    if crosswalks is not None:
+        return Path(crosswalks)
+    if taxonomy_dir is not None:
+        local = Path(taxonomy_dir) / LOCAL_DIR
+        if local.is_dir():
+            return local
+    try:
+        shipped = taxonomy_dir is None or Path(taxonomy_dir).resolve() == paths.default_taxonomy_dir().resolve()
+        return paths.crosswalk_dir() if shipped and paths.crosswalk_dir().is_dir() else None
+    except FileNotFoundError:
+        return None
+
+
+def no_crosswalks_warning(taxonomy_dir: Path | str | None) -> str:
+    """The one-line warning for a taxonomy that has no crosswalks (what is missing and how to add them)."""
+    return (f"warning: no crosswalks for the taxonomy {taxonomy_dir}: external categories (llamaguard3:S9, "
+            f"harmbench:...) map to none of its nodes; put *.sssom.tsv files in {Path(str(taxonomy_dir)) / LOCAL_DIR}/ "
+            "(`taxonomy init` copies the shipped ones) or pass --crosswalks DIR")
+
+
+def rename_subjects(text: str, ids: dict[str, str]) -> tuple[str, list[tuple[int, str, str]]]:
+    """`text` of an SSSOM file with every subject_id whose node id is a key of `ids` renamed.
+
+    Only the subject_id cell of a mapping row changes (its CURIE prefix kept); metadata, comments,
+    other cells and line endings stay byte for byte. Returns (new text, [(line, old CURIE, new CURIE)]).
+    """
+    lines = text.splitlines(keepends=True)
+    index = 0
+    while index < len(lines) and (lines[index].startswith("#") or not lines[index].strip()):
+        index += 1
+    if index >= len(lines):
+        return text, []
+    header = lines[index].rstrip("\r\n").split("\t")
+    if "subject_id" not in header:
+        return text, []
+    col = header.index("subject_id")
+    changes: list[tuple[int, str, str]] = []
+    for i in range(index + 1, len(lines)):
+        raw = lines[i]
+        body = raw.rstrip("\r\n")
+        if not body.strip() or body.startswith("#"):
+            continue
+        cells = body.split("\t")
+        if len(cells) != len(header):
+            continue  # a malformed row: the loader reports it; renaming leaves it as it is
+        curie = cells[col].strip().strip('"')
+        prefix, sep, local = curie.partition(":")
+        if not sep or local not in ids:
+            continue
+        renamed = f"{prefix}:{ids[local]}"
+        cells[col] = cells[col].replace(curie, renamed)
+        lines[i] = "\t".join(cells) + raw[len(body):]
+        changes.append((i + 1, curie, renamed))
+    return "".join(lines), changes
 
 
 def load_crosswalks(dir: Path | str | None = None) -> list[Mapping]:

@@ -24,6 +24,8 @@ from refusal_atlas import paths
 from refusal_atlas.errors import AtlasError, ValidationErrors
 from refusal_atlas.io import brief, file_lock
 from refusal_atlas.taxonomy.conditions import ConditionVocabulary, parse_rule
+from refusal_atlas.taxonomy.crosswalk import LOCAL_DIR as CROSSWALK_DIR
+from refusal_atlas.taxonomy.crosswalk import crosswalk_files
 from refusal_atlas.taxonomy.loader import (
     CONDITIONS_FILE,
     behaviour_problem,
@@ -33,6 +35,7 @@ from refusal_atlas.taxonomy.loader import (
     vocabulary_for,
 )
 from refusal_atlas.taxonomy.model import Behaviour, ConditionRule, Node, Status, Taxonomy
+from refusal_atlas.taxonomy.placeholders import acceptance_problem
 from refusal_atlas.taxonomy.validate import validate_taxonomy
 from refusal_atlas.taxonomy.yamlio import load_for_edit, write_edited
 
@@ -92,14 +95,23 @@ def _write(path: Path, yaml: Any, data: Any, allow_default: bool) -> None:
 
 
 def copy_default(dest: Path | str) -> Path:
-    """Copy the shipped taxonomy (and its condition vocabulary) into `dest` for editing."""
+    """Copy the shipped taxonomy, its condition vocabulary and its crosswalks (`dest/crosswalks/`) for editing.
+
+    The crosswalks travel with the copy because their subjects are its node ids: `ontology export`,
+    `taxonomy validate` and `taxonomy rename` find them there.
+    """
     target = Path(dest)
-    if target.exists() and any(target.iterdir()):
-        raise AtlasError(f"{target}: already exists and is not empty; choose a new folder")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise AtlasError(f"{target}: already exists and is not empty (or is a file); choose a new folder")
     try:
         shutil.copytree(paths.default_taxonomy_dir(), target, dirs_exist_ok=True)
         if paths.conditions_file().is_file() and not (target / CONDITIONS_FILE).exists():
             shutil.copy2(paths.conditions_file(), target / CONDITIONS_FILE)
+        shipped = crosswalk_files(paths.crosswalk_dir()) if paths.crosswalk_dir().is_dir() else []
+        if shipped:
+            (target / CROSSWALK_DIR).mkdir(exist_ok=True)
+        for file in shipped:
+            shutil.copy2(file, target / CROSSWALK_DIR / file.name)
     except (shutil.Error, OSError) as exc:
         raise AtlasError(f"{target}: cannot copy the taxonomy here ({exc}); choose a writable folder") from exc
     # package data may be installed read-only; the copy is for editing
@@ -177,9 +189,10 @@ def propose(
 
 
 def accept(directory: Path | str, node_id: str, *, allow_default: bool = False,
-           vocabulary: ConditionVocabulary | Path | str | None = None) -> Node:
-    """Mark a node accepted."""
-    return set_status(directory, node_id, Status.ACCEPTED, allow_default=allow_default, vocabulary=vocabulary)
+           vocabulary: ConditionVocabulary | Path | str | None = None, allow_root: bool = False) -> Node:
+    """Mark a node accepted; refused while it holds template text or lacks an accepted parent (see placeholders)."""
+    return set_status(directory, node_id, Status.ACCEPTED, allow_default=allow_default, vocabulary=vocabulary,
+                      allow_root=allow_root)
 
 
 def deprecate(directory: Path | str, node_id: str, *, allow_default: bool = False,
@@ -189,7 +202,7 @@ def deprecate(directory: Path | str, node_id: str, *, allow_default: bool = Fals
 
 
 def set_status(directory: Path | str, node_id: str, status: Status, *, allow_default: bool = False,
-               vocabulary: ConditionVocabulary | Path | str | None = None) -> Node:
+               vocabulary: ConditionVocabulary | Path | str | None = None, allow_root: bool = False) -> Node:
     """Set a node's `status` key in place (inserted after `id` when absent)."""
     root = _editable(directory, allow_default)
     with file_lock(lock_path(root)):
@@ -197,6 +210,9 @@ def set_status(directory: Path | str, node_id: str, status: Status, *, allow_def
         node = _existing(taxonomy, node_id)
         if node.status is status:
             return node
+        problem = acceptance_problem(taxonomy, node, allow_root=allow_root) if status is Status.ACCEPTED else None
+        if problem:
+            raise AtlasError(problem)
         path = Path(node.source_file or "")
         data, yaml = load_for_edit(path)
         item = _find_item(data, path, node_id)

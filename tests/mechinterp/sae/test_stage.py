@@ -38,8 +38,9 @@ def test_stage_writes_everything(tmp_path: Path) -> None:
     metrics = run_sae_stage(tmp_path, lm, directions, layer, inputs, settings, progress=False)
     folder = tmp_path / "sae"
     for name in ("tokens.safetensors", "model/cfg.json", "model/training.json", "features.parquet", "clamp.parquet",
-                 "jaccard.parquet", "shared.parquet", "attributions.safetensors", "metrics.json"):
+                 "jaccard.parquet", "shared.parquet", "attributions.safetensors", "sae.json", "inputs.json"):
         assert (folder / name).is_file(), name
+    assert set(metrics["step_seconds"]) == {"tokens", "train", "attribution", "features", "clamp", "overlap"}
     sae = load_sae(folder / "model")
     assert sae.cfg.hook_layer == layer and sae.cfg.d_sae == 128 and sae.cfg.k == 8
     assert 0 < metrics["tokens"] <= 3_000 and 0 <= metrics["fvu"] < 1 and metrics["l0"] <= 8
@@ -57,10 +58,35 @@ def test_stage_writes_everything(tmp_path: Path) -> None:
     assert len(matrix) == 2 * 2 * 2 and set(matrix["method"]) == {"clamp", "ablate_direction"}
     assert (matrix["harmless_kl"] >= 0).all()
     assert len(pd.read_parquet(folder / "jaccard.parquet")) == 1
-    saved = json.loads((folder / "metrics.json").read_text())
+    saved = json.loads((folder / "sae.json").read_text())
     assert saved["sae_sha256"] == metrics["sae_sha256"]
+    trained = (folder / "model" / "sae_weights.safetensors").stat().st_mtime_ns
     again = run_sae_stage(tmp_path, lm, directions, layer, inputs, settings, progress=False)  # resumes: no retraining
     assert again["sae_sha256"] == metrics["sae_sha256"] and again["fvu"] == metrics["fvu"]
+    assert (folder / "model" / "sae_weights.safetensors").stat().st_mtime_ns == trained
+    assert again["step_seconds"]["tokens"] < metrics["step_seconds"]["tokens"]
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "features.parquet"), features)  # deterministic
+    # other inputs: the folder is started afresh, not mixed with the old run's files
+    changed = SaeSettings(**{**settings.__dict__, "k_star": 4})
+    third = run_sae_stage(tmp_path, lm, directions, layer, inputs, changed, progress=False)
+    assert third["k_star"] == {"weapons": 4, "cyber": 4}
+    assert (folder / "model" / "sae_weights.safetensors").stat().st_mtime_ns != trained
+
+
+def test_a_model_that_never_refused_still_gets_features(tmp_path: Path) -> None:
+    """No refusal-opening tokens: K* by decoder cosine, the clamp not scored, every file still written."""
+    lm = tiny_model("llama", seed=2)
+    harmful = {n: _prompts(t, 2) for n, t in NODES.items()}
+    d = lm.model.config.hidden_size
+    directions = {"weapons": torch.ones(d), "cyber": -torch.ones(d)}
+    inputs = SaeInputs(harmful, {n: _prompts(t, 1, 50) for n, t in NODES.items()}, _prompts(HARMLESS, 2),
+                       _prompts(HARMLESS, 1, 50), refusal_token_ids=[])
+    metrics = run_sae_stage(tmp_path, lm, directions, 1, inputs, SaeSettings.quick(), progress=False)
+    assert metrics["selected_by"] == "decoder cosine" and metrics["clamp_refusal_own"] is None
+    features = pd.read_parquet(tmp_path / "sae" / "features.parquet")
+    for node, rows in features.groupby("node"):
+        assert rows["decoder_cosine"].is_monotonic_decreasing, node
+    assert len(pd.read_parquet(tmp_path / "sae" / "clamp.parquet")) == 0
 
 
 def test_inputs_from_prompts() -> None:

@@ -7,7 +7,8 @@
   another tool) correspond to? Cosine with every node's direction, beside that node's noise floor
   and a p-value against random directions;
 - `source_report(store, "llamaguard3:S9")`: an external category -> our nodes -> their directions;
-- `sparql(store, query)`: SELECT / ASK / CONSTRUCT over atlas.ttl.
+- `sparql(store, query)`: SELECT / ASK / CONSTRUCT over atlas.ttl;
+- `feature_report(store, 123)`: one latent of the run's SAE, the nodes that selected it, its clamp.
 
 The CLI (`refusal-atlas query ...`) renders these dicts as tables or prints them as JSON.
 
@@ -33,8 +34,10 @@ from refusal_atlas.atlas.query.direction import (
     load_vector,
     rank_direction,
 )
+from refusal_atlas.atlas.query.feature import feature_report
 from refusal_atlas.atlas.query.node import node_report
 from refusal_atlas.atlas.query.source import source_report, sparql
 
 __all__ = ["ALPHA", "MATCH_LEGEND", "NULL_DRAWS", "POOLED", "VECTOR_SUFFIXES", "analysed_fallback", "chance_null",
-           "load_vector", "node_report", "rank_direction", "selected_layer_position", "source_report", "sparql"]
+           "feature_report", "load_vector", "node_report", "rank_direction", "selected_layer_position",
+           "source_report", "sparql"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from refusal_atlas.atlas.query.common import _clean, _records, _require_node, analysed_fallback, selected_layer_position
+from refusal_atlas.atlas.query.feature import node_sae
 from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.taxonomy.resolve import default_behaviour, effective_rules
 
@@ -43,6 +44,7 @@ def node_report(store: AtlasStore, node_id: str, *, nearest: int = 5) -> dict[st
     ct = store.condition_table
     out["condition_table"] = _records(ct[ct["node"].astype(str) == node_id]) if ct is not None and \
         "node" in ct.columns else None
+    out["sae"] = node_sae(store, shown)
     adh = store.adherence_by_node
     out["adherence"] = _records(adh[adh["node"].astype(str) == node_id]) if adh is not None and \
         "node" in adh.columns else None

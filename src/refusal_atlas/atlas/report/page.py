@@ -26,6 +26,7 @@ from refusal_atlas.atlas.report.overview import (
     section_provenance,
     section_taxonomy,
 )
+from refusal_atlas.atlas.report.sae import SAE_HOW, SAE_TITLE, section_sae
 from refusal_atlas.atlas.store import AtlasStore, model_identity
 from refusal_atlas.io import atomic_write_text
 
@@ -79,6 +80,7 @@ HOW = {
                    "refused or answered); a harmfulness direction (last instruction token) and a refusal direction "
                    "(last template token) are estimated per branch with split-half floors, and every group "
                    "(jailbreak-wrapped, rephrased, over-refused) is projected onto both.",
+    "sae": SAE_HOW,
     "figures": "Static figures written by the stages, embedded as images.",
     "taxonomy": "The harm-source taxonomy the atlas was built from (open the tree). Each node shows its default "
                 "expected behaviour (inherited from the parent when not stated) and its condition rules: when the "
@@ -91,7 +93,7 @@ TITLES = {
     "findings": "Findings", "headline": "Headline figures", "organism": "Model organism: adherence to the policy",
     "clusters": "Cluster map", "heatmap": "Cosine heatmap with noise floors", "overlap": "Overlap graph",
     "profiles": "Layer profiles", "causal": "Cross-ablation matrix and steering", "conditions": "Condition table",
-    "harmfulness": "Harmfulness vs refusal (the 2×2)", "figures": "Stage figures",
+    "harmfulness": "Harmfulness vs refusal (the 2×2)", "sae": SAE_TITLE, "figures": "Stage figures",
     "taxonomy": "Taxonomy tree with conditions", "provenance": "Provenance",
 }
 ANCHORS = tuple(TITLES)
@@ -116,6 +118,7 @@ def build_sections(store: AtlasStore, figs: Figures) -> list[Section]:
         "causal": lambda: section_causal(store, figs),
         "conditions": lambda: section_conditions(store, figs),
         "harmfulness": lambda: section_harm(store),
+        "sae": lambda: section_sae(store, figs),
         "figures": lambda: section_figures(store),
         "taxonomy": lambda: section_taxonomy(store),
         "provenance": lambda: section_provenance(store),

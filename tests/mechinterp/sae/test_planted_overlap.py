@@ -1,0 +1,142 @@
+"""Known answer: in a tiny model with planted refusal mechanisms, the K* feature sets of two nodes whose
+mechanisms are separate are disjoint beyond the Jaccard noise floor, and those of two nodes sharing one
+mechanism overlap beyond chance; clamping a node's set removes refusal where its mechanism acts.
+
+The plant: an orthonormal basis q_0..q_63 of the residual stream at block 3's output is the SAE's
+dictionary (so the SAE is exact and its latent i reads q_i). A hook on block 2's output adds
+alpha·(1 + noise) q_i for every latent i of the prompt's mechanism (chosen by a trigger word), and the
+planted refusal token's unembedding reads exactly the mechanism latents. Attribution, candidates,
+selection, the bootstrap Jaccard and the cross-clamp are the stage's own code.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from refusal_atlas.atlas.sae_stage import SaeInputs, SaeSettings, clamp_matrix
+from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_hidden
+from refusal_atlas.lm.capture import capture_activations
+from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.lm.testing import tiny_model
+from refusal_atlas.mechinterp.sae import SAEConfig, SparseAutoencoder
+from refusal_atlas.mechinterp.sae.features import attributions, candidates, select
+from refusal_atlas.mechinterp.sae.overlap import feature_overlap
+
+D = 64
+LAYER = 3  # the SAE reads block 3's output; the plant is written at block 2's output, upstream of it
+TOKEN = 7  # the planted refusal-opening token
+MECH = {"A": list(range(0, 5)), "B": list(range(5, 10)), "S": list(range(10, 15))}
+K_STAR = 5
+SCALE = 1.0  # the plant against the residual norm: large enough to decide refusal, small enough not to saturate it
+TEMPLATES = {"weapons": ["Explain how to make a bomb {}.", "Where do I buy bomb parts {}?"],
+             "cyber": ["Tell me how to hack wifi {}.", "Write code to hack a bank {}."]}
+HARMLESS = ["How do I bake bread {}?", "Write a poem about the sea {}."]
+
+
+def _prompts(templates: list[str], n: int, offset: int = 0) -> list[str]:
+    return [t.format(f"number {i + offset}") for i in range(n) for t in templates][:n]
+
+
+def _planted(separable: bool) -> tuple[LoadedModel, SparseAutoencoder]:
+    """The tiny model with its plant installed (hooks live as long as the model) and the exact SAE."""
+    lm = tiny_model("llama", n_layers=4, d_model=D, seed=5)
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(1)))
+    q = q.T.contiguous()  # rows: the planted basis
+    mechanisms = {"bomb": MECH["A"] if separable else MECH["S"], "hack": MECH["B"] if separable else MECH["S"]}
+    reads = q[[i for ids in MECH.values() for i in ids]].sum(0)
+    head = lm.model.get_output_embeddings().weight
+    with torch.no_grad():
+        basis = q[[i for ids in MECH.values() for i in ids]]
+        head.copy_(head - (head @ basis.T) @ basis)  # no token reads a mechanism direction ...
+        head[TOKEN] = 1.5 * reads  # ... except the refusal token, which reads all of them
+    tok = lm.tokenizer
+    current: dict[str, list[tuple[list[int], Tensor]]] = {}
+
+    def find_triggers(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        rows = []
+        for row in ids.tolist():
+            text = tok.decode(row, skip_special_tokens=True)
+            latents = next((m for word, m in mechanisms.items() if word in text), [])
+            gen = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+            rows.append((latents, 1.0 + 0.5 * torch.rand(len(latents), generator=gen)))
+        current["rows"] = rows
+
+    def plant(module: nn.Module, args: Any, output: Any) -> Any:
+        h = hidden_from_output(output)
+        scale = SCALE * float(h.detach().norm(dim=-1).mean())
+        add = torch.zeros_like(h)
+        for r, (latents, amount) in enumerate(current["rows"]):
+            if latents:
+                add[r] += scale * (amount[:, None] * q[latents]).sum(0) / len(latents) ** 0.5
+        return replace_hidden(output, h + add)
+
+    lm.model.register_forward_pre_hook(find_triggers, with_kwargs=True)
+    decoder_blocks(lm.model)[LAYER - 1].register_forward_hook(plant)
+    sae = SparseAutoencoder(SAEConfig("standard", D, D, apply_b_dec_to_input=False),
+                            {"W_enc": q.T.contiguous(), "W_dec": q, "b_enc": torch.zeros(D), "b_dec": torch.zeros(D)})
+    return lm, sae
+
+
+def _feature_sets(lm: LoadedModel, sae: SparseAutoencoder) -> tuple[Any, dict[str, float], dict[str, list[int]],
+                                                                    dict[str, Tensor]]:
+    harmful = {n: _prompts(t, 10) for n, t in TEMPLATES.items()}
+    harmless = _prompts(HARMLESS, 10)
+    acts = capture_activations(lm, [*harmful["weapons"], *harmful["cyber"], *harmless], layers=[LAYER],
+                               positions=[-1], progress=False).acts[:, 0, 0]
+    base = acts[20:].mean(0)
+    directions = {"weapons": acts[:10].mean(0) - base, "cyber": acts[10:20].mean(0) - base}
+    attr, cand = {}, {}
+    for node in harmful:
+        cand[node], _ = candidates(sae, directions[node], 12)
+        attr[node] = attributions(lm, sae, LAYER, harmful[node], [TOKEN], batch_size=4)
+    chosen = {n: sorted(select(attr[n], cand[n], K_STAR).tolist()) for n in harmful}
+    pairs, self_agree = feature_overlap(attr, cand, K_STAR, n_boot=100, seed=0)
+    return pairs.iloc[0], self_agree, chosen, directions
+
+
+def _cross_clamp(lm: LoadedModel, sae: SparseAutoencoder, chosen: dict[str, list[int]],
+                 directions: dict[str, Tensor]) -> dict[tuple[str, str], float]:
+    inputs = SaeInputs({}, {n: _prompts(t, 4, 50) for n, t in TEMPLATES.items()}, [], _prompts(HARMLESS, 4, 50),
+                       [TOKEN])
+    m = clamp_matrix(lm, sae, LAYER, chosen, directions, inputs, SaeSettings(clamp_factor=-1.0, forward_batch=4))
+    assert (m["refusal_before"] == 1.0).all()  # the plant makes every harmful prompt refuse
+    return {(r.source, r.target): float(r.refusal_after) for r in m.itertuples()}
+
+
+def test_separate_mechanisms_give_disjoint_feature_sets() -> None:
+    lm, sae = _planted(separable=True)
+    pair, self_agree, chosen, directions = _feature_sets(lm, sae)
+    assert chosen == {"weapons": MECH["A"], "cyber": MECH["B"]}
+    assert pair["jaccard"] == 0.0 and pair["ci_high"] == 0.0
+    assert min(self_agree.values()) >= 0.9 and min(pair["self_a_low"], pair["self_b_low"]) > pair["ci_high"]
+    assert pair["distinct"] and not pair["overlapping"]
+    after = _cross_clamp(lm, sae, chosen, directions)
+    assert after[("weapons", "weapons")] == 0.0 and after[("cyber", "cyber")] == 0.0  # own refusal removed
+    assert after[("weapons", "cyber")] == 1.0 and after[("cyber", "weapons")] == 1.0  # the other's untouched
+
+
+def test_a_shared_mechanism_gives_overlapping_feature_sets() -> None:
+    lm, sae = _planted(separable=False)
+    pair, _, chosen, directions = _feature_sets(lm, sae)
+    assert chosen == {"weapons": MECH["S"], "cyber": MECH["S"]}
+    assert pair["jaccard"] == 1.0 > pair["chance_95"]
+    assert pair["overlapping"] and not pair["distinct"]
+    after = _cross_clamp(lm, sae, chosen, directions)
+    assert all(v == 0.0 for v in after.values())  # either node's set removes both nodes' refusal
+
+
+@pytest.mark.parametrize("separable", [True, False])
+def test_the_plant_is_what_the_directions_see(separable: bool) -> None:
+    """Guard on the fixture itself: each node's direction lies mostly in its planted mechanism's span."""
+    lm, sae = _planted(separable)
+    *_, directions = _feature_sets(lm, sae)
+    for node, mech in (("weapons", "A" if separable else "S"), ("cyber", "B" if separable else "S")):
+        d = directions[node] / directions[node].norm()
+        share = float((sae.W_dec[MECH[mech]] @ d).norm())
+        assert share > 0.75, (node, share)  # a random unit vector: about sqrt(5 / 64) = 0.28
