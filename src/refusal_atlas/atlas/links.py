@@ -35,6 +35,7 @@ from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.sae_links import add_sae_features
 from refusal_atlas.atlas.store import AtlasStore, model_identity
 from refusal_atlas.atlas.store_directions import BRANCH_SET, TREE_SET
+from refusal_atlas.atlas.store_read import portable_model
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256, text_sha256
 from refusal_atlas.lm.positions import position_label
@@ -147,18 +148,6 @@ def _add_clusters(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, base:
             value = _num(score)
             if rank == 0 and score_term is not None and value is not None:
                 graph.add((subject, score_term, value))
-
-
-def portable_model(model: str, root: Path) -> str:
-    """The model as the graph names it: a folder inside the atlas as a path relative to the atlas (so the
-    graph does not carry this machine's paths), any other local path by its last two parts, a hub id as is."""
-    path = Path(model)
-    if not path.is_absolute():
-        return model
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return "/".join(path.parts[-2:])
 
 
 def _add_directions(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, base: str, atlas: URIRef,

@@ -28,6 +28,7 @@ from refusal_atlas.atlas.report.overview import (
 )
 from refusal_atlas.atlas.report.sae import SAE_HOW, SAE_TITLE, section_sae
 from refusal_atlas.atlas.store import AtlasStore, model_identity
+from refusal_atlas.atlas.store_read import portable_model
 from refusal_atlas.io import atomic_write_text
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -134,6 +135,7 @@ def render_html(store: AtlasStore) -> str:
     boot = (TEMPLATES / "report.js").read_text(encoding="utf-8")
     model = model_identity(store.directions_meta, store.manifest)[0] if store.directions_meta else \
         str(store.manifest.get("model") or "unknown model")
+    model = portable_model(model, store.root)  # the organism as organism/model, not this machine's path
     created = store.manifest.get("created_at") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     nav = "".join(f"<a href='#{a}'>{esc(t)}</a>" for a, t, _, _ in sections)
     body = "".join(
