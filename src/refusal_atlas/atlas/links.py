@@ -112,6 +112,7 @@ def build_atlas_graph(
     _add_overlap(graph, store, tax, ns, base, atlas)
     _add_findings(graph, store, base, atlas)
     add_sae_features(graph, store, tax, ns, base, atlas)
+    _portable_models(graph, store.root)
     return graph
 
 
@@ -235,6 +236,14 @@ def _add_selection(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, base
         graph.add((candidate, PROV.wasGeneratedBy, atlas))
         if row.get("selected") in (True, 1):
             graph.add((atlas, RA.selectedDirection, pooled[(layer, pos)]))
+
+
+def _portable_models(graph: Graph, root: Path) -> None:
+    """Every `ra:model` of the graph as `portable_model` writes it, whichever builder added it."""
+    for subject, value in list(graph.subject_objects(RA.model)):
+        portable = portable_model(str(value), root)
+        if portable != str(value):
+            graph.set((subject, RA.model, Literal(portable)))
 
 
 def _add_overlap(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, base: str, atlas: URIRef) -> None:
