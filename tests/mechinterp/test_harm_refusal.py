@@ -9,18 +9,14 @@ position and R at the template position and call them separate; with H = R it mu
 
 from __future__ import annotations
 
-import random
-import zlib
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_hidden
 from refusal_atlas.lm.capture import capture_activations
 from refusal_atlas.lm.models import LoadedModel
-from refusal_atlas.lm.positions import LAST_INSTRUCTION, post_instruction_positions
+from refusal_atlas.lm.positions import LAST_INSTRUCTION
 from refusal_atlas.lm.testing import tiny_model
 from refusal_atlas.mechinterp.harm_refusal import (
     ALL,
@@ -31,80 +27,14 @@ from refusal_atlas.mechinterp.harm_refusal import (
     projection_rows,
 )
 from refusal_atlas.mechinterp.harm_refusal_causal import causal_checks, judgement_logodds, yes_no_tokens
+from refusal_atlas.mechinterp.harm_refusal_known import (
+    Planted,
+    known_answer_checks,
+    make_prompts,
+    planted_geometry,
+    planted_vectors,
+)
 from refusal_atlas.mechinterp.harm_refusal_verdict import RULE_NAME, causal_call, geometry_call, node_verdict
-
-HARM_WORD, REFUSE_WORD = " gun", " wifi"
-SIGMA = 0.6  # per-coordinate noise: ~4.8 per prompt against planted vectors of norm 6
-FILLERS = ("bread", "sea", "poem", "recipe", "capital", "novel", "plot", "water", "salt", "home", "simple",
-           "sky", "flour", "yeast", "three", "sentences", "France", "Paris", "summarise", "explain")
-
-
-def make_prompts(n_per_cell: int, seed: int = 0) -> pd.DataFrame:
-    rng = random.Random(seed)
-    rows = []
-    for harmful in (True, False):
-        for refused in (True, False):
-            for _ in range(n_per_cell):
-                words = rng.sample(FILLERS, 5)
-                if harmful:
-                    words.insert(rng.randrange(1, 4), HARM_WORD.strip())
-                if refused:
-                    words.insert(rng.randrange(1, 4), REFUSE_WORD.strip())
-                rows.append({"prompt": "Tell me about " + " ".join(words) + " please",
-                             "harmful": harmful, "refused": refused,
-                             "analysis_node": "weapons" if harmful else ""})
-    return pd.DataFrame(rows)
-
-
-class Planted:
-    """Hooks adding H / R at their positions where their trigger token occurs (installed as a context)."""
-
-    def __init__(self, lm: LoadedModel, h: torch.Tensor, r: torch.Tensor) -> None:
-        tok = lm.tokenizer
-        self.harm_id = tok(HARM_WORD, add_special_tokens=False)["input_ids"][0]
-        self.refuse_id = tok(REFUSE_WORD, add_special_tokens=False)["input_ids"][0]
-        self.lm, self.h, self.r = lm, h, r
-        self.last_instruction = post_instruction_positions(lm)[0] - 1
-        self.ids: torch.Tensor | None = None
-
-    def noise(self, ids: torch.Tensor) -> torch.Tensor:
-        """Per-prompt Gaussian noise [B, 2, d], seeded by the prompt's own tokens (padding dropped), so the
-        directions have a real noise floor and a prompt gets the same noise in any batch."""
-        pad = self.lm.tokenizer.pad_token_id
-        out = []
-        for row in ids:
-            seed = zlib.crc32(str(row[row != pad].tolist()).encode())
-            out.append(torch.randn(2, self.h.shape[0], generator=torch.Generator().manual_seed(seed)))
-        return SIGMA * torch.stack(out)
-
-    def __enter__(self) -> Planted:
-        def stash(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            self.ids = kwargs.get("input_ids", args[0] if args else None)
-
-        def plant(module: torch.nn.Module, args: tuple, output: object) -> object:
-            hidden = hidden_from_output(output).clone()
-            if self.ids is None or self.ids.shape[1] < -self.last_instruction:
-                return output
-            harm = (self.ids == self.harm_id).any(1)
-            refuse = (self.ids == self.refuse_id).any(1)
-            hidden[harm, self.last_instruction] += self.h
-            hidden[refuse, -1] += self.r
-            hidden[:, [self.last_instruction, -1]] += self.noise(self.ids)
-            return replace_hidden(output, hidden)
-
-        self.handles = [self.lm.model.register_forward_pre_hook(stash, with_kwargs=True),
-                        decoder_blocks(self.lm.model)[0].register_forward_hook(plant, prepend=True)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def planted_vectors(d: int, same: bool, norm: float = 6.0) -> tuple[torch.Tensor, torch.Tensor]:
-    q, _ = torch.linalg.qr(torch.randn(d, 2, generator=torch.Generator().manual_seed(3)))
-    h = norm * q[:, 0]
-    return h, (h.clone() if same else norm * q[:, 1])
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +43,11 @@ def lm() -> LoadedModel:
 
 
 def analyse(lm: LoadedModel, same: bool) -> tuple[dict, torch.Tensor, torch.Tensor, pd.DataFrame, object]:
-    table = make_prompts(12)
+    geom, planted, table, acts = planted_geometry(lm, same)
     # the triggers must occur exactly where planted: no filler may share their first token
     ids = [lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in table["prompt"]]
-    planted = Planted(lm, *planted_vectors(lm.d_model, same))
     assert [planted.harm_id in x for x in ids] == table["harmful"].tolist()
     assert [planted.refuse_id in x for x in ids] == table["refused"].tolist()
-    with planted:
-        acts = capture_activations(lm, table["prompt"].tolist(), positions=[LAST_INSTRUCTION, -1], progress=False)
-    geom = harm_refusal_geometry(acts, table["analysis_node"].tolist(), table["harmful"].tolist(),
-                                 table["refused"].tolist(), n_splits=30, n_boot=100, seed=0)
     return geom, planted.h, planted.r, table, acts
 
 
@@ -217,3 +142,9 @@ def test_causal_checks_run_on_tiny_model(lm: LoadedModel) -> None:
     yes, no = yes_no_tokens(lm)
     lp = torch.log_softmax(torch.zeros(2, len(lm.tokenizer)), dim=-1)
     assert np.allclose(judgement_logodds(lp, yes, no), np.log(len(yes) / len(no)))
+
+
+def test_known_answer_checks_for_validation(lm: LoadedModel) -> None:
+    checks = known_answer_checks(lm)
+    assert [(c["planted"], c["verdict"]) for c in checks] == [("separate", "separate"), ("entangled", "entangled")]
+    assert all(c["agrees"] and c["rule"] == RULE_NAME and c["question"] == "harm-vs-refusal" for c in checks)

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from refusal_atlas.atlas import pipeline_causal, pipeline_cluster, schema
+from refusal_atlas.atlas.harm_stage import HARM_VERSION
 from refusal_atlas.atlas.links import write_atlas_ttl
 from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
 from refusal_atlas.atlas.pipeline_findings import stage_harm, stage_verdicts
@@ -425,7 +426,7 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("sae", lambda c, ctx: stage_sae(c, ctx, load_analysed_model(c, ctx)),
         ("causal", "collect", "directions", "prompts"), out["sae"], **sae_params(cfg), **model_key)
     add("harm", lambda c, ctx: stage_harm(c, ctx, load_analysed_model(c, ctx)), ("detect", "directions"),
-        out["harm"], rule=HARM_RULE, **model_key)
+        out["harm"], rule=HARM_RULE, version=HARM_VERSION, **model_key)
     add("verdicts", stage_verdicts, ("directions", "overlap", "causal", "harm"), out["verdicts"])
     add("atlas", stage_atlas, ("ontology", "detect", "cluster", "tree", "overlap", "causal", "verdicts", "sae"),
         out["atlas"])

@@ -14,8 +14,9 @@ import pandas as pd
 
 from refusal_atlas import paths
 from refusal_atlas.atlas import schema
+from refusal_atlas.atlas.harm_rows import direction_capture
 from refusal_atlas.atlas.harm_stage import HarmSettings, harm_table, run_harm_stage
-from refusal_atlas.atlas.runconfig import RunConfig, evaluation_rows, model_prompts, run_taxonomy
+from refusal_atlas.atlas.runconfig import RunConfig, evaluation_rows, model_prompts, organism_trained, run_taxonomy
 from refusal_atlas.atlas.stages import StageContext
 from refusal_atlas.atlas.verdicts import load_trusted_rules, write_findings
 from refusal_atlas.lm.models import LoadedModel
@@ -33,7 +34,9 @@ def stage_harm(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, 
     corpus = pd.read_parquet(ctx.out / schema.CORPUS.path)
     table = harm_table(corpus, evaluation_rows(model_prompts(ctx.out, cfg), ctx.out), seed=cfg.seed)
     settings = HarmSettings.quick() if cfg.quick else HarmSettings()
-    return run_harm_stage(ctx.out, lm, table, run_taxonomy(cfg), cfg.seed, settings=settings,
+    # the directions stage's prompts join the harm table with the activations it captured (no second pass)
+    reuse = direction_capture(ctx.out, lm, exclude=organism_trained(ctx.out))
+    return run_harm_stage(ctx.out, lm, table, run_taxonomy(cfg), cfg.seed, settings=settings, reuse=reuse,
                           progress=cfg.progress, console=ctx.console)
 
 

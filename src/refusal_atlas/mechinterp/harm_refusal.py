@@ -46,6 +46,7 @@ ALL = "@all"  # every harmful prompt, whatever its node ('@' never occurs in a t
 MIN_READ = 5  # fewer prompts in a cell: "too small to read" (a mean of <5 prompts has a CI as wide as the effect)
 MIN_CELL = 2  # fewer: the cell cannot be split in halves, so it is left out of the estimate altogether
 RELIABLE = 0.5  # split-half reliability both directions need at a layer for its cosine to count
+READ_BAND = (0.3, 0.8)  # shares of depth where the read layer is chosen (Arditi et al.'s layers: 0.38-0.63)
 HARM_POSITION: Position = LAST_INSTRUCTION
 REFUSAL_POSITION: Position = -1
 FACTORIAL = {"h": (0.5, 0.5, -0.5, -0.5), "r": (0.5, -0.5, 0.5, -0.5)}
@@ -94,7 +95,11 @@ def cell_table(table: pd.DataFrame, node_column: str = "analysis_node") -> pd.Da
         rec["too_small"] = ",".join(small)
         rec["design"] = "factorial" if all(len(idx[c]) >= MIN_CELL for c in CELLS) else "confounded"
         rows.append(rec)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    for col in ("n_LR_own", "n_LC_own"):  # counts, empty for the pooled node (not 3.0 beside a NaN)
+        if col in out.columns:
+            out[col] = out[col].astype("Int64")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,11 +147,17 @@ class NodeGeometry:
     table: pd.DataFrame  # one row per layer (see `geometry_rows`)
     extra: dict = field(default_factory=dict)
 
-    def read_layer(self) -> int | None:
-        """The layer where the less reliable of the two directions is most reliable (earliest on ties)."""
+    def read_layer(self, band: tuple[float, float] = READ_BAND) -> int | None:
+        """The layer where the less reliable of the two directions is most reliable (earliest on ties), among
+        the layers in `band` (shares of depth) when any was captured there. Why a band: in the first blocks
+        the template tokens hardly vary between prompts, so tiny directions there are reliable without
+        carrying anything a reader wants to project onto."""
         t = self.table.dropna(subset=["rel_h", "rel_r"])
         if t.empty:
             return None
+        depth = max(self.layers) + 1
+        inside = t[(t["layer"] >= band[0] * depth) & (t["layer"] < band[1] * depth)]
+        t = inside if len(inside) else t
         score = np.minimum(t["rel_h"].to_numpy(), t["rel_r"].to_numpy())
         return int(t["layer"].to_numpy()[int(np.argmax(score))])
 

@@ -94,10 +94,13 @@ def paired_delta(after: np.ndarray, before: np.ndarray, n_boot: int,
 
 def causal_checks(lm: LoadedModel, node: str, h: Tensor, r: Tensor, layer: int, harmless: Sequence[str],
                   harmful: Sequence[str], refusal_ids: Sequence[int], *, n_boot: int = 500, seed: int = 0,
-                  batch_size: int = 16) -> list[dict]:
+                  batch_size: int = 16, cache: dict | None = None) -> list[dict]:
     """Rows {node, layer, intervention, prompts, measure, n, baseline, delta, ci_low, ci_high}:
     `add_h` / `add_r` on harmless prompts, `ablate_h` / `ablate_r` on harmful ones, each measured by the
-    refusal and the harm-judgement log-odds (change from the unintervened model, per prompt)."""
+    refusal and the harm-judgement log-odds (change from the unintervened model, per prompt).
+
+    `cache`: a dict shared across calls keeps the unintervened scores of a prompt list, so the harmless
+    prompts every node is steered on are scored once."""
     if h.norm() <= 0 or r.norm() <= 0:
         raise AtlasError(f"node {node!r}: a zero direction at layer {layer}; nothing to add or ablate")
     yes, no = yes_no_tokens(lm)
@@ -111,12 +114,16 @@ def causal_checks(lm: LoadedModel, node: str, h: Tensor, r: Tensor, layer: int, 
         ("ablate_r", "harmful", harmful, ablation(lm.model, r)),
     ]
     base: dict[str, Scores] = {}
+    shared = {} if cache is None else cache
     rows = []
     for name, which, prompts, intervention in plans:
         if not prompts:
             continue
         if which not in base:
-            base[which] = score(lm, prompts, refusal_ids, yes, no, None, batch_size)
+            key = (tuple(prompts), tuple(refusal_ids))
+            if key not in shared:
+                shared[key] = score(lm, prompts, refusal_ids, yes, no, None, batch_size)
+            base[which] = shared[key]
         after = score(lm, prompts, refusal_ids, yes, no, intervention, batch_size)
         for measure in ("refusal", "judgement"):
             before_v, after_v = getattr(base[which], measure), getattr(after, measure)

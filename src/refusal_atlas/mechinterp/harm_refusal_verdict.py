@@ -110,4 +110,5 @@ def node_verdict(node: str, counts: dict[str, int], table: pd.DataFrame, causal_
             "value": None if math.isnan(value) else round(value, 4),
             "ci": [None if math.isnan(v) else round(v, 4) for v in ci], "n": n, "trusted": False,
             "evidence": "harm-vs-refusal", "details": {"geometry": geo, "causal": cau, "cells": counts,
-                                                       **geo_ev, **{k: v for k, v in cau_ev.items()}}}
+                                                       "read_layer": read_layer, **geo_ev,
+                                                       **{k: v for k, v in cau_ev.items()}}}
