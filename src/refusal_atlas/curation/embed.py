@@ -25,6 +25,7 @@ from refusal_atlas.curation.embed_cache import (
     EmbeddingCache,
     TextEmbedder,
     model_key,
+    quantise,
     text_key,
 )
 from refusal_atlas.curation.residual_embed import ResidualEmbedder, is_residual_spec
@@ -82,7 +83,11 @@ class Embedder:
         return {"model": self.model_name, "model_key": self.key, "batch_size": self.batch_size}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Vectors for `texts` (n × d float32, unit norm); cached texts are not recomputed."""
+        """Vectors for `texts` (n × d float32, unit norm, float16 precision); cached texts are not recomputed.
+
+        Computed and cached vectors go through the same `quantise`, so a warm cache returns exactly
+        what a cold run computes.
+        """
         texts = list(texts)
         keys = [text_key(t) for t in texts]
         found = self.cache.get(keys) if self.cache is not None else {}
@@ -97,14 +102,14 @@ class Embedder:
         if missing_texts:
             vecs = self.model.encode(missing_texts, batch_size=self.batch_size, convert_to_numpy=True,
                                      normalize_embeddings=True, show_progress_bar=self.progress)
-            vecs = np.asarray(vecs, dtype=np.float32)
+            vecs = quantise(vecs)
             if self.cache is not None:
                 self.cache.put(missing_keys, vecs)
             found.update(zip(missing_keys, vecs, strict=True))
         if not texts:
             dim = self.model.get_sentence_embedding_dimension() or 0
             return np.zeros((0, dim), dtype=np.float32)
-        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+        return quantise(np.stack([found[k] for k in keys]))
 
 
 def make_embedder(model: str | None = None, **kwargs: Any) -> TextEmbedder:
