@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from refusal_atlas.curation.cluster import ClusterConfig, ClusterPipeline, verbatim_groups
-from refusal_atlas.curation.cluster_tree import OUTLIER, build_tree, choose_flat_level, level_counts, renumber
+from refusal_atlas.curation.cluster_tree import OUTLIER, build_tree, level_counts, renumber
 
 
 def _planted_leaves() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,18 +46,9 @@ def test_ward_tree_merges_within_families_first():
             assert len(set(coarse[fine == c].tolist())) == 1
 
 
-def test_levels_are_spaced_and_flat_rule_avoids_giant_clusters():
+def test_levels_are_spaced():
     assert level_counts(40) == [2, 4, 5, 7, 10, 14, 20, 28, 40]
     assert level_counts(2) == [2] and level_counts(1) == [1] and level_counts(0) == [0]
-    big = np.array([0] * 90 + [1] * 10)
-    fine = np.repeat(np.arange(10), 10)
-    assert choose_flat_level([big, fine], 0.25) == 1  # 90 % in one cluster: go finer
-    even = np.repeat(np.arange(4), 25)
-    assert choose_flat_level([even, fine], 0.25) == 0
-    # a leaf that holds most rows (one text repeated) cannot be split: its level is acceptable
-    one_leaf = np.array([0] * 70 + [1] * 15 + [2] * 15)
-    assert choose_flat_level([np.array([0] * 85 + [1] * 15), one_leaf], 0.25) == 1
-    assert choose_flat_level([one_leaf, one_leaf], 0.25) == 0
     assert list(renumber(np.array([5, 5, -1, 2, 2, 2]))) == [1, 1, -1, 0, 0, 0]
 
 
@@ -75,7 +66,7 @@ def test_identical_texts_become_leaves_of_their_own(tmp_path):
     res = ClusterPipeline(ClusterConfig(min_cluster_size=3, layout_2d=False)).fit(x, texts)
     assert res.verbatim_leaves == 5 and res.tree is not None and res.tree.n_leaves == 5
     assert adjusted_rand_score(truth, res.levels[-1]) == 1.0
-    assert res.level_counts[-1] == 5 and res.n_clusters == 5  # the shared reply alone is 45 %: a leaf, kept
+    assert res.level_counts[-1] == 5 and res.n_clusters == 5  # the shared reply alone is 45 %: one leaf
 
 
 @pytest.mark.parametrize("n", [0, 1])

@@ -73,8 +73,9 @@ from refusal_atlas.curation.cluster_stages import (
     neighbour_majority,
     propagate,
 )
-from refusal_atlas.curation.cluster_tree import ClusterTree, build_tree, choose_flat_level, level_counts
+from refusal_atlas.curation.cluster_tree import ClusterTree, build_tree, level_counts
 from refusal_atlas.curation.dedup import collapse_near_duplicates
+from refusal_atlas.curation.embed_cache import quantise
 from refusal_atlas.hashing import text_sha256
 
 __all__ = [
@@ -237,6 +238,39 @@ class ClusterPipeline:
         timings["consensus_s"] = time.perf_counter() - t
         return labels_f, conf_f, "consensus-umap-hdbscan", knn, seed_runs
 
+    def _split_large(self, xf: np.ndarray, labels: np.ndarray, depth: int) -> np.ndarray:
+        """Re-cluster every cluster larger than `max_flat_share` of the fitted rows on its own rows (recursively).
+
+        One density cut over the whole corpus keeps a broad region as one cluster when its parts are
+        less dense than the gaps around it (400 HarmBench prompts: 75 % in one cluster); a layout of
+        that region alone separates its parts. A cluster is replaced by its parts when they are at
+        least two; its rows that no part takes join the part holding most of their nearest neighbours
+        (they were clustered one level up, so they do not become outliers here).
+        """
+        c = self.config
+        labels = labels.copy()
+        limit = max(c.max_flat_share * len(xf), 2 * self.min_size(len(xf)), c.n_neighbors + 2)
+        next_id = int(labels.max()) + 1 if len(labels) else 0
+        for cid in sorted(set(labels.tolist()) - {OUTLIER}):
+            members = np.flatnonzero(labels == cid)
+            if len(members) <= limit:
+                continue
+            sub, _, method, _, _ = self._fit_leaves(xf[members], {})
+            if method != "consensus-umap-hdbscan" or len(set(sub.tolist()) - {OUTLIER}) < 2:
+                continue
+            if depth > 1:
+                sub = self._split_large(xf[members], sub, depth - 1)
+            out = np.flatnonzero(sub == OUTLIER)
+            if len(out):
+                inside = np.flatnonzero(sub != OUTLIER)
+                idx, _ = knn_search(xf[members[out]], xf[members[inside]], min(c.n_neighbors, len(inside)))
+                sub[out], _ = neighbour_majority(sub[inside][idx])
+            ids = sorted(set(sub.tolist()))
+            for j, s_id in enumerate(ids):
+                labels[members[sub == s_id]] = next_id + j
+            next_id += len(ids)
+        return labels
+
     def _fit(self, x: np.ndarray, texts: Sequence[str], *, describe: bool) -> ClusterResult:
         c = self.config
         texts = list(texts)
@@ -245,7 +279,9 @@ class ClusterPipeline:
         if not texts:
             raise ValueError("nothing to cluster")
         timings: dict[str, float] = {}
-        x = _normalise(x)
+        # float16 precision, as the embedders return it: noise far below a float16 step (another thread
+        # count, a different BLAS) rounds back to the same vectors
+        x = quantise(_normalise(x))
         n = len(texts)
         order = canonical_order(texts)
         verbatim = verbatim_groups(texts, order, c.verbatim_min or self.min_size(n))
@@ -260,6 +296,10 @@ class ClusterPipeline:
         xf = x[fit_pos]
         n_fit = len(fit_pos)
         labels_f, conf_f, method, knn, seed_runs = self._fit_leaves(xf, timings)
+        if method == "consensus-umap-hdbscan" and c.split_depth > 0:
+            t = time.perf_counter()
+            labels_f = self._split_large(xf, labels_f, c.split_depth)
+            timings["split_s"] = time.perf_counter() - t
         layout = None
         if describe and c.layout_2d and knn is not None:
             t = time.perf_counter()
@@ -306,7 +346,7 @@ class ClusterPipeline:
         tree = build_tree(x, leaves)
         counts = level_counts(tree.n_leaves, c.level_ratio)
         levels = tree.levels(counts)
-        flat = choose_flat_level(levels, c.max_flat_share)
+        flat = len(levels) - 1  # the leaves (see FLAT_RULE in cluster_levels)
         labels = levels[flat]
         timings["tree_s"] = time.perf_counter() - t
         keywords: dict[int, list[str]] = {}

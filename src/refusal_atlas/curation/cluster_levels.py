@@ -17,8 +17,9 @@ from refusal_atlas.curation.cluster import OUTLIER, ClusterConfig, ClusterPipeli
 from refusal_atlas.curation.cluster_describe import ctfidf_keywords
 from refusal_atlas.curation.stability import min_cluster_size_sweep, rescue_sweep, suggest_min_cluster_size
 
-FLAT_RULE = ("flat `cluster` = the coarsest tree level whose largest cluster holds at most max_flat_share of the "
-             "clustered rows (or no more than the largest leaf); the finest level if none")
+FLAT_RULE = ("flat `cluster` = the leaves: HDBSCAN (excess of mass) consensus clusters, where every cluster holding "
+             "more than max_flat_share of the fitted rows is clustered again on its own rows (split_depth deep) and "
+             "replaced by its parts when they are at least two; repeated texts are leaves of their own")
 MAX_OUTLIERS = 0.5
 
 

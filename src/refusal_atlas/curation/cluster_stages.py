@@ -34,7 +34,7 @@ class ClusterConfig:
     min_cluster_size: int = 10
     min_cluster_fraction: float = 0.0  # > 0: clusters must also hold this share of the fitted rows
     min_samples: int | None = 5
-    selection: str = "leaf"  # HDBSCAN's cluster choice per layout: "leaf" (finest) or "eom"; the tree adds coarser
+    selection: str = "eom"  # HDBSCAN's cluster choice per layout ("eom" or "leaf"); large clusters are split after
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
     consensus_threshold: float = 0.7
     neighbour_share: float = 0.3
@@ -49,8 +49,9 @@ class ClusterConfig:
     distance_grid: float = 1.0 / 128  # kNN cosine distances rounded to this grid before UMAP (0: off)
     init_grid: float = 0.05  # the shared spectral start rounded to this grid (coordinates span ±10; 0: off)
     level_ratio: float = 1.4142135623730951  # cluster counts of successive tree levels differ by this factor
-    max_flat_share: float = 0.25  # the flat `cluster` column: coarsest level whose largest cluster is ≤ this share
+    max_flat_share: float = 0.25  # a cluster holding more of the fitted rows is re-clustered on its own rows
     verbatim_min: int = 0  # a text repeated this often is a leaf of its own (0: min_cluster_size)
+    split_depth: int = 2  # clusters above max_flat_share of the rows are re-clustered on their own, this deep
 
     def with_seed_base(self, base: int) -> ClusterConfig:
         """The same config with a disjoint block of seeds (used by stability checks)."""
@@ -123,6 +124,9 @@ class ExactKnn:
         dist = np.clip(1.0 - sims.astype(np.float64), 0.0, 2.0)
         if self.grid > 0:
             dist = np.round(dist / self.grid) * self.grid
+            # neighbours at the same rounded distance in index order: near-ties cannot swap places
+            order = np.lexsort((idx, dist), axis=1)
+            idx, dist = np.take_along_axis(idx, order, 1), np.take_along_axis(dist, order, 1)
         return KnnGraph(idx, dist.astype(np.float32))
 
 

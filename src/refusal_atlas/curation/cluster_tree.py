@@ -28,7 +28,7 @@ import numpy as np
 
 OUTLIER = -1
 
-__all__ = ["ClusterTree", "build_tree", "choose_flat_level", "level_counts", "renumber"]
+__all__ = ["ClusterTree", "build_tree", "level_counts", "renumber"]
 
 
 def renumber(labels: np.ndarray) -> np.ndarray:
@@ -138,25 +138,3 @@ def build_tree(x: np.ndarray, leaves: np.ndarray) -> ClusterTree:
             lo, hi = np.minimum(others, i), np.maximum(others, i)
             cost[lo, hi] = c
     return ClusterTree(leaves, merges, heights)
-
-
-def choose_flat_level(levels: list[np.ndarray], max_share: float) -> int:
-    """Index (into `levels`, coarse to fine) of the flat resolution.
-
-    Rule: the coarsest level whose largest cluster holds at most `max_share` of the clustered rows,
-    or no more than the largest leaf (a leaf cannot be split further); the finest level if none.
-    So a corpus is never reported as a handful of giant clusters when finer, real ones exist.
-    """
-    if not levels:
-        return 0
-    finest = levels[-1]
-    clustered = int((finest != OUTLIER).sum())
-    if clustered == 0:
-        return len(levels) - 1
-    largest_leaf = int(np.bincount(finest[finest != OUTLIER]).max())
-    limit = max(max_share * clustered, largest_leaf)
-    for i, lab in enumerate(levels):
-        kept = lab[lab != OUTLIER]
-        if len(kept) and np.bincount(kept).max() <= limit:
-            return i
-    return len(levels) - 1
