@@ -53,7 +53,7 @@ def test_levels_are_spaced():
 
 
 def test_identical_texts_become_leaves_of_their_own(tmp_path):
-    """Stock replies that differ in one word share most of their embedding, yet each repeated text is a leaf."""
+    """Each text repeated at least `verbatim_min` times is a leaf, however few rows it has."""
     from refusal_atlas.curation.embed import Embedder
 
     topics = ["weapons", "hacking", "self-harm", "fraud"]
@@ -62,7 +62,6 @@ def test_identical_texts_become_leaves_of_their_own(tmp_path):
     truth = [t for t in topics for _ in range(6)] + ["shared"] * 20
     assert len(verbatim_groups(texts, np.arange(len(texts)), 3)) == 5
     x = Embedder(cache_root=tmp_path).encode(texts)
-    assert float(x[0] @ x[6]) > 0.85  # close enough for the near-duplicate collapse to merge them
     res = ClusterPipeline(ClusterConfig(min_cluster_size=3, layout_2d=False)).fit(x, texts)
     assert res.verbatim_leaves == 5 and res.tree is not None and res.tree.n_leaves == 5
     assert adjusted_rand_score(truth, res.levels[-1]) == 1.0

@@ -74,7 +74,7 @@ from refusal_atlas.curation.cluster_stages import (
     propagate,
 )
 from refusal_atlas.curation.cluster_tree import ClusterTree, build_tree, level_counts
-from refusal_atlas.curation.dedup import collapse_near_duplicates
+from refusal_atlas.curation.dedup import Collapse, collapse_near_duplicates
 from refusal_atlas.curation.embed_cache import quantise
 from refusal_atlas.hashing import text_sha256
 
@@ -290,7 +290,8 @@ class ClusterPipeline:
             in_verbatim[rows] = True
         rest_order = order[~in_verbatim[order]]
         t = time.perf_counter()
-        collapse = collapse_near_duplicates(x, c.dedup_threshold, c.max_fit, order=rest_order)
+        collapse = (collapse_near_duplicates(x, c.dedup_threshold, c.max_fit, order=rest_order) if len(rest_order)
+                    else Collapse(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)))
         fit_pos = rest_order[collapse.representatives]
         timings["dedup_s"] = time.perf_counter() - t
         xf = x[fit_pos]
