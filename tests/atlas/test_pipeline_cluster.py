@@ -39,7 +39,8 @@ def _corpus() -> tuple[pd.DataFrame, dict]:
     for node in specific[:8]:
         rows += [{"node": node, "expected": "refuse", "response": _truncate(refusal_text(tax, node, node))}] * 4
     for i, node in enumerate(shared[:10]):
-        text = "I'm sorry, but I can't help with that." if i % 5 == 0 else refusal_text(tax, node, "shared")
+        text = refusal_text(tax, node, "shared")
+        text = text.rstrip(".") if i % 5 == 0 else text  # cut before its last token, as a shorter budget does
         rows += [{"node": node, "expected": "refuse", "response": text}] * 3
     rows += [{"node": shared[0], "expected": "redirect", "response": REDIRECT}] * 4
     answers = ["Sure. The story is set in a small town where", "Sure. A toxicologist is a crucial role, and",

@@ -47,7 +47,9 @@ def test_ward_tree_merges_within_families_first():
 
 
 def test_levels_are_spaced():
-    assert level_counts(40) == [2, 4, 5, 7, 10, 14, 20, 28, 40]
+    assert level_counts(40) == [*range(2, 13), 13, 16, 19, 23, 28, 33, 40]
+    assert level_counts(11) == list(range(2, 12))
+    assert level_counts(40, every_up_to=2, ratio=2 ** 0.5) == [2, 4, 5, 7, 10, 14, 20, 28, 40]
     assert level_counts(2) == [2] and level_counts(1) == [1] and level_counts(0) == [0]
     assert list(renumber(np.array([5, 5, -1, 2, 2, 2]))) == [1, 1, -1, 0, 0, 0]
 

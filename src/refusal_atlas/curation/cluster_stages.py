@@ -48,7 +48,7 @@ class ClusterConfig:
     layout_2d: bool = True
     distance_grid: float = 1.0 / 128  # kNN cosine distances rounded to this grid before UMAP (0: off)
     init_grid: float = 0.05  # the shared spectral start rounded to this grid (coordinates span ±10; 0: off)
-    level_ratio: float = 1.4142135623730951  # cluster counts of successive tree levels differ by this factor
+    level_ratio: float = 1.2  # cluster counts of successive tree levels differ by this factor
     max_flat_share: float = 0.25  # a cluster holding more of the fitted rows is re-clustered on its own rows
     verbatim_min: int = 0  # a text repeated this often is a leaf of its own (0: min_cluster_size)
     split_depth: int = 2  # clusters above max_flat_share of the rows are re-clustered on their own, this deep
@@ -144,7 +144,7 @@ class UmapReducer:
                  shared_init: bool = True, init_grid: float = 0.0) -> None:
         self.n_components, self.min_dist, self.n_epochs = n_components, min_dist, n_epochs
         self.shared_init, self.init_grid = shared_init, init_grid
-        self._init: tuple[int, np.ndarray | None] | None = None
+        self._init: tuple[KnnGraph, np.ndarray | None] | None = None  # the graph itself: ids get reused
 
     @staticmethod
     def _with_self(knn: KnnGraph) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +160,7 @@ class UmapReducer:
         near-duplicate collapse): umap-learn's multi-component spectral layout called this way
         took minutes there, so each seed then uses umap-learn's own spectral initialisation.
         """
-        if self._init is not None and self._init[0] == id(knn) and (
+        if self._init is not None and self._init[0] is knn and (
                 self._init[1] is None or self._init[1].shape[1] == dim):
             return self._init[1]
         # heavy dependency (slow to import), loaded only when this runs
@@ -175,7 +175,7 @@ class UmapReducer:
             warnings.simplefilter("ignore")
             graph, _, _ = fuzzy_simplicial_set(x, knn.k + 1, rng, "cosine", knn_indices=idx, knn_dists=dist)
             if connected_components(graph, directed=False)[0] > 1:
-                self._init = (id(knn), None)
+                self._init = (knn, None)
                 return None
             layout = spectral_layout(x, graph, dim, rng, metric="cosine")
         span = np.abs(layout).max()
@@ -185,7 +185,7 @@ class UmapReducer:
             # noise in the last bits would act like a new seed; on a grid the bits are those of the grid
             layout = np.round(layout / self.init_grid) * self.init_grid
         layout = layout.astype(np.float32)
-        self._init = (id(knn), layout)
+        self._init = (knn, layout)
         return layout
 
     def fit_transform(self, x: np.ndarray, knn: KnnGraph, seed: int) -> np.ndarray:

@@ -13,15 +13,15 @@ Why a tree and why built this way (measurements in docs/decisions.md, "Clusterin
   weighs cluster sizes, so a large leaf is not absorbed into a chain of small ones the way
   average or single linkage chains them; ties go to the lowest pair of ids, so the tree is a
   function of the leaves alone.
-* Levels are cuts at cluster counts spaced by a factor √2 from the number of leaves down to 2,
-  so some level is always within a factor 1.2 of any count a user has in mind (e.g. the number
-  of categories of a benchmark, or of taxonomy branches).
+* Levels are cuts at every cluster count from 2 to 12, and above that at counts spaced by a factor
+  1.2 (`ClusterConfig.level_ratio`) up to the number of leaves, so some level is always within a
+  factor 1.1 of any count a user has in mind (the number of categories of a benchmark, of taxonomy
+  branches, of a model's wordings).
 * Outliers (-1) stay outliers at every level.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,16 +44,16 @@ def renumber(labels: np.ndarray) -> np.ndarray:
     return np.asarray([lut.get(v, OUTLIER) for v in labels.tolist()], dtype=np.int64)
 
 
-def level_counts(n_leaves: int, ratio: float = math.sqrt(2.0), smallest: int = 2) -> list[int]:
-    """Cluster counts of the levels, coarse to fine: n_leaves / ratio^i down to `smallest`, unique."""
+def level_counts(n_leaves: int, ratio: float = 1.2, smallest: int = 2, every_up_to: int = 12) -> list[int]:
+    """Cluster counts of the levels, coarse to fine: every count from `smallest` to `every_up_to`, then
+    n_leaves / ratio^i (rounded) above that, and n_leaves itself."""
     if n_leaves <= smallest:
         return [n_leaves] if n_leaves > 0 else [0]
-    counts = {n_leaves}
+    counts = set(range(smallest, min(n_leaves, every_up_to) + 1)) | {n_leaves}
     value = float(n_leaves)
-    while value / ratio >= smallest:
+    while value / ratio > every_up_to:
         value /= ratio
-        counts.add(max(smallest, round(value)))
-    counts.add(smallest)
+        counts.add(round(value))
     return sorted(counts)
 
 
