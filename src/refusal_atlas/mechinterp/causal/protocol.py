@@ -4,7 +4,7 @@
 protocol writes one set of files whichever entry point ran it:
 
 tokens → select (pooled direction's layer, position, ablation scope and steering dose) → pooled
-(headline ablation / addition) → stability, cone → cross-ablation → steering → wording → conditions.
+(headline ablation / addition) → stability, cone → cross-ablation → steering → bands → wording → conditions.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.positions import Position, parse_position_label
 from refusal_atlas.lm.settings import RunSettings
 from refusal_atlas.mechinterp.causal import files, selection
+from refusal_atlas.mechinterp.causal.bands import band_scan
 from refusal_atlas.mechinterp.causal.common import discover_tokens
 from refusal_atlas.mechinterp.causal.conditions import condition_summary, condition_table
 from refusal_atlas.mechinterp.causal.cross import cross_ablation, cross_ablation_summary
@@ -41,6 +42,7 @@ __all__ = [
     "CausalSession",
     "Chosen",
     "Discovered",
+    "band_step",
     "conditions_step",
     "cone_step",
     "cross_ablation_step",
@@ -242,6 +244,16 @@ def steering_step(s: CausalSession, nodes: Sequence[str], harmless: Sequence[str
     files.write_table(table, s.out, files.STEERING)
     plot_steering(table, s.out / files.STEERING_FIGURE,
                   value="induced_refusal_rate" if generate_rates else "first_token_refusal_rate")
+    return table
+
+
+def band_step(s: CausalSession, eval_sets: Mapping[str, Sequence[str]], *, position: Position,
+              n_windows: int = 10, baselines: Mapping[str, tuple[float, float]] | None = None) -> pd.DataFrame:
+    """Each node's late-layer direction removed from the writes of one window of blocks at a time, refusal on the
+    node's own prompts (`bands.parquet`): which blocks compute the node's refusal. `baselines`: see `band_scan`."""
+    table = band_scan(s.lm, s.directions, eval_sets, s.tokens, position=position, n_windows=n_windows,
+                      settings=s.settings, baselines=baselines)
+    files.write_table(table, s.out, files.BANDS)
     return table
 
 
