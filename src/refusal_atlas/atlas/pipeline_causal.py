@@ -104,17 +104,20 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
         return {"skipped": str(exc)}
     s = protocol.CausalSession(lm, ds, found.tokens, out, settings)
 
+    # `verdict_evidence_only` (set by `validate`): only what a validated rule reads — the pooled layer (every-layer
+    # ablation, no dose), cross-ablation and the band scan; no headline, robustness, steering, conditions, wording
+    lean = bool(sizes.get("verdict_evidence_only", 0))
     candidates = candidate_layers(lm.n_layers, list(ds.layers), quick=cfg.quick)
     chosen = protocol.select_step(s, harmful_val, harmless_val, layers=candidates, positions=[REFUSAL_POSITION],
-                                  ablation_starts=default_ablation_starts(lm.n_layers))
+                                  ablation_starts=[] if lean else default_ablation_starts(lm.n_layers), dose=not lean)
     selection, coeff = chosen.pooled, chosen.coefficient
     layer, scope = int(selection.layer), selection.ablation_layers
 
     # the un-ablated generations are the ones the refusal tokens were discovered from (same prompts, settings)
-    headline = protocol.pooled_step(s, harmful_all, harmless, selection,
-                                    coeffs=(coeff,) if coeff == 1.0 else (coeff, 1.0),
-                                    before=found.refused_harmful, harmless_before=found.refused_harmless)
-    captured = DirectionPrompts.load(_activations_dir(ctx), ctx.out / schema.DIRECTIONS_DIR)
+    headline: dict[str, Any] = {} if lean else protocol.pooled_step(
+        s, harmful_all, harmless, selection, coeffs=(coeff,) if coeff == 1.0 else (coeff, 1.0),
+        before=found.refused_harmful, harmless_before=found.refused_harmless)
+    captured = None if lean else DirectionPrompts.load(_activations_dir(ctx), ctx.out / schema.DIRECTIONS_DIR)
     stability: dict[str, Any] = {}
     cone: dict[str, Any] = {}
     # stability and cone describe the headline's robustness; no verdict reads them, so `validate` can skip them
@@ -127,9 +130,10 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
                                          ablation_layers=scope)
 
     steer_layers = sorted({candidates[0], candidates[len(candidates) // 2], layer})
-    # per-node steering table on half the harmless eval prompts (first token only: 7 directions x 3 layers)
-    protocol.steering_step(s, [*nodes, POOLED], harmless[: max(8, len(harmless) // 2)], layers=steer_layers,
-                           position=REFUSAL_POSITION)
+    if not lean:
+        # per-node steering table on half the harmless eval prompts (first token only: 7 directions x 3 layers)
+        protocol.steering_step(s, [*nodes, POOLED], harmless[: max(8, len(harmless) // 2)], layers=steer_layers,
+                               position=REFUSAL_POSITION)
 
     # which blocks write each refusing node's refusal (the layer-band verdict's evidence)
     base = cross[cross["source"] == "none"].set_index("target")
@@ -144,7 +148,7 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
                          "windows": int((bands["kind"] == "window").sum() // max(1, len(scanned)))}
 
     cond_summary: dict[str, Any] = {}
-    if len(ev.conditioned):
+    if len(ev.conditioned) and not lean:
         # Refusal here is the greedy first token (one forward pass per prompt, no generation), so every
         # condition variant of the eval split can be afforded; the projection comes from a capture pass.
         per_node_cap = 24 if cfg.quick else sizes.get("condition_per_node", 48)
@@ -172,6 +176,10 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
                            "best_probe_accuracy": float(best["probe_accuracy"]) if best is not None else None}
 
     refused_h, refused_hl = found.refused_harmful, found.refused_harmless
+    if lean:
+        return {"layer": layer, "position": REFUSAL_POSITION, "candidates": candidates, "verdict_evidence_only": True,
+                "cross_ablation": cross_summary(cross), "bands": bands_summary,
+                "baseline_refusal_harmful": float(np.mean(refused_h)) if len(refused_h) else None}
     return {
         "layer": layer, "position": REFUSAL_POSITION, "candidates": candidates,
         "ablation_stability": stability, "cone": cone,

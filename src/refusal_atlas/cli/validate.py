@@ -35,6 +35,10 @@ from refusal_atlas.lm.models import auto_threads
 from refusal_atlas.organism.separable import SeparableSettings, build_separable
 
 BUDGETS = ("full", "reduced")
+MODELS = ("shared", "separable", "base")
+# The separable atlas measures only what the validated rules read (pooled layer by every-layer ablation, no dose,
+# cross-ablation, band scan): on a machine at load 9 the full causal stage did not fit (docs/decisions.md).
+LEAN = {"separable": {"verdict_evidence_only": 1}}
 # the stages whose files a verdict reads; collection, detection, clustering, harm, SAE and the report are skipped
 VERDICT_STAGES = ("taxonomy", "prompts", "organism", "directions", "overlap", "causal")
 # Per-organism budgets, smaller than the default run's where no verdict needs the size and larger where one
@@ -57,13 +61,22 @@ def validate(
     budget: str = typer.Option("full", "--budget", help="'full' (<= 40 min on 2 cores) or 'reduced' (a smoke test)"),
     seed: int = typer.Option(0, "--seed", help="seed for every build and run"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
+    only: str | None = typer.Option(None, "--only", help="run one model's atlas (shared, separable or base) and "
+                                    "stop: several processes can share the work; a later run without --only "
+                                    "reuses their stages and checks"),
 ) -> None:
     """Check every verdict rule against planted answers: base model, shared organism, separable organism."""
     if budget not in BUDGETS:
         raise AtlasError(f"--budget {budget!r}: use one of {', '.join(BUDGETS)}")
+    if only is not None and only not in MODELS:
+        raise AtlasError(f"--only {only!r}: use one of {', '.join(MODELS)}")
     console = Console(stderr=True)
     out.mkdir(parents=True, exist_ok=True)
-    result = run_validation(out, reduced=budget == "reduced", seed=seed, threads=threads, console=console)
+    result = run_validation(out, reduced=budget == "reduced", seed=seed, threads=threads, console=console,
+                            only=only)
+    if only is not None:
+        typer.echo(f"{out / f'atlas-{only}'}: done; run `refusal-atlas validate -o {out}` to check every model")
+        return
     atomic_write_json(out / "validation.json", result)
 
     checks = [Check(**c) for c in result["checks"]]
@@ -82,8 +95,9 @@ def validate(
     typer.echo(f"-> {out / 'validation.json'}, {out / 'validation.md'} ({result['seconds']:.0f} s)")
 
 
-def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, console: Any) -> dict[str, Any]:
-    """Build, run and check; returns the content of validation.json."""
+def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, console: Any,
+                   only: str | None = None) -> dict[str, Any]:
+    """Build, run and check; returns the content of validation.json (with `only`: that model's atlas, no checks)."""
     start = time.perf_counter()
     torch.set_num_threads(threads or auto_threads())
     times: dict[str, float] = {}
@@ -105,7 +119,7 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
             shutil.copyfile(trained_on, folder / "organism" / "prompts.parquet")
         # the shared organism is the one `run` builds for `default`: the same recipe and stage
         cfg = RunConfig(model=model, organism=organism, out=folder, quick=reduced, seed=seed, threads=threads)
-        cfg.extra["sizes"] = dict(SIZES["reduced" if reduced else "full"])
+        cfg.extra["sizes"] = dict(SIZES["reduced" if reduced else "full"], **LEAN.get(name, {}))
         pipe = build_pipeline(cfg, console)
         for stage in pipe.stages:
             stage.enabled = stage.enabled and stage.name in VERDICT_STAGES
@@ -117,9 +131,13 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
         loads[f"after atlas {name}"] = os.getloadavg()
         return findings
 
-    shared = atlas("shared", "default", True)
-    separable = atlas("separable", str(sep.model_dir), False, sep.out_dir / "prompts.parquet")
-    base = atlas("base", "default", False)
+    runs = {"shared": lambda: atlas("shared", "default", True),
+            "separable": lambda: atlas("separable", str(sep.model_dir), False, sep.out_dir / "prompts.parquet"),
+            "base": lambda: atlas("base", "default", False)}
+    if only is not None:
+        runs[only]()
+        return {}
+    shared, separable, base = runs["shared"](), runs["separable"](), runs["base"]()
     truth = sep.info["truth"]
     checks = [*check_base(base), *check_shared(shared), *check_separable(separable, truth)]
     return {"budget": "reduced" if reduced else "full", "seed": seed,
@@ -129,7 +147,8 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
             "findings": {"base": [f.to_dict() for f in base], "shared": [f.to_dict() for f in shared],
                          "separable": [f.to_dict() for f in separable]},
             "stage_seconds": {k: round(v, 1) for k, v in times.items()}, "atlas_stages": stages,
-            "sizes": SIZES["reduced" if reduced else "full"], "stages_run": list(VERDICT_STAGES),
+            "sizes": SIZES["reduced" if reduced else "full"], "sizes_by_model": LEAN,
+            "stages_run": list(VERDICT_STAGES),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "torch_threads": torch.get_num_threads()},
             "load_average": {k: [round(x, 2) for x in v] for k, v in loads.items()},

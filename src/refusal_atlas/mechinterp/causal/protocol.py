@@ -132,6 +132,7 @@ def select_step(
     node_val: Mapping[str, Sequence[str]] | None = None,
     kl_threshold: float = 0.1,
     previous: selection.Selection | None = None,
+    dose: bool = True,
 ) -> Chosen:
     """Select the pooled direction's (layer, position, ablation scope) and its steering dose; with `node_val`
     ({node: harmful validation prompts}) also each node's own choice by the same rule.
@@ -152,17 +153,19 @@ def select_step(
                       files.SELECTION)
     # dose: the smallest coefficient whose addition makes validation prompts refuse (marker detector on
     # generations, the measure the headline reports)
-    coeff, dose = selection.choose_coefficient(lm, s.directions.get(POOLED, pooled.layer, pooled.position),
-                                               pooled.layer, harmless_val, s.tokens, target=DOSE_TARGET,
-                                               max_new_tokens=st.max_new_tokens, batch_size=st.batch_size,
-                                               system=st.system)
-    files.write_table(dose, s.out, files.STEERING_DOSE)
+    coeff, doses = 1.0, pd.DataFrame()
+    if dose:  # without it (a run that reads no headline) the dose is Arditi et al.'s raw difference of means
+        coeff, doses = selection.choose_coefficient(lm, s.directions.get(POOLED, pooled.layer, pooled.position),
+                                                    pooled.layer, harmless_val, s.tokens, target=DOSE_TARGET,
+                                                    max_new_tokens=st.max_new_tokens, batch_size=st.batch_size,
+                                                    system=st.system)
+        files.write_table(doses, s.out, files.STEERING_DOSE)
     record: dict[str, Any] = {**pooled.to_dict(), "steering_coefficient": coeff, "n_harmful_val": len(harmful_val),
                               "n_harmless_val": len(harmless_val)}
     if others:
         record["nodes"] = {o.node: o.to_dict() for o in others}
     files.write_json(record, s.out, files.SELECTION_JSON)
-    return Chosen(pooled, coeff, dose, others)
+    return Chosen(pooled, coeff, doses, others)
 
 
 def load_selection(folder: Path, n_layers: int) -> tuple[selection.Selection, float] | None:
