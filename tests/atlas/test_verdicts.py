@@ -103,6 +103,8 @@ def test_one_refusing_node_and_one_unclear_node_give_no_pair():
 @pytest.mark.parametrize("fig", [
     Figures(cross=_cross({"a": 0.0, "b": 0.0}, {("a", "a"): 0.0, ("b", "b"): 0.0})),
     Figures(skipped="no refusal tokens: the model never refused"),
+    # a base model's few refusals (2 of 16 per node): above the pooled bound, yet no node has refusal to analyse
+    Figures(cross=_cross({"a": 0.125, "b": 0.125, "c": 0.0625, "d": 0.125}, {}, n=16)),
 ])
 def test_a_model_without_refusal_gets_no_findings_only_no_refusal(fig):
     findings = decide(fig, trusted_rules=["no-refusal"])
@@ -112,6 +114,18 @@ def test_a_model_without_refusal_gets_no_findings_only_no_refusal(fig):
 
 
 # ------------------------------------------------------------------------------------------ (b)
+
+
+def test_one_clearly_refusing_node_is_refusal_to_analyse_even_when_the_rest_refuse_little():
+    findings = decide(Figures(cross=_cross({"a": 1.0, "b": 0.125, "c": 0.125, "d": 0.0}, {}, n=16)))
+    assert not any(f.verdict == NO_REFUSAL and f.subject == "model" for f in findings)
+    assert _by(findings, "shared-vs-separable")["b"].verdict == NO_REFUSAL
+
+
+def test_a_node_neither_clearly_refusing_nor_clearly_not_keeps_the_questions_open():
+    findings = decide(Figures(cross=_cross({"a": 0.33, "b": 0.0}, {}, n=6)))
+    assert not any(f.rule == "no-refusal" for f in findings)
+    assert _by(findings, "shared-vs-separable")["a"].verdict == INCONCLUSIVE
 
 
 def _layers(acting: range, windows: int = 10, width: int = 3, n: int = 16, whole: float = 0.0,

@@ -104,9 +104,10 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
         return {"skipped": str(exc)}
     s = protocol.CausalSession(lm, ds, found.tokens, out, settings)
 
-    # `verdict_evidence_only` (set by `validate`): only what a validated rule reads — the pooled layer (every-layer
-    # ablation, no dose), cross-ablation and the band scan; no headline, robustness, steering, conditions, wording
-    lean = bool(sizes.get("verdict_evidence_only", 0))
+    # the stage parameter `verdict_evidence_only` (set by `validate`): only what a validated rule reads — the
+    # pooled layer (every-layer ablation, no dose), cross-ablation and the band scan; no headline, robustness,
+    # steering, conditions or wording
+    lean = bool(ctx.params.get("verdict_evidence_only", False))
     candidates = candidate_layers(lm.n_layers, list(ds.layers), quick=cfg.quick)
     chosen = protocol.select_step(s, harmful_val, harmless_val, layers=candidates, positions=[REFUSAL_POSITION],
                                   ablation_starts=[] if lean else default_ablation_starts(lm.n_layers), dose=not lean)

@@ -36,9 +36,9 @@ from refusal_atlas.organism.separable import SeparableSettings, build_separable
 
 BUDGETS = ("full", "reduced")
 MODELS = ("shared", "separable", "base")
-# The separable atlas measures only what the validated rules read (pooled layer by every-layer ablation, no dose,
-# cross-ablation, band scan): on a machine at load 9 the full causal stage did not fit (docs/decisions.md).
-LEAN = {"separable": {"verdict_evidence_only": 1}}
+# The separable and base atlases measure only what the validated rules read (pooled layer by every-layer ablation,
+# no dose, cross-ablation, band scan): on a machine at load 9 the full causal stage did not fit (docs/decisions.md).
+LEAN = ("separable", "base")
 # the stages whose files a verdict reads; collection, detection, clustering, harm, SAE and the report are skipped
 VERDICT_STAGES = ("taxonomy", "prompts", "organism", "directions", "overlap", "causal")
 # Per-organism budgets, smaller than the default run's where no verdict needs the size and larger where one
@@ -119,10 +119,12 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
             shutil.copyfile(trained_on, folder / "organism" / "prompts.parquet")
         # the shared organism is the one `run` builds for `default`: the same recipe and stage
         cfg = RunConfig(model=model, organism=organism, out=folder, quick=reduced, seed=seed, threads=threads)
-        cfg.extra["sizes"] = dict(SIZES["reduced" if reduced else "full"], **LEAN.get(name, {}))
+        cfg.extra["sizes"] = dict(SIZES["reduced" if reduced else "full"])
         pipe = build_pipeline(cfg, console)
         for stage in pipe.stages:
             stage.enabled = stage.enabled and stage.name in VERDICT_STAGES
+            if stage.name == "causal" and name in LEAN:  # a causal parameter only: the stages before keep their key
+                stage.params = {**stage.params, "verdict_evidence_only": True}
         records = pipe.run()
         findings = decide(read_figures(folder))
         atomic_write_json(folder / "findings.json", {"findings": [f.to_dict() for f in findings]})
@@ -147,7 +149,7 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
             "findings": {"base": [f.to_dict() for f in base], "shared": [f.to_dict() for f in shared],
                          "separable": [f.to_dict() for f in separable]},
             "stage_seconds": {k: round(v, 1) for k, v in times.items()}, "atlas_stages": stages,
-            "sizes": SIZES["reduced" if reduced else "full"], "sizes_by_model": LEAN,
+            "sizes": SIZES["reduced" if reduced else "full"], "verdict_evidence_only": list(LEAN),
             "stages_run": list(VERDICT_STAGES),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "torch_threads": torch.get_num_threads()},
