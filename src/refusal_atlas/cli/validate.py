@@ -106,7 +106,7 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
 
     t = time.perf_counter()
     sep = build_separable(None, "default", seed=seed, out_dir=out / "organisms" / "separable",
-                          separable=SeparableSettings.reduced() if reduced else SeparableSettings(), threads=threads)
+                          separable=SeparableSettings(), threads=threads)
     times["build separable"] = time.perf_counter() - t
     loads["after build separable"] = os.getloadavg()
 
