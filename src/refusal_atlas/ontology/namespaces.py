@@ -191,6 +191,21 @@ class RA(DefinedNamespace):
     value: URIRef
     sampleSize: URIRef
     trusted: URIRef
+    # SAE features (mechinterp/sae): the SAE, its latents, and each node's choice of a latent
+    SparseAutoencoder: URIRef
+    SaeFeature: URIRef
+    FeatureSelection: URIRef
+    featureIndex: URIRef
+    ofSae: URIRef
+    feature: URIRef
+    rank: URIRef
+    attribution: URIRef
+    width: URIRef
+    topK: URIRef
+    tokenCount: URIRef
+    fvu: URIRef
+    meanL0: URIRef
+    deadFraction: URIRef
     # clusters (curation)
     clusterLabel: URIRef
     memberCount: URIRef
