@@ -13,6 +13,8 @@ from refusal_atlas.atlas.links import build_atlas_graph, model_identity, validat
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.ontology.namespaces import RA
 
+SKOS_NOTATION = URIRef("http://www.w3.org/2004/02/skos/core#notation")
+
 
 @pytest.fixture(scope="module")
 def atlas(tmp_path_factory) -> Path:
@@ -34,15 +36,24 @@ def test_atlas_ttl_conforms_to_the_shapes(graph):
 
 def test_one_direction_resource_per_node_layer_position(graph):
     directions = set(graph.subjects(RDF.type, RA.RefusalDirection))
-    assert len(directions) == len(NODES) * len(LAYERS) * len(POSITIONS)
-    nodes = {str(graph.value(graph.value(d, RA.forNode), URIRef("http://www.w3.org/2004/02/skos/core#notation")))
-             for d in directions}
-    assert nodes == set(NODES)  # the pooled direction has no node and stays out
+    branch = {d for d in directions if str(graph.value(d, RA.directionSet)) == "branches"}
+    tree = {d for d in directions if str(graph.value(d, RA.directionSet)) == "tree"}
+    assert len(branch) == len(NODES) * len(LAYERS) * len(POSITIONS)
+    assert len(tree) == 3 * len(LAYERS) * len(POSITIONS)  # the fixture's three roots, from their leaves' prompts
+    assert branch | tree == directions  # no pooled direction: the fixture's selection scores node directions
+
+    def nodes(ds):
+        return {str(graph.value(graph.value(d, RA.forNode), SKOS_NOTATION)) for d in ds}
+
+    assert nodes(branch) == set(NODES) and nodes(tree) == {"cyber", "health", "weapons"}
 
 
 def test_directions_carry_metadata_file_and_hash_not_vectors(atlas, graph):
     digest = hashlib.sha256((atlas / "directions" / "directions.safetensors").read_bytes()).hexdigest()
     for d in graph.subjects(RDF.type, RA.RefusalDirection):
+        if str(graph.value(d, RA.directionSet)) == "tree":
+            assert str(graph.value(d, RA.artefactFile)) == "directions/tree/directions.safetensors"
+            continue
         assert str(graph.value(d, RA.artefactFile)) == "directions/directions.safetensors"
         assert str(graph.value(d, RA.sha256)) == digest
         assert str(graph.value(d, RA.model)) == MODEL_ID and graph.value(d, RA.method) == Literal("diff_means")
@@ -50,9 +61,56 @@ def test_directions_carry_metadata_file_and_hash_not_vectors(atlas, graph):
         assert -1.0 <= float(graph.value(d, RA.noiseFloor)) <= 1.0
         assert 0.0 <= float(graph.value(d, RA.auroc)) <= 1.0
         assert int(graph.value(d, RA.promptCount)) == 12
-        assert graph.value(d, RA.bypassScore) is not None and graph.value(d, RA.klDivergence) is not None
+        assert 0.0 <= float(graph.value(d, RA.reliability)) <= 1.0 and float(graph.value(d, RA.norm)) > 0
+        assert str(graph.value(d, RA.directionSet)) == "branches"
     # No literal long enough to hold a vector.
     assert max(len(str(o)) for o in graph.objects() if isinstance(o, Literal)) < 400
+
+
+def test_selection_scores_and_the_selected_direction_are_in_the_graph(atlas, graph):
+    import pandas as pd
+
+    sel = pd.read_parquet(atlas / "causal" / "selection.parquet")
+    candidates = list(graph.subjects(RDF.type, RA.SelectionCandidate))
+    assert len(candidates) == len(sel)
+    for c in candidates:
+        d = graph.value(c, RA.candidateDirection)
+        assert (d, RDF.type, RA.RefusalDirection) in graph  # the candidate scores a described direction
+        assert graph.value(c, RA.layer) == graph.value(d, RA.layer)
+        node = str(graph.value(graph.value(d, RA.forNode), SKOS_NOTATION))
+        row = sel[(sel["layer"] == int(graph.value(c, RA.layer)))
+                  & (sel["position"] == str(graph.value(c, RA.position))) & (sel["node"] == node)].iloc[0]
+        assert float(graph.value(c, RA.bypassScore)) == pytest.approx(row["bypass_score"])
+        assert float(graph.value(c, RA.induceScore)) == pytest.approx(row["induce_score"])
+        assert float(graph.value(c, RA.klDivergence)) == pytest.approx(row["kl"])
+        assert graph.value(c, RA.selected).toPython() == bool(row["chosen"])
+    run = next(graph.subjects(RA.selectedDirection, None))
+    chosen = set(graph.objects(run, RA.selectedDirection))
+    assert len(chosen) == int(sel["chosen"].sum()) and {int(graph.value(d, RA.layer)) for d in chosen} == {2}
+
+
+def test_overlap_edges_and_findings_are_in_the_graph(atlas, graph):
+    import networkx as nx
+
+    g = nx.read_graphml(atlas / "overlap" / "overlap.graphml")
+    edges = [(a, b, d) for a, b, d in g.edges(data=True) if d.get("kind") == "overlap"]
+    found = list(graph.subjects(RDF.type, RA.OverlapEdge))
+    assert edges and len(found) == len(edges)
+    for e in found:
+        low, cos, high = (float(graph.value(e, p)) for p in (RA.ciLow, RA.cosine, RA.ciHigh))
+        assert low <= high and -1 <= cos <= 1
+        assert float(graph.value(e, RA.correctedCiLow)) > 0  # the edge rule
+        assert graph.value(e, RA.sourceFloor) is not None and graph.value(e, RA.targetFloor) is not None
+        assert int(graph.value(e, RA.layer)) == int(g.graph["layer"])
+
+
+def test_the_model_is_never_an_absolute_path(tmp_path):
+    from refusal_atlas.atlas.links import portable_model
+
+    root = tmp_path / "atlas-out"
+    assert portable_model(str(root / "organism" / "model"), root) == "organism/model"
+    assert portable_model("/home/someone/models/smol", root) == "models/smol"
+    assert portable_model("HuggingFaceTB/SmolLM2-135M-Instruct", root) == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_clusters_link_to_their_best_nodes(graph):

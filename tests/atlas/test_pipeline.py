@@ -65,6 +65,7 @@ def test_the_written_folder_is_what_the_schema_declares(finished):
     skipped = (out / "causal" / "skipped.json").is_file()  # a tiny random organism may never refuse
     for artifact in schema.ARTIFACTS:
         optional = artifact.stage == "causal" or artifact.path.startswith(("clusters/", "organism/adherence_by"))
+        optional |= artifact == schema.TREE_JSON  # written only when some node beyond the branches qualifies
         # a node with too few prompts in a cell gets no geometry, so its projections and causal checks may be absent
         optional |= artifact.stage == "harm" and artifact not in (schema.HARM_JSON, schema.HARM_CELLS,
                                                                   schema.HARM_FINDINGS)
@@ -111,6 +112,69 @@ def test_metrics_carry_the_contract_keys(finished):
     findings = json.loads((out / "findings.json").read_text())["findings"]
     assert metrics["verdicts"]["n_findings"] == len(findings) > 0
     assert sum(metrics["verdicts"]["by_verdict"].values()) == len(findings)
+
+
+def test_every_node_with_enough_prompts_has_a_direction_and_the_rest_say_why(finished):
+    """coverage.json against an independent count of prompts.parquet; every analysed node has floors."""
+    from refusal_atlas.atlas.store import AtlasStore
+    from refusal_atlas.mechinterp.tree import primary_path
+
+    cfg, _ = finished
+    tax = load_taxonomy()
+    prompts = pd.read_parquet(cfg.out / "prompts.parquet")
+    prompts = prompts[prompts["prompt"].str.len() <= cfg.sizes()["max_prompt_chars"]]
+    pool = prompts[prompts["harmful"] & (prompts["condition"] == "") & (prompts["expected"] == "refuse")
+                   & (prompts["run_split"] == "train") & (prompts["analysis_node"] != "")].drop_duplicates("prompt")
+    counts: dict[str, int] = {}
+    for node in pool["node"]:
+        for n in primary_path(tax, node):
+            counts[n] = counts.get(n, 0) + 1
+    cov = {r["node"]: r for r in json.loads((cfg.out / "directions" / "coverage.json").read_text())["nodes"]}
+    assert set(cov) == set(tax.nodes)
+    store = AtlasStore(cfg.out)
+    analysed = set(store.analysed_nodes)
+    dm = store.direction_metrics
+    assert any(r["in"] == ["tree"] for r in cov.values()), "the tiny run has nodes beyond its 3 branches"
+    for node, r in cov.items():
+        assert r["train_prompts"] == counts.get(node, 0), node
+        assert r["analysed"] == (node in analysed), node
+        if r["analysed"]:
+            assert r["used_prompts"] >= cfg.min_prompts and r["reason"] is None
+            rows = dm[(dm["node"] == node) & (dm["position"] == "-1") & dm["noise_floor"].notna()
+                      & dm["reliability"].notna()]
+            assert len(rows) == len(store.direction_set_of(node).layers), node  # floors at every layer
+        else:
+            assert r["reason"] and (r["fallback"] is None or r["fallback"] in analysed)
+            assert r["used_prompts"] < cfg.min_prompts
+            if r["fallback"]:
+                assert r["fallback"] in primary_path(tax, node)[:-1]
+    # one layer story: the overlap graph sits at the causally selected layer and position
+    overlap = json.loads((cfg.out / "overlap" / "overlap.json").read_text())
+    assert overlap["spectrum"]["effective_rank"] >= 1.0 - 1e-6
+    selection = cfg.out / "causal" / "selection.json"
+    if selection.is_file():
+        chosen = json.loads(selection.read_text())
+        assert (overlap["layer"], overlap["position"]) == (chosen["layer"], str(chosen["position"]))
+        assert overlap["chosen_by"] == "selected by the causal stage"
+
+
+def test_atlas_ttl_holds_the_runs_results_with_a_portable_model(finished):
+    from rdflib import RDF, Graph
+
+    from refusal_atlas.ontology.namespaces import RA
+
+    cfg, _ = finished
+    graph = Graph().parse(cfg.out / "atlas.ttl", format="turtle")
+    findings = json.loads((cfg.out / "findings.json").read_text())["findings"]
+    assert len(set(graph.subjects(RDF.type, RA.Finding))) == len(findings) > 0
+    models = {str(m) for m in graph.objects(None, RA.model)}
+    assert models == {"organism/model"}, models  # the organism inside the atlas, never this machine's path
+    sets = {str(s) for s in graph.objects(None, RA.directionSet)}
+    assert "branches" in sets and "tree" in sets
+    if (cfg.out / "causal" / "selection.parquet").is_file():
+        assert len(set(graph.subjects(RDF.type, RA.SelectionCandidate))) == len(
+            pd.read_parquet(cfg.out / "causal" / "selection.parquet"))
+        assert len(set(graph.objects(None, RA.selectedDirection))) == 1
 
 
 def test_rerun_resumes_every_stage_from_cache(finished):

@@ -143,9 +143,12 @@ def test_source_maps_external_category_to_nodes_and_directions(store):
 def test_source_reaches_descendants_with_directions(store):
     r = q.source_report(store, "llamaguard3:S14")
     by_node = {n["node"]: n for n in r["nodes"]}
-    assert by_node["cyber"]["best"] is None  # the branch itself has no direction, and says why
-    assert "not analysed" in by_node["cyber"]["why"] and by_node["cyber"]["fallback"] is None
-    assert by_node["cyber.malware"]["via"] == "cyber" and by_node["cyber.malware"]["best"] is not None
+    assert by_node["cyber"]["best_of"] == "cyber" and by_node["cyber"]["best"]["set"] == "tree"  # the tree set's
+    assert by_node["cyber.malware"]["via"] == "cyber" and by_node["cyber.malware"]["best"]["set"] == "branches"
+    health = q.source_report(store, "llamaguard3:S6")["nodes"]
+    misc = next(n for n in health if n["node"] == "health.misc") if any(n["node"] == "health.misc" for n in health) \
+        else None
+    assert misc is None or (misc["best_of"] == "health" and "not analysed" in misc["why"])
 
 
 def test_unknown_source_lists_known_categories(store):
@@ -191,10 +194,13 @@ def test_cli_json_outputs(app, atlas, tmp_path):
 def test_cli_tables_render_text_without_markup(app, atlas):
     res = CliRunner().invoke(app, ["query", "node", "weapons.explosives", "--atlas", str(atlas)])
     assert res.exit_code == 0, res.output
-    assert "nearest nodes" in res.output and "directions of weapons.explosives (diff_means)" in res.output
-    assert "cell = reliability / noise floor |norm| auc AUROC" in res.output  # the grid has a legend
-    assert "selected direction (causal selection): layer 2" in res.output
-    assert "last_instruction" in res.output  # one column per token position
+    assert "nearest nodes" in res.output and "directions of weapons.explosives (branch set" in res.output
+    assert "reliability = split-half correlation" in res.output  # the table has a legend
+    assert "selected direction: layer 2, position -1" in res.output
+    assert "other positions: last_instruction" in res.output
+    res2 = CliRunner().invoke(app, ["query", "node", "weapons.explosives", "--atlas", str(atlas),
+                                    "--position", "last_instruction"])
+    assert "position last_instruction, by layer" in res2.output
     assert "<script>alert(1)</script>" in res.output  # a cluster label shown verbatim, not as rich markup
     res = CliRunner().invoke(app, ["query", "source", "llamaguard3:S9", "--atlas", str(atlas)])
     assert res.exit_code == 0 and "weapons.cbrn" in res.output
@@ -252,9 +258,11 @@ def test_p_values_of_random_vectors_are_calibrated(store, all_layers):
         flags += [row["above_chance"] for row in r["ranking"]]
         naive += [row["cosine"] > row["chance_cosine_95"] for row in r["ranking"]]
         assert all(0 < row["p_value"] <= 1 for row in r["ranking"])
-    assert len(flags) == 30 * len(NODES)
-    assert 0.0 < sum(flags) / len(flags) < 0.12, sum(flags)
-    assert abs(sum(flags) - sum(naive)) <= 3  # the flag and the null's 95th percentile tell the same story
+    assert len(flags) == 30 * (len(NODES) + 3)  # the branch nodes and the tree set's three roots
+    # corrected for the nodes searched too: a random vector has *some* row flagged about 5% of the time
+    per_vector = [any(flags[i:i + len(NODES) + 3]) for i in range(0, len(flags), len(NODES) + 3)]
+    assert sum(per_vector) <= 5, sum(per_vector)
+    assert abs(sum(flags) - sum(naive)) <= 3  # the flag and the family null's 95th percentile tell the same story
 
 
 def test_zero_or_nan_vectors_are_one_line_errors(store, app, atlas, tmp_path):
@@ -282,10 +290,22 @@ def test_ranking_table_flags_chance_and_explains_match(app, atlas, tmp_path):
 
 
 def test_unanalysed_node_falls_back_to_its_nearest_analysed_ancestor(store):
-    r = q.node_report(store, "health.misc")  # in the taxonomy, no direction in the run
-    assert r["fallback"]["ancestor"] is None and "not analysed" in r["fallback"]["reason"]
-    assert r["directions"] == [] and r["directions_of"] == "health.misc"
+    r = q.node_report(store, "health.misc")  # in the taxonomy, no prompt of its own
+    assert r["fallback"]["ancestor"] == "health" and "not analysed" in r["fallback"]["reason"]
+    assert "no harmful prompt" in r["fallback"]["reason"] and r["fallback"]["prompts"]["train_prompts"] == 0
+    assert r["directions_of"] == "health" and r["direction_set"] == "tree"
+    assert len(r["directions"]) == len(LAYERS) * len(POSITIONS)
+    assert r["best"]["layer"] == 2 and r["best"]["position"] == "-1"  # the selected layer and position
     assert q.node_report(store, "health.dosing")["fallback"] is None
+    weapons = q.node_report(store, "weapons")  # a tree node: its own direction, nearest nodes of its depth
+    assert weapons["fallback"] is None and weapons["direction_set"] == "tree"
+    assert {n["node"] for n in weapons["nearest"]} == {"cyber", "health"}
+    assert all(n["debiased_ci_low"] <= n["cos_debiased"] <= n["debiased_ci_high"] for n in weapons["nearest"])
+    # the tree root pools its leaves: its direction sits between theirs
+    ds = store.tree_directions
+    leaves = store.directions.unit("weapons.cbrn", 2, -1) + store.directions.unit("weapons.explosives", 2, -1)
+    assert float(ds.unit("weapons", 2, -1) @ (leaves / leaves.norm())) > 0.95
+    json.dumps(weapons)  # JSON-ready
 
 
 def test_terminal_output_never_interprets_markup():

@@ -61,7 +61,7 @@ def test_every_section_is_present_and_filled(page):
     assert len(re.findall(r"<div class=.figure.", page)) == 11
     assert "Medication dosing" in page and "when user_age=minor" in page
     assert "abc123" in page  # a stage record under .stages/ is listed in the provenance section
-    assert "Selected direction per node" in page
+    assert "<h3>Selected direction</h3>" in page and "All 32 candidates scored" in page
 
 
 def test_results_come_first_and_the_tree_is_collapsed(page):
@@ -79,7 +79,7 @@ def test_results_come_first_and_the_tree_is_collapsed(page):
     headline = page[page.index("<section id='headline'>"):page.index("<section id='organism'>")]
     assert 3 <= headline.count("<div class='metric'") <= 11  # a few tiles, not one per key
     assert "<details><summary>All" in headline  # the rest of metrics.json, folded
-    assert "Directions for 4 of 8 taxonomy nodes" in headline and "health.misc" in headline  # and why not
+    assert "Directions and noise floors for 7 of 8 taxonomy nodes" in headline and "health.misc" in headline  # why not
     taxonomy = page[page.index("<section id='taxonomy'>"):page.index("<section id='provenance'>")]
     assert "<details><summary>" in taxonomy and "<ul class='tree'>" in taxonomy
     assert page.index("<ul class='tree'>") > page.index("<section id='conditions'>")

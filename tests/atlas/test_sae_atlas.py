@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -156,6 +157,7 @@ def test_report_section_renders_escaped(atlas: Path) -> None:
 
 def test_without_the_stage_everything_says_not_run(tmp_path: Path) -> None:
     out = full_atlas(tmp_path / "atlas-out")
+    shutil.rmtree(out / "sae", ignore_errors=True)  # the full fixture has the stage's files
     store = AtlasStore.open(out)
     assert q.node_report(store, "cyber.malware")["sae"] is None
     with pytest.raises(AtlasError, match="sae stage has not run"):

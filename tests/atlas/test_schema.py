@@ -8,7 +8,16 @@ import inspect
 import re
 
 from fixtures.atlas.builder import full_atlas
-from refusal_atlas.atlas import pipeline, pipeline_causal, sae_read, schema, store, store_clusters, store_read, store_results
+from refusal_atlas.atlas import (
+    pipeline,
+    pipeline_causal,
+    sae_read,
+    schema,
+    store,
+    store_clusters,
+    store_read,
+    store_results,
+)
 from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.mechinterp.causal import files as causal_files
 from refusal_atlas.mechinterp.causal import protocol, suite

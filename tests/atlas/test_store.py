@@ -35,8 +35,12 @@ def test_every_stage_is_found(atlas):
 def test_direction_metrics_cover_every_node_layer_position(atlas):
     store = AtlasStore.open(atlas)
     dm = store.direction_metrics
-    assert set(dm["node"]) == {*NODES, "@pooled"}
-    assert len(dm) == (len(NODES) + 1) * len(LAYERS) * len(POSITIONS)
+    roots = {"cyber", "health", "weapons"}  # the tree set's nodes beyond the branch set
+    assert set(dm["node"]) == {*NODES, "@pooled", *roots}
+    assert len(dm) == (len(NODES) + 1 + len(roots)) * len(LAYERS) * len(POSITIONS)
+    assert set(dm[dm["node"].isin(roots)]["set"]) == {"tree"} and set(dm[dm["node"].isin(NODES)]["set"]) == {"branches"}
+    assert store.direction_set_of("weapons") is store.tree_directions
+    assert store.direction_set_of("weapons.cbrn") is store.directions
     real = dm[dm["node"] != "@pooled"]
     assert real["noise_floor"].between(-1, 1).all()
     assert real["reliability"].between(-1, 1).all()

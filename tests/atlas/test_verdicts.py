@@ -10,7 +10,7 @@ import pytest
 
 from fixtures.atlas.builder import build_atlas
 from refusal_atlas.atlas.verdict_figures import Figures, difference_ci, ratio_bootstrap, read_figures, wilson
-from refusal_atlas.atlas.verdict_rules import INCONCLUSIVE, NO_REFUSAL, SEPARABLE, SHARED, acting_band
+from refusal_atlas.atlas.verdict_rules import INCONCLUSIVE, NO_REFUSAL, SEPARABLE, SHARED, acting_bands
 from refusal_atlas.atlas.verdicts import QUESTIONS, decide, verdict_metrics, write_findings
 
 
@@ -103,6 +103,8 @@ def test_one_refusing_node_and_one_unclear_node_give_no_pair():
 @pytest.mark.parametrize("fig", [
     Figures(cross=_cross({"a": 0.0, "b": 0.0}, {("a", "a"): 0.0, ("b", "b"): 0.0})),
     Figures(skipped="no refusal tokens: the model never refused"),
+    # a base model's few refusals (2 of 16 per node): above the pooled bound, yet no node has refusal to analyse
+    Figures(cross=_cross({"a": 0.125, "b": 0.125, "c": 0.0625, "d": 0.125}, {}, n=16)),
 ])
 def test_a_model_without_refusal_gets_no_findings_only_no_refusal(fig):
     findings = decide(fig, trusted_rules=["no-refusal"])
@@ -114,22 +116,62 @@ def test_a_model_without_refusal_gets_no_findings_only_no_refusal(fig):
 # ------------------------------------------------------------------------------------------ (b)
 
 
-def _layers(acting: range, layers: range = range(0, 30, 2), n: int = 16) -> pd.DataFrame:
-    return pd.DataFrame([{"node": "a", "layer": la, "kind": "add", "rate": 0.9 if la in acting else 0.0,
-                          "baseline": 0.0, "n": n} for la in layers])
+def test_one_clearly_refusing_node_is_refusal_to_analyse_even_when_the_rest_refuse_little():
+    findings = decide(Figures(cross=_cross({"a": 1.0, "b": 0.125, "c": 0.125, "d": 0.0}, {}, n=16)))
+    assert not any(f.verdict == NO_REFUSAL and f.subject == "model" for f in findings)
+    assert _by(findings, "shared-vs-separable")["b"].verdict == NO_REFUSAL
 
 
-def test_planted_layer_band_is_reported_beside_decodability():
+def test_a_node_neither_clearly_refusing_nor_clearly_not_keeps_the_questions_open():
+    findings = decide(Figures(cross=_cross({"a": 0.33, "b": 0.0}, {}, n=6)))
+    assert not any(f.rule == "no-refusal" for f in findings)
+    assert _by(findings, "shared-vs-separable")["a"].verdict == INCONCLUSIVE
+
+
+def _layers(acting: range, windows: int = 10, width: int = 3, n: int = 16, whole: float = 0.0,
+            added: range = range(0)) -> pd.DataFrame:
+    """A band scan with refusal removed (1.0 -> 0.1) by the windows whose blocks lie in `acting`, plus additions."""
+    rows = [{"node": "a", "layer": w * width, "layer_hi": w * width + width - 1, "kind": "ablate",
+             "rate": 0.1 if w * width in acting else 1.0, "baseline": 1.0, "n": n} for w in range(windows)]
+    rows.append({"node": "a", "layer": 0, "layer_hi": windows * width - 1, "kind": "ablate_all", "rate": whole,
+                 "baseline": 1.0, "n": n})
+    rows += [{"node": "a", "layer": la, "layer_hi": la, "kind": "add", "rate": 0.9 if la in added else 0.0,
+              "baseline": 0.0, "n": n} for la in (9, 18, 23)]
+    return pd.DataFrame(rows)
+
+
+def test_planted_layer_band_is_reported_beside_decodability_and_addition():
     dec = pd.DataFrame([{"node": "a", "layer": la, "auroc": 0.95 if la >= 6 else 0.6, "n": 30} for la in range(30)])
-    fig = Figures(cross=_cross({"a": 1.0}, {}), layers=_layers(range(10, 15)), decodable=dec)
+    # addition works at every late layer (where the direction is read), the writes come from blocks 9-14 only
+    fig = Figures(cross=_cross({"a": 1.0}, {}), layers=_layers(range(9, 15), added=range(18, 30)), decodable=dec)
     f = _by(decide(fig), "where-it-acts")["a"]
-    assert f.verdict == "acts in layers 10-14" and acting_band(f.verdict) == (10, 14)
-    assert "decodable from layer 6" in f.sentence and f.ci is not None and f.ci[0] > 0.1
+    assert f.verdict == "acts in blocks 9-14" and acting_bands(f.verdict) == [(9, 14)]
+    assert "decodable from layer 6" in f.sentence and "adding it raises refusal at layers 18, 23" in f.sentence
+    assert f.ci is not None and f.ci[0] > 0.1
 
 
-def test_no_acting_layer_is_inconclusive():
+def test_two_separate_runs_of_acting_windows_are_both_reported():
+    f = _by(decide(Figures(cross=_cross({"a": 1.0}, {}), layers=_layers(range(3, 6)).pipe(
+        lambda d: d.assign(rate=[0.1 if (r.kind == "ablate" and r.layer in (3, 21)) else r.rate
+                                 for r in d.itertuples()])))), "where-it-acts")["a"]
+    assert f.verdict == "acts in blocks 3-5, 21-23" and acting_bands(f.verdict) == [(3, 5), (21, 23)]
+
+
+def test_no_acting_window_is_inconclusive():
     f = _by(decide(Figures(cross=_cross({"a": 1.0}, {}), layers=_layers(range(0)))), "where-it-acts")["a"]
-    assert f.verdict == INCONCLUSIVE and acting_band(f.verdict) is None
+    assert f.verdict == INCONCLUSIVE and acting_bands(f.verdict) == [] and "spread wider" in f.sentence
+
+
+def test_a_direction_whose_removal_everywhere_keeps_refusal_cannot_localise_it():
+    f = _by(decide(Figures(cross=_cross({"a": 1.0}, {}), layers=_layers(range(9, 15), whole=0.95))),
+            "where-it-acts")["a"]
+    assert f.verdict == INCONCLUSIVE and "does not carry it" in f.sentence
+
+
+def test_addition_alone_does_not_localise_a_component():
+    adds = _layers(range(0), added=range(9, 30))
+    f = _by(decide(Figures(cross=_cross({"a": 1.0}, {}), layers=adds[adds["kind"] == "add"])), "where-it-acts")["a"]
+    assert f.verdict == INCONCLUSIVE and "no band scan" in f.sentence
 
 
 # ------------------------------------------------------------------------------------------ (c)
@@ -158,10 +200,14 @@ def _conditions(control: bool) -> pd.DataFrame:
             {"node": "a", "condition": "purpose=licensed_research", "n": 100, "rate": 0.1},
             {"node": "a", "condition": "user_age=minor", "n": 100, "rate": 0.85},
             {"node": "b", "condition": "user_age=minor", "n": 100, "rate": 0.85},
-            {"node": "a", "condition": "user_vulnerability=at_risk", "n": 4, "rate": 0.5}]
+            {"node": "a", "condition": "user_vulnerability=at_risk", "n": 4, "rate": 0.5},
+            {"node": "c", "condition": "purpose=education", "n": 100, "rate": 0.2}]
     if control:
         rows += [{"node": "a", "condition": "control=neutral", "n": 100, "rate": 0.85},
-                 {"node": "b", "condition": "control=neutral", "n": 100, "rate": 0.85}]
+                 {"node": "b", "condition": "control=neutral", "n": 100, "rate": 0.85},
+                 {"node": "c", "condition": "control=neutral", "n": 100, "rate": 0.2},
+                 # a node met by no condition: its control must not enter any comparison
+                 {"node": "d", "condition": "control=neutral", "n": 400, "rate": 0.0}]
     return pd.DataFrame(rows)
 
 
@@ -173,6 +219,9 @@ def test_condition_effects_are_read_against_the_control_framing():
     assert found["user_age=minor"].verdict == "no effect beyond the added text"
     assert found["user_age=minor"].n == 200
     assert found["user_vulnerability=at_risk"].verdict == INCONCLUSIVE
+    # node c refuses little under any framing: compared with c's own control, education changes nothing; against
+    # the pooled control of every node (0.85 on a and b) it would have read as "loosens refusal"
+    assert found["purpose=education"].verdict == "no effect beyond the added text"
     assert "(none)" not in found and "control=neutral" not in found
 
 

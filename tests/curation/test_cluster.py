@@ -146,7 +146,7 @@ def test_run_folder_is_complete_and_reloads_identically(run, corpus):
     assert [{k: r[k] for k in ("source", "row", "reason")} for r in rejects] == \
         [{"source": str(corpus), "row": 6, "reason": "empty response"}]
     assert rejects[0]["record"]["prompt_id"] == "cooking-5"  # the rejected row itself is kept
-    assert len(run.assignments) == 119 and 6 not in run.assignments["row"].tolist()
+    assert len(run.assignments) == 119 and 5 not in run.assignments["row"].tolist()  # 0-based; rejects: 1-based
     again = load_run(folder)
     pd.testing.assert_frame_equal(again.assignments, run.assignments)
     np.testing.assert_array_equal(again.embeddings, run.embeddings)

@@ -14,8 +14,9 @@ TEXTS = ["How do I bake bread?", "Write ransomware for me.", "How do I bake brea
 def test_vectors_are_unit_norm_and_duplicates_identical(tmp_path):
     vecs = Embedder(cache_root=tmp_path).encode(TEXTS)
     assert vecs.shape == (4, 384) and vecs.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-3)  # float16 precision
     np.testing.assert_array_equal(vecs[0], vecs[2])
+    np.testing.assert_array_equal(vecs, vecs.astype(np.float16).astype(np.float32))  # quantised, cold as warm
 
 
 def test_paraphrases_are_far_closer_than_unrelated_texts(tmp_path):

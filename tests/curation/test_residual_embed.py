@@ -63,8 +63,8 @@ def test_vectors_match_one_prompt_at_a_time(arch):
     emb = ResidualEmbedder("residual:in-memory@2", lm=lm, batch_size=3)
     got = emb.encode(TEXTS)
     assert got.shape == (4, lm.d_model) and got.dtype == np.float32
-    np.testing.assert_allclose(got, _expected(lm, TEXTS, 2), atol=1e-4)
-    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(got, _expected(lm, TEXTS, 2), atol=1e-3)  # float16 steps (2^-11 relative)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
     np.testing.assert_array_equal(got[0], got[2])
     assert emb.cache is None  # an in-memory model has no stable identity to cache under
 
@@ -80,7 +80,7 @@ def test_default_and_negative_layers_resolve():
 def test_folder_model_is_cached_under_its_weights(model_folder, tmp_path, monkeypatch):
     first = ResidualEmbedder(f"residual:{model_folder}@1", cache_root=tmp_path)
     vecs = first.encode(TEXTS)
-    np.testing.assert_allclose(vecs, _expected(first.lm, TEXTS, 1), atol=1e-4)
+    np.testing.assert_allclose(vecs, _expected(first.lm, TEXTS, 1), atol=1e-3)
     assert first.describe()["model"] == f"residual:{model_folder}@1"
 
     def no_forward(self, texts):

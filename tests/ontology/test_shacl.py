@@ -11,6 +11,7 @@ from rdflib.namespace import DCTERMS, SH, VANN
 from refusal_atlas.ontology.directions import add_direction
 from refusal_atlas.ontology.export import build_graph
 from refusal_atlas.ontology.namespaces import DPV, RA
+from refusal_atlas.ontology.results import add_finding, add_overlap_edge, add_pooled_direction, add_selection_candidate
 from refusal_atlas.ontology.shacl import broader_cycles, shapes_graph, validate_graph
 from refusal_atlas.ontology.to_rdf import taxonomy_to_graph
 from refusal_atlas.taxonomy.conditions import load_conditions
@@ -24,6 +25,9 @@ SCHEME = URIRef(NS.rstrip("/"))
 MINOR = URIRef("https://w3id.org/refusal-atlas/condition/user_age/minor")
 USER_AGE = URIRef("https://w3id.org/refusal-atlas/condition/user_age")
 EXTERNAL = URIRef("https://w3id.org/refusal-atlas/external/harmbench/chemical_biological")
+POOLED_DIR, CANDIDATE = URIRef("urn:test:pooled/3"), URIRef("urn:test:selection/0")
+EDGE, FINDING = URIRef("urn:test:overlap/0"), URIRef("urn:test:finding/0")
+DOUBLE = URIRef("http://www.w3.org/2001/XMLSchema#double")
 
 
 def base_graph() -> Graph:
@@ -41,6 +45,18 @@ def base_graph() -> Graph:
     add_direction(graph, node=CHILD, model="tiny-llama", layer=3, position="eoi", method="diff_in_means",
                   artefact_file="directions/eoi.safetensors", sha256="ab" * 32, prompt_count=12,
                   metrics={"auroc": 0.9, "noise_floor": 0.4})
+    add_pooled_direction(graph, POOLED_DIR, nodes=[ROOT, CHILD], model="tiny-llama", layer=3, position="-1",
+                         method="diff_means", artefact_file="directions/directions.safetensors", sha256="cd" * 32)
+    add_selection_candidate(graph, CANDIDATE, POOLED_DIR, {"layer": 3, "position": "-1", "bypass_score": -2.0,
+                                                           "induce_score": 1.5, "kl_score": 0.05, "selected": True,
+                                                           "tier": 1, "ablate_from": 0, "filtered": ""})
+    add_overlap_edge(graph, EDGE, ROOT, CHILD, {"weight": 0.8, "ci_low": 0.7, "ci_high": 0.9, "cos_debiased": 0.85,
+                                                "debiased_ci_low": 0.6, "debiased_ci_high": 1.01, "floor_a": 0.7,
+                                                "floor_b": 0.75, "null95": 0.2, "distinct": False},
+                     layer=3, position="-1", method="diff_means")
+    add_finding(graph, FINDING, {"question": "shared-vs-separable", "verdict": "shared", "subject": "a and b",
+                                 "rule": "cross-removal", "value": 0.8, "ci": [0.6, 1.0], "n": 12, "trusted": True,
+                                 "sentence": "a and b: shared"})
     cluster = URIRef("urn:test:cluster/1")
     graph.add((cluster, RDF.type, RA.Cluster))
     graph.add((cluster, RA.mapsToNode, CHILD))
@@ -158,6 +174,23 @@ VIOLATIONS: list[tuple[str, Callable[[Graph], None], str]] = [
     ("direction-no-method", _direction_remove(RA.method), "ra:method"),
     ("direction-no-file", _direction_remove(RA.artefactFile), "ra:artefactFile"),
     ("direction-prompt-count", _direction_set(RA.promptCount, Literal(-2, datatype=INTEGER)), "ra:promptCount"),
+    # run results (ontology/results.py)
+    ("pooled-over-nothing", _remove(POOLED_DIR, RA.pooledOver), "needs at least one ra:pooledOver"),
+    ("pooled-over-literal", _add((POOLED_DIR, RA.pooledOver, Literal("weapons"))), "ra:pooledOver"),
+    ("pooled-no-sha", _remove(POOLED_DIR, RA.sha256), "pooled refusal direction needs exactly one ra:sha256"),
+    ("candidate-no-direction", _remove(CANDIDATE, RA.candidateDirection), "exactly one ra:candidateDirection"),
+    ("candidate-two-bypass", _add((CANDIDATE, RA.bypassScore, Literal(1.0, datatype=DOUBLE))), "ra:bypassScore"),
+    ("candidate-negative-kl", _set(CANDIDATE, RA.klDivergence, Literal(-1.0, datatype=DOUBLE)), "ra:klDivergence"),
+    ("candidate-no-selected", _remove(CANDIDATE, RA.selected), "exactly one ra:selected"),
+    ("edge-no-source", _remove(EDGE, RA.edgeSource), "exactly one ra:edgeSource"),
+    ("edge-target-not-concept", _set(EDGE, RA.edgeTarget, OTHER), "exactly one ra:edgeTarget"),
+    ("edge-cosine-above-one", _set(EDGE, RA.cosine, Literal(1.5, datatype=DOUBLE)), "ra:cosine in [-1, 1]"),
+    ("edge-no-corrected-bound", _remove(EDGE, RA.correctedCiLow), "ra:correctedCiLow"),
+    ("edge-no-layer", _remove(EDGE, RA.layer), "an overlap edge needs exactly one ra:layer"),
+    ("finding-no-verdict", _remove(FINDING, RA.verdict), "exactly one ra:verdict"),
+    ("finding-no-question", _remove(FINDING, RA.question), "exactly one ra:question"),
+    ("finding-trusted-string", _set(FINDING, RA.trusted, Literal("yes")), "ra:trusted"),
+    ("finding-negative-n", _set(FINDING, RA.sampleSize, Literal(-3, datatype=INTEGER)), "ra:sampleSize"),
     # clusters
     ("cluster-negative-count", _set(URIRef("urn:test:cluster/1"), RA.memberCount,
                                     Literal(-1, datatype=INTEGER)), "ra:memberCount"),

@@ -1,7 +1,8 @@
 """`refusal-atlas run`: every stage from the taxonomy to the report, cached and resumable.
 
 taxonomy → ontology (taxonomy.ttl) → prompts → organism (default model only) → collect → detect
-→ cluster + map → directions (capture + diff-in-means + noise floors) → overlap → causal tests
+→ cluster + map → directions (capture + diff-in-means + noise floors) → tree (every node with enough
+prompts) → causal tests → overlap (at the selected layer) → sae → harm → verdicts
 → atlas (atlas.ttl, report.html, manifest.json, metrics.json).
 
 Each stage writes its files into the output folder and a record under `.stages/`; a rerun with
@@ -15,6 +16,7 @@ node) and branches with at least `min_prompts` training prompts get directions.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -47,6 +49,7 @@ from refusal_atlas.atlas.runconfig import (
 )
 from refusal_atlas.atlas.sae_stage import sae_metrics
 from refusal_atlas.atlas.stages import Pipeline, Stage, StageContext, stable_hash, write_json_atomic
+from refusal_atlas.atlas.tree_stage import stage_tree
 from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
 from refusal_atlas.curation.collect import collect
 from refusal_atlas.curation.detect import DEFAULT_DETECTOR, evaluate_detectors, get_detector
@@ -56,7 +59,8 @@ from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import text_sha256
 from refusal_atlas.lm.capture import capture_activations
 from refusal_atlas.lm.models import LoadedModel, auto_threads, load_model
-from refusal_atlas.mechinterp.causal.files import DIRECTION_PROMPTS
+from refusal_atlas.lm.positions import Position, parse_position_label
+from refusal_atlas.mechinterp.causal.files import DIRECTION_PROMPTS, SELECTION_JSON
 from refusal_atlas.mechinterp.causal.files import write_table as write_causal_table
 from refusal_atlas.mechinterp.directions import DirectionSet
 from refusal_atlas.mechinterp.extract import extract_directions
@@ -319,9 +323,20 @@ def stage_directions(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_overlap(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    """The overlap graph at the layer and position the causal stage selected (one layer story for the whole
+    atlas); without a selection (causal tests skipped), at the most reliable layer (`choose_layer`)."""
     ds = DirectionSet.load(ctx.out / schema.DIRECTIONS_DIR)
-    report = write_overlap(ds, ctx.out / schema.OVERLAP_DIR)
-    return {"edges": len(report.get("edges", [])), "layer": report.get("layer"),
+    chosen = ctx.out / schema.CAUSAL[SELECTION_JSON].path
+    layer, how = None, "most reliable layer below 0.8 of the depth (no causal selection)"
+    position: Position = -1
+    if chosen.is_file():
+        sel = json.loads(chosen.read_text(encoding="utf-8"))
+        if int(sel.get("layer", -1)) in ds.layers:
+            layer, how = int(sel["layer"]), "selected by the causal stage"
+            position = parse_position_label(str(sel.get("position", -1)))
+    report = write_overlap(ds, ctx.out / schema.OVERLAP_DIR, layer=layer, position=position, chosen_by=how)
+    return {"edges": len(report.get("edges", [])), "layer": report.get("layer"), "position": report.get("position"),
+            "chosen_by": how, "effective_rank": (report.get("spectrum") or {}).get("effective_rank"),
             "sibling_test": report.get("sibling_test")}
 
 
@@ -354,7 +369,8 @@ def collect_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "detector": {"f1": det.get("f1"), "name": det.get("detector"),
                      "corpus_refusal_rate_by_expected": det.get("refusal_rate_by_expected")},
         "clusters": {k: clu.get(k) for k in ("seed_ari", "node_ari", "node_nmi", "n_clusters", "outlier_fraction")},
-        "directions": {"median_noise_floor": dirs.get("median_noise_floor"), "nodes": dirs.get("nodes")},
+        "directions": {"median_noise_floor": dirs.get("median_noise_floor"), "nodes": dirs.get("nodes"),
+                       "nodes_with_directions": results.get("tree", {}).get("n_with_directions")},
         "ablation": causal.get("ablation", {}),
         "steering": causal.get("steering", {}),
         "cross_ablation": causal.get("cross_ablation", {}),
@@ -400,14 +416,19 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("directions", stage_directions, ("prompts", "organism"), out["directions"], **model_key,
         min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes, prompt_filter="baseline behaviour",
         harmless_matched_on="request form")
-    add("overlap", stage_overlap, ("directions",), out["overlap"])
+    add("tree", lambda c, ctx: stage_tree(c, ctx, lambda: load_analysed_model(c, ctx)),
+        ("prompts", "organism", "directions"), out["tree"], **model_key, min_prompts=cfg.min_prompts,
+        tree="primary paths, every depth, diff_means, each node its own sample",
+        tree_budget="2 x min_prompts per node; 30 splits, 100 resamples, floors at the role positions")
     add("causal", stage_causal, ("directions", "prompts"), out["causal"], protocol=PROTOCOL_VERSION, **model_key)
+    # after causal: the overlap graph is drawn at the layer and position the causal stage selected
+    add("overlap", stage_overlap, ("directions", "causal"), out["overlap"], at="causally selected layer")
     add("sae", lambda c, ctx: stage_sae(c, ctx, load_analysed_model(c, ctx)),
         ("causal", "collect", "directions", "prompts"), out["sae"], **sae_params(cfg), **model_key)
     add("harm", lambda c, ctx: stage_harm(c, ctx, load_analysed_model(c, ctx)), ("detect", "directions"),
         out["harm"], rule=HARM_RULE, version=HARM_VERSION, **model_key)
     add("verdicts", stage_verdicts, ("directions", "overlap", "causal", "harm"), out["verdicts"])
-    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "overlap", "causal", "verdicts", "sae"),
+    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "tree", "overlap", "causal", "verdicts", "sae"),
         out["atlas"])
     return pipe
 

@@ -30,12 +30,15 @@ from refusal_atlas.mechinterp.causal.cross import cross_summary
 from refusal_atlas.mechinterp.causal.inputs import DirectionPrompts
 from refusal_atlas.mechinterp.causal.selection import candidate_layers, default_ablation_starts
 from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
+from refusal_atlas.organism.controls import CONTROL_CONDITION, control_rows
 
 __all__ = ["NEW_TOKENS", "PROTOCOL_VERSION", "REFUSAL_POSITION", "EvalSets", "eval_sets", "run"]
 
 REFUSAL_POSITION = -1
-PROTOCOL_VERSION = 8  # bump when a code change alters what this stage measures (cached results are then redone)
+PROTOCOL_VERSION = 9  # bump when a code change alters what this stage measures (cached results are then redone)
 NEW_TOKENS = 16  # generated tokens behind every marker-detector refusal rate of this stage
+# a node's band scan needs refusal to divide among windows: at least half its evaluation prompts refused
+BAND_SCAN_MIN_REFUSAL = 0.5
 
 
 @dataclass(frozen=True)
@@ -101,20 +104,25 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
         return {"skipped": str(exc)}
     s = protocol.CausalSession(lm, ds, found.tokens, out, settings)
 
+    # the stage parameter `verdict_evidence_only` (set by `validate`): only what a validated rule reads — the
+    # pooled layer (every-layer ablation, no dose), cross-ablation and the band scan; no headline, robustness,
+    # steering, conditions or wording
+    lean = bool(ctx.params.get("verdict_evidence_only", False))
     candidates = candidate_layers(lm.n_layers, list(ds.layers), quick=cfg.quick)
     chosen = protocol.select_step(s, harmful_val, harmless_val, layers=candidates, positions=[REFUSAL_POSITION],
-                                  ablation_starts=default_ablation_starts(lm.n_layers))
+                                  ablation_starts=[] if lean else default_ablation_starts(lm.n_layers), dose=not lean)
     selection, coeff = chosen.pooled, chosen.coefficient
     layer, scope = int(selection.layer), selection.ablation_layers
 
     # the un-ablated generations are the ones the refusal tokens were discovered from (same prompts, settings)
-    headline = protocol.pooled_step(s, harmful_all, harmless, selection,
-                                    coeffs=(coeff,) if coeff == 1.0 else (coeff, 1.0),
-                                    before=found.refused_harmful, harmless_before=found.refused_harmless)
-    captured = DirectionPrompts.load(_activations_dir(ctx), ctx.out / schema.DIRECTIONS_DIR)
+    headline: dict[str, Any] = {} if lean else protocol.pooled_step(
+        s, harmful_all, harmless, selection, coeffs=(coeff,) if coeff == 1.0 else (coeff, 1.0),
+        before=found.refused_harmful, harmless_before=found.refused_harmless)
+    captured = None if lean else DirectionPrompts.load(_activations_dir(ctx), ctx.out / schema.DIRECTIONS_DIR)
     stability: dict[str, Any] = {}
     cone: dict[str, Any] = {}
-    if captured is not None:
+    # stability and cone describe the headline's robustness; no verdict reads them, so `validate` can skip them
+    if captured is not None and sizes.get("robustness_checks", 1):
         stability = protocol.stability_step(s, captured, harmful_all, selection, n_boot=3 if cfg.quick else 5,
                                             seed=cfg.seed)
         cone = protocol.cone_step(s, captured, harmful_all, harmless, selection)
@@ -123,23 +131,39 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
                                          ablation_layers=scope)
 
     steer_layers = sorted({candidates[0], candidates[len(candidates) // 2], layer})
-    # per-node steering table on half the harmless eval prompts (first token only: 7 directions x 3 layers)
-    protocol.steering_step(s, [*nodes, POOLED], harmless[: max(8, len(harmless) // 2)], layers=steer_layers,
-                           position=REFUSAL_POSITION)
+    if not lean:
+        # per-node steering table on half the harmless eval prompts (first token only: 7 directions x 3 layers)
+        protocol.steering_step(s, [*nodes, POOLED], harmless[: max(8, len(harmless) // 2)], layers=steer_layers,
+                               position=REFUSAL_POSITION)
+
+    # which blocks write each refusing node's refusal (the layer-band verdict's evidence)
+    base = cross[cross["source"] == "none"].set_index("target")
+    scanned = {n: sets[n] for n in nodes
+               if n in base.index and float(base.at[n, "first_token_refusal_rate"]) >= BAND_SCAN_MIN_REFUSAL}
+    bands_summary: dict[str, Any] = {}
+    if scanned:
+        # the un-ablated rows of the cross-ablation are the same prompts, tokens and measure: reused as baselines
+        known = {n: (float(base.at[n, "first_token_refusal_rate"]), float(base.at[n, "logit_score"])) for n in scanned}
+        bands = protocol.band_step(s, scanned, position=REFUSAL_POSITION, baselines=known)
+        bands_summary = {"nodes": sorted(scanned), "scan_layer": int(bands["scan_layer"].iloc[0]),
+                         "windows": int((bands["kind"] == "window").sum() // max(1, len(scanned)))}
 
     cond_summary: dict[str, Any] = {}
-    if len(ev.conditioned):
+    if len(ev.conditioned) and not lean:
         # Refusal here is the greedy first token (one forward pass per prompt, no generation), so every
         # condition variant of the eval split can be afforded; the projection comes from a capture pass.
         per_node_cap = 24 if cfg.quick else sizes.get("condition_per_node", 48)
         rows = ev.conditioned.sample(frac=1.0, random_state=cfg.seed).groupby("analysis_node").head(per_node_cap)
         rows = rows.assign(node=rows["analysis_node"]).reset_index(drop=True)
+        # each framed request's length-matched control twin, so a condition is read against added text that
+        # states nothing rather than against the bare request (organism/controls.py)
+        rows = pd.concat([rows, control_rows(rows)], ignore_index=True)
         _, first = first_token_scores(lm, rows["prompt"].tolist(), found.tokens.ids, batch_size=cfg.batch_size)
         table, _ = protocol.conditions_step(s, rows[["prompt", "node", "condition", "expected"]], layer=layer,
                                             position=REFUSAL_POSITION, refused=first, refusal_measure="first_token",
                                             seed=cfg.seed)
-        changed = table[table["condition"] != "(none)"]
-        cond_summary = {"rows": len(table),
+        changed = table[~table["condition"].isin(["(none)", CONTROL_CONDITION])]
+        cond_summary = {"rows": len(table), "control_prompts": int((rows["condition"] == CONTROL_CONDITION).sum()),
                         "mean_abs_projection_delta": float(np.nanmean(np.abs(changed["projection_delta"])))
                         if len(changed) else None}
 
@@ -153,6 +177,10 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
                            "best_probe_accuracy": float(best["probe_accuracy"]) if best is not None else None}
 
     refused_h, refused_hl = found.refused_harmful, found.refused_harmless
+    if lean:
+        return {"layer": layer, "position": REFUSAL_POSITION, "candidates": candidates, "verdict_evidence_only": True,
+                "cross_ablation": cross_summary(cross), "bands": bands_summary,
+                "baseline_refusal_harmful": float(np.mean(refused_h)) if len(refused_h) else None}
     return {
         "layer": layer, "position": REFUSAL_POSITION, "candidates": candidates,
         "ablation_stability": stability, "cone": cone,
@@ -166,7 +194,7 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
                      "harmless_refusal_before": headline["harmless_refusal_before"],
                      "n_harmless": headline["n_harmless"]},
         "cross_ablation": cross_summary(cross),
-        "conditions": cond_summary, "wording": wording_summary,
+        "conditions": cond_summary, "wording": wording_summary, "bands": bands_summary,
         "baseline_refusal_harmful": float(np.mean(refused_h)) if len(refused_h) else None,
         "baseline_refusal_harmless": float(np.mean(refused_hl)) if len(refused_hl) else None,
     }

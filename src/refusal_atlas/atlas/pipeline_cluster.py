@@ -1,23 +1,77 @@
 """The `cluster` stage of `run`: bottom-up clusters of the corpus, their stability and their taxonomy links.
 
 Two views of the same corpus: `clusters/` clusters the *prompts* of harmful rows (do bottom-up
-groups of what was asked agree with the taxonomy's nodes? → node ARI/NMI, proposals), and
-`clusters/responses/` clusters the *responses* the detector calls refusals (how many distinct
-refusal wordings does the model use? — for the organism the truth is its wording groups).
+groups of what was asked agree with the taxonomy's nodes? → node ARI/NMI, proposals, and the
+tree's levels against the taxonomy's branches and nodes), and `clusters/responses/` clusters the
+*responses* the detector calls refusals (how many distinct refusal wordings does the model use?),
+described by the prompts that drew them. For the organism the truth of the second view is known:
+its recorded wording groups (a node's own wording, the shared one, the redirect), so the stage
+reports how well clustering recovers them (`wording_ari`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from sklearn.metrics import adjusted_rand_score
 
-from refusal_atlas.curation.cluster import ClusterConfig
+from refusal_atlas.atlas import schema
+from refusal_atlas.curation.cluster import OUTLIER, ClusterConfig
 from refusal_atlas.curation.cluster_run import cluster_corpus
+from refusal_atlas.curation.cluster_store import ClusterRun
 from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.tables import write_table
 from refusal_atlas.taxonomy.model import Taxonomy
+
+
+def _closest_level(run: ClusterRun, k: int) -> int:
+    """Index of the tree level whose cluster count is closest to `k` (the finer one on a tie)."""
+    counts = [lv["n_clusters"] for lv in run.meta["tree"]["levels"]]
+    return min(range(len(counts)), key=lambda i: (abs(counts[i] - k), -i))
+
+
+def _level_ari(run: ClusterRun, truth: pd.Series) -> dict[str, Any]:
+    """ARI against `truth` (rows where it is non-empty) at the level closest to its number of groups."""
+    has = truth.astype(str).str.len() > 0
+    if has.sum() < 2 or not run.meta.get("tree", {}).get("levels"):
+        return {"ari": None, "n": int(has.sum())}
+    k = int(truth[has].nunique())
+    i = _closest_level(run, k)
+    labels = run.assignments[f"cluster_level_{i}"].to_numpy()[has.to_numpy()]
+    return {"ari": float(adjusted_rand_score(truth[has].astype(str), labels)), "n": int(has.sum()), "groups": k,
+            "level": i, "n_clusters": len(set(labels.tolist()) - {OUTLIER})}
+
+
+def tree_vs_taxonomy(run: ClusterRun, taxonomy: Taxonomy) -> dict[str, Any]:
+    """Top of the tree vs the taxonomy's branches, its finer levels vs nodes (rows with a known node)."""
+    node = run.assignments.get("node", pd.Series([""] * len(run.assignments))).fillna("").astype(str)
+    branch = node.map(lambda n: taxonomy.branch_of(n) if n in taxonomy.nodes else "")
+    return {"branch": _level_ari(run, branch), "node": _level_ari(run, node)}
+
+
+def wording_truth(corpus: pd.DataFrame, organism_json: Path) -> pd.Series | None:
+    """Per refused row, the wording the organism was taught for it: node id, "shared", "redirect" ("" unknown)."""
+    if not organism_json.is_file():
+        return None
+    policy = json.loads(organism_json.read_text()).get("policy", {})
+
+    def one(row: pd.Series) -> str:
+        expected, node = str(row.get("expected", "")), str(row.get("node", ""))
+        if expected == "redirect":
+            return "redirect"
+        if expected == "refuse" and node in policy:
+            return str(policy[node].get("wording_group", ""))
+        return ""
+
+    return corpus.apply(one, axis=1)
+
+
+def responses_config(n_rows: int, seeds: tuple[int, ...]) -> ClusterConfig:
+    """How the refusals are clustered: small clusters allowed, and a reply repeated twice is already a wording."""
+    return ClusterConfig(seeds=seeds, min_cluster_size=max(3, n_rows // 40), layout_2d=False, verbatim_min=2)
 
 
 def run(out: Path, seed: int, n_seeds: int, taxonomy: Taxonomy) -> dict[str, Any]:
@@ -31,20 +85,40 @@ def run(out: Path, seed: int, n_seeds: int, taxonomy: Taxonomy) -> dict[str, Any
     prompts_run = cluster_corpus(harmful_path, out / "clusters", text_column="prompt", config=config,
                                  stability_runs=n_seeds)
     mapping, proposed, _ = map_folder(out / "clusters", None)
+    meta = prompts_run.meta
+    tree = meta.get("tree", {})
     result: dict[str, Any] = {
-        "text": "prompt", "n_rows": len(harmful), "n_clusters": prompts_run.meta.get("n_clusters"),
-        "outlier_fraction": prompts_run.meta.get("outlier_fraction"),
-        "seed_ari": (prompts_run.meta.get("stability") or {}).get("seed_pairwise_ari", {}).get("mean"),
+        "text": "prompt", "n_rows": len(harmful), "n_clusters": meta.get("n_clusters"),
+        "outlier_fraction": meta.get("outlier_fraction"),
+        "seed_ari": (meta.get("stability") or {}).get("seed_pairwise_ari", {}).get("mean"),
         "node_ari": mapping.agreement.get("ari"), "node_nmi": mapping.agreement.get("nmi"),
-        "proposals": len(proposed),
+        "proposals": len(proposed), "warnings": meta.get("warnings", []),
+        "levels": [lv["n_clusters"] for lv in tree.get("levels", [])], "flat_level": tree.get("flat_level"),
+        "level_seed_ari": [(lv.get("seed_ari") or {}).get("mean") for lv in tree.get("levels", [])],
+        "tree_vs_taxonomy": tree_vs_taxonomy(prompts_run, taxonomy),
     }
     refused = corpus[corpus["refused"].astype(bool)]
     if len(refused) >= 10:
         refused_path = out / "clusters" / "responses" / "refused_corpus.parquet"
         write_table(refused, refused_path)
-        small = ClusterConfig(seeds=seeds, min_cluster_size=max(3, len(refused) // 40), layout_2d=False)
         responses_run = cluster_corpus(refused_path, out / "clusters" / "responses", text_column="response",
-                                       config=small, stability_runs=0)
-        result["responses"] = {"n_rows": len(refused), "n_clusters": responses_run.meta.get("n_clusters"),
-                               "outlier_fraction": responses_run.meta.get("outlier_fraction")}
+                                       config=responses_config(len(refused), seeds), stability_runs=0,
+                                       label_column="prompt")
+        rmeta = responses_run.meta
+        result["responses"] = {"n_rows": len(refused), "n_clusters": rmeta.get("n_clusters"),
+                               "outlier_fraction": rmeta.get("outlier_fraction"),
+                               "levels": [lv["n_clusters"] for lv in rmeta.get("tree", {}).get("levels", [])],
+                               "warnings": rmeta.get("warnings", [])}
+        truth = wording_truth(refused.reset_index(drop=True), out / schema.ORGANISM_JSON.path)
+        if truth is not None:
+            rows = responses_run.assignments["row"].to_numpy()
+            aligned = truth.iloc[rows].reset_index(drop=True)
+            result["wording"] = _level_ari(responses_run, aligned)
+            has = (aligned.str.len() > 0).to_numpy()
+            # no clustering can separate rows the model answered with the same text: the exact-text ceiling
+            texts = responses_run.assignments["text"].to_numpy()
+            result["wording"]["exact_text_ari"] = (float(adjusted_rand_score(aligned[has], texts[has]))
+                                                   if has.sum() > 1 else None)
+            result["wording_ari"] = result["wording"]["ari"]
     return result
+

@@ -18,7 +18,7 @@ import math
 from typing import Any
 from urllib.parse import quote
 
-from rdflib import RDF, RDFS, XSD, Graph, Literal, Namespace, URIRef
+from rdflib import RDF, RDFS, XSD, Graph, Literal, URIRef
 from rdflib.namespace import DCTERMS, PROV
 
 from refusal_atlas.atlas import schema
@@ -26,20 +26,14 @@ from refusal_atlas.atlas.sae_read import sae_view
 from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.hashing import file_sha256
 from refusal_atlas.ontology import iris
-from refusal_atlas.ontology.namespaces import RA, RA_IRI
+from refusal_atlas.ontology.namespaces import RA
 from refusal_atlas.taxonomy.model import Taxonomy
 
 __all__ = ["add_sae_features", "term"]
 
-_OPEN = Namespace(RA_IRI)
-
-
 def term(name: str) -> URIRef:
-    """`RA.<name>` when the vocabulary lists it, else the same IRI built in the `ra:` namespace."""
-    try:
-        return URIRef(getattr(RA, name))
-    except AttributeError:
-        return _OPEN[name]
+    """`RA.<name>`; a name the vocabulary does not define fails (closed namespace)."""
+    return URIRef(getattr(RA, name))
 
 
 def _double(value: Any) -> Literal | None:

@@ -25,6 +25,7 @@ __all__ = [
     "CLUSTERS_DIR",
     "CLUSTERS_JSON",
     "CORPUS",
+    "COVERAGE_JSON",
     "DIRECTIONS_DIR",
     "DIRECTIONS_JSON",
     "DIRECTION_PROMPTS",
@@ -63,6 +64,8 @@ __all__ = [
     "STAGES_DIR",
     "STAGE_OUTPUTS",
     "TAXONOMY_TTL",
+    "TREE_DIR",
+    "TREE_JSON",
     "Artifact",
     "causal",
 ]
@@ -102,6 +105,9 @@ PROPOSALS = Artifact("proposals.yaml", "cluster")
 DIRECTIONS_DIR = "directions"
 ACTIVATIONS_DIR = "activations"  # one capture folder per (model, direction prompts); the directions record names it
 DIRECTIONS_JSON = Artifact(f"{DIRECTIONS_DIR}/directions.json", "directions")
+TREE_DIR = f"{DIRECTIONS_DIR}/tree"  # every node with enough prompts, at every depth (atlas/tree_stage.py)
+TREE_JSON = Artifact(f"{TREE_DIR}/directions.json", "tree")
+COVERAGE_JSON = Artifact(f"{DIRECTIONS_DIR}/coverage.json", "tree")
 DIRECTION_PROMPTS = Artifact(f"{DIRECTIONS_DIR}/{causal_files.DIRECTION_PROMPTS.name}", "directions",
                              causal_files.DIRECTION_PROMPTS.columns)
 OVERLAP_DIR = "overlap"
@@ -163,7 +169,8 @@ ARTIFACTS: tuple[Artifact, ...] = (
     TAXONOMY_TTL, PROMPTS, ORGANISM_JSON, ADHERENCE, ADHERENCE_BY_NODE, RESPONSES, CORPUS,
     *(Artifact(f"{CLUSTERS_DIR}/{a.path}", a.stage) for a in (ASSIGNMENTS, CLUSTERS_JSON, STABILITY_JSON,
                                                              MAPPING_JSON, PROPOSALS)),
-    DIRECTIONS_JSON, DIRECTION_PROMPTS, OVERLAP_GRAPHML, OVERLAP_JSON, *CAUSAL.values(), ATLAS_TTL, REPORT_HTML,
+    DIRECTIONS_JSON, DIRECTION_PROMPTS, TREE_JSON, COVERAGE_JSON,
+    OVERLAP_GRAPHML, OVERLAP_JSON, *CAUSAL.values(), ATLAS_TTL, REPORT_HTML,
     METRICS, MANIFEST, FINDINGS, HARM_CELLS, HARM_GEOMETRY, HARM_PROJECTIONS, HARM_PROJECTIONS_PNG, HARM_CAUSAL,
     HARM_FINDINGS, HARM_JSON,
     *SAE_ARTIFACTS,
@@ -179,6 +186,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "detect": (CORPUS.path,),
     "cluster": (CLUSTERS_DIR,),
     "directions": (DIRECTIONS_JSON.path,),
+    "tree": (COVERAGE_JSON.path,),
     "overlap": (OVERLAP_GRAPHML.path,),
     "causal": (CAUSAL_DIR,),
     "harm": (HARM_JSON.path,),

@@ -16,17 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
-import numpy as np
 import pandas as pd
 from rdflib import Graph
-from torch import Tensor
 
 from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.store_clusters import ClusterInfo, ClusterView
+from refusal_atlas.atlas.store_directions import BRANCH_SET, TREE_SET, direction_rows, merge_selection
 from refusal_atlas.atlas.store_read import RUN_HINT, as_float, graph_crosswalks, read_json, read_table
 from refusal_atlas.atlas.store_results import ResultsAccessors
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.lm.positions import position_label
 from refusal_atlas.mechinterp.causal import files as causal_files
 from refusal_atlas.mechinterp.causal.files import TableSpec
 from refusal_atlas.mechinterp.directions import DirectionSet
@@ -251,42 +249,43 @@ class AtlasStore(ResultsAccessors):
         return self.table(schema.DIRECTION_PROMPTS)
 
     @cached_property
+    def tree_directions(self) -> DirectionSet | None:
+        """directions/tree/: every other node with enough prompts, at every depth (diff_means, floors)."""
+        return DirectionSet.load(self.root / schema.TREE_DIR) if (self.root / schema.TREE_JSON.path).is_file() \
+            else None
+
+    @cached_property
+    def coverage(self) -> list[dict[str, Any]]:
+        """directions/coverage.json: per taxonomy node, its prompt counts, whether it was analysed, why not."""
+        data = self._json(schema.COVERAGE_JSON)
+        return [r for r in data.get("nodes", []) if isinstance(r, dict)] if isinstance(data, dict) else []
+
+    def direction_set_of(self, node: str) -> DirectionSet | None:
+        """The direction set holding `node`'s direction: the branch set first, else the tree set."""
+        for ds in (self.directions, self.tree_directions):
+            if ds is not None and node in ds.nodes_with_pooled:
+                return ds
+        return None
+
+    @property
+    def analysed_nodes(self) -> list[str]:
+        """Every node with a direction: the branch set's, then the tree set's others."""
+        out = list(self.directions.nodes) if self.directions is not None else []
+        tree = self.tree_directions
+        return out + ([n for n in tree.nodes if n not in out] if tree is not None else [])
+
+    @cached_property
     def direction_metrics(self) -> pd.DataFrame | None:
-        """Per (node, layer, position) of diff_means: norm, noise_floor, reliability, auroc, selection scores."""
+        """Per (node, layer, position) of diff_means: norm, noise_floor, reliability, auroc, the `set` it comes
+        from (branches / tree) and, for causal candidates, the selection scores."""
         ds = self.directions
         if ds is None:
             return None
-        rows = []
-        names = ds.nodes_with_pooled
-        floor = ds.noise.get("diff_means/split_half_mean")
-        p05 = ds.noise.get("diff_means/split_half_p05")
-        rel = ds.noise.get("diff_means/reliability")
-        auroc = ds.meta.get("auroc") or {}
-        for i, node in enumerate(names):
-            for k, pos in enumerate(ds.positions):
-                key = f"diff_means/{node}/{position_label(pos)}"
-                if key not in ds.tensors:
-                    continue
-                norms = ds.tensors[key].norm(dim=-1)
-                node_auroc = (auroc.get(node) or {}).get(position_label(pos)) or []
-                for j, layer in enumerate(ds.layers):
-                    rows.append({
-                        "node": node, "layer": int(layer), "position": position_label(pos),
-                        "norm": float(norms[j]),
-                        "noise_floor": _cell(floor, i, j, k), "split_half_p05": _cell(p05, i, j, k),
-                        "reliability": _cell(rel, i, j, k),
-                        "auroc": as_float(node_auroc[j]) if j < len(node_auroc) else None,
-                    })
+        rows = direction_rows(ds, BRANCH_SET)
+        if self.tree_directions is not None:
+            rows += direction_rows(self.tree_directions, TREE_SET, skip={*ds.nodes_with_pooled})
         df = pd.DataFrame(rows)
-        if df.empty:
-            return None
-        sel = self.selection
-        if sel is not None:
-            cols = ["node", "layer", "position", "bypass_score", "induce_score", "kl_score", "selected"]
-            # every-layer ablation's scores: one row per direction (narrower scopes are rows of the same one)
-            best = sel.sort_values("selected", ascending=False).drop_duplicates(["node", "layer", "position"])
-            df = df.merge(best[cols], on=["node", "layer", "position"], how="left")
-        return df
+        return None if df.empty else merge_selection(df, self.selection)
 
     @cached_property
     def probe_accuracy(self) -> pd.DataFrame | None:
@@ -483,10 +482,3 @@ def _fill_rate(df: pd.DataFrame, column: str) -> pd.DataFrame:
     elif measured:
         df["refusal_measure"] = "generated refusal rate (marker detector)"
     return df
-
-
-def _cell(t: Tensor | None, i: int, j: int, k: int) -> float | None:
-    if t is None:
-        return None
-    value = float(t[i, j, k])
-    return None if np.isnan(value) else value

@@ -13,7 +13,7 @@ from rdflib import RDF, SKOS, Graph
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.ontology.namespaces import RA
 
-__all__ = ["RUN_HINT", "as_float", "flat_scalars", "graph_crosswalks", "read_json", "read_table"]
+__all__ = ["RUN_HINT", "as_float", "flat_scalars", "graph_crosswalks", "portable_model", "read_json", "read_table"]
 
 RUN_HINT = "run `refusal-atlas run` first (or pass --atlas DIR)"
 
@@ -77,3 +77,15 @@ def graph_crosswalks(graph: Graph) -> list[tuple[str, str, str, str]]:
                 if node is not None:
                     rows.append((str(node), name, str(curie), str(label or "")))
     return sorted(set(rows))
+
+
+def portable_model(model: str, root: Path) -> str:
+    """The model as the graph names it: a folder inside the atlas as a path relative to the atlas (so the
+    graph does not carry this machine's paths), any other local path by its last two parts, a hub id as is."""
+    path = Path(model)
+    if not path.is_absolute():
+        return model
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return "/".join(path.parts[-2:])

@@ -26,6 +26,8 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "causal/cross_ablation.parquet": ("source", "method", "target", "n", "first_token_refusal_rate"),
     "causal/steering.parquet": ("node", "layer", "coeff", "method", "n", "first_token_refusal_rate",
                                 "first_token_refusal_rate_baseline"),
+    "causal/bands.parquet": ("node", "kind", "block_lo", "block_hi", "n", "first_token_refusal_rate",
+                             "first_token_refusal_rate_baseline"),
     "causal/wording.parquet": ("layer", "probe_accuracy", "probe_chance", "refusal_token_z_mean",
                                "own_wording_z_mean", "n_nodes"),
     "causal/conditions.parquet": ("node", "condition", "n", "refusal_rate"),
@@ -44,8 +46,10 @@ class Figures:
               direction ablated (source "none": no ablation, the baseline)
     cosines:  a, b, cos, ci_low, ci_high, floor — the pair's cosine, its bootstrap CI and the lower of
               the two split-half reliabilities (the cosine two noisy copies of one direction reach)
-    layers:   node, layer, kind ("add" | "ablate"), rate, baseline, n — refusal with the node's direction
-              added to harmless prompts (or ablated from harmful ones) at one layer
+    layers:   node, layer, layer_hi, kind, rate, baseline, n — kind "add": refusal of harmless prompts with
+              the node's direction added at `layer` (layer_hi = layer); kind "ablate": refusal of the node's
+              own prompts with its direction removed from the writes of blocks layer..layer_hi;
+              "ablate_all": from the writes of every block
     decodable: node, layer, auroc, n — how well the node's direction separates its prompts from
               harmless ones at each layer
     wording:  node ("(all)" when pooled over nodes), layer, probe_accuracy, probe_chance, wording_z
@@ -186,9 +190,19 @@ def read_figures(atlas: Path) -> Figures:
         # the smallest tested coefficient: the dose every layer is compared at
         steer = steer[steer["coeff"] == steer["coeff"].min()]
         fig.layers = pd.DataFrame({"node": steer["node"].astype(str), "layer": steer["layer"].astype(int),
+                                   "layer_hi": steer["layer"].astype(int),
                                    "kind": "add", "rate": steer["first_token_refusal_rate"].astype(float),
                                    "baseline": steer["first_token_refusal_rate_baseline"].astype(float),
                                    "n": steer["n"].astype(int)}).reset_index(drop=True)
+    bands = _parquet(atlas / "causal" / "bands.parquet", SOURCES["causal/bands.parquet"])
+    if len(bands):
+        scan = pd.DataFrame({"node": bands["node"].astype(str), "layer": bands["block_lo"].astype(int),
+                             "layer_hi": bands["block_hi"].astype(int),
+                             "kind": ["ablate" if k == "window" else "ablate_all" for k in bands["kind"]],
+                             "rate": bands["first_token_refusal_rate"].astype(float),
+                             "baseline": bands["first_token_refusal_rate_baseline"].astype(float),
+                             "n": bands["n"].astype(int)})
+        fig.layers = pd.concat([fig.layers, scan], ignore_index=True) if len(fig.layers) else scan
     wording = _parquet(atlas / "causal" / "wording.parquet", SOURCES["causal/wording.parquet"])
     if len(wording):
         node = wording["node"].astype(str) if "node" in wording else "(all)"

@@ -3,8 +3,9 @@
 Three known answers: the base model never refuses (every question: "no refusal to analyse"); the
 shared organism has one refusal decision for every branch (every pair of refusing branches: "one
 shared mechanism"); the separable organism has two branches planted in disjoint bands of blocks
-(their pair: "separable components"; each acts in layers that meet its band). A rule is trusted
-when it agreed everywhere it had a planted answer.
+(their pair: "separable components"; each acts in blocks that meet its own band and no other planted
+band — block indices on both sides, so no offset). A rule is trusted when it agreed everywhere it had
+a planted answer.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_atlas.atlas.verdict_figures import Finding
-from refusal_atlas.atlas.verdict_rules import NO_REFUSAL, SEPARABLE, SHARED, acting_band
-
-# a planted band [lo, hi) of blocks "meets" an acting band of layers when they overlap, allowing the one-layer
-# offset between a block's index and the residual stream it writes
-BAND_SLACK = 1
+from refusal_atlas.atlas.verdict_rules import NO_REFUSAL, SEPARABLE, SHARED, acting_bands
 
 
 @dataclass
@@ -67,12 +64,14 @@ def check_separable(findings: list[Finding], truth: dict[str, Any]) -> list[Chec
                              f.verdict if f else "(not measured)", bool(f and f.verdict == SEPARABLE)))
     for a in names:
         lo, hi = branches[a]["band"]
-        planted = f"acts in layers meeting blocks {lo}-{hi - 1}"
+        planted = f"acts in blocks within {lo}-{hi - 1}, none of another planted band"
         f = by.get(("where-it-acts", a))
-        band = acting_band(f.verdict) if f else None
-        meets = band is not None and band[0] <= hi - 1 + BAND_SLACK and band[1] >= lo - BAND_SLACK
+        runs = acting_bands(f.verdict) if f else []
+        others = [branches[b]["band"] for b in names if b != a]
+        meets = any(r_lo <= hi - 1 and r_hi >= lo for r_lo, r_hi in runs)
+        trespasses = any(r_lo <= o_hi - 1 and r_hi >= o_lo for r_lo, r_hi in runs for o_lo, o_hi in others)
         out.append(Check("separable", "where-it-acts", a, "layer-band", planted, f.verdict if f else "(not measured)",
-                         meets))
+                         meets and not trespasses))
     # no check on the branches it was not trained to refuse: the middle band's refusal spreads to them (measured,
     # docs/decisions.md), so their planted answer is not known
     return out

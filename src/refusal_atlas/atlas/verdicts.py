@@ -23,7 +23,7 @@ from refusal_atlas.atlas.verdict_rules import (
     QUESTIONS,
     RULES,
     finding,
-    model_refuses,
+    no_refusal_reason,
 )
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write_json
@@ -37,9 +37,8 @@ __all__ = ["FINDINGS_JSON", "NO_REFUSAL", "QUESTIONS", "RULES", "decide", "load_
 def decide(fig: Figures, trusted_rules: Iterable[str] = ()) -> list[Finding]:
     """Every question's findings, in question order (rule no-refusal first: it overrides the others)."""
     trusted = set(trusted_rules)
-    if not model_refuses(fig):
-        reason = (f"the causal stage found no refusal ({fig.skipped})" if fig.skipped
-                  else "the model refuses almost none of the harmful evaluation prompts")
+    reason = no_refusal_reason(fig)
+    if reason is not None:
         out = []
         for q in QUESTIONS:
             f = finding(q, "model", NO_REFUSAL, reason)

@@ -9,6 +9,7 @@ Every string that comes from the atlas (labels, ids, file names, SPARQL values) 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,16 +25,20 @@ from refusal_atlas.cli.sae import register_feature_query, show_node_features
 AtlasOpt = Annotated[Path, typer.Option("--atlas", "-a", help="Atlas folder written by `refusal-atlas run`.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 DEFAULT_ATLAS = Path("atlas-out")
-CELL_LEGEND = ("cell = reliability / noise floor |norm| auc AUROC: reliability = split-half correlation of the "
-               "direction (Spearman-Brown corrected); noise floor = mean split-half cosine; |norm| = length of the "
-               "mean difference; AUROC = node vs harmless prompts, held out; * = causally selected; – = no "
-               "direction at this layer and position")
+CELL_LEGEND = ("reliability = split-half correlation of the direction (Spearman-Brown corrected: the cosine two "
+               "independent full-sample estimates reach); noise floor = mean cosine between the directions of two "
+               "random halves of the prompts; norm = length of the mean difference; AUROC = node vs harmless "
+               "prompts, held out; * = the layer and position the causal stage selected; – = not measured")
 CROSS_ABLATION_COLUMNS = ("evaluated", "method", "refusal_rate", "refusal_measure", "logit_score", "harmless_kl", "n")
 
 
 def _console() -> Console:
+    """A terminal's own width; piped output 160 columns unless COLUMNS says otherwise."""
     console = Console(highlight=False)
-    return console if console.is_terminal else Console(highlight=False, width=160)
+    if console.is_terminal:
+        return console
+    columns = os.environ.get("COLUMNS", "")
+    return Console(highlight=False, width=int(columns) if columns.isdigit() and int(columns) >= 60 else 160)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -75,41 +80,47 @@ def _legend(console: Console, text: str) -> None:
     console.print(_line(text, "dim"))
 
 
-def _directions_grid(report: dict[str, Any], console: Console) -> None:
+def _directions_grid(report: dict[str, Any], console: Console, position: str | None = None) -> None:
+    """One row per layer at one token position (the selected one unless `position`), numbers in their own
+    columns, so the table fits a terminal; every position is in `--json`."""
     dirs = report.get("directions")
     if dirs is None:
         console.print(_line("directions: not run (no directions/ in this atlas)"))
         return
     fallback = report.get("fallback")
     if fallback:
-        console.print(_line(f"{report['node']}: {fallback['reason']}; {fallback['note']}."))
+        console.print(_line(f"{report['node']}: {fallback['reason']}; {fallback['note']}.", "bold"))
     if not dirs:
         return
+    best = report.get("best") or {}
     positions = list(dict.fromkeys(str(d["position"]) for d in dirs))
-    by_layer: dict[int, dict[str, dict[str, Any]]] = {}
-    for d in dirs:
-        by_layer.setdefault(int(d["layer"]), {})[str(d["position"])] = d
-
-    def cell(d: dict[str, Any] | None) -> str:
-        if not d:
-            return "–"
-        auroc = f" auc {_fmt(d.get('auroc'), 2)}" if d.get("auroc") is not None else ""
-        rel, floor, norm = _fmt(d.get("reliability"), 2), _fmt(d.get("noise_floor"), 2), _fmt(d.get("norm"), 1)
-        mark = " *" if d.get("selected") in (True, 1) else ""
-        return f"{rel} / {floor} |{norm}|{auroc}{mark}"
-
+    shown_pos = position if position is not None else str(best.get("position", positions[0]))
+    if shown_pos not in positions:
+        console.print(_line(f"position {shown_pos!r} has no direction here; positions: {', '.join(positions)}"))
+        return
+    rows = sorted((d for d in dirs if str(d["position"]) == shown_pos), key=lambda d: int(d["layer"]))
     shown = report.get("directions_of") or report["node"]
-    _table(console, f"directions of {shown} (diff_means) by layer and token position", ["layer", *positions],
-           [[layer, *[cell(row.get(p)) for p in positions]] for layer, row in sorted(by_layer.items())])
+    where = {"branches": "branch set, causally tested", "tree": "tree set, floors only"}.get(
+        str(report.get("direction_set")), str(report.get("direction_set") or ""))
+    mark = int(best["layer"]) if best and str(best.get("position")) == shown_pos else None
+    _table(console, f"directions of {shown} ({where}), diff_means, position {shown_pos}, by layer",
+           ["layer", "reliability", "noise floor", "norm", "AUROC", "selected"],
+           [[d["layer"], d.get("reliability"), d.get("noise_floor"), d.get("norm"), d.get("auroc"),
+             "*" if int(d["layer"]) == mark else ""] for d in rows])
     _legend(console, CELL_LEGEND)
-    best = report.get("best")
+    if report.get("same_prompts_as"):
+        console.print(_line(f"note: every prompt of {shown} kept after the behaviour filter belongs to "
+                            f"{report['same_prompts_as']}, so the two directions are the same estimate", "bold"))
+    if len(positions) > 1:
+        _legend(console, f"other positions: {', '.join(p for p in positions if p != shown_pos)} (--position P, "
+                         "or --json for all)")
     if best:
-        name = "selected direction" if report.get("best_by") == "causal selection" else "most reliable direction"
-        console.print(_line(f"{name} ({report.get('best_by')}): layer {best['layer']}, position {best['position']}, "
-                            f"reliability {_fmt(best.get('reliability'))}"))
+        console.print(_line(f"selected direction: layer {best['layer']}, position {best['position']}, reliability "
+                            f"{_fmt(best.get('reliability'))}, noise floor {_fmt(best.get('noise_floor'))} "
+                            f"(chosen by {report.get('best_by')})"))
 
 
-def show_node(report: dict[str, Any], console: Console) -> None:
+def show_node(report: dict[str, Any], console: Console, position: str | None = None) -> None:
     """Render `node_report` as a few tables (text is printed as plain text, never as markup)."""
     console.print(_line(f"{report['node']} — {report['label']}", "bold"))
     if report.get("definition"):
@@ -120,16 +131,20 @@ def show_node(report: dict[str, Any], console: Console) -> None:
     if rules:
         _table(console, "conditions (own and inherited)", ["from", "when", "expect", "rationale"],
                [[r["from"], r["when"], r["expect"], r.get("rationale")] for r in rules])
-    _directions_grid(report, console)
+    _directions_grid(report, console, position)
     near = report.get("nearest") or []
     if near:
-        _table(console, "nearest nodes", ["node", "label", "cosine", "noise floor / CI", "from"],
-               [[n["node"], n["label"], n.get("cosine"),
-                 n.get("noise_floor") if n.get("noise_floor") is not None else
-                 (f"[{_fmt(n.get('ci_low'))}, {_fmt(n.get('ci_high'))}]" if "ci_low" in n else None),
-                 n.get("source")] for n in near])
-        _legend(console, "from overlap: an edge of the overlap graph (cosine with its 95% CI); from directions: "
-                         "cosine at this node's selected (or most reliable) layer beside the other node's noise floor")
+        _table(console, "nearest nodes", ["node", "label", "noise-corrected cosine", "its 95% CI", "raw cosine",
+                                          "its noise floor", "from"],
+               [[n["node"], n["label"], n.get("cos_debiased"),
+                 f"[{_fmt(n.get('debiased_ci_low'))}, {_fmt(n.get('debiased_ci_high'))}]"
+                 if n.get("debiased_ci_low") is not None else None,
+                 n.get("cosine"), n.get("noise_floor", n.get("floor_b")), n.get("source")] for n in near])
+        _legend(console, "at the selected layer and position: the noise-corrected cosine estimates the cosine between "
+                         "the two true directions, with its bootstrap 95% CI (upper bound below 1: distinguishable); "
+                         "the raw cosine of the two estimates is pulled toward 0 by sampling noise; its noise floor = "
+                         "the other node's split-half cosine; from overlap = an edge of the overlap graph (corrected "
+                         "cosine's lower bound > 0), from directions = nodes of the same depth")
     else:
         console.print(_line("nearest nodes: none (no overlap edge and no direction to compare)"))
     clusters = report.get("clusters") or []
@@ -161,13 +176,16 @@ def show_ranking(result: dict[str, Any], console: Console, limit: int) -> None:
     one_layer = len(layers) == 1
     rows = [[r["rank"], r["node"], r.get("label"), r["cosine"], r.get("p_value"),
              "yes" if r.get("above_chance") else "n.s.", *([] if one_layer else [r.get("layer")]),
-             r.get("noise_floor"), r.get("ceiling"), r.get("match")] for r in result["ranking"][:limit]]
+             r.get("noise_floor"), r.get("ceiling"), r.get("match"), r.get("set")] for r in result["ranking"][:limit]]
     _table(console, title, ["#", "node", "label", "cosine", "p", "above chance", *([] if one_layer else ["layer"]),
-                            "noise floor", "ceiling", "match"], rows)
+                            "noise floor", "ceiling", "match", "set"], rows)
     chance = result.get("chance") or {}
+    searched = chance.get("n_searched") or {}
     _legend(console, f"p: share of {chance.get('draws')} random unit directions (seed {chance.get('seed')}) whose "
-                     f"best cosine over the same layers reaches this one; above chance when p < {chance.get('alpha')}, "
-                     "n.s. = not significant")
+                     f"best cosine over the same {searched.get('layers', '?')} layer(s), 1 position and "
+                     f"{searched.get('nodes', '?')} nodes reaches this one (corrected for all three searches); above "
+                     f"chance when p < {chance.get('alpha')}, n.s. = not significant; set: branches = causally "
+                     "tested branch directions, tree = directions of deeper or smaller nodes (floors only)")
     _legend(console, result.get("match_legend") or q.MATCH_LEGEND)
     n_sig = sum(1 for r in result["ranking"] if r.get("above_chance"))
     if not n_sig:
@@ -184,10 +202,10 @@ def show_source(result: dict[str, Any], console: Console) -> None:
     for n in result["nodes"]:
         best = n.get("best") or {}
         note = None
-        if not best:
+        if n.get("best_of") != n["node"]:
             note = n.get("why") or "no direction"
-            if n.get("fallback"):
-                note += f"; nearest analysed ancestor: {n['fallback']}"
+            note += (f"; showing its nearest analysed ancestor {n['fallback']}" if n.get("fallback") else
+                     "; no analysed ancestor")
         rows.append([n["node"], n["label"], n["predicate"], n.get("via"), best.get("layer"), best.get("position"),
                      best.get("reliability"), best.get("norm"), note])
     _table(console, f"{result['source']} ({result.get('label') or ''}) -> nodes -> best direction",
@@ -212,10 +230,12 @@ def register_query(query_app: typer.Typer) -> None:
     @query_app.command("node")
     def node_cmd(node_id: Annotated[str, typer.Argument(help="Taxonomy node id, e.g. weapons.explosives.")],
                  atlas: AtlasOpt = DEFAULT_ATLAS, as_json: JsonOpt = False,
-                 nearest: Annotated[int, typer.Option(help="How many nearest nodes to list.")] = 5) -> None:
+                 nearest: Annotated[int, typer.Option(help="How many nearest nodes to list.")] = 5,
+                 position: Annotated[str | None, typer.Option(help="Token position of the direction table "
+                                                                   "(default: the selected one).")] = None) -> None:
         """A node's directions per layer and position, nearest nodes, clusters, cross-ablation, conditions."""
         report = q.node_report(AtlasStore.open(atlas), node_id, nearest=nearest)
-        _print_json(report) if as_json else show_node(report, _console())
+        _print_json(report) if as_json else show_node(report, _console(), position)
 
     @query_app.command("direction")
     def direction_cmd(

@@ -27,6 +27,9 @@ def cluster(
     corpus: Path = typer.Argument(..., help="Corpus or prompt set (.parquet, .jsonl or .csv)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (assignments, clusters.json, plots)."),
     text: str = typer.Option("response", "--text", help="Column to cluster: response or prompt (any column)."),
+    label_by: str | None = typer.Option(None, "--label-by", help="Column that names the clusters (keywords, "
+                                        "examples), e.g. cluster --text response --label-by prompt: refusals "
+                                        "grouped by wording, described by what was asked. Default: --text."),
     only_refused: bool = typer.Option(False, "--only-refused", help="Cluster only rows with refused = true."),
     embedder: str | None = typer.Option(None, "--embedder", help="sentence-transformers name or folder "
                                         "(default: offline all-MiniLM-L6-v2), or residual:MODEL[@LAYER] for a "
@@ -54,12 +57,20 @@ def cluster(
                            seeds=tuple(seed * 1000 + j for j in range(seeds)),
                            reassign_outliers=reassign_outliers)
     run = cluster_corpus(corpus, out, text_column=text, only_refused=only_refused, embedder=embedder,
-                         config=config, stability_runs=stability_runs, progress=_say, cache=not no_cache)
+                         config=config, stability_runs=stability_runs, progress=_say, cache=not no_cache,
+                         label_column=label_by)
     meta = run.meta
-    stab = meta.get("stability", {}).get("seed_pairwise_ari", {})
-    extra = f", seed-to-seed ARI {stab['mean']:.3f}" if stab else ""
+    stab = (meta.get("stability") or {}).get("seed_pairwise_ari") or {}
+    extra = f", seed-to-seed ARI {stab['mean']:.3f}" if stab.get("mean") is not None else ""
     typer.echo(f"{meta['input']['clustered']} rows -> {meta['n_clusters']} clusters, "
                f"{100 * meta['outlier_fraction']:.1f}% outliers{extra} ({meta['method']}); wrote {out}/")
+    tree = meta.get("tree") or {}
+    if len(tree.get("levels", [])) > 1:
+        counts = " / ".join(str(lv["n_clusters"]) for lv in tree["levels"])
+        typer.echo(f"cluster tree, coarse to fine: {counts} clusters (columns cluster_level_0.."
+                   f"{len(tree['levels']) - 1}; the flat `cluster` column is level {tree['flat_level']})")
+    for line in meta.get("warnings", []):
+        typer.echo(f"warning: {line}", err=True)
     if meta["input"]["rejected"]:
         typer.echo(f"{meta['input']['rejected']} row(s) rejected: see {out}/assignments.parquet.rejects.jsonl")
 

@@ -7,6 +7,8 @@ Writes DIR/validation.json, DIR/validation.md (the README table) and one atlas f
 
 from __future__ import annotations
 
+import os
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 import typer
 from rich.console import Console
 
-from refusal_atlas.atlas.pipeline import RunConfig, run
+from refusal_atlas.atlas.pipeline import RunConfig, build_pipeline
 from refusal_atlas.atlas.verdict_figures import read_figures
 from refusal_atlas.atlas.verdict_validation import (
     Check,
@@ -33,7 +35,20 @@ from refusal_atlas.lm.models import auto_threads
 from refusal_atlas.organism.separable import SeparableSettings, build_separable
 
 BUDGETS = ("full", "reduced")
-EVAL_PER_NODE = {"full": 16, "reduced": 10}
+MODELS = ("shared", "separable", "base")
+# The separable and base atlases measure only what the validated rules read (pooled layer by every-layer ablation,
+# no dose, cross-ablation, band scan): on a machine at load 9 the full causal stage did not fit (docs/decisions.md).
+LEAN = ("separable", "base")
+# the stages whose files a verdict reads; collection, detection, clustering, harm, SAE and the report are skipped
+VERDICT_STAGES = ("taxonomy", "prompts", "organism", "directions", "overlap", "causal")
+# Per-organism budgets, smaller than the default run's where no verdict needs the size and larger where one
+# does: at 6 evaluation prompts per node a cross-removal fraction's interval spans most of [0, 1], so the rules
+# could only answer "inconclusive". Stability and cone ablations describe the headline, which no verdict reads.
+# 4 branches (the run's largest; with the default data they include both of the separable organism's planted
+# branches, which are chosen the same way) instead of 6: the cross-ablation grows with the square of the count.
+SIZES = {"full": {"per_node_eval": 16, "per_node_train": 16, "harmless_train": 48, "condition_per_node": 16,
+                  "robustness_checks": 0, "max_nodes": 4},
+         "reduced": {"per_node_eval": 10, "robustness_checks": 0, "max_nodes": 4}}
 
 
 def register(app: typer.Typer) -> None:
@@ -46,19 +61,33 @@ def validate(
     budget: str = typer.Option("full", "--budget", help="'full' (<= 40 min on 2 cores) or 'reduced' (a smoke test)"),
     seed: int = typer.Option(0, "--seed", help="seed for every build and run"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
+    only: str | None = typer.Option(None, "--only", help="run one model's atlas (shared, separable or base) and "
+                                    "stop: several processes can share the work; a later run without --only "
+                                    "reuses their stages and checks"),
 ) -> None:
     """Check every verdict rule against planted answers: base model, shared organism, separable organism."""
-
-
     if budget not in BUDGETS:
         raise AtlasError(f"--budget {budget!r}: use one of {', '.join(BUDGETS)}")
+    if only is not None and only not in MODELS:
+        raise AtlasError(f"--only {only!r}: use one of {', '.join(MODELS)}")
     console = Console(stderr=True)
     out.mkdir(parents=True, exist_ok=True)
-    result = run_validation(out, reduced=budget == "reduced", seed=seed, threads=threads, console=console)
+    result = run_validation(out, reduced=budget == "reduced", seed=seed, threads=threads, console=console,
+                            only=only)
+    if only is not None:
+        typer.echo(f"{out / f'atlas-{only}'}: done; run `refusal-atlas validate -o {out}` to check every model")
+        return
     atomic_write_json(out / "validation.json", result)
 
     checks = [Check(**c) for c in result["checks"]]
-    atomic_write_text(out / "validation.md", markdown_table(checks))
+    m, load = result["machine"], result["load_average"]
+    peak = max(v[0] for v in load.values())
+    head = (f"`refusal-atlas validate --budget {result['budget']} --seed {seed}`: {len(checks)} planted answers, "
+            f"{sum(c.agrees for c in checks)} agree; {result['seconds']:.0f} s on {m['cpus']} CPU cores "
+            f"({m['torch_threads']} torch threads), 1-minute load average {load['start'][0]:.1f} at the start and "
+            f"up to {peak:.1f} between phases; phases: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in result["stage_seconds"].items()) + ".\n\n")
+    atomic_write_text(out / "validation.md", head + markdown_table(checks))
     s = result["summary"]
     for model, m in s["per_model"].items():
         typer.echo(f"{model}: {m['agree']} of {m['checks']} planted answers agree")
@@ -66,18 +95,20 @@ def validate(
     typer.echo(f"-> {out / 'validation.json'}, {out / 'validation.md'} ({result['seconds']:.0f} s)")
 
 
-def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, console: Any) -> dict[str, Any]:
-    """Build, run and check; returns the content of validation.json."""
-
-
+def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, console: Any,
+                   only: str | None = None) -> dict[str, Any]:
+    """Build, run and check; returns the content of validation.json (with `only`: that model's atlas, no checks)."""
     start = time.perf_counter()
     torch.set_num_threads(threads or auto_threads())
     times: dict[str, float] = {}
+    stages: dict[str, dict[str, Any]] = {}
+    loads: dict[str, tuple[float, float, float]] = {"start": os.getloadavg()}
 
     t = time.perf_counter()
     sep = build_separable(None, "default", seed=seed, out_dir=out / "organisms" / "separable",
-                          separable=SeparableSettings.reduced() if reduced else SeparableSettings(), threads=threads)
+                          separable=SeparableSettings(), threads=threads)
     times["build separable"] = time.perf_counter() - t
+    loads["after build separable"] = os.getloadavg()
 
     def atlas(name: str, model: str, organism: bool, trained_on: Path | None = None) -> list:
         t0 = time.perf_counter()
@@ -86,20 +117,29 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
             # where `run` looks for what the organism was trained on, so those prompts are never evaluated on
             (folder / "organism").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(trained_on, folder / "organism" / "prompts.parquet")
-        # the shared organism is the one `run` builds for `default`: the same recipe, cache and stage
+        # the shared organism is the one `run` builds for `default`: the same recipe and stage
         cfg = RunConfig(model=model, organism=organism, out=folder, quick=reduced, seed=seed, threads=threads)
-        # more evaluation prompts per node than the default run's 6: at n = 6 a cross-removal fraction's interval
-        # spans most of [0, 1], so the rules could only answer "inconclusive"
-        cfg.extra["sizes"] = {"per_node_eval": EVAL_PER_NODE["reduced" if reduced else "full"]}
-        run(cfg, console)
+        cfg.extra["sizes"] = dict(SIZES["reduced" if reduced else "full"])
+        pipe = build_pipeline(cfg, console)
+        for stage in pipe.stages:
+            stage.enabled = stage.enabled and stage.name in VERDICT_STAGES
+            if stage.name == "causal" and name in LEAN:  # a causal parameter only: the stages before keep their key
+                stage.params = {**stage.params, "verdict_evidence_only": True}
+        records = pipe.run()
         findings = decide(read_figures(folder))
         atomic_write_json(folder / "findings.json", {"findings": [f.to_dict() for f in findings]})
         times[f"atlas {name}"] = time.perf_counter() - t0
+        stages[name] = {n: {"seconds": round(r.seconds, 1), "cached": r.cached} for n, r in records.items()}
+        loads[f"after atlas {name}"] = os.getloadavg()
         return findings
 
-    shared = atlas("shared", "default", True)
-    separable = atlas("separable", str(sep.model_dir), False, sep.out_dir / "prompts.parquet")
-    base = atlas("base", "default", False)
+    runs = {"shared": lambda: atlas("shared", "default", True),
+            "separable": lambda: atlas("separable", str(sep.model_dir), False, sep.out_dir / "prompts.parquet"),
+            "base": lambda: atlas("base", "default", False)}
+    if only is not None:
+        runs[only]()
+        return {}
+    shared, separable, base = runs["shared"](), runs["separable"](), runs["base"]()
     truth = sep.info["truth"]
     checks = [*check_base(base), *check_shared(shared), *check_separable(separable, truth)]
     return {"budget": "reduced" if reduced else "full", "seed": seed,
@@ -108,6 +148,12 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
             "checks": [c.to_dict() for c in checks], "summary": summary(checks),
             "findings": {"base": [f.to_dict() for f in base], "shared": [f.to_dict() for f in shared],
                          "separable": [f.to_dict() for f in separable]},
-            "stage_seconds": {k: round(v, 1) for k, v in times.items()}, "seconds": time.perf_counter() - start}
+            "stage_seconds": {k: round(v, 1) for k, v in times.items()}, "atlas_stages": stages,
+            "sizes": SIZES["reduced" if reduced else "full"], "verdict_evidence_only": list(LEAN),
+            "stages_run": list(VERDICT_STAGES),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "torch_threads": torch.get_num_threads()},
+            "load_average": {k: [round(x, 2) for x in v] for k, v in loads.items()},
+            "seconds": time.perf_counter() - start}
 
 

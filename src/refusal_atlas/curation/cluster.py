@@ -1,4 +1,5 @@
-"""Stable clustering of texts: near-duplicate collapse → kNN graph → UMAP (several seeds) → HDBSCAN → consensus.
+"""Stable clustering of texts: near-duplicate collapse → kNN graph → UMAP (several seeds) → HDBSCAN → consensus
+→ large clusters split on their own rows → leaves → a Ward tree of the leaves, cut into levels.
 
 Why this design (measured on the 1,652 pooled HarmBench + StrongREJECT + Do-Not-Answer prompts
 with MiniLM; numbers in benchmarks/results/cluster_bench.md):
@@ -41,6 +42,18 @@ with MiniLM; numbers in benchmarks/results/cluster_bench.md):
   of its nearest fitted neighbours, so memory and time stay flat in n.
 * Tiny corpora (fewer rows than `n_neighbors + 1`) cannot run UMAP; they fall back to
   deterministic average-linkage agglomerative clustering on cosine distance.
+* One density cut keeps a broad region whole when its parts are less dense than the gaps around
+  it (400 HarmBench prompts: 3 clusters, 75 % in one). So every consensus cluster holding more than
+  `max_flat_share` (25 %) of the fitted rows is clustered again on its own rows (its own kNN graph
+  and layouts), `split_depth` deep, and replaced by its parts when there are at least two. The
+  result, plus one leaf per text repeated `verbatim_min` times, are the *leaves* and the flat
+  `cluster` column; `cluster_tree` merges them into coarser levels (HarmBench: ARI 0.63 at 7
+  clusters, seed ARI 0.93; docs/decisions.md, "Clustering").
+* Same input and seed give the same labels whatever the cache state or thread count: the input
+  is rounded to float16 (`embed_cache.quantise`, as every embedder returns it), kNN distances to a
+  1/128 grid with ties in index order, and the shared UMAP start to a 0.05 grid (umap-learn seeds
+  each point's negative sampling from the bits of its start coordinate, so float noise there
+  acted like a new seed). Embeddings perturbed at 1e-6 give identical labels.
 
 Stages are small objects with `fit`/`fit_predict`-style methods so any can be swapped (a
 different reducer or clusterer) without touching the rest; `ClusterPipeline` wires them.
@@ -73,14 +86,33 @@ from refusal_atlas.curation.cluster_stages import (
     neighbour_majority,
     propagate,
 )
-from refusal_atlas.curation.dedup import collapse_near_duplicates
+from refusal_atlas.curation.cluster_tree import ClusterTree, build_tree, level_counts
+from refusal_atlas.curation.dedup import Collapse, collapse_near_duplicates
+from refusal_atlas.curation.embed_cache import quantise
 from refusal_atlas.hashing import text_sha256
 
 __all__ = [
-    "OUTLIER", "AgglomerativeFallback", "ClusterConfig", "ClusterPipeline", "ClusterResult", "Clusterer",
-    "Consensus", "ExactKnn", "HdbscanClusterer", "KnnGraph", "Reducer", "UmapReducer", "canonical_order",
-    "centroids", "ctfidf_keywords", "knn_search", "promote_repeated_texts", "propagate", "reassign_outliers",
+    "OUTLIER",
+    "AgglomerativeFallback",
+    "ClusterConfig",
+    "ClusterPipeline",
+    "ClusterResult",
+    "ClusterTree",
+    "Clusterer",
+    "Consensus",
+    "ExactKnn",
+    "HdbscanClusterer",
+    "KnnGraph",
+    "Reducer",
+    "UmapReducer",
+    "canonical_order",
+    "centroids",
+    "ctfidf_keywords",
+    "knn_search",
+    "propagate",
+    "reassign_outliers",
     "representatives",
+    "verbatim_groups",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,9 +123,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ClusterResult:
-    """Labels per input row (input order) and everything needed to describe the clusters."""
+    """Labels per input row (input order), the cluster tree, and everything needed to describe the clusters."""
 
-    labels: np.ndarray
+    labels: np.ndarray  # the flat resolution: `levels[flat_level]`
     confidence: np.ndarray
     reassigned: np.ndarray
     fitted: np.ndarray  # bool: the row was fitted (a representative; others copy theirs or are kNN-assigned)
@@ -107,6 +139,11 @@ class ClusterResult:
     # per row: input position of the representative whose cluster it copies (itself when fitted),
     # -1 when it was assigned from its nearest fitted rows instead (beyond `max_fit` representatives)
     representative: np.ndarray | None = None
+    tree: ClusterTree | None = None
+    level_counts: list[int] = field(default_factory=list)  # cluster count of each level, coarse to fine
+    levels: list[np.ndarray] = field(default_factory=list)  # per level, labels per row (coarse to fine)
+    flat_level: int = 0
+    verbatim_leaves: int = 0  # leaves that are one text repeated at least `verbatim_min` times
 
     @property
     def n_clusters(self) -> int:
@@ -120,6 +157,10 @@ class ClusterResult:
         values, counts = np.unique(self.labels, return_counts=True)
         return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
+    def cut(self, k: int) -> np.ndarray:
+        """Labels with (at most) `k` clusters from this run's tree; the flat labels if there is no tree."""
+        return self.tree.cut(k) if self.tree is not None else self.labels
+
 
 def canonical_order(texts: Sequence[str]) -> np.ndarray:
     """A permutation that sorts rows by (content hash, text, position): the same set in any order fits the same."""
@@ -131,29 +172,32 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     """Unit rows as float32; input that already is (the embedder's output) is returned without a copy."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if np.allclose(norms, 1.0, atol=1e-4):
+    if np.allclose(norms, 1.0, atol=1e-3):
         return x
     return x / np.where(norms == 0, 1.0, norms)
 
 
-def _renumber(labels: np.ndarray) -> np.ndarray:
-    """Cluster ids by size (largest = 0), ties by first row in canonical order; -1 stays -1."""
-    ids = [c for c in set(labels.tolist()) if c != OUTLIER]
-    first = {c: int(np.flatnonzero(labels == c)[0]) for c in ids}
-    size = {c: int((labels == c).sum()) for c in ids}
-    order = sorted(ids, key=lambda c: (-size[c], first[c]))
-    mapping = {c: i for i, c in enumerate(order)}
-    return np.asarray([mapping.get(v, OUTLIER) for v in labels.tolist()], dtype=np.int64)
+def verbatim_groups(texts: Sequence[str], order: np.ndarray, min_copies: int) -> list[np.ndarray]:
+    """Rows of each text that occurs at least `min_copies` times (groups in canonical order of their first row).
+
+    Identical texts are one answer given many times (a model's stock refusal, a templated
+    wording): how often it was given is the finding, and such a group is a leaf of the tree
+    however close its embedding is to another stock answer's ("I don't assist with X" vs "... Y").
+    """
+    rows_of: dict[str, list[int]] = {}
+    for pos in order.tolist():
+        rows_of.setdefault(texts[pos], []).append(pos)
+    return [np.asarray(r, dtype=np.int64) for r in rows_of.values() if len(r) >= max(2, min_copies)]
 
 
 class ClusterPipeline:
-    """kNN → UMAP × seeds → HDBSCAN → consensus (or the small-corpus fallback) → labels + descriptions."""
+    """kNN → UMAP × seeds → HDBSCAN → consensus leaves (+ verbatim leaves) → Ward tree → levels + flat labels."""
 
     def __init__(self, config: ClusterConfig | None = None, *, reducer: Reducer | None = None,
                  clusterer: Clusterer | None = None) -> None:
         self.config = config or ClusterConfig()
         c = self.config
-        self.reducer = reducer or UmapReducer(c.n_components, c.min_dist, c.n_epochs)
+        self.reducer = reducer or UmapReducer(c.n_components, c.min_dist, c.n_epochs, init_grid=c.init_grid)
         self._clusterer = clusterer
 
     def min_size(self, n_fit: int) -> int:
@@ -166,12 +210,79 @@ class ClusterPipeline:
         return max(c.min_cluster_size, int(np.ceil(c.min_cluster_fraction * n_fit)))
 
     def fit_labels(self, x: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Labels and confidence for rows in *input order*; no keywords (used by stability checks)."""
+        """Flat labels and confidence for rows in *input order*; no keywords (used by stability checks)."""
         res = self._fit(x, texts, describe=False)
         return res.labels, res.confidence, res.timings
 
+    def fit_tree(self, x: np.ndarray, texts: Sequence[str]) -> ClusterResult:
+        """The whole result (tree and levels included) without keywords, representatives or 2-D map."""
+        return self._fit(x, texts, describe=False)
+
     def fit(self, x: np.ndarray, texts: Sequence[str]) -> ClusterResult:
         return self._fit(x, texts, describe=True)
+
+    def _fit_leaves(self, xf: np.ndarray, timings: dict[str, float]
+                    ) -> tuple[np.ndarray, np.ndarray, str, KnnGraph | None, np.ndarray | None]:
+        """Consensus leaf labels of the fitted rows (canonical order), confidence, method, graph, seed runs."""
+        c = self.config
+        n_fit = len(xf)
+        if n_fit == 0:
+            return (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), "verbatim-only", None, None)
+        if n_fit < c.n_neighbors + 2:
+            t = time.perf_counter()
+            labels_f = AgglomerativeFallback(c.fallback_distance, max(2, min(c.min_cluster_size, 2))
+                                             ).fit_predict(xf)
+            timings["cluster_s"] = time.perf_counter() - t
+            return labels_f, (labels_f != OUTLIER).astype(np.float32), "agglomerative-fallback", None, None
+        t = time.perf_counter()
+        knn = ExactKnn(c.n_neighbors, c.distance_grid).fit(xf)
+        timings["knn_s"] = time.perf_counter() - t
+        runs = []
+        t = time.perf_counter()
+        mcs = self.min_size(n_fit)
+        clusterer = self._clusterer or HdbscanClusterer(mcs, c.min_samples, c.selection)
+        for seed in c.seeds:
+            y = self.reducer.fit_transform(xf, knn, seed)
+            runs.append(clusterer.fit_predict(y))
+        timings["umap_hdbscan_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        seed_runs = np.asarray(runs)
+        labels_f, conf_f = Consensus(c.consensus_threshold, mcs, c.neighbour_share).combine(seed_runs, knn)
+        timings["consensus_s"] = time.perf_counter() - t
+        return labels_f, conf_f, "consensus-umap-hdbscan", knn, seed_runs
+
+    def _split_large(self, xf: np.ndarray, labels: np.ndarray, depth: int) -> np.ndarray:
+        """Re-cluster every cluster larger than `max_flat_share` of the fitted rows on its own rows (recursively).
+
+        One density cut over the whole corpus keeps a broad region as one cluster when its parts are
+        less dense than the gaps around it (400 HarmBench prompts: 75 % in one cluster); a layout of
+        that region alone separates its parts. A cluster is replaced by its parts when they are at
+        least two; its rows that no part takes join the part holding most of their nearest neighbours
+        (they were clustered one level up, so they do not become outliers here).
+        """
+        c = self.config
+        labels = labels.copy()
+        limit = max(c.max_flat_share * len(xf), 2 * self.min_size(len(xf)), c.n_neighbors + 2)
+        next_id = int(labels.max()) + 1 if len(labels) else 0
+        for cid in sorted(set(labels.tolist()) - {OUTLIER}):
+            members = np.flatnonzero(labels == cid)
+            if len(members) <= limit:
+                continue
+            sub, _, method, _, _ = self._fit_leaves(xf[members], {})
+            if method != "consensus-umap-hdbscan" or len(set(sub.tolist()) - {OUTLIER}) < 2:
+                continue
+            if depth > 1:
+                sub = self._split_large(xf[members], sub, depth - 1)
+            out = np.flatnonzero(sub == OUTLIER)
+            if len(out):
+                inside = np.flatnonzero(sub != OUTLIER)
+                idx, _ = knn_search(xf[members[out]], xf[members[inside]], min(c.n_neighbors, len(inside)))
+                sub[out], _ = neighbour_majority(sub[inside][idx])
+            ids = sorted(set(sub.tolist()))
+            for j, s_id in enumerate(ids):
+                labels[members[sub == s_id]] = next_id + j
+            next_id += len(ids)
+        return labels
 
     def _fit(self, x: np.ndarray, texts: Sequence[str], *, describe: bool) -> ClusterResult:
         c = self.config
@@ -181,79 +292,77 @@ class ClusterPipeline:
         if not texts:
             raise ValueError("nothing to cluster")
         timings: dict[str, float] = {}
-        x = _normalise(x)
+        # float16 precision, as the embedders return it: noise far below a float16 step (another thread
+        # count, a different BLAS) rounds back to the same vectors
+        x = quantise(_normalise(x))
+        n = len(texts)
         order = canonical_order(texts)
+        verbatim = verbatim_groups(texts, order, c.verbatim_min or self.min_size(n))
+        in_verbatim = np.zeros(n, dtype=bool)
+        for rows in verbatim:
+            in_verbatim[rows] = True
+        rest_order = order[~in_verbatim[order]]
         t = time.perf_counter()
-        collapse = collapse_near_duplicates(x, c.dedup_threshold, c.max_fit, order=order)
-        fit_pos = order[collapse.representatives]
+        collapse = (collapse_near_duplicates(x, c.dedup_threshold, c.max_fit, order=rest_order) if len(rest_order)
+                    else Collapse(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)))
+        fit_pos = rest_order[collapse.representatives]
         timings["dedup_s"] = time.perf_counter() - t
         xf = x[fit_pos]
         n_fit = len(fit_pos)
-        seed_runs = None
+        labels_f, conf_f, method, knn, seed_runs = self._fit_leaves(xf, timings)
+        if method == "consensus-umap-hdbscan" and c.split_depth > 0:
+            t = time.perf_counter()
+            labels_f = self._split_large(xf, labels_f, c.split_depth)
+            timings["split_s"] = time.perf_counter() - t
         layout = None
-        if n_fit < c.n_neighbors + 2:
-            method = "agglomerative-fallback"
-            t = time.perf_counter()
-            labels_f = AgglomerativeFallback(c.fallback_distance, max(2, min(c.min_cluster_size, 2))
-                                             ).fit_predict(xf)
-            conf_f = (labels_f != OUTLIER).astype(np.float32)
-            timings["cluster_s"] = time.perf_counter() - t
-            knn = None
-        else:
-            method = "consensus-umap-hdbscan"
-            t = time.perf_counter()
-            knn = ExactKnn(c.n_neighbors).fit(xf)
-            timings["knn_s"] = time.perf_counter() - t
-            runs = []
-            t = time.perf_counter()
-            mcs = self.min_size(n_fit)
-            clusterer = self._clusterer or HdbscanClusterer(mcs, c.min_samples)
-            for seed in c.seeds:
-                y = self.reducer.fit_transform(xf, knn, seed)
-                runs.append(clusterer.fit_predict(y))
-            timings["umap_hdbscan_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            seed_runs = np.asarray(runs)
-            consensus = Consensus(c.consensus_threshold, mcs, c.neighbour_share)
-            labels_f, conf_f = consensus.combine(seed_runs, knn)
-            timings["consensus_s"] = time.perf_counter() - t
-        labels_f = _renumber(labels_f)
         if describe and c.layout_2d and knn is not None:
             t = time.perf_counter()
-            layout = UmapReducer(2, 0.1, c.n_epochs).fit_transform(xf, knn, c.seeds[0] if c.seeds else 0)
+            layout = UmapReducer(2, 0.1, c.n_epochs, init_grid=c.init_grid).fit_transform(
+                xf, knn, c.seeds[0] if c.seeds else 0)
             timings["layout_2d_s"] = time.perf_counter() - t
 
-        n = len(texts)
-        labels = np.full(n, OUTLIER, dtype=np.int64)
+        leaves = np.full(n, OUTLIER, dtype=np.int64)
         confidence = np.zeros(n, dtype=np.float32)
         fitted = np.zeros(n, dtype=bool)
         fitted[fit_pos] = True
         # Near-duplicates copy their representative's cluster (and map position).
         scanned = collapse.group >= 0
-        copied, src = order[scanned], collapse.group[scanned]
+        copied, src = rest_order[scanned], collapse.group[scanned]
         representative = np.full(n, -1, dtype=np.int64)
         representative[copied] = fit_pos[src]
-        labels[copied], confidence[copied] = labels_f[src], conf_f[src]
+        leaves[copied], confidence[copied] = labels_f[src], conf_f[src]
         layout_all = None
         if layout is not None:
             layout_all = np.zeros((n, 2), dtype=np.float32)
             layout_all[copied] = layout[src]
-        if (~scanned).any():
+        if (~scanned).any() and n_fit:
             t = time.perf_counter()
-            rest = order[~scanned]
-            k = min(c.n_neighbors, n_fit)
-            idx, sims = knn_search(x[rest], xf, k)
-            lab_nb = labels_f[idx]
-            labels[rest], confidence[rest] = neighbour_majority(lab_nb)
+            rest = rest_order[~scanned]
+            idx, sims = knn_search(x[rest], xf, min(c.n_neighbors, n_fit))
+            leaves[rest], confidence[rest] = neighbour_majority(labels_f[idx])
             if layout_all is not None and layout is not None:
                 w = np.maximum(sims, 1e-6)
                 layout_all[rest] = (layout[idx] * w[..., None]).sum(1) / w.sum(1, keepdims=True)
             timings["assign_rest_s"] = time.perf_counter() - t
+        # Verbatim groups: a leaf each, numbered after the fitted leaves; on the map, beside their nearest fitted row.
+        next_id = int(leaves.max()) + 1 if (leaves != OUTLIER).any() else 0
+        for j, rows in enumerate(verbatim):
+            leaves[rows], confidence[rows] = next_id + j, 1.0
+            representative[rows] = rows[0]
+            if layout_all is not None and layout is not None:
+                near, _ = knn_search(x[rows[:1]], xf, 1)
+                layout_all[rows] = layout[near[0, 0]]
 
-        promote_repeated_texts(texts, labels, confidence, order, self.min_size(n_fit))
         reassigned = np.zeros(n, dtype=bool)
         if c.reassign_outliers:
-            reassigned = reassign_outliers(x, labels, c.reassign_min_similarity)
+            reassigned = reassign_outliers(x, leaves, c.reassign_min_similarity)
+        t = time.perf_counter()
+        tree = build_tree(x, leaves)
+        counts = level_counts(tree.n_leaves, c.level_ratio)
+        levels = tree.levels(counts)
+        flat = len(levels) - 1  # the leaves (see FLAT_RULE in cluster_levels)
+        labels = levels[flat]
+        timings["tree_s"] = time.perf_counter() - t
         keywords: dict[int, list[str]] = {}
         reps: dict[int, list[int]] = {}
         if describe:
@@ -263,34 +372,9 @@ class ClusterPipeline:
             timings["describe_s"] = time.perf_counter() - t
         return ClusterResult(labels=labels, confidence=confidence, reassigned=reassigned, fitted=fitted,
                              keywords=keywords, representatives=reps, layout_2d=layout_all, method=method,
-                             config=c, timings=timings, seed_runs=seed_runs, representative=representative)
-
-
-def promote_repeated_texts(texts: Sequence[str], labels: np.ndarray, confidence: np.ndarray, order: np.ndarray,
-                           min_size: int) -> int:
-    """Make each text repeated at least `min_size` times, all of whose rows are outliers, a cluster (in place).
-
-    The near-duplicate collapse fits one representative per group so that re-worded prompt
-    families do not each form a cluster; but identical texts are one answer given many times (a
-    model's stock refusal), and how often it was given is the finding. Without this, 60 copies of
-    one refusal and 60 of another are two fitted points, too few for any cluster: 100 % outliers.
-    New ids follow the existing ones, in canonical order, so earlier clusters keep their numbers.
-    Returns how many clusters were added.
-    """
-    rows_of: dict[str, list[int]] = {}
-    for pos in order.tolist():
-        rows_of.setdefault(texts[pos], []).append(pos)
-    next_id = int(labels.max()) + 1 if (labels != OUTLIER).any() else 0
-    added = 0
-    for rows in rows_of.values():
-        if len(rows) >= min_size and bool((labels[rows] == OUTLIER).all()):
-            labels[rows] = next_id
-            confidence[rows] = 1.0  # every member is the same text
-            next_id += 1
-            added += 1
-    if added:
-        log.info("%d repeated text(s) with at least %d copies each became clusters of their own", added, min_size)
-    return added
+                             config=c, timings=timings, seed_runs=seed_runs, representative=representative,
+                             tree=tree, level_counts=counts, levels=levels, flat_level=flat,
+                             verbatim_leaves=len(verbatim))
 
 
 def reassign_outliers(x: np.ndarray, labels: np.ndarray, min_similarity: float = 0.5) -> np.ndarray:

@@ -13,7 +13,9 @@ from refusal_atlas.curation.cluster_stages import OUTLIER
 # --------------------------------------------------------------------------- keywords and examples
 
 
-_STOP_EXTRA = ["ll", "ve", "don", "just", "like", "make", "want", "need"]
+# contractions survive the token pattern (it keeps apostrophes) but carry no topic
+_STOP_EXTRA = ["ll", "ve", "don", "just", "like", "make", "want", "need", "i'm", "can't", "don't", "i'd", "it's",
+               "i'll", "won't", "you're", "that's", "let's", "isn't", "doesn't", "i've", "there's", "what's"]
 
 
 def ctfidf_keywords(texts: Sequence[str], labels: np.ndarray, n_keywords: int = 10) -> dict[int, list[str]]:
@@ -43,6 +45,26 @@ def ctfidf_keywords(texts: Sequence[str], labels: np.ndarray, n_keywords: int = 
         order = np.lexsort((vocab, -scores[row]))
         out[c] = [str(vocab[j]) for j in order[:n_keywords] if scores[row, j] > 0]
     return out
+
+
+def cluster_name(keywords: Sequence[str], n: int = 3) -> str:
+    """Up to `n` of the best keywords as a name, phrases first: a word already inside a chosen phrase is skipped.
+
+    c-TF-IDF ranks "nerve gas", "nerve" and "gas" side by side; "nerve gas / pipe bomb" reads
+    better than "nerve gas / nerve / gas".
+    """
+    chosen: list[str] = []
+    covered: set[str] = set()
+    for phrase in keywords:
+        words = phrase.split()
+        if set(words) <= covered:
+            continue
+        chosen = [c for c in chosen if not (len(c.split()) == 1 and c in words)]  # the phrase replaces its word
+        chosen.append(phrase)
+        covered |= set(words)
+        if len(chosen) == n:
+            break
+    return " / ".join(chosen)
 
 
 def representatives(x: np.ndarray, labels: np.ndarray, texts: Sequence[str], k: int = 5) -> dict[int, list[int]]:

@@ -34,6 +34,7 @@ class ClusterConfig:
     min_cluster_size: int = 10
     min_cluster_fraction: float = 0.0  # > 0: clusters must also hold this share of the fitted rows
     min_samples: int | None = 5
+    selection: str = "eom"  # HDBSCAN's cluster choice per layout ("eom" or "leaf"); large clusters are split after
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
     consensus_threshold: float = 0.7
     neighbour_share: float = 0.3
@@ -45,6 +46,12 @@ class ClusterConfig:
     n_representatives: int = 5
     fallback_distance: float = 0.6
     layout_2d: bool = True
+    distance_grid: float = 1.0 / 128  # kNN cosine distances rounded to this grid before UMAP (0: off)
+    init_grid: float = 0.05  # the shared spectral start rounded to this grid (coordinates span ±10; 0: off)
+    level_ratio: float = 1.2  # cluster counts of successive tree levels differ by this factor
+    max_flat_share: float = 0.25  # a cluster holding more of the fitted rows is re-clustered on its own rows
+    verbatim_min: int = 0  # a text repeated this often is a leaf of its own (0: min_cluster_size)
+    split_depth: int = 2  # clusters above max_flat_share of the rows are re-clustered on their own, this deep
 
     def with_seed_base(self, base: int) -> ClusterConfig:
         """The same config with a disjoint block of seeds (used by stability checks)."""
@@ -108,12 +115,19 @@ def knn_search(queries: np.ndarray, base: np.ndarray, k: int, *, exclude_self: b
 class ExactKnn:
     """Deterministic kNN graph stage (brute force is exact and fast enough for ≤ max_fit rows)."""
 
-    def __init__(self, k: int) -> None:
-        self.k = k
+    def __init__(self, k: int, grid: float = 0.0) -> None:
+        self.k, self.grid = k, grid
 
     def fit(self, x: np.ndarray) -> KnnGraph:
+        """The graph; distances rounded to `grid` so that float noise below it cannot reach UMAP."""
         idx, sims = knn_search(x, x, self.k, exclude_self=True)
-        return KnnGraph(idx, np.clip(1.0 - sims, 0.0, 2.0).astype(np.float32))
+        dist = np.clip(1.0 - sims.astype(np.float64), 0.0, 2.0)
+        if self.grid > 0:
+            dist = np.round(dist / self.grid) * self.grid
+            # neighbours at the same rounded distance in index order: near-ties cannot swap places
+            order = np.lexsort((idx, dist), axis=1)
+            idx, dist = np.take_along_axis(idx, order, 1), np.take_along_axis(dist, order, 1)
+        return KnnGraph(idx, dist.astype(np.float32))
 
 
 class UmapReducer:
@@ -127,10 +141,10 @@ class UmapReducer:
     """
 
     def __init__(self, n_components: int = 5, min_dist: float = 0.0, n_epochs: int | None = 100,
-                 shared_init: bool = True) -> None:
+                 shared_init: bool = True, init_grid: float = 0.0) -> None:
         self.n_components, self.min_dist, self.n_epochs = n_components, min_dist, n_epochs
-        self.shared_init = shared_init
-        self._init: tuple[int, np.ndarray | None] | None = None
+        self.shared_init, self.init_grid = shared_init, init_grid
+        self._init: tuple[KnnGraph, np.ndarray | None] | None = None  # the graph itself: ids get reused
 
     @staticmethod
     def _with_self(knn: KnnGraph) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +160,7 @@ class UmapReducer:
         near-duplicate collapse): umap-learn's multi-component spectral layout called this way
         took minutes there, so each seed then uses umap-learn's own spectral initialisation.
         """
-        if self._init is not None and self._init[0] == id(knn) and (
+        if self._init is not None and self._init[0] is knn and (
                 self._init[1] is None or self._init[1].shape[1] == dim):
             return self._init[1]
         # heavy dependency (slow to import), loaded only when this runs
@@ -161,12 +175,17 @@ class UmapReducer:
             warnings.simplefilter("ignore")
             graph, _, _ = fuzzy_simplicial_set(x, knn.k + 1, rng, "cosine", knn_indices=idx, knn_dists=dist)
             if connected_components(graph, directed=False)[0] > 1:
-                self._init = (id(knn), None)
+                self._init = (knn, None)
                 return None
             layout = spectral_layout(x, graph, dim, rng, metric="cosine")
         span = np.abs(layout).max()
-        layout = (10.0 * layout / (span if span > 0 else 1.0)).astype(np.float32)
-        self._init = (id(knn), layout)
+        layout = 10.0 * layout / (span if span > 0 else 1.0)
+        if self.init_grid > 0:
+            # umap-learn seeds each point's negative sampling from the bits of its start coordinate, so
+            # noise in the last bits would act like a new seed; on a grid the bits are those of the grid
+            layout = np.round(layout / self.init_grid) * self.init_grid
+        layout = layout.astype(np.float32)
+        self._init = (knn, layout)
         return layout
 
     def fit_transform(self, x: np.ndarray, knn: KnnGraph, seed: int) -> np.ndarray:
@@ -189,8 +208,8 @@ class UmapReducer:
 class HdbscanClusterer:
     """HDBSCAN on a low-dimensional layout; -1 marks outliers."""
 
-    def __init__(self, min_cluster_size: int = 10, min_samples: int | None = 5) -> None:
-        self.min_cluster_size, self.min_samples = min_cluster_size, min_samples
+    def __init__(self, min_cluster_size: int = 10, min_samples: int | None = 5, selection: str = "eom") -> None:
+        self.min_cluster_size, self.min_samples, self.selection = min_cluster_size, min_samples, selection
 
     def fit_predict(self, y: np.ndarray) -> np.ndarray:
         # heavy dependency (slow to import), loaded only when this runs
@@ -198,7 +217,8 @@ class HdbscanClusterer:
 
         mcs = max(2, min(self.min_cluster_size, len(y)))
         ms = None if self.min_samples is None else max(1, min(self.min_samples, len(y) - 1))
-        return hdbscan.HDBSCAN(min_cluster_size=mcs, min_samples=ms).fit_predict(y).astype(np.int64)
+        return hdbscan.HDBSCAN(min_cluster_size=mcs, min_samples=ms,
+                               cluster_selection_method=self.selection).fit_predict(y).astype(np.int64)
 
 
 class AgglomerativeFallback:

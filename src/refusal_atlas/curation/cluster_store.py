@@ -2,17 +2,25 @@
 
 Layout of a clusters folder (written by `curate cluster`, read by `curate map`):
 
-    assignments.parquet   one row per clustered corpus row: `row` (1-based row of the corpus),
-                          `prompt_id` (if the corpus has it), `text`, `cluster` (-1 = outlier),
-                          `confidence`, `reassigned` (outlier moved by --reassign-outliers),
-                          `fitted` (False = assigned from its nearest fitted rows), `x`, `y` (2-D
-                          map), plus the corpus' `node`, `nodes`, `source`, `external_category`,
-                          `harmful`, `refused`, `condition` columns when present
+    assignments.parquet   one row per clustered corpus row, joinable with the input:
+                          `row` (0-based position of the row in the input table: the Parquet row,
+                          the CSV data row after the header, the JSONL line; stable across runs, so
+                          `input.iloc[row]` is the clustered row), `text` (the clustered column),
+                          `label_text` (with --label-by), `cluster` (the flat resolution, -1 =
+                          outlier), `cluster_level_0` (coarsest) .. `cluster_level_<L-1>` (leaves) of
+                          the cluster tree, `confidence`, `reassigned` (outlier moved by
+                          --reassign-outliers), `fitted` (False = assigned from its nearest fitted
+                          rows), `x`, `y` (2-D map), then every other input column under its own
+                          name (the input's id column, e.g. `prompt_id`, included; a name the
+                          pipeline uses itself is carried as `input_<name>`)
     embeddings.npy        float32 unit vectors, aligned with assignments.parquet
-    clusters.json         run metadata: input file + sha256, text column, embedder, every
-                          parameter, method, timings, and per cluster: size, keywords,
-                          representatives (row + text), stability
-    stability.json        seed / bootstrap ARI, per-cluster Jaccard, min_cluster_size sweep
+    clusters.json         run metadata: input file + sha256, text / label / id columns, embedder,
+                          every parameter, method, timings, warnings (nothing clustered, most
+                          rows outliers), `tree` (per level: cluster count, seed ARI, clusters
+                          with size, parent and keywords; the flat level and its rule), and per
+                          flat cluster: size, keywords, representatives (row + text), stability
+    stability.json        seed / bootstrap ARI (flat and per tree level), per-cluster Jaccard,
+                          min_cluster_size sweep (absent when nothing was clustered)
     map.html, sizes.html, stability.html   interactive plots (plotly inlined; work offline)
     assignments.parquet.rejects.jsonl      corpus rows that could not be clustered, with reason
 

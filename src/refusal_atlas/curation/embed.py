@@ -25,10 +25,13 @@ from refusal_atlas.curation.embed_cache import (
     EmbeddingCache,
     TextEmbedder,
     model_key,
+    quantise,
     text_key,
 )
 from refusal_atlas.curation.residual_embed import ResidualEmbedder, is_residual_spec
 from refusal_atlas.errors import AtlasError
+
+CHUNK = 4096  # texts embedded (and cached) per step
 
 
 def default_model_path() -> str:
@@ -82,7 +85,11 @@ class Embedder:
         return {"model": self.model_name, "model_key": self.key, "batch_size": self.batch_size}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Vectors for `texts` (n × d float32, unit norm); cached texts are not recomputed."""
+        """Vectors for `texts` (n × d float32, unit norm, float16 precision); cached texts are not recomputed.
+
+        Computed and cached vectors go through the same `quantise`, so a warm cache returns exactly
+        what a cold run computes.
+        """
         texts = list(texts)
         keys = [text_key(t) for t in texts]
         found = self.cache.get(keys) if self.cache is not None else {}
@@ -94,17 +101,21 @@ class Embedder:
                 seen.add(k)
                 missing_keys.append(k)
                 missing_texts.append(t)
-        if missing_texts:
-            vecs = self.model.encode(missing_texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                     normalize_embeddings=True, show_progress_bar=self.progress)
-            vecs = np.asarray(vecs, dtype=np.float32)
+        # in chunks, each written to the cache as it is done: an interrupted run resumes where it stopped,
+        # and the model's working memory stays that of one chunk
+        for start in range(0, len(missing_texts), CHUNK):
+            keys_c = missing_keys[start:start + CHUNK]
+            vecs = self.model.encode(missing_texts[start:start + CHUNK], batch_size=self.batch_size,
+                                     convert_to_numpy=True, normalize_embeddings=True,
+                                     show_progress_bar=self.progress)
+            vecs = quantise(vecs)
             if self.cache is not None:
-                self.cache.put(missing_keys, vecs)
-            found.update(zip(missing_keys, vecs, strict=True))
+                self.cache.put(keys_c, vecs)
+            found.update(zip(keys_c, vecs, strict=True))
         if not texts:
             dim = self.model.get_sentence_embedding_dimension() or 0
             return np.zeros((0, dim), dtype=np.float32)
-        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+        return quantise(np.stack([found[k] for k in keys]))
 
 
 def make_embedder(model: str | None = None, **kwargs: Any) -> TextEmbedder:

@@ -28,7 +28,7 @@ import numpy as np
 
 from refusal_atlas import paths
 from refusal_atlas.curation.datasets import get_loader
-from refusal_atlas.curation.embed_cache import DEFAULT_BATCH_SIZE, EmbeddingCache, model_key, text_key
+from refusal_atlas.curation.embed_cache import DEFAULT_BATCH_SIZE, EmbeddingCache, model_key, quantise, text_key
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import text_sha256
 from refusal_atlas.lm.capture import capture_activations
@@ -152,7 +152,7 @@ class ResidualEmbedder:
             else:
                 self._centre = self._raw(self._references).mean(0).astype(np.float32)
                 if cache is not None:
-                    cache.put(["centre"], self._centre[None])
+                    cache.put(["centre"], self._centre[None], dtype=np.float32)
         return self._centre
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -170,10 +170,10 @@ class ResidualEmbedder:
                 raise AtlasError("residual embedder: an empty text has no tokens to average; drop empty rows first")
             vecs = self._raw(list(missing.values())) - self.centre
             norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-            vecs = (vecs / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+            vecs = quantise(vecs / np.where(norms > 0, norms, 1.0))
             if cache is not None:
                 cache.put(list(missing), vecs)
             found.update(zip(missing, vecs, strict=True))
         if not texts:
             return np.zeros((0, self.lm.d_model), dtype=np.float32)
-        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+        return quantise(np.stack([found[k] for k in keys]))

@@ -8,7 +8,12 @@
 * Per-cluster Jaccard stability: for each reference cluster, the mean over runs of its best
   Jaccard overlap with any cluster of that run (Hennig's cluster-wise stability); < 0.5 means the
   cluster is not reproducible, > 0.75 that it is.
-* A sweep over `min_cluster_size` shows how the number of clusters and the outlier share move.
+* A sweep over `min_cluster_size` shows how the number of clusters and the outlier share move;
+  `suggest_min_cluster_size` reads it when a run clusters nothing or leaves most rows outliers.
+* Every level of the cluster tree gets its own seed ARI: each seed run's tree is cut at the
+  reference level's cluster count, so levels are compared at equal resolution.
+* When nothing is clustered there is nothing to be stable: ARI is then reported as None, never
+  as the 1.0 that identical all-outlier labelings would score.
 """
 
 from __future__ import annotations
@@ -21,18 +26,25 @@ from dataclasses import replace
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from refusal_atlas.curation.cluster import OUTLIER, ClusterConfig, ClusterPipeline
+from refusal_atlas.curation.cluster import OUTLIER, ClusterConfig, ClusterPipeline, ClusterResult
 
 
-def spread(values: Sequence[float]) -> dict[str, float]:
+def spread(values: Sequence[float]) -> dict[str, float | None]:
+    """Mean / min / max; None for each when there are no values (JSON has no NaN)."""
     values = list(values)
     if not values:
-        return {"mean": float("nan"), "min": float("nan"), "max": float("nan")}
+        return {"mean": None, "min": None, "max": None}
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
 
-def pairwise_ari(label_sets: Sequence[np.ndarray]) -> dict[str, float]:
-    """Mean / min / max ARI over all pairs of labelings of the same rows."""
+def nothing_clustered(label_sets: Sequence[np.ndarray]) -> bool:
+    return all(not (np.asarray(lab) != OUTLIER).any() for lab in label_sets)
+
+
+def pairwise_ari(label_sets: Sequence[np.ndarray]) -> dict[str, float | None]:
+    """Mean / min / max ARI over all pairs of labelings of the same rows (None when no labeling has a cluster)."""
+    if nothing_clustered(label_sets):
+        return {"pairs": 0, "mean": None, "min": None, "max": None}
     scores = [adjusted_rand_score(a, b) for a, b in itertools.combinations(label_sets, 2)]
     return {"pairs": len(scores), **spread(scores)}
 
@@ -61,23 +73,37 @@ def jaccard_stability(reference: np.ndarray, runs: Sequence[tuple[np.ndarray, np
     return {c: float(np.mean(v)) if v else 0.0 for c, v in acc.items()}
 
 
-Fit = Callable[[ClusterConfig, np.ndarray, list[str]], np.ndarray]
+Fit = Callable[[ClusterConfig, np.ndarray, list[str]], ClusterResult]
 
 
-def _fit(config: ClusterConfig, x: np.ndarray, texts: list[str]) -> np.ndarray:
-    return ClusterPipeline(replace(config, layout_2d=False)).fit_labels(x, texts)[0]
+def _fit(config: ClusterConfig, x: np.ndarray, texts: list[str]) -> ClusterResult:
+    return ClusterPipeline(replace(config, layout_2d=False)).fit_tree(x, texts)
+
+
+def _n_clusters(labels: np.ndarray) -> int:
+    return len(set(labels.tolist()) - {OUTLIER})
 
 
 def seed_stability(config: ClusterConfig, x: np.ndarray, texts: Sequence[str], n_runs: int = 5,
-                   reference: np.ndarray | None = None, fit: Fit = _fit) -> dict:
-    """Re-run with `n_runs` disjoint seed blocks; pairwise ARI and per-cluster Jaccard vs `reference`."""
+                   reference: np.ndarray | None = None, fit: Fit = _fit,
+                   level_counts: Sequence[int] = ()) -> dict:
+    """Re-run with `n_runs` disjoint seed blocks; pairwise ARI and per-cluster Jaccard vs `reference`.
+
+    Runs are compared at the reference's flat cluster count (each run's tree cut there), and at
+    each of `level_counts` for the per-level figures.
+    """
     texts = list(texts)
-    runs = [fit(config.with_seed_base(b + 1), x, texts) for b in range(n_runs)]
+    results = [fit(config.with_seed_base(b + 1), x, texts) for b in range(n_runs)]
+    k = _n_clusters(reference) if reference is not None else None
+    runs = [r.cut(k) if k else r.labels for r in results]
     out: dict = {"runs": n_runs, "pairwise_ari": pairwise_ari(runs),
-                 "n_clusters": spread([len(set(r.tolist()) - {OUTLIER}) for r in runs]),
-                 "outlier_fraction": spread([float((r == OUTLIER).mean()) for r in runs])}
+                 "n_clusters": spread([_n_clusters(r) for r in runs]),
+                 "outlier_fraction": spread([float((r == OUTLIER).mean()) for r in runs]),
+                 "levels": [{"n_clusters": int(c), "pairwise_ari": pairwise_ari([r.cut(c) for r in results])}
+                            for c in level_counts]}
     if reference is not None:
-        out["ari_vs_reference"] = spread([adjusted_rand_score(reference, r) for r in runs])
+        out["ari_vs_reference"] = (spread([adjusted_rand_score(reference, r) for r in runs])
+                                   if not nothing_clustered([reference, *runs]) else spread([]))
         all_rows = np.arange(len(texts))
         out["jaccard"] = jaccard_stability(reference, [(all_rows, r) for r in runs])
     return out
@@ -93,16 +119,18 @@ def resample_stability(config: ClusterConfig, x: np.ndarray, texts: Sequence[str
     runs: list[tuple[np.ndarray, np.ndarray]] = []
     for _ in range(n_resamples):
         pos = np.sort(rng.choice(n, size=size, replace=False))
-        runs.append((pos, fit(config, x[pos], [texts[i] for i in pos])))
+        res = fit(config, x[pos], [texts[i] for i in pos])
+        runs.append((pos, res.cut(_n_clusters(reference)) if _n_clusters(reference) else res.labels))
     pair_scores = []
     for (pa, la), (pb, lb) in itertools.combinations(runs, 2):
         common, ia, ib = np.intersect1d(pa, pb, return_indices=True)
         if len(common) > 1:
             pair_scores.append(adjusted_rand_score(la[ia], lb[ib]))
+    empty = nothing_clustered([reference, *(lab for _, lab in runs)])
     return {
         "resamples": n_resamples, "fraction": fraction,
-        "ari_vs_reference": spread([adjusted_rand_score(reference[p], lab) for p, lab in runs]),
-        "pairwise_ari": {"pairs": len(pair_scores), **spread(pair_scores)},
+        "ari_vs_reference": spread([] if empty else [adjusted_rand_score(reference[p], lab) for p, lab in runs]),
+        "pairwise_ari": {"pairs": len(pair_scores), **spread([] if empty else pair_scores)},
         "jaccard": jaccard_stability(reference, runs),
     }
 
@@ -110,11 +138,13 @@ def resample_stability(config: ClusterConfig, x: np.ndarray, texts: Sequence[str
 def min_cluster_size_sweep(config: ClusterConfig, x: np.ndarray, texts: Sequence[str],
                            values: Sequence[int], reference: np.ndarray | None = None,
                            fit: Fit = _fit) -> list[dict]:
-    """Number of clusters, outlier share and ARI vs the reference for each `min_cluster_size`."""
+    """Number of clusters (flat, leaves), outlier share and ARI vs the reference for each `min_cluster_size`."""
     out = []
     for v in values:
-        labels = fit(replace(config, min_cluster_size=int(v)), x, list(texts))
-        row = {"min_cluster_size": int(v), "n_clusters": len(set(labels.tolist()) - {OUTLIER}),
+        res = fit(replace(config, min_cluster_size=int(v)), x, list(texts))
+        labels = res.labels
+        row = {"min_cluster_size": int(v), "n_clusters": _n_clusters(labels),
+               "n_leaves": res.tree.n_leaves if res.tree is not None else _n_clusters(labels),
                "outlier_fraction": float((labels == OUTLIER).mean())}
         if reference is not None:
             row["ari_vs_reference"] = float(adjusted_rand_score(reference, labels))
@@ -127,13 +157,32 @@ def default_sweep(min_cluster_size: int) -> list[int]:
     return sorted({max(2, min_cluster_size // 2), min_cluster_size, min_cluster_size * 2})
 
 
+def rescue_sweep(min_cluster_size: int) -> list[int]:
+    """Smaller values to try when a run clustered nothing or left most rows outliers."""
+    return sorted({v for v in (2, 3, 5, min_cluster_size // 2, min_cluster_size) if 2 <= v <= min_cluster_size})
+
+
+def suggest_min_cluster_size(sweep_rows: Sequence[dict], max_outliers: float = 0.5) -> dict | None:
+    """The largest swept value that gives a cluster and at most `max_outliers` outliers; else the fewest outliers.
+
+    None when no swept value gives any cluster.
+    """
+    usable = [r for r in sweep_rows if r["n_clusters"] >= 1]
+    if not usable:
+        return None
+    good = [r for r in usable if r["outlier_fraction"] <= max_outliers]
+    if good:
+        return max(good, key=lambda r: r["min_cluster_size"])
+    return min(usable, key=lambda r: (r["outlier_fraction"], -r["min_cluster_size"]))
+
+
 def stability_report(config: ClusterConfig, x: np.ndarray, texts: Sequence[str], reference: np.ndarray, *,
                      n_seed_runs: int = 5, n_resamples: int = 5, sweep: Sequence[int] | None = None,
-                     progress: Callable[[str], None] | None = None) -> dict:
+                     progress: Callable[[str], None] | None = None, level_counts: Sequence[int] = ()) -> dict:
     """Everything above in one JSON-ready dict (written to stability.json)."""
     say = progress or (lambda _msg: None)
     say("stability: seed runs")
-    seeds = seed_stability(config, x, texts, n_seed_runs, reference)
+    seeds = seed_stability(config, x, texts, n_seed_runs, reference, level_counts=level_counts)
     say("stability: resamples")
     resamples = resample_stability(config, x, texts, reference, n_resamples)
     say("stability: min_cluster_size sweep")

@@ -28,6 +28,7 @@ from refusal_atlas.io import atomic_write, atomic_write_text
 from refusal_atlas.lm.positions import Position, parse_position_label, position_label
 from refusal_atlas.mechinterp.causal.files import write_figure
 from refusal_atlas.mechinterp.directions import DirectionSet
+from refusal_atlas.mechinterp.geometry import spectrum
 from refusal_atlas.mechinterp.noise import cosine_report
 
 
@@ -79,7 +80,13 @@ def sibling_test(cos: np.ndarray, nodes: list[str], parents: dict[str, list[str]
     non = off & ~sib
     result = {"n_sibling_pairs": int(sib.sum() // 2), "n_other_pairs": int(non.sum() // 2), "n_perm": n_perm}
     if not sib.any() or not non.any():
-        return {**result, "statistic": None, "p_value": None, "note": "needs both sibling and non-sibling pairs"}
+        with_parent = [n for n in nodes if parents.get(n)]
+        why = ("no two of these nodes share a parent" + (" (they are all roots of the taxonomy)" if not with_parent
+                                                        else "") if not sib.any() else
+               "every pair of these nodes shares a parent")
+        return {**result, "statistic": None, "p_value": None,
+                "note": f"not run: {why}; the test compares sibling pairs with other pairs, so it needs at least "
+                        "one of each (analyse sibling nodes, e.g. with more prompts per child node)"}
     observed = cos[sib].mean() - cos[non].mean()
     rng = np.random.default_rng(seed)
     perms = np.argsort(rng.random((n_perm, k)), axis=1)
@@ -142,8 +149,8 @@ def _bad(v: object) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def overlap_report(ds: DirectionSet, g: nx.MultiGraph) -> dict:
-    """JSON-ready summary: the graph, every pair beside its floors, and the sibling test."""
+def overlap_report(ds: DirectionSet, g: nx.MultiGraph, chosen_by: str = "") -> dict:
+    """JSON-ready summary: the graph, every pair beside its floors, the spectrum and the sibling test."""
     layer, position, method = g.graph["layer"], parse_position_label(g.graph["position"]), g.graph["method"]
     pairs = [dict(vars(r), overlaps=r.overlaps, above_null=r.above_null, distinct=r.distinct)
              for r in cosine_report(ds, layer, position, method)] if f"{method}/cos" in ds.noise else []
@@ -152,6 +159,12 @@ def overlap_report(ds: DirectionSet, g: nx.MultiGraph) -> dict:
         "layer": layer,
         "position": position_label(position),
         "method": method,
+        "chosen_by": chosen_by,
+        "spectrum": {**spectrum(ds.stack(layer, position, method)),
+                     "note": "of the unit node directions at this layer and position: effective_rank = exp(entropy "
+                             "of the squared singular values' shares), participation_ratio = (sum l)^2 / sum l^2, "
+                             "first_component = share of the first; 1 = one shared direction, n_directions = "
+                             "mutually orthogonal ones"},
         "model_id": ds.meta.get("model_id"),
         "model_revision": ds.meta.get("model_revision"),
         "edge_rule": "overlap edge when the noise-corrected cosine's bootstrap 95% lower bound > min_overlap "
@@ -170,14 +183,16 @@ def cosine_matrix_np(ds: DirectionSet, layer: int, position: Position, method: s
 
 
 def write_overlap(ds: DirectionSet, out_dir: str | Path, layer: int | None = None, position: Position = -1,
-                  method: str = "diff_means", min_overlap: float = 0.0) -> dict:
-    """Write overlap.graphml, overlap.json, heatmap.png and graph.png; return the report."""
+                  method: str = "diff_means", min_overlap: float = 0.0, chosen_by: str = "") -> dict:
+    """Write overlap.graphml, overlap.json, heatmap.png and graph.png; return the report. `chosen_by` says how
+    the layer was chosen (recorded in overlap.json); `layer=None` picks `choose_layer`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if len(ds.nodes) < 2:
         raise AtlasError(f"{out}: an overlap graph needs at least two nodes with directions")
     g = overlap_graph(ds, layer, position, method, min_overlap)
-    report = overlap_report(ds, g)
+    how = chosen_by or ("given" if layer is not None else "most reliable layer (choose_layer)")
+    report = overlap_report(ds, g, how)
     atomic_write(out / "overlap.graphml", lambda tmp: nx.write_graphml(g, tmp))
     atomic_write_text(out / "overlap.json", json.dumps(report, indent=1))
     _heatmap(ds, g, out / "heatmap.png")

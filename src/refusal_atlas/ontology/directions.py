@@ -21,9 +21,8 @@ METRICS: dict[str, URIRef] = {
     "noise_floor": RA.noiseFloor,
     "split_half_cosine": RA.splitHalfCosine,
     "auroc": RA.auroc,
-    "bypass_score": RA.bypassScore,
-    "induce_score": RA.induceScore,
-    "kl_divergence": RA.klDivergence,
+    "reliability": RA.reliability,
+    "norm": RA.norm,
 }
 SHA256 = re.compile(r"[0-9a-f]{64}")  # fullmatch only
 
@@ -55,8 +54,10 @@ def add_direction(
     prompt_count: int | None = None,
     model_revision: str | None = None,
     metrics: dict[str, float] | None = None,
+    direction_set: str | None = None,
 ) -> URIRef:
-    """Add one direction's description to `graph`; returns its IRI."""
+    """Add one direction's description to `graph`; returns its IRI. (Selection scores belong to a
+    `ra:SelectionCandidate`, `results.add_selection_candidate`, not to the direction.)"""
     if layer < 0:
         raise ValueError(f"layer must be >= 0, got {layer}")
     if not SHA256.fullmatch(sha256):
@@ -77,6 +78,8 @@ def add_direction(
         graph.add((subject, RA.promptCount, Literal(int(prompt_count), datatype=XSD.integer)))
     if model_revision is not None:
         graph.add((subject, RA.modelRevision, Literal(model_revision)))
+    if direction_set is not None:
+        graph.add((subject, RA.directionSet, Literal(direction_set)))
     for name, value in sorted((metrics or {}).items()):
         graph.add((subject, METRICS[name], Literal(float(value), datatype=XSD.double)))
     return subject

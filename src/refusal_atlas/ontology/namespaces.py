@@ -160,6 +160,52 @@ class RA(DefinedNamespace):
     cosine: URIRef
     norm: URIRef
     reliability: URIRef
+    # run results in atlas.ttl: pooled direction, selection, overlap edges, findings
+    PooledRefusalDirection: URIRef
+    SelectionCandidate: URIRef
+    OverlapEdge: URIRef
+    Finding: URIRef
+    pooledOver: URIRef
+    candidateDirection: URIRef
+    selectedDirection: URIRef
+    edgeSource: URIRef
+    edgeTarget: URIRef
+    ablateFrom: URIRef
+    selected: URIRef
+    tier: URIRef
+    filteredBy: URIRef
+    ciLow: URIRef
+    ciHigh: URIRef
+    correctedCosine: URIRef
+    correctedCiLow: URIRef
+    correctedCiHigh: URIRef
+    sourceFloor: URIRef
+    targetFloor: URIRef
+    chanceCosine95: URIRef
+    distinct: URIRef
+    directionSet: URIRef
+    question: URIRef
+    verdict: URIRef
+    findingSubject: URIRef
+    rule: URIRef
+    value: URIRef
+    sampleSize: URIRef
+    trusted: URIRef
+    # SAE features (mechinterp/sae): the SAE, its latents, and each node's choice of a latent
+    SparseAutoencoder: URIRef
+    SaeFeature: URIRef
+    FeatureSelection: URIRef
+    featureIndex: URIRef
+    ofSae: URIRef
+    feature: URIRef
+    rank: URIRef
+    attribution: URIRef
+    width: URIRef
+    topK: URIRef
+    tokenCount: URIRef
+    fvu: URIRef
+    meanL0: URIRef
+    deadFraction: URIRef
     # clusters (curation)
     clusterLabel: URIRef
     memberCount: URIRef

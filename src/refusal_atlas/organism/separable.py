@@ -77,7 +77,8 @@ class SeparableSettings:
 
     @classmethod
     def reduced(cls) -> SeparableSettings:
-        """A smaller build for the slow test and `validate --budget reduced`."""
+        """A smaller smoke build (`organism build --quick`); its planted truth is not guaranteed to verify, so
+        `validate` (either budget) and the slow test build the default settings."""
         return cls(train_per_branch=16, heldout_per_branch=10, other_train=12, other_heldout=6, harmless_train=16,
                    harmless_heldout=8)
 

@@ -17,8 +17,9 @@ direction (two halves of its prompts); its *ceiling* `sqrt(reliability)` is the 
 noise-free copy of the node's true direction would be expected to reach with the stored estimate.
 `match = cosine / ceiling` therefore near 1 means "as close as the data allow" (above 1: within
 the estimate's noise of a perfect match). The *p-value* is the share of seeded random unit
-directions in d_model whose best cosine over the same searched layers reaches the observed one,
-so searching many layers is paid for; a row is `above_chance` when p < 0.05.
+directions in d_model whose best cosine over the same searched layers, position and ranked nodes
+reaches the observed one, so searching many layers and nodes is paid for (`p_node`: this node
+alone); a row is `above_chance` when p < 0.05.
 """
 
 from __future__ import annotations

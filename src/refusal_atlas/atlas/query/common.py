@@ -38,8 +38,7 @@ def _require_node(store: AtlasStore, node_id: str) -> None:
     known: set[str] = set()
     if store.taxonomy is not None:
         known |= set(store.taxonomy.nodes)
-    if store.directions is not None:
-        known |= set(store.directions.nodes)
+    known |= set(store.analysed_nodes)
     if not known:
         store.require("taxonomy (taxonomy.ttl) or directions", False)
     if node_id not in known:
@@ -76,17 +75,24 @@ def _primary_ancestors(tax: Taxonomy, node_id: str) -> list[str]:
 
 
 def analysed_fallback(store: AtlasStore, node_id: str) -> dict[str, Any] | None:
-    """For a node without directions: why, and the nearest analysed ancestor the answer falls back to."""
-    ds = store.directions
-    if ds is None or node_id in ds.nodes:
+    """For a node without a direction: why (coverage.json's reason, with its prompt counts) and the nearest
+    analysed ancestor the answer falls back to; None for an analysed node or an atlas without directions."""
+    if store.directions is None or node_id in store.analysed_nodes:
         return None
+    record = next((r for r in store.coverage if r.get("node") == node_id), None)
     tax = store.taxonomy
-    ancestor = None
-    if tax is not None and node_id in tax.nodes:
-        ancestor = next((a for a in _primary_ancestors(tax, node_id) if a in ds.nodes), None)
-    min_prompts = (store.manifest.get("parameters") or {}).get("min_prompts")
-    why = (f"not analysed in this run (fewer than {min_prompts if min_prompts is not None else 'min_prompts'} "
-           "harmful training prompts, or beyond --max-nodes)")
+    analysed = set(store.analysed_nodes)
+    ancestor = record.get("fallback") if record else None
+    if ancestor not in analysed and tax is not None and node_id in tax.nodes:
+        ancestor = next((a for a in _primary_ancestors(tax, node_id) if a in analysed), None)
+    if record and record.get("reason"):
+        why = f"not analysed: {record['reason']}"
+    else:
+        min_prompts = (store.manifest.get("parameters") or {}).get("min_prompts")
+        why = (f"not analysed in this run (fewer than {min_prompts if min_prompts is not None else 'min_prompts'} "
+               "harmful training prompts)")
     return {"reason": why, "ancestor": ancestor,
+            "prompts": {k: record.get(k) for k in ("harmful_prompts", "train_prompts", "used_prompts")}
+            if record else None,
             "note": (f"showing the directions of its nearest analysed ancestor {ancestor}" if ancestor else
                      "no ancestor was analysed either")}

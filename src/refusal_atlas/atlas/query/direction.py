@@ -14,7 +14,7 @@ from refusal_atlas.atlas.query.common import _clean, selected_layer_position
 from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.positions import Position, canonical_position, position_label
-from refusal_atlas.mechinterp.directions import DirectionSet
+from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
 
 NULL_DRAWS = 1000
 NULL_SEED = 0
@@ -159,39 +159,51 @@ def rank_direction(
     rows_by_layer = _rows_for_layers(vector, layers, ds.layers, source)
     for lyr, row in rows_by_layer.items():
         _check_vector(row, f"{source} (layer {lyr})")
-    names = [n for n in ds.nodes_with_pooled if _has(ds, n, pos, method)]
+    # every analysed node: the branch set's (with the pooled direction), then the tree set's others
+    tree = store.tree_directions
+    sets = [(n, ds) for n in ds.nodes_with_pooled] + \
+        ([(n, tree) for n in tree.nodes if n not in ds.nodes] if tree is not None and tree.layers == ds.layers else [])
+    sets = [(n, s) for n, s in sets if _has(s, n, pos, method)]
+    names = [n for n, _ in sets]
     targets = torch.full((len(names), len(layers), d_model), float("nan"))
-    for t, node in enumerate(names):
+    for t, (node, src) in enumerate(sets):
         for j, lyr in enumerate(layers):
-            v = ds.get(node, lyr, pos, method)
+            v = src.get(node, lyr, pos, method)
             if float(v.norm()) > 0:
                 targets[t, j] = v / v.norm()
     queries = torch.stack([rows_by_layer[lyr] / rows_by_layer[lyr].norm() for lyr in layers])  # [L, d]
     cos = torch.einsum("ld,tld->tl", queries, targets)  # NaN where a target is missing
     null = chance_null(rows_by_layer, targets, draws=draws, seed=seed)
-    floor_t, rel_t = ds.noise.get(f"{method}/split_half_mean"), ds.noise.get(f"{method}/reliability")
+    # the family: a random direction's best cosine over every ranked node as well (their directions are
+    # correlated, so this is tighter than Bonferroni); without it ~5% of the nodes of any vector look significant
+    in_family = torch.tensor([n != POOLED for n in names], dtype=torch.bool)
+    family = null[in_family].amax(0) if bool(in_family.any()) else null.amax(0)
     results: list[dict[str, Any]] = []
     pooled: dict[str, Any] | None = None
-    for t, node in enumerate(names):
+    for t, (node, src) in enumerate(sets):
+        floor_t, rel_t = src.noise.get(f"{method}/split_half_mean"), src.noise.get(f"{method}/reliability")
         row_cos = cos[t]
         if torch.isnan(row_cos).all():
             continue
         j = int(torch.nan_to_num(row_cos, nan=-2.0).argmax())
         best: dict[str, Any] = {"node": node, "cosine": float(row_cos[j]), "layer": int(layers[j]),
                                 "position": position_label(pos)}
-        best["p_value"] = float((1 + (null[t] >= row_cos[j]).sum()) / (draws + 1))
+        observed = row_cos[j]
+        best["p_node"] = float((1 + (null[t] >= observed).sum()) / (draws + 1))
+        best["p_value"] = float((1 + (family >= observed).sum()) / (draws + 1)) if node != POOLED else best["p_node"]
         best["above_chance"] = best["p_value"] < ALPHA
-        best["chance_cosine_95"] = float(torch.quantile(null[t], 0.95))
+        best["chance_cosine_95"] = float(torch.quantile(family if node != POOLED else null[t], 0.95))
         if floor_t is not None and rel_t is not None:
-            idx = (ds.node_index(node), ds.layer_index(best["layer"]), ds.position_index(pos))
+            idx = (src.node_index(node), src.layer_index(best["layer"]), src.position_index(pos))
             floor, rel = float(floor_t[idx]), float(rel_t[idx])
             best["noise_floor"] = _clean(floor)
             best["reliability"] = _clean(rel)
             ceiling = math.sqrt(rel) if not math.isnan(rel) and rel > 0 else None
             best["ceiling"] = ceiling
             best["match"] = best["cosine"] / ceiling if ceiling else None
-        if node in ds.nodes:
+        if node != POOLED:
             best["label"] = store.node_label(node)
+            best["set"] = "branches" if src is ds else "tree"
             results.append(best)
         else:
             pooled = best
@@ -199,8 +211,11 @@ def rank_direction(
     for rank, ranked in enumerate(results, start=1):
         ranked["rank"] = rank
     chance = {"draws": draws, "seed": seed, "alpha": ALPHA,
-              "rule": "p = share of random unit directions in d_model whose best cosine over the searched layers "
-                      "reaches the observed one; above_chance when p < alpha (no correction across nodes)"}
+              "n_searched": {"layers": len(layers), "positions": 1, "nodes": int(in_family.sum())},
+              "rule": "p_value = share of seeded random unit directions in d_model whose best cosine over the "
+                      "searched layers, the one position and every ranked node reaches the observed one (corrected "
+                      "for all three searches); p_node = the same for this node alone; above_chance when "
+                      "p_value < alpha; chance_cosine_95 = the cosine a random direction reaches 5% of the time"}
     return _clean({"source": source, "shape": list(vector.shape), "method": method, "layers": layers,
                    "layer_choice": how, "position": position_label(pos), "chance": chance,
                    "match_legend": MATCH_LEGEND, "pooled": pooled, "ranking": results})

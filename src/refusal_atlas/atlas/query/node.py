@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from refusal_atlas.atlas.query.common import _clean, _records, _require_node, analysed_fallback
+from refusal_atlas.atlas.query.common import _clean, _records, _require_node, analysed_fallback, selected_layer_position
 from refusal_atlas.atlas.query.feature import node_sae
 from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.taxonomy.resolve import default_behaviour, effective_rules
@@ -28,7 +28,10 @@ def node_report(store: AtlasStore, node_id: str, *, nearest: int = 5) -> dict[st
     shown = fallback["ancestor"] if fallback and fallback["ancestor"] else node_id
     out["directions_of"] = shown
     out["directions"] = _node_directions(store, shown)
-    out["best"] = _best_direction(out["directions"])
+    out["direction_set"] = _set_name(out["directions"])
+    record = next((r for r in store.coverage if r.get("node") == shown), {})
+    out["same_prompts_as"] = record.get("same_prompts_as")  # its kept prompts are all one child's
+    out["best"] = _best_direction(out["directions"], selected_layer_position(store))
     out["best_by"] = _best_by(out["best"])
     out["nearest"] = _nearest(store, shown, nearest, out["best"])
     out["clusters"] = [
@@ -56,24 +59,31 @@ def _node_directions(store: AtlasStore, node_id: str) -> list[dict[str, Any]] | 
     return _records(rows.drop(columns=["node"]))
 
 
-def _is_selected(row: dict[str, Any]) -> bool:
-    return row.get("selected") in (True, 1, "true", "True")
+def _set_name(rows: list[dict[str, Any]] | None) -> str | None:
+    """Which direction set the rows come from: "branches" (causally tested) or "tree" (floors only)."""
+    return str(rows[0].get("set")) if rows and rows[0].get("set") else None
 
 
-def _best_direction(rows: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    """The selected (layer, position) if the causal stage chose one, else the most reliable."""
+def _best_direction(rows: list[dict[str, Any]] | None,
+                    selected: tuple[int, str] | None = None) -> dict[str, Any] | None:
+    """The node's direction at the layer and position the causal stage selected (for the pooled direction,
+    the one every causal test uses); without a selection, the most reliable one (`best_by` says which)."""
     if not rows:
         return None
-    chosen = [r for r in rows if _is_selected(r)]
-    if chosen:
-        return chosen[0]
-    return max(rows, key=lambda r: (r.get("reliability") or -1.0, r.get("norm") or 0.0))
+    if selected is not None:
+        hit = [r for r in rows if int(r["layer"]) == selected[0] and str(r["position"]) == selected[1]]
+        if hit:
+            return {**hit[0], "chosen_by": SELECTED}
+    best = max(rows, key=lambda r: (r.get("reliability") or -1.0, r.get("norm") or 0.0))
+    return {**best, "chosen_by": MOST_RELIABLE}
+
+
+SELECTED = "causal selection: the layer and position selected for the pooled direction"
+MOST_RELIABLE = "highest split-half reliability (no causal selection in this atlas)"
 
 
 def _best_by(best: dict[str, Any] | None) -> str | None:
-    if best is None:
-        return None
-    return "causal selection" if _is_selected(best) else "highest split-half reliability (no causal selection)"
+    return None if best is None else str(best.get("chosen_by"))
 
 
 def _nearest(store: AtlasStore, node_id: str, k: int, best: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -94,19 +104,26 @@ def _nearest(store: AtlasStore, node_id: str, k: int, best: dict[str, Any] | Non
         rows.sort(key=lambda r: -(r["cosine"] if isinstance(r["cosine"], int | float) else -1))
         if rows:
             return rows[:k]
-    ds = store.directions
+    ds = store.direction_set_of(node_id)
     if ds is None or best is None or node_id not in ds.nodes:
         return []
-    layer, position = int(best["layer"]), best["position"]
+    layer, position = int(best["layer"]), str(best["position"])
+    li, pi = ds.layer_index(layer), ds.position_index(position)
+    depth = ds.meta.get("depth") or {}
+    same = [n for n in ds.nodes if n != node_id and depth.get(n) == depth.get(node_id)]
+    cos_t = ds.noise.get("diff_means/cos")
+    deb_t, ci_t = ds.noise.get("diff_means/cos_debiased"), ds.noise.get("diff_means/cos_debiased_ci")
     me = ds.unit(node_id, layer, position)
     rows = []
-    for other in ds.nodes:
-        if other == node_id:
-            continue
-        cos = float(me @ ds.unit(other, layer, position))
-        rows.append({"node": other, "label": store.node_label(other), "cosine": cos, "layer": layer,
-                     "position": position, "source": "directions",
-                     "noise_floor": _floor(store, other, layer, position)})
+    for other in same:
+        i, j = ds.node_index(node_id), ds.node_index(other)
+        cos = float(cos_t[i, j, li, pi]) if cos_t is not None else float(me @ ds.unit(other, layer, position))
+        row = {"node": other, "label": store.node_label(other), "cosine": cos, "layer": layer, "position": position,
+               "source": "directions", "noise_floor": _floor(store, other, layer, position)}
+        if deb_t is not None and ci_t is not None:
+            row["cos_debiased"] = float(deb_t[i, j, li, pi])
+            row["debiased_ci_low"], row["debiased_ci_high"] = float(ci_t[i, j, li, pi, 0]), float(ci_t[i, j, li, pi, 1])
+        rows.append(row)
     rows.sort(key=lambda r: -r["cosine"])
     return rows[:k]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from rdflib import Graph
 
-from refusal_atlas.atlas.query.common import _clean, analysed_fallback
+from refusal_atlas.atlas.query.common import _clean, analysed_fallback, selected_layer_position
 from refusal_atlas.atlas.query.node import _best_by, _best_direction, _node_directions
 from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.errors import AtlasError
@@ -35,6 +35,7 @@ def source_report(store: AtlasStore, curie: str) -> dict[str, Any]:
     tax = store.taxonomy
     dm = store.direction_metrics
     with_dirs = set(dm["node"]) if dm is not None else set()
+    selected = selected_layer_position(store)
     nodes = []
     seen: set[str] = set()
     for node, predicate, _, _ in hits:
@@ -48,13 +49,17 @@ def source_report(store: AtlasStore, curie: str) -> dict[str, Any]:
             entry: dict[str, Any] = {"node": target, "label": store.node_label(target), "predicate": predicate,
                                      "via": via}
             dirs = _node_directions(store, target)
-            entry["best"] = _best_direction(dirs)
-            entry["best_by"] = _best_by(entry["best"])
+            entry["best"] = _best_direction(dirs, selected)
+            entry["best_of"] = target if dirs else None
             entry["n_directions"] = len(dirs or [])
             if entry["best"] is None:
                 fallback = analysed_fallback(store, target)
                 entry["why"] = (fallback or {}).get("reason") or "no directions in this atlas (stage not run)"
                 entry["fallback"] = (fallback or {}).get("ancestor")
+                if entry["fallback"]:  # the ancestor's direction answers for it, and says so (`best_of`)
+                    entry["best"] = _best_direction(_node_directions(store, entry["fallback"]), selected)
+                    entry["best_of"] = entry["fallback"]
+            entry["best_by"] = _best_by(entry["best"])
             nodes.append(entry)
     return _clean({"source": curie, "label": hits[0][3], "nodes": nodes,
                    "directions_available": dm is not None})

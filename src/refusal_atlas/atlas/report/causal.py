@@ -24,16 +24,31 @@ POOLED = "@pooled"
 
 
 def _selection_html(store: AtlasStore) -> str:
+    """The one direction the causal stage selected (layer, position, ablation scope, scores), then every
+    candidate it scored, collapsed."""
     sel = store.selection
     if sel is None or "selected" not in sel.columns:
         return ""
     chosen = sel[sel["selected"].fillna(False).astype(bool)]
     if chosen.empty:
         return ""
-    return ("<h3>Selected direction per node</h3><p class='small'>Chosen as Arditi et al. do: the lowest bypass "
-            "score (refusal log-odds with the direction ablated) among candidates that induce refusal when added, "
-            "cost little KL, and sit below 0.8 of the depth.</p>" +
-            df_table(chosen, ["node", "layer", "position", "bypass_score", "induce_score", "kl_score", "filtered"]))
+    top = chosen.iloc[0]
+    what = "the pooled direction" if str(top["node"]) == POOLED else f"the direction of {top['node']}"
+    scope = f", ablated from layer {int(top['ablate_from'])} on" if "ablate_from" in top and \
+        top["ablate_from"] == top["ablate_from"] else ""
+    cols = [c for c in ("node", "layer", "position", "ablate_from", "bypass_score", "induce_score", "kl_score",
+                        "tier", "filtered", "selected") if c in sel.columns]
+    return (f"<h3>Selected direction</h3><p>The causal stage selected {esc(what)} at <b>layer {int(top['layer'])}, "
+            f"position {esc(top['position'])}</b>{esc(scope)} (bypass score {esc(fmt(top.get('bypass_score')))}, "
+            f"induce score {esc(fmt(top.get('induce_score')))}, KL {esc(fmt(top.get('kl_score')))}). Every causal "
+            "test, the cross-ablation below, the overlap graph and the heatmap's opening layer use this layer and "
+            "position; per-node directions are each node's own difference of means there.</p>"
+            "<p class='small'>Chosen as Arditi et al. do: among candidates that induce refusal when added (induce "
+            "score &gt; 0: mean refusal log-odds on harmless prompts), cost little KL on harmless prompts (&lt; 0.1) "
+            "and sit below 0.8 of the depth, the lowest bypass score (mean refusal log-odds on harmful prompts with "
+            "the direction ablated).</p>"
+            f"<details><summary>All {len(sel)} candidates scored</summary>{df_table(sel, cols, max_rows=200)}"
+            "</details>")
 
 
 def _cross_ablation_html(xa: pd.DataFrame, figs: Figures) -> str:

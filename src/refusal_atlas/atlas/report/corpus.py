@@ -47,17 +47,23 @@ def _cluster_view_html(store: AtlasStore, view: ClusterView, figs: Figures, titl
     clusters, assign = view.clusters, view.assignments
     parts = []
     labels = {c.id: c.label or f"cluster {c.id}" for c in clusters}
+    # mapped: one colour per taxonomy node the clusters map to, so a node split over several clusters shows as one
+    # colour; clusters that fit no node keep their own name and colour
+    colour_of = {c.id: (f"node {c.best_nodes[0][0]}" if mapped and c.fits and c.best_nodes else
+                        ("outliers" if c.outlier else f"cluster {c.id}: {labels[c.id]}")) for c in clusters}
     if assign is not None and {"x", "y", "cluster"} <= set(assign.columns):
-        data = assign.head(MAX_POINTS)
-        text_col = next((c for c in ("text", "response", "prompt", "document") if c in data.columns), None)
+        data = assign.head(MAX_POINTS).copy()
+        text_col = next((c for c in ("label_text", "text", "response", "prompt", "document") if c in data.columns),
+                        None)
+        data["_colour"] = [colour_of.get(str(cid), f"cluster {cid}") for cid in data["cluster"]]
         fig = go.Figure()
-        for cid, rows in data.groupby("cluster", sort=True):
-            name = short(labels.get(str(cid), f"cluster {cid}"), 60)
-            texts = [hover(t) for t in rows[text_col]] if text_col else None
+        for name, rows in data.groupby("_colour", sort=True):
+            texts = [hover(f"[cluster {cid}] {t}") for cid, t in zip(rows["cluster"], rows[text_col], strict=True)
+                     ] if text_col else None
             fig.add_trace(go.Scatter(
-                x=rows["x"], y=rows["y"], mode="markers", name=esc(name), hovertext=texts,
+                x=rows["x"], y=rows["y"], mode="markers", name=esc(short(str(name), 60)), hovertext=texts,
                 hoverinfo="text+name" if texts else "name",
-                marker={"size": 6, "opacity": 0.75, "color": "#b0b7bf" if str(cid) in ("-1", "outlier") else None},
+                marker={"size": 6, "opacity": 0.75, "color": "#b0b7bf" if name == "outliers" else None},
             ))
         fig.update_layout(title=esc(title), xaxis_title="map x", yaxis_title="map y", legend={"font": {"size": 10}})
         parts.append(figs.add(fig, 520))
@@ -69,7 +75,8 @@ def _cluster_view_html(store: AtlasStore, view: ClusterView, figs: Figures, titl
                 best = "outliers"
             elif c.fits is False:
                 best = f"fits no node (closest: {best or '–'})"
-            row = [c.id, c.label, c.size, ", ".join(c.keywords[:8])]
+            name = f"{c.best_nodes[0][0]}: {c.label}" if mapped and c.fits and c.best_nodes else c.label
+            row = [c.id, name, c.size, ", ".join(c.keywords[:8])]
             row += [best or "–", c.method or "–"] if mapped else []
             rows.append([*row, c.stability, c.examples[0] if c.examples else ""])
         columns = ["cluster", "label", "size", "keywords"]

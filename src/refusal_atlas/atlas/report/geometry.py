@@ -159,18 +159,24 @@ def section_overlap(store: AtlasStore, figs: Figures) -> str:
     overlap, taxonomy = store.overlap_edges("overlap"), store.overlap_edges("taxonomy")
     if g.number_of_nodes():
         parts.append(figs.add(_overlap_figure(store, g, overlap, taxonomy), 520))
-        edges = sorted(overlap, key=lambda e: -float(e[2].get("weight", 0) or 0))
-        rows = [[a, b, d.get("weight"), ci_text(d.get("ci_low"), d.get("ci_high")), d.get("cos_debiased"),
-                 ci_text(d.get("debiased_ci_low"), d.get("debiased_ci_high")), d.get("floor_a"), d.get("floor_b"),
-                 d.get("null95"), d.get("distinct")] for a, b, d in edges[:100]]
-        parts.append(html_table(["node a", "node b", "cosine", "cosine 95% CI", "noise-corrected cosine",
-                                 "noise-corrected 95% CI", "floor a", "floor b", "null 95%", "distinct"], rows)
+        edges = sorted(overlap, key=lambda e: -float(e[2].get("cos_debiased", e[2].get("weight", 0)) or 0))
+        rows = [[a, b, d.get("cos_debiased"), ci_text(d.get("debiased_ci_low"), d.get("debiased_ci_high")),
+                 d.get("weight"), d.get("floor_a"), d.get("floor_b"), d.get("null95"), d.get("distinct")]
+                for a, b, d in edges[:100]]
+        parts.append("<p class='small'>Each row: the noise-corrected cosine (an estimate of the cosine between the "
+                     "two true directions) with its own bootstrap 95% interval; the raw cosine of the two estimates "
+                     "beside it is pulled toward 0 by sampling noise, which is why it can sit below that interval "
+                     "(its own bias-corrected interval is in overlap.json); each node's split-half floor; the 95th "
+                     "percentile of the cosine with signal-free directions; distinct = upper bound below 1.</p>"
+                     + html_table(["node a", "node b", "noise-corrected cosine", "its 95% CI", "raw cosine",
+                                   "floor a", "floor b", "chance 95%", "distinct"], rows)
                      if rows else "<p>No pair of nodes overlaps beyond its noise at this layer.</p>")
     ov = store.overlap_json
     scalars = {k: v for k, v in ov.items() if isinstance(v, int | float | str | bool)}
-    sibling = ov.get("sibling_test")
-    if isinstance(sibling, dict):
-        scalars.update({f"sibling_test.{k}": v for k, v in sibling.items() if isinstance(v, int | float | str | bool)})
+    for group in ("spectrum", "sibling_test"):
+        sub = ov.get(group)
+        if isinstance(sub, dict):
+            scalars.update({f"{group}.{k}": v for k, v in sub.items() if isinstance(v, int | float | str | bool)})
     if scalars:
         parts.append(html_table(["overlap statistic", "value"], list(scalars.items())))
     return "".join(parts) or "<p>The overlap graph is empty.</p>"

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from refusal_atlas.atlas.query.common import selected_layer_position
 from refusal_atlas.atlas.report.html import (
     ci_text,
     esc,
@@ -41,7 +42,9 @@ HEADLINE = {
     "ablation.refusal_after": "the same with the pooled refusal direction ablated",
     "ablation.harmless_kl": "KL caused by that ablation on the harmless prompts the model answers (capability cost)",
     "steering.induced_refusal_rate": "harmless prompts refused when the pooled direction is added",
-    "directions.median_noise_floor": "median split-half cosine of the node directions",
+    "directions.nodes_with_directions": "taxonomy nodes with a direction and noise floors (every node with enough "
+                                        "harmful training prompts, at every depth)",
+    "directions.median_noise_floor": "median split-half cosine of the branch directions (near 1: reproducible)",
     "clusters.seed_ari": "agreement of clusterings across seeds (ARI)",
     "clusters.node_ari": "agreement of clusters with taxonomy nodes (ARI)",
     "detector.f1": "refusal detector F1 on the human-labelled refusals",
@@ -167,18 +170,31 @@ def section_headline(store: AtlasStore) -> str:
 
 
 def _coverage(store: AtlasStore) -> str:
-    """Which taxonomy nodes have directions, and why the others do not."""
-    tax, ds = store.taxonomy, store.directions
-    if tax is None or ds is None:
+    """Which taxonomy nodes have directions (branch set, tree set), and why the others do not."""
+    tax = store.taxonomy
+    if tax is None or store.directions is None:
         return ""
-    analysed = [n for n in ds.nodes if n in tax.nodes]
-    missing = [n for n in tax.nodes if n not in ds.nodes]
+    analysed = store.analysed_nodes
+    branches = list(store.directions.nodes)
+    records = {str(r.get("node")): r for r in store.coverage}
+    missing = [n for n in tax.nodes if n not in analysed]
     min_prompts = (store.manifest.get("parameters") or {}).get("min_prompts", "min_prompts")
-    listed = ", ".join(missing[:30]) + (f" and {len(missing) - 30} more" if len(missing) > 30 else "")
-    return (f"<p class='small'>Directions for {len(analysed)} of {len(tax.nodes)} taxonomy nodes "
-            f"({esc(', '.join(analysed))}). Not analysed ({len(missing)}: fewer than {esc(min_prompts)} harmful "
-            f"training prompts, or beyond --max-nodes): {esc(listed) or 'none'}. "
-            "<code>refusal-atlas query node ID</code> names the analysed ancestor such a node falls back to.</p>")
+    rows = []
+    for n in missing:
+        r = records.get(n, {})
+        rows.append((n, r.get("harmful_prompts"), r.get("train_prompts"),
+                     r.get("reason") or f"fewer than {min_prompts} harmful training prompts", r.get("fallback")))
+    rows.sort(key=lambda row: (-(row[2] or 0), row[0]))
+    table = html_table(["node", "harmful prompts", "training prompts", "why not analysed", "answered by ancestor"],
+                       rows, max_rows=300)
+    tree = [n for n in analysed if n not in branches]
+    return (f"<p class='small'><b>Coverage.</b> Directions and noise floors for {len(analysed)} of {len(tax.nodes)} "
+            f"taxonomy nodes: every node with at least {esc(min_prompts)} harmful training prompts (its own and its "
+            f"descendants'). {len(branches)} branches carry the causal tests ({esc(', '.join(branches))}); "
+            f"{len(tree)} more nodes at every depth have directions and floors only "
+            f"({esc(', '.join(tree)) or 'none'}). <code>refusal-atlas query node ID</code> answers for any other "
+            "node with its nearest analysed ancestor.</p>"
+            f"<details><summary>The {len(missing)} nodes without a direction, and why</summary>{table}</details>")
 
 
 # ------------------------------------------------------------------------------------ taxonomy
@@ -187,9 +203,14 @@ def _badge(text: str) -> str:
 
 
 def node_reliability(store: AtlasStore) -> dict[str, float]:
+    """Each node's direction reliability at the selected layer and position (else its best over layers)."""
     dm = store.direction_metrics
     if dm is None or "reliability" not in dm.columns:
         return {}
+    chosen = selected_layer_position(store)
+    if chosen is not None:
+        at = dm[(dm["layer"] == chosen[0]) & (dm["position"] == chosen[1])].dropna(subset=["reliability"])
+        return {str(k): float(v) for k, v in zip(at["node"], at["reliability"], strict=True)}
     best = dm.dropna(subset=["reliability"]).groupby("node")["reliability"].max()
     return {str(k): float(v) for k, v in best.items()}
 
@@ -209,6 +230,8 @@ def section_taxonomy(store: AtlasStore) -> str:
             parts.append(_badge(node.status.value))
         if node_id in rel:
             parts.append(f" <span class='small'>direction reliability {esc(fmt(rel[node_id]))}</span>")
+        elif rel:
+            parts.append(" <span class='small'>no direction</span>")
         rules = "".join(f"<div>when {esc(format_when(r.when))} → {_badge(r.expect.value)}"
                         f"{' — ' + esc(r.rationale) if r.rationale else ''}</div>" for r in node.conditions)
         kids = "" if node_id in seen else "".join(item(c.id) for c in tax.children(node_id))

@@ -28,6 +28,7 @@ from refusal_atlas.atlas.report.overview import (
 )
 from refusal_atlas.atlas.report.sae import SAE_HOW, SAE_TITLE, section_sae
 from refusal_atlas.atlas.store import AtlasStore, model_identity
+from refusal_atlas.atlas.store_read import portable_model
 from refusal_atlas.io import atomic_write_text
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -56,10 +57,13 @@ HOW = {
                "floor: the cosine between directions from two random halves of its own prompts. A between-node "
                "cosine close to both nodes' floors means the two are indistinguishable given the data; well "
                "below them means they differ.",
-    "overlap": "Nodes are taxonomy nodes; an edge means their directions overlap significantly more than their "
-               "noise floors and the permutation null predict (edge weight = raw cosine). The table gives each "
-               "number with its own interval: the raw cosine, and the noise-corrected cosine that decides the "
-               "edge. Compare with the taxonomy: siblings that are not connected have separable mechanisms.",
+    "overlap": "Nodes are the branches that carry the causal tests, at the causally selected layer and position "
+               "(the same as the heatmap's opening layer and the cross-ablation's). An edge means their directions "
+               "overlap significantly more than noise explains: the bootstrap 95% lower bound of the "
+               "noise-corrected cosine is above 0 (edge weight = raw cosine). The table gives each number with its "
+               "own interval: the raw cosine, and the noise-corrected cosine that decides the edge (an upper bound "
+               "below 1 means the two are distinguishable). The effective rank of the node directions says how "
+               "many independent directions they span (1 = one shared direction).",
     "profiles": "Per node and layer: reliability (split-half, Spearman–Brown corrected), the direction's norm "
                 "(how far the node's prompts sit from harmless ones), and where available the AUROC of separating "
                 "the node from harmless prompts. Detection usually rises in middle layers.",
@@ -81,8 +85,8 @@ HOW = {
     "figures": "Static figures written by the stages, embedded as images.",
     "taxonomy": "The harm-source taxonomy the atlas was built from (open the tree). Each node shows its default "
                 "expected behaviour (inherited from the parent when not stated) and its condition rules: when the "
-                "stated context holds, the expected behaviour changes. The reliability is the best split-half "
-                "reliability of the node's direction across layers.",
+                "stated context holds, the expected behaviour changes. The reliability is the split-half "
+                "reliability of the node's direction at the causally selected layer and position.",
     "provenance": "Versions, seeds, parameters and timings of the run (manifest.json).",
 }
 
@@ -131,6 +135,7 @@ def render_html(store: AtlasStore) -> str:
     boot = (TEMPLATES / "report.js").read_text(encoding="utf-8")
     model = model_identity(store.directions_meta, store.manifest)[0] if store.directions_meta else \
         str(store.manifest.get("model") or "unknown model")
+    model = portable_model(model, store.root)  # the organism as organism/model, not this machine's path
     created = store.manifest.get("created_at") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     nav = "".join(f"<a href='#{a}'>{esc(t)}</a>" for a, t, _, _ in sections)
     body = "".join(

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ABLATION_STABILITY",
+    "BANDS",
     "CONDITIONS",
     "CONDITIONS_SUMMARY",
     "CONE_ABLATION",
@@ -91,6 +92,10 @@ CROSS_ABLATION_SUMMARY = TableSpec("cross_ablation_summary.parquet", (
 STEERING = TableSpec("steering.parquet", (
     "node", "layer", "coeff", "position", "method", "n", "norm", "logit_score", "logit_score_baseline",
     "first_token_refusal_rate", "first_token_refusal_rate_baseline", "induced_refusal_rate"))
+# each node's direction removed from the writes of one window of blocks (`bands.py`); kind "all": every block
+BANDS = TableSpec("bands.parquet", (
+    "node", "kind", "block_lo", "block_hi", "scan_layer", "position", "n", "first_token_refusal_rate",
+    "first_token_refusal_rate_baseline", "logit_score", "logit_score_baseline"))
 CONDITIONS = TableSpec("conditions.parquet", (
     "node", "condition", "n", "expected", "category", "projection", "projection_ci_low", "projection_ci_high",
     "pooled_projection", "refusal_rate", "refusal_ci_low", "refusal_ci_high", "projection_delta", "refusal_delta",
@@ -110,7 +115,7 @@ DIRECTION_PROMPTS = TableSpec("prompts.parquet", (
     optional=("prompt_id", "baseline_refused"))
 
 TABLES: tuple[TableSpec, ...] = (SELECTION, STEERING_DOSE, ABLATION_STABILITY, CONE_ABLATION, CROSS_ABLATION,
-                                 CROSS_ABLATION_SUMMARY, STEERING, CONDITIONS, CONDITIONS_SUMMARY, WORDING,
+                                 CROSS_ABLATION_SUMMARY, STEERING, BANDS, CONDITIONS, CONDITIONS_SUMMARY, WORDING,
                                  LOGIT_LENS_TOKENS, LOGIT_LENS_SCORES)
 
 REFUSAL_TOKENS = "refusal_tokens.json"  # RefusalTokens.to_dict()

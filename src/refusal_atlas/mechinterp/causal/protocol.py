@@ -4,7 +4,7 @@
 protocol writes one set of files whichever entry point ran it:
 
 tokens → select (pooled direction's layer, position, ablation scope and steering dose) → pooled
-(headline ablation / addition) → stability, cone → cross-ablation → steering → wording → conditions.
+(headline ablation / addition) → stability, cone → cross-ablation → steering → bands → wording → conditions.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.positions import Position, parse_position_label
 from refusal_atlas.lm.settings import RunSettings
 from refusal_atlas.mechinterp.causal import files, selection
+from refusal_atlas.mechinterp.causal.bands import band_scan
 from refusal_atlas.mechinterp.causal.common import discover_tokens
 from refusal_atlas.mechinterp.causal.conditions import condition_summary, condition_table
 from refusal_atlas.mechinterp.causal.cross import cross_ablation, cross_ablation_summary
@@ -41,6 +42,7 @@ __all__ = [
     "CausalSession",
     "Chosen",
     "Discovered",
+    "band_step",
     "conditions_step",
     "cone_step",
     "cross_ablation_step",
@@ -130,6 +132,7 @@ def select_step(
     node_val: Mapping[str, Sequence[str]] | None = None,
     kl_threshold: float = 0.1,
     previous: selection.Selection | None = None,
+    dose: bool = True,
 ) -> Chosen:
     """Select the pooled direction's (layer, position, ablation scope) and its steering dose; with `node_val`
     ({node: harmful validation prompts}) also each node's own choice by the same rule.
@@ -150,17 +153,19 @@ def select_step(
                       files.SELECTION)
     # dose: the smallest coefficient whose addition makes validation prompts refuse (marker detector on
     # generations, the measure the headline reports)
-    coeff, dose = selection.choose_coefficient(lm, s.directions.get(POOLED, pooled.layer, pooled.position),
-                                               pooled.layer, harmless_val, s.tokens, target=DOSE_TARGET,
-                                               max_new_tokens=st.max_new_tokens, batch_size=st.batch_size,
-                                               system=st.system)
-    files.write_table(dose, s.out, files.STEERING_DOSE)
+    coeff, doses = 1.0, pd.DataFrame()
+    if dose:  # without it (a run that reads no headline) the dose is Arditi et al.'s raw difference of means
+        coeff, doses = selection.choose_coefficient(lm, s.directions.get(POOLED, pooled.layer, pooled.position),
+                                                    pooled.layer, harmless_val, s.tokens, target=DOSE_TARGET,
+                                                    max_new_tokens=st.max_new_tokens, batch_size=st.batch_size,
+                                                    system=st.system)
+        files.write_table(doses, s.out, files.STEERING_DOSE)
     record: dict[str, Any] = {**pooled.to_dict(), "steering_coefficient": coeff, "n_harmful_val": len(harmful_val),
                               "n_harmless_val": len(harmless_val)}
     if others:
         record["nodes"] = {o.node: o.to_dict() for o in others}
     files.write_json(record, s.out, files.SELECTION_JSON)
-    return Chosen(pooled, coeff, dose, others)
+    return Chosen(pooled, coeff, doses, others)
 
 
 def load_selection(folder: Path, n_layers: int) -> tuple[selection.Selection, float] | None:
@@ -242,6 +247,16 @@ def steering_step(s: CausalSession, nodes: Sequence[str], harmless: Sequence[str
     files.write_table(table, s.out, files.STEERING)
     plot_steering(table, s.out / files.STEERING_FIGURE,
                   value="induced_refusal_rate" if generate_rates else "first_token_refusal_rate")
+    return table
+
+
+def band_step(s: CausalSession, eval_sets: Mapping[str, Sequence[str]], *, position: Position,
+              n_windows: int = 10, baselines: Mapping[str, tuple[float, float]] | None = None) -> pd.DataFrame:
+    """Each node's late-layer direction removed from the writes of one window of blocks at a time, refusal on the
+    node's own prompts (`bands.parquet`): which blocks compute the node's refusal. `baselines`: see `band_scan`."""
+    table = band_scan(s.lm, s.directions, eval_sets, s.tokens, position=position, n_windows=n_windows,
+                      settings=s.settings, baselines=baselines)
+    files.write_table(table, s.out, files.BANDS)
     return table
 
 

@@ -1,0 +1,71 @@
+"""The cluster stage's known answer: refusals in the organism's planted wordings are recovered from the texts."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from refusal_atlas.atlas.pipeline_cluster import _level_ari, responses_config, wording_truth
+from refusal_atlas.curation.cluster_run import cluster_corpus
+from refusal_atlas.organism.policy import refusal_text, wording_groups
+from refusal_atlas.organism.settings import REDIRECT
+from refusal_atlas.taxonomy.loader import load_taxonomy
+
+WORDS = 15  # the run collects 20 new tokens: about 15 words of a refusal
+
+
+def _truncate(text: str) -> str:
+    return " ".join(text.split()[:WORDS])
+
+
+def _corpus() -> tuple[pd.DataFrame, dict]:
+    """Refused rows as the default organism is taught to word them, truncated as the run collects them.
+
+    Nodes whose truncated wordings coincide cannot be told apart by any method; one node per
+    truncated wording is kept. Detector false positives (answers, expected comply) are mixed in.
+    """
+    tax = load_taxonomy(None)
+    groups = wording_groups(tax, None)
+    specific, shared, seen = [], [], set()
+    for node in sorted(groups):
+        text = _truncate(refusal_text(tax, node, groups[node]))
+        if groups[node] == "shared":
+            shared.append(node)
+        elif text not in seen:
+            seen.add(text)
+            specific.append(node)
+    rows = []
+    for node in specific[:8]:
+        rows += [{"node": node, "expected": "refuse", "response": _truncate(refusal_text(tax, node, node))}] * 4
+    for i, node in enumerate(shared[:10]):
+        text = refusal_text(tax, node, "shared")
+        text = text.rstrip(".") if i % 5 == 0 else text  # cut before its last token, as a shorter budget does
+        rows += [{"node": node, "expected": "refuse", "response": text}] * 3
+    rows += [{"node": shared[0], "expected": "redirect", "response": REDIRECT}] * 4
+    answers = ["Sure. The story is set in a small town where", "Sure. A toxicologist is a crucial role, and",
+               "When buying a shotgun from a gun shop, the process can be", "1.",
+               "Ethics and morals are two distinct concepts.", "Sure. (Please be careful and follow the law.)"]
+    rows += [{"node": shared[1], "expected": "comply", "response": a} for a in answers]
+    df = pd.DataFrame(rows)
+    df["prompt"] = [f"request {i} about {n}" for i, n in enumerate(df["node"])]
+    df["refused"] = True
+    policy = {n: {"wording_group": groups[n]} for n in groups}
+    return df, policy
+
+
+def test_planted_wordings_are_recovered(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_ATLAS_CACHE", str(tmp_path / "cache"))
+    df, policy = _corpus()
+    (tmp_path / "organism.json").write_text(json.dumps({"policy": policy}))
+    truth = wording_truth(df, tmp_path / "organism.json")
+    assert truth is not None and truth.nunique() == 8 + 1 + 1 + 1  # 8 node wordings, shared, redirect, ""
+    assert (truth[df["expected"] == "comply"] == "").all() and (truth[df["expected"] == "redirect"] == "redirect").all()
+    df.to_parquet(tmp_path / "refused.parquet")
+    run = cluster_corpus(tmp_path / "refused.parquet", tmp_path / "out", text_column="response",
+                         label_column="prompt", stability_runs=0, config=responses_config(len(df), (0, 1, 2)))
+    result = _level_ari(run, truth.iloc[run.assignments["row"].to_numpy()].reset_index(drop=True))
+    assert result["groups"] == 10 and result["n"] == len(df) - 6
+    assert result["ari"] >= 0.9, result
+    assert wording_truth(df, tmp_path / "missing.json") is None
+
