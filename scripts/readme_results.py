@@ -38,6 +38,9 @@ def render(atlas: Path, machine: str, state: str) -> str:
              f"{machine}, {state}; total {manifest['total_seconds']:.0f} s ({times}).", ""]
     lines += ["| figure (`metrics.json` key) | value |", "|---|---|"]
     org, ab, st = metrics.get("organism", {}), metrics.get("ablation", {}), metrics.get("steering", {})
+    clusters, sae = metrics.get("clusters", {}), metrics.get("sae") or {}
+    wording = clusters.get("wording") or {}
+    tree_branch = (clusters.get("tree_vs_taxonomy") or {}).get("branch") or {}
     rows = [
         ("organism.heldout_refusal_rate", org.get("heldout_refusal_rate")),
         ("organism.harmless_refusal_rate", org.get("harmless_refusal_rate")),
@@ -47,8 +50,13 @@ def render(atlas: Path, machine: str, state: str) -> str:
         ("clusters.seed_ari / node_ari / n_clusters",
          f"{_fmt(metrics['clusters'].get('seed_ari'))} / {_fmt(metrics['clusters'].get('node_ari'))} / "
          f"{_fmt(metrics['clusters'].get('n_clusters'))}"),
+        ("clusters.wording_ari (exact-text ceiling, n)",
+         f"{_fmt(clusters.get('wording_ari'))} ({_fmt(wording.get('exact_text_ari'))}, n = {_fmt(wording.get('n'))})"),
+        ("clusters.tree_vs_taxonomy.branch ARI (level's clusters, n)",
+         f"{_fmt(tree_branch.get('ari'))} ({_fmt(tree_branch.get('n_clusters'))}, n = {_fmt(tree_branch.get('n'))})"),
         ("directions.median_noise_floor", metrics.get("directions", {}).get("median_noise_floor")),
-        ("directions.nodes", ", ".join(metrics.get("directions", {}).get("nodes") or [])),
+        ("directions.nodes (causally tested)", ", ".join(metrics.get("directions", {}).get("nodes") or [])),
+        ("directions.nodes_with_directions", metrics.get("directions", {}).get("nodes_with_directions")),
         ("ablation: layer / ablated from / tier", f"{ab.get('layer')} / {ab.get('ablate_from')} / {ab.get('tier')}"),
         (f"ablation.refusal_before → refusal_after (n = {ab.get('n_harmful')})",
          f"{_fmt(ab.get('refusal_before'))} → {_fmt(ab.get('refusal_after'))}"),
@@ -58,6 +66,13 @@ def render(atlas: Path, machine: str, state: str) -> str:
         ("cross_ablation own / other node after (mean)",
          f"{_fmt(metrics.get('cross_ablation', {}).get('own_node_after_mean'))} / "
          f"{_fmt(metrics.get('cross_ablation', {}).get('other_nodes_after_mean'))}"),
+        ("sae: tokens / width / k / layer", f"{_fmt(sae.get('tokens'))} / {_fmt(sae.get('width'))} / "
+                                            f"{_fmt(sae.get('k'))} / {_fmt(sae.get('layer'))}"),
+        ("sae.fvu / l0 / dead_fraction", f"{_fmt(sae.get('fvu'))} / {_fmt(sae.get('l0'))} / "
+                                         f"{_fmt(sae.get('dead_fraction'))}"),
+        (f"sae.clamp_refusal_own / other (refusal before {_fmt(sae.get('refusal_before'))}, "
+         f"n = {_fmt(sae.get('clamp_n'))})",
+         f"{_fmt(sae.get('clamp_refusal_own'))} / {_fmt(sae.get('clamp_refusal_other'))}"),
     ]
     lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows]
     findings_path = atlas / "findings.json"
