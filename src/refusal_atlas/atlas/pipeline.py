@@ -72,6 +72,7 @@ from refusal_atlas.ontology.export import build_graph
 from refusal_atlas.ontology.io import write_graph
 from refusal_atlas.ontology.shacl import validate_graph
 from refusal_atlas.organism.core import MODEL_DIR, RECIPE_VERSION, OrganismSettings, build_organism
+from refusal_atlas.taxonomy.crosswalk import crosswalk_dir_for, load_crosswalks
 from refusal_atlas.taxonomy.loader import taxonomy_hash
 from refusal_atlas.taxonomy.model import Taxonomy
 from refusal_atlas.taxonomy.resolve import contextual_nodes
@@ -118,8 +119,11 @@ def stage_ontology(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 def stage_prompts(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     rejects: list[dict] = []
+    # a --taxonomy DIR maps external sets through its own crosswalks (DIR/crosswalks/), never the shipped ones
+    folder = crosswalk_dir_for(cfg.taxonomy)
     df = build_prompt_set(list(cfg.sets), taxonomy=run_taxonomy(cfg), conditions=True, seed=cfg.seed,
-                          framings_per_value=1, rejects=rejects)
+                          framings_per_value=1, rejects=rejects,
+                          crosswalks=load_crosswalks(folder) if folder is not None else [])
     df = assign_analysis_nodes(df, run_taxonomy(cfg))
     df = assign_splits(df, cfg)
     write_table(df, ctx.out / schema.PROMPTS.path)
