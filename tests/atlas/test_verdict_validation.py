@@ -92,3 +92,19 @@ def test_reduced_validation_runs_and_the_base_model_has_nothing_to_analyse(tmp_p
     base = [c for c in result["checks"] if c["model"] == "base"]
     assert base and all(c["agrees"] for c in base)
     assert result["planted"]["separable"]["verification"]["verified"]
+
+
+def test_validate_rejects_an_unknown_model_for_only_in_one_line(tmp_path):
+    from refusal_atlas.cli.validate import register
+    from refusal_atlas.errors import AtlasError
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:
+        pass
+
+    result = CliRunner().invoke(app, ["validate", "-o", str(tmp_path), "--only", "gpt"])
+    assert isinstance(result.exception, AtlasError) and "--only 'gpt'" in str(result.exception)
+    assert not (tmp_path / "organisms").exists()  # nothing was built

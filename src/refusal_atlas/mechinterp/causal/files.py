@@ -92,7 +92,8 @@ CROSS_ABLATION_SUMMARY = TableSpec("cross_ablation_summary.parquet", (
 STEERING = TableSpec("steering.parquet", (
     "node", "layer", "coeff", "position", "method", "n", "norm", "logit_score", "logit_score_baseline",
     "first_token_refusal_rate", "first_token_refusal_rate_baseline", "induced_refusal_rate"))
-# each node's direction removed from the writes of one window of blocks (`bands.py`); kind "all": every block
+# each node's direction removed from the writes of one window of blocks (`bands.py`); kind "all": every block.
+# Not in TABLES yet: the verdicts read it (`atlas.verdict_figures`), the atlas store and report do not.
 BANDS = TableSpec("bands.parquet", (
     "node", "kind", "block_lo", "block_hi", "scan_layer", "position", "n", "first_token_refusal_rate",
     "first_token_refusal_rate_baseline", "logit_score", "logit_score_baseline"))
@@ -115,7 +116,7 @@ DIRECTION_PROMPTS = TableSpec("prompts.parquet", (
     optional=("prompt_id", "baseline_refused"))
 
 TABLES: tuple[TableSpec, ...] = (SELECTION, STEERING_DOSE, ABLATION_STABILITY, CONE_ABLATION, CROSS_ABLATION,
-                                 CROSS_ABLATION_SUMMARY, STEERING, BANDS, CONDITIONS, CONDITIONS_SUMMARY, WORDING,
+                                 CROSS_ABLATION_SUMMARY, STEERING, CONDITIONS, CONDITIONS_SUMMARY, WORDING,
                                  LOGIT_LENS_TOKENS, LOGIT_LENS_SCORES)
 
 REFUSAL_TOKENS = "refusal_tokens.json"  # RefusalTokens.to_dict()
