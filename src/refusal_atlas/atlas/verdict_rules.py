@@ -21,6 +21,8 @@ from refusal_atlas.atlas.verdict_figures import (
     ratio_bootstrap,
     wilson,
 )
+from refusal_atlas.mechinterp.harm_refusal_verdict import RULE_NAME as HARM_RULE_NAME
+from refusal_atlas.mechinterp.harm_refusal_verdict import RULE_TEXT as HARM_RULE_TEXT
 
 INCONCLUSIVE = "inconclusive"
 NO_REFUSAL = "no refusal to analyse"
@@ -65,8 +67,7 @@ RULES: dict[str, str] = {
                         f"pooled over those nodes). Loosens "
                         f"when the interval lies below 0, tightens when above 0, no effect beyond the added text "
                         f"when it lies within +-{NULL_BAND}; otherwise inconclusive (and without a control framing)."),
-    "harm-2x2": ("Harmfulness vs refusal needs the 2x2 analysis (harmful/harmless x refused/answered directions); "
-                 "until it exists the verdict is inconclusive."),
+    HARM_RULE_NAME: HARM_RULE_TEXT,
 }
 
 QUESTIONS: dict[str, tuple[str, str]] = {  # question id -> (title, report section anchor)
@@ -78,7 +79,7 @@ QUESTIONS: dict[str, tuple[str, str]] = {  # question id -> (title, report secti
 }
 QUESTION_RULE = {"shared-vs-separable": "cross-removal", "where-it-acts": "layer-band",
                  "detection-vs-wording": "detection-before-wording", "condition-effects": "control-framing",
-                 "harm-vs-refusal": "harm-2x2"}
+                 "harm-vs-refusal": HARM_RULE_NAME}
 
 
 def finding(question: str, subject: str, verdict: str, detail: str, *, value: float | None = None,

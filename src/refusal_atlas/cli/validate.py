@@ -32,6 +32,7 @@ from refusal_atlas.atlas.verdicts import decide
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write_json, atomic_write_text
 from refusal_atlas.lm.models import auto_threads
+from refusal_atlas.mechinterp.harm_refusal_known import known_answer_checks
 from refusal_atlas.organism.separable import SeparableSettings, build_separable
 
 BUDGETS = ("full", "reduced")
@@ -142,6 +143,8 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
     shared, separable, base = runs["shared"](), runs["separable"](), runs["base"]()
     truth = sep.info["truth"]
     checks = [*check_base(base), *check_shared(shared), *check_separable(separable, truth)]
+    # the harmfulness-vs-refusal rule is checked on a tiny model with planted directions (seconds, no organism)
+    checks += [Check(**c) for c in known_answer_checks()]
     return {"budget": "reduced" if reduced else "full", "seed": seed,
             "planted": {"base": "never refuses", "shared": "one refusal decision for every branch",
                         "separable": truth},
