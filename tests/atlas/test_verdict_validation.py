@@ -8,8 +8,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from refusal_atlas.atlas.pipeline_findings import shipped_validation
 from refusal_atlas.atlas.verdict_figures import Finding
 from refusal_atlas.atlas.verdict_rules import INCONCLUSIVE, NO_REFUSAL, SEPARABLE, SHARED, finding
+from refusal_atlas.atlas.verdict_validation import Check as _Check
 from refusal_atlas.atlas.verdict_validation import (
     check_base,
     check_separable,
@@ -18,6 +20,8 @@ from refusal_atlas.atlas.verdict_validation import (
     markdown_table,
     summary,
 )
+from refusal_atlas.atlas.verdict_validation import trusted_rules as _trusted_rules
+from refusal_atlas.atlas.verdicts import load_trusted_rules as _load_trusted_rules
 
 TRUTH = {"branches": {"cyber": {"band": [9, 17]}, "weapons": {"band": [20, 27]}}}
 
@@ -108,3 +112,12 @@ def test_validate_rejects_an_unknown_model_for_only_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["validate", "-o", str(tmp_path), "--only", "gpt"])
     assert isinstance(result.exception, AtlasError) and "--only 'gpt'" in str(result.exception)
     assert not (tmp_path / "organisms").exists()  # nothing was built
+
+
+def test_the_shipped_record_trusts_exactly_the_rules_its_checks_support():
+    """`run` reads data/validation.json as `validate` writes it (trusted rules under "summary")."""
+    path = shipped_validation()
+    assert path is not None
+    record = json.loads(path.read_text())
+    expected = _trusted_rules([_Check(**c) for c in record["checks"]])
+    assert expected and _load_trusted_rules(path) == expected

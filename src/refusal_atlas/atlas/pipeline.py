@@ -35,7 +35,7 @@ from refusal_atlas.atlas import pipeline_causal, pipeline_cluster, schema
 from refusal_atlas.atlas.harm_stage import HARM_VERSION
 from refusal_atlas.atlas.links import write_atlas_ttl
 from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
-from refusal_atlas.atlas.pipeline_findings import stage_harm, stage_verdicts
+from refusal_atlas.atlas.pipeline_findings import shipped_validation, stage_harm, stage_verdicts
 from refusal_atlas.atlas.pipeline_sae import sae_params, stage_sae
 from refusal_atlas.atlas.report import build_report
 from refusal_atlas.atlas.runconfig import (
@@ -56,7 +56,7 @@ from refusal_atlas.curation.detect import DEFAULT_DETECTOR, evaluate_detectors, 
 from refusal_atlas.curation.prompts import build_prompt_set
 from refusal_atlas.curation.tables import write_rejects, write_table
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.hashing import text_sha256
+from refusal_atlas.hashing import file_sha256, text_sha256
 from refusal_atlas.lm.capture import capture_activations
 from refusal_atlas.lm.models import LoadedModel, auto_threads, load_model
 from refusal_atlas.lm.positions import Position, parse_position_label
@@ -432,7 +432,10 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
         ("causal", "collect", "directions", "prompts"), out["sae"], **sae_params(cfg), **model_key)
     add("harm", lambda c, ctx: stage_harm(c, ctx, load_analysed_model(c, ctx)), ("detect", "directions"),
         out["harm"], rule=HARM_RULE, version=HARM_VERSION, **model_key)
-    add("verdicts", stage_verdicts, ("directions", "overlap", "causal", "harm"), out["verdicts"])
+    # the shipped validation record decides which rules are trusted: a new record reruns the stage
+    validation = shipped_validation()
+    add("verdicts", stage_verdicts, ("directions", "overlap", "causal", "harm"), out["verdicts"],
+        validation=file_sha256(validation) if validation is not None else None)
     add("atlas", stage_atlas, ("ontology", "detect", "cluster", "tree", "overlap", "causal", "verdicts", "sae"),
         out["atlas"])
     return pipe

@@ -75,7 +75,9 @@ def load_trusted_rules(validation: Path | None) -> list[str]:
         raise AtlasError(f"{path}: no validation.json; run `refusal-atlas validate -o DIR` first") from None
     except json.JSONDecodeError as exc:
         raise AtlasError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); rerun `refusal-atlas validate`") from None
-    return [str(r) for r in data.get("trusted_rules", [])]
+    # `validate` writes them under "summary"; a hand-made record may list them at the top
+    rules = data.get("trusted_rules") or (data.get("summary") or {}).get("trusted_rules") or []
+    return [str(r) for r in rules]
 
 
 def write_findings(atlas: Path, trusted_rules: Iterable[str] = ()) -> dict[str, Any]:
