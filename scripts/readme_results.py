@@ -32,10 +32,12 @@ def render(atlas: Path, machine: str, state: str) -> str:
     metrics = json.loads((atlas / "metrics.json").read_text())
     manifest = json.loads((atlas / "manifest.json").read_text())
     stages = manifest.get("stages", {})
+    cached = any(rec.get("cached") for rec in stages.values())
     times = ", ".join(f"{name} {rec['seconds']:.0f} s" + (" (cached)" if rec.get("cached") else "")
                       for name, rec in stages.items())
     lines = [f"Run: `{manifest.get('command', 'refusal-atlas run')}` with seed {manifest['seeds']['global']} on "
-             f"{machine}, {state}; total {manifest['total_seconds']:.0f} s ({times}).", ""]
+             f"{machine}, {state}; {'this invocation' if cached else 'total'} {manifest['total_seconds']:.0f} s "
+             f"(stage seconds when run: {times}).", ""]
     lines += ["| figure (`metrics.json` key) | value |", "|---|---|"]
     org, ab, st = metrics.get("organism", {}), metrics.get("ablation", {}), metrics.get("steering", {})
     clusters, sae = metrics.get("clusters", {}), metrics.get("sae") or {}
