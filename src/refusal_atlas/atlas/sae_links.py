@@ -14,7 +14,6 @@ graph uses the final IRIs before `RA` lists them.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 from urllib.parse import quote
 
@@ -27,6 +26,7 @@ from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.hashing import file_sha256
 from refusal_atlas.ontology import iris
 from refusal_atlas.ontology.namespaces import RA
+from refusal_atlas.ontology.results import number
 from refusal_atlas.taxonomy.model import Taxonomy
 
 __all__ = ["add_sae_features", "term"]
@@ -34,14 +34,6 @@ __all__ = ["add_sae_features", "term"]
 def term(name: str) -> URIRef:
     """`RA.<name>`; a name the vocabulary does not define fails (closed namespace)."""
     return URIRef(getattr(RA, name))
-
-
-def _double(value: Any) -> Literal | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(x) or math.isinf(x) else Literal(round(x, 6), datatype=XSD.double)
 
 
 def _int(value: Any) -> Literal:
@@ -67,7 +59,7 @@ def add_sae_features(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, ba
         if summary.get(key) is not None:
             graph.add((sae, term(name), _int(summary[key])))
     for name, key in (("fvu", "fvu"), ("meanL0", "l0"), ("deadFraction", "dead_fraction")):
-        value = _double(summary.get(key))
+        value = number(summary.get(key))
         if value is not None:
             graph.add((sae, term(name), value))
     feature_nodes: dict[int, list[str]] = {}
@@ -84,7 +76,7 @@ def add_sae_features(graph: Graph, store: AtlasStore, tax: Taxonomy, ns: str, ba
         graph.add((pick, term("feature"), URIRef(f"{base}sae/feature/{fid}")))
         graph.add((pick, term("rank"), _int(row["rank"])))
         for name, key in (("cosine", "decoder_cosine"), ("attribution", "attribution")):
-            value = _double(row.get(key))
+            value = number(row.get(key))
             if value is not None:
                 graph.add((pick, term(name), value))
     for fid, nodes in sorted(feature_nodes.items()):
