@@ -8,8 +8,8 @@
 - every (node, latent) selection: `ra:FeatureSelection` (`ra:forNode`, `ra:feature`, `ra:rank`,
   `ra:cosine` = the decoder row's cosine with the node's refusal direction, `ra:attribution`).
 
-Terms the vocabulary does not define yet are minted in the `ra:` namespace by name (`term`), so the
-graph uses the final IRIs before `RA` lists them.
+Every term comes from the closed `RA` namespace (defined in data/ontology/refusal-atlas.ttl), so a
+misspelt term fails instead of minting an undefined IRI.
 """
 
 from __future__ import annotations
