@@ -55,8 +55,8 @@ def test_base_and_shared_checks_and_trusted_rules():
     sep = check_separable([_f("shared-vs-separable", "cyber and weapons", SEPARABLE),
                            _f("where-it-acts", "cyber", INCONCLUSIVE)], TRUTH)
     s = summary([*base, *shared, *sep])
-    # layer-band disagreed once; base findings are read under each question's rule
-    assert "cross-removal" in s["trusted_rules"] and "layer-band" not in s["trusted_rules"]
+    # restoration-band disagreed once; base findings are read under each question's rule
+    assert "component-removal" in s["trusted_rules"] and "restoration-band" not in s["trusted_rules"]
     assert not s["all_agree"] and s["per_model"]["shared"] == {"checks": 2, "agree": 2}
     assert not check_shared([])[0].agrees and not check_base([])[0].agrees
     table = markdown_table([*shared, *sep])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -48,9 +49,9 @@ def test_planted_shared_mechanism_is_found_for_every_pair():
     found = _by(decide(fig), "shared-vs-separable")
     assert set(found) == {"a and b", "a and c", "b and c"}
     for f in found.values():
-        assert f.verdict == SHARED and f.rule == "cross-removal"
+        assert f.verdict == SHARED and f.rule == "component-removal"
         assert f.ci is not None and f.ci[0] >= 0.5 and f.n == 48
-        assert "95% CI" in f.sentence and "n = 48" in f.sentence and "[rule cross-removal]" in f.sentence
+        assert "95% CI" in f.sentence and "n = 48" in f.sentence and "[rule component-removal]" in f.sentence
 
 
 def _separable_cross(cross_rate: float = 0.96, n: int = 24) -> pd.DataFrame:
@@ -97,6 +98,48 @@ def test_one_refusing_node_and_one_unclear_node_give_no_pair():
     assert "1 node(s) refuse" in found["all nodes"].sentence
 
 
+def _odds_cross(removal: dict[tuple[str, str], float], n: int = 16, own_drop: float = 6.0, noise: float = 0.0
+                ) -> pd.DataFrame:
+    """Per-prompt log-odds: each node refuses at 4 +- 0.3; ablating source s lowers target t's log-odds by
+    removal[(s, t)] x own_drop (own ablations: removal 1), plus seeded per-prompt noise of sd `noise`."""
+    spread = np.linspace(-0.3, 0.3, n)
+    rng = np.random.default_rng(0)
+    nodes = sorted({x for pair in removal for x in pair})
+    rows = [{"source": "none", "target": t, "rate": 1.0, "n": n, "odds": 4.0 + spread} for t in nodes]
+    for s_ in nodes:
+        for t in nodes:
+            f = 1.0 if s_ == t else removal.get((s_, t), 0.0)
+            rows.append({"source": s_, "target": t, "rate": 1.0 if f < 0.5 else 0.0, "n": n,
+                         "odds": 4.0 + spread - f * own_drop + 0.2 * spread[::-1] + rng.normal(0, noise, n)})
+    return pd.DataFrame(rows)
+
+
+def test_log_odds_one_direction_removing_both_refusals_is_one_shared_mechanism():
+    # b's direction is mostly b's topic (removes little of a's refusal), a's removes b's fully: one mechanism
+    (f,) = _by(decide(Figures(cross=_odds_cross({("a", "b"): 1.0, ("b", "a"): 0.1}))), "shared-vs-separable").values()
+    assert f.verdict == SHARED and "log-odds" in f.sentence and f.ci is not None and f.ci[0] >= 0.5
+
+
+def test_log_odds_neither_direction_removing_the_other_is_separable():
+    cos = pd.DataFrame([{"a": "a", "b": "b", "cos": 0.2, "ci_low": 0.1, "ci_high": 0.3, "floor": 0.8}])
+    fig = Figures(cross=_odds_cross({("a", "b"): 0.15, ("b", "a"): 0.05}), cosines=cos)
+    (f,) = _by(decide(fig), "shared-vs-separable").values()
+    assert f.verdict == SEPARABLE and f.ci is not None and f.ci[1] <= 0.5
+
+
+def test_log_odds_half_way_removal_is_inconclusive():
+    # half of the other's refusal, measured on 16 noisy prompts: neither side of 0.5 is certain
+    (f,) = _by(decide(Figures(cross=_odds_cross({("a", "b"): 0.45, ("b", "a"): 0.45}, noise=3.0))),
+               "shared-vs-separable").values()
+    assert f.verdict == INCONCLUSIVE and f.ci is not None and f.ci[0] < 0.5 < f.ci[1]
+
+
+def test_log_odds_own_ablation_below_one_nat_cannot_decide():
+    (f,) = _by(decide(Figures(cross=_odds_cross({("a", "b"): 0.0, ("b", "a"): 0.0}, own_drop=0.5))),
+               "shared-vs-separable").values()
+    assert f.verdict == INCONCLUSIVE and "own direction" in f.sentence
+
+
 # ------------------------------------------------------------------------------------------ no refusal at all
 
 
@@ -128,13 +171,16 @@ def test_a_node_neither_clearly_refusing_nor_clearly_not_keeps_the_questions_ope
     assert _by(findings, "shared-vs-separable")["a"].verdict == INCONCLUSIVE
 
 
-def _layers(acting: range, windows: int = 10, width: int = 3, n: int = 16, whole: float = 0.0,
+def _layers(acting: range, windows: int = 10, width: int = 3, n: int = 16, drop: float = 3.0,
             added: range = range(0)) -> pd.DataFrame:
-    """A band scan with refusal removed (1.0 -> 0.1) by the windows whose blocks lie in `acting`, plus additions."""
-    rows = [{"node": "a", "layer": w * width, "layer_hi": w * width + width - 1, "kind": "ablate",
-             "rate": 0.1 if w * width in acting else 1.0, "baseline": 1.0, "n": n} for w in range(windows)]
-    rows.append({"node": "a", "layer": 0, "layer_hi": windows * width - 1, "kind": "ablate_all", "rate": whole,
-                 "baseline": 1.0, "n": n})
+    """A restoration scan whose windows with blocks in `acting` lower the refusal log-odds by `drop` (4 -> 4 - drop,
+    with per-prompt spread), plus per-layer additions."""
+    spread = np.linspace(-0.3, 0.3, n)
+    base = 4.0 + spread
+    rows = [{"node": "a", "layer": w * width, "layer_hi": w * width + width - 1, "kind": "restore",
+             "rate": 0.1 if w * width in acting else 1.0, "baseline": 1.0, "n": n,
+             "odds": base - (drop if w * width in acting else 0.0) + 0.1 * spread[::-1], "odds_base": base}
+            for w in range(windows)]
     rows += [{"node": "a", "layer": la, "layer_hi": la, "kind": "add", "rate": 0.9 if la in added else 0.0,
               "baseline": 0.0, "n": n} for la in (9, 18, 23)]
     return pd.DataFrame(rows)
@@ -142,19 +188,28 @@ def _layers(acting: range, windows: int = 10, width: int = 3, n: int = 16, whole
 
 def test_planted_layer_band_is_reported_beside_decodability_and_addition():
     dec = pd.DataFrame([{"node": "a", "layer": la, "auroc": 0.95 if la >= 6 else 0.6, "n": 30} for la in range(30)])
-    # addition works at every late layer (where the direction is read), the writes come from blocks 9-14 only
+    # addition works at every late layer (where the direction is read); the fine-tuned weights are in blocks 9-14
     fig = Figures(cross=_cross({"a": 1.0}, {}), layers=_layers(range(9, 15), added=range(18, 30)), decodable=dec)
     f = _by(decide(fig), "where-it-acts")["a"]
     assert f.verdict == "acts in blocks 9-14" and acting_bands(f.verdict) == [(9, 14)]
+    assert f.rule == "restoration-band"
     assert "decodable from layer 6" in f.sentence and "adding it raises refusal at layers 18, 23" in f.sentence
-    assert f.ci is not None and f.ci[0] > 0.1
+    assert f.ci is not None and f.ci[0] > 2.5
 
 
 def test_two_separate_runs_of_acting_windows_are_both_reported():
     f = _by(decide(Figures(cross=_cross({"a": 1.0}, {}), layers=_layers(range(3, 6)).pipe(
-        lambda d: d.assign(rate=[0.1 if (r.kind == "ablate" and r.layer in (3, 21)) else r.rate
+        lambda d: d.assign(odds=[r.odds - 3.0 if (r.kind == "restore" and r.layer == 21) else r.odds
                                  for r in d.itertuples()])))), "where-it-acts")["a"]
     assert f.verdict == "acts in blocks 3-5, 21-23" and acting_bands(f.verdict) == [(3, 5), (21, 23)]
+
+
+def test_a_window_far_below_the_largest_drop_does_not_act():
+    scan = _layers(range(12, 15), drop=4.0)
+    # blocks 24-26 lower the log-odds by 0.8 (above WINDOW_MIN_DROP) but under a quarter of the 4.0 of 12-14
+    scan["odds"] = [r.odds - 0.8 if (r.kind == "restore" and r.layer == 24) else r.odds for r in scan.itertuples()]
+    f = _by(decide(Figures(cross=_cross({"a": 1.0}, {}), layers=scan)), "where-it-acts")["a"]
+    assert f.verdict == "acts in blocks 12-14"
 
 
 def test_no_acting_window_is_inconclusive():
@@ -162,16 +217,16 @@ def test_no_acting_window_is_inconclusive():
     assert f.verdict == INCONCLUSIVE and acting_bands(f.verdict) == [] and "spread wider" in f.sentence
 
 
-def test_a_direction_whose_removal_everywhere_keeps_refusal_cannot_localise_it():
-    f = _by(decide(Figures(cross=_cross({"a": 1.0}, {}), layers=_layers(range(9, 15), whole=0.95))),
+def test_small_drops_in_every_window_are_inconclusive():
+    f = _by(decide(Figures(cross=_cross({"a": 1.0}, {}), layers=_layers(range(0, 30), drop=0.2))),
             "where-it-acts")["a"]
-    assert f.verdict == INCONCLUSIVE and "does not carry it" in f.sentence
+    assert f.verdict == INCONCLUSIVE
 
 
-def test_addition_alone_does_not_localise_a_component():
+def test_without_a_reference_model_nothing_is_localised():
     adds = _layers(range(0), added=range(9, 30))
     f = _by(decide(Figures(cross=_cross({"a": 1.0}, {}), layers=adds[adds["kind"] == "add"])), "where-it-acts")["a"]
-    assert f.verdict == INCONCLUSIVE and "no band scan" in f.sentence
+    assert f.verdict == INCONCLUSIVE and "no restoration scan" in f.sentence and "--reference" in f.sentence
 
 
 # ------------------------------------------------------------------------------------------ (c)
@@ -242,7 +297,7 @@ def test_findings_json_from_an_atlas_folder_has_the_contract_shape(tmp_path):
     out = build_atlas(tmp_path / "atlas")
     fig = read_figures(out)
     assert len(fig.cross) and len(fig.cosines) and len(fig.layers) and len(fig.decodable) and len(fig.wording)
-    block = write_findings(out, trusted_rules=["cross-removal"])
+    block = write_findings(out, trusted_rules=["component-removal"])
 
     def no_nan(token: str) -> float:
         raise AssertionError(f"findings.json carries {token}")
@@ -254,7 +309,7 @@ def test_findings_json_from_an_atlas_folder_has_the_contract_shape(tmp_path):
     for f in data["findings"]:
         assert set(f) == keys and f["question"] in QUESTIONS and f["evidence"].startswith("#")
         assert f["ci"] is None or (len(f["ci"]) == 2 and f["ci"][0] <= f["ci"][1])
-        assert f["trusted"] == (f["rule"] == "cross-removal")
+        assert f["trusted"] == (f["rule"] == "component-removal")
     assert block["n_findings"] == len(data["findings"]) and set(block["questions"]) == set(QUESTIONS)
 
 

@@ -425,7 +425,8 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
         ("prompts", "organism", "directions"), out["tree"], **model_key, min_prompts=cfg.min_prompts,
         tree="primary paths, every depth, diff_means, each node its own sample",
         tree_budget="2 x min_prompts per node; 30 splits, 100 resamples, floors at the role positions")
-    add("causal", stage_causal, ("directions", "prompts"), out["causal"], protocol=PROTOCOL_VERSION, **model_key)
+    add("causal", stage_causal, ("directions", "prompts"), out["causal"], protocol=PROTOCOL_VERSION, **model_key,
+        reference=cfg.reference_model)
     # after causal: the overlap graph is drawn at the layer and position the causal stage selected
     add("overlap", stage_overlap, ("directions", "causal"), out["overlap"], at="causally selected layer")
     add("sae", lambda c, ctx: stage_sae(c, ctx, load_analysed_model(c, ctx)),

@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from rich.markup import escape
+from torch import Tensor
 
 from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.runconfig import RunConfig, evaluation_rows, model_prompts
 from refusal_atlas.atlas.stages import StageContext
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.lm.blocks import block_states
+from refusal_atlas.lm.models import LoadedModel, load_model
 from refusal_atlas.lm.settings import RunSettings
 from refusal_atlas.mechinterp.causal import files, protocol
 from refusal_atlas.mechinterp.causal.common import first_token_scores
@@ -35,7 +37,7 @@ from refusal_atlas.organism.controls import CONTROL_CONDITION, control_rows
 __all__ = ["NEW_TOKENS", "PROTOCOL_VERSION", "REFUSAL_POSITION", "EvalSets", "eval_sets", "run"]
 
 REFUSAL_POSITION = -1
-PROTOCOL_VERSION = 9  # bump when a code change alters what this stage measures (cached results are then redone)
+PROTOCOL_VERSION = 10  # bump when a code change alters what this stage measures (cached results are then redone)
 NEW_TOKENS = 16  # generated tokens behind every marker-detector refusal rate of this stage
 # a node's band scan needs refusal to divide among windows: at least half its evaluation prompts refused
 BAND_SCAN_MIN_REFUSAL = 0.5
@@ -136,17 +138,30 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
         protocol.steering_step(s, [*nodes, POOLED], harmless[: max(8, len(harmless) // 2)], layers=steer_layers,
                                position=REFUSAL_POSITION)
 
-    # which blocks write each refusing node's refusal (the layer-band verdict's evidence)
+    # which blocks write each refusing node's refusal (context beside the restoration-band verdict)
     base = cross[cross["source"] == "none"].set_index("target")
     scanned = {n: sets[n] for n in nodes
                if n in base.index and float(base.at[n, "first_token_refusal_rate"]) >= BAND_SCAN_MIN_REFUSAL}
     bands_summary: dict[str, Any] = {}
     if scanned:
         # the un-ablated rows of the cross-ablation are the same prompts, tokens and measure: reused as baselines
-        known = {n: (float(base.at[n, "first_token_refusal_rate"]), float(base.at[n, "logit_score"])) for n in scanned}
+        known = {n: (float(base.at[n, "first_token_refusal_rate"]), float(base.at[n, "logit_score"]),
+                     list(base.at[n, "prompt_logit_scores"])) for n in scanned}
         bands = protocol.band_step(s, scanned, position=REFUSAL_POSITION, baselines=known)
         bands_summary = {"nodes": sorted(scanned), "scan_layer": int(bands["scan_layer"].iloc[0]),
                          "windows": int((bands["kind"] == "window").sum() // max(1, len(scanned)))}
+
+    # the shared-vs-separable evidence: every node's late-layer direction ablated, refusal on every node
+    protocol.components_step(s, sets, harmless, position=REFUSAL_POSITION)
+    # where each node's refusal lives: windows of blocks set back to the reference model's weights
+    restoration_summary: dict[str, Any] = {}
+    if cfg.reference_model is not None:
+        states = _reference_states(cfg.reference_model)
+        known_all = {n: (float(base.at[n, "first_token_refusal_rate"]), float(base.at[n, "logit_score"]),
+                         list(base.at[n, "prompt_logit_scores"])) for n in sets if n in base.index}
+        restored = protocol.restoration_step(s, states, sets, reference_name=cfg.reference_model, baselines=known_all)
+        restoration_summary = {"reference": cfg.reference_model, "nodes": sorted(set(restored["node"])),
+                               "windows": int(len(restored) // max(1, restored["node"].nunique()))}
 
     cond_summary: dict[str, Any] = {}
     if len(ev.conditioned) and not lean:
@@ -179,7 +194,7 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
     refused_h, refused_hl = found.refused_harmful, found.refused_harmless
     if lean:
         return {"layer": layer, "position": REFUSAL_POSITION, "candidates": candidates, "verdict_evidence_only": True,
-                "cross_ablation": cross_summary(cross), "bands": bands_summary,
+                "cross_ablation": cross_summary(cross), "bands": bands_summary, "restoration": restoration_summary,
                 "baseline_refusal_harmful": float(np.mean(refused_h)) if len(refused_h) else None}
     return {
         "layer": layer, "position": REFUSAL_POSITION, "candidates": candidates,
@@ -195,9 +210,19 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
                      "n_harmless": headline["n_harmless"]},
         "cross_ablation": cross_summary(cross),
         "conditions": cond_summary, "wording": wording_summary, "bands": bands_summary,
+        "restoration": restoration_summary,
         "baseline_refusal_harmful": float(np.mean(refused_h)) if len(refused_h) else None,
         "baseline_refusal_harmless": float(np.mean(refused_hl)) if len(refused_hl) else None,
     }
+
+
+def _reference_states(spec: str) -> dict[int, dict[str, Tensor]]:
+    """The reference model's decoder-block weights (the model itself is not kept)."""
+    reference = load_model(spec)
+    try:
+        return block_states(reference.model)
+    finally:
+        del reference
 
 
 def _activations_dir(ctx: StageContext) -> Path:

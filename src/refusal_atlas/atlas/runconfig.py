@@ -36,11 +36,20 @@ class RunConfig:
     max_nodes: int | None = None
     progress: bool = True
     threads: int | None = None  # torch CPU threads; None: chosen per stage from what other processes leave free
+    # the model the analysed one was fine-tuned from (same architecture), for the restoration scan
+    reference: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def build_organism(self) -> bool:
         return self.model == "default" if self.organism is None else self.organism
+
+    @property
+    def reference_model(self) -> str | None:
+        """The reference for the restoration scan: the one given, else the base an organism is built from."""
+        if self.reference is not None:
+            return self.reference
+        return self.model if self.build_organism else None
 
     def sizes(self) -> dict[str, int]:
         """Per-stage budgets; `quick` keeps CI to a few minutes."""

@@ -148,6 +148,8 @@ STAGES_DIR = ".stages"  # one record per stage: {key, seconds, result}
 _VIEWS: dict[str, dict[str, str]] = {
     causal_files.CROSS_ABLATION.name: {"source": "ablated", "target": "evaluated", "logit_score": "refusal_score",
                                        "refusal_rate_baseline": "refusal_before"},
+    causal_files.COMPONENTS.name: {"source": "ablated", "target": "evaluated", "logit_score": "refusal_score",
+                                   "refusal_rate_baseline": "refusal_before"},
     causal_files.CONDITIONS.name: {"refusal_ci_low": "ci_low", "refusal_ci_high": "ci_high"},
     causal_files.SELECTION.name: {"kl": "kl_score", "chosen": "selected"},
 }

@@ -364,6 +364,24 @@ class AtlasStore(ResultsAccessors):
         return self._causal(causal_files.CROSS_ABLATION_SUMMARY)
 
     @cached_property
+    def bands(self) -> pd.DataFrame | None:
+        """Long table: `node`, window `block_lo`..`block_hi` (kind "window", or "all" blocks) whose writes had the
+        node's late-layer direction removed, first-token refusal and mean log-odds with their baselines."""
+        return self._causal(causal_files.BANDS)
+
+    @cached_property
+    def components(self) -> pd.DataFrame | None:
+        """The cross-ablation's long table with every node's direction taken at the late scan layer (the
+        shared-vs-separable verdict's evidence): `ablated`, `evaluated`, `refusal_score` (mean log-odds)..."""
+        return self._causal(causal_files.COMPONENTS)
+
+    @cached_property
+    def restoration(self) -> pd.DataFrame | None:
+        """Long table: `node`, window `block_lo`..`block_hi` set back to the `reference` model's weights,
+        first-token refusal and mean log-odds with their baselines (where-it-acts evidence)."""
+        return self._causal(causal_files.RESTORATION)
+
+    @cached_property
     def steering(self) -> pd.DataFrame | None:
         """Long table: `node` direction added, `layer`, `induced_refusal_rate` (one coefficient: 1.0 if run)."""
         df = self._causal(causal_files.STEERING)

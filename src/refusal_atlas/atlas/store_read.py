@@ -26,6 +26,9 @@ def read_json(path: Path) -> Any:
         raise AtlasError(f"{path}: unreadable JSON ({exc}); rerun the stage that writes it") from exc
 
 
+PER_PROMPT_PREFIX = "prompt_logit_scores"
+
+
 def read_table(path: Path, view: dict[str, str] | None = None) -> pd.DataFrame | None:
     """A Parquet or CSV table (by suffix) with its columns renamed by `view`; None when the file is absent."""
     if not path.is_file():
@@ -36,6 +39,8 @@ def read_table(path: Path, view: dict[str, str] | None = None) -> pd.DataFrame |
         return pd.DataFrame()  # a stage that had no rows to write (e.g. no node with enough prompts)
     except (OSError, ValueError) as exc:
         raise AtlasError(f"{path}: unreadable table ({exc}); rerun the stage that writes it") from exc
+    # per-prompt score lists are the verdict engine's (paired intervals), not a view the report or queries show
+    df = df.drop(columns=[c for c in df.columns if str(c).startswith(PER_PROMPT_PREFIX)])
     return df.rename(columns=view) if view else df
 
 

@@ -26,8 +26,13 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "causal/cross_ablation.parquet": ("source", "method", "target", "n", "first_token_refusal_rate"),
     "causal/steering.parquet": ("node", "layer", "coeff", "method", "n", "first_token_refusal_rate",
                                 "first_token_refusal_rate_baseline"),
+    "causal/components.parquet": ("source", "method", "target", "n", "first_token_refusal_rate",
+                                  "prompt_logit_scores"),
     "causal/bands.parquet": ("node", "kind", "block_lo", "block_hi", "n", "first_token_refusal_rate",
                              "first_token_refusal_rate_baseline"),
+    "causal/restoration.parquet": ("node", "block_lo", "block_hi", "n", "first_token_refusal_rate",
+                                   "first_token_refusal_rate_baseline", "prompt_logit_scores",
+                                   "prompt_logit_scores_baseline"),
     "causal/wording.parquet": ("layer", "probe_accuracy", "probe_chance", "refusal_token_z_mean",
                                "own_wording_z_mean", "n_nodes"),
     "causal/conditions.parquet": ("node", "condition", "n", "refusal_rate"),
@@ -42,14 +47,17 @@ SOURCES: dict[str, tuple[str, ...]] = {
 class Figures:
     """Every measured figure a rule may read; an absent table is an empty frame (the rule then abstains).
 
-    cross:    source, target, rate, n   — first-token refusal on `target`'s eval prompts with `source`'s
-              direction ablated (source "none": no ablation, the baseline)
+    cross:    source, target, rate, n [, odds] — first-token refusal on `target`'s eval prompts with
+              `source`'s direction ablated (source "none": no ablation, the baseline); `odds`, where measured,
+              the per-prompt refusal log-odds in one prompt order. From the components table (each node's
+              direction at the late scan layer) when there is one, else from the cross-ablation.
     cosines:  a, b, cos, ci_low, ci_high, floor — the pair's cosine, its bootstrap CI and the lower of
               the two split-half reliabilities (the cosine two noisy copies of one direction reach)
     layers:   node, layer, layer_hi, kind, rate, baseline, n — kind "add": refusal of harmless prompts with
               the node's direction added at `layer` (layer_hi = layer); kind "ablate": refusal of the node's
               own prompts with its direction removed from the writes of blocks layer..layer_hi;
-              "ablate_all": from the writes of every block
+              "ablate_all": from the writes of every block; "restore": blocks layer..layer_hi set back to
+              the reference model's weights, with `odds` / `odds_base` the per-prompt refusal log-odds
     decodable: node, layer, auroc, n — how well the node's direction separates its prompts from
               harmless ones at each layer
     wording:  node ("(all)" when pooled over nodes), layer, probe_accuracy, probe_chance, wording_z
@@ -152,6 +160,38 @@ def ratio_bootstrap(num: tuple[float, int, float, int], den: tuple[float, int, f
     return point, (float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975)))
 
 
+def paired_mean_drop(before: np.ndarray, after: np.ndarray, *, n_boot: int = 2000, seed: int = 0
+                     ) -> tuple[float, tuple[float, float]]:
+    """mean(before - after) over the same prompts, with a 95% percentile bootstrap interval over prompts
+    (seeded). NaN interval for fewer than two prompts."""
+    d = np.asarray(before, dtype=float) - np.asarray(after, dtype=float)
+    if len(d) < 2:
+        return (float(d.mean()) if len(d) else math.nan), (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    return float(d.mean()), (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+
+
+def paired_ratio(before: np.ndarray, cross: np.ndarray, own: np.ndarray, *, n_boot: int = 2000, seed: int = 0
+                 ) -> tuple[float, tuple[float, float]]:
+    """mean(before - cross) / mean(before - own) over the same prompts (per-prompt scores in one order), with a
+    95% percentile bootstrap interval over prompts (seeded). Resamples whose denominator is not positive are
+    dropped; fewer than half left gives a NaN interval."""
+    b, c, o = (np.asarray(x, dtype=float) for x in (before, cross, own))
+    den = float((b - o).mean())
+    point = float((b - c).mean()) / den if den > 0 else math.nan
+    if len(b) < 2:
+        return point, (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(b), size=(n_boot, len(b)))
+    nums, dens = (b - c)[idx].mean(axis=1), (b - o)[idx].mean(axis=1)
+    ok = dens > 1e-9
+    if ok.sum() < n_boot // 2:
+        return point, (math.nan, math.nan)
+    ratios = nums[ok] / dens[ok]
+    return point, (float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975)))
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading an atlas folder
 # ------------------------------------------------------------------------------------------------
@@ -178,12 +218,16 @@ def read_figures(atlas: Path) -> Figures:
     skipped = atlas / "causal" / "skipped.json"
     if skipped.is_file():
         fig.skipped = str(json.loads(skipped.read_text()).get("reason", "no refusal"))
-    cross = _parquet(atlas / "causal" / "cross_ablation.parquet", SOURCES["causal/cross_ablation.parquet"])
+    cross = _parquet(atlas / "causal" / "components.parquet", SOURCES["causal/components.parquet"])
+    if cross.empty:
+        cross = _parquet(atlas / "causal" / "cross_ablation.parquet", SOURCES["causal/cross_ablation.parquet"])
     if len(cross):
         cross = cross[cross["method"].isin(["diff_means", "none"])]
         fig.cross = pd.DataFrame({"source": cross["source"].astype(str), "target": cross["target"].astype(str),
                                   "rate": cross["first_token_refusal_rate"].astype(float),
                                   "n": cross["n"].astype(int)}).reset_index(drop=True)
+        if "prompt_logit_scores" in cross:
+            fig.cross["odds"] = [np.asarray(v, dtype=float) for v in cross["prompt_logit_scores"]]
     steer = _parquet(atlas / "causal" / "steering.parquet", SOURCES["causal/steering.parquet"])
     if len(steer):
         steer = steer[(steer["method"] == "diff_means") & (steer["node"] != POOLED_SOURCE)]
@@ -202,6 +246,17 @@ def read_figures(atlas: Path) -> Figures:
                              "rate": bands["first_token_refusal_rate"].astype(float),
                              "baseline": bands["first_token_refusal_rate_baseline"].astype(float),
                              "n": bands["n"].astype(int)})
+        fig.layers = pd.concat([fig.layers, scan], ignore_index=True) if len(fig.layers) else scan
+    restore = _parquet(atlas / "causal" / "restoration.parquet", SOURCES["causal/restoration.parquet"])
+    if len(restore):
+        scan = pd.DataFrame({"node": restore["node"].astype(str), "layer": restore["block_lo"].astype(int),
+                             "layer_hi": restore["block_hi"].astype(int), "kind": "restore",
+                             "rate": restore["first_token_refusal_rate"].astype(float),
+                             "baseline": restore["first_token_refusal_rate_baseline"].astype(float),
+                             "n": restore["n"].astype(int),
+                             "odds": [np.asarray(v, dtype=float) for v in restore["prompt_logit_scores"]],
+                             "odds_base": [np.asarray(v, dtype=float)
+                                           for v in restore["prompt_logit_scores_baseline"]]})
         fig.layers = pd.concat([fig.layers, scan], ignore_index=True) if len(fig.layers) else scan
     wording = _parquet(atlas / "causal" / "wording.parquet", SOURCES["causal/wording.parquet"])
     if len(wording):

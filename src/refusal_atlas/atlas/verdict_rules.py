@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from itertools import combinations
 
+import numpy as np
 import pandas as pd
 
 from refusal_atlas.atlas.verdict_figures import (
@@ -18,6 +19,8 @@ from refusal_atlas.atlas.verdict_figures import (
     Figures,
     Finding,
     difference_ci,
+    paired_mean_drop,
+    paired_ratio,
     ratio_bootstrap,
     wilson,
 )
@@ -34,7 +37,10 @@ NOT_REFUSING_UPPER = 0.5  # ... and does not when the upper bound stays below th
 MODEL_NO_REFUSAL_UPPER = 0.15  # the whole model: pooled baseline refusal's upper bound below this
 SHARED_FRACTION = 0.5  # cross-removal fraction that separates "shared" from "separable"
 OWN_DROP = 0.2  # ablating a node's own direction must lower its refusal by at least this (lower bound)
-LAYER_EFFECT = 0.1  # a window of blocks "acts" when removing its writes lowers refusal by more (lower bound)
+OWN_DROP_LOGODDS = 1.0  # ... or, read on per-prompt log-odds, by at least one nat (the refusal odds fall e-fold)
+LAYER_EFFECT = 0.1  # adding a direction at a layer "raises refusal" when the rate rises by more (lower bound)
+WINDOW_MIN_DROP = 0.5  # a restored window "acts" when its log-odds drop's lower bound reaches this ...
+WINDOW_SHARE = 0.25  # ... and this share of the largest window's mean drop
 DECODABLE_AUROC = 0.9
 WORDING_Z = 2.0
 NULL_BAND = 0.15  # a condition effect within +-0.15 (whole interval) is "no effect beyond the added text"
@@ -45,19 +51,25 @@ RULES: dict[str, str] = {
                    f"refuses: every node's upper bound is below {NOT_REFUSING_UPPER}. Then no question has a "
                    f"mechanism to decide. Per node: a node whose upper bound is below {NOT_REFUSING_UPPER} has no "
                    f"refusal to analyse; one whose lower bound is below {REFUSES_LOWER} is inconclusive."),
-    "cross-removal": (f"For nodes A and B that refuse, f(A->B) = (B's baseline - B's refusal with A's direction "
-                      f"ablated) / (B's baseline - B's refusal with B's own direction ablated), with a 95% parametric "
-                      f"bootstrap interval. One shared mechanism when both f(A->B) and f(B->A) have lower bounds >= "
-                      f"{SHARED_FRACTION}; separable components when both upper bounds are <= {SHARED_FRACTION}, each "
-                      f"own ablation lowers refusal by >= {OWN_DROP} (lower bound), and the directions' cosine "
-                      f"interval lies below the pair's split-half noise floor; otherwise inconclusive."),
-    "layer-band": (f"Each window of consecutive blocks has the node's late-layer direction projected out of what it "
-                   f"writes into the residual stream (attention and MLP outputs) while the node's own evaluation "
-                   f"prompts run. A window acts when that lowers first-token refusal by more than {LAYER_EFFECT} "
-                   f"(95% Newcombe lower bound); the verdict is the run(s) of acting windows, beside the first layer "
-                   f"where the direction separates the node's prompts from harmless ones (AUROC >= "
-                   f"{DECODABLE_AUROC}) and the layers where adding it raises refusal. Inconclusive when removing the "
-                   f"direction from every block's writes does not lower refusal by that much, or no window does."),
+    "component-removal": (
+        "Each node's direction at the late scan layer (the deepest below the last block, where every block has "
+        "written its part) is ablated in every layer; for nodes A and B that refuse, f(A->B) = (B's refusal - B's "
+        "refusal with A's direction ablated) / (B's refusal - B's refusal with B's own direction ablated), read on "
+        "the per-prompt refusal log-odds of B's evaluation prompts with a 95% paired bootstrap interval over prompts "
+        "(on first-token rates with a parametric bootstrap where per-prompt scores are absent). Each own ablation "
+        f"must lower refusal (lower bound >= {OWN_DROP_LOGODDS} nat of log-odds, or {OWN_DROP} of rate). One shared "
+        f"mechanism when one node's direction removes at least {SHARED_FRACTION} of the other's refusal as well as "
+        f"its own (max of the two lower bounds >= {SHARED_FRACTION}); separable components when neither does (both "
+        f"upper bounds <= {SHARED_FRACTION}) and the directions' cosine interval lies below the pair's split-half "
+        "noise floor; otherwise inconclusive."),
+    "restoration-band": (
+        "Each window of consecutive blocks is set back to the weights of the model the analysed one was fine-tuned "
+        "from (the reference; the base model for an organism) while the node's own evaluation prompts run. A window "
+        f"acts when the node's refusal log-odds fall by at least {WINDOW_MIN_DROP} nat and by {WINDOW_SHARE:.0%} of "
+        "the largest window's drop (95% paired bootstrap lower bound over prompts); the verdict is the run(s) of "
+        "acting windows, beside the first layer where the direction separates the node's prompts from harmless ones "
+        f"(AUROC >= {DECODABLE_AUROC}) and the layers where adding the direction raises refusal. Inconclusive "
+        "without a reference model, or when no window's restoration lowers refusal that much."),
     "detection-before-wording": (f"Detection depth: the first layer where a probe names the node above chance by half "
                                  f"the remaining margin. Wording depth: the first layer where the direction promotes "
                                  f"the refusal's own tokens (z >= {WORDING_Z}). Detection precedes wording when the "
@@ -77,7 +89,7 @@ QUESTIONS: dict[str, tuple[str, str]] = {  # question id -> (title, report secti
     "condition-effects": ("Do conditions change refusal beyond added text?", "#conditions"),
     "harm-vs-refusal": ("Is harmfulness represented apart from refusal?", "#harmfulness"),
 }
-QUESTION_RULE = {"shared-vs-separable": "cross-removal", "where-it-acts": "layer-band",
+QUESTION_RULE = {"shared-vs-separable": "component-removal", "where-it-acts": "restoration-band",
                  "detection-vs-wording": "detection-before-wording", "condition-effects": "control-framing",
                  "harm-vs-refusal": HARM_RULE_NAME}
 
@@ -177,27 +189,55 @@ def shared_vs_separable(fig: Figures) -> list[Finding]:
     return out
 
 
+def _odds(fig: Figures, source: str, target: str) -> np.ndarray | None:
+    """Per-prompt refusal log-odds on `target`'s prompts with `source`'s direction ablated, where measured."""
+    if "odds" not in fig.cross:
+        return None
+    rows = fig.cross[(fig.cross["source"] == source) & (fig.cross["target"] == target)]
+    if not len(rows) or not isinstance(rows["odds"].iloc[0], np.ndarray) or not len(rows["odds"].iloc[0]):
+        return None
+    return rows["odds"].iloc[0]
+
+
+def _removal(fig: Figures, src: str, tgt: str, base: dict[str, tuple[float, int]], seed: int
+             ) -> tuple[float, tuple[float, float]] | str:
+    """f(src -> tgt) with its interval, or why it cannot be read (the target's own ablation removes too little)."""
+    b0, cross, own = _odds(fig, NO_ABLATION, tgt), _odds(fig, src, tgt), _odds(fig, tgt, tgt)
+    if b0 is not None and cross is not None and own is not None and len(b0) == len(cross) == len(own):
+        drop, (lo, _) = paired_mean_drop(b0, own, seed=seed)
+        if not lo >= OWN_DROP_LOGODDS:
+            return (f"ablating {tgt}'s own direction does not remove its refusal (log-odds drop {drop:.2f}, 95% "
+                    f"lower bound {lo:.2f} < {OWN_DROP_LOGODDS})")
+        return paired_ratio(b0, cross, own, seed=seed)
+    cross_r, own_r = _rate(fig, src, tgt), _rate(fig, tgt, tgt)
+    if cross_r is None or own_r is None:
+        return f"ablation of {src}'s or {tgt}'s direction was not measured"
+    if not difference_ci(base[tgt][0], base[tgt][1], own_r[0], own_r[1])[0] >= OWN_DROP:
+        return f"ablating {tgt}'s own direction does not remove its refusal ({base[tgt][0]:.2f} -> {own_r[0]:.2f})"
+    return ratio_bootstrap((*base[tgt], *cross_r), (*base[tgt], *own_r), seed=seed)
+
+
 def _pair(fig: Figures, a: str, b: str, base: dict[str, tuple[float, int]]) -> Finding:
     q = "shared-vs-separable"
     subject = f"{a} and {b}"
     fr: dict[str, tuple[float, tuple[float, float]]] = {}
     for src, tgt in ((a, b), (b, a)):
-        cross, own = _rate(fig, src, tgt), _rate(fig, tgt, tgt)
-        if cross is None or own is None:
-            return finding(q, subject, INCONCLUSIVE, f"ablation of {src}'s or {tgt}'s direction was not measured")
-        drop_lo = difference_ci(base[tgt][0], base[tgt][1], own[0], own[1])[0]
-        if not drop_lo >= OWN_DROP:
-            return finding(q, subject, INCONCLUSIVE, f"ablating {tgt}'s own direction does not remove its refusal "
-                           f"({base[tgt][0]:.2f} -> {own[0]:.2f})", n=own[1])
-        fr[f"{src}->{tgt}"] = ratio_bootstrap((*base[tgt], *cross), (*base[tgt], *own), seed=len(fr))
+        got = _removal(fig, src, tgt, base, seed=len(fr))
+        if isinstance(got, str):
+            return finding(q, subject, INCONCLUSIVE, got, n=base[tgt][1])
+        fr[f"{src}->{tgt}"] = got
     (k1, (v1, c1)), (k2, (v2, c2)) = fr.items()
     n = base[a][1] + base[b][1]
-    detail = f"f({k1}) = {v1:.2f} (95% CI {c1[0]:.2f} to {c1[1]:.2f}), f({k2}) = {v2:.2f}"
+    unit = "refusal log-odds" if _odds(fig, NO_ABLATION, a) is not None else "first-token refusal"
+    detail = (f"on {unit}, f({k1}) = {v1:.2f} (95% CI {c1[0]:.2f} to {c1[1]:.2f}), "
+              f"f({k2}) = {v2:.2f} (95% CI {c2[0]:.2f} to {c2[1]:.2f})")
     if any(math.isnan(x) for x in (*c1, *c2)):
         return finding(q, subject, INCONCLUSIVE, detail + "; an interval could not be estimated", n=n)
-    if min(c1[0], c2[0]) >= SHARED_FRACTION:
-        low = (v1, c1) if c1[0] <= c2[0] else (v2, c2)
-        return finding(q, subject, SHARED, detail + "; the weaker cross-removal", value=low[0], ci=low[1], n=n)
+    if max(c1[0], c2[0]) >= SHARED_FRACTION:
+        # one direction removes both refusals: the stronger cross-removal is the evidence
+        high = (v1, c1) if c1[0] >= c2[0] else (v2, c2)
+        return finding(q, subject, SHARED, detail + "; one direction removes both refusals; the stronger "
+                       "cross-removal", value=high[0], ci=high[1], n=n)
     high = (v1, c1) if c1[1] >= c2[1] else (v2, c2)
     if max(c1[1], c2[1]) <= SHARED_FRACTION:
         cos = _cosine(fig, a, b)
@@ -233,7 +273,7 @@ def where_it_acts(fig: Figures) -> list[Finding]:
     base = baselines(fig)
     nodes = sorted(n for n in (set(fig.layers["node"]) if len(fig.layers) else set(base)) if n != POOLED_SOURCE)
     if not nodes:
-        return [finding(q, "all nodes", INCONCLUSIVE, "no per-layer addition or ablation was measured")]
+        return [finding(q, "all nodes", INCONCLUSIVE, "no per-layer addition or restoration was measured")]
     out: list[Finding] = []
     for node in nodes:
         if node in base and node_status(*base[node]) == "none":
@@ -250,30 +290,36 @@ def where_it_acts(fig: Figures) -> list[Finding]:
                           f"{', '.join(str(e[0]) for e in added)}" if read else
                           f"adding it raises no refusal at layers {', '.join(str(e[0]) for e in added)}")
         context = "; ".join(beside)
-        windows = _effects(rows[rows["kind"] == "ablate"] if len(rows) else rows, raise_=False)
-        whole = _effects(rows[rows["kind"] == "ablate_all"] if len(rows) else rows, raise_=False)
+        windows = _restorations(rows[rows["kind"] == "restore"] if len(rows) else rows)
         if not windows:
-            out.append(finding(q, node, INCONCLUSIVE, f"no band scan was measured (it needs the node to refuse at "
-                               f"least half its prompts); {context}"))
+            out.append(finding(q, node, INCONCLUSIVE, f"no restoration scan was measured (it needs the model this one "
+                               f"was fine-tuned from: `run --reference MODEL`); {context}"))
             continue
-        if whole and not whole[0][2][0] > LAYER_EFFECT:
-            w = whole[0]
-            out.append(finding(q, node, INCONCLUSIVE, f"removing its direction from every block's writes does not "
-                               f"remove its refusal, so the direction does not carry it; {context}; refusal drop",
-                               value=w[1], ci=w[2], n=w[3]))
-            continue
-        acting = [e for e in windows if e[2][0] > LAYER_EFFECT]
-        best = max(acting or windows, key=lambda e: e[1])
+        best = max(windows, key=lambda e: e[1])
+        bar = max(WINDOW_MIN_DROP, WINDOW_SHARE * best[1])
+        acting = [e for e in windows if e[2][0] >= bar]
         if not acting:
-            out.append(finding(q, node, INCONCLUSIVE, f"no single window of {_width(windows)} blocks carries its "
-                               f"refusal (it is spread wider); {context}; largest refusal drop", value=best[1],
+            out.append(finding(q, node, INCONCLUSIVE, f"restoring no single window of {_width(windows)} blocks lowers "
+                               f"its refusal log-odds by {bar:.2f} (lower bound): its refusal is spread wider or not "
+                               f"in weights the fine-tune changed; {context}; largest log-odds drop", value=best[1],
                                ci=best[2], n=best[3]))
             continue
         runs = _runs([(e[0], e[4]) for e in acting])
         verdict = "acts in blocks " + ", ".join(f"{lo}-{hi}" if lo != hi else f"{lo}" for lo, hi in runs)
-        out.append(finding(q, node, verdict, f"windows of {_width(windows)} blocks whose writes carry its refusal; "
-                           f"{context}; largest refusal drop (blocks {best[0]}-{best[4]})", value=best[1],
+        out.append(finding(q, node, verdict, f"windows of {_width(windows)} blocks whose restored weights lower its "
+                           f"refusal; {context}; largest log-odds drop (blocks {best[0]}-{best[4]})", value=best[1],
                            ci=best[2], n=best[3]))
+    return out
+
+
+def _restorations(rows: pd.DataFrame) -> list[tuple[int, float, tuple[float, float], int, int]]:
+    """(first block, log-odds drop, its 95% paired bootstrap interval, n, last block) per restored window."""
+    out: list[tuple[int, float, tuple[float, float], int, int]] = []
+    if rows.empty or "odds" not in rows:
+        return out
+    for i, r in enumerate(rows.sort_values("layer").itertuples()):
+        drop, ci = paired_mean_drop(r.odds_base, r.odds, seed=i)
+        out.append((int(r.layer), drop, ci, int(r.n), int(r.layer_hi)))
     return out
 
 

@@ -46,7 +46,7 @@ def check_shared(findings: list[Finding]) -> list[Check]:
     """One refusal decision for every branch: every pair of refusing branches shares it."""
     pairs = [f for f in findings if f.question == "shared-vs-separable" and " and " in f.subject]
     if not pairs:
-        return [Check("shared", "shared-vs-separable", "(no pair of refusing branches)", "cross-removal", SHARED,
+        return [Check("shared", "shared-vs-separable", "(no pair of refusing branches)", "component-removal", SHARED,
                       "(no pair)", False)]
     return [Check("shared", f.question, f.subject, f.rule, SHARED, f.verdict, f.verdict == SHARED) for f in pairs]
 
@@ -60,7 +60,7 @@ def check_separable(findings: list[Finding], truth: dict[str, Any]) -> list[Chec
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             f = by.get(("shared-vs-separable", f"{a} and {b}"))
-            out.append(Check("separable", "shared-vs-separable", f"{a} and {b}", "cross-removal", SEPARABLE,
+            out.append(Check("separable", "shared-vs-separable", f"{a} and {b}", "component-removal", SEPARABLE,
                              f.verdict if f else "(not measured)", bool(f and f.verdict == SEPARABLE)))
     for a in names:
         lo, hi = branches[a]["band"]
@@ -70,8 +70,8 @@ def check_separable(findings: list[Finding], truth: dict[str, Any]) -> list[Chec
         others = [branches[b]["band"] for b in names if b != a]
         meets = any(r_lo <= hi - 1 and r_hi >= lo for r_lo, r_hi in runs)
         trespasses = any(r_lo <= o_hi - 1 and r_hi >= o_lo for r_lo, r_hi in runs for o_lo, o_hi in others)
-        out.append(Check("separable", "where-it-acts", a, "layer-band", planted, f.verdict if f else "(not measured)",
-                         meets and not trespasses))
+        out.append(Check("separable", "where-it-acts", a, "restoration-band", planted,
+                         f.verdict if f else "(not measured)", meets and not trespasses))
     # no check on the branches it was not trained to refuse: the middle band's refusal spreads to them (measured,
     # docs/decisions.md), so their planted answer is not known
     return out

@@ -37,10 +37,15 @@ def register(app: typer.Typer) -> None:
                  "per_node_eval=16; keys: see `RunConfig.sizes()`.")] = None,
         threads: Annotated[int | None, typer.Option(
             help="torch CPU threads (default: per stage, the cores other processes leave free).")] = None,
+        reference: Annotated[str | None, typer.Option(
+            help="The model the analysed one was fine-tuned from (same architecture): enables the restoration "
+                 "scan that says which blocks a node's refusal lives in (default: the organism's base model "
+                 "when an organism is built, else none).")] = None,
     ) -> None:
         """Run every stage, from the taxonomy to report.html (cached; a rerun resumes)."""
         cfg = RunConfig(model=model, taxonomy=taxonomy, out=out, quick=quick, resume=resume, seed=seed,
-                        organism=organism, min_prompts=min_prompts, max_nodes=max_nodes, threads=threads)
+                        organism=organism, min_prompts=min_prompts, max_nodes=max_nodes, threads=threads,
+                        reference=reference)
         if size:
             cfg.extra["sizes"] = parse_sizes(size, cfg.sizes())
         console = Console(stderr=True)

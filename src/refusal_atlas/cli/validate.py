@@ -37,9 +37,11 @@ from refusal_atlas.organism.separable import SeparableSettings, build_separable
 
 BUDGETS = ("full", "reduced")
 MODELS = ("shared", "separable", "base")
-# The separable and base atlases measure only what the validated rules read (pooled layer by every-layer ablation,
-# no dose, cross-ablation, band scan): on a machine at load 9 the full causal stage did not fit (docs/decisions.md).
-LEAN = ("separable", "base")
+# Every atlas measures only what the validated rules read (pooled layer by every-layer ablation, no dose,
+# cross-ablation, components, band and restoration scans): the full causal stage does not fit the 40 minutes.
+LEAN = MODELS
+# the model each atlas's restoration scan restores blocks to: the base both organisms were built from
+REFERENCE = {"shared": None, "separable": "default", "base": None}
 # the stages whose files a verdict reads; collection, detection, clustering, harm, SAE and the report are skipped
 VERDICT_STAGES = ("taxonomy", "prompts", "organism", "directions", "overlap", "causal")
 # Per-organism budgets, smaller than the default run's where no verdict needs the size and larger where one
@@ -119,7 +121,9 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
             (folder / "organism").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(trained_on, folder / "organism" / "prompts.parquet")
         # the shared organism is the one `run` builds for `default`: the same recipe and stage
-        cfg = RunConfig(model=model, organism=organism, out=folder, quick=reduced, seed=seed, threads=threads)
+        # the shared organism's reference is its own base (RunConfig.reference_model); the base model has none
+        cfg = RunConfig(model=model, organism=organism, out=folder, quick=reduced, seed=seed, threads=threads,
+                        reference=REFERENCE[name])
         cfg.extra["sizes"] = dict(SIZES["reduced" if reduced else "full"])
         pipe = build_pipeline(cfg, console)
         for stage in pipe.stages:

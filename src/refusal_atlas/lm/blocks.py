@@ -8,9 +8,14 @@ GPT-NeoX `gpt_neox.layers`, ...). The residual stream "at layer l" is the output
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from torch import Tensor, nn
+
+from refusal_atlas.errors import AtlasError
 
 # A block's output: the hidden state [batch, seq, d_model] alone (transformers 5) or first in a tuple/list.
 BlockOutput = TypeVar("BlockOutput", Tensor, tuple[Any, ...], list[Any])
@@ -63,3 +68,38 @@ def replace_hidden(output: BlockOutput, hidden: Tensor) -> BlockOutput:
     if isinstance(output, list):
         return [hidden, *output[1:]]
     return hidden
+
+
+def block_states(model: nn.Module, blocks: Iterable[int] | None = None) -> dict[int, dict[str, Tensor]]:
+    """Copies of the decoder blocks' weights (all blocks by default), to restore another model's blocks to."""
+    mods = decoder_blocks(model)
+    chosen = range(len(mods)) if blocks is None else blocks
+    return {int(i): copy.deepcopy(mods[int(i)].state_dict()) for i in chosen}
+
+
+@contextmanager
+def restored_blocks(model: nn.Module, states: Mapping[int, Mapping[str, Tensor]], blocks: Iterable[int]
+                    ) -> Iterator[None]:
+    """Decoder `blocks` set to the weights in `states` (e.g. the model a fine-tune started from) for the
+    duration, the model's own afterwards, even on error. A block whose weights do not fit (another
+    architecture or size) is a one-line error before anything changes."""
+    mods = decoder_blocks(model)
+    chosen = sorted({int(b) for b in blocks})
+    missing = [b for b in chosen if b not in states or not 0 <= b < len(mods)]
+    if missing:
+        raise AtlasError(f"block(s) {missing}: no reference weights or out of range (the model has {len(mods)} "
+                         f"decoder blocks); the reference must be the same architecture and size")
+    for b in chosen:
+        own = mods[b].state_dict()
+        ref = states[b]
+        if set(ref) != set(own) or any(tuple(ref[k].shape) != tuple(own[k].shape) for k in own):
+            raise AtlasError(f"block {b}: the reference model's weights do not fit this model's (another "
+                             f"architecture or size); give the model this one was fine-tuned from")
+    kept = {b: copy.deepcopy(mods[b].state_dict()) for b in chosen}
+    try:
+        for b in chosen:
+            mods[b].load_state_dict(states[b])
+        yield
+    finally:
+        for b, state in kept.items():
+            mods[b].load_state_dict(state)

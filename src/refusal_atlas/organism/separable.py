@@ -14,14 +14,12 @@ go into organism.json under `truth`.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ import torch
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write_json
-from refusal_atlas.lm.blocks import decoder_blocks
+from refusal_atlas.lm.blocks import block_states, decoder_blocks, restored_blocks
 from refusal_atlas.lm.generation import generate
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.organism.build import (
@@ -185,18 +183,10 @@ def _targets(lm: LoadedModel, rows: pd.DataFrame, wording: dict[str, str], setti
     return rows
 
 
-@contextmanager
-def restored(lm: LoadedModel, base_blocks: dict[int, dict[str, torch.Tensor]], band: tuple[int, int]) -> Iterator[None]:
+def restored(lm: LoadedModel, base_blocks: dict[int, dict[str, torch.Tensor]], band: tuple[int, int]
+             ) -> AbstractContextManager[None]:
     """Blocks lo..hi-1 set to the base model's weights for the duration, the organism's own afterwards."""
-    blocks = decoder_blocks(lm.model)
-    kept = {i: copy.deepcopy(blocks[i].state_dict()) for i in range(*band)}
-    try:
-        for i in range(*band):
-            blocks[i].load_state_dict(base_blocks[i])
-        yield
-    finally:
-        for i, state in kept.items():
-            blocks[i].load_state_dict(state)
+    return restored_blocks(lm.model, base_blocks, range(*band))
 
 
 def _rates(held: pd.DataFrame, groups: list[str]) -> dict[str, dict[str, float | int]]:
@@ -276,8 +266,7 @@ def build_separable(
     timings["targets"] = time.perf_counter() - t
 
     # the base model's weights of every planted band, for the restoration check
-    blocks = decoder_blocks(lm.model)
-    base_blocks = {i: copy.deepcopy(blocks[i].state_dict()) for band in bands for i in range(*band)}
+    base_blocks = block_states(lm.model, [i for band in bands for i in range(*band)])
     train_settings = replace(settings, epochs=s.epochs, lr=s.lr)
     losses: dict[str, list[float]] = {}
     order = training_order(bands)

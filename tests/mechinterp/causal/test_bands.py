@@ -75,6 +75,9 @@ def test_band_scan_table(tmp_path):
     assert write_table(table, tmp_path, BANDS).is_file()
     # a baseline measured elsewhere on the same prompts is used as given, and the measured one matches it
     given = band_scan(lm, ds, {"a": PROMPTS[:2]}, tokens, position=-1, n_windows=2,
-                      settings=RunSettings(progress=False), baselines={"a": (0.5, 1.25)})
+                      settings=RunSettings(progress=False), baselines={"a": (0.5, 1.25, [1.0, 1.5])})
     assert (given["first_token_refusal_rate_baseline"] == 0.5).all() and (given["logit_score_baseline"] == 1.25).all()
+    assert all(list(v) == [1.0, 1.5] for v in given["prompt_logit_scores_baseline"])
+    # per-prompt scores in prompt order: their mean is the row's mean
+    assert np.allclose([np.mean(v) for v in table["prompt_logit_scores"]], table["logit_score"])
     assert np.allclose(given["logit_score"], table.loc[table["node"] == "a", "logit_score"])

@@ -85,12 +85,13 @@ def band_scan(
     layer: int | None = None,
     n_windows: int = 10,
     settings: RunSettings = RunSettings(),
-    baselines: Mapping[str, tuple[float, float]] | None = None,
+    baselines: Mapping[str, tuple[float, float, Sequence[float]]] | None = None,
 ) -> pd.DataFrame:
     """One row per (node, window): first-token refusal and mean refusal log-odds on the node's own prompts with
     the node's direction removed from the window's writes; `kind` "all" removes every block's writes.
-    `baselines`: {node: (first-token refusal rate, mean log-odds)} already measured on the same prompts with the
-    same tokens (the cross-ablation's "none" rows), so they are not run again."""
+    `baselines`: {node: (first-token refusal rate, mean log-odds, per-prompt log-odds)} already measured on the
+    same prompts with the same tokens (the cross-ablation's "none" rows), so they are not run again. Every row
+    keeps its per-prompt log-odds and the baseline's, in prompt order, for paired intervals."""
     ids = token_ids(tokens)
     n_blocks = len(decoder_blocks(lm.model))
     at = scan_layer(lm.n_layers, directions.layers) if layer is None else int(layer)
@@ -104,10 +105,10 @@ def band_scan(
         prompts = list(eval_sets[node])
         vec = directions.get(node, at, position)
         if node in known:
-            base_first, base_odds = known[node]
+            base_first, base_odds, base_prompts = known[node]
         else:
             odds0, first0 = first_token_scores(lm, prompts, ids, None, settings.batch_size, settings.system)
-            base_first, base_odds = float(np.mean(first0)), float(np.mean(odds0))
+            base_first, base_odds, base_prompts = float(np.mean(first0)), float(np.mean(odds0)), odds0.tolist()
             bar.update(1)
         for kind, lo, hi in windows:
             odds, first = first_token_scores(lm, prompts, ids, write_ablation(lm.model, vec, range(lo, hi + 1)),
@@ -116,9 +117,12 @@ def band_scan(
                          "position": position_label(position), "n": len(prompts),
                          "first_token_refusal_rate": float(np.mean(first)),
                          "first_token_refusal_rate_baseline": float(base_first),
-                         "logit_score": float(np.mean(odds)), "logit_score_baseline": float(base_odds)})
+                         "logit_score": float(np.mean(odds)), "logit_score_baseline": float(base_odds),
+                         "prompt_logit_scores": [float(v) for v in odds],
+                         "prompt_logit_scores_baseline": [float(v) for v in base_prompts]})
             bar.update(1)
     bar.close()
     return pd.DataFrame(rows, columns=["node", "kind", "block_lo", "block_hi", "scan_layer", "position", "n",
                                        "first_token_refusal_rate", "first_token_refusal_rate_baseline",
-                                       "logit_score", "logit_score_baseline"])
+                                       "logit_score", "logit_score_baseline", "prompt_logit_scores",
+                                       "prompt_logit_scores_baseline"])

@@ -81,12 +81,15 @@ def cross_ablation(
             rows.append({"source": source, "method": method, "target": target, "n": int(m.sum()),
                          "logit_score": float(odds[m].mean()), "first_token_refusal_rate": float(first[m].mean()),
                          "refusal_rate": float(marker[m].mean()) if marker is not None else np.nan,
-                         "harmless_kl": kl, "layer": layer, "position": position_label(position)})
+                         "harmless_kl": kl, "layer": layer, "position": position_label(position),
+                         "prompt_logit_scores": [float(v) for v in odds[m]]})
     df = pd.DataFrame(rows)
     base = df[df["source"] == "none"].set_index("target")
     for col in ("logit_score", "first_token_refusal_rate", "refusal_rate"):
         df[f"{col}_baseline"] = df["target"].map(base[col])
     df["self"] = df["source"] == df["target"]
+    # per-prompt log-odds, in prompt order (the same order for every source): paired intervals need them
+    df["prompt_logit_scores"] = df.pop("prompt_logit_scores")
     return df
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ABLATION_STABILITY",
     "BANDS",
+    "COMPONENTS",
     "CONDITIONS",
     "CONDITIONS_SUMMARY",
     "CONE_ABLATION",
@@ -35,6 +36,7 @@ __all__ = [
     "LOGIT_LENS_TOKENS",
     "POOLED_JSON",
     "REFUSAL_TOKENS",
+    "RESTORATION",
     "SELECTION",
     "SELECTION_JSON",
     "SKIPPED",
@@ -86,17 +88,24 @@ CONE_ABLATION = TableSpec("cone_ablation.parquet", (
 CROSS_ABLATION = TableSpec("cross_ablation.parquet", (
     "source", "method", "target", "n", "logit_score", "first_token_refusal_rate", "refusal_rate", "harmless_kl",
     "layer", "position", "logit_score_baseline", "first_token_refusal_rate_baseline", "refusal_rate_baseline",
-    "self"))
+    "self", "prompt_logit_scores"), optional=("prompt_logit_scores",))
 CROSS_ABLATION_SUMMARY = TableSpec("cross_ablation_summary.parquet", (
     "source", "method", "own", "others", "all", "harmless_kl"))
 STEERING = TableSpec("steering.parquet", (
     "node", "layer", "coeff", "position", "method", "n", "norm", "logit_score", "logit_score_baseline",
     "first_token_refusal_rate", "first_token_refusal_rate_baseline", "induced_refusal_rate"))
 # each node's direction removed from the writes of one window of blocks (`bands.py`); kind "all": every block.
-# Not in TABLES yet: the verdicts read it (`atlas.verdict_figures`), the atlas store and report do not.
 BANDS = TableSpec("bands.parquet", (
     "node", "kind", "block_lo", "block_hi", "scan_layer", "position", "n", "first_token_refusal_rate",
-    "first_token_refusal_rate_baseline", "logit_score", "logit_score_baseline"))
+    "first_token_refusal_rate_baseline", "logit_score", "logit_score_baseline", "prompt_logit_scores",
+    "prompt_logit_scores_baseline"), optional=("prompt_logit_scores", "prompt_logit_scores_baseline"))
+# the verdict's component comparison: each node's direction at the late scan layer ablated in every layer,
+# refusal (per-prompt log-odds) on every node's prompts — the cross-ablation's columns
+COMPONENTS = TableSpec("components.parquet", CROSS_ABLATION.columns, optional=CROSS_ABLATION.optional)
+# each window of blocks restored to a reference model's weights (`restoration.py`)
+RESTORATION = TableSpec("restoration.parquet", (
+    "node", "block_lo", "block_hi", "n", "first_token_refusal_rate", "first_token_refusal_rate_baseline",
+    "logit_score", "logit_score_baseline", "reference", "prompt_logit_scores", "prompt_logit_scores_baseline"))
 CONDITIONS = TableSpec("conditions.parquet", (
     "node", "condition", "n", "expected", "category", "projection", "projection_ci_low", "projection_ci_high",
     "pooled_projection", "refusal_rate", "refusal_ci_low", "refusal_ci_high", "projection_delta", "refusal_delta",
@@ -116,8 +125,8 @@ DIRECTION_PROMPTS = TableSpec("prompts.parquet", (
     optional=("prompt_id", "baseline_refused"))
 
 TABLES: tuple[TableSpec, ...] = (SELECTION, STEERING_DOSE, ABLATION_STABILITY, CONE_ABLATION, CROSS_ABLATION,
-                                 CROSS_ABLATION_SUMMARY, STEERING, CONDITIONS, CONDITIONS_SUMMARY, WORDING,
-                                 LOGIT_LENS_TOKENS, LOGIT_LENS_SCORES)
+                                 CROSS_ABLATION_SUMMARY, STEERING, BANDS, COMPONENTS, RESTORATION, CONDITIONS,
+                                 CONDITIONS_SUMMARY, WORDING, LOGIT_LENS_TOKENS, LOGIT_LENS_SCORES)
 
 REFUSAL_TOKENS = "refusal_tokens.json"  # RefusalTokens.to_dict()
 SELECTION_JSON = "selection.json"  # the pooled Selection.to_dict() + steering_coefficient, validation sizes

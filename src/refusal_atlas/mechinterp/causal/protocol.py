@@ -17,19 +17,21 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from torch import Tensor
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.positions import Position, parse_position_label
 from refusal_atlas.lm.settings import RunSettings
 from refusal_atlas.mechinterp.causal import files, selection
-from refusal_atlas.mechinterp.causal.bands import band_scan
+from refusal_atlas.mechinterp.causal.bands import band_scan, scan_layer
 from refusal_atlas.mechinterp.causal.common import discover_tokens
 from refusal_atlas.mechinterp.causal.conditions import condition_summary, condition_table
 from refusal_atlas.mechinterp.causal.cross import cross_ablation, cross_ablation_summary
 from refusal_atlas.mechinterp.causal.figures import plot_cross_ablation, plot_steering
 from refusal_atlas.mechinterp.causal.inputs import DirectionPrompts
 from refusal_atlas.mechinterp.causal.pooled import ablation_stability, cone_ablation, pooled_ablation_and_steering
+from refusal_atlas.mechinterp.causal.restoration import restoration_scan
 from refusal_atlas.mechinterp.causal.selection import Selection
 from refusal_atlas.mechinterp.causal.steering import steering
 from refusal_atlas.mechinterp.causal.wording import wording_vs_detection
@@ -43,6 +45,7 @@ __all__ = [
     "Chosen",
     "Discovered",
     "band_step",
+    "components_step",
     "conditions_step",
     "cone_step",
     "cross_ablation_step",
@@ -50,6 +53,7 @@ __all__ = [
     "load_selection",
     "load_tokens",
     "pooled_step",
+    "restoration_step",
     "select_step",
     "stability_step",
     "steering_step",
@@ -251,12 +255,36 @@ def steering_step(s: CausalSession, nodes: Sequence[str], harmless: Sequence[str
 
 
 def band_step(s: CausalSession, eval_sets: Mapping[str, Sequence[str]], *, position: Position,
-              n_windows: int = 10, baselines: Mapping[str, tuple[float, float]] | None = None) -> pd.DataFrame:
+              n_windows: int = 10, baselines: Mapping[str, tuple[float, float, Sequence[float]]] | None = None
+              ) -> pd.DataFrame:
     """Each node's late-layer direction removed from the writes of one window of blocks at a time, refusal on the
     node's own prompts (`bands.parquet`): which blocks compute the node's refusal. `baselines`: see `band_scan`."""
     table = band_scan(s.lm, s.directions, eval_sets, s.tokens, position=position, n_windows=n_windows,
                       settings=s.settings, baselines=baselines)
     files.write_table(table, s.out, files.BANDS)
+    return table
+
+
+def components_step(s: CausalSession, eval_sets: Mapping[str, Sequence[str]], harmless: Sequence[str], *,
+                    position: Position) -> pd.DataFrame:
+    """Each node's direction at the late scan layer (where every block has written its part) ablated in every
+    layer, refusal on every node's prompts with per-prompt log-odds (`components.parquet`): the evidence the
+    shared-vs-separable verdict reads. The cross-ablation stays at the selected layer (one layer for the atlas)."""
+    layer = scan_layer(s.lm.n_layers, s.directions.layers)
+    table = cross_ablation(s.lm, s.directions, eval_sets, harmless, s.tokens, layer=layer, position=position,
+                           settings=s.settings, methods=("diff_means",), include_pooled=False)
+    files.write_table(table, s.out, files.COMPONENTS)
+    return table
+
+
+def restoration_step(s: CausalSession, reference: Mapping[int, Mapping[str, Tensor]],
+                     eval_sets: Mapping[str, Sequence[str]], *, reference_name: str = "", n_windows: int = 10,
+                     baselines: Mapping[str, tuple[float, float, Sequence[float]]] | None = None) -> pd.DataFrame:
+    """Each window of blocks set back to the reference model's weights, refusal on each node's own prompts
+    (`restoration.parquet`): which blocks' fine-tuned weights a node's refusal needs."""
+    table = restoration_scan(s.lm, reference, eval_sets, s.tokens, reference_name=reference_name,
+                             n_windows=n_windows, settings=s.settings, baselines=baselines)
+    files.write_table(table, s.out, files.RESTORATION)
     return table
 
 
