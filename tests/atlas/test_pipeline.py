@@ -51,6 +51,12 @@ def test_every_stage_writes_its_files(finished):
     assert set(manifest["stages"]) >= {"taxonomy", "ontology", "prompts", "organism", "collect", "detect", "cluster",
                                        "directions", "overlap", "causal", "atlas"}
     assert manifest["versions"]["torch"] != "absent"
+    if not (out / "causal" / "skipped.json").is_file():
+        # an organism's base is the restoration scan's reference: every analysed node gets its windows
+        rest = pd.read_parquet(out / "causal" / "restoration.parquet")
+        comp = pd.read_parquet(out / "causal" / "components.parquet")
+        assert set(rest["reference"]) == {cfg.model} and set(rest["node"]) <= set(comp["target"])
+        assert all(len(v) == n for v, n in zip(rest["prompt_logit_scores"], rest["n"], strict=True))
 
 
 def test_the_written_folder_is_what_the_schema_declares(finished):

@@ -118,6 +118,60 @@ def _wording_html(wording: pd.DataFrame, figs: Figures) -> str:
     return "".join(parts)
 
 
+def _components_html(comp: pd.DataFrame, figs: Figures) -> str:
+    """The shared-vs-separable evidence: the fraction of each node's refusal log-odds that ablating each node's
+    late-layer direction removes, relative to the node's own direction."""
+    base = comp[comp["ablated"].astype(str) == "none"].set_index("evaluated")["refusal_score"]
+    own = comp[comp["ablated"].astype(str) == comp["evaluated"].astype(str)].set_index("evaluated")["refusal_score"]
+    d = comp[comp["ablated"].astype(str) != "none"].copy()
+    d["removed"] = [(base.get(e, np.nan) - r) / (base.get(e, np.nan) - own.get(e, np.nan))
+                    if base.get(e, np.nan) - own.get(e, np.nan) > 0 else np.nan
+                    for e, r in zip(d["evaluated"].astype(str), d["refusal_score"], strict=True)]
+    piv = d.pivot_table(index="ablated", columns="evaluated", values="removed", aggfunc="mean")
+    layer = int(comp["layer"].dropna().iloc[0]) if "layer" in comp.columns and comp["layer"].notna().any() else None
+    text = [[f"ablate {esc(a)}<br>on {esc(e)} prompts<br>removes {fmt(piv.loc[a, e])} of what its own removes"
+             for e in piv.columns] for a in piv.index]
+    fig = go.Figure(go.Heatmap(z=[none_for_nan(row) for row in piv.to_numpy().tolist()],
+                               x=[esc(short(c, 40)) for c in piv.columns], y=[esc(short(r, 50)) for r in piv.index],
+                               text=text, hoverinfo="text", zmin=0, zmax=1.2, colorscale="Viridis",
+                               colorbar={"title": "f"}))
+    fig.update_layout(title=esc("Components: share of each node's refusal log-odds removed by ablating a direction "
+                                f"taken at layer {layer}" if layer is not None else "Components"),
+                      xaxis_title="evaluated on", yaxis_title="ablated direction", yaxis={"autorange": "reversed"},
+                      margin={"l": 200, "b": 140})
+    return ("<h3 id='components'>Components: late-layer directions</h3><p class='small'>Each node's direction at "
+            "the late scan layer (where every block has written its part), ablated in every layer. A cell is "
+            "f = (refusal log-odds lost on the column's prompts) / (what the column's own direction removes): "
+            "1 means the row's direction carries the column's refusal, 0 that it carries none of it. The "
+            "shared-vs-separable verdicts read this table with paired bootstrap intervals (Findings).</p>"
+            + figs.add(fig, max(380, 28 * len(piv.index) + 220)))
+
+
+def _restoration_html(rest: pd.DataFrame, figs: Figures) -> str:
+    """Where each node's refusal lives: log-odds lost when a window of blocks is set back to the reference."""
+    d = rest.assign(window=[f"{int(lo)}-{int(hi)}" for lo, hi in zip(rest["block_lo"], rest["block_hi"],
+                                                                         strict=True)],
+                    drop=rest["logit_score_baseline"] - rest["logit_score"])
+    order = [f"{int(lo)}-{int(hi)}" for lo, hi in sorted(set(zip(rest["block_lo"], rest["block_hi"],
+                                                                   strict=True)))]
+    piv = d.pivot_table(index="node", columns="window", values="drop", aggfunc="mean").reindex(columns=order)
+    text = [[f"{esc(n)}: blocks {w} restored<br>refusal log-odds fall by {fmt(piv.loc[n, w])}" for w in piv.columns]
+            for n in piv.index]
+    fig = go.Figure(go.Heatmap(z=[none_for_nan(row) for row in piv.to_numpy().tolist()], x=list(piv.columns),
+                               y=[esc(short(r, 50)) for r in piv.index], text=text, hoverinfo="text",
+                               colorscale="Viridis", colorbar={"title": "log-odds drop"}))
+    ref = str(rest["reference"].dropna().iloc[0]) if "reference" in rest.columns and rest["reference"].notna().any() \
+        else "the reference model"
+    fig.update_layout(title=esc(f"Restoration scan: refusal lost when a window of blocks gets {short(ref, 40)}'s "
+                                "weights back"), xaxis_title="restored blocks", yaxis_title="node",
+                      margin={"l": 200})
+    return ("<h3 id='restoration'>Where each component acts: restoration scan</h3><p class='small'>Each window of "
+            f"blocks is set back to the weights of {esc(short(ref, 60))} (the model this one was fine-tuned from) "
+            "while the node's own prompts run; the cell is the mean fall in refusal log-odds. The windows whose "
+            "fine-tuned weights a node's refusal needs light up; the where-it-acts verdicts read this table "
+            "(Findings).</p>" + figs.add(fig, max(320, 28 * len(piv.index) + 200)))
+
+
 def section_causal(store: AtlasStore, figs: Figures) -> str:
     xa, steer = store.cross_ablation, store.steering
     if xa is None and steer is None:
@@ -131,6 +185,12 @@ def section_causal(store: AtlasStore, figs: Figures) -> str:
         parts.append(_steering_html(steer, figs))
     elif steer is not None:
         parts.append(df_table(steer))
+    comp, rest = store.components, store.restoration
+    if comp is not None and {"ablated", "evaluated", "refusal_score"} <= set(comp.columns):
+        parts.append(_components_html(comp, figs))
+    if rest is not None and {"node", "block_lo", "block_hi", "logit_score", "logit_score_baseline"} <= \
+            set(rest.columns):
+        parts.append(_restoration_html(rest, figs))
     if store.wording is not None:
         parts.append(_wording_html(store.wording, figs))
     return "".join(parts)
