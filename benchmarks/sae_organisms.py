@@ -13,6 +13,9 @@ Usage (never on the validate folder itself: the stage rewrites `sae/`):
   cp -r /tmp/val/atlas-shared /tmp/h16/shared
   nice python benchmarks/sae_organisms.py /tmp/h16/shared --model default --organism --variants
   nice python benchmarks/sae_organisms.py /tmp/h16/separable --model /tmp/val/organisms/separable/model --lean
+Pass `--lean` / `--reference` exactly as the `validate` that wrote the folder set them (its LEAN and REFERENCE);
+the script stops before running anything when a stage other than `sae` would be recomputed.
+Results of the session-10 measurement: benchmarks/results/sae_organisms_{shared,separable}.json.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--organism", action="store_true", help="the shared organism (built by the run itself)")
     ap.add_argument("--lean", action="store_true", help="causal stage as validate runs it on the separable atlas")
+    ap.add_argument("--reference", default=None, help="RunConfig.reference, where validate sets one (newer code)")
     ap.add_argument("--sae", action="append", default=[], help="SaeSettings override KEY=VALUE (JSON value)")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--ig-steps", type=int, default=10)
@@ -131,8 +135,9 @@ def main() -> None:
     from refusal_atlas.cli.validate import SIZES, VERDICT_STAGES
 
     torch.set_num_threads(args.threads)
+    more = {"reference": args.reference} if args.reference is not None else {}
     cfg = RunConfig(model=args.model, organism=args.organism, out=args.atlas, seed=0, threads=args.threads,
-                    progress=False)
+                    progress=False, **more)
     cfg.extra["sizes"] = dict(SIZES["full"])
     pipe = build_pipeline(cfg, Console(stderr=True))
     # the overrides reach the sae stage through cfg only: every stage's key holds the old `extra` dict,
