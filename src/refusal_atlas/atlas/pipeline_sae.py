@@ -67,4 +67,5 @@ def stage_sae(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, A
                                  per_node_eval=s.per_node_eval, n_harmless=s.n_harmless,
                                  n_harmless_eval=s.n_harmless_eval, seed=cfg.seed, held_out=held_out)
     inputs.answers = _answers(ctx, s.n_answers, cfg.seed)
-    return run_sae_stage(ctx.out, lm, directions, layer, inputs, s, progress=cfg.progress)
+    pooled = ds.get(POOLED, layer, REFUSAL_POSITION)  # every harmful prompt minus harmless: the refusal direction
+    return run_sae_stage(ctx.out, lm, directions, layer, inputs, s, refusal_direction=pooled, progress=cfg.progress)

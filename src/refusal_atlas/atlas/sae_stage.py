@@ -6,8 +6,9 @@ files were written from the same inputs, `inputs.json` holding that key):
    any model answers given), chat-formatted, block `layer`'s output at every token from the
    instruction on, capped at `max_tokens` → `tokens.safetensors`;
 2. train a TopK SAE (`width`, `k`) → `model/` (SAELens format) + `model/training.json`;
-3. per node: candidates by decoder cosine to the node's refusal direction, K* by attribution
-   over the node's selection prompts → `features.parquet`, `attributions.safetensors`;
+3. per node: candidates by decoder cosine to the node's refusal direction and to the pooled refusal
+   direction (`candidates`), K* by attribution over the node's selection prompts → `features.parquet`,
+   `attributions.safetensors`;
 4. clamp each node's K* latents (× `clamp_factor`, error term kept) and, for comparison, ablate the
    node's direction at every layer; first-token refusal on every node's held-out prompts and
    harmless KL → `clamp.parquet` (the cross-clamp matrix);
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.stages import stable_hash
+from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256, text_sha256
 from refusal_atlas.io import atomic_write, atomic_write_json
 from refusal_atlas.lm.models import LoadedModel
@@ -43,7 +45,7 @@ from refusal_atlas.mechinterp.sae.clamp import clamp
 from refusal_atlas.mechinterp.sae.data import open_activations
 from refusal_atlas.mechinterp.sae.features import (
     attributions,
-    candidates,
+    candidate_pool,
     feature_table,
     latent_stats,
     select,
@@ -53,7 +55,9 @@ from refusal_atlas.mechinterp.sae.tokens import TokenActivations, capture_tokens
 from refusal_atlas.mechinterp.sae.train import TRAINING_JSON, TrainSettings, train_sae
 from refusal_atlas.mechinterp.scoring import answered_mean, kl_from_logprobs, next_token_logprobs, refusal_logodds
 
-STAGE_VERSION = 2  # bump when a code change alters what the stage measures (its folder is then redone)
+STAGE_VERSION = 3  # bump when a code change alters what the stage measures (its folder is then redone)
+CANDIDATE_SOURCES = ("node", "node+refusal")
+POOLED_KEY = "\x00pooled"  # the pooled direction's entry in the inputs key (no node can be named so)
 KEY_FILE = "inputs.json"
 TOKENS_FILE = "tokens.safetensors"
 ATTRIBUTIONS_FILE = "attributions.safetensors"
@@ -69,7 +73,11 @@ class SaeSettings:
     k: int = 32
     epochs: int = 6
     batch_size: int = 512
-    n_candidates: int = 64
+    n_candidates: int = 64  # per direction the candidates come from
+    # "node": by decoder cosine to the node's direction only; "node+refusal": joined with the top latents by
+    # cosine to the pooled refusal direction (docs/decisions.md, "SAE candidates from the refusal direction")
+    candidates: str = "node+refusal"
+    attribution_steps: int = 1  # 1: gradient × activation; n > 1: integrated gradients, n midpoint steps
     k_star: int = 20
     clamp_factor: float = -1.0
     n_boot: int = 200
@@ -219,8 +227,10 @@ def _capture(lm: LoadedModel, layer: int, inputs: SaeInputs, nodes: list[str], s
 
 
 def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], layer: int, inputs: SaeInputs,
-                  settings: SaeSettings | None = None, *, progress: bool = True) -> dict[str, Any]:
-    """Run the stage into `out/sae/`; `directions[node]` is the node's refusal direction at `layer` ([d]).
+                  settings: SaeSettings | None = None, *, refusal_direction: Tensor | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run the stage into `out/sae/`; `directions[node]` is the node's refusal direction at `layer` ([d]),
+    `refusal_direction` the pooled one there (candidates with `candidates="node+refusal"`).
 
     Returns the `sae.*` metrics (FVU, L0, dead fraction, tokens, per-node K*, clamp refusal own/other).
     Without refusal-opening tokens (a model that never refused) K* is chosen by decoder cosine alone and
@@ -228,9 +238,13 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     """
 
     s = settings or SaeSettings()
+    if s.candidates not in CANDIDATE_SOURCES:
+        raise AtlasError(f"SAE candidates {s.candidates!r}: use one of {', '.join(CANDIDATE_SOURCES)}")
+    pooled = refusal_direction if s.candidates == "node+refusal" else None
     folder = Path(out) / schema.SAE_DIR
     started = time.perf_counter()
-    _start(folder, inputs_key(lm, directions, layer, inputs, s))
+    _start(folder, inputs_key(lm, {**directions, **({POOLED_KEY: pooled} if pooled is not None else {})}, layer,
+                              inputs, s))
     nodes = [n for n in inputs.harmful if n in directions and inputs.harmful[n]]
     steps: dict[str, float] = {}
     cpu: dict[str, float] = {}  # process CPU seconds (all threads): comparable across machine loads
@@ -278,10 +292,10 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     chosen: dict[str, list[int]] = {}
     by = "attribution" if inputs.refusal_token_ids else "decoder cosine"
     for node in nodes:
-        cand[node], cos[node] = candidates(sae, directions[node], s.n_candidates)
+        cand[node], cos[node] = candidate_pool(sae, directions[node], s.n_candidates, pooled)
         if inputs.refusal_token_ids:
             attr[node] = attributions(lm, sae, layer, inputs.harmful[node], inputs.refusal_token_ids,
-                                      batch_size=s.forward_batch)
+                                      batch_size=s.forward_batch, steps=s.attribution_steps)
         else:  # no refusal to attribute: the decoder cosine ranks the candidates, one pseudo-prompt
             attr[node] = torch.zeros(1, sae.cfg.d_sae).index_put_((torch.zeros_like(cand[node]), cand[node]),
                                                                   cos[node])
@@ -329,7 +343,9 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
         "fvu": train_metrics["fvu"], "l0": train_metrics["l0"], "dead_fraction": train_metrics["dead_fraction"],
         "tokens": int(tokens.acts.shape[0]), "width": s.width, "k": s.k, "layer": layer,
         "train_seconds": train_metrics["seconds"], "k_star": {n: len(f) for n, f in chosen.items()},
-        "selected_by": by,
+        "selected_by": by, "candidates": s.candidates if pooled is not None else "node",
+        "attribution": ("integrated gradients" if s.attribution_steps > 1 else "gradient x activation")
+        if inputs.refusal_token_ids else None,
         "clamp_refusal_own": arm("clamp", True), "clamp_refusal_other": arm("clamp", False),
         "ablation_refusal_own": arm("ablate_direction", True),
         "refusal_before": float(matrix["refusal_before"].mean()) if len(matrix) else None,

@@ -5,12 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.testing import tiny_model
 from refusal_atlas.mechinterp.sae import SAEConfig, SparseAutoencoder
 from refusal_atlas.mechinterp.sae.clamp import clamp
-from refusal_atlas.mechinterp.sae.features import attributions, candidates, latent_stats, select
+from refusal_atlas.mechinterp.sae.features import (
+    _logodds,
+    attributions,
+    candidate_pool,
+    candidates,
+    latent_stats,
+    select,
+)
 from refusal_atlas.mechinterp.sae.overlap import feature_overlap, jaccard
 from refusal_atlas.mechinterp.sae.tokens import capture_tokens
 
@@ -103,6 +111,46 @@ def test_attribution_finds_the_planted_latent(planted: tuple[LoadedModel, Sparse
     assert int(select(attr, cand, 3)[0]) == 0
     # batching does not change attributions
     assert torch.allclose(attributions(lm, sae, LAYER, PROMPTS, [TOKEN], batch_size=1), attr, atol=1e-4)
+
+
+def test_integrated_gradients_are_complete(planted: tuple[LoadedModel, SparseAutoencoder, torch.Tensor]) -> None:
+    """Integrated gradients sum, over latents and tokens, to the refusal log-odds change from zeroing every
+    latent (error term kept); gradient × activation is that sum's first-order estimate only."""
+    lm, sae, _ = planted
+    prompts = PROMPTS[2:4]
+
+    def logodds(intervention: object = None) -> torch.Tensor:
+        rows = []
+        for p in prompts:
+            ids = lm.tokenizer(lm.chat_prompt(p), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                if intervention is None:
+                    logits = lm.model(input_ids=ids).logits[:, -1]
+                else:
+                    with intervention:  # type: ignore[attr-defined]
+                        logits = lm.model(input_ids=ids).logits[:, -1]
+            rows.append(_logodds(logits, torch.tensor([TOKEN]))[0])
+        return torch.stack(rows)
+
+    change = logodds() - logodds(clamp(lm.model, sae, LAYER, list(range(64)), factor=0.0))
+    assert change.abs().min() > 0.05  # the latents matter to the planted token here
+    ig = attributions(lm, sae, LAYER, prompts, [TOKEN], batch_size=2, steps=32).sum(1)
+    assert torch.allclose(ig, change, rtol=0.01, atol=1e-3), (ig, change)
+    with pytest.raises(AtlasError, match="steps"):
+        attributions(lm, sae, LAYER, prompts, [TOKEN], steps=0)
+
+
+def test_candidate_pool_joins_the_refusal_direction(planted: tuple[LoadedModel, SparseAutoencoder, torch.Tensor]
+                                                   ) -> None:
+    _, sae, _ = planted
+    node, refusal = sae.W_dec[3] + 0.5 * sae.W_dec[4], sae.W_dec[9]
+    cand, cos = candidate_pool(sae, node, 2, refusal)
+    assert cand.tolist()[:2] == [3, 4] and 9 in cand.tolist()[2:] and len(set(cand.tolist())) == len(cand)
+    unit = node / node.norm()
+    assert torch.allclose(cos, sae.unit_decoder()[cand] @ unit, atol=1e-6)  # cosine to the node's own direction
+    assert torch.equal(candidate_pool(sae, node, 2)[0], candidates(sae, node, 2)[0])
+    both, _ = candidate_pool(sae, node, 2, node)
+    assert both.tolist() == [3, 4]  # nothing repeated
 
 
 def test_token_capture_and_stats(planted: tuple[LoadedModel, SparseAutoencoder, torch.Tensor], tmp_path) -> None:

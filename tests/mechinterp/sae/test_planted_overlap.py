@@ -5,8 +5,10 @@ mechanism overlap beyond chance; clamping a node's set removes refusal where its
 The plant: an orthonormal basis q_0..q_63 of the residual stream at block 3's output is the SAE's
 dictionary (so the SAE is exact and its latent i reads q_i). A hook on block 2's output adds
 alpha·(1 + noise) q_i for every latent i of the prompt's mechanism (chosen by a trigger word), and the
-planted refusal token's unembedding reads exactly the mechanism latents. Attribution, candidates,
-selection, the bootstrap Jaccard and the cross-clamp are the stage's own code.
+planted refusal token's unembedding reads exactly the mechanism latents. Optionally one node also gets
+a large *topic* component on latents no token reads, so that its difference of means is mostly topic
+(what the real shared organism showed for intellectual property). Attribution, candidates, selection,
+the bootstrap Jaccard and the cross-clamp are the stage's own code.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from refusal_atlas.lm.capture import capture_activations
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.testing import tiny_model
 from refusal_atlas.mechinterp.sae import SAEConfig, SparseAutoencoder
-from refusal_atlas.mechinterp.sae.features import attributions, candidates, select
+from refusal_atlas.mechinterp.sae.features import attributions, candidate_pool, select
 from refusal_atlas.mechinterp.sae.overlap import feature_overlap
 
 D = 64
 LAYER = 3  # the SAE reads block 3's output; the plant is written at block 2's output, upstream of it
 TOKEN = 7  # the planted refusal-opening token
 MECH = {"A": list(range(0, 5)), "B": list(range(5, 10)), "S": list(range(10, 15))}
+TOPIC = list(range(20, 40))  # the "hack" prompts' topic latents (with `topic`): no token reads them
+TOPIC_SCALE = 3.0  # per topic latent 3/sqrt(20) = 0.67 of the plant scale, above a mechanism latent's 1/sqrt(5)
+N_CAND = 12
 K_STAR = 5
 SCALE = 1.0  # the plant against the residual norm: large enough to decide refusal, small enough not to saturate it
 TEMPLATES = {"weapons": ["Explain how to make a bomb {}.", "Where do I buy bomb parts {}?"],
@@ -42,7 +47,7 @@ def _prompts(templates: list[str], n: int, offset: int = 0) -> list[str]:
     return [t.format(f"number {i + offset}") for i in range(n) for t in templates][:n]
 
 
-def _planted(separable: bool) -> tuple[LoadedModel, SparseAutoencoder]:
+def _planted(separable: bool, topic: bool = False) -> tuple[LoadedModel, SparseAutoencoder]:
     """The tiny model with its plant installed (hooks live as long as the model) and the exact SAE."""
     lm = tiny_model("llama", n_layers=4, d_model=D, seed=5)
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(1)))
@@ -51,7 +56,7 @@ def _planted(separable: bool) -> tuple[LoadedModel, SparseAutoencoder]:
     reads = q[[i for ids in MECH.values() for i in ids]].sum(0)
     head = lm.model.get_output_embeddings().weight
     with torch.no_grad():
-        basis = q[[i for ids in MECH.values() for i in ids]]
+        basis = q[[i for ids in MECH.values() for i in ids] + TOPIC]
         head.copy_(head - (head @ basis.T) @ basis)  # no token reads a mechanism direction ...
         head[TOKEN] = 1.5 * reads  # ... except the refusal token, which reads all of them
     tok = lm.tokenizer
@@ -66,6 +71,7 @@ def _planted(separable: bool) -> tuple[LoadedModel, SparseAutoencoder]:
             gen = torch.Generator().manual_seed(zlib.crc32(text.encode()))
             rows.append((latents, 1.0 + 0.5 * torch.rand(len(latents), generator=gen)))
         current["rows"] = rows
+        current["hack"] = ["hack" in tok.decode(row, skip_special_tokens=True) for row in ids.tolist()]
 
     def plant(module: nn.Module, args: Any, output: Any) -> Any:
         h = hidden_from_output(output)
@@ -74,6 +80,8 @@ def _planted(separable: bool) -> tuple[LoadedModel, SparseAutoencoder]:
         for r, (latents, amount) in enumerate(current["rows"]):
             if latents:
                 add[r] += scale * (amount[:, None] * q[latents]).sum(0) / len(latents) ** 0.5
+            if topic and latents and current["hack"][r]:
+                add[r] += TOPIC_SCALE * scale * q[TOPIC].sum(0) / len(TOPIC) ** 0.5
         return replace_hidden(output, h + add)
 
     lm.model.register_forward_pre_hook(find_triggers, with_kwargs=True)
@@ -83,18 +91,21 @@ def _planted(separable: bool) -> tuple[LoadedModel, SparseAutoencoder]:
     return lm, sae
 
 
-def _feature_sets(lm: LoadedModel, sae: SparseAutoencoder) -> tuple[Any, dict[str, float], dict[str, list[int]],
-                                                                    dict[str, Tensor]]:
+def _feature_sets(lm: LoadedModel, sae: SparseAutoencoder, *, pooled: bool = True, steps: int = 1
+                  ) -> tuple[Any, dict[str, float], dict[str, list[int]], dict[str, Tensor]]:
+    """The stage's selection: candidates by cosine to each node's direction (and, with `pooled`, to the
+    pooled refusal direction), K* by attribution (`steps` > 1: integrated gradients)."""
     harmful = {n: _prompts(t, 10) for n, t in TEMPLATES.items()}
     harmless = _prompts(HARMLESS, 10)
     acts = capture_activations(lm, [*harmful["weapons"], *harmful["cyber"], *harmless], layers=[LAYER],
                                positions=[-1], progress=False).acts[:, 0, 0]
     base = acts[20:].mean(0)
     directions = {"weapons": acts[:10].mean(0) - base, "cyber": acts[10:20].mean(0) - base}
+    refusal = acts[:20].mean(0) - base if pooled else None
     attr, cand = {}, {}
     for node in harmful:
-        cand[node], _ = candidates(sae, directions[node], 12)
-        attr[node] = attributions(lm, sae, LAYER, harmful[node], [TOKEN], batch_size=4)
+        cand[node], _ = candidate_pool(sae, directions[node], N_CAND, refusal)
+        attr[node] = attributions(lm, sae, LAYER, harmful[node], [TOKEN], batch_size=4, steps=steps)
     chosen = {n: sorted(select(attr[n], cand[n], K_STAR).tolist()) for n in harmful}
     pairs, self_agree = feature_overlap(attr, cand, K_STAR, n_boot=100, seed=0)
     return pairs.iloc[0], self_agree, chosen, directions
@@ -109,9 +120,10 @@ def _cross_clamp(lm: LoadedModel, sae: SparseAutoencoder, chosen: dict[str, list
     return {(r.source, r.target): float(r.refusal_after) for r in m.itertuples()}
 
 
-def test_separate_mechanisms_give_disjoint_feature_sets() -> None:
+@pytest.mark.parametrize("pooled", [True, False], ids=["node+refusal", "node"])
+def test_separate_mechanisms_give_disjoint_feature_sets(pooled: bool) -> None:
     lm, sae = _planted(separable=True)
-    pair, self_agree, chosen, directions = _feature_sets(lm, sae)
+    pair, self_agree, chosen, directions = _feature_sets(lm, sae, pooled=pooled)
     assert chosen == {"weapons": MECH["A"], "cyber": MECH["B"]}
     assert pair["jaccard"] == 0.0 and pair["ci_high"] == 0.0
     assert min(self_agree.values()) >= 0.9 and min(pair["self_a_low"], pair["self_b_low"]) > pair["ci_high"]
@@ -121,9 +133,10 @@ def test_separate_mechanisms_give_disjoint_feature_sets() -> None:
     assert after[("weapons", "cyber")] == 1.0 and after[("cyber", "weapons")] == 1.0  # the other's untouched
 
 
-def test_a_shared_mechanism_gives_overlapping_feature_sets() -> None:
+@pytest.mark.parametrize("pooled", [True, False], ids=["node+refusal", "node"])
+def test_a_shared_mechanism_gives_overlapping_feature_sets(pooled: bool) -> None:
     lm, sae = _planted(separable=False)
-    pair, _, chosen, directions = _feature_sets(lm, sae)
+    pair, _, chosen, directions = _feature_sets(lm, sae, pooled=pooled)
     assert chosen == {"weapons": MECH["S"], "cyber": MECH["S"]}
     assert pair["jaccard"] == 1.0 > pair["chance_95"]
     assert pair["overlapping"] and not pair["distinct"]
@@ -140,3 +153,29 @@ def test_the_plant_is_what_the_directions_see(separable: bool) -> None:
         d = directions[node] / directions[node].norm()
         share = float((sae.W_dec[MECH[mech]] @ d).norm())
         assert share > 0.75, (node, share)  # a random unit vector: about sqrt(5 / 64) = 0.28
+
+
+@pytest.mark.parametrize("separable", [True, False])
+def test_integrated_gradients_select_the_planted_sets(separable: bool) -> None:
+    lm, sae = _planted(separable)
+    pair, _, chosen, _ = _feature_sets(lm, sae, steps=8)
+    if separable:
+        assert chosen == {"weapons": MECH["A"], "cyber": MECH["B"]} and pair["distinct"] and pair["ci_high"] == 0.0
+    else:
+        assert chosen == {"weapons": MECH["S"], "cyber": MECH["S"]} and pair["overlapping"]
+
+
+def test_a_shared_mechanism_under_a_topic_direction_needs_the_refusal_candidates() -> None:
+    """One mechanism for both nodes, but "cyber"'s difference of means is mostly its topic: by its own
+    direction its candidates are topic latents, so its K* set misses the shared mechanism (the failure
+    the real shared organism showed); joined with the pooled direction's candidates, attribution finds it."""
+    lm, sae = _planted(separable=False, topic=True)
+    *_, directions = _feature_sets(lm, sae, pooled=False)
+    d = directions["cyber"] / directions["cyber"].norm()
+    topic_share = float((sae.W_dec[TOPIC] @ d).norm())
+    assert topic_share > 0.85, topic_share  # the fixture does what it says: the direction is mostly topic
+    pair, _, chosen, _ = _feature_sets(lm, sae, pooled=False)
+    assert not set(chosen["cyber"]) & set(MECH["S"]) and not pair["overlapping"]  # the old candidates fail
+    pair, _, chosen, _ = _feature_sets(lm, sae, pooled=True)
+    assert chosen == {"weapons": MECH["S"], "cyber": MECH["S"]}
+    assert pair["jaccard"] == 1.0 > pair["chance_95"] and pair["overlapping"] and not pair["distinct"]

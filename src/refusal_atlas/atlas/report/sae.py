@@ -19,11 +19,13 @@ __all__ = ["SAE_HOW", "SAE_TITLE", "section_sae"]
 SAE_TITLE = "SAE features per harm source"
 SAE_HOW = ("A sparse autoencoder trained on the model's own chat activations at the causally selected layer splits "
            "the residual stream into latents. Per node, candidates are the latents whose decoder row points along "
-           "the node's refusal direction; the K* kept are those whose activation most raises the first-token "
-           "refusal log-odds (gradient × activation). Clamping a node's K* latents (error term kept) should remove "
-           "its refusal: the cross-clamp heatmap sits beside the cross-ablation heatmap of the directions. Two "
-           "nodes' feature sets are distinct when their Jaccard's bootstrap upper bound is below both nodes' "
-           "self-agreement, overlapping when it exceeds what two random K* subsets of their candidates share.")
+           "the node's refusal direction or along the pooled refusal direction (a node's direction can be mostly "
+           "its topic); the K* kept are those whose activation most raises the first-token refusal log-odds on the "
+           "node's own prompts (gradient × activation, or integrated gradients). Clamping a node's K* latents (error "
+           "term kept) should remove its refusal: the cross-clamp heatmap sits beside the cross-ablation heatmap of "
+           "the directions. Two nodes' feature sets are distinct when their Jaccard's bootstrap upper bound is below "
+           "both nodes' self-agreement, overlapping when it exceeds what two random K* subsets of their candidates "
+           "share.")
 PER_NODE = 5
 
 
@@ -33,6 +35,7 @@ def _summary_html(view: SaeView) -> str:
     items = [("model", s.get("model")), ("layer", s.get("layer")), ("latents (width)", s.get("width")),
              ("k (active per token)", s.get("k")), ("training tokens", s.get("tokens")), ("FVU", s.get("fvu")),
              ("L0", s.get("l0")), ("dead latents", s.get("dead_fraction")), ("K* chosen by", s.get("selected_by")),
+             ("candidates by cosine to", s.get("candidates")), ("attribution", s.get("attribution")),
              ("stage seconds", s.get("seconds")),
              ("seconds per step", ", ".join(f"{k} {fmt(v, 1)}" for k, v in steps.items()) or None),
              ("weights sha256", s.get("sae_sha256"))]

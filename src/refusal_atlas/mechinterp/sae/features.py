@@ -1,11 +1,24 @@
 """Per-node SAE feature selection (after Yeo et al.): decoder cosine for candidates, attribution for K*.
 
-Attribution is gradient × activation (attribution patching against zeroing the latent): for each
-prompt, the SAE is spliced into block `layer`'s output with its error term kept (so the forward pass
-is unchanged), the refusal log-odds at the first generated position is differentiated with respect
-to every latent's activation at every token, and grad × activation is summed over the prompt's
-tokens. A positive value: the latent, as active on this prompt, pushes the model towards refusing.
-The log-odds is log P(refusal opener) − log(1 − P), P summed over the model's refusal-opening tokens.
+Attribution of the refusal log-odds to every latent: for each prompt, the SAE is spliced into block
+`layer`'s output with its error term kept (so the forward pass is unchanged), the refusal log-odds
+at the first generated position is differentiated with respect to every latent's activation at every
+token, and the result is summed over the prompt's tokens. A positive value: the latent, as active on
+this prompt, pushes the model towards refusing. The log-odds is log P(refusal opener) − log(1 − P),
+P summed over the model's refusal-opening tokens.
+
+Two estimators (`steps`): 1 is gradient × activation (attribution patching against zeroing the
+latent; one backward pass); n > 1 is integrated gradients (Yeo et al.) along the straight path
+from every latent at 0 to every latent at its value, the gradient averaged at the n midpoints of
+that path (n backward passes). Integrated gradients sum, over latents and tokens, to the log-odds
+change from zeroing every latent (error term kept), to within the quadrature error.
+
+Candidates (`candidate_pool`): the latents whose decoder rows point most along the node's direction,
+joined with those pointing most along the pooled refusal direction. A node's difference of means
+mixes its topic with the refusal decision, so by its own direction alone the candidates of a node
+whose direction is mostly topic are topic latents, and a refusal decision shared with other nodes
+never reaches its K* set; the attribution on the node's own prompts then decides which candidates
+carry that node's refusal.
 """
 
 from __future__ import annotations
@@ -42,12 +55,18 @@ def attributions(
     refusal_token_ids: Sequence[int],
     *,
     batch_size: int = 8,
+    steps: int = 1,
     system: str | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """[n_prompts, d_sae] gradient × activation of the refusal log-odds, summed over each prompt's tokens."""
+    """[n_prompts, d_sae] attribution of the refusal log-odds, summed over each prompt's tokens.
+
+    `steps` 1: gradient × activation; n > 1: integrated gradients with n midpoint steps (n× the cost).
+    """
     if not refusal_token_ids:
         raise AtlasError("attribution needs the model's refusal-opening token ids (none given)")
+    if steps < 1:
+        raise AtlasError(f"attribution steps must be at least 1 (got {steps})")
     if not instructions:
         return torch.zeros(0, sae.cfg.d_sae)
     tok = lm.tokenizer
@@ -57,15 +76,18 @@ def attributions(
     device = next(lm.model.parameters()).device
     sae_dev = sae.to(device)
     out = torch.zeros(len(ids), sae.cfg.d_sae)
-    slot: dict[str, Tensor] = {}
+    slot: dict[str, Any] = {"alpha": 1.0}
+    alphas = [1.0] if steps == 1 else [(i + 0.5) / steps for i in range(steps)]
 
     def splice(module: nn.Module, args: Any, output: Any) -> Any:
         h = hidden_from_output(output)
-        f = sae_dev.encode(h.detach().float()).requires_grad_(True)
-        x_hat = sae_dev.decode(f, h.detach().float())
-        slot["f"] = f
-        # the error term keeps the forward value exactly h; gradient reaches h only through f
-        return replace_hidden(output, (x_hat + (h.float() - x_hat).detach()).to(h.dtype))
+        x = h.detach().float()
+        f = sae_dev.encode(x)
+        error = x - sae_dev.decode(f, x)  # kept whole at every point of the path
+        f_path = (f * slot["alpha"]).requires_grad_(True)
+        slot["f"], slot["f_full"] = f_path, f
+        # at alpha 1 the forward value is exactly h; gradient reaches the model only through the latents
+        return replace_hidden(output, (sae_dev.decode(f_path, x) + error).to(h.dtype))
 
     use_pos = accepts_position_ids(lm.model)
     handle = block.register_forward_hook(splice, prepend=True)
@@ -76,12 +98,17 @@ def attributions(
             if not use_pos:
                 enc.pop("position_ids")
             mask = enc["attention_mask"].to(device)
-            with torch.enable_grad():
-                logits = lm.model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False).logits[:, -1]
-                score = _logodds(logits, target.to(device)).sum()
-                f = slot.pop("f")
-                (grad,) = torch.autograd.grad(score, f)
-            contrib = (grad * f.detach() * mask.unsqueeze(-1)).sum(1).float().cpu()
+            grad_sum: Tensor | None = None
+            for alpha in alphas:
+                slot["alpha"] = alpha
+                with torch.enable_grad():
+                    logits = lm.model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False).logits[:, -1]
+                    score = _logodds(logits, target.to(device)).sum()
+                    (grad,) = torch.autograd.grad(score, slot.pop("f"))
+                grad_sum = grad if grad_sum is None else grad_sum + grad
+            assert grad_sum is not None
+            f_full = slot.pop("f_full")
+            contrib = (grad_sum / len(alphas) * f_full * mask.unsqueeze(-1)).sum(1).float().cpu()
             out[torch.as_tensor(batch)] = contrib
             bar.update(len(batch))
     finally:
@@ -98,6 +125,19 @@ def candidates(sae: SparseAutoencoder, direction: Tensor, n: int) -> tuple[Tenso
     cos = sae.unit_decoder() @ r
     top = torch.topk(cos, min(n, cos.numel()))
     return top.indices, top.values
+
+
+def candidate_pool(sae: SparseAutoencoder, direction: Tensor, n: int,
+                   refusal_direction: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(latent ids, decoder cosines to `direction`): the top `n` by cosine to the node's direction, then
+    those of the top `n` by cosine to `refusal_direction` not already in (none when it is None)."""
+    cand, _ = candidates(sae, direction, n)
+    if refusal_direction is not None:
+        extra, _ = candidates(sae, refusal_direction, n)
+        seen = set(cand.tolist())
+        cand = torch.cat([cand, torch.as_tensor([i for i in extra.tolist() if i not in seen], dtype=torch.long)])
+    r = direction.detach().float().flatten()
+    return cand, sae.unit_decoder()[cand] @ (r / r.norm().clamp_min(1e-12))
 
 
 def select(attr: Tensor, cand: Tensor, k: int) -> Tensor:
