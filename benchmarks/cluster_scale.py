@@ -51,6 +51,18 @@ def peers():
     return module
 
 
+def rss_split() -> dict[str, float]:
+    """RssAnon (the process' own heap) and RssFile (mapped files, e.g. a memmap's pages) in MiB, from /proc."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
 class RssTimeline:
     """This process' RSS every `interval` seconds: [(seconds since start, MiB, rows done)]."""
 
@@ -59,6 +71,7 @@ class RssTimeline:
 
         self._proc, self.interval = psutil.Process(), interval
         self.samples: list[tuple[float, float, int]] = []
+        self.split: list[dict[str, float]] = []  # RssAnon / RssFile at each sample (Linux)
         self.done = 0
         self._stop = threading.Event()
         self._t0 = time.perf_counter()
@@ -66,6 +79,7 @@ class RssTimeline:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.samples.append((time.perf_counter() - self._t0, self._proc.memory_info().rss / 2**20, self.done))
+            self.split.append(rss_split())
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssTimeline:
@@ -102,7 +116,8 @@ def step_embed(workdir: Path, n: int) -> dict:
         out.flush()
         seconds = time.perf_counter() - t
     return {"n": len(texts), "embed_s": seconds, "texts_per_s": len(texts) / seconds,
-            "rss_timeline": tl.samples[::max(1, len(tl.samples) // 60)] + tl.samples[-1:]}
+            "rss_timeline": tl.samples[::max(1, len(tl.samples) // 60)] + tl.samples[-1:],
+            "rss_split_timeline": tl.split[::max(1, len(tl.split) // 60)] + tl.split[-1:]}
 
 
 def step_ours(workdir: Path, n: int) -> dict:
@@ -180,8 +195,9 @@ def markdown(res: dict) -> str:
              "| notes |",
              "|---|---|---|---|---|---|---|---|"]
     tl = e.get("rss_timeline") or []
-    flat = (f"RSS {tl[1][1]:.0f} MiB after {tl[1][2]} rows, {tl[-1][1]:.0f} MiB after {tl[-1][2]}"
-            if len(tl) > 1 else "")
+    started = [s for s in tl if s[2] > 0]
+    flat = (f"RSS {started[0][1]:.0f} MiB after the first {started[0][2]} rows, {tl[-1][1]:.0f} MiB after "
+            f"{tl[-1][2]}" if started else "")
     lines.append(f"| embed (cold cache, float16 memmap) | {e.get('n', '–')} | {e.get('embed_s', 0):.0f} | "
                  f"{e.get('max_rss_mib', 0):.0f} | – | – | – | {e.get('texts_per_s', 0):.0f} texts/s; {flat} |")
     if o.get("status") == "ok":
