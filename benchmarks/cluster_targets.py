@@ -15,7 +15,8 @@ embedder, float16-quantised as every refusal-atlas run sees them):
 
 ARI counts outliers (-1) as one cluster, as BERTopic users report it. Targets (per corpus alone): ARI
 ≥ 0.5 at the level closest to k, seed ARI ≥ 0.9, cluster count at that level in [k/2, 3k]; pooled: seed
-ARI ≥ 0.9 and ARI not below BERTopic's.
+ARI ≥ 0.9 and ARI not below BERTopic's. Beside them, the supervised ceiling (`supervised_ceiling`): what a
+classifier told the labels reaches on the same embeddings.
 
 Usage (repository root): nice .venv/bin/python benchmarks/cluster_targets.py [--seeds 0 1 2 3 4]
     [--out benchmarks/results/cluster_targets.json]   (writes the JSON and a Markdown table beside it)
@@ -103,6 +104,20 @@ def n_clusters(labels: np.ndarray) -> int:
     return len(set(labels.tolist()) - {-1})
 
 
+def supervised_ceiling(x: np.ndarray, truth: list[str], folds: int = 5) -> float:
+    """ARI of 5-fold cross-validated logistic regression (C=10) predicting the categories from the same embeddings.
+
+    Not a clustering (it is told the labels): it says how much of the categories these vectors hold at all,
+    so an unsupervised ARI near it is as good as the embedder allows.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    pred = cross_val_predict(LogisticRegression(C=10.0, max_iter=3000), x, truth,
+                             cv=StratifiedKFold(folds, shuffle=True, random_state=0))
+    return float(adjusted_rand_score(truth, pred))
+
+
 def bench_corpus(name: str, seeds: list[int], plain: bool) -> dict:
     from refusal_atlas.curation.cluster import ClusterConfig, ClusterPipeline
     from refusal_atlas.curation.embed import make_embedder
@@ -131,7 +146,7 @@ def bench_corpus(name: str, seeds: list[int], plain: bool) -> dict:
         peers.append(fit_peer(texts, x, s, plain))
         peer_s.append(time.perf_counter() - t)
     out = {
-        "n": len(texts), "k": k, "embed_s": embed_s,
+        "n": len(texts), "k": k, "embed_s": embed_s, "supervised_ceiling_ari": supervised_ceiling(x, truth),
         "ours": {
             "levels": ref.level_counts, "leaves": [r.tree.n_leaves if r.tree else 0 for r in ours],
             "level_k": {"n_clusters": count, "ari": statistics.fmean(adjusted_rand_score(truth, lab) for lab in at_k),
@@ -160,8 +175,8 @@ def markdown(res: dict) -> str:
              f"peer: {peer}. Load average before / after: {res['load_before']} / {res['load_after']}.", "",
              "| corpus | n | k | ours: level closest to k (clusters) | ARI at that level | seed ARI (mean, min) | "
              "count in [k/2, 3k] | flat: clusters / ARI / seed ARI / outliers | peer: clusters / ARI / seed ARI / "
-             "outliers | fit s ours / peer |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "outliers | fit s ours / peer | supervised ceiling ARI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["corpora"].items():
         o, p = r["ours"], r["peer"]
         lk, fl = o["level_k"], o["flat"]
@@ -170,7 +185,8 @@ def markdown(res: dict) -> str:
             f"{f(lk['ari'])} | {f(lk['seed_ari']['mean'])}, {f(lk['seed_ari']['min'])} | "
             f"{'yes' if lk['in_range'] else 'no'} | {fl['n_clusters']} / {f(fl['ari'])} / "
             f"{f(fl['seed_ari']['mean'])} / {100 * fl['outliers']:.1f} % | {p['n_clusters']:.1f} / {f(p['ari'])} / "
-            f"{f(p['seed_ari']['mean'])} / {100 * p['outliers']:.1f} % | {f(o['fit_s'], 1)} / {f(p['fit_s'], 1)} |")
+            f"{f(p['seed_ari']['mean'])} / {100 * p['outliers']:.1f} % | {f(o['fit_s'], 1)} / {f(p['fit_s'], 1)} | "
+            f"{f(r.get('supervised_ceiling_ari'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -56,3 +56,19 @@ def test_unloadable_model_is_a_clear_error(tmp_path):
     bad.mkdir()
     with pytest.raises(AtlasError, match="cannot load embedder"):
         Embedder(str(bad), cache=False).encode(["x"])
+
+
+def test_encode_into_a_float16_memmap_matches_in_memory(tmp_path):
+    # The streaming path (vectors written into the caller's on-disk array, cache holding only an index)
+    # must give the very values of the in-memory path, cold and warm, duplicates included.
+    want = Embedder(cache=False).encode(TEXTS)
+    for _ in range(2):  # cold, then warm from the cache
+        out = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float16, shape=(len(TEXTS), 384))
+        emb = Embedder(cache_root=tmp_path / "cache")
+        got = emb.encode(TEXTS, out=out)
+        assert got is out
+        np.testing.assert_array_equal(np.asarray(got, dtype=np.float32), want)
+        del out, got
+    assert not hasattr(emb.cache, "_memory")  # no vector copies kept beside the index
+    with pytest.raises(ValueError, match="expected"):
+        Embedder(cache_root=tmp_path / "cache").encode(TEXTS, out=np.zeros((2, 384), dtype=np.float32))

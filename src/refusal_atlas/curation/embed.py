@@ -6,8 +6,8 @@ stored under sha256(model key, text), so a re-run — or a different corpus shar
 instant, and a changed model never reuses stale vectors.
 
 Cache layout: ``<cache_dir>/embeddings/<model key>/<shard>.npz``, each shard holding ``keys``
-(hex sha256 of the text, unicode array) and ``vectors`` (float32, L2-normalised). Shards are
-written atomically and never modified, so concurrent runs cannot corrupt each other; no pickle.
+(hex sha256 of the text, unicode array) and ``vectors`` (float16, L2-normalised; see `embed_cache`).
+Shards are written atomically and never modified, so concurrent runs cannot corrupt each other; no pickle.
 """
 
 from __future__ import annotations
@@ -84,38 +84,42 @@ class Embedder:
         """Provenance recorded next to every clustering run."""
         return {"model": self.model_name, "model_key": self.key, "batch_size": self.batch_size}
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str], out: np.ndarray | None = None) -> np.ndarray:
         """Vectors for `texts` (n × d float32, unit norm, float16 precision); cached texts are not recomputed.
 
         Computed and cached vectors go through the same `quantise`, so a warm cache returns exactly
-        what a cold run computes.
+        what a cold run computes. `out` (n × d, e.g. a float16 `np.lib.format.open_memmap` on disk)
+        receives the vectors instead of a new float32 array: memory then stays that of one chunk of
+        texts and the cache index, whatever n (docs/decisions.md, "Clustering at scale").
         """
         texts = list(texts)
         keys = [text_key(t) for t in texts]
-        found = self.cache.get(keys) if self.cache is not None else {}
-        missing_keys: list[str] = []
-        missing_texts: list[str] = []
-        seen: set[str] = set()
-        for k, t in zip(keys, texts, strict=True):
-            if k not in found and k not in seen:
-                seen.add(k)
-                missing_keys.append(k)
-                missing_texts.append(t)
+        width = self.cache.dim(keys) if self.cache is not None else None
+        if width is None:
+            width = int(self.model.get_sentence_embedding_dimension() or 0)
+        if out is None:
+            out = np.zeros((len(texts), width), dtype=np.float32)
+        elif out.shape != (len(texts), width):
+            raise ValueError(f"out has shape {out.shape}, expected {(len(texts), width)}")
+        found = self.cache.fill(keys, out) if self.cache is not None else np.zeros(len(texts), dtype=bool)
+        # each missing text once, with every position it occupies
+        todo: dict[str, list[int]] = {}
+        for pos in np.flatnonzero(~found).tolist():
+            todo.setdefault(keys[pos], []).append(pos)
+        missing = list(todo)
         # in chunks, each written to the cache as it is done: an interrupted run resumes where it stopped,
         # and the model's working memory stays that of one chunk
-        for start in range(0, len(missing_texts), CHUNK):
-            keys_c = missing_keys[start:start + CHUNK]
-            vecs = self.model.encode(missing_texts[start:start + CHUNK], batch_size=self.batch_size,
+        for start in range(0, len(missing), CHUNK):
+            keys_c = missing[start:start + CHUNK]
+            vecs = self.model.encode([texts[todo[k][0]] for k in keys_c], batch_size=self.batch_size,
                                      convert_to_numpy=True, normalize_embeddings=True,
                                      show_progress_bar=self.progress)
             vecs = quantise(vecs)
             if self.cache is not None:
                 self.cache.put(keys_c, vecs)
-            found.update(zip(keys_c, vecs, strict=True))
-        if not texts:
-            dim = self.model.get_sentence_embedding_dimension() or 0
-            return np.zeros((0, dim), dtype=np.float32)
-        return quantise(np.stack([found[k] for k in keys]))
+            for k, v in zip(keys_c, vecs, strict=True):
+                out[todo[k]] = v
+        return out  # every value written is quantised (computed ones above, cached ones are float16)
 
 
 def make_embedder(model: str | None = None, **kwargs: Any) -> TextEmbedder:

@@ -68,11 +68,16 @@ class TextEmbedder(Protocol):
 
 
 class EmbeddingCache:
-    """Content-addressed vectors of one model (see module docstring for the layout)."""
+    """Content-addressed vectors of one model (see module docstring for the layout).
+
+    Memory is an index (key → shard) and nothing else: vectors are read from their shard when asked
+    for and written into the caller's array, so a cache holding millions of vectors, or a corpus of
+    200k texts, costs the index (~0.2 KiB a key) plus one shard at a time, not every vector.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._memory: dict[str, np.ndarray] = {}
+        self._index: dict[str, tuple[str, int]] = {}  # key -> (shard file name, row in the shard)
         self._loaded = False
 
     def _load(self) -> None:
@@ -83,16 +88,60 @@ class EmbeddingCache:
             return
         for shard in sorted(self.root.glob("*.npz")):
             try:
-                with np.load(shard, allow_pickle=False) as data:
-                    for k, v in zip(data["keys"].tolist(), np.asarray(data["vectors"]), strict=True):
-                        self._memory[k] = v
+                with np.load(shard, allow_pickle=False) as data:  # an npz member is read only when named
+                    keys = data["keys"].tolist()
             except (OSError, ValueError, KeyError):
                 continue  # a damaged shard only costs a recomputation
+            for row, k in enumerate(keys):
+                self._index.setdefault(k, (shard.name, row))
+
+    def _by_shard(self, keys: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+        """{shard name: [(position in `keys`, row in the shard)]} for the stored keys."""
+        self._load()
+        out: dict[str, list[tuple[int, int]]] = {}
+        for pos, k in enumerate(keys):
+            hit = self._index.get(k)
+            if hit is not None:
+                out.setdefault(hit[0], []).append((pos, hit[1]))
+        return out
+
+    def fill(self, keys: Sequence[str], out: np.ndarray) -> np.ndarray:
+        """Write the stored vector of each key into `out[position]` (float32 values); True where one was stored.
+
+        A shard that became unreadable since the index was built leaves its rows False (recomputed).
+        """
+        found = np.zeros(len(keys), dtype=bool)
+        for name, hits in self._by_shard(keys).items():
+            try:
+                with np.load(self.root / name, allow_pickle=False) as data:
+                    vectors = np.asarray(data["vectors"])
+            except (OSError, ValueError, KeyError):
+                continue
+            pos = np.asarray([p for p, _ in hits], dtype=np.int64)
+            rows = np.asarray([r for _, r in hits], dtype=np.int64)
+            out[pos] = vectors[rows].astype(np.float32)
+            found[pos] = True
+        return found
+
+    def dim(self, keys: Sequence[str]) -> int | None:
+        """Vector width of the shard holding the first stored key of `keys` (None when none is stored)."""
+        for name in self._by_shard(keys):
+            try:
+                with np.load(self.root / name, allow_pickle=False) as data:
+                    return int(np.asarray(data["vectors"]).shape[1])
+            except (OSError, ValueError, KeyError, IndexError):
+                continue
+        return None
 
     def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """Stored vectors as float32 (float16 shards come back exactly as `quantise` gives them)."""
-        self._load()
-        return {k: self._memory[k].astype(np.float32) for k in keys if k in self._memory}
+        keys = list(dict.fromkeys(keys))
+        width = self.dim(keys)
+        if width is None:
+            return {}
+        out = np.zeros((len(keys), width), dtype=np.float32)
+        found = self.fill(keys, out)
+        return {k: out[i] for i, k in enumerate(keys) if found[i]}
 
     def put(self, keys: Sequence[str], vectors: np.ndarray, dtype: type = np.float16) -> None:
         """Store `vectors` (rounded to `dtype`: float16 for embeddings, float32 for exact auxiliaries)."""
@@ -101,14 +150,12 @@ class EmbeddingCache:
         vectors = np.asarray(vectors).astype(dtype)
         self._load()
         self.root.mkdir(parents=True, exist_ok=True)
-        shard = text_sha256("".join(keys))[:24]
+        shard = f"{text_sha256(''.join(keys))[:24]}.npz"
 
         def _write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, keys=np.asarray(list(keys)), vectors=vectors)
 
-        atomic_write(self.root / f"{shard}.npz", _write)
-        for k, v in zip(keys, vectors, strict=True):
-            self._memory[k] = v
-
-
+        atomic_write(self.root / shard, _write)
+        for row, k in enumerate(keys):
+            self._index[k] = (shard, row)
