@@ -23,7 +23,7 @@ from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.runconfig import RunConfig, evaluation_rows, model_prompts
 from refusal_atlas.atlas.stages import StageContext
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.lm.blocks import block_states
+from refusal_atlas.lm.blocks import block_states, restored_blocks
 from refusal_atlas.lm.models import LoadedModel, load_model
 from refusal_atlas.lm.settings import RunSettings
 from refusal_atlas.mechinterp.causal import files, protocol
@@ -97,6 +97,9 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
         harmless_val = harmless[: max(8, len(harmless) // 2)]
     settings = RunSettings(batch_size=cfg.batch_size, max_new_tokens=NEW_TOKENS, progress=cfg.progress)
 
+    # the reference model's block weights, read first so that a reference that does not fit fails before any work
+    reference = _reference_states(cfg.reference_model, lm) if cfg.reference_model is not None else None
+
     # Refusal-opening tokens, discovered from the model's own generations on held-out prompts.
     try:
         found = protocol.discover_step(lm, harmful_all, harmless, out, settings)
@@ -140,14 +143,15 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
 
     # which blocks write each refusing node's refusal (context beside the restoration-band verdict)
     base = cross[cross["source"] == "none"].set_index("target")
+    # the un-ablated rows: (first-token rate, mean log-odds, per-prompt log-odds) per node, reused as baselines
+    measured = {n: (float(base.at[n, "first_token_refusal_rate"]), float(base.at[n, "logit_score"]),
+                    list(base.at[n, "prompt_logit_scores"])) for n in sets if n in base.index}
     scanned = {n: sets[n] for n in nodes
                if n in base.index and float(base.at[n, "first_token_refusal_rate"]) >= BAND_SCAN_MIN_REFUSAL}
     bands_summary: dict[str, Any] = {}
     if scanned:
         # the un-ablated rows of the cross-ablation are the same prompts, tokens and measure: reused as baselines
-        known = {n: (float(base.at[n, "first_token_refusal_rate"]), float(base.at[n, "logit_score"]),
-                     list(base.at[n, "prompt_logit_scores"])) for n in scanned}
-        bands = protocol.band_step(s, scanned, position=REFUSAL_POSITION, baselines=known)
+        bands = protocol.band_step(s, scanned, position=REFUSAL_POSITION, baselines={n: measured[n] for n in scanned})
         bands_summary = {"nodes": sorted(scanned), "scan_layer": int(bands["scan_layer"].iloc[0]),
                          "windows": int((bands["kind"] == "window").sum() // max(1, len(scanned)))}
 
@@ -155,11 +159,9 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
     protocol.components_step(s, sets, harmless, position=REFUSAL_POSITION)
     # where each node's refusal lives: windows of blocks set back to the reference model's weights
     restoration_summary: dict[str, Any] = {}
-    if cfg.reference_model is not None:
-        states = _reference_states(cfg.reference_model)
-        known_all = {n: (float(base.at[n, "first_token_refusal_rate"]), float(base.at[n, "logit_score"]),
-                         list(base.at[n, "prompt_logit_scores"])) for n in sets if n in base.index}
-        restored = protocol.restoration_step(s, states, sets, reference_name=cfg.reference_model, baselines=known_all)
+    if reference is not None:
+        restored = protocol.restoration_step(s, reference, sets, reference_name=str(cfg.reference_model),
+                                             baselines=measured)
         restoration_summary = {"reference": cfg.reference_model, "nodes": sorted(set(restored["node"])),
                                "windows": int(len(restored) // max(1, restored["node"].nunique()))}
 
@@ -216,13 +218,13 @@ def run(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _reference_states(spec: str) -> dict[int, dict[str, Tensor]]:
-    """The reference model's decoder-block weights (the model itself is not kept)."""
-    reference = load_model(spec)
-    try:
-        return block_states(reference.model)
-    finally:
-        del reference
+def _reference_states(spec: str, lm: LoadedModel) -> dict[int, dict[str, Tensor]]:
+    """The reference model's decoder-block weights (the model itself is not kept); a one-line error when they do
+    not fit the analysed model's blocks."""
+    states = block_states(load_model(spec).model)
+    with restored_blocks(lm.model, states, states):  # checks every block's names and shapes, then puts them back
+        pass
+    return states
 
 
 def _activations_dir(ctx: StageContext) -> Path:
