@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from results_io import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 # the shared anchor beside the repository (a worktree sits one folder deeper than the main checkout)
 PEERS_PATH = next((p / "shared" / "benchmarks" / "cluster_peers.py" for p in ROOT.parents
@@ -265,12 +267,7 @@ def main() -> None:
         res["bertopic"].append(row)
         if row.get("status") != "ok":
             break
-    res["load_before"] = " ".join(f"{v:.1f}" for v in load_before)
-    res["load_after"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(res, args.out, markdown, load_before)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from results_io import write_results
 from sklearn.metrics import adjusted_rand_score
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -207,12 +208,7 @@ def main() -> None:
         res["corpora"][name] = bench_corpus(name, args.seeds, plain)
         print(f"{name}: {time.perf_counter() - t:.0f} s", json.dumps(res["corpora"][name]["ours"]["level_k"]),
               flush=True)
-    res["load_before"] = " ".join(f"{v:.1f}" for v in load_before)
-    res["load_after"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(res, args.out, markdown, load_before)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The restoration scan: windows of blocks set back to a reference model's weights (planted: only some blocks differ)."""
+"""The restoration scan: windows of blocks set back to a reference model's weights (planted: some blocks differ)."""
 
 from __future__ import annotations
 

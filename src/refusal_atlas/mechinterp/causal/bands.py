@@ -30,7 +30,7 @@ from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.positions import Position, position_label
 from refusal_atlas.lm.settings import RunSettings
-from refusal_atlas.mechinterp.causal.common import TokenSpec, first_token_scores, token_ids
+from refusal_atlas.mechinterp.causal.common import TokenSpec, baseline_scores, first_token_scores, token_ids
 from refusal_atlas.mechinterp.directions import DirectionSet
 from refusal_atlas.mechinterp.interventions import Intervention, project_out, residual_writers, unit
 
@@ -104,12 +104,10 @@ def band_scan(
     for node in nodes:
         prompts = list(eval_sets[node])
         vec = directions.get(node, at, position)
-        if node in known:
-            base_first, base_odds, base_prompts = known[node]
-        else:
-            odds0, first0 = first_token_scores(lm, prompts, ids, None, settings.batch_size, settings.system)
-            base_first, base_odds, base_prompts = float(np.mean(first0)), float(np.mean(odds0)), odds0.tolist()
+        if node not in known:
+            known[node] = baseline_scores(lm, prompts, ids, settings)
             bar.update(1)
+        base_first, base_odds, base_prompts = known[node]
         for kind, lo, hi in windows:
             odds, first = first_token_scores(lm, prompts, ids, write_ablation(lm.model, vec, range(lo, hi + 1)),
                                              settings.batch_size, settings.system)

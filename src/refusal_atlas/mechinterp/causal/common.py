@@ -20,6 +20,7 @@ from refusal_atlas.mechinterp.scoring import (
 
 __all__ = [
     "TokenSpec",
+    "baseline_scores",
     "bootstrap_ci",
     "discover_tokens",
     "first_token_scores",
@@ -79,6 +80,14 @@ def first_token_scores(lm: LoadedModel, prompts: Sequence[str], ids: TokenSpec,
     odds = refusal_logodds(logp, wanted)
     first = np.isin(logp.argmax(-1).numpy(), np.asarray(wanted))
     return odds, first
+
+
+def baseline_scores(lm: LoadedModel, prompts: Sequence[str], ids: TokenSpec, settings: RunSettings
+                    ) -> tuple[float, float, list[float]]:
+    """(first-token refusal rate, mean refusal log-odds, per-prompt log-odds) with nothing changed: the baseline
+    every scan compares against."""
+    odds, first = first_token_scores(lm, prompts, ids, None, settings.batch_size, settings.system)
+    return float(np.mean(first)), float(np.mean(odds)), odds.tolist()
 
 
 def marker_flags(lm: LoadedModel, prompts: Sequence[str], intervention: Intervention | None,

@@ -28,7 +28,7 @@ from refusal_atlas.lm.blocks import decoder_blocks, restored_blocks
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.settings import RunSettings
 from refusal_atlas.mechinterp.causal.bands import block_windows
-from refusal_atlas.mechinterp.causal.common import TokenSpec, first_token_scores, token_ids
+from refusal_atlas.mechinterp.causal.common import TokenSpec, baseline_scores, first_token_scores, token_ids
 from refusal_atlas.mechinterp.causal.files import RESTORATION
 
 __all__ = ["restoration_scan"]
@@ -58,12 +58,10 @@ def restoration_scan(
                disable=not settings.progress, dynamic_ncols=True)
     for node in nodes:
         prompts = list(eval_sets[node])
-        if node in known:
-            base_first, base_odds, base_prompts = known[node]
-        else:
-            odds0, first0 = first_token_scores(lm, prompts, ids, None, settings.batch_size, settings.system)
-            base_first, base_odds, base_prompts = float(np.mean(first0)), float(np.mean(odds0)), odds0.tolist()
+        if node not in known:
+            known[node] = baseline_scores(lm, prompts, ids, settings)
             bar.update(1)
+        base_first, base_odds, base_prompts = known[node]
         for lo, hi in windows:
             with restored_blocks(lm.model, reference, range(lo, hi + 1)):
                 odds, first = first_token_scores(lm, prompts, ids, None, settings.batch_size, settings.system)
