@@ -58,7 +58,7 @@ def test_every_file_the_store_reads_is_declared_and_written():
     for module in STORE_MODULES:
         assert _names(module, "schema") <= declared, module.__name__
         assert not FILE_LITERAL.search(inspect.getsource(module)), f"{module.__name__} names a file itself"
-    written = {spec for spec in causal_files.TABLES} | set(causal_files.JSON_FILES)
+    written = {*causal_files.TABLES, *causal_files.SCANS} | set(causal_files.JSON_FILES)
     for name in _names(store, "causal_files") - {"TableSpec"}:
         value = getattr(causal_files, name)
         assert value in written or value == causal_files.SKIPPED, name

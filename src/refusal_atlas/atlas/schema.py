@@ -163,7 +163,8 @@ def causal(spec: TableSpec | str) -> Artifact:
 
 
 CAUSAL: dict[str, Artifact] = {
-    a.name: a for a in [*(causal(t) for t in causal_files.TABLES), *(causal(n) for n in causal_files.JSON_FILES),
+    a.name: a for a in [*(causal(t) for t in (*causal_files.TABLES, *causal_files.SCANS)),
+                        *(causal(n) for n in causal_files.JSON_FILES),
                         causal(causal_files.CROSS_ABLATION_FIGURE), causal(causal_files.STEERING_FIGURE),
                         causal(causal_files.SKIPPED)]}
 

@@ -37,6 +37,7 @@ __all__ = [
     "POOLED_JSON",
     "REFUSAL_TOKENS",
     "RESTORATION",
+    "SCANS",
     "SELECTION",
     "SELECTION_JSON",
     "SKIPPED",
@@ -125,8 +126,11 @@ DIRECTION_PROMPTS = TableSpec("prompts.parquet", (
     optional=("prompt_id", "baseline_refused"))
 
 TABLES: tuple[TableSpec, ...] = (SELECTION, STEERING_DOSE, ABLATION_STABILITY, CONE_ABLATION, CROSS_ABLATION,
-                                 CROSS_ABLATION_SUMMARY, STEERING, BANDS, COMPONENTS, RESTORATION, CONDITIONS,
-                                 CONDITIONS_SUMMARY, WORDING, LOGIT_LENS_TOKENS, LOGIT_LENS_SCORES)
+                                 CROSS_ABLATION_SUMMARY, STEERING, CONDITIONS, CONDITIONS_SUMMARY, WORDING,
+                                 LOGIT_LENS_TOKENS, LOGIT_LENS_SCORES)
+# the verdicts' scans, which `run`'s causal stage writes and the `directions` sub-commands do not (restoration
+# only with a reference model)
+SCANS: tuple[TableSpec, ...] = (BANDS, COMPONENTS, RESTORATION)
 
 REFUSAL_TOKENS = "refusal_tokens.json"  # RefusalTokens.to_dict()
 SELECTION_JSON = "selection.json"  # the pooled Selection.to_dict() + steering_coefficient, validation sizes
