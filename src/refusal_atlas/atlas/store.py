@@ -365,20 +365,17 @@ class AtlasStore(ResultsAccessors):
 
     @cached_property
     def bands(self) -> pd.DataFrame | None:
-        """Long table: `node`, window `block_lo`..`block_hi` (kind "window", or "all" blocks) whose writes had the
-        node's late-layer direction removed, first-token refusal and mean log-odds with their baselines."""
+        """Per node and window of blocks whose writes lost the node's late direction: refusal vs its baseline."""
         return self._causal(causal_files.BANDS)
 
     @cached_property
     def components(self) -> pd.DataFrame | None:
-        """The cross-ablation's long table with every node's direction taken at the late scan layer (the
-        shared-vs-separable verdict's evidence): `ablated`, `evaluated`, `refusal_score` (mean log-odds)..."""
+        """The cross-ablation's table with each node's direction at the late scan layer (shared-vs-separable)."""
         return self._causal(causal_files.COMPONENTS)
 
     @cached_property
     def restoration(self) -> pd.DataFrame | None:
-        """Long table: `node`, window `block_lo`..`block_hi` set back to the `reference` model's weights,
-        first-token refusal and mean log-odds with their baselines (where-it-acts evidence)."""
+        """Per node and window of blocks set back to the `reference` model's weights: refusal vs its baseline."""
         return self._causal(causal_files.RESTORATION)
 
     @cached_property
