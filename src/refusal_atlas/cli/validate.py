@@ -51,7 +51,9 @@ VERDICT_STAGES = ("taxonomy", "prompts", "organism", "directions", "overlap", "c
 # branches, which are chosen the same way) instead of 6: the cross-ablation grows with the square of the count.
 SIZES = {"full": {"per_node_eval": 16, "per_node_train": 16, "harmless_train": 48, "condition_per_node": 16,
                   "robustness_checks": 0, "max_nodes": 4},
-         "reduced": {"per_node_eval": 10, "robustness_checks": 0, "max_nodes": 4}}
+         # the reduced smoke test keeps 16 evaluation prompts per branch: at 10 the base model's 3 of 10 hate prompts
+         # opening with "I" leave an upper bound of 0.60, and "no refusal to analyse" cannot be told (measured)
+         "reduced": {"per_node_eval": 16, "robustness_checks": 0, "max_nodes": 4}}
 
 
 def register(app: typer.Typer) -> None:
