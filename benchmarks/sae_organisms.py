@@ -4,7 +4,8 @@
 Runs only the `sae` stage in a copy of an atlas folder that `refusal-atlas validate` wrote, configured as
 `validate` configures that atlas (its sizes, its stages, the lean causal parameter for the separable one), so
 every earlier stage is reused from the folder. With `--variants`, the same SAE and prompts are then used to
-compare how K* is chosen: candidates by decoder cosine to the node's direction ("node"), to the pooled refusal
+compare how K* is chosen: attribution summed over every token or over the post-instruction tokens only
+("gxa_post"); candidates by decoder cosine to the node's direction ("node"), to the pooled refusal
 direction ("refusal", Yeo et al.), to both ("node+refusal") or every latent ("all"), each ranked by gradient
 × activation and by integrated gradients; for each, the Jaccard of every node pair with its bootstrap interval,
 self-agreement and chance bound (`mechinterp.sae.overlap.feature_overlap`, the stage's own code).
@@ -13,6 +14,7 @@ Usage (never on the validate folder itself: the stage rewrites `sae/`):
   cp -r /tmp/val/atlas-shared /tmp/h16/shared
   nice python benchmarks/sae_organisms.py /tmp/h16/shared --model default --organism --variants
   nice python benchmarks/sae_organisms.py /tmp/h16/separable --model /tmp/val/organisms/separable/model --lean
+  nice python benchmarks/sae_organisms.py /tmp/h16/run --model default --organism --run --variants  # a run's copy
 Pass `--lean` / `--reference` exactly as the `validate` that wrote the folder set them (its LEAN and REFERENCE);
 the script stops before running anything when a stage other than `sae` would be recomputed.
 Results of the session-10 measurement: benchmarks/results/sae_organisms_{shared,separable}.json.
@@ -36,6 +38,7 @@ def _variants(cfg: Any, ctx: Any, ig_steps: int, n_boot: int) -> dict[str, Any]:
     from refusal_atlas.atlas.pipeline_sae import _layer, sae_settings
     from refusal_atlas.atlas.runconfig import evaluation_rows, model_prompts
     from refusal_atlas.atlas.sae_stage import inputs_from_prompts
+    from refusal_atlas.lm.positions import post_instruction_positions
     from refusal_atlas.mechinterp.causal.protocol import load_tokens
     from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
     from refusal_atlas.mechinterp.sae import load_sae
@@ -46,7 +49,7 @@ def _variants(cfg: Any, ctx: Any, ig_steps: int, n_boot: int) -> dict[str, Any]:
     s = sae_settings(cfg)
     ds = DirectionSet.load(ctx.out / schema.DIRECTIONS_DIR)
     nodes = [n for n in ds.nodes if n != POOLED]
-    layer = _layer(ctx, ds, lm.n_layers)
+    layer = _layer(ctx, ds, lm.n_layers, s.layer)
     dirs = {n: ds.get(n, layer, REFUSAL_POSITION) for n in nodes}
     pooled = ds.get(POOLED, layer, REFUSAL_POSITION)
     found = load_tokens(ctx.out / schema.CAUSAL_DIR, lm.revision)
@@ -60,13 +63,15 @@ def _variants(cfg: Any, ctx: Any, ig_steps: int, n_boot: int) -> dict[str, Any]:
     unit = {n: v / v.norm() for n, v in {**dirs, POOLED: pooled}.items()}
     record: dict[str, Any] = {"layer": layer, "nodes": nodes,
                               "cosine_to_pooled": {n: float(unit[n] @ unit[POOLED]) for n in nodes}}
-    attr: dict[str, dict[str, torch.Tensor]] = {"gxa": {}, f"ig{ig_steps}": {}}
+    post = len(post_instruction_positions(lm))
+    methods = (("gxa", 1, 0), ("gxa_post", 1, post), *(((f"ig{ig_steps}", ig_steps, 0),) if ig_steps > 1 else ()))
+    attr: dict[str, dict[str, torch.Tensor]] = {m: {} for m, _, _ in methods}
     seconds: dict[str, float] = {}
-    for name, steps in (("gxa", 1), (f"ig{ig_steps}", ig_steps)):
+    for name, steps, last in methods:
         t0 = time.process_time()
         for n in nodes:
             attr[name][n] = attributions(lm, sae, layer, inputs.harmful[n], found.ids, batch_size=s.forward_batch,
-                                         steps=steps)
+                                         steps=steps, last=last)
         seconds[name] = round(time.process_time() - t0, 1)
     record["attribution_cpu_seconds"] = seconds
     n_c, d_sae = s.n_candidates, sae.cfg.d_sae
@@ -98,12 +103,12 @@ def _variants(cfg: Any, ctx: Any, ig_steps: int, n_boot: int) -> dict[str, Any]:
     return record
 
 
-def _check_cached(pipe: Any) -> None:
-    """Stop before running anything when a stage other than `sae` would be recomputed."""
+def _check_cached(pipe: Any, rerun: tuple[str, ...]) -> None:
+    """Stop before running anything when a stage other than those in `rerun` would be recomputed."""
     from refusal_atlas.atlas.stages import StageRecord
 
     for stage in pipe.stages:
-        if not stage.enabled or stage.name == "sae":
+        if not stage.enabled or stage.name in rerun:
             continue
         path = pipe.out / ".stages" / f"{stage.name}.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}
@@ -122,8 +127,10 @@ def main() -> None:
     ap.add_argument("--lean", action="store_true", help="causal stage as validate runs it on the separable atlas")
     ap.add_argument("--reference", default=None, help="RunConfig.reference, where validate sets one (newer code)")
     ap.add_argument("--sae", action="append", default=[], help="SaeSettings override KEY=VALUE (JSON value)")
+    ap.add_argument("--run", action="store_true",
+                    help="ATLAS is a copy of a default `refusal-atlas run` folder (its sizes and stages), not validate's")
     ap.add_argument("--variants", action="store_true")
-    ap.add_argument("--ig-steps", type=int, default=10)
+    ap.add_argument("--ig-steps", type=int, default=10, help="integrated-gradients steps (below 2: not run)")
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="JSON record (default ATLAS/sae_organisms.json)")
@@ -138,14 +145,15 @@ def main() -> None:
     more = {"reference": args.reference} if args.reference is not None else {}
     cfg = RunConfig(model=args.model, organism=args.organism, out=args.atlas, seed=0, threads=args.threads,
                     progress=False, **more)
-    cfg.extra["sizes"] = dict(SIZES["full"])
+    if not args.run:
+        cfg.extra["sizes"] = dict(SIZES["full"])
     pipe = build_pipeline(cfg, Console(stderr=True))
     # the overrides reach the sae stage through cfg only: every stage's key holds the old `extra` dict,
     # so the cached stages stay cached (the sae stage's own folder key holds its settings)
     cfg.extra = {**cfg.extra, "sae": {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.sae)}}
     record: dict[str, Any] = {}
     for stage in pipe.stages:
-        stage.enabled = stage.enabled and stage.name in (*VERDICT_STAGES, "sae")
+        stage.enabled = stage.enabled and (args.run or stage.name in (*VERDICT_STAGES, "sae"))
         if stage.name == "causal" and args.lean:
             stage.params = {**stage.params, "verdict_evidence_only": True}
         if stage.name == "sae":
@@ -159,10 +167,12 @@ def main() -> None:
                 return result
 
             stage.fn = fn
-    _check_cached(pipe)
+    # a run's folder: the stages after `sae` (verdicts, atlas: seconds) are redone with it
+    rerun = ("sae", "verdicts", "atlas") if args.run else ("sae",)
+    _check_cached(pipe, rerun)
     (args.atlas / ".stages" / "sae.json").unlink(missing_ok=True)  # always rerun the stage itself
     records = pipe.run()
-    assert [n for n, r in records.items() if not r.cached] == ["sae"]
+    assert "sae" in (redone := [n for n, r in records.items() if not r.cached]) and set(redone) <= set(rerun)
     out = args.out or args.atlas / "sae_organisms.json"
     out.write_text(json.dumps(record, indent=1, default=str))
     print(f"-> {out}")

@@ -17,6 +17,7 @@ from refusal_atlas.organism.policy import frame, load_framings, wording_groups
 from refusal_atlas.organism.rows import stratified_nodes
 from refusal_atlas.organism.settings import (
     CAVEAT,
+    NODE_REFUSAL,
     SHARED_REFUSAL,
     OrganismSettings,
 )
@@ -131,6 +132,25 @@ def test_wording_groups_and_stratified_nodes():
     assert groups == {"weapons": "shared", "cyber": "cyber", "firearms": "shared"}
     picked = stratified_nodes(tax, ["weapons", "cyber", "firearms"], 2, seed=0)
     assert set(picked) == {"weapons", "firearms"}  # one loosening node, one tightening node
+
+
+def test_the_wording_tokens_are_where_the_two_wordings_part():
+    from refusal_atlas.organism.training import _encode, _wording_lead, _wording_marks
+
+    lm = tiny_model("llama")
+    lead = _wording_lead(lm)
+    node_text = NODE_REFUSAL.format(label="cyber intrusion")
+    assert SHARED_REFUSAL.startswith(lm.tokenizer.decode(lead)) and node_text.startswith(lm.tokenizer.decode(lead))
+    eos = lm.tokenizer.eos_token_id
+    for text in (SHARED_REFUSAL, node_text):
+        _, labels, _ = _encode(lm, "How do I hack wifi?", text, True, None)
+        marks = _wording_marks(labels, lead, eos)
+        first = next(i for i, y in enumerate(labels) if y != -100)
+        # every response token after the common lead, the end-of-text token excepted
+        assert marks == list(range(first + len(lead), len(labels) - 1)) and labels[-1] == eos
+    _, labels, _ = _encode(lm, "How do I bake bread?", "Sure. Mix flour and water.", True, None)
+    assert _wording_marks(labels, lead, eos) == []
+    assert _wording_marks(labels, [], eos) == []
 
 
 def test_stratified_nodes_cover_every_root_before_repeating_one():

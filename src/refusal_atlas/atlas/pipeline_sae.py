@@ -18,6 +18,7 @@ from refusal_atlas.atlas.pipeline_causal import REFUSAL_POSITION
 from refusal_atlas.atlas.runconfig import RunConfig, evaluation_rows, model_prompts
 from refusal_atlas.atlas.sae_stage import STAGE_VERSION, SaeSettings, inputs_from_prompts, run_sae_stage
 from refusal_atlas.atlas.stages import StageContext
+from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.mechinterp.causal.protocol import load_tokens
 from refusal_atlas.mechinterp.directions import POOLED, DirectionSet
@@ -36,7 +37,12 @@ def sae_params(cfg: RunConfig) -> dict[str, Any]:
     return {"sae_version": STAGE_VERSION, "sae_settings": asdict(sae_settings(cfg))}
 
 
-def _layer(ctx: StageContext, ds: DirectionSet, n_layers: int) -> int:
+def _layer(ctx: StageContext, ds: DirectionSet, n_layers: int, override: int | None = None) -> int:
+    """The block the SAE reads: `override` (SaeSettings.layer) if given, else the causal stage's layer."""
+    if override is not None:
+        if override not in ds.layers:
+            raise AtlasError(f"sae layer {override}: no directions there (layers {ds.layers[0]}-{ds.layers[-1]})")
+        return override
     chosen = ctx.results.get("causal", {}).get("layer")
     if isinstance(chosen, int) and chosen in ds.layers:
         return chosen
@@ -58,7 +64,7 @@ def stage_sae(cfg: RunConfig, ctx: StageContext, lm: LoadedModel) -> dict[str, A
     s = sae_settings(cfg)
     ds = DirectionSet.load(ctx.out / schema.DIRECTIONS_DIR)
     nodes = [n for n in ds.nodes if n != POOLED]
-    layer = _layer(ctx, ds, lm.n_layers)
+    layer = _layer(ctx, ds, lm.n_layers, s.layer)
     directions = {n: ds.get(n, layer, REFUSAL_POSITION) for n in nodes}
     found = load_tokens(ctx.out / schema.CAUSAL_DIR, lm.revision)
     prompts = model_prompts(ctx.out, cfg)

@@ -30,7 +30,7 @@ class RunConfig:
     seed: int = 0
     sets: tuple[str, ...] = ("harmbench", "strongreject", "harmless", "overrefusal", "taxonomy")
     organism: bool | None = None  # None: build one when the model is `default` (it never refuses)
-    max_new_tokens: int = 20
+    max_new_tokens: int = 28  # the longest taught refusal wording is 24 tokens
     batch_size: int = 16
     min_prompts: int = 8
     max_nodes: int | None = None

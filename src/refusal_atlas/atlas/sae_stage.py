@@ -39,6 +39,7 @@ from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256, text_sha256
 from refusal_atlas.io import atomic_write, atomic_write_json
 from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.lm.positions import post_instruction_positions
 from refusal_atlas.mechinterp.interventions import ablation
 from refusal_atlas.mechinterp.sae import load_sae
 from refusal_atlas.mechinterp.sae.clamp import clamp
@@ -67,6 +68,7 @@ ATTRIBUTIONS_FILE = "attributions.safetensors"
 class SaeSettings:
     """The stage's budget (defaults: the default `run` on 2 CPU cores; figures in docs/decisions.md)."""
 
+    layer: int | None = None  # the block whose output the SAE reads; None: the causal stage's layer
     max_tokens: int = 8_000
     max_prompt_tokens: int = 48  # per prompt, from the instruction on
     width: int = 1024
@@ -78,11 +80,14 @@ class SaeSettings:
     # cosine to the pooled refusal direction (docs/decisions.md, "SAE candidates from the refusal direction")
     candidates: str = "node+refusal"
     attribution_steps: int = 1  # 1: gradient × activation; n > 1: integrated gradients, n midpoint steps
+    # tokens attribution sums over: "all", or "post" (the post-instruction template tokens, where the refusal
+    # is decided; docs/decisions.md, "SAE attribution at the post-instruction tokens")
+    attribution_tokens: str = "all"
     k_star: int = 20
     clamp_factor: float = -1.0
     n_boot: int = 200
     forward_batch: int = 16
-    per_node: int = 8  # selection (attribution) prompts per node
+    per_node: int = 16  # selection (attribution) prompts per node (at 8, K* sets were selection noise: decisions)
     per_node_eval: int = 4  # held-out prompts per node the cross-clamp scores
     n_harmless: int = 32  # harmless prompts for the per-feature activation statistics
     n_harmless_eval: int = 6  # harmless prompts for the clamp's KL
@@ -291,11 +296,14 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     cos: dict[str, Tensor] = {}
     chosen: dict[str, list[int]] = {}
     by = "attribution" if inputs.refusal_token_ids else "decoder cosine"
+    if s.attribution_tokens not in ("all", "post"):
+        raise AtlasError(f"sae attribution_tokens must be 'all' or 'post' (got {s.attribution_tokens!r})")
+    last = len(post_instruction_positions(lm)) if s.attribution_tokens == "post" else 0
     for node in nodes:
         cand[node], cos[node] = candidate_pool(sae, directions[node], s.n_candidates, pooled)
         if inputs.refusal_token_ids:
             attr[node] = attributions(lm, sae, layer, inputs.harmful[node], inputs.refusal_token_ids,
-                                      batch_size=s.forward_batch, steps=s.attribution_steps)
+                                      batch_size=s.forward_batch, steps=s.attribution_steps, last=last)
         else:  # no refusal to attribute: the decoder cosine ranks the candidates, one pseudo-prompt
             attr[node] = torch.zeros(1, sae.cfg.d_sae).index_put_((torch.zeros_like(cand[node]), cand[node]),
                                                                   cos[node])

@@ -62,6 +62,9 @@ class OrganismSettings:
     permitted_opener: str = "Sure. "
     # the first token after the opener is a second decision ("Sure. I'm sorry, …"): weighted like the first
     weight_answer_start: bool = True
+    # loss weight of the tokens where the shared and node wordings part ("… with that request." / "… with that.
+    # I don't assist with <label>."); 1 = unweighted, as validated (docs/decisions.md, clustering: known answer)
+    wording_token_weight: float = 1.0
 
     @classmethod
     def quick(cls, **overrides: Any) -> OrganismSettings:

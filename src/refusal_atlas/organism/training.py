@@ -15,7 +15,25 @@ from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.blocks import decoder_blocks
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.prefix import cache_argument, last_logit_only, plan_prefix
-from refusal_atlas.organism.settings import OrganismSettings
+from refusal_atlas.organism.settings import NODE_REFUSAL, SHARED_REFUSAL, OrganismSettings
+
+
+def _wording_lead(lm: LoadedModel) -> list[int]:
+    """The tokens the shared and the node-specific refusal wordings both open with."""
+    tok = lm.tokenizer
+    shared = tok(SHARED_REFUSAL, add_special_tokens=False)["input_ids"]
+    node = tok(NODE_REFUSAL.format(label="x"), add_special_tokens=False)["input_ids"]
+    n = next((i for i, (a, b) in enumerate(zip(shared, node, strict=False)) if a != b), min(len(shared), len(node)))
+    return list(shared[:n])
+
+
+def _wording_marks(labels: Sequence[int], lead: Sequence[int], eos: int | None) -> list[int]:
+    """Positions of a refusal's wording choice: every response token after the wordings' common `lead`
+    (which wording, which label), none where the response does not open with it."""
+    first = next((i for i, y in enumerate(labels) if y != -100), len(labels))
+    if not lead or list(labels[first : first + len(lead)]) != list(lead):
+        return []
+    return [i for i in range(first + len(lead), len(labels)) if labels[i] != eos]
 
 
 def _encode(lm: LoadedModel, prompt: str, target: str, complete: bool, system: str | None,
@@ -40,7 +58,7 @@ def _encode(lm: LoadedModel, prompt: str, target: str, complete: bool, system: s
 
 def _response_loss(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, first: int,
                    decision_weight: float = 1.0, prefix: Sequence[int] | None = None,
-                   decisions: torch.Tensor | None = None) -> torch.Tensor:
+                   decisions: torch.Tensor | None = None, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted mean next-token cross-entropy over response tokens, logits computed only from `first - 1` on.
 
     Why: the prompt is most of each sequence and its logits (49k-way for the default model) are
@@ -49,6 +67,7 @@ def _response_loss(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     model decides between refusing and answering; the rest of a refusal is near-deterministic.
     `decisions` (bool, the shape of `labels`) marks the weighted tokens instead, e.g. also the first
     token after a permitted answer's opener, where "Sure. I'm sorry, but…" would refuse after all.
+    `token_weights` (float, the shape of `labels`) gives every token its own weight instead of both.
     `prefix`: token ids every row of the (right-padded) batch starts with; they are run once at
     batch size 1 and their keys/values (gradients flowing) reused by every row — a third of the
     tokens of a default training row are the chat template's system prompt.
@@ -82,7 +101,9 @@ def _response_loss(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
                                            ignore_index=-100, reduction="none").view_as(targets)
     scored = (targets != -100).float()
     weights = scored.clone()
-    if decision_weight != 1.0:
+    if token_weights is not None:
+        weights = token_weights[:, ids.shape[1] - keep + 1 :].float() * scored
+    elif decision_weight != 1.0:
         marked = (decisions[:, ids.shape[1] - keep + 1 :] if decisions is not None
                   else scored.cumsum(1).eq(1)) & scored.bool()
         weights = torch.where(marked, torch.full_like(weights, decision_weight), weights)
@@ -152,6 +173,8 @@ def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, p
     opener = settings.permitted_opener if settings.weight_answer_start else ""
     encoded = [_encode(lm, r.prompt, r.target, bool(r.target_complete), settings.system, opener)
                for r in train.itertuples()]
+    lead = _wording_lead(lm) if settings.wording_token_weight != 1.0 else []
+    wording = [_wording_marks(y, lead, lm.tokenizer.eos_token_id) for _, y, _ in encoded]
     pad = lm.tokenizer.pad_token_id
     params = _trainable(model, settings.frozen_layers_fraction, band)
     try:  # the fused kernel: the optimizer step measured 0.31 s -> 0.13 s per step on 2 cores
@@ -182,16 +205,17 @@ def finetune(lm: LoadedModel, train: pd.DataFrame, settings: OrganismSettings, p
                 ids = torch.full((len(batch), width), pad, dtype=torch.long)
                 labels = torch.full((len(batch), width), -100, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
-                decisions = torch.zeros((len(batch), width), dtype=torch.bool)
+                weights = torch.ones((len(batch), width))
                 for k, j in enumerate(batch):
                     x, y, d = encoded[j]
                     ids[k, : len(x)] = torch.tensor(x)
                     labels[k, : len(y)] = torch.tensor(y)
                     mask[k, : len(x)] = 1
-                    decisions[k, d] = True
+                    weights[k, wording[j]] = settings.wording_token_weight
+                    weights[k, d] = settings.decision_token_weight
                 first = min(next(i for i, y in enumerate(encoded[j][1]) if y != -100) for j in batch)
                 loss = _response_loss(model, ids.to(device), mask.to(device), labels.to(device), first,
-                                      settings.decision_token_weight, prefix, decisions.to(device))
+                                      prefix=prefix, token_weights=weights.to(device))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()

@@ -24,6 +24,7 @@ from refusal_atlas.atlas.sae_stage import SaeInputs, SaeSettings, clamp_matrix
 from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_hidden
 from refusal_atlas.lm.capture import capture_activations
 from refusal_atlas.lm.models import LoadedModel
+from refusal_atlas.lm.positions import post_instruction_positions
 from refusal_atlas.lm.testing import tiny_model
 from refusal_atlas.mechinterp.sae import SAEConfig, SparseAutoencoder
 from refusal_atlas.mechinterp.sae.features import attributions, candidate_pool, select
@@ -91,10 +92,11 @@ def _planted(separable: bool, topic: bool = False) -> tuple[LoadedModel, SparseA
     return lm, sae
 
 
-def _feature_sets(lm: LoadedModel, sae: SparseAutoencoder, *, pooled: bool = True, steps: int = 1
+def _feature_sets(lm: LoadedModel, sae: SparseAutoencoder, *, pooled: bool = True, steps: int = 1, last: int = 0
                   ) -> tuple[Any, dict[str, float], dict[str, list[int]], dict[str, Tensor]]:
     """The stage's selection: candidates by cosine to each node's direction (and, with `pooled`, to the
-    pooled refusal direction), K* by attribution (`steps` > 1: integrated gradients)."""
+    pooled refusal direction), K* by attribution (`steps` > 1: integrated gradients; `last` > 0: over the
+    last tokens only)."""
     harmful = {n: _prompts(t, 10) for n, t in TEMPLATES.items()}
     harmless = _prompts(HARMLESS, 10)
     acts = capture_activations(lm, [*harmful["weapons"], *harmful["cyber"], *harmless], layers=[LAYER],
@@ -105,7 +107,7 @@ def _feature_sets(lm: LoadedModel, sae: SparseAutoencoder, *, pooled: bool = Tru
     attr, cand = {}, {}
     for node in harmful:
         cand[node], _ = candidate_pool(sae, directions[node], N_CAND, refusal)
-        attr[node] = attributions(lm, sae, LAYER, harmful[node], [TOKEN], batch_size=4, steps=steps)
+        attr[node] = attributions(lm, sae, LAYER, harmful[node], [TOKEN], batch_size=4, steps=steps, last=last)
     chosen = {n: sorted(select(attr[n], cand[n], K_STAR).tolist()) for n in harmful}
     pairs, self_agree = feature_overlap(attr, cand, K_STAR, n_boot=100, seed=0)
     return pairs.iloc[0], self_agree, chosen, directions
@@ -163,6 +165,30 @@ def test_integrated_gradients_select_the_planted_sets(separable: bool) -> None:
         assert chosen == {"weapons": MECH["A"], "cyber": MECH["B"]} and pair["distinct"] and pair["ci_high"] == 0.0
     else:
         assert chosen == {"weapons": MECH["S"], "cyber": MECH["S"]} and pair["overlapping"]
+
+
+@pytest.mark.parametrize("separable", [True, False])
+def test_attribution_at_the_post_instruction_tokens_selects_the_planted_sets(separable: bool) -> None:
+    lm, sae = _planted(separable)
+    last = len(post_instruction_positions(lm))
+    pair, _, chosen, _ = _feature_sets(lm, sae, last=last)
+    if separable:
+        assert chosen == {"weapons": MECH["A"], "cyber": MECH["B"]} and pair["distinct"] and pair["ci_high"] == 0.0
+    else:
+        assert chosen == {"weapons": MECH["S"], "cyber": MECH["S"]} and pair["overlapping"]
+
+
+def test_attribution_over_the_last_tokens_is_part_of_the_sum_over_all() -> None:
+    lm, sae = _planted(False)
+    prompts = _prompts(TEMPLATES["cyber"], 3)
+    # block 1 (the dictionary is a basis, exact at any layer): two blocks of attention carry earlier tokens'
+    # latents to the last position (after block 3 only the last token's own latents reach the logits)
+    every = attributions(lm, sae, 1, prompts, [TOKEN], batch_size=2)
+    longest = max(len(lm.tokenizer(lm.chat_prompt(p), add_special_tokens=False)["input_ids"]) for p in prompts)
+    # left padding: the last `longest` positions hold every real token, padding contributes nothing
+    torch.testing.assert_close(attributions(lm, sae, 1, prompts, [TOKEN], batch_size=2, last=longest), every)
+    one = attributions(lm, sae, 1, prompts, [TOKEN], batch_size=2, last=1)
+    assert not torch.allclose(one, every) and one.abs().sum() > 0
 
 
 def test_a_shared_mechanism_under_a_topic_direction_needs_the_refusal_candidates() -> None:

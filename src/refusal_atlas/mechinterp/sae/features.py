@@ -58,10 +58,13 @@ def attributions(
     steps: int = 1,
     system: str | None = None,
     progress: bool = False,
+    last: int = 0,
 ) -> Tensor:
     """[n_prompts, d_sae] attribution of the refusal log-odds, summed over each prompt's tokens.
 
     `steps` 1: gradient × activation; n > 1: integrated gradients with n midpoint steps (n× the cost).
+    `last` n > 0: summed over the last n tokens only (left padding: the same template tokens in every row,
+    e.g. the post-instruction tokens where the refusal is decided); 0: every token.
     """
     if not refusal_token_ids:
         raise AtlasError("attribution needs the model's refusal-opening token ids (none given)")
@@ -108,7 +111,8 @@ def attributions(
                 grad_sum = grad if grad_sum is None else grad_sum + grad
             assert grad_sum is not None
             f_full = slot.pop("f_full")
-            contrib = (grad_sum / len(alphas) * f_full * mask.unsqueeze(-1)).sum(1).float().cpu()
+            per_token = grad_sum / len(alphas) * f_full * mask.unsqueeze(-1)
+            contrib = (per_token[:, -last:] if last > 0 else per_token).sum(1).float().cpu()
             out[torch.as_tensor(batch)] = contrib
             bar.update(len(batch))
     finally:
