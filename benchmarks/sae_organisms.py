@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--reference", default=None, help="RunConfig.reference, where validate sets one (newer code)")
     ap.add_argument("--sae", action="append", default=[], help="SaeSettings override KEY=VALUE (JSON value)")
     ap.add_argument("--run", action="store_true",
-                    help="ATLAS is a copy of a default `refusal-atlas run` folder (its sizes and stages), not validate's")
+                    help="ATLAS is a copy of a default `refusal-atlas run` folder (its sizes, stages), not validate's")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--ig-steps", type=int, default=10, help="integrated-gradients steps (below 2: not run)")
     ap.add_argument("--n-boot", type=int, default=200)

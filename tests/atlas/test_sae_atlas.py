@@ -181,3 +181,22 @@ def test_markup_and_html_in_atlas_text_stay_text(tmp_path: Path, app: typer.Type
     body = {a: b for a, _, _, b in build_sections(AtlasStore.open(out), Figures())}["sae"]
     assert XSS not in body and html.escape(XSS) in body and "could not render" not in body
     assert q.feature_report(AtlasStore.open(out), 0)["shared"] is True  # latent 0 is every node's
+
+
+def test_bad_settings_fail_in_one_line_before_any_work(tmp_path: Path) -> None:
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from refusal_atlas.atlas.pipeline_sae import _layer
+    from refusal_atlas.errors import AtlasError
+
+    lm = tiny_model("llama", seed=2)
+    inputs = SaeInputs({}, {}, [], [], refusal_token_ids=[7])
+    with pytest.raises(AtlasError, match="attribution_tokens 'last'") as err:
+        run_sae_stage(tmp_path, lm, {}, LAYER, inputs, replace(SaeSettings.quick(), attribution_tokens="last"),
+                      progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "sae").exists()
+    ctx, ds = SimpleNamespace(results={"causal": {"layer": 2}}), SimpleNamespace(layers=[0, 1, 2, 3])
+    assert _layer(ctx, ds, 4) == 2 and _layer(ctx, ds, 4, override=1) == 1  # type: ignore[arg-type]
+    with pytest.raises(AtlasError, match="sae layer 9: no directions there"):
+        _layer(ctx, ds, 4, override=9)  # type: ignore[arg-type]

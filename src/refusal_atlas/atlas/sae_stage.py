@@ -81,7 +81,7 @@ class SaeSettings:
     candidates: str = "node+refusal"
     attribution_steps: int = 1  # 1: gradient × activation; n > 1: integrated gradients, n midpoint steps
     # tokens attribution sums over: "all", or "post" (the post-instruction template tokens, where the refusal
-    # is decided; docs/decisions.md, "SAE attribution at the post-instruction tokens")
+    # is decided; not better on the organisms: docs/decisions.md, "SAE feature overlap does not tell …")
     attribution_tokens: str = "all"
     k_star: int = 20
     clamp_factor: float = -1.0
@@ -245,6 +245,8 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     s = settings or SaeSettings()
     if s.candidates not in CANDIDATE_SOURCES:
         raise AtlasError(f"SAE candidates {s.candidates!r}: use one of {', '.join(CANDIDATE_SOURCES)}")
+    if s.attribution_tokens not in ("all", "post"):
+        raise AtlasError(f"SAE attribution_tokens {s.attribution_tokens!r}: use 'all' or 'post'")
     pooled = refusal_direction if s.candidates == "node+refusal" else None
     folder = Path(out) / schema.SAE_DIR
     started = time.perf_counter()
@@ -296,8 +298,6 @@ def run_sae_stage(out: Path, lm: LoadedModel, directions: Mapping[str, Tensor], 
     cos: dict[str, Tensor] = {}
     chosen: dict[str, list[int]] = {}
     by = "attribution" if inputs.refusal_token_ids else "decoder cosine"
-    if s.attribution_tokens not in ("all", "post"):
-        raise AtlasError(f"sae attribution_tokens must be 'all' or 'post' (got {s.attribution_tokens!r})")
     last = len(post_instruction_positions(lm)) if s.attribution_tokens == "post" else 0
     for node in nodes:
         cand[node], cos[node] = candidate_pool(sae, directions[node], s.n_candidates, pooled)
