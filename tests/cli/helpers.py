@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,15 @@ def one_line_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
     return lines[0]
 
 
+def default_sigint() -> None:
+    """In the child before exec: Ctrl-C acts as in a terminal, even where the suite itself was started in the
+    background (a non-interactive shell's `&` ignores SIGINT, children inherit that and Python then keeps it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def subprocess_cli(*args: str, **kwargs: object) -> subprocess.Popen[str]:
     """Start `refusal-atlas ARGS` as its own process (real signals, real concurrency)."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", ENTRY, *args], env=env, text=True,  # type: ignore[call-overload]
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint, **kwargs)

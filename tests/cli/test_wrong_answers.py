@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.helpers import one_line_error, run_main, subprocess_cli
+from cli.helpers import default_sigint, one_line_error, run_main, subprocess_cli
 from refusal_atlas.curation.tables import read_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.taxonomy import edit
@@ -92,7 +92,7 @@ def test_ctrl_c_while_the_commands_load_is_the_resume_line_not_a_traceback(delay
     import time
 
     proc = subprocess.Popen([sys.executable, "-c", "from refusal_atlas.cli import main; main()", "--help"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
