@@ -5,19 +5,24 @@ Runs only the `sae` stage in a copy of an atlas folder that `refusal-atlas valid
 `validate` configures that atlas (its sizes, its stages, the lean causal parameter for the separable one), so
 every earlier stage is reused from the folder. With `--variants`, the same SAE and prompts are then used to
 compare how K* is chosen: attribution summed over every token or over the post-instruction tokens only
-("gxa_post"); candidates by decoder cosine to the node's direction ("node"), to the pooled refusal
-direction ("refusal", Yeo et al.), to both ("node+refusal") or every latent ("all"), each ranked by gradient
-× activation and by integrated gradients; for each, the Jaccard of every node pair with its bootstrap interval,
-self-agreement and chance bound (`mechinterp.sae.overlap.feature_overlap`, the stage's own code).
+("gxa_post"); gradient × activation measured from the harmless prompts' mean latent values instead of
+zero ("gxa_h"), and, with `--attr-reference MODEL`, from the latents the model it was fine-tuned from has
+on the same tokens ("gxa_ref", "gxa_post_ref": what the fine-tune moved); candidates by decoder cosine to the
+node's direction ("node"), to the pooled refusal direction ("refusal", Yeo et al.), to both ("node+refusal") or
+every latent ("all"), each ranked by every attribution variant; for each, the Jaccard of every node pair with
+its bootstrap interval, self-agreement and chance bound (`mechinterp.sae.overlap.feature_overlap`, the
+stage's own code).
 
 Usage (never on the validate folder itself: the stage rewrites `sae/`):
   cp -r /tmp/val/atlas-shared /tmp/h16/shared
-  nice python benchmarks/sae_organisms.py /tmp/h16/shared --model default --organism --variants
-  nice python benchmarks/sae_organisms.py /tmp/h16/separable --model /tmp/val/organisms/separable/model --lean
+  nice python benchmarks/sae_organisms.py /tmp/h16/shared --model default --organism --lean --variants
+  nice python benchmarks/sae_organisms.py /tmp/h16/separable --model /tmp/val/organisms/separable/model --lean \
+      --reference default --attr-reference default --sae layer=17 --variants --ig-steps 0
   nice python benchmarks/sae_organisms.py /tmp/h16/run --model default --organism --run --variants  # a run's copy
 Pass `--lean` / `--reference` exactly as the `validate` that wrote the folder set them (its LEAN and REFERENCE);
 the script stops before running anything when a stage other than `sae` would be recomputed.
-Results of the session-10 measurement: benchmarks/results/sae_organisms_{shared,separable}.json.
+Results of the session-10 measurement: benchmarks/results/sae_organisms_{shared,separable}.json; sessions 11 and
+12: sae_organisms_s11_*.json, sae_organisms_s12_*.json (docs/decisions.md says what each is).
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ from typing import Any
 import torch
 
 
-def _variants(cfg: Any, ctx: Any, ig_steps: int, n_boot: int) -> dict[str, Any]:
+def _variants(cfg: Any, ctx: Any, ig_steps: int, n_boot: int, reference: str | None) -> dict[str, Any]:
     from refusal_atlas.atlas import schema
     from refusal_atlas.atlas.pipeline import load_analysed_model
-    from refusal_atlas.atlas.pipeline_causal import REFUSAL_POSITION
+    from refusal_atlas.atlas.pipeline_causal import REFUSAL_POSITION, _reference_states
     from refusal_atlas.atlas.pipeline_sae import _layer, sae_settings
     from refusal_atlas.atlas.runconfig import evaluation_rows, model_prompts
     from refusal_atlas.atlas.sae_stage import inputs_from_prompts
@@ -44,6 +49,7 @@ def _variants(cfg: Any, ctx: Any, ig_steps: int, n_boot: int) -> dict[str, Any]:
     from refusal_atlas.mechinterp.sae import load_sae
     from refusal_atlas.mechinterp.sae.features import attributions, candidates
     from refusal_atlas.mechinterp.sae.overlap import feature_overlap
+    from refusal_atlas.mechinterp.sae.tokens import TokenActivations
 
     lm = load_analysed_model(cfg, ctx)
     s = sae_settings(cfg)
@@ -64,14 +70,24 @@ def _variants(cfg: Any, ctx: Any, ig_steps: int, n_boot: int) -> dict[str, Any]:
     record: dict[str, Any] = {"layer": layer, "nodes": nodes,
                               "cosine_to_pooled": {n: float(unit[n] @ unit[POOLED]) for n in nodes}}
     post = len(post_instruction_positions(lm))
-    methods = (("gxa", 1, 0), ("gxa_post", 1, post), *(((f"ig{ig_steps}", ig_steps, 0),) if ig_steps > 1 else ()))
-    attr: dict[str, dict[str, torch.Tensor]] = {m: {} for m, _, _ in methods}
+    # the harmless selection prompts' mean latent values: the baseline of the "_h" variants
+    tokens = TokenActivations.load(ctx.out / schema.SAE_DIR / "tokens.safetensors")
+    n_harmful = sum(len(inputs.harmful[n]) for n in nodes)
+    rows = tokens.prompt_index >= n_harmful
+    rows &= tokens.prompt_index < n_harmful + len(inputs.harmless)
+    with torch.no_grad():
+        harmless_mean = sae.encode(tokens.acts[rows]).mean(0)
+    ref = _reference_states(reference, lm) if reference else None
+    methods = (("gxa", 1, 0, None, None), ("gxa_post", 1, post, None, None), ("gxa_h", 1, 0, harmless_mean, None),
+               *((("gxa_ref", 1, 0, None, ref), ("gxa_post_ref", 1, post, None, ref)) if ref else ()),
+               *(((f"ig{ig_steps}", ig_steps, 0, None, None),) if ig_steps > 1 else ()))
+    attr: dict[str, dict[str, torch.Tensor]] = {m[0]: {} for m in methods}
     seconds: dict[str, float] = {}
-    for name, steps, last in methods:
+    for name, steps, last, base, states in methods:
         t0 = time.process_time()
         for n in nodes:
             attr[name][n] = attributions(lm, sae, layer, inputs.harmful[n], found.ids, batch_size=s.forward_batch,
-                                         steps=steps, last=last)
+                                         steps=steps, last=last, baseline=base, reference_states=states)
         seconds[name] = round(time.process_time() - t0, 1)
     record["attribution_cpu_seconds"] = seconds
     n_c, d_sae = s.n_candidates, sae.cfg.d_sae
@@ -132,6 +148,8 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--ig-steps", type=int, default=10, help="integrated-gradients steps (below 2: not run)")
     ap.add_argument("--n-boot", type=int, default=200)
+    ap.add_argument("--attr-reference", default=None,
+                    help="the model the analysed one was fine-tuned from: adds attribution from its latents")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="JSON record (default ATLAS/sae_organisms.json)")
     args = ap.parse_args()
@@ -163,7 +181,7 @@ def main() -> None:
                 result = run_stage(ctx)
                 record["stage"] = result
                 if args.variants:
-                    record["variants"] = _variants(cfg, ctx, args.ig_steps, args.n_boot)
+                    record["variants"] = _variants(cfg, ctx, args.ig_steps, args.n_boot, args.attr_reference)
                 return result
 
             stage.fn = fn

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output
+from refusal_atlas.lm.blocks import block_states, decoder_blocks, hidden_from_output, replace_hidden, restored_blocks
 from refusal_atlas.lm.models import LoadedModel
 from refusal_atlas.lm.testing import tiny_model
 from refusal_atlas.mechinterp.sae import SAEConfig, SparseAutoencoder
@@ -138,6 +140,62 @@ def test_integrated_gradients_are_complete(planted: tuple[LoadedModel, SparseAut
     assert torch.allclose(ig, change, rtol=0.01, atol=1e-3), (ig, change)
     with pytest.raises(AtlasError, match="steps"):
         attributions(lm, sae, LAYER, prompts, [TOKEN], steps=0)
+
+
+def test_attribution_from_a_reference_counts_what_the_fine_tune_moved(
+        planted: tuple[LoadedModel, SparseAutoencoder, torch.Tensor]) -> None:
+    """With the reference model's latents as the path's start, integrated gradients sum to the log-odds change
+    from putting the reference's latents (on the same tokens) in place of the model's, error term kept."""
+    lm, sae, _ = planted
+    prompts = PROMPTS[2:4]
+    own = block_states(lm.model)
+    # the "reference": this model with the last block's MLP output halved (as if the fine-tune had grown it)
+    ref = {b: {k: v.clone() for k, v in sd.items()} for b, sd in own.items()}
+    for k in ref[LAYER]:
+        if "down_proj" in k:
+            ref[LAYER][k] *= 0.5
+    assert torch.count_nonzero(attributions(lm, sae, LAYER, prompts, [TOKEN], reference_states=own)) == 0
+    assert torch.equal(attributions(lm, sae, LAYER, prompts, [TOKEN], baseline=torch.zeros(64)),
+                       attributions(lm, sae, LAYER, prompts, [TOKEN]))
+    block = decoder_blocks(lm.model)[LAYER]
+
+    def logodds(ids: torch.Tensor, f_ref: torch.Tensor | None) -> torch.Tensor:
+        handle = None
+        if f_ref is not None:
+            put: torch.Tensor = f_ref
+
+            def swap(module: object, args: object, output: Any) -> Any:
+                h = hidden_from_output(output)
+                f = sae.encode(h.float())
+                return replace_hidden(output, (sae.decode(put) + h.float() - sae.decode(f)).to(h.dtype))
+
+            handle = block.register_forward_hook(swap)
+        try:
+            with torch.no_grad():
+                return _logodds(lm.model(input_ids=ids).logits[:, -1], torch.tensor([TOKEN]))[0]
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    change = []
+    kept: dict[str, torch.Tensor] = {}
+    for p in prompts:
+        ids = lm.tokenizer(lm.chat_prompt(p), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        hook = block.register_forward_hook(lambda m, a, o: kept.update(f=sae.encode(hidden_from_output(o).float())))
+        try:
+            with torch.no_grad(), restored_blocks(lm.model, ref, range(LAYER + 1)):
+                lm.model(input_ids=ids)
+        finally:
+            hook.remove()
+        change.append(logodds(ids, None) - logodds(ids, kept["f"]))
+    moved = torch.stack(change)
+    assert moved.abs().min() > 0.02  # the "fine-tune" matters to the planted token here
+    ig = attributions(lm, sae, LAYER, prompts, [TOKEN], batch_size=2, steps=32, reference_states=ref).sum(1)
+    assert torch.allclose(ig, moved, rtol=0.02, atol=1e-3), (ig, moved)
+    with pytest.raises(AtlasError, match="not both"):
+        attributions(lm, sae, LAYER, prompts, [TOKEN], baseline=torch.zeros(64), reference_states=ref)
+    with pytest.raises(AtlasError, match="latents"):
+        attributions(lm, sae, LAYER, prompts, [TOKEN], baseline=torch.zeros(3))
 
 
 def test_candidate_pool_joins_the_refusal_direction(planted: tuple[LoadedModel, SparseAutoencoder, torch.Tensor]

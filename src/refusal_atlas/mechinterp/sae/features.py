@@ -23,7 +23,7 @@ carry that node's refusal.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_hidden
+from refusal_atlas.lm.blocks import decoder_blocks, hidden_from_output, replace_hidden, restored_blocks
 from refusal_atlas.lm.capture import accepts_position_ids, left_pad
 from refusal_atlas.lm.generation import length_buckets
 from refusal_atlas.lm.models import LoadedModel
@@ -59,12 +59,20 @@ def attributions(
     system: str | None = None,
     progress: bool = False,
     last: int = 0,
+    baseline: Tensor | None = None,
+    reference_states: Mapping[int, Mapping[str, Tensor]] | None = None,
 ) -> Tensor:
     """[n_prompts, d_sae] attribution of the refusal log-odds, summed over each prompt's tokens.
 
     `steps` 1: gradient × activation; n > 1: integrated gradients with n midpoint steps (n× the cost).
     `last` n > 0: summed over the last n tokens only (left padding: the same template tokens in every row,
     e.g. the post-instruction tokens where the refusal is decided); 0: every token.
+    `baseline` [d_sae]: the latent values the path starts from instead of 0 (e.g. their mean on harmless
+    prompts): a latent then counts by how far it moves from its usual value, so latents active at the same
+    strength on every prompt carry no attribution.
+    `reference_states`: the decoder-block weights of the model this one was fine-tuned from (blocks 0..layer
+    used); the path then starts, token by token, from the latents the reference model has on the same tokens,
+    so a latent counts by how far the fine-tune moved it on this prompt (exclusive with `baseline`).
     """
     if not refusal_token_ids:
         raise AtlasError("attribution needs the model's refusal-opening token ids (none given)")
@@ -80,15 +88,28 @@ def attributions(
     sae_dev = sae.to(device)
     out = torch.zeros(len(ids), sae.cfg.d_sae)
     slot: dict[str, Any] = {"alpha": 1.0}
+    base = baseline.detach().float().flatten().to(device) if baseline is not None else None
+    if base is not None and base.numel() != sae.cfg.d_sae:
+        raise AtlasError(f"attribution baseline has {base.numel()} values; the SAE has {sae.cfg.d_sae} latents")
     alphas = [1.0] if steps == 1 else [(i + 0.5) / steps for i in range(steps)]
+
+    if base is not None and reference_states is not None:
+        raise AtlasError("attribution takes a fixed baseline or reference weights, not both")
 
     def splice(module: nn.Module, args: Any, output: Any) -> Any:
         h = hidden_from_output(output)
         x = h.detach().float()
         f = sae_dev.encode(x)
+        if slot.get("reference_pass"):  # the reference model's latents on these tokens: kept, output untouched
+            slot["reference"] = f
+            return None
         error = x - sae_dev.decode(f, x)  # kept whole at every point of the path
-        f_path = (f * slot["alpha"]).requires_grad_(True)
-        slot["f"], slot["f_full"] = f_path, f
+        alpha = slot["alpha"]
+        # at alpha 1 the path's end is f itself (not base + (f - base)): the forward value stays exactly h
+        start = (slot["reference"] if reference_states is not None else
+                 torch.zeros_like(f) if base is None else base.expand_as(f))
+        f_path = (f.clone() if alpha == 1.0 else start + alpha * (f - start)).requires_grad_(True)
+        slot["f"], slot["f_full"] = f_path, f - start
         # at alpha 1 the forward value is exactly h; gradient reaches the model only through the latents
         return replace_hidden(output, (sae_dev.decode(f_path, x) + error).to(h.dtype))
 
@@ -101,6 +122,13 @@ def attributions(
             if not use_pos:
                 enc.pop("position_ids")
             mask = enc["attention_mask"].to(device)
+            if reference_states is not None:
+                slot["reference_pass"] = True
+                try:
+                    with torch.no_grad(), restored_blocks(lm.model, reference_states, range(layer + 1)):
+                        lm.model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False)
+                finally:
+                    slot["reference_pass"] = False
             grad_sum: Tensor | None = None
             for alpha in alphas:
                 slot["alpha"] = alpha
