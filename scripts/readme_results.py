@@ -42,6 +42,7 @@ def render(atlas: Path, machine: str, state: str) -> str:
     org, ab, st = metrics.get("organism", {}), metrics.get("ablation", {}), metrics.get("steering", {})
     clusters, sae = metrics.get("clusters", {}), metrics.get("sae") or {}
     wording = clusters.get("wording") or {}
+    said, adherence = wording.get("said") or {}, wording.get("adherence") or {}
     tree_branch = (clusters.get("tree_vs_taxonomy") or {}).get("branch") or {}
     rows = [
         ("organism.heldout_refusal_rate", org.get("heldout_refusal_rate")),
@@ -54,6 +55,11 @@ def render(atlas: Path, machine: str, state: str) -> str:
          f"{_fmt(metrics['clusters'].get('n_clusters'))}"),
         ("clusters.wording_ari (exact-text ceiling, n)",
          f"{_fmt(clusters.get('wording_ari'))} ({_fmt(wording.get('exact_text_ari'))}, n = {_fmt(wording.get('n'))})"),
+        ("clusters.wording.said: ARI vs the planted wording each reply says (groups, n)",
+         f"{_fmt(said.get('ari'))} ({_fmt(said.get('groups'))}, n = {_fmt(said.get('n'))})"),
+        ("clusters.wording.adherence: reply says its taught wording / any planted wording (n)",
+         f"{_fmt(adherence.get('rate'))} / {_fmt(adherence.get('said_a_planted_wording'))} "
+         f"(n = {_fmt(adherence.get('n'))})"),
         ("clusters.tree_vs_taxonomy.branch ARI (level's clusters, n)",
          f"{_fmt(tree_branch.get('ari'))} ({_fmt(tree_branch.get('n_clusters'))}, n = {_fmt(tree_branch.get('n'))})"),
         ("directions.median_noise_floor", metrics.get("directions", {}).get("median_noise_floor")),

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from refusal_atlas.atlas.pipeline_cluster import _level_ari, responses_config, wording_truth
+from refusal_atlas.atlas.pipeline_cluster import _level_ari, responses_config, wording_said, wording_truth
 from refusal_atlas.curation.cluster_run import cluster_corpus
 from refusal_atlas.organism.policy import refusal_text, wording_groups
 from refusal_atlas.organism.settings import REDIRECT
@@ -50,7 +50,7 @@ def _corpus() -> tuple[pd.DataFrame, dict]:
     df = pd.DataFrame(rows)
     df["prompt"] = [f"request {i} about {n}" for i, n in enumerate(df["node"])]
     df["refused"] = True
-    policy = {n: {"wording_group": groups[n]} for n in groups}
+    policy = {n: {"wording_group": groups[n], "refusal_text": refusal_text(tax, n, groups[n])} for n in groups}
     return df, policy
 
 
@@ -69,3 +69,27 @@ def test_planted_wordings_are_recovered(tmp_path, monkeypatch):
     assert result["ari"] >= 0.9, result
     assert wording_truth(df, tmp_path / "missing.json") is None
 
+
+
+def test_the_wording_a_reply_says_is_told_from_what_was_taught(tmp_path):
+    """`wording_said` reads the planted wording in the reply itself (the longest taught text it contains), so a
+    reply in another node's wording counts as that wording, and a reply in none of them as ""."""
+    tax = load_taxonomy(None)
+    groups = wording_groups(tax, None)
+    specific = sorted(n for n in groups if groups[n] != "shared")
+    shared_node = next(n for n in sorted(groups) if groups[n] == "shared")
+    a, b = specific[0], specific[1]
+    policy = {n: {"wording_group": groups[n], "refusal_text": refusal_text(tax, n, groups[n])} for n in groups}
+    (tmp_path / "organism.json").write_text(json.dumps({"policy": policy, "wording": {"redirect": REDIRECT}}))
+    replies = pd.Series([
+        refusal_text(tax, a, a),  # as taught
+        "  " + refusal_text(tax, b, b).replace(" ", "\n", 2) + " More text.",  # another node's, re-spaced, run on
+        refusal_text(tax, shared_node, "shared"),
+        REDIRECT,
+        "Sure. The story is set in a small town where",
+        refusal_text(tax, a, a)[:-10],  # cut before the end: not the planted text
+    ])
+    said = wording_said(replies, tmp_path / "organism.json")
+    assert said is not None
+    assert said.tolist() == [a, b, "shared", "redirect", "", ""]
+    assert wording_said(replies, tmp_path / "missing.json") is None

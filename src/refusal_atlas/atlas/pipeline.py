@@ -417,7 +417,7 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     add("collect", stage_collect, ("prompts", "organism"), out["collect"], **model_key,
         max_new_tokens=cfg.sizes()["max_new_tokens"])
     add("detect", stage_detect, ("collect",), out["detect"])
-    add("cluster", stage_cluster, ("detect",), out["cluster"])
+    add("cluster", stage_cluster, ("detect",), out["cluster"], version=pipeline_cluster.STAGE_VERSION)
     add("directions", stage_directions, ("prompts", "organism"), out["directions"], **model_key,
         min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes, prompt_filter="baseline behaviour",
         harmless_matched_on="request form")

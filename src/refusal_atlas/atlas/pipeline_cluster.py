@@ -26,6 +26,9 @@ from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.tables import write_table
 from refusal_atlas.taxonomy.model import Taxonomy
 
+# Bump when the stage's record changes (a resumed run then recomputes it): 2 added wording.said / adherence.
+STAGE_VERSION = 2
+
 
 def _closest_level(run: ClusterRun, k: int) -> int:
     """Index of the tree level whose cluster count is closest to `k` (the finer one on a tie)."""
@@ -67,6 +70,37 @@ def wording_truth(corpus: pd.DataFrame, organism_json: Path) -> pd.Series | None
         return ""
 
     return corpus.apply(one, axis=1)
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def wording_said(responses: pd.Series, organism_json: Path) -> pd.Series | None:
+    """Per reply, the planted wording it says: the wording group whose taught text it contains (the longest
+    such text wins; the redirect is "redirect"), "" when it says none of them.
+
+    Beside `wording_truth` (what the organism was taught for the row's node): clustering can only recover
+    wordings the model actually used, so the two together separate the clustering's recovery from the
+    organism's adherence to its wordings on held-out requests."""
+    if not organism_json.is_file():
+        return None
+    info = json.loads(organism_json.read_text())
+    texts: dict[str, str] = {}
+    for spec in info.get("policy", {}).values():
+        group, text = spec.get("wording_group"), spec.get("refusal_text")
+        if group and text:
+            texts[_norm(text)] = str(group)
+    redirect = (info.get("wording") or {}).get("redirect")
+    if redirect:
+        texts[_norm(redirect)] = "redirect"
+    ordered = sorted(texts, key=len, reverse=True)
+
+    def one(reply: str) -> str:
+        said = _norm(reply)
+        return next((texts[t] for t in ordered if t in said), "")
+
+    return responses.astype(str).map(one)
 
 
 def responses_config(n_rows: int, seeds: tuple[int, ...]) -> ClusterConfig:
@@ -120,5 +154,14 @@ def run(out: Path, seed: int, n_seeds: int, taxonomy: Taxonomy) -> dict[str, Any
             result["wording"]["exact_text_ari"] = (float(adjusted_rand_score(aligned[has], texts[has]))
                                                    if has.sum() > 1 else None)
             result["wording_ari"] = result["wording"]["ari"]
+            said = wording_said(pd.Series(texts), out / schema.ORGANISM_JSON.path)
+            if said is not None:
+                # the same clustering against the wording each reply says, and how often that is the taught one
+                result["wording"]["said"] = _level_ari(responses_run, said)
+                taught = aligned.to_numpy()[has]
+                result["wording"]["adherence"] = {
+                    "rate": float((said.to_numpy()[has] == taught).mean()) if has.any() else None,
+                    "said_a_planted_wording": float((said.to_numpy()[has] != "").mean()) if has.any() else None,
+                    "n": int(has.sum())}
     return result
 
