@@ -250,3 +250,24 @@ def test_the_report_of_a_real_run_renders_every_section(real_run):
         body = body[: body.index("</section>")]
         assert "not run" not in body, anchor  # these stages always run
     assert len(re.findall(r"<div class=.figure.", page)) >= 4
+
+
+def test_refusal_clusters_show_the_planted_wording_known_answer(atlas, tmp_path):
+    """With the organism's wording figures in the cluster stage's record, the refusal-wording part states them
+    (what the replies say, what was taught, adherence with its n); without them it states nothing."""
+    out = tmp_path / "wording-atlas"
+    shutil.copytree(atlas, out)
+    clusters = build_report(out).read_text(encoding="utf-8")
+    clusters = clusters[clusters.index("<section id='clusters'>"):]
+    assert "<h3>Refusal wordings</h3>" in clusters and "Known answer" not in clusters
+    record = {"key": "k", "seconds": 1.0, "result": {"wording": {
+        "ari": -0.047, "exact_text_ari": -0.057, "n": 65, "said": {"ari": 0.987, "groups": 4, "n": 75},
+        "adherence": {"rate": 0.6, "said_a_planted_wording": 0.892, "n": 65}}}}
+    (out / ".stages" / "cluster.json").write_text(json.dumps(record), encoding="utf-8")
+    page = build_report(out).read_text(encoding="utf-8")
+    part = page[page.index("<h3>Refusal wordings</h3>"):]
+    part = part[:part.index("</section>")]
+    assert "Known answer (the organism's planted wordings)" in part
+    for figure in ("ARI 0.987 (4 wordings, n = 75)", "ARI -0.047", "exact texts: -0.057", "in 0.600 of 65",
+                   "some planted wording in 0.892"):
+        assert figure in part, figure

@@ -114,4 +114,22 @@ def section_clusters(store: AtlasStore, figs: Figures) -> str:
                      "clustered: how many distinct ways does the model refuse?</p>")
         parts.append(_cluster_view_html(store, responses, figs, "Cluster map of the refusals (responses)",
                                         mapped=False))
+        parts.append(_planted_wordings(store))
     return "".join(parts)
+
+
+def _planted_wordings(store: AtlasStore) -> str:
+    """The organism's known answer for the refusal clusters: what each reply says vs what was taught (numbers only)."""
+    wording = ((store.stage_records.get("cluster") or {}).get("result") or {}).get("wording") or {}
+    if not wording:
+        return ""
+    said, adherence = wording.get("said") or {}, wording.get("adherence") or {}
+    return ("<p class='small'><b>Known answer (the organism's planted wordings).</b> These clusters against the "
+            f"planted wording each reply says: ARI {fmt(said.get('ari'))} ({fmt(said.get('groups'))} wordings, "
+            f"n = {fmt(said.get('n'))}); against the wording taught for the request's node: ARI "
+            f"{fmt(wording.get('ari'))} (exact texts: {fmt(wording.get('exact_text_ari'))}; "
+            f"n = {fmt(wording.get('n'))}). "
+            f"The reply says the wording taught for its node in {fmt(adherence.get('rate'))} of "
+            f"{fmt(adherence.get('n'))} refused requests, some planted wording in "
+            f"{fmt(adherence.get('said_a_planted_wording'))}: clustering recovers what the model says; how far that "
+            "is what it was taught is the organism's adherence.</p>")
