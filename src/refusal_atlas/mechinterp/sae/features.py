@@ -88,13 +88,12 @@ def attributions(
     sae_dev = sae.to(device)
     out = torch.zeros(len(ids), sae.cfg.d_sae)
     slot: dict[str, Any] = {"alpha": 1.0}
+    if baseline is not None and reference_states is not None:
+        raise AtlasError("attribution takes a fixed baseline or reference weights, not both")
     base = baseline.detach().float().flatten().to(device) if baseline is not None else None
     if base is not None and base.numel() != sae.cfg.d_sae:
         raise AtlasError(f"attribution baseline has {base.numel()} values; the SAE has {sae.cfg.d_sae} latents")
     alphas = [1.0] if steps == 1 else [(i + 0.5) / steps for i in range(steps)]
-
-    if base is not None and reference_states is not None:
-        raise AtlasError("attribution takes a fixed baseline or reference weights, not both")
 
     def splice(module: nn.Module, args: Any, output: Any) -> Any:
         h = hidden_from_output(output)
@@ -105,12 +104,12 @@ def attributions(
             return None
         error = x - sae_dev.decode(f, x)  # kept whole at every point of the path
         alpha = slot["alpha"]
-        # at alpha 1 the path's end is f itself (not base + (f - base)): the forward value stays exactly h
         start = (slot["reference"] if reference_states is not None else
                  torch.zeros_like(f) if base is None else base.expand_as(f))
+        # at alpha 1 the path's end is f itself (not start + (f - start), which rounds), so the forward value is
+        # exactly h; gradient reaches the model only through the latents
         f_path = (f.clone() if alpha == 1.0 else start + alpha * (f - start)).requires_grad_(True)
         slot["f"], slot["f_full"] = f_path, f - start
-        # at alpha 1 the forward value is exactly h; gradient reaches the model only through the latents
         return replace_hidden(output, (sae_dev.decode(f_path, x) + error).to(h.dtype))
 
     use_pos = accepts_position_ids(lm.model)
