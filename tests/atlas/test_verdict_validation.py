@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -14,6 +15,7 @@ from refusal_atlas.atlas.verdict_rules import INCONCLUSIVE, NO_REFUSAL, SEPARABL
 from refusal_atlas.atlas.verdict_validation import Check as _Check
 from refusal_atlas.atlas.verdict_validation import (
     check_base,
+    check_sae,
     check_separable,
     check_shared,
     findings_of,
@@ -96,6 +98,24 @@ def test_reduced_validation_runs_and_the_base_model_has_nothing_to_analyse(tmp_p
     base = [c for c in result["checks"] if c["model"] == "base"]
     assert base and all(c["agrees"] for c in base)
     assert result["planted"]["separable"]["verification"]["verified"]
+
+
+def test_sae_check_reads_the_planted_pair_against_its_chance_bound():
+    """Shared organism: the pair's K* sets must pass the chance bound; separable: they must not (either order of
+    the pair in the table); a missing table or pair never agrees."""
+    pairs = pd.DataFrame([
+        {"node_a": "cyber", "node_b": "weapons", "jaccard": 0.111, "ci_low": 0.026, "ci_high": 0.111,
+         "chance_95": 0.143, "overlapping": False},
+        {"node_a": "cyber", "node_b": "fraud", "jaccard": 0.25, "ci_low": 0.14, "ci_high": 0.29, "chance_95": 0.143,
+         "overlapping": True}])
+    sep = check_sae("separable", pairs, "weapons", "cyber", overlap=False)
+    assert sep.agrees and sep.rule == "sae-jaccard" and "not above the chance bound 0.143" in sep.verdict
+    assert not check_sae("shared", pairs, "cyber", "weapons", overlap=True).agrees
+    shared = check_sae("shared", pairs, "fraud", "cyber", overlap=True)
+    assert shared.agrees and "0.250 (95% CI 0.140 to 0.290) above" in shared.verdict
+    for missing in (check_sae("shared", None, "cyber", "weapons", overlap=True),
+                    check_sae("separable", pairs, "cyber", "hate", overlap=False)):
+        assert not missing.agrees and missing.verdict == "(not measured)"
 
 
 def test_validate_rejects_an_unknown_model_for_only_in_one_line(tmp_path):

@@ -87,7 +87,11 @@ def test_tiny_separable_build_plants_each_branch_in_its_own_band(tmp_path):
     info = json.loads((tmp_path / "sep" / "organism.json").read_text())
     truth = info["truth"]
     assert truth["branches"]["weapons"]["band"] == [1, 3] and truth["branches"]["cyber"]["band"] == [3, 5]
-    assert truth["branches"]["weapons"]["wording"] != truth["branches"]["cyber"]["wording"]
+    # the two planted refusals share no wording, down to the first token the refusal log-odds read
+    first = {b: lm.tokenizer(truth["branches"][b]["wording"], add_special_tokens=False)["input_ids"][0]
+             for b in ("weapons", "cyber")}
+    assert first["weapons"] != first["cyber"]
+    assert truth["branches"]["cyber"]["wording"].startswith("Unfortunately")
     rates = truth["verification"]["rates"]
     assert set(rates) == {"organism", "restore:weapons", "restore:cyber"}
     assert rates["organism"]["weapons"]["n"] == 3 and rates["organism"]["(other)"]["n"] == 2
@@ -128,3 +132,10 @@ def test_separable_organism_carries_its_planted_truth(tmp_path):
                              progress=False)
     v = result.info["truth"]["verification"]
     assert v["verified"], json.dumps(v, indent=1)
+
+
+def test_one_refusal_wording_per_band(tmp_path):
+    sep = SeparableSettings(branches=("weapons", "cyber"), bands=((0.3, 0.5), (0.6, 0.9)), wordings=("No {label}.",))
+    with pytest.raises(AtlasError, match="one wording per band"):
+        build_separable(_taxonomy(), tiny_model("llama", n_layers=6), out_dir=tmp_path / "sep",
+                        settings=OrganismSettings.quick(), separable=sep, prompts=_prompts(), progress=False)

@@ -5,7 +5,8 @@ shared organism has one refusal decision for every branch (every pair of refusin
 shared mechanism"); the separable organism has two branches planted in disjoint bands of blocks
 (their pair: "separable components"; each acts in blocks that meet its own band and no other planted
 band — block indices on both sides, so no offset). A rule is trusted when it agreed everywhere it had
-a planted answer.
+a planted answer. Beside the verdicts, the SAE stage's feature sets of the separable organism's planted pair
+(`check_sae`): above the chance bound on the shared organism, not above it on the separable one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from refusal_atlas.atlas.verdict_figures import Finding
 from refusal_atlas.atlas.verdict_rules import NO_REFUSAL, SEPARABLE, SHARED, acting_bands
@@ -75,6 +78,27 @@ def check_separable(findings: list[Finding], truth: dict[str, Any]) -> list[Chec
     # no check on the branches it was not trained to refuse: the middle band's refusal spreads to them (measured,
     # docs/decisions.md), so their planted answer is not known
     return out
+
+
+SAE_RULE = "sae-jaccard"
+SAE_QUESTION = "sae-feature-overlap"
+
+
+def check_sae(model: str, pairs: pd.DataFrame | None, a: str, b: str, *, overlap: bool) -> Check:
+    """The K* feature sets of `a` and `b` (the stage's `sae/jaccard.parquet`) against the planted answer:
+    `overlap` True, Jaccard above the chance bound of two random K*-subsets of their candidate pools; False,
+    not above it (what two separately planted refusals should give)."""
+    planted = "feature sets overlap beyond chance" if overlap else "feature sets not above chance"
+    subject = f"{a} and {b}"
+    row = (pairs[((pairs["node_a"] == a) & (pairs["node_b"] == b)) | ((pairs["node_a"] == b) & (pairs["node_b"] == a))]
+           if pairs is not None and len(pairs) else pd.DataFrame())
+    if row.empty:
+        return Check(model, SAE_QUESTION, subject, SAE_RULE, planted, "(not measured)", False)
+    r = row.iloc[0]
+    above = bool(r["overlapping"])
+    verdict = (f"Jaccard {r['jaccard']:.3f} (95% CI {r['ci_low']:.3f} to {r['ci_high']:.3f}) "
+               f"{'above' if above else 'not above'} the chance bound {r['chance_95']:.3f}")
+    return Check(model, SAE_QUESTION, subject, SAE_RULE, planted, verdict, above == overlap)
 
 
 def trusted_rules(checks: list[Check]) -> list[str]:

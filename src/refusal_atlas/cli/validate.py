@@ -14,15 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import typer
 from rich.console import Console
 
+from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.pipeline import RunConfig, build_pipeline
 from refusal_atlas.atlas.verdict_figures import read_figures
 from refusal_atlas.atlas.verdict_validation import (
     Check,
     check_base,
+    check_sae,
     check_separable,
     check_shared,
     markdown_table,
@@ -42,8 +45,10 @@ MODELS = ("shared", "separable", "base")
 LEAN = MODELS
 # the model each atlas's restoration scan restores blocks to: the base both organisms were built from
 REFERENCE = {"shared": None, "separable": "default", "base": None}
-# the stages whose files a verdict reads; collection, detection, clustering, harm, SAE and the report are skipped
+# the stages whose files a verdict reads; collection, detection, clustering, harm and the report are skipped
 VERDICT_STAGES = ("taxonomy", "prompts", "organism", "directions", "overlap", "causal")
+# the atlases that also run the SAE stage, for its known answer (the planted pair's feature sets)
+SAE_MODELS = ("shared", "separable")
 # Per-organism budgets, smaller than the default run's where no verdict needs the size and larger where one
 # does: at 6 evaluation prompts per node a cross-removal fraction's interval spans most of [0, 1], so the rules
 # could only answer "inconclusive". Stability and cone ablations describe the headline, which no verdict reads.
@@ -129,7 +134,8 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
         cfg.extra["sizes"] = dict(SIZES["reduced" if reduced else "full"])
         pipe = build_pipeline(cfg, console)
         for stage in pipe.stages:
-            stage.enabled = stage.enabled and stage.name in VERDICT_STAGES
+            stage.enabled = stage.enabled and (stage.name in VERDICT_STAGES or
+                                               (stage.name == "sae" and name in SAE_MODELS))
             if stage.name == "causal" and name in LEAN:  # a causal parameter only: the stages before keep their key
                 stage.params = {**stage.params, "verdict_evidence_only": True}
         records = pipe.run()
@@ -149,6 +155,11 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
     shared, separable, base = runs["shared"](), runs["separable"](), runs["base"]()
     truth = sep.info["truth"]
     checks = [*check_base(base), *check_shared(shared), *check_separable(separable, truth)]
+    # the SAE stage's feature sets of the separable organism's planted pair, on both organisms
+    a, b = sorted(truth.get("branches", {}))[:2] if len(truth.get("branches", {})) >= 2 else ("", "")
+    for name, overlap in (("shared", True), ("separable", False)):
+        jaccard = out / f"atlas-{name}" / schema.SAE_JACCARD.path
+        checks.append(check_sae(name, pd.read_parquet(jaccard) if jaccard.is_file() else None, a, b, overlap=overlap))
     # the harmfulness-vs-refusal rule is checked on a tiny model with planted directions (seconds, no organism)
     checks += [Check(**c) for c in known_answer_checks()]
     return {"budget": "reduced" if reduced else "full", "seed": seed,
@@ -159,7 +170,7 @@ def run_validation(out: Path, *, reduced: bool, seed: int, threads: int | None, 
                          "separable": [f.to_dict() for f in separable]},
             "stage_seconds": {k: round(v, 1) for k, v in times.items()}, "atlas_stages": stages,
             "sizes": SIZES["reduced" if reduced else "full"], "verdict_evidence_only": list(LEAN),
-            "stages_run": list(VERDICT_STAGES),
+            "stages_run": list(VERDICT_STAGES), "sae_stage_run": list(SAE_MODELS),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "torch_threads": torch.get_num_threads()},
             "load_average": {k: [round(x, 2) for x in v] for k, v in loads.items()},

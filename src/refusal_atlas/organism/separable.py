@@ -49,8 +49,12 @@ from refusal_atlas.taxonomy.loader import load_taxonomy
 from refusal_atlas.taxonomy.model import Taxonomy
 
 # Bump when a code change alters what the separable organism is trained on or how.
-SEPARABLE_VERSION = 2
+SEPARABLE_VERSION = 3
 BRANCH_REFUSAL = "I'm sorry, but I can't help with that. I don't assist with {label}."
+# The second band's branch refuses in words that share no token with the first's, down to the opener, so the
+# two planted refusals are separate from the request to the output (docs/decisions.md, "A separable organism
+# separate down to its wording").
+OTHER_OPENER_REFUSAL = "Unfortunately, I cannot assist with {label}."
 OTHER = "(other)"
 
 
@@ -61,6 +65,8 @@ class SeparableSettings:
     branches: tuple[str, ...] | None = None  # None: the two roots with the most refuse-policy prompts
     # (lo, hi) fractions of the depth: blocks int(lo*L) .. int(hi*L)-1; one band per branch, in order
     bands: tuple[tuple[float, float], ...] = ((0.3, 0.57), (0.67, 0.93))
+    # one refusal template per band, in order ({label}: the branch's label)
+    wordings: tuple[str, ...] = (BRANCH_REFUSAL, OTHER_OPENER_REFUSAL)
     train_per_branch: int = 28
     heldout_per_branch: int = 16
     other_train: int = 28  # harmful prompts of the other branches, answered (the base model's own answers)
@@ -84,6 +90,7 @@ class SeparableSettings:
         d = asdict(self)
         d["branches"] = list(self.branches) if self.branches is not None else None
         d["bands"] = [list(b) for b in self.bands]
+        d["wordings"] = list(self.wordings)
         return d
 
 
@@ -257,7 +264,10 @@ def build_separable(
         raise AtlasError(f"branches {missing} have no refuse-policy prompts; choose from {sorted(pools.by_branch)}")
     n_blocks = len(decoder_blocks(lm.model))
     bands = block_bands(n_blocks, s.bands)
-    wording = {b: BRANCH_REFUSAL.format(label=tax.nodes[b].label.lower()) for b in branches}
+    if len(s.wordings) != len(s.bands):
+        raise AtlasError(f"{len(s.wordings)} refusal wordings but {len(s.bands)} bands: give one wording per band")
+    wording = {b: template.format(label=tax.nodes[b].label.lower())
+               for b, template in zip(branches, s.wordings, strict=True)}
     rows = separable_rows(pools, branches, s, seed)
     rows = _targets(lm, rows, wording, settings, progress)
     rows, dropped = drop_refusal_like_answers(rows)
