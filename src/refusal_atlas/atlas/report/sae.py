@@ -25,9 +25,10 @@ SAE_HOW = ("A sparse autoencoder trained on the model's own chat activations at 
            "term kept) should remove its refusal: the cross-clamp heatmap sits beside the cross-ablation heatmap of "
            "the directions. Two nodes' feature sets are distinct when their Jaccard's bootstrap upper bound is below "
            "both nodes' self-agreement, overlapping when it exceeds what two random K* subsets of their candidates "
-           "share. Not a verdict: on the known-answer organisms the feature sets at one late layer overlapped for a "
-           "planted shared refusal and for two planted separate ones alike (both end in the same refusal wording), so "
-           "read overlap as shared latents, not as one mechanism (README, 'SAE features').")
+           "share. Not a verdict: on the known-answer organisms the planted pair's sets overlap for one shared refusal "
+           "and stay at chance for two refusals planted apart down to their wording, but two refusals planted in "
+           "separate blocks that end in the same words overlapped as well — read overlap as shared latents (often "
+           "the refusal's own wording), not as one mechanism (README, 'SAE features').")
 PER_NODE = 5
 
 
