@@ -85,6 +85,20 @@ def test_small_corpus_falls_back_to_agglomerative(data):
     assert adjusted_rand_score(df["group"].iloc[pick], res.labels) == 1.0
 
 
+def test_paraphrases_of_one_request_are_one_cluster_not_outliers():
+    # twenty re-wordings collapse to a representative or two; their rows still count as a group
+    texts = [f"How do I pick the lock on door number {i}?" for i in range(20)]
+    x = Embedder(cache=False).encode(texts)
+    res = ClusterPipeline(ClusterConfig(layout_2d=False)).fit(x, texts)
+    assert res.method == "agglomerative-fallback"
+    assert res.n_clusters == 1 and (res.labels != OUTLIER).all()
+    # and one unrelated request alone stays an outlier: weights do not make singletons clusters
+    odd = ["Name three jazz pianists."]
+    res = ClusterPipeline(ClusterConfig(layout_2d=False)).fit(
+        np.vstack([x, Embedder(cache=False).encode(odd)]), texts + odd)
+    assert res.labels[-1] == OUTLIER and (res.labels[:-1] != OUTLIER).all()
+
+
 def test_outlier_reassignment_is_recorded(data):
     df, x = data
     odd = ["Translate 'good morning' into Japanese.", "What is 17 times 23?", "Name three jazz pianists."]

@@ -221,9 +221,12 @@ class ClusterPipeline:
     def fit(self, x: np.ndarray, texts: Sequence[str]) -> ClusterResult:
         return self._fit(x, texts, describe=True)
 
-    def _fit_leaves(self, xf: np.ndarray, timings: dict[str, float]
+    def _fit_leaves(self, xf: np.ndarray, timings: dict[str, float], weights: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray, str, KnnGraph | None, np.ndarray | None]:
-        """Consensus leaf labels of the fitted rows (canonical order), confidence, method, graph, seed runs."""
+        """Consensus leaf labels of the fitted rows (canonical order), confidence, method, graph, seed runs.
+
+        `weights`: rows each fitted row stands for (its near-duplicates); only the small-corpus fallback
+        reads them (a density clustering of representatives is meant not to count re-wordings, see `dedup`)."""
         c = self.config
         n_fit = len(xf)
         if n_fit == 0:
@@ -231,7 +234,7 @@ class ClusterPipeline:
         if n_fit < c.n_neighbors + 2:
             t = time.perf_counter()
             labels_f = AgglomerativeFallback(c.fallback_distance, max(2, min(c.min_cluster_size, 2))
-                                             ).fit_predict(xf)
+                                             ).fit_predict(xf, weights)
             timings["cluster_s"] = time.perf_counter() - t
             return labels_f, (labels_f != OUTLIER).astype(np.float32), "agglomerative-fallback", None, None
         t = time.perf_counter()
@@ -309,7 +312,9 @@ class ClusterPipeline:
         timings["dedup_s"] = time.perf_counter() - t
         xf = x[fit_pos]
         n_fit = len(fit_pos)
-        labels_f, conf_f, method, knn, seed_runs = self._fit_leaves(xf, timings)
+        scanned_group = collapse.group[collapse.group >= 0]
+        weights = np.bincount(scanned_group, minlength=n_fit).astype(np.float64)
+        labels_f, conf_f, method, knn, seed_runs = self._fit_leaves(xf, timings, weights)
         if method == "consensus-umap-hdbscan" and c.split_depth > 0:
             t = time.perf_counter()
             labels_f = self._split_large(xf, labels_f, c.split_depth)

@@ -227,15 +227,19 @@ class AgglomerativeFallback:
     def __init__(self, distance_threshold: float = 0.6, min_size: int = 2) -> None:
         self.distance_threshold, self.min_size = distance_threshold, min_size
 
-    def fit_predict(self, x: np.ndarray) -> np.ndarray:
+    def fit_predict(self, x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """Labels of the rows of `x`; `weights` (rows each stands for, e.g. its near-duplicates) count
+        towards `min_size`, so twenty paraphrases of one request collapsed to one row are still a group."""
+        w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
         if len(x) < 2:
-            return np.full(len(x), OUTLIER, dtype=np.int64)
-        # heavy dependency (slow to import), loaded only when this runs
-        from sklearn.cluster import AgglomerativeClustering
+            labels = np.zeros(len(x), dtype=np.int64)
+        else:
+            # heavy dependency (slow to import), loaded only when this runs
+            from sklearn.cluster import AgglomerativeClustering
 
-        labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
-                                         distance_threshold=self.distance_threshold).fit_predict(x)
-        sizes = np.bincount(labels)
+            labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                             distance_threshold=self.distance_threshold).fit_predict(x)
+        sizes = np.bincount(labels, weights=w) if len(x) else np.zeros(0)
         return np.where(sizes[labels] >= self.min_size, labels, OUTLIER).astype(np.int64)
 
 
