@@ -282,3 +282,14 @@ def test_disconnected_graph_falls_back_to_per_seed_initialisation():
     reducer = UmapReducer(n_components=2, n_epochs=20)
     assert reducer.initial_layout(x, knn, 2) is None
     assert reducer.fit_transform(x, knn, seed=0).shape == (40, 2)
+
+
+def test_cluster_names_put_a_phrase_in_place_of_its_words():
+    from refusal_atlas.curation.cluster_describe import cluster_name
+
+    # c-TF-IDF ranks a phrase after its own words as often as before them
+    assert cluster_name(["instructions", "detailed", "detailed instructions", "gun", "use"]) == \
+        "detailed instructions / gun / use"
+    assert cluster_name(["nerve gas", "nerve", "gas", "pipe bomb", "pipe"]) == "nerve gas / pipe bomb"
+    assert cluster_name(["a", "b", "c", "d", "b c"]) == "a / b c / d"
+    assert cluster_name([]) == ""

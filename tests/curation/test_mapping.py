@@ -132,3 +132,27 @@ def test_cli_map(runs, tmp_path):
     assert "ARI 1.000" in result.output and (tmp_path / "m" / "mapping.json").is_file()
     missing = CliRunner().invoke(app, ["curate", "map", str(tmp_path), "--taxonomy", str(tax_dir)])
     assert missing.exit_code != 0
+
+
+def test_map_folder_names_clusters_by_node_and_colours_the_map_by_node(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_ATLAS_CACHE", str(tmp_path / "cache"))
+    df = planted().drop(columns=["node"])
+    df.to_parquet(tmp_path / "c.parquet")
+    run = cluster_corpus(tmp_path / "c.parquet", tmp_path / "run", text_column="prompt",
+                         config=ClusterConfig(min_cluster_size=10), stability_runs=0)
+    tax_dir = tmp_path / "tax"
+    tax_dir.mkdir()
+    YAML().dump({"nodes": [n.to_yaml_dict() for n in NODES]}, tax_dir / "01-nodes.yaml")
+    _, _, written = map_folder(run.folder, tax_dir, tmp_path / "out")
+    data = json.loads(written["mapping"].read_text())
+    by_group = {_group_of(run, c["cluster"]): c for c in data["clusters"]}
+    assert by_group["hacking"]["node_label"] == "Cyber intrusion"
+    assert by_group["hacking"]["name"] == f"Cyber intrusion: {by_group['hacking']['keywords_name']}"
+    cooking = by_group["cooking"]
+    assert cooking["node_label"] == "" and cooking["name"] == cooking["keywords_name"]
+    # the map's legend: one entry per mapped node, the unmatched cluster under its own keywords
+    page = written["map"].read_text(encoding="utf-8")
+    assert "Cyber intrusion (cyber)" in page and "Gardening (horticulture)" in page
+    # (plotly writes "/" as "\u002f" inside the page's JSON)
+    own = f"{by_group['cooking']['cluster']}: {by_group['cooking']['keywords_name']} (no node)"
+    assert own.replace("/", "\\u002f") in page

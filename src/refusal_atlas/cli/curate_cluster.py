@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from refusal_atlas.curation.cluster import ClusterConfig
 from refusal_atlas.curation.cluster_run import cluster_corpus
 from refusal_atlas.curation.cluster_store import ASSIGNMENTS
 from refusal_atlas.curation.map_folder import map_folder
+from refusal_atlas.curation.proposals import clean_text
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import check_not_same_file
 
@@ -89,14 +91,17 @@ def map_clusters(
 
     mapping, proposed, written = map_folder(clusters, taxonomy, out, embedder=embedder,
                                             min_score={"similarity": min_similarity, "label_majority": min_share})
-    for link in mapping.links:
+    names = json.loads(written["mapping"].read_text(encoding="utf-8"))["clusters"]
+    for link, entry in zip(mapping.links, names, strict=True):
         best = f"{link.best[0]} ({link.best[1]:.2f}, {link.method})" if link.best else "-"
-        typer.echo(f"cluster {link.cluster:>3} ({link.size:>5} rows): {best}{'' if link.fits else '  [no fit]'}")
+        typer.echo(f"cluster {link.cluster:>3} ({link.size:>5} rows): {best}{'' if link.fits else '  [no fit]'}"
+                   f" · {clean_text(entry.get('name', ''), 120)}")
     agree = mapping.agreement
     if "ari" in agree:
         typer.echo(f"clusters vs nodes on {agree['rows_with_node']} labelled rows: ARI {agree['ari']:.3f}, "
                    f"NMI {agree['nmi']:.3f}")
-    typer.echo(f"wrote {written['mapping']}")
+    typer.echo(f"wrote {written['mapping']}" + (f" and {written['map']} (coloured by mapped node)"
+                                                 if "map" in written else ""))
     if proposed:
         typer.echo(f"{len(proposed)} proposed node(s) in {written['proposals']} "
                    "(copy into a taxonomy folder, then `refusal-atlas taxonomy accept ID`)")

@@ -48,23 +48,24 @@ def ctfidf_keywords(texts: Sequence[str], labels: np.ndarray, n_keywords: int = 
 
 
 def cluster_name(keywords: Sequence[str], n: int = 3) -> str:
-    """Up to `n` of the best keywords as a name, phrases first: a word already inside a chosen phrase is skipped.
+    """Up to `n` of the best keywords as a name, a phrase in place of its own words.
 
-    c-TF-IDF ranks "nerve gas", "nerve" and "gas" side by side; "nerve gas / pipe bomb" reads
-    better than "nerve gas / nerve / gas".
+    c-TF-IDF ranks "nerve gas", "nerve" and "gas" side by side, in either order; "nerve gas / pipe bomb"
+    reads better than "nerve / gas / pipe". A phrase replaces the chosen words it contains (keeping the
+    place of the first); a word or phrase inside a chosen phrase is skipped; the first `n` that remain.
     """
     chosen: list[str] = []
-    covered: set[str] = set()
     for phrase in keywords:
         words = phrase.split()
-        if set(words) <= covered:
+        if any(set(words) <= set(c.split()) for c in chosen):
             continue
-        chosen = [c for c in chosen if not (len(c.split()) == 1 and c in words)]  # the phrase replaces its word
-        chosen.append(phrase)
-        covered |= set(words)
-        if len(chosen) == n:
-            break
-    return " / ".join(chosen)
+        replaced = [i for i, c in enumerate(chosen) if len(c.split()) == 1 and c in words]
+        if replaced:
+            chosen[replaced[0]] = phrase
+            chosen = [c for i, c in enumerate(chosen) if i not in replaced[1:]]
+        else:
+            chosen.append(phrase)
+    return " / ".join(chosen[:n])
 
 
 def representatives(x: np.ndarray, labels: np.ndarray, texts: Sequence[str], k: int = 5) -> dict[int, list[int]]:

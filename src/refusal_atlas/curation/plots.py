@@ -43,16 +43,28 @@ def _cluster_name(c: int, keywords: dict[int, list[str]]) -> str:
 def cluster_map(xy: np.ndarray, labels: np.ndarray, texts: list[str], keywords: dict[int, list[str]],
                 title: str = "clusters (UMAP 2-D)") -> Any:
     """Scatter of the 2-D layout, one trace per cluster (outliers grey), hover = escaped text."""
+    names = {c: _cluster_name(c, keywords) for c in set(labels.tolist())}
+    return grouped_map(xy, labels, texts, names, title)
+
+
+def grouped_map(xy: np.ndarray, labels: np.ndarray, texts: list[str], names: dict[int, str],
+                title: str) -> Any:
+    """Scatter of the 2-D layout, one trace per *name* (clusters sharing a name — e.g. mapped to one taxonomy
+    node — share a colour); outliers grey. `names` are HTML-escaped by the caller; hover text is escaped here."""
     # heavy dependency (slow to import), loaded only when this runs
     import plotly.graph_objects as go
 
-    fig = go.Figure()
+    groups: dict[str, list[int]] = {}
     for c in sorted(set(labels.tolist())):
-        idx = np.flatnonzero(labels == c)
+        groups.setdefault("outliers" if c == -1 else names.get(c, str(c)), []).append(c)
+    fig = go.Figure()
+    for name, members in sorted(groups.items(), key=lambda kv: (kv[0] == "outliers", min(kv[1]))):
+        idx = np.flatnonzero(np.isin(labels, members))
         fig.add_trace(go.Scattergl(
-            x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=_cluster_name(c, keywords),
-            text=[escape_hover(texts[i]) for i in idx], hovertemplate="%{text}<extra>%{fullData.name}</extra>",
-            marker={"size": 5, "opacity": 0.75, **({"color": "lightgrey"} if c == -1 else {})},
+            x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=name,
+            text=[escape_hover(f"[cluster {labels[i]}] {texts[i]}") for i in idx],
+            hovertemplate="%{text}<extra>%{fullData.name}</extra>",
+            marker={"size": 5, "opacity": 0.75, **({"color": "lightgrey"} if name == "outliers" else {})},
         ))
     fig.update_layout(title=html.escape(title), template="plotly_white", legend={"itemsizing": "constant"},
                       xaxis={"showticklabels": False}, yaxis={"showticklabels": False})
