@@ -26,8 +26,9 @@ from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.tables import write_table
 from refusal_atlas.taxonomy.model import Taxonomy
 
-# Bump when the stage's record changes (a resumed run then recomputes it): 2 added wording.said / adherence.
-STAGE_VERSION = 2
+# Bump when the stage's record changes (a resumed run then recomputes it): 2 added wording.said / adherence;
+# 3: cluster names put a phrase in place of its words, mapping.json names, the near-duplicate-weighted fallback.
+STAGE_VERSION = 3
 
 
 def _closest_level(run: ClusterRun, k: int) -> int:
