@@ -247,3 +247,24 @@ def test_map_folder_removes_stale_proposals_when_everything_fits(run, tmp_path):
     assert not mapping.unmatched() and proposed == []
     assert not (tmp_path / "out" / "proposals.yaml").exists()
     assert json.loads((tmp_path / "out" / "mapping.json").read_text())["review"]["proposals"] == []
+
+
+def test_proposals_from_refusals_labelled_by_request_take_the_requests_as_examples(tmp_path, monkeypatch, taxonomy):
+    # refusals grouped by their wording, named by what was asked (`--label-by objective`): a node's examples
+    # are requests, so a proposal takes the `objective` texts, never the refusals
+    monkeypatch.setenv("REFUSAL_ATLAS_CACHE", str(tmp_path / "cache"))
+    df = planted().drop(columns=["node"]).rename(columns={"prompt": "objective"})
+    df = df[df["group"].isin(["weapons", "cooking"])].reset_index(drop=True)
+    df["reply"] = [f"I'm sorry, I can't help with {'weapons' if g == 'weapons' else 'recipes'} (case {i})."
+                   for i, g in enumerate(df["group"])]
+    df["refused"] = True
+    df["harmful"] = df["group"] == "weapons"
+    df.to_parquet(tmp_path / "replies.parquet")
+    run = cluster_corpus(tmp_path / "replies.parquet", tmp_path / "clusters", text_column="reply",
+                         label_column="objective", config=ClusterConfig(min_cluster_size=10, layout_2d=False),
+                         stability_runs=0)
+    review = review_clusters(run, map_clusters(run, taxonomy), taxonomy)
+    assert review.proposals
+    for proposal in review.proposals:
+        assert proposal.node.examples and set(proposal.node.examples) <= set(df["objective"])
+        assert set(proposal.evidence.examples) <= set(df["objective"])

@@ -230,12 +230,14 @@ def observed_behaviour(refused: Rate | None) -> str:
 
 
 def _examples(run: ClusterRun, idx: np.ndarray) -> list[str]:
-    """The cluster's rows nearest its centroid (ties by row order), as prompts when the table has them."""
+    """The cluster's rows nearest its centroid (ties by row order), as requests where the table has them: its
+    `prompt` column, else the `--label-by` texts (refusals clustered, named by what was asked), else the text.
+    A node's examples are requests (organisms and `curate prompts` use them as prompts), never refusals."""
     x = run.embeddings[idx]
     centroid = x.mean(0)
     centroid /= np.linalg.norm(centroid) or 1.0
     order = np.lexsort((idx, -(x @ centroid)))
-    column = "prompt" if "prompt" in run.assignments.columns else "text"
+    column = next(c for c in ("prompt", "label_text", "text") if c in run.assignments.columns)
     values = run.assignments[column].to_numpy()
     out: list[str] = []
     for j in order:
@@ -317,8 +319,9 @@ def decide(ev: Evidence) -> tuple[Behaviour | None, str] | str:
 def review_clusters(run: ClusterRun, mapping: Mapping, taxonomy: Taxonomy | None = None) -> Review:
     """A proposal or a skip reason for every cluster that fits no node (see the module docstring)."""
     taken = set(taxonomy.nodes) if taxonomy is not None else set()
-    column = clean_text(run.meta.get("input", {}).get("text_column", "text"), 40)
     source = run.meta.get("input", {})
+    # the rows' requests where the clustering was named by them (`--label-by`), as the examples are
+    column = clean_text(source.get("label_column") or source.get("text_column", "text"), 40)
     review = Review()
     for link in mapping.unmatched():
         ev = cluster_evidence(run, link, mapping)
