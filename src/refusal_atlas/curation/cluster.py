@@ -234,7 +234,8 @@ class ClusterPipeline:
         if n_fit < c.n_neighbors + 2:
             t = time.perf_counter()
             labels_f = AgglomerativeFallback(c.fallback_distance, max(2, min(c.min_cluster_size, 2))
-                                             ).fit_predict(xf, weights)
+                                             ).fit_predict(xf, weights, self.min_size(int(weights.sum()))
+                                                           if weights is not None else None)
             timings["cluster_s"] = time.perf_counter() - t
             return labels_f, (labels_f != OUTLIER).astype(np.float32), "agglomerative-fallback", None, None
         t = time.perf_counter()

@@ -227,10 +227,13 @@ class AgglomerativeFallback:
     def __init__(self, distance_threshold: float = 0.6, min_size: int = 2) -> None:
         self.distance_threshold, self.min_size = distance_threshold, min_size
 
-    def fit_predict(self, x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-        """Labels of the rows of `x`; `weights` (rows each stands for, e.g. its near-duplicates) count
-        towards `min_size`, so twenty paraphrases of one request collapsed to one row are still a group."""
-        w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
+    def fit_predict(self, x: np.ndarray, weights: np.ndarray | None = None, min_rows: float | None = None
+                    ) -> np.ndarray:
+        """Labels of the rows of `x`: a group is kept with `min_size` rows of `x`, or — `weights` being the rows
+        each stands for (its near-duplicates) — with `min_rows` rows behind it, so twenty paraphrases of one
+        request collapsed to one row are still a group while three copies are not (at `min_rows` 10)."""
+        if len(x) == 0:
+            return np.zeros(0, dtype=np.int64)
         if len(x) < 2:
             labels = np.zeros(len(x), dtype=np.int64)
         else:
@@ -239,8 +242,10 @@ class AgglomerativeFallback:
 
             labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
                                              distance_threshold=self.distance_threshold).fit_predict(x)
-        sizes = np.bincount(labels, weights=w) if len(x) else np.zeros(0)
-        return np.where(sizes[labels] >= self.min_size, labels, OUTLIER).astype(np.int64)
+        keep = np.bincount(labels) >= self.min_size
+        if weights is not None and min_rows is not None:
+            keep |= np.bincount(labels, weights=np.asarray(weights, dtype=np.float64)) >= min_rows
+        return np.where(keep[labels], labels, OUTLIER).astype(np.int64)
 
 
 @dataclass
