@@ -96,7 +96,9 @@ class Embedder:
         keys = [text_key(t) for t in texts]
         width = self.cache.dim(keys) if self.cache is not None else None
         if width is None:
-            width = int(self.model.get_sentence_embedding_dimension() or 0)
+            # sentence-transformers ≥ 5 renamed the getter and warns on the old name
+            getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            width = int(getter() or 0)
         if out is None:
             out = np.zeros((len(texts), width), dtype=np.float32)
         elif out.shape != (len(texts), width):
