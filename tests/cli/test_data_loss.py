@@ -109,6 +109,22 @@ def test_non_text_cell_reject_keeps_the_row(monkeypatch, capsys, tmp_path):
     assert reject["record"] == {"prompt": "p2", "response": 7}
 
 
+def test_non_text_cells_are_rejects_in_clustering_not_their_repr(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("REFUSAL_ATLAS_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "r.jsonl"
+    lines = [{"prompt": f"How do I bake loaf number {i}?"} for i in range(4)]
+    lines[1], lines[2] = {"prompt": ["a", "b"]}, {"prompt": 7}
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    code, _, err = run_main(monkeypatch, capsys, "curate", "cluster", str(src), "-o", str(tmp_path / "c"),
+                            "--text", "prompt", "--stability-runs", "0")
+    assert code == 0, err
+    rejects = [json.loads(line) for line in (tmp_path / "c" / "assignments.parquet.rejects.jsonl").read_text(
+        encoding="utf-8").splitlines()]
+    assert [(r["row"], r["reason"], r["record"]) for r in rejects] == [
+        (2, "prompt is not text (list)", {"prompt": ["a", "b"]}), (3, "prompt is not text (int)", {"prompt": 7})]
+    assert pd.read_parquet(tmp_path / "c" / "assignments.parquet")["row"].tolist() == [0, 3]
+
+
 def test_repeated_texts_keep_their_counts_in_clustering():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(2, 32))

@@ -66,7 +66,7 @@ def _text(value: Any) -> str:
 
 def select_rows(df: pd.DataFrame, path: Path | str, text_column: str, only_refused: bool,
                 label_column: str | None = None) -> Selected:
-    """Rows to cluster; empty texts go to rejects with their row number (never dropped silently).
+    """Rows to cluster; empty and non-text cells go to rejects with their row number (never dropped silently).
 
     Rows left out by --only-refused are a filter the user asked for, not rejects; their count is
     recorded in clusters.json. The result's index is the 0-based input position (`row`).
@@ -83,6 +83,9 @@ def select_rows(df: pd.DataFrame, path: Path | str, text_column: str, only_refus
     for row, value in zip(df.index, df[text_column], strict=True):
         if not _text(value).strip():
             reject(rejects, source=path, row=int(row), reason=f"empty {text_column}", record=df.loc[row])
+        elif not isinstance(value, str):  # a JSON number, list or object is not a text to embed (as `detect`)
+            reject(rejects, source=path, row=int(row), reason=f"{text_column} is not text ({type(value).__name__})",
+                   record=df.loc[row])
         else:
             keep.append(row)
     selected = df.loc[keep].copy()

@@ -200,7 +200,8 @@ def read_table(path: Path | str, *, rejects: list[dict] | None = None) -> pd.Dat
                 if col in df.columns:
                     df[col] = df[col].map(_parse_list_cell)
     except UnicodeDecodeError as exc:
-        raise AtlasError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise AtlasError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8 "
+                         "(e.g. `iconv -f latin1 -t utf-8`)") from exc
     except (OSError, ValueError) as exc:  # pyarrow errors derive from these
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AtlasError(f"{path}: cannot read {fmt} table ({first})") from exc
