@@ -40,7 +40,7 @@ def cluster(
     min_cluster_fraction: float = typer.Option(0.0, "--min-cluster-fraction", min=0.0, max=0.5,
                                                help="Also require this share of the rows per cluster "
                                                     "(e.g. 0.01 for templated corpora)."),
-    seeds: int = typer.Option(8, "--seeds", min=1, help="UMAP seeds in the consensus."),
+    seeds: int = typer.Option(len(ClusterConfig().seeds), "--seeds", min=1, help="UMAP seeds in the consensus."),
     seed: int = typer.Option(0, "--seed", help="First seed block (seeds seed*1000 .. seed*1000+N-1)."),
     stability_runs: int = typer.Option(5, "--stability-runs", min=0,
                                        help="Seed re-runs and resamples for stability.json (0 = skip)."),

@@ -25,9 +25,10 @@ with MiniLM; numbers in benchmarks/results/cluster_bench.md):
   (mean / min over block pairs): 5 layouts, threshold 0.5, share 0.34 (the previous default)
   0.89 / 0.81; 10 layouts at 50 epochs 0.88; 10 layouts at 100 epochs 0.91 / 0.89; threshold 0.7
   and share 0.3 with 5 layouts 0.93 / 0.90, with 8 layouts 0.94 / 0.92, with 10 0.96 / 0.94.
-  HDBSCAN on co-association distances instead of the threshold rule: 0.90. Default: 8 layouts
-  (full pipeline over 10 seed blocks: 0.937 / 0.909, 5 % outliers, 38 clusters); BERTopic and
-  plain UMAP → HDBSCAN score 0.76 / 0.66 with 15 % outliers.
+  HDBSCAN on co-association distances instead of the threshold rule: 0.90. 8 layouts gave 0.937 / 0.909
+  over 10 seed blocks (5 % outliers, 38 clusters; BERTopic and plain UMAP → HDBSCAN 0.76 / 0.66 with 15 %
+  outliers); the default is 12, which keeps the coarser tree levels stable too (docs/decisions.md,
+  "Twelve layouts").
 * Near-duplicates (cosine ≥ `dedup_threshold`, see `dedup`) are collapsed to one representative
   before fitting and copy its cluster afterwards, so a prompt re-worded 30 times counts once and
   templated corpora no longer yield one cluster per prompt family: 6,000 re-wordings of 400

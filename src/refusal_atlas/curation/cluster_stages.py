@@ -35,7 +35,8 @@ class ClusterConfig:
     min_cluster_fraction: float = 0.0  # > 0: clusters must also hold this share of the fitted rows
     min_samples: int | None = 5
     selection: str = "eom"  # HDBSCAN's cluster choice per layout ("eom" or "leaf"); large clusters are split after
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    # 12 layouts: seed-to-seed ARI at k ≥ 0.9 on Do-Not-Answer as on HarmBench (docs/decisions.md, session 13)
+    seeds: tuple[int, ...] = tuple(range(12))
     consensus_threshold: float = 0.7
     neighbour_share: float = 0.3
     max_fit: int = 5000
