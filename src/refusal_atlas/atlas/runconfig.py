@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from refusal_atlas.curation.cluster_stages import ClusterConfig
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.taxonomy.loader import load_taxonomy
 from refusal_atlas.taxonomy.model import Taxonomy
@@ -64,7 +65,7 @@ class RunConfig:
             sizes = {"per_node_train": 24, "per_node_eval": 6, "harmless_train": 64, "harmless_eval": 16,
                      "per_node_val": 3, "harmless_val": 16,
                      "max_nodes": self.max_nodes or 6, "collect_limit": 144, "max_new_tokens": self.max_new_tokens,
-                     "cluster_seeds": 8, "condition_per_node": 32, "max_prompt_chars": 320}
+                     "cluster_seeds": len(ClusterConfig().seeds), "condition_per_node": 32, "max_prompt_chars": 320}
         return {**sizes, **self.extra.get("sizes", {})}
 
 
