@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from refusal_atlas.atlas.pipeline import RunConfig, analysis_nodes, assign_analysis_nodes, run
+from refusal_atlas.curation.cluster import ClusterConfig
 from refusal_atlas.lm.testing import tiny_model
 from refusal_atlas.taxonomy.loader import load_taxonomy
 
@@ -250,3 +251,8 @@ def test_direction_prompts_are_filtered_by_baseline_behaviour(monkeypatch):
     harmless = table[~table["harmful"]]
     assert len(harmless) == 10 and not harmless["baseline_refused"].any()
     assert info == {"harmful_not_refused": 14, "harmless_refused": 1, "candidates": 36, "unfiltered_nodes": ["b"]}
+
+
+def test_the_default_run_clusters_with_the_clustering_default_layouts():
+    # `run` and `curate cluster` share one default, so the targets measured for the one hold for the other
+    assert RunConfig().sizes()["cluster_seeds"] == len(ClusterConfig().seeds) == 12

@@ -293,3 +293,4 @@ def test_cluster_names_put_a_phrase_in_place_of_its_words():
     assert cluster_name(["nerve gas", "nerve", "gas", "pipe bomb", "pipe"]) == "nerve gas / pipe bomb"
     assert cluster_name(["a", "b", "c", "d", "b c"]) == "a / b c / d"
     assert cluster_name([]) == ""
+
