@@ -72,3 +72,12 @@ def test_encode_into_a_float16_memmap_matches_in_memory(tmp_path):
     assert not hasattr(emb.cache, "_memory")  # no vector copies kept beside the index
     with pytest.raises(ValueError, match="expected"):
         Embedder(cache_root=tmp_path / "cache").encode(TEXTS, out=np.zeros((2, 384), dtype=np.float32))
+
+
+def test_loading_the_embedder_draws_no_weight_bar_and_restores_the_switch(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    Embedder(cache_root=tmp_path).encode(["one text"])
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # other loads (the analysed model) keep their bar

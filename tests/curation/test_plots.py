@@ -35,3 +35,11 @@ def test_sizes_and_stability_charts(tmp_path):
     fig = plots.stability_chart(stability, {0: ["a"]})
     assert "0.950" in fig.layout.title.text
     assert plots.write_figure(fig, tmp_path / "stability.html").stat().st_size > 0
+
+
+def test_stability_chart_says_what_an_empty_or_one_cluster_ari_measures():
+    empty = {"seeds": {"pairwise_ari": {"mean": None}}, "resamples": {"ari_vs_reference": {"mean": None}}}
+    assert "–" in plots.stability_chart(empty, {}).layout.title.text  # was a TypeError on None
+    one = {"per_cluster": {"0": {"seed_jaccard": 1.0, "resample_jaccard": 1.0}},
+           "seeds": {"pairwise_ari": {"mean": 1.0}}, "resamples": {"ari_vs_reference": {"mean": 1.0}}}
+    assert "only which rows are outliers" in plots.stability_chart(one, {0: ["a"]}).layout.title.text

@@ -9,6 +9,7 @@ from curation_cluster_fixtures import planted
 from refusal_atlas.curation.cluster import ClusterConfig, ClusterPipeline
 from refusal_atlas.curation.embed import Embedder
 from refusal_atlas.curation.stability import (
+    ari_phrase,
     best_match_jaccard,
     default_sweep,
     jaccard_stability,
@@ -64,3 +65,11 @@ def test_report_is_json_ready(data):
     rep = stability_report(config, x, texts, ref, n_seed_runs=2, n_resamples=2, sweep=[10])
     assert set(rep) == {"seeds", "resamples", "min_cluster_size_sweep", "per_cluster"}
     json.dumps(rep)
+
+
+def test_ari_phrase_never_shows_a_bare_one_for_nothing_or_one_cluster():
+    assert ari_phrase("seed ARI", {"mean": 0.9123}, 4) == "seed ARI 0.912"
+    assert ari_phrase("seed ARI", {"mean": None}, 0) == "seed ARI – (nothing clustered to compare)"
+    assert ari_phrase("seed ARI", None, 3).startswith("seed ARI –")
+    one = ari_phrase("seed ARI", {"mean": 1.0}, 1)
+    assert one.startswith("seed ARI 1.000 (") and "outliers" in one

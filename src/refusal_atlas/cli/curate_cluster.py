@@ -17,6 +17,7 @@ from refusal_atlas.curation.cluster_run import cluster_corpus
 from refusal_atlas.curation.cluster_store import ASSIGNMENTS
 from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.proposals import clean_text
+from refusal_atlas.curation.stability import ari_phrase
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import check_not_same_file
 
@@ -63,7 +64,7 @@ def cluster(
                          label_column=label_by)
     meta = run.meta
     stab = (meta.get("stability") or {}).get("seed_pairwise_ari") or {}
-    extra = f", seed-to-seed ARI {stab['mean']:.3f}" if stab.get("mean") is not None else ""
+    extra = f", {ari_phrase('seed-to-seed ARI', stab, meta['n_clusters'])}" if stab else ""
     typer.echo(f"{meta['input']['clustered']} rows -> {meta['n_clusters']} clusters, "
                f"{100 * meta['outlier_fraction']:.1f}% outliers{extra} ({meta['method']}); wrote {out}/")
     tree = meta.get("tree") or {}

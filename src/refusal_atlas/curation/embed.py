@@ -12,7 +12,8 @@ Shards are written atomically and never modified, so concurrent runs cannot corr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,21 @@ from refusal_atlas.curation.residual_embed import ResidualEmbedder, is_residual_
 from refusal_atlas.errors import AtlasError
 
 CHUNK = 4096  # texts embedded (and cached) per step
+
+
+@contextmanager
+def _quiet_weight_loading() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar for every load; an embedder loads in well under a second,
+    so on every `curate` command the bar was noise. The global switch is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def default_model_path() -> str:
@@ -72,7 +88,8 @@ class Embedder:
         if self._model is None:
 
             try:
-                self._model = SentenceTransformer(self.model_name, device=self.device)
+                with _quiet_weight_loading():
+                    self._model = SentenceTransformer(self.model_name, device=self.device)
             except (OSError, ValueError) as exc:
                 raise AtlasError(
                     f"{self.model_name}: cannot load embedder ({exc.__class__.__name__}: {str(exc)[:200]}); "

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from refusal_atlas.curation.stability import ari_phrase
 from refusal_atlas.io import atomic_write
 
 HOVER_CHARS = 300
@@ -107,7 +108,7 @@ def stability_chart(stability: dict, keywords: dict[int, list[str]]) -> Any:
     seeds = stability.get("seeds", {}).get("pairwise_ari", {})
     res = stability.get("resamples", {}).get("ari_vs_reference", {})
     fig.update_layout(template="plotly_white", barmode="group",
-                      title=f"seed-to-seed ARI {seeds.get('mean', float('nan')):.3f} · "
-                            f"resample ARI vs reference {res.get('mean', float('nan')):.3f}")
+                      title=f"{ari_phrase('seed-to-seed ARI', seeds, len(ids))} · "
+                            f"{ari_phrase('resample ARI vs reference', res, len(ids))}")
     fig.update_yaxes(range=[0, 1.05], row=1, col=1)
     return fig

@@ -13,7 +13,8 @@
 * Every level of the cluster tree gets its own seed ARI: each seed run's tree is cut at the
   reference level's cluster count, so levels are compared at equal resolution.
 * When nothing is clustered there is nothing to be stable: ARI is then reported as None, never
-  as the 1.0 that identical all-outlier labelings would score.
+  as the 1.0 that identical all-outlier labelings would score. With one cluster the ARI says only
+  whether the runs agree on which rows are outliers, and `ari_phrase` says so wherever it is shown.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def pairwise_ari(label_sets: Sequence[np.ndarray]) -> dict[str, float | None]:
         return {"pairs": 0, "mean": None, "min": None, "max": None}
     scores = [adjusted_rand_score(a, b) for a, b in itertools.combinations(label_sets, 2)]
     return {"pairs": len(scores), **spread(scores)}
+
+
+def ari_phrase(name: str, ari: dict | None, n_clusters: int) -> str:
+    """`name` and its mean ARI as a reader should see it: "–" when there is none, and with one cluster
+    what the figure then measures (the cluster/outlier split, not a partition into clusters)."""
+    mean = (ari or {}).get("mean")
+    if mean is None:
+        return f"{name} – (nothing clustered to compare)"
+    if n_clusters < 2:
+        return f"{name} {mean:.3f} (one cluster: it measures only which rows are outliers)"
+    return f"{name} {mean:.3f}"
 
 
 def best_match_jaccard(reference: np.ndarray, other: np.ndarray) -> dict[int, float]:
