@@ -16,7 +16,8 @@ embedder, float16-quantised as every refusal-atlas run sees them):
 ARI counts outliers (-1) as one cluster, as BERTopic users report it. Targets (per corpus alone): ARI
 ≥ 0.5 at the level closest to k, seed ARI ≥ 0.9, cluster count at that level in [k/2, 3k]; pooled: seed
 ARI ≥ 0.9 and ARI not below BERTopic's. Beside them, the supervised ceiling (`supervised_ceiling`): what a
-classifier told the labels reaches on the same embeddings.
+classifier told the labels reaches on the same embeddings, and k-means told k (50 restarts per seed): its
+seed-to-seed ARI says whether a k-way split of these vectors is unique at all.
 
 Usage (repository root): nice .venv/bin/python benchmarks/cluster_targets.py [--seeds 0 1 2 3 4]
     [--out benchmarks/results/cluster_targets.json]   (writes the JSON and a Markdown table beside it)
@@ -119,6 +120,20 @@ def supervised_ceiling(x: np.ndarray, truth: list[str], folds: int = 5) -> float
     return float(adjusted_rand_score(truth, pred))
 
 
+def kmeans_reference(x: np.ndarray, truth: list[str], k: int, seeds: list[int]) -> dict:
+    """k-means told k (50 restarts each, one run per seed): how well-defined a k-way split of these vectors is.
+
+    Not a pipeline to ship (it is told k): its seed-to-seed ARI says whether the best k-way partition is
+    itself unique — when 50 restarts still land on different partitions from seed to seed, no seed-free
+    answer at that resolution exists for a clustering to agree with.
+    """
+    from sklearn.cluster import KMeans
+
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    runs = [KMeans(k, n_init=50, random_state=s).fit_predict(xn) for s in seeds]
+    return {"ari": statistics.fmean(adjusted_rand_score(truth, lab) for lab in runs), "seed_ari": pairwise(runs)}
+
+
 def bench_corpus(name: str, seeds: list[int], plain: bool) -> dict:
     from refusal_atlas.curation.cluster import ClusterConfig, ClusterPipeline
     from refusal_atlas.curation.embed import make_embedder
@@ -148,6 +163,7 @@ def bench_corpus(name: str, seeds: list[int], plain: bool) -> dict:
         peer_s.append(time.perf_counter() - t)
     out = {
         "n": len(texts), "k": k, "embed_s": embed_s, "supervised_ceiling_ari": supervised_ceiling(x, truth),
+        "kmeans_reference": kmeans_reference(np.asarray(x, dtype=np.float64), truth, k, seeds),
         "ours": {
             "levels": ref.level_counts, "leaves": [r.tree.n_leaves if r.tree else 0 for r in ours],
             "level_k": {"n_clusters": count, "ari": statistics.fmean(adjusted_rand_score(truth, lab) for lab in at_k),
@@ -176,18 +192,19 @@ def markdown(res: dict) -> str:
              f"peer: {peer}. Load average before / after: {res['load_before']} / {res['load_after']}.", "",
              "| corpus | n | k | ours: level closest to k (clusters) | ARI at that level | seed ARI (mean, min) | "
              "count in [k/2, 3k] | flat: clusters / ARI / seed ARI / outliers | peer: clusters / ARI / seed ARI / "
-             "outliers | fit s ours / peer | supervised ceiling ARI |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "outliers | fit s ours / peer | supervised ceiling ARI | k-means told k: ARI / seed ARI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["corpora"].items():
         o, p = r["ours"], r["peer"]
         lk, fl = o["level_k"], o["flat"]
+        km = r.get("kmeans_reference") or {}
         lines.append(
             f"| {name} | {r['n']} | {r['k']} | {lk['n_clusters']} (levels {', '.join(map(str, o['levels']))}) | "
             f"{f(lk['ari'])} | {f(lk['seed_ari']['mean'])}, {f(lk['seed_ari']['min'])} | "
             f"{'yes' if lk['in_range'] else 'no'} | {fl['n_clusters']} / {f(fl['ari'])} / "
             f"{f(fl['seed_ari']['mean'])} / {100 * fl['outliers']:.1f} % | {p['n_clusters']:.1f} / {f(p['ari'])} / "
             f"{f(p['seed_ari']['mean'])} / {100 * p['outliers']:.1f} % | {f(o['fit_s'], 1)} / {f(p['fit_s'], 1)} | "
-            f"{f(r.get('supervised_ceiling_ari'))} |")
+            f"{f(r.get('supervised_ceiling_ari'))} | {f(km.get('ari'))} / {f(km.get('seed_ari', {}).get('mean'))} |")
     return "\n".join(lines) + "\n"
 
 
