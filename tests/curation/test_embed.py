@@ -77,7 +77,10 @@ def test_encode_into_a_float16_memmap_matches_in_memory(tmp_path):
 def test_loading_the_embedder_draws_no_weight_bar_and_restores_the_switch(tmp_path, capfd):
     from transformers.utils import logging as hf_logging
 
+    from refusal_atlas.curation.detect import embed
+
     assert hf_logging.is_progress_bar_enabled()
     Embedder(cache_root=tmp_path).encode(["one text"])
+    embed(["the detector loads the same model its own way"])
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # other loads (the analysed model) keep their bar

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
@@ -27,13 +28,18 @@ from refusal_atlas.curation.tables import write_table
 from refusal_atlas.taxonomy.model import Taxonomy
 
 # Bump when the stage's record changes (a resumed run then recomputes it): 2 added wording.said / adherence;
-# 3: cluster names put a phrase in place of its words, mapping.json names, the near-duplicate-weighted fallback.
-STAGE_VERSION = 3
+# 3: cluster names put a phrase in place of its words, mapping.json names, the near-duplicate-weighted fallback;
+# 4: the scored level is chosen by the clusters of the scored rows alone.
+STAGE_VERSION = 4
 
 
-def _closest_level(run: ClusterRun, k: int) -> int:
-    """Index of the tree level whose cluster count is closest to `k` (the finer one on a tie)."""
-    counts = [lv["n_clusters"] for lv in run.meta["tree"]["levels"]]
+def _closest_level(run: ClusterRun, k: int, rows: np.ndarray) -> int:
+    """Index of the tree level where the scored `rows` fall into the number of clusters closest to `k` (the finer
+    level on a tie). Clusters holding only unscored rows (a detector's false positives, rows of no known node)
+    do not count: with them a level could match k while merging two of the groups being scored."""
+    levels = run.meta["tree"]["levels"]
+    counts = [len(set(run.assignments[f"cluster_level_{i}"].to_numpy()[rows].tolist()) - {OUTLIER})
+              for i in range(len(levels))]
     return min(range(len(counts)), key=lambda i: (abs(counts[i] - k), -i))
 
 
@@ -43,7 +49,7 @@ def _level_ari(run: ClusterRun, truth: pd.Series) -> dict[str, Any]:
     if has.sum() < 2 or not run.meta.get("tree", {}).get("levels"):
         return {"ari": None, "n": int(has.sum())}
     k = int(truth[has].nunique())
-    i = _closest_level(run, k)
+    i = _closest_level(run, k, has.to_numpy())
     labels = run.assignments[f"cluster_level_{i}"].to_numpy()[has.to_numpy()]
     return {"ari": float(adjusted_rand_score(truth[has].astype(str), labels)), "n": int(has.sum()), "groups": k,
             "level": i, "n_clusters": len(set(labels.tolist()) - {OUTLIER})}

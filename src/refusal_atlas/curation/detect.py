@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from sentence_transformers import SentenceTransformer
 
 from refusal_atlas import paths
 from refusal_atlas.curation.datasets import PYRIT
+from refusal_atlas.curation.sentence_model import load_sentence_transformer
 from refusal_atlas.curation.tables import jsonl_lines, read_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write_json, read_json_file
@@ -143,8 +143,7 @@ def default_embedder_path() -> Path:
 
 @lru_cache(maxsize=4)
 def _sentence_model(path: str) -> Any:
-
-    return SentenceTransformer(path, device="cpu")
+    return load_sentence_transformer(path, device="cpu")
 
 
 _EMBED_MEMO: dict[tuple[str, str], np.ndarray] = {}

@@ -12,13 +12,11 @@ Shards are written atomically and never modified, so concurrent runs cannot corr
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sentence_transformers import SentenceTransformer
 
 from refusal_atlas import paths
 from refusal_atlas.curation.embed_cache import (
@@ -30,24 +28,10 @@ from refusal_atlas.curation.embed_cache import (
     text_key,
 )
 from refusal_atlas.curation.residual_embed import ResidualEmbedder, is_residual_spec
+from refusal_atlas.curation.sentence_model import load_sentence_transformer
 from refusal_atlas.errors import AtlasError
 
 CHUNK = 4096  # texts embedded (and cached) per step
-
-
-@contextmanager
-def _quiet_weight_loading() -> Iterator[None]:
-    """transformers draws a "Loading weights" bar for every load; an embedder loads in well under a second,
-    so on every `curate` command the bar was noise. The global switch is restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def default_model_path() -> str:
@@ -83,13 +67,12 @@ class Embedder:
         self._model: Any = None
 
     @property
-    def model(self) -> Any:  # a SentenceTransformer; its import is deferred (heavy)
+    def model(self) -> Any:  # a SentenceTransformer (its import is deferred: heavy)
         """The loaded SentenceTransformer (first use loads it; ~0.5 s for MiniLM)."""
         if self._model is None:
 
             try:
-                with _quiet_weight_loading():
-                    self._model = SentenceTransformer(self.model_name, device=self.device)
+                self._model = load_sentence_transformer(self.model_name, device=self.device)
             except (OSError, ValueError) as exc:
                 raise AtlasError(
                     f"{self.model_name}: cannot load embedder ({exc.__class__.__name__}: {str(exc)[:200]}); "
