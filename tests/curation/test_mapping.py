@@ -152,7 +152,11 @@ def test_map_folder_names_clusters_by_node_and_colours_the_map_by_node(tmp_path,
     assert cooking["node_label"] == "" and cooking["name"] == cooking["keywords_name"]
     # the map's legend: one entry per mapped node, the unmatched cluster under its own keywords
     page = written["map"].read_text(encoding="utf-8")
+    assert written["map"].name == "map_nodes.html"
     assert "Cyber intrusion (cyber)" in page and "Gardening (horticulture)" in page
+    before = (run.folder / "map.html").read_bytes()
+    _, _, in_place = map_folder(run.folder, tax_dir)  # into the clusters folder itself: its own map stays
+    assert (run.folder / "map.html").read_bytes() == before and in_place["map"] == run.folder / "map_nodes.html"
     # (plotly writes "/" as "\u002f" inside the page's JSON)
     own = f"{by_group['cooking']['cluster']}: {by_group['cooking']['keywords_name']} (no node)"
     assert own.replace("/", "\\u002f") in page

@@ -22,6 +22,7 @@ Layout of a clusters folder (written by `curate cluster`, read by `curate map`):
     stability.json        seed / bootstrap ARI (flat and per tree level), per-cluster Jaccard,
                           min_cluster_size sweep (absent when nothing was clustered)
     map.html, sizes.html, stability.html   interactive plots (plotly inlined; work offline)
+    mapping.json, map_nodes.html, proposals.yaml   written by `curate map` (see `map_folder`)
     assignments.parquet.rejects.jsonl      corpus rows that could not be clustered, with reason
 
 Every file is written atomically (refusal_atlas.io).

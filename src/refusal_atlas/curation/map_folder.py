@@ -2,8 +2,9 @@
 
 mapping.json holds the links, each cluster's name (its best node's label before its keywords when it fits
 a node), the agreement figures and, under `review`, each proposal's evidence and each unmatched cluster that
-was not proposed with its reason (see `proposals`). The 2-D map is drawn again as `map.html`, one colour per
-mapped node (clusters that fit no node keep their own), when the clustering has a layout.
+was not proposed with its reason (see `proposals`). When the clustering has a layout, the 2-D map is drawn again
+as `map_nodes.html`, one colour per mapped node (clusters that fit no node keep their own); `curate cluster`'s
+`map.html`, one colour per cluster, stays as it was.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from refusal_atlas.io import atomic_write_json
 from refusal_atlas.taxonomy.loader import load_taxonomy
 from refusal_atlas.taxonomy.model import Node, Taxonomy
 
-__all__ = ["cluster_names", "map_folder"]
+__all__ = ["MAPPED_MAP", "cluster_names", "map_folder"]
+
+MAPPED_MAP = "map_nodes.html"
 
 
 def cluster_names(run: ClusterRun, mapping: Mapping, taxonomy: Taxonomy) -> dict[int, dict[str, str]]:
@@ -78,7 +81,7 @@ def map_folder(folder: Path | str, taxonomy_dir: Path | str | None = None, out_d
         "run_id": run.run_id, "clusters_folder": str(run.folder),
         "taxonomy": str(taxonomy_dir) if taxonomy_dir else "default", **body,
         "review": review.to_dict()})}
-    drawn = _mapped_map(run, mapping, names, out / "map.html")
+    drawn = _mapped_map(run, mapping, names, out / MAPPED_MAP)
     if drawn is not None:
         written["map"] = drawn
     target = out / "proposals.yaml"

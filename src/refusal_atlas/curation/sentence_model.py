@@ -14,6 +14,7 @@ from typing import Any
 
 @contextmanager
 def quiet_weight_loading() -> Iterator[None]:
+    # heavy dependency (slow to import), loaded only when this runs
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
