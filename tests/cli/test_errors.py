@@ -138,3 +138,15 @@ def test_rejects_are_json_lines(monkeypatch, capsys, tmp_path):
     assert code == 1 and "Traceback" not in err
     assert err.splitlines()[-1].startswith("error: ") and "all 1 were rejected" in err
     assert json.loads((tmp_path / "o.csv.rejects.jsonl").read_text())["record"] == ["x", "a", "b"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (("taxonomy", "rename", "a", "b", "--dir", "x"), "No such option: --dir"),
+    (("curate", "cluster"), "Missing argument"),
+    (("run", "--seed", "notanint"), "Invalid value for '--seed'"),
+])
+def test_usage_errors_print_click_s_message_not_a_traceback(monkeypatch, capsys, args, says):
+    """typer ≥ 0.2x raises its own copy of click's exceptions; each is still shown as the usage error it is."""
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2 and says in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("Error: ")

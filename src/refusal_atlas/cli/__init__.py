@@ -6,6 +6,7 @@ Each area has its own module exporting a Typer sub-app; errors the user can fix 
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 
@@ -62,6 +63,18 @@ def _os_error_line(exc: OSError) -> str:
     return f"error: {where}: {reason}{hint}" if where is not None else f"error: {reason}{hint}"
 
 
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """click's usage-error base class, wherever it lives: typer ≥ 0.2x carries its own copy of click
+    (`typer._click`), whose exceptions are not `click.ClickException`, and older typer raises click's own."""
+    found: list[type[BaseException]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def main() -> None:
     """Entry point: run the app, turning AtlasError into a one-line message and exit 1."""
     try:
@@ -86,12 +99,10 @@ def main() -> None:
         if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
             _interrupted()
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # usage errors (unknown option, missing argument, bad value)
+        if isinstance(exc, _usage_error_types()):
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         raise
     if rc == 130:  # typer's non-standalone mode returns Ctrl-C as exit code 130, having printed nothing
         _interrupted()
