@@ -155,3 +155,13 @@ def test_init_copies_default(tmp_path, monkeypatch):
     assert "copied 6 nodes" in out
     assert (tmp_path / "mine" / "conditions.yaml").is_file()
     assert load_taxonomy(tmp_path / "mine").nodes.keys() == load_taxonomy(FIXTURE).nodes.keys()
+
+
+def test_validate_and_export_take_the_taxonomy_as_t_too(tmp_path, monkeypatch, capsys):
+    """Every other taxonomy command names its folder with -t; validate and ontology export take it as well."""
+    assert ok("taxonomy", "validate", "-t", str(FIXTURE)) == ok("taxonomy", "validate", str(FIXTURE))
+    out = tmp_path / "t.ttl"
+    ok("ontology", "export", "-t", str(FIXTURE), "-o", str(out), "--no-crosswalks")
+    assert out.stat().st_size > 0
+    err = fails(monkeypatch, capsys, "taxonomy", "validate", str(FIXTURE), "-t", str(tmp_path))
+    assert "two taxonomies named" in err

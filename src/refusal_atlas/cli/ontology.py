@@ -18,6 +18,7 @@ from rdflib import Graph
 from rich.console import Console
 
 from refusal_atlas.cli.console import plain_console, sub_app
+from refusal_atlas.cli.taxonomy import TaxonomyAliasOpt, one_taxonomy_dir
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import check_not_same_file, read_utf8
 from refusal_atlas.ontology import queries
@@ -87,8 +88,10 @@ def export(
         help="Folder of *.sssom.tsv to include "
              "(default: DIR/crosswalks/, else the shipped ones for the shipped taxonomy).")] = None,
     no_crosswalks: Annotated[bool, typer.Option("--no-crosswalks", help="Leave crosswalk mappings out.")] = False,
+    taxonomy_dir: TaxonomyAliasOpt = None,
 ) -> None:
     """Write the taxonomy as RDF (SKOS + AIRO + DPV)."""
+    directory = one_taxonomy_dir(directory, taxonomy_dir)
     graph = build_graph(directory, conditions=conditions, crosswalks=crosswalks,
                         with_crosswalks=False if no_crosswalks else None)
     if output is None:

@@ -75,6 +75,18 @@ def _crosswalks_for(directory: Path | None, crosswalks: Path | None) -> list[Map
     return load_crosswalks(folder)
 
 
+def one_taxonomy_dir(directory: Path | None, taxonomy_dir: Path | None) -> Path | None:
+    """The taxonomy a command reads, given as its DIRECTORY argument or as `-t` (the spelling of every
+    other taxonomy command); naming two different ones is an error."""
+    if directory is not None and taxonomy_dir is not None and directory != taxonomy_dir:
+        raise AtlasError(f"two taxonomies named ({directory} and -t {taxonomy_dir}); name one")
+    return directory if directory is not None else taxonomy_dir
+
+
+TaxonomyAliasOpt = Annotated[Path | None, typer.Option(
+    "--taxonomy", "-t", help="The same as DIRECTORY, spelt as the other taxonomy commands take it.")]
+
+
 @app.command()
 def validate(
     directory: Annotated[Path | None, typer.Argument(help="Taxonomy directory or file (default: shipped).")] = None,
@@ -82,8 +94,10 @@ def validate(
     crosswalks: Annotated[Path | None, typer.Option(
         help="Also check a folder of *.sssom.tsv against the taxonomy (default: DIR/crosswalks/, else the "
              "shipped ones for the shipped taxonomy).")] = None,
+    taxonomy_dir: TaxonomyAliasOpt = None,
 ) -> None:
     """Check every file; print a one-line summary, or every problem as `path:line: message` (exit 1)."""
+    directory = one_taxonomy_dir(directory, taxonomy_dir)
     taxonomy = load_taxonomy(directory, conditions=conditions)
     mappings = _crosswalks_for(directory, crosswalks)
     problems = check_crosswalks(taxonomy, mappings)
