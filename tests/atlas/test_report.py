@@ -271,3 +271,18 @@ def test_refusal_clusters_show_the_planted_wording_known_answer(atlas, tmp_path)
     for figure in ("ARI 0.987 (4 wordings, n = 75)", "ARI -0.047", "exact texts: -0.057", "in 0.600 of 65",
                    "some planted wording in 0.892"):
         assert figure in part, figure
+
+
+def test_refusal_clusters_show_each_cluster_s_commonest_wording():
+    """Refusals clustered by their wording and named by the request: the table shows the wording itself."""
+    import pandas as pd
+
+    from refusal_atlas.atlas.report.corpus import _commonest_texts
+
+    assign = pd.DataFrame({"cluster": [0, 0, 0, 1, 1, -1],
+                           "text": ["Sorry, no.", " Sorry, no.", "I can't.", "a <b>", "b", "x"],
+                           "label_text": ["q1", "q2", "q3", "q4", "q5", "q6"]})
+    got = _commonest_texts(assign)
+    assert got["0"] == "Sorry, no. (2 of 3)"
+    assert got["1"] == "2 different texts, e.g. a <b>"  # escaped where the table renders it
+    assert got["-1"] == "x (1 of 1)"

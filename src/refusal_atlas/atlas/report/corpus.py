@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import plotly.graph_objects as go
 
 from refusal_atlas.atlas.report.html import Figures, df_table, esc, fmt, hover, html_table, not_run, short
@@ -67,6 +68,9 @@ def _cluster_view_html(store: AtlasStore, view: ClusterView, figs: Figures, titl
             ))
         fig.update_layout(title=esc(title), xaxis_title="map x", yaxis_title="map y", legend={"font": {"size": 10}})
         parts.append(figs.add(fig, 520))
+    # clustered by one column and named by another (refusals by what was asked): the clustered text a reader came
+    # for — the reply's wording — is shown too, as each cluster's most common one with its count
+    commonest = _commonest_texts(assign) if assign is not None and "label_text" in assign.columns else {}
     if clusters:
         rows = []
         for c in clusters:
@@ -78,9 +82,11 @@ def _cluster_view_html(store: AtlasStore, view: ClusterView, figs: Figures, titl
             name = f"{c.best_nodes[0][0]}: {c.label}" if mapped and c.fits and c.best_nodes else c.label
             row = [c.id, name, c.size, ", ".join(c.keywords[:8])]
             row += [best or "–", c.method or "–"] if mapped else []
+            row += [commonest.get(c.id, "–")] if commonest else []
             rows.append([*row, c.stability, c.examples[0] if c.examples else ""])
         columns = ["cluster", "label", "size", "keywords"]
         columns += ["best node(s) (score)", "mapped by"] if mapped else []
+        columns += ["most common text clustered (rows)"] if commonest else []
         parts.append(html_table([*columns, "stability (seed Jaccard)", "example"], rows))
     shown = {k: v for k, v in view.metrics.items()
              if not k.endswith((".min", ".max", ".pairs")) and not k.startswith("stability.")}
@@ -91,6 +97,21 @@ def _cluster_view_html(store: AtlasStore, view: ClusterView, figs: Figures, titl
                      f"{esc(view.proposals_file.relative_to(store.root))}</code> "
                      "(review with <code>refusal-atlas taxonomy accept</code>).</p>")
     return "".join(parts)
+
+
+def _commonest_texts(assign: pd.DataFrame) -> dict[str, str]:
+    """Per cluster id (as the store names clusters): its most frequent clustered text and how many of its rows
+    are that text ("I'm sorry, … (41 of 64)"), or that no text repeats ("19 different texts, e.g. …")."""
+    if not {"cluster", "text"} <= set(assign.columns):
+        return {}
+    out = {}
+    for cid, rows in assign.groupby("cluster", sort=True):
+        counts = rows["text"].astype(str).str.strip().value_counts(sort=False)
+        top = counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable")  # ties: text order
+        first = short(top.index[0], 200)
+        out[str(cid)] = (f"{len(rows)} different texts, e.g. {first}" if int(top.iloc[0]) == 1 < len(rows)
+                         else f"{first} ({int(top.iloc[0])} of {len(rows)})")
+    return out
 
 
 def _text_column(folder: Path) -> str:
