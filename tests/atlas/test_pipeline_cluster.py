@@ -6,8 +6,9 @@ import json
 
 import pandas as pd
 
-from refusal_atlas.atlas.pipeline_cluster import _level_ari, responses_config, wording_said, wording_truth
+from refusal_atlas.atlas.pipeline_cluster import responses_config, wording_said, wording_truth
 from refusal_atlas.curation.cluster_run import cluster_corpus
+from refusal_atlas.curation.tree_mapping import level_ari
 from refusal_atlas.organism.policy import refusal_text, wording_groups
 from refusal_atlas.organism.settings import REDIRECT
 from refusal_atlas.taxonomy.loader import load_taxonomy
@@ -64,7 +65,7 @@ def test_planted_wordings_are_recovered(tmp_path, monkeypatch):
     df.to_parquet(tmp_path / "refused.parquet")
     run = cluster_corpus(tmp_path / "refused.parquet", tmp_path / "out", text_column="response",
                          label_column="prompt", stability_runs=0, config=responses_config(len(df), (0, 1, 2)))
-    result = _level_ari(run, truth.iloc[run.assignments["row"].to_numpy()].reset_index(drop=True))
+    result = level_ari(run, truth.iloc[run.assignments["row"].to_numpy()].reset_index(drop=True))
     assert result["groups"] == 10 and result["n"] == len(df) - 6
     assert result["ari"] >= 0.9, result
     assert wording_truth(df, tmp_path / "missing.json") is None

@@ -15,51 +15,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
 from refusal_atlas.atlas import schema
-from refusal_atlas.curation.cluster import OUTLIER, ClusterConfig
+from refusal_atlas.curation.cluster import ClusterConfig
 from refusal_atlas.curation.cluster_run import cluster_corpus
-from refusal_atlas.curation.cluster_store import ClusterRun
 from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.tables import write_table
+from refusal_atlas.curation.tree_mapping import level_ari, tree_vs_taxonomy
 from refusal_atlas.taxonomy.model import Taxonomy
 
 # Bump when the stage's record changes (a resumed run then recomputes it): 2 added wording.said / adherence;
 # 3: cluster names put a phrase in place of its words, mapping.json names, the near-duplicate-weighted fallback;
-# 4: the scored level is chosen by the clusters of the scored rows alone.
-STAGE_VERSION = 4
-
-
-def _closest_level(run: ClusterRun, k: int, rows: np.ndarray) -> int:
-    """Index of the tree level where the scored `rows` fall into the number of clusters closest to `k` (the finer
-    level on a tie). Clusters holding only unscored rows (a detector's false positives, rows of no known node)
-    do not count: with them a level could match k while merging two of the groups being scored."""
-    levels = run.meta["tree"]["levels"]
-    counts = [len(set(run.assignments[f"cluster_level_{i}"].to_numpy()[rows].tolist()) - {OUTLIER})
-              for i in range(len(levels))]
-    return min(range(len(counts)), key=lambda i: (abs(counts[i] - k), -i))
-
-
-def _level_ari(run: ClusterRun, truth: pd.Series) -> dict[str, Any]:
-    """ARI against `truth` (rows where it is non-empty) at the level closest to its number of groups."""
-    has = truth.astype(str).str.len() > 0
-    if has.sum() < 2 or not run.meta.get("tree", {}).get("levels"):
-        return {"ari": None, "n": int(has.sum())}
-    k = int(truth[has].nunique())
-    i = _closest_level(run, k, has.to_numpy())
-    labels = run.assignments[f"cluster_level_{i}"].to_numpy()[has.to_numpy()]
-    return {"ari": float(adjusted_rand_score(truth[has].astype(str), labels)), "n": int(has.sum()), "groups": k,
-            "level": i, "n_clusters": len(set(labels.tolist()) - {OUTLIER})}
-
-
-def tree_vs_taxonomy(run: ClusterRun, taxonomy: Taxonomy) -> dict[str, Any]:
-    """Top of the tree vs the taxonomy's branches, its finer levels vs nodes (rows with a known node)."""
-    node = run.assignments.get("node", pd.Series([""] * len(run.assignments))).fillna("").astype(str)
-    branch = node.map(lambda n: taxonomy.branch_of(n) if n in taxonomy.nodes else "")
-    return {"branch": _level_ari(run, branch), "node": _level_ari(run, node)}
+# 4: the scored level is chosen by the clusters of the scored rows alone; 5: mapping.json maps the tree's
+# branch level to the taxonomy's branches.
+STAGE_VERSION = 5
 
 
 def wording_truth(corpus: pd.DataFrame, organism_json: Path) -> pd.Series | None:
@@ -154,7 +125,7 @@ def run(out: Path, seed: int, n_seeds: int, taxonomy: Taxonomy) -> dict[str, Any
         if truth is not None:
             rows = responses_run.assignments["row"].to_numpy()
             aligned = truth.iloc[rows].reset_index(drop=True)
-            result["wording"] = _level_ari(responses_run, aligned)
+            result["wording"] = level_ari(responses_run, aligned)
             has = (aligned.str.len() > 0).to_numpy()
             # no clustering can separate rows the model answered with the same text: the exact-text ceiling
             texts = responses_run.assignments["text"].to_numpy()
@@ -164,7 +135,7 @@ def run(out: Path, seed: int, n_seeds: int, taxonomy: Taxonomy) -> dict[str, Any
             said = wording_said(pd.Series(texts), out / schema.ORGANISM_JSON.path)
             if said is not None:
                 # the same clustering against the wording each reply says, and how often that is the taught one
-                result["wording"]["said"] = _level_ari(responses_run, said)
+                result["wording"]["said"] = level_ari(responses_run, said)
                 taught = aligned.to_numpy()[has]
                 result["wording"]["adherence"] = {
                     "rate": float((said.to_numpy()[has] == taught).mean()) if has.any() else None,

@@ -101,6 +101,14 @@ def map_clusters(
     if "ari" in agree:
         typer.echo(f"clusters vs nodes on {agree['rows_with_node']} labelled rows: ARI {agree['ari']:.3f}, "
                    f"NMI {agree['nmi']:.3f}")
+    tree = json.loads(written["mapping"].read_text(encoding="utf-8")).get("tree") or {}
+    top = tree.get("branch_level") or {}
+    if top.get("clusters"):
+        links = ", ".join(f"{c['cluster']} -> {clean_text(c['branch'], 40)} ({c['score']:.2f}"
+                          f"{'' if c['fits'] else ', no fit'})" for c in top["clusters"][:12])
+        scored = f"; ARI vs branches {top['ari']:.3f} (n = {top['n']})" if top.get("ari") is not None else ""
+        typer.echo(f"tree level {top['level']} ({top['n_clusters']} clusters) vs the taxonomy's branches: "
+                   f"{links}{scored}")
     typer.echo(f"wrote {written['mapping']}" + (f" and {written['map']} (coloured by mapped node)"
                                                  if "map" in written else ""))
     if proposed:

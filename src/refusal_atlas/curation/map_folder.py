@@ -1,10 +1,11 @@
 """`curate map` on a clusters folder: map its clusters to taxonomy nodes, then propose nodes for the rest.
 
 mapping.json holds the links, each cluster's name (its best node's label before its keywords when it fits
-a node), the agreement figures and, under `review`, each proposal's evidence and each unmatched cluster that
-was not proposed with its reason (see `proposals`). When the clustering has a layout, the 2-D map is drawn again
-as `map_nodes.html`, one colour per mapped node (clusters that fit no node keep their own); `curate cluster`'s
-`map.html`, one colour per cluster, stays as it was.
+a node), the agreement figures, the tree against the taxonomy's branches (`tree`, see `tree_mapping`) and,
+under `review`, each proposal's evidence and each unmatched cluster that was not proposed with its reason
+(see `proposals`). When the clustering has a layout, the 2-D map is drawn again as `map_nodes.html`, one
+colour per mapped node (clusters that fit no node keep their own); `curate cluster`'s `map.html`, one colour
+per cluster, stays as it was.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from refusal_atlas.curation.cluster_store import ClusterRun, load_run
 from refusal_atlas.curation.embed import make_embedder
 from refusal_atlas.curation.mapping import Mapping, map_clusters
 from refusal_atlas.curation.proposals import review_clusters, write_proposals
+from refusal_atlas.curation.tree_mapping import map_tree
 from refusal_atlas.io import atomic_write_json
 from refusal_atlas.taxonomy.loader import load_taxonomy
 from refusal_atlas.taxonomy.model import Node, Taxonomy
@@ -74,6 +76,9 @@ def map_folder(folder: Path | str, taxonomy_dir: Path | str | None = None, out_d
     review = review_clusters(run, mapping, taxonomy)
     names = cluster_names(run, mapping, taxonomy)
     body = mapping.to_dict()
+    leaf_branches = [taxonomy.branch_of(link.best[0]) for link in mapping.links
+                     if link.fits and link.best and link.best[0] in taxonomy.nodes]
+    body["tree"] = map_tree(run, taxonomy, leaf_branches, mapping.min_score, emb)
     for entry in body["clusters"]:
         entry.update(names.get(int(entry["cluster"]), {}))
     out.mkdir(parents=True, exist_ok=True)
