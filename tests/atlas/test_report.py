@@ -286,3 +286,22 @@ def test_refusal_clusters_show_each_cluster_s_commonest_wording():
     assert got["0"] == "Sorry, no. (2 of 3)"
     assert got["1"] == "2 different texts, e.g. a <b>"  # escaped where the table renders it
     assert got["-1"] == "x (1 of 1)"
+
+
+def test_the_tree_against_the_branches_is_drawn_from_mapping_json(tmp_path):
+    from refusal_atlas.atlas.report.corpus import _tree_vs_branches
+    from refusal_atlas.atlas.store_clusters import ClusterView
+
+    tree = {"branch_level": {"level": 0, "n_clusters": 2, "rule": "labelled rows: their branches", "ari": 0.91,
+                             "n": 40, "groups": 2, "clusters": [
+                                 {"cluster": 0, "size": 25, "branch": "crime", "score": 0.96,
+                                  "method": "label_majority", "fits": True},
+                                 {"cluster": 1, "size": 15, "branch": "home", "score": 0.31, "method": "similarity",
+                                  "fits": False, "runner_up": {"branch": "crime", "score": 0.05}}]},
+            "levels": [{"level": 0, "n_clusters": 2, "ari_branch": 0.91, "ari_node": 0.4}]}
+    (tmp_path / "mapping.json").write_text(json.dumps({"clusters": [], "tree": tree}))
+    page = _tree_vs_branches(ClusterView(tmp_path))
+    assert "ARI against the rows' branches 0.910 (n = 40)" in page
+    assert "crime (0.050)" in page and page.count("<tr>") == 5  # 2 clusters + 1 level, 2 header rows
+    (tmp_path / "mapping.json").write_text(json.dumps({"clusters": []}))
+    assert _tree_vs_branches(ClusterView(tmp_path)) == ""  # a mapping.json from before the tree was mapped

@@ -96,6 +96,14 @@ class ClusterView:
         return pd.DataFrame(rows) if rows else None
 
     @cached_property
+    def tree_mapping(self) -> dict[str, Any]:
+        """mapping.json's `tree`: the branch level's clusters linked to branches, every level's ARI; {} if absent."""
+        path = self.folder / schema.MAPPING_JSON.name
+        data = read_json(path) if path.is_file() else None
+        tree = data.get("tree") if isinstance(data, dict) else None
+        return tree if isinstance(tree, dict) else {}
+
+    @cached_property
     def metrics(self) -> dict[str, Any]:
         """Scalar run numbers (n_clusters, outlier fraction, seed ARI, node ARI / NMI, ...), flattened."""
         out: dict[str, Any] = {}

@@ -88,6 +88,8 @@ def _cluster_view_html(store: AtlasStore, view: ClusterView, figs: Figures, titl
         columns += ["best node(s) (score)", "mapped by"] if mapped else []
         columns += ["most common text clustered (rows)"] if commonest else []
         parts.append(html_table([*columns, "stability (seed Jaccard)", "example"], rows))
+    if mapped:
+        parts.append(_tree_vs_branches(view))
     shown = {k: v for k, v in view.metrics.items()
              if not k.endswith((".min", ".max", ".pairs")) and not k.startswith("stability.")}
     if shown:
@@ -97,6 +99,27 @@ def _cluster_view_html(store: AtlasStore, view: ClusterView, figs: Figures, titl
                      f"{esc(view.proposals_file.relative_to(store.root))}</code> "
                      "(review with <code>refusal-atlas taxonomy accept</code>).</p>")
     return "".join(parts)
+
+
+def _tree_vs_branches(view: ClusterView) -> str:
+    """The cluster tree against the taxonomy tree: the branch level's clusters each linked to a branch, and
+    every level's agreement with branches and with nodes (mapping.json `tree`)."""
+    tree = view.tree_mapping
+    top = tree.get("branch_level") or {}
+    if not top.get("clusters"):
+        return ""
+    head = (f"<h3>The cluster tree against the taxonomy's branches</h3><p class='small'>Level {fmt(top.get('level'))} "
+            f"({fmt(top.get('n_clusters'))} clusters), chosen by {esc(str(top.get('rule', '')))}; ARI against the "
+            f"rows' branches {fmt(top.get('ari'))} (n = {fmt(top.get('n'))}). The leaves are linked to nodes in "
+            "the table above.</p>")
+    rows = [[c["cluster"], c["size"], c["branch"], c["score"], c["method"], "yes" if c.get("fits") else "no",
+             (f"{c['runner_up']['branch']} ({fmt(c['runner_up']['score'])})" if c.get("runner_up") else "–")]
+            for c in top["clusters"]]
+    table = html_table(["cluster", "size", "branch", "score", "by", "fits", "runner-up"], rows)
+    levels = [[lv["level"], lv["n_clusters"], lv.get("ari_branch"), lv.get("ari_node")]
+              for lv in tree.get("levels", []) if "ari_branch" in lv]
+    return head + table + (html_table(["level", "clusters", "ARI vs branches", "ARI vs nodes"], levels)
+                           if levels else "")
 
 
 def _commonest_texts(assign: pd.DataFrame) -> dict[str, str]:
