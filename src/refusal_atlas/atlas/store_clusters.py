@@ -97,7 +97,7 @@ class ClusterView:
 
     @cached_property
     def tree_mapping(self) -> dict[str, Any]:
-        """mapping.json's `tree`: the branch level's clusters linked to branches, every level's ARI; {} if absent."""
+        """The mapping's `tree`: the branch level's clusters linked to branches, every level's ARI; {} if absent."""
         path = self.folder / schema.MAPPING_JSON.name
         data = read_json(path) if path.is_file() else None
         tree = data.get("tree") if isinstance(data, dict) else None
