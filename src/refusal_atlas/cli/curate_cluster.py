@@ -88,7 +88,8 @@ def map_clusters(
     min_share: float = typer.Option(0.5, "--min-share",
                                     help="Below this share of rows labelled with the best node, no fit."),
 ) -> None:
-    """Link each cluster to its best taxonomy node(s); unmatched clusters become proposed nodes."""
+    """Link each cluster to its best taxonomy node(s) and the tree's branch level to branches; unmatched clusters
+    become proposed nodes."""
 
     mapping, proposed, written = map_folder(clusters, taxonomy, out, embedder=embedder,
                                             min_score={"similarity": min_similarity, "label_majority": min_share})
