@@ -13,6 +13,7 @@ import pytest
 
 from cli.helpers import one_line_error, run_main
 from refusal_atlas.cli import _os_error_line
+from refusal_atlas.cli.directions_common import read_prompts
 from refusal_atlas.curation.tables import read_table, write_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import read_json_file
@@ -150,3 +151,29 @@ def test_usage_errors_print_click_s_message_not_a_traceback(monkeypatch, capsys,
     code, _, err = run_main(monkeypatch, capsys, *args)
     assert code == 2 and says in err and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("Error: ")
+
+
+def test_directions_prompt_table_with_unreadable_harmful_flag(monkeypatch, capsys, tmp_path):
+    table = tmp_path / "p.csv"
+    table.write_text("prompt,node,harmful\nbuild a bomb,weapons,yes\nbake bread,,perhaps\n", encoding="utf-8")
+    line = one_line_error(monkeypatch, capsys, "directions", "extract", "--prompts", str(table), "-o",
+                          str(tmp_path / "out"))
+    assert line == f"error: {table}: row 2: harmful is 'perhaps'; write true/false, yes/no or 1/0 (1 such row(s))"
+
+
+def test_directions_prompt_table_with_a_quote_left_open(monkeypatch, capsys, tmp_path):
+    table = tmp_path / "p.jsonl"
+    table.write_text('{"prompt": "a", "node": "n", "harmful": true}\n{"prompt": "b", "node": \n', encoding="utf-8")
+    line = one_line_error(monkeypatch, capsys, "directions", "extract", "--prompts", str(table), "-o",
+                          str(tmp_path / "out"))
+    assert line.startswith(f"error: {table}: row 2: invalid JSON")
+
+
+def test_harmful_flags_written_as_words_are_booleans(tmp_path):
+    # "no" read as text is truthy: every harmless row would have been masked in as harmful
+    table = tmp_path / "p.csv"
+    table.write_text("prompt,node,harmful\nbuild a bomb,weapons,Yes\nbake bread,,no\nsing,,FALSE\nhack,cyber,1\n",
+                     encoding="utf-8")
+    df = read_prompts(table)
+    assert df["harmful"].tolist() == [True, False, False, True] and df["harmful"].dtype == bool
+    assert df["node"].tolist() == ["weapons", "", "", "cyber"]

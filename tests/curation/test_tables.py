@@ -78,3 +78,17 @@ def test_rejects_file_beside_output(tmp_path):
     assert path == rejects_path(out) == tmp_path / "corpus.parquet.rejects.jsonl"
     assert json.loads(path.read_text().splitlines()[0])["row"] == 4
     assert write_rejects(out, []) is None and not path.exists()  # a stale rejects file is removed
+
+
+def test_csv_quote_left_open_is_an_error_not_one_swallowed_cell(tmp_path):
+    # a lenient reader would read "1" and then every later line as one cell: rows 2 and 3 silently gone
+    p = tmp_path / "open.csv"
+    p.write_text('# version 1\nid,prompt\n0,fine\n1,"never closed\n2,second\n3,third\n', encoding="utf-8")
+    with pytest.raises(AtlasError, match=r"open\.csv: row 2 \(line 4\): a quoted field opened there is never closed"):
+        read_table(p)
+
+
+def test_csv_lenient_quoting_that_loses_nothing_still_reads(tmp_path):
+    p = tmp_path / "ok.csv"
+    p.write_text('id,prompt\n1,"ab"cd\n2,a"b\n3,"two\nlines"\n', encoding="utf-8")
+    assert read_table(p)["prompt"].tolist() == ["abcd", 'a"b', "two\nlines"]

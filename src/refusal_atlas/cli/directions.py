@@ -14,7 +14,7 @@ from rich.table import Table
 
 from refusal_atlas.cli import directions_causal
 from refusal_atlas.cli.console import plain_console, sub_app
-from refusal_atlas.cli.directions_common import read_prompts
+from refusal_atlas.cli.directions_common import parse_bool, read_prompts
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256, text_sha256
 from refusal_atlas.io import atomic_write_text
@@ -36,15 +36,6 @@ app = sub_app("Per-node refusal directions, noise floors, geometry, overlap grap
 _read_prompts = read_prompts
 
 
-def _as_bool(value) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float) and value in (0, 1):
-        return bool(value)
-    text = str(value).strip().lower()
-    return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text)
-
-
 def select_rows(df, *, all_conditions: bool, known_nodes: set[str] | None, min_prompts: int = 2):
     """(kept rows as (prompt, node, harmful), rejects as dicts with row number and reason)."""
     kept, rejects = [], []
@@ -53,7 +44,7 @@ def select_rows(df, *, all_conditions: bool, known_nodes: set[str] | None, min_p
         prompt = row.get("prompt")
         node = row.get("node")
         node = "" if node is None or (isinstance(node, float) and node != node) else str(node)
-        harmful = _as_bool(row.get("harmful"))
+        harmful = parse_bool(row.get("harmful"))
         condition = str(row.get("condition") or "") if has_condition else ""
         reason = None
         if not isinstance(prompt, str) or not prompt.strip():

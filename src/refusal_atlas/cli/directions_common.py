@@ -7,9 +7,10 @@ from pathlib import Path
 import pandas as pd
 import typer
 
+from refusal_atlas.curation.tables import read_table
 from refusal_atlas.errors import AtlasError
 
-__all__ = ["REQUIRED_COLUMNS", "read_prompts"]
+__all__ = ["REQUIRED_COLUMNS", "parse_bool", "read_prompts"]
 
 REQUIRED_COLUMNS = ("prompt", "node", "harmful")
 
@@ -24,17 +25,36 @@ TokensOpt = typer.Option(None, "--refusal-tokens",
                               "the model's own refusals")
 
 
+def parse_bool(value: object) -> bool | None:
+    """true/false, yes/no, 1/0 (any case) or a real bool; None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text)
+
+
 def read_prompts(path: Path) -> pd.DataFrame:
-    """A prompt table (.parquet, .jsonl, .json, .csv) with at least `prompt`, `node`, `harmful`."""
+    """A prompt table (.parquet, .jsonl, .json, .csv) with at least `prompt`, `node`, `harmful`.
+
+    CSV and JSONL go through the curation reader (its quoting and row rules); a malformed row is an error
+    naming it, since these commands have no output beside which to keep rejects. `harmful` comes back as
+    real booleans: the commands mask rows with it, and "no" or "false" read as text would count as true."""
     if not path.is_file():
         raise AtlasError(f"{path}: prompts file not found")
     try:
         if path.suffix == ".parquet":
             df = pd.read_parquet(path)
-        elif path.suffix in (".jsonl", ".json"):
-            df = pd.read_json(path, lines=path.suffix == ".jsonl")
-        elif path.suffix == ".csv":
-            df = pd.read_csv(path, keep_default_na=False)
+        elif path.suffix == ".json":
+            df = pd.read_json(path)
+        elif path.suffix in (".jsonl", ".csv"):
+            rejects: list[dict] = []
+            df = read_table(path, rejects=rejects).reset_index(drop=True)
+            if rejects:
+                first = rejects[0]
+                raise AtlasError(f"{path}: row {first['row']}: {first['reason']} ({len(rejects)} malformed row(s)); "
+                                 "fix them and run again")
         else:
             raise AtlasError(f"{path}: unsupported prompts format (use .parquet, .jsonl or .csv)")
     except AtlasError:
@@ -44,4 +64,12 @@ def read_prompts(path: Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise AtlasError(f"{path}: missing column(s) {', '.join(missing)}; expected prompt, node, harmful[, condition]")
+    parsed = df["harmful"].map(parse_bool)
+    bad = parsed.isna()
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        raise AtlasError(f"{path}: row {i + 1}: harmful is {df['harmful'].iloc[i]!r}; write true/false, yes/no or 1/0 "
+                         f"({int(bad.sum())} such row(s))")
+    df["harmful"] = parsed.astype(bool)
+    df["node"] = df["node"].map(lambda v: "" if v is None or (isinstance(v, float) and v != v) else str(v))
     return df

@@ -143,7 +143,8 @@ def _read_csv(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
         start = len(text) if end < 0 else end + 1
     if csv.field_size_limit() < MAX_CELL_BYTES:
         csv.field_size_limit(MAX_CELL_BYTES)
-    reader = csv.reader(io.StringIO(text[start:], newline=""))
+    lines = list(io.StringIO(text[start:], newline=""))
+    reader = csv.reader(iter(lines))
     try:
         header = next(reader)
     except StopIteration:
@@ -154,6 +155,7 @@ def _read_csv(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
     index: list[int] = []
     rowno = 0
     while True:
+        first_line = reader.line_num
         try:
             fields = next(reader)
         except StopIteration:
@@ -161,6 +163,11 @@ def _read_csv(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
         except csv.Error as exc:
             raise AtlasError(f"{path}: row {rowno + 1}: {exc}; fix the quoting in that row") from exc
         rowno += 1
+        if reader.line_num == len(lines) and _quote_left_open(lines[first_line:]):
+            # the lenient reader ends an unclosed quoted field at the end of the file, so every later row
+            # would silently become part of one cell
+            raise AtlasError(f"{path}: row {rowno} (line {first_line + 1 + _lines_before(text, start)}): a quoted "
+                             "field opened there is never closed; close the quote or double the \" inside it")
         if not fields or all(not f.strip() for f in fields):
             continue
         if len(fields) != len(header):
@@ -174,6 +181,20 @@ def _read_csv(path: Path, rejects: list[dict] | None) -> pd.DataFrame:
         if col in LIST_COLUMNS:
             df[col] = df[col].map(_parse_list_cell)
     return df
+
+
+def _quote_left_open(record_lines: list[str]) -> bool:
+    """Whether a strict reader runs out of input inside a quoted field of this record."""
+    try:
+        list(csv.reader(iter(record_lines), strict=True))
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
+
+
+def _lines_before(text: str, start: int) -> int:
+    """How many physical lines (comments) precede the header."""
+    return text.count("\n", 0, start)
 
 
 def read_table(path: Path | str, *, rejects: list[dict] | None = None) -> pd.DataFrame:
