@@ -305,3 +305,19 @@ def test_the_tree_against_the_branches_is_drawn_from_mapping_json(tmp_path):
     assert "crime (0.050)" in page and page.count("<tr>") == 5  # 2 clusters + 1 level, 2 header rows
     (tmp_path / "mapping.json").write_text(json.dumps({"clusters": []}))
     assert _tree_vs_branches(ClusterView(tmp_path)) == ""  # a mapping.json from before the tree was mapped
+
+
+def test_refusal_clusters_say_what_they_were_made_net_of(tmp_path):
+    from refusal_atlas.atlas.report.corpus import _net_of_note
+    from refusal_atlas.atlas.store_clusters import ClusterView
+
+    assert _net_of_note(ClusterView(tmp_path)) == ""  # no clusters.json
+    (tmp_path / "clusters.json").write_text(json.dumps({"net_of": None, "clusters": []}))
+    assert _net_of_note(ClusterView(tmp_path)) == ""  # clustered as they are
+    net = {"column": "<b>ask</b>", "lambda": 0.03, "explained_variance": 0.4229, "fitted_rows": 120}
+    (tmp_path / "clusters.json").write_text(json.dumps({"net_of": net, "clusters": []}))
+    view = ClusterView(tmp_path)
+    note = _net_of_note(view)
+    assert "net of its &lt;b&gt;ask&lt;/b&gt;" in note and "<b>" not in note
+    assert "explains 0.423 of the replies' embedding variance" in note
+    assert view.metrics["net_of.explained_variance"] == 0.4229

@@ -153,12 +153,15 @@ def test_usage_errors_print_click_s_message_not_a_traceback(monkeypatch, capsys,
     assert err.strip().splitlines()[-1].startswith("Error: ")
 
 
-def test_directions_prompt_table_with_unreadable_harmful_flag(monkeypatch, capsys, tmp_path):
+def test_prompt_table_with_unreadable_harmful_flag(tmp_path):
+    # the causal commands and `organism build` mask rows with the flag: a value that is no flag is an error;
+    # `directions extract` reads the column as is and rejects such rows to its rejects file (test_directions_cli)
     table = tmp_path / "p.csv"
     table.write_text("prompt,node,harmful\nbuild a bomb,weapons,yes\nbake bread,,perhaps\n", encoding="utf-8")
-    line = one_line_error(monkeypatch, capsys, "directions", "extract", "--prompts", str(table), "-o",
-                          str(tmp_path / "out"))
-    assert line == f"error: {table}: row 2: harmful is 'perhaps'; write true/false, yes/no or 1/0 (1 such row(s))"
+    with pytest.raises(AtlasError) as err:
+        read_prompts(table)
+    assert str(err.value) == f"{table}: row 2: harmful is 'perhaps'; write true/false, yes/no or 1/0 (1 such row(s))"
+    assert read_prompts(table, parse_flags=False)["harmful"].tolist() == ["yes", "perhaps"]
 
 
 def test_directions_prompt_table_with_a_quote_left_open(monkeypatch, capsys, tmp_path):

@@ -21,16 +21,17 @@ import sys, torch
 torch.set_num_threads(int(sys.argv[3]))
 from refusal_atlas.curation.cluster import ClusterConfig
 from refusal_atlas.curation.cluster_run import cluster_corpus
-cluster_corpus(sys.argv[1], sys.argv[2], text_column="prompt", stability_runs=0,
+cluster_corpus(sys.argv[1], sys.argv[2], text_column=sys.argv[4], stability_runs=0, net_of_column=sys.argv[5],
                config=ClusterConfig(min_cluster_size=10, seeds=(0, 1, 2), layout_2d=False))
 """
 
 
-def _run(corpus: Path, out: Path, cache: Path, threads: int) -> pd.DataFrame:
+def _run(corpus: Path, out: Path, cache: Path, threads: int, text: str = "prompt", net_of: str = "none"
+         ) -> pd.DataFrame:
     env = {**os.environ, "REFUSAL_ATLAS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[name] = str(threads)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(corpus), str(out), str(threads)], env=env,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(corpus), str(out), str(threads), text, net_of], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return pd.read_parquet(out / "assignments.parquet")
@@ -47,6 +48,18 @@ def test_cold_one_thread_warm_two_threads_and_cold_two_threads_agree(tmp_path):
     pd.testing.assert_frame_equal(cold1[columns], warm2[columns])
     pd.testing.assert_frame_equal(cold1[columns], cold2[columns])
     # warm and cold vectors are bit-identical (both float16-quantised)
+    a, b = (np.load(tmp_path / name / "embeddings.npy") for name in ("a", "b"))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_replies_net_of_their_prompts_agree_across_threads_and_cache(tmp_path):
+    # the ridge fit sums in float64 with BLAS threads; the residuals are quantised like any embedding
+    corpus = tmp_path / "corpus.parquet"
+    planted().to_parquet(corpus)
+    cold1 = _run(corpus, tmp_path / "a", tmp_path / "cache1", threads=1, text="response", net_of="prompt")
+    warm2 = _run(corpus, tmp_path / "b", tmp_path / "cache1", threads=2, text="response", net_of="prompt")
+    columns = ["row", "cluster"] + [c for c in cold1.columns if c.startswith("cluster_level_")]
+    pd.testing.assert_frame_equal(cold1[columns], warm2[columns])
     a, b = (np.load(tmp_path / name / "embeddings.npy") for name in ("a", "b"))
     np.testing.assert_array_equal(a, b)
 

@@ -4,9 +4,12 @@ Two views of the same corpus: `clusters/` clusters the *prompts* of harmful rows
 groups of what was asked agree with the taxonomy's nodes? → node ARI/NMI, proposals, and the
 tree's levels against the taxonomy's branches and nodes), and `clusters/responses/` clusters the
 *responses* the detector calls refusals (how many distinct refusal wordings does the model use?),
-described by the prompts that drew them. For the organism the truth of the second view is known:
-its recorded wording groups (a node's own wording, the shared one, the redirect), so the stage
-reports how well clustering recovers them (`wording_ari`).
+described by the prompts that drew them. Unlike `curate cluster`'s default, the replies are not
+made net of their prompts (`curation.net_of`): the organism's planted wordings depend on the
+request's node, and taking out what the prompt predicts would weaken exactly them
+(docs/decisions.md). For the organism the truth of the second view is known: its recorded wording
+groups (a node's own wording, the shared one, the redirect), so the stage reports how well
+clustering recovers them (`wording_ari`).
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def run(out: Path, seed: int, n_seeds: int, taxonomy: Taxonomy) -> dict[str, Any
         write_table(refused, refused_path)
         responses_run = cluster_corpus(refused_path, out / "clusters" / "responses", text_column="response",
                                        config=responses_config(len(refused), seeds), stability_runs=0,
-                                       label_column="prompt")
+                                       label_column="prompt", net_of_column=None)
         rmeta = responses_run.meta
         result["responses"] = {"n_rows": len(refused), "n_clusters": rmeta.get("n_clusters"),
                                "outlier_fraction": rmeta.get("outlier_fraction"),

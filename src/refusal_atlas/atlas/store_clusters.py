@@ -104,11 +104,19 @@ class ClusterView:
         return tree if isinstance(tree, dict) else {}
 
     @cached_property
+    def net_of(self) -> dict[str, Any]:
+        """How the clustered texts were made net of another column (column, lambda, explained variance); {} if not."""
+        path = self.folder / schema.CLUSTERS_JSON.name
+        data = read_json(path) if path.is_file() else None
+        net = data.get("net_of") if isinstance(data, dict) else None
+        return net if isinstance(net, dict) else {}
+
+    @cached_property
     def metrics(self) -> dict[str, Any]:
         """Scalar run numbers (n_clusters, outlier fraction, seed ARI, node ARI / NMI, ...), flattened."""
         out: dict[str, Any] = {}
         for artifact, keys in ((schema.CLUSTERS_JSON, ("n_clusters", "outlier_fraction", "method",
-                                                       "reassigned_outliers", "stability")),
+                                                       "reassigned_outliers", "stability", "net_of")),
                                (schema.MAPPING_JSON, ("agreement", "min_score", "node_ari", "seed_ari")),
                                (schema.STABILITY_JSON, ("seeds", "resamples"))):
             path = self.folder / artifact.name

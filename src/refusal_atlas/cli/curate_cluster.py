@@ -33,6 +33,11 @@ def cluster(
     label_by: str | None = typer.Option(None, "--label-by", help="Column that names the clusters (keywords, "
                                         "examples), e.g. cluster --text response --label-by prompt: refusals "
                                         "grouped by wording, described by what was asked. Default: --text."),
+    net_of: str = typer.Option("auto", "--net-of", help="Cluster the text net of this column's content (a ridge "
+                               "fit's residual): replies grouped by how they are worded rather than by the "
+                               "request they echo (a wording tied to the request, e.g. one per harm, is weakened "
+                               "too). auto: `prompt` when clustering `response` and the table has one; none: "
+                               "off."),
     only_refused: bool = typer.Option(False, "--only-refused", help="Cluster only rows with refused = true."),
     embedder: str | None = typer.Option(None, "--embedder", help="sentence-transformers name or folder "
                                         "(default: offline all-MiniLM-L6-v2), or residual:MODEL[@LAYER] for a "
@@ -50,8 +55,6 @@ def cluster(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the embedding cache."),
 ) -> None:
     """Embed, cluster (consensus UMAP → HDBSCAN), check stability, and write the clusters folder."""
-
-
     if out.exists() and not out.is_dir():
         raise AtlasError(f"{out}: is a file; -o names the output folder")
     check_not_same_file(out / ASSIGNMENTS, corpus)
@@ -61,12 +64,14 @@ def cluster(
                            reassign_outliers=reassign_outliers)
     run = cluster_corpus(corpus, out, text_column=text, only_refused=only_refused, embedder=embedder,
                          config=config, stability_runs=stability_runs, progress=_say, cache=not no_cache,
-                         label_column=label_by)
+                         label_column=label_by, net_of_column=net_of)
     meta = run.meta
     stab = (meta.get("stability") or {}).get("seed_pairwise_ari") or {}
     extra = f", {ari_phrase('seed-to-seed ARI', stab, meta['n_clusters'])}" if stab else ""
+    net_col = clean_text((meta.get("net_of") or {}).get("column", ""), 60)
+    net = f", net of {net_col}; --net-of none: as they are" if meta.get("net_of") else ""
     typer.echo(f"{meta['input']['clustered']} rows -> {meta['n_clusters']} clusters, "
-               f"{100 * meta['outlier_fraction']:.1f}% outliers{extra} ({meta['method']}); wrote {out}/")
+               f"{100 * meta['outlier_fraction']:.1f}% outliers{extra} ({meta['method']}{net}); wrote {out}/")
     tree = meta.get("tree") or {}
     if len(tree.get("levels", [])) > 1:
         counts = " / ".join(str(lv["n_clusters"]) for lv in tree["levels"])

@@ -127,7 +127,7 @@ def extract(
                                           help="keep activation shards (resume; principal angles)"),
 ) -> None:
     """Capture activations and write per-node directions with noise floors (safetensors + JSON)."""
-    df = read_prompts(prompts)
+    df = read_prompts(prompts, parse_flags=False)
     parents, labels = _load_taxonomy(taxonomy)
     rows, rejects = select_rows(df, all_conditions=all_conditions, known_nodes=set(parents) if parents else None)
     out.mkdir(parents=True, exist_ok=True)

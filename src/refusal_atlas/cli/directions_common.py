@@ -35,12 +35,14 @@ def parse_bool(value: object) -> bool | None:
     return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text)
 
 
-def read_prompts(path: Path) -> pd.DataFrame:
+def read_prompts(path: Path, *, parse_flags: bool = True) -> pd.DataFrame:
     """A prompt table (.parquet, .jsonl, .json, .csv) with at least `prompt`, `node`, `harmful`.
 
     CSV and JSONL go through the curation reader (its quoting and row rules); a malformed row is an error
     naming it, since these commands have no output beside which to keep rejects. `harmful` comes back as
-    real booleans: the commands mask rows with it, and "no" or "false" read as text would count as true."""
+    real booleans: the commands mask rows with it, and "no" or "false" read as text would count as true; a value
+    that is none of true/false, yes/no, 1/0 is an error. `parse_flags=False` leaves the column as read, for a
+    caller that rejects such rows one by one (`directions extract` writes them to its rejects file)."""
     if not path.is_file():
         raise AtlasError(f"{path}: prompts file not found")
     try:
@@ -64,6 +66,8 @@ def read_prompts(path: Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise AtlasError(f"{path}: missing column(s) {', '.join(missing)}; expected prompt, node, harmful[, condition]")
+    if not parse_flags:
+        return df
     parsed = df["harmful"].map(parse_bool)
     bad = parsed.isna()
     if bad.any():

@@ -23,6 +23,7 @@ from refusal_atlas.curation.cluster import OUTLIER, ClusterConfig, ClusterPipeli
 from refusal_atlas.curation.cluster_describe import cluster_name
 from refusal_atlas.curation.cluster_levels import empty_warnings, tree_summary
 from refusal_atlas.curation.embed import make_embedder
+from refusal_atlas.curation.net_of import net_of
 from refusal_atlas.curation.stability import stability_report
 from refusal_atlas.curation.tables import read_table, reject, require_columns, require_rows, write_rejects
 from refusal_atlas.errors import AtlasError
@@ -49,6 +50,7 @@ class Selected:
     rejects: list[dict]
     n_input: int
     label_texts: list[str] | None = None
+    net_texts: list[str] | None = None  # the column the texts are made net of (`net_of`), row-aligned
 
 
 def _truthy(value: Any) -> bool:
@@ -65,7 +67,7 @@ def _text(value: Any) -> str:
 
 
 def select_rows(df: pd.DataFrame, path: Path | str, text_column: str, only_refused: bool,
-                label_column: str | None = None) -> Selected:
+                label_column: str | None = None, net_column: str | None = None) -> Selected:
     """Rows to cluster; empty and non-text cells go to rejects with their row number (never dropped silently).
 
     Rows left out by --only-refused are a filter the user asked for, not rejects; their count is
@@ -74,6 +76,9 @@ def select_rows(df: pd.DataFrame, path: Path | str, text_column: str, only_refus
     require_columns(df, [text_column], path, hint="choose the text with --text response|prompt")
     if label_column:
         require_columns(df, [label_column], path, hint="--label-by names the column that describes the clusters")
+    if net_column:
+        require_columns(df, [net_column], path, hint="--net-of names the column whose content is taken out "
+                                                     "(e.g. prompt), or none")
     rejects: list[dict] = []
     n_input = len(df)
     if only_refused:
@@ -86,13 +91,26 @@ def select_rows(df: pd.DataFrame, path: Path | str, text_column: str, only_refus
         elif not isinstance(value, str):  # a JSON number, list or object is not a text to embed (as `detect`)
             reject(rejects, source=path, row=int(row), reason=f"{text_column} is not text ({type(value).__name__})",
                    record=df.loc[row])
+        elif net_column and not _text(df.at[row, net_column]).strip():
+            reject(rejects, source=path, row=int(row), reason=f"empty {net_column} (the clustered text is made net "
+                   f"of it: --net-of {net_column})", record=df.loc[row])
         else:
             keep.append(row)
     selected = df.loc[keep].copy()
     # the readers number rows from 1 (Parquet position, CSV data row, JSONL line): `row` is 0-based
     selected.index = pd.Index(np.asarray(selected.index, dtype=np.int64) - 1, name="row")
     labels = [_text(v) for v in selected[label_column]] if label_column else None
-    return Selected(selected, [str(v) for v in selected[text_column]], rejects, n_input, labels)
+    net = [_text(v) for v in selected[net_column]] if net_column else None
+    return Selected(selected, [str(v) for v in selected[text_column]], rejects, n_input, labels, net)
+
+
+def resolve_net_of(choice: str | None, text_column: str, columns: Any) -> str | None:
+    """`auto`: replies (`response`) are made net of their `prompt` where the table has one; `none`: never."""
+    if choice is None or choice.lower() == "none" or choice == text_column:
+        return None
+    if choice.lower() == "auto":
+        return "prompt" if text_column == "response" and "prompt" in set(map(str, columns)) else None
+    return choice
 
 
 def id_column(df: pd.DataFrame) -> str | None:
@@ -163,11 +181,14 @@ def cluster_corpus(corpus: Path | str, out_dir: Path | str, *, text_column: str 
                    only_refused: bool = False, embedder: str | None = None,
                    config: ClusterConfig | None = None, stability_runs: int = 5,
                    progress: Callable[[str], None] | None = None, cache: bool = True,
-                   label_column: str | None = None) -> cluster_store.ClusterRun:
+                   label_column: str | None = None, net_of_column: str | None = None) -> cluster_store.ClusterRun:
     """Cluster one corpus file into `out_dir`; returns the persisted run as it will be reloaded.
 
     `label_column` (default: the text column) is the text that names the clusters (keywords,
     representatives): cluster refusals by their wording, describe them by the prompts that drew them.
+    `net_of_column` clusters the texts net of another column's content (`net_of`: replies grouped by how
+    they are worded rather than by the request they echo); `embeddings.npy` then holds those residuals.
+    "auto" takes replies net of their prompts where there are both (`resolve_net_of`); None or "none": off.
     """
     say = progress or (lambda _msg: None)
     corpus, out_dir = Path(corpus), Path(out_dir)
@@ -176,7 +197,8 @@ def cluster_corpus(corpus: Path | str, out_dir: Path | str, *, text_column: str 
     read_rejects: list[dict] = []
     df = read_table(corpus, rejects=read_rejects)
     require_rows(df, corpus, rejected=len(read_rejects))
-    sel = select_rows(df, corpus, text_column, only_refused, label_column)
+    net_of_column = resolve_net_of(net_of_column, text_column, df.columns)
+    sel = select_rows(df, corpus, text_column, only_refused, label_column, net_of_column)
     rejects = read_rejects + sel.rejects
     write_rejects(out_dir / cluster_store.ASSIGNMENTS, rejects)
     if not sel.texts:
@@ -189,6 +211,13 @@ def cluster_corpus(corpus: Path | str, out_dir: Path | str, *, text_column: str 
     say(f"embedding {len(sel.texts)} texts with {emb.model_name}")
     t = time.perf_counter()
     x = emb.encode(sel.texts)
+    net_record = None
+    if net_of_column and sel.net_texts is not None:
+        say(f"embedding {len(sel.net_texts)} {net_of_column!r} texts to take their content out")
+        made = net_of(x, emb.encode(sel.net_texts), seed=config.seeds[0] if config.seeds else 0)
+        x, net_record = made.vectors, made.describe(net_of_column)
+        say(f"{net_of_column!r} explains {made.explained:.0%} of the {text_column!r} vectors' variance; clustering "
+            "the rest")
     timings["embed_s"] = time.perf_counter() - t
     say(f"clustering ({len(config.seeds)} seeds)")
     t = time.perf_counter()
@@ -212,7 +241,8 @@ def cluster_corpus(corpus: Path | str, out_dir: Path | str, *, text_column: str 
     assignments = assignments_frame(sel, result, text_column)
     digest = file_sha256(corpus)
     run_id = sha256(
-        f"{digest}|{text_column}|{label_column}|{only_refused}|{emb.key}|{sorted(config.to_dict().items())}".encode()
+        f"{digest}|{text_column}|{label_column}|{only_refused}|{emb.key}|{sorted(config.to_dict().items())}"
+        f"{f'|net_of={net_of_column}' if net_of_column else ''}".encode()
     ).hexdigest()[:12]
     meta = {
         "run_id": run_id,
@@ -223,6 +253,7 @@ def cluster_corpus(corpus: Path | str, out_dir: Path | str, *, text_column: str 
                   "only_refused": only_refused, "clustered": len(sel.texts), "rejected": len(rejects),
                   "filtered_out": sel.n_input - len(sel.frame) - len(sel.rejects)},
         "embedder": emb.describe(),
+        "net_of": net_record,
         "config": config.to_dict(),
         "method": result.method,
         "n_clusters": result.n_clusters,

@@ -13,7 +13,9 @@ Layout of a clusters folder (written by `curate cluster`, read by `curate map`):
                           rows), `x`, `y` (2-D map), then every other input column under its own
                           name (the input's id column, e.g. `prompt_id`, included; a name the
                           pipeline uses itself is carried as `input_<name>`)
-    embeddings.npy        float32 unit vectors, aligned with assignments.parquet
+    embeddings.npy        float32 unit vectors, aligned with assignments.parquet: the vectors
+                          clustered (with --net-of, the text's residual after the column's content
+                          is taken out; `curate map` then embeds the label texts to map by)
     clusters.json         run metadata: input file + sha256, text / label / id columns, embedder,
                           every parameter, method, timings, warnings (nothing clustered, most
                           rows outliers), `tree` (per level: cluster count, seed ARI, clusters
@@ -30,7 +32,7 @@ Every file is written atomically (refusal_atlas.io).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +56,12 @@ class ClusterRun:
 
     folder: Path
     assignments: pd.DataFrame
-    embeddings: np.ndarray
+    embeddings: np.ndarray  # the vectors clustered (net of a column where clusters.json's `net_of` says so)
     meta: dict[str, Any]
+    # the vectors of the texts clusters are described and mapped by (`mapping.description_vectors` sets them),
+    # and the embedder they came from (None: the run's own)
+    description: np.ndarray | None = field(default=None, repr=False)
+    description_key: str | None = field(default=None, repr=False)
 
     @property
     def labels(self) -> np.ndarray:

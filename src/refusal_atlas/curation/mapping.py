@@ -118,6 +118,28 @@ def agreement(run: ClusterRun) -> dict:
             if (labels != OUTLIER).sum() > 1 else None}
 
 
+def description_vectors(run: ClusterRun, embedder: TextEmbedder | None = None) -> np.ndarray:
+    """Row vectors of the texts the clusters are mapped and described by, in the node vectors' space.
+
+    The stored embeddings where they are that (the clustered column, raw, with the run's embedder); else the
+    `--label-by` texts (refusals named by their prompts) or the clustered text itself re-embedded: vectors
+    made net of a column (`net_of`) no longer live in the space node texts are embedded in, and an embedder
+    given for the node texts needs the rows in its own space. Kept on `run` for the later steps."""
+    key = None if embedder is None else str(getattr(embedder, "key", id(embedder)))
+    if run.description is not None and run.description_key == key:
+        return run.description
+    a = run.assignments
+    if "label_text" not in a.columns and not run.meta.get("net_of") and embedder is None:
+        run.description, run.description_key = run.embeddings, key
+        return run.embeddings
+    emb = embedder or make_embedder(run.meta.get("embedder", {}).get("model"))
+    texts = (a["label_text"] if "label_text" in a.columns else a["text"]).astype(str).tolist()
+    x = np.asarray(emb.encode(texts), dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    run.description, run.description_key = x / np.where(norms > 0, norms, 1.0), key
+    return run.description
+
+
 def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: TextEmbedder | None = None, *, top: int = 3,
                  min_score: dict[str, float] | None = None) -> Mapping:
     """Best `top` nodes per cluster (see module docstring); `embedder` defaults to the run's own."""
@@ -139,7 +161,7 @@ def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: TextEmbedder | N
             if vecs is None:
                 emb = embedder or make_embedder(run.meta.get("embedder", {}).get("model"))
                 vec_ids, vecs = node_vectors(taxonomy, emb)
-            centroid = run.embeddings[idx].mean(0)
+            centroid = description_vectors(run, embedder)[idx].mean(0)
             centroid /= np.linalg.norm(centroid) or 1.0
             sims = vecs @ centroid if len(vecs) else np.zeros(0)
             order: list[int] = np.lexsort((np.asarray(vec_ids), -sims))[:top].tolist() if len(sims) else []

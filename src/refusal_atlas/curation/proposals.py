@@ -233,7 +233,7 @@ def _examples(run: ClusterRun, idx: np.ndarray) -> list[str]:
     """The cluster's rows nearest its centroid (ties by row order), as requests where the table has them: its
     `prompt` column, else the `--label-by` texts (refusals clustered, named by what was asked), else the text.
     A node's examples are requests (organisms and `curate prompts` use them as prompts), never refusals."""
-    x = run.embeddings[idx]
+    x = (run.description if run.description is not None else run.embeddings)[idx]
     centroid = x.mean(0)
     centroid /= np.linalg.norm(centroid) or 1.0
     order = np.lexsort((idx, -(x @ centroid)))

@@ -27,7 +27,7 @@ from sklearn.metrics import adjusted_rand_score
 from refusal_atlas.curation.cluster import OUTLIER
 from refusal_atlas.curation.cluster_store import ClusterRun
 from refusal_atlas.curation.embed import TextEmbedder, make_embedder
-from refusal_atlas.curation.mapping import node_vectors, primary_nodes
+from refusal_atlas.curation.mapping import description_vectors, node_vectors, primary_nodes
 from refusal_atlas.taxonomy.model import Taxonomy
 
 __all__ = ["closest_level", "level_ari", "map_tree", "tree_vs_taxonomy"]
@@ -131,7 +131,7 @@ def map_tree(run: ClusterRun, taxonomy: Taxonomy, leaf_branches: list[str], thre
                     run.meta.get("embedder", {}).get("model")))
             if not len(vecs):
                 continue
-            centroid = run.embeddings[idx].mean(0)
+            centroid = description_vectors(run, embedder)[idx].mean(0)
             sims = vecs @ (centroid / (np.linalg.norm(centroid) or 1.0))
             order = np.lexsort((np.asarray(vec_ids), -sims))
             best, score, method = vec_ids[int(order[0])], float(sims[order[0]]), "similarity"

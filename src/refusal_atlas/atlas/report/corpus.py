@@ -155,11 +155,22 @@ def section_clusters(store: AtlasStore, figs: Figures) -> str:
         parts.append(_cluster_view_html(store, main, figs, f"Cluster map of the corpus ({column})", mapped=True))
     if responses.exists():
         parts.append("<h3>Refusal wordings</h3><p class='small'>The responses the detector calls refusals, "
-                     "clustered: how many distinct ways does the model refuse?</p>")
+                     f"clustered: how many distinct ways does the model refuse?{_net_of_note(responses)}</p>")
         parts.append(_cluster_view_html(store, responses, figs, "Cluster map of the refusals (responses)",
                                         mapped=False))
         parts.append(_planted_wordings(store))
     return "".join(parts)
+
+
+def _net_of_note(view: ClusterView) -> str:
+    """How the replies were made net of their prompts (numbers only; the column name escaped)."""
+    net = view.net_of
+    if not net:
+        return ""
+    return (f" Each reply is clustered net of its {esc(str(net.get('column')))} (a ridge fit's residual, "
+            f"lambda {fmt(net.get('lambda'))}): the {esc(str(net.get('column')))} explains "
+            f"{fmt(net.get('explained_variance'))} of the replies' embedding variance, so the clusters group how the "
+            "model refused rather than the topic it echoed.")
 
 
 def _planted_wordings(store: AtlasStore) -> str:
