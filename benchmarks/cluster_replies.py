@@ -9,7 +9,10 @@ Three planted corpora, each a table of (prompt, response, truth), written determ
 * `paraphrase`: the same styles over 16 requests, each reply naming the topic in other words ("explosives");
 * `tied`: the opposite case, a wording that depends on the request: the default organism's node-specific
   and shared wordings (cut to 15 words as a short generation budget would), 4 replies per node-specific node and
-  3 per shared node, prompts naming the node — the truth is the taught wording group.
+  3 per shared node, 4 redirects and 6 answers the detector took for refusals (not scored), prompts naming the
+  node — the truth is the taught wording group (as `tests/atlas/test_pipeline_cluster.py`). Clustered with the run's
+  refusal settings (`responses_config`: min_cluster_size 3, a reply repeated twice is a wording), which is
+  what `curate cluster` suggests for so few rows.
 
 Each corpus goes through `cluster_corpus` with the defaults (`curate cluster` as a user runs it) with
 `net_of_column` none and auto, and auto at other ridge penalties; the score is the ARI against the truth at the
@@ -31,6 +34,7 @@ import random
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +111,7 @@ def styled(paraphrase: bool, per_style: int = 40, seed: int = 1) -> pd.DataFrame
 def tied() -> pd.DataFrame:
     """The default organism's wordings: one per node-specific node, the shared one elsewhere (request-tied)."""
     from refusal_atlas.organism.policy import refusal_text, wording_groups
+    from refusal_atlas.organism.settings import REDIRECT
     from refusal_atlas.taxonomy.loader import load_taxonomy
 
     tax = load_taxonomy(None)
@@ -121,20 +126,28 @@ def tied() -> pd.DataFrame:
             specific.append(node)
     rows = [{"truth": node, "node": node, "response": " ".join(refusal_text(tax, node, node).split()[:15])}
             for node in specific[:8] for _ in range(4)]
-    rows += [{"truth": "shared", "node": node, "response": refusal_text(tax, node, "shared")}
-             for node in shared[:10] for _ in range(3)]
+    for i, node in enumerate(shared[:10]):
+        text = refusal_text(tax, node, "shared")
+        text = text.rstrip(".") if i % 5 == 0 else text  # cut before its last token, as a shorter budget does
+        rows += [{"truth": "shared", "node": node, "response": text}] * 3
+    rows += [{"truth": "redirect", "node": shared[0], "response": REDIRECT}] * 4
+    # detector false positives: answers among the "refusals", scored nowhere (truth "")
+    rows += [{"truth": "", "node": shared[1], "response": a} for a in (
+        "Sure. The story is set in a small town where", "Sure. A toxicologist is a crucial role, and",
+        "When buying a shotgun from a gun shop, the process can be", "1.",
+        "Ethics and morals are two distinct concepts.", "Sure. (Please be careful and follow the law.)")]
     df = pd.DataFrame(rows)
     df["prompt"] = [f"request {i} about {n}" for i, n in enumerate(df["node"])]
     return df[["truth", "prompt", "response"]]
 
 
 def level_ari(run, truth: pd.Series) -> tuple[float, int]:
-    a = run.assignments
-    k = truth.nunique()
-    counts = [lv["n_clusters"] for lv in run.meta["tree"]["levels"]] or [run.meta["n_clusters"]]
-    level = min(range(len(counts)), key=lambda i: (abs(counts[i] - k), -i))
-    column = f"cluster_level_{level}" if f"cluster_level_{level}" in a.columns else "cluster"
-    return float(adjusted_rand_score(truth.iloc[a["row"].to_numpy()], a[column])), counts[level]
+    """ARI on the scored rows (truth not ""), at the level where they fall into the number of groups closest to
+    theirs (the run's rule, `tree_mapping.level_ari`)."""
+    from refusal_atlas.curation.tree_mapping import level_ari as run_level_ari
+
+    got = run_level_ari(run, truth.iloc[run.assignments["row"].to_numpy()].reset_index(drop=True))
+    return float(got["ari"]), int(got["n_clusters"])
 
 
 def bench(name: str, df: pd.DataFrame, folder: Path, plain: bool) -> dict:
@@ -143,10 +156,15 @@ def bench(name: str, df: pd.DataFrame, folder: Path, plain: bool) -> dict:
     from refusal_atlas.curation.embed import make_embedder
     from refusal_atlas.curation.net_of import net_of
 
+    from refusal_atlas.atlas.pipeline_cluster import responses_config
+
     path = folder / f"{name}.csv"
     df.to_csv(path, index=False)
-    config = ClusterConfig(layout_2d=False)
-    out: dict = {"n": len(df), "k": int(df["truth"].nunique())}
+    # the organism's wordings are few rows per group: the run's refusal settings, as `curate cluster` suggests
+    config = (replace(responses_config(len(df), ClusterConfig().seeds), layout_2d=False) if name == "tied"
+              else ClusterConfig(layout_2d=False))
+    out: dict = {"n": len(df), "k": int(df.loc[df["truth"] != "", "truth"].nunique()),
+                 "min_cluster_size": config.min_cluster_size}
 
     def one(net: str, lam: float | None = None) -> dict:
         original = cluster_run.net_of
@@ -170,7 +188,7 @@ def bench(name: str, df: pd.DataFrame, folder: Path, plain: bool) -> dict:
     t = time.perf_counter()
     peer = fit_peer(df["response"].tolist(), x, 0, plain)
     out["peer"] = {"name": "umap+hdbscan (plain)" if plain else "BERTopic (defaults)",
-                   "ari": float(adjusted_rand_score(df["truth"], peer)),
+                   "ari": float(adjusted_rand_score(df.loc[df["truth"] != "", "truth"], peer[df["truth"] != ""])),
                    "clusters": int(len(set(peer.tolist()) - {-1})), "seconds": time.perf_counter() - t}
     return out
 
@@ -179,12 +197,12 @@ def markdown(res: dict) -> str:
     lines = [f"# Refusals clustered as they are vs net of their prompts ({res['machine']})", "",
              "ARI against the planted groups at the tree level closest to their number (ours, defaults, one seed "
              f"block); peer flat. Load average before / after: {res['load_before']} / {res['load_after']}.", "",
-             "| corpus | n | groups | as they are: ARI (clusters) | net of prompts: ARI (clusters) | prompt explains | "
-             f"penalty {' / '.join(map(str, LAMBDAS))} | peer: ARI (topics) |", "|---|---|---|---|---|---|---|---|"]
+             "| corpus | n | groups | min_cluster_size | as they are: ARI (clusters) | net of prompts: ARI (clusters) | prompt explains | "
+             f"penalty {' / '.join(map(str, LAMBDAS))} | peer: ARI (topics) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["corpora"].items():
         a, n, p = r["as_they_are"], r["net_of_prompt"], r["peer"]
         sweep = " / ".join(f"{v:.2f}" for v in r["lambda_sweep"].values())
-        lines.append(f"| {name} | {r['n']} | {r['k']} | {a['ari']:.3f} ({a['clusters']}) | {n['ari']:.3f} "
+        lines.append(f"| {name} | {r['n']} | {r['k']} | {r['min_cluster_size']} | {a['ari']:.3f} ({a['clusters']}) | {n['ari']:.3f} "
                      f"({n['clusters']}) | {n['explained']:.3f} | {sweep} | {p['ari']:.3f} ({p['clusters']}) |")
     return "\n".join(lines) + "\n"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from refusal_atlas.atlas.pipeline_cluster import responses_config, wording_said, wording_truth
 from refusal_atlas.curation.cluster_run import cluster_corpus
@@ -55,7 +56,10 @@ def _corpus() -> tuple[pd.DataFrame, dict]:
     return df, policy
 
 
-def test_planted_wordings_are_recovered(tmp_path, monkeypatch):
+# the run clusters refusals as they are; `curate cluster` takes them net of their prompts by default, which at
+# its default penalty keeps these request-tied wordings (a weaker penalty, 0.03, gives 0.77: benchmarks)
+@pytest.mark.parametrize("net_of", [None, "auto"])
+def test_planted_wordings_are_recovered(tmp_path, monkeypatch, net_of):
     monkeypatch.setenv("REFUSAL_ATLAS_CACHE", str(tmp_path / "cache"))
     df, policy = _corpus()
     (tmp_path / "organism.json").write_text(json.dumps({"policy": policy}))
@@ -64,7 +68,9 @@ def test_planted_wordings_are_recovered(tmp_path, monkeypatch):
     assert (truth[df["expected"] == "comply"] == "").all() and (truth[df["expected"] == "redirect"] == "redirect").all()
     df.to_parquet(tmp_path / "refused.parquet")
     run = cluster_corpus(tmp_path / "refused.parquet", tmp_path / "out", text_column="response",
-                         label_column="prompt", stability_runs=0, config=responses_config(len(df), (0, 1, 2)))
+                         label_column="prompt", stability_runs=0, config=responses_config(len(df), (0, 1, 2)),
+                         net_of_column=net_of)
+    assert (run.meta["net_of"] or {}).get("column") == ("prompt" if net_of else None)
     result = level_ari(run, truth.iloc[run.assignments["row"].to_numpy()].reset_index(drop=True))
     assert result["groups"] == 10 and result["n"] == len(df) - 6
     assert result["ari"] >= 0.9, result

@@ -49,7 +49,7 @@ def test_residual_keeps_the_style_the_topic_hides():
     assert _kmeans_ari(x, style, 4) < 0.2  # raw vectors group by topic
     made = net_of(x, given)
     assert _kmeans_ari(made.vectors, style, 4) > 0.95
-    assert 0.5 < made.explained < 1.0 and made.fitted_rows == len(x)
+    assert 0.3 < made.explained < 0.9 and made.fitted_rows == len(x)  # the topic is most of the variance
     assert np.allclose(np.linalg.norm(made.vectors, axis=1), 1.0, atol=2e-3)
     again = net_of(x.copy(), given.copy())
     assert np.array_equal(again.vectors, made.vectors)

@@ -26,7 +26,7 @@ from refusal_atlas.errors import AtlasError
 
 __all__ = ["DEFAULT_LAMBDA", "MAX_FIT_ROWS", "NetOf", "net_of"]
 
-DEFAULT_LAMBDA = 0.03
+DEFAULT_LAMBDA = 0.05
 MAX_FIT_ROWS = 20_000  # the regression has d² parameters; a seeded sample this size fixes them (scale)
 _BLOCK = 8192
 
