@@ -158,3 +158,20 @@ def test_clusters_made_net_of_a_column_are_mapped_in_the_texts_own_space(tmp_pat
     assert not np.allclose(run.embeddings, expected, atol=1e-2)
     assert np.allclose(vecs, _unit(expected), atol=1e-3)
     assert description_vectors(run) is vecs  # kept for the later steps
+
+
+def test_identical_replies_have_nothing_left_and_group_together(tmp_path):
+    # every reply the same text: each residual is rounding noise, whose direction would be arbitrary
+    x = np.tile(_unit(np.random.default_rng(0).normal(size=(1, 32))), (6, 1)).astype(np.float32)
+    x[4:] = _unit(np.random.default_rng(1).normal(size=(2, 32)))
+    given = _unit(np.random.default_rng(2).normal(size=(6, 32))).astype(np.float32)
+    made = net_of(x, given)
+    assert made.nothing_left == 0  # two texts: the residuals carry which one
+    same = net_of(x[:4], given[:4])
+    assert same.nothing_left == 4 and np.all(same.vectors == same.vectors[0])
+    assert np.isclose(np.linalg.norm(same.vectors[0]), 1.0, atol=2e-3)
+    path = tmp_path / "same.csv"
+    pd.DataFrame({"prompt": ["how to x", "how to y", "how to z"], "response": ["no way"] * 3}).to_csv(path, index=False)
+    run = cluster_corpus(path, tmp_path / "out", text_column="response", stability_runs=0, net_of_column="auto",
+                         config=ClusterConfig(seeds=(0,), layout_2d=False, min_cluster_size=2))
+    assert run.meta["net_of"]["rows_with_nothing_left"] == 3 and run.assignments["cluster"].tolist() == [0, 0, 0]

@@ -69,6 +69,8 @@ def empty_warnings(result: ClusterResult, config: ClusterConfig, x: np.ndarray, 
             f"min_cluster_size {mcs}")
     best = suggest_min_cluster_size(rows, MAX_OUTLIERS)
     tried = ", ".join(str(v) for v in sorted({r["min_cluster_size"] for r in rows}))
+    if best is None and not tried:  # already at the smallest size a cluster can have
+        return [f"{head}, the smallest size there is: the texts are too few or too dissimilar to group"]
     if best is None:
         return [f"{head}; no min_cluster_size in the sweep ({tried}) gives a cluster: the texts are too few or too "
                 "dissimilar to group"]

@@ -29,6 +29,7 @@ __all__ = ["DEFAULT_LAMBDA", "MAX_FIT_ROWS", "NetOf", "net_of"]
 DEFAULT_LAMBDA = 0.05
 MAX_FIT_ROWS = 20_000  # the regression has d² parameters; a seeded sample this size fixes them (scale)
 _BLOCK = 8192
+_NOTHING_LEFT = 1e-3  # residual norm below which a text counts as fully predicted (float16 inputs: ~1e-3 steps)
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,11 @@ class NetOf:
     explained: float  # share of the (centred) text vectors' variance the fit predicts, over all rows
     lam: float
     fitted_rows: int
+    nothing_left: int = 0  # rows whose residual was empty (given the shared direction of the mean text)
 
     def describe(self, column: str) -> dict:
         return {"column": column, "lambda": self.lam, "explained_variance": round(self.explained, 4),
-                "fitted_rows": self.fitted_rows,
+                "fitted_rows": self.fitted_rows, "rows_with_nothing_left": self.nothing_left,
                 "rule": "ridge of the text vectors on the column's vectors (penalty lambda x rows); the residual "
                         "is clustered"}
 
@@ -66,6 +68,11 @@ def net_of(x: np.ndarray, given: np.ndarray, *, lam: float = DEFAULT_LAMBDA, max
     weights = np.linalg.solve(gc.T @ gc + penalty, gc.T @ tc)
     out = np.empty_like(x)
     total = explained = 0.0
+    # a text with nothing left (every reply the same text, so each equals the mean) has a residual of rounding
+    # noise, whose direction is arbitrary: such rows share one direction (the mean text's), so they group
+    # together and deterministically. Inputs are unit vectors; distinct texts leave residuals far above this.
+    mean_direction = t_mean / (np.linalg.norm(t_mean) or 1.0)
+    nothing_left = 0
     for start in range(0, n, _BLOCK):
         block = slice(start, start + _BLOCK)
         centred = x[block].astype(np.float64) - t_mean
@@ -73,6 +80,9 @@ def net_of(x: np.ndarray, given: np.ndarray, *, lam: float = DEFAULT_LAMBDA, max
         total += float((centred**2).sum())
         explained += float((centred**2).sum() - (residual**2).sum())
         norms = np.linalg.norm(residual, axis=1, keepdims=True)
-        # a text its column predicts entirely (rare) keeps a zero vector rather than a division by zero
-        out[block] = residual / np.where(norms > 0, norms, 1.0)
-    return NetOf(quantise(out), explained / total if total > 0 else 0.0, lam, len(fit))
+        empty = norms[:, 0] < _NOTHING_LEFT
+        nothing_left += int(empty.sum())
+        residual[empty] = mean_direction
+        norms[empty] = 1.0
+        out[block] = residual / norms
+    return NetOf(quantise(out), explained / total if total > 0 else 0.0, lam, len(fit), nothing_left)
