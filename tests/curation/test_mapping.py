@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 from ruamel.yaml import YAML
 
@@ -160,3 +161,21 @@ def test_map_folder_names_clusters_by_node_and_colours_the_map_by_node(tmp_path,
     # (plotly writes "/" as "\u002f" inside the page's JSON)
     own = f"{by_group['cooking']['cluster']}: {by_group['cooking']['keywords_name']} (no node)"
     assert own.replace("/", "\\u002f") in page
+
+
+def test_branch_support_against_the_corpus_share():
+    from refusal_atlas.curation.mapping import branch_support
+
+    branches = np.asarray(["cyber"] * 20 + ["crime"] * 60 + ["hate"] * 20, dtype=object)
+    topical = branch_support(branches, np.arange(0, 20), "cyber")  # every row points there
+    assert topical["focused"] and topical["share"] == 1.0 and topical["corpus_share"] == 0.2
+    enriched = branch_support(branches, np.r_[0:6, 20:26], "cyber")  # 6 of 12 vs 20 %
+    assert enriched["focused"] and enriched["p"] < 0.05
+    chance = branch_support(branches, np.r_[20:29, 80:87], "crime")  # 9 of 16 vs 60 %: a majority, by chance
+    assert chance["share"] == 0.5625 and chance["focused"] is False
+    mixed = branch_support(branches, np.r_[0:2, 20:8 + 20, 80:82], "cyber")  # 2 of 12 vs 20 %: like the corpus
+    assert not mixed["focused"] and mixed["p"] > 0.05
+    minority = branch_support(np.asarray(["a"] * 95 + ["b"] * 5, dtype=object), np.r_[0:10, 95:100], "b")
+    assert minority["share"] == 0.3333 and minority["p"] < 0.05 and minority["focused"]  # 33 % vs 5 %
+    everywhere = branch_support(np.asarray(["a"] * 50, dtype=object), np.arange(10), "a")  # one-topic corpus
+    assert everywhere["focused"] and everywhere["p"] == 0.0

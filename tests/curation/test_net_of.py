@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -14,6 +15,7 @@ from refusal_atlas.curation.cluster import ClusterConfig
 from refusal_atlas.curation.cluster_run import cluster_corpus, resolve_net_of, select_rows
 from refusal_atlas.curation.cluster_store import load_run
 from refusal_atlas.curation.embed import make_embedder
+from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.mapping import description_vectors
 from refusal_atlas.curation.net_of import net_of
 from refusal_atlas.errors import AtlasError
@@ -175,3 +177,23 @@ def test_identical_replies_have_nothing_left_and_group_together(tmp_path):
     run = cluster_corpus(path, tmp_path / "out", text_column="response", stability_runs=0, net_of_column="auto",
                          config=ClusterConfig(seeds=(0,), layout_2d=False, min_cluster_size=2))
     assert run.meta["net_of"]["rows_with_nothing_left"] == 3 and run.assignments["cluster"].tolist() == [0, 0, 0]
+
+
+def test_wording_clusters_are_not_linked_to_the_topic_their_requests_average_to(tmp_path):
+    """Replies grouped by style over the same requests: each cluster's prompts spread over the taxonomy as the
+    corpus's do, so no similarity link fits and no node is proposed for them, each with its reason."""
+    df = _planted_replies()
+    path = tmp_path / "replies.csv"
+    df.to_csv(path, index=False)
+    cluster_corpus(path, tmp_path / "net", text_column="response", label_column="prompt", stability_runs=0,
+                   net_of_column="auto", config=ClusterConfig(layout_2d=False))
+    mapping, proposed, written = map_folder(tmp_path / "net")
+    assert mapping.links and all(link.method == "similarity" for link in mapping.links)
+    assert all(link.unfocused and not link.fits for link in mapping.links)
+    assert all(link.support["p"] >= 0.05 for link in mapping.links)
+    assert proposed == []
+    body = json.loads(written["mapping"].read_text(encoding="utf-8"))
+    reasons = [s["reason"] for s in body["review"]["skipped"]]
+    assert len(reasons) == len(mapping.links) and all(r.startswith("not one source of harm") for r in reasons)
+    branch_level = body["tree"]["branch_level"]["clusters"]
+    assert branch_level and not any(c["fits"] for c in branch_level)

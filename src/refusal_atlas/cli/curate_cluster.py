@@ -101,7 +101,8 @@ def map_clusters(
     names = json.loads(written["mapping"].read_text(encoding="utf-8"))["clusters"]
     for link, entry in zip(mapping.links, names, strict=True):
         best = f"{link.best[0]} ({link.best[1]:.2f}, {link.method})" if link.best else "-"
-        typer.echo(f"cluster {link.cluster:>3} ({link.size:>5} rows): {best}{'' if link.fits else '  [no fit]'}"
+        fit = "" if link.fits else "  [no fit: its rows are not about it]" if link.unfocused else "  [no fit]"
+        typer.echo(f"cluster {link.cluster:>3} ({link.size:>5} rows): {best}{fit}"
                    f" · {clean_text(entry.get('name', ''), 120)}")
     agree = mapping.agreement
     if "ari" in agree:

@@ -8,7 +8,10 @@ Two evidence sources, chosen per cluster:
 * `similarity` — otherwise, the cosine between the cluster centroid and a node's embedding (the
   mean of "label: definition" and each example, embedded with the run's embedder). With MiniLM,
   clusters of a node's own topic score 0.6–0.8 and unrelated ones (cooking, gardening against
-  the default taxonomy) 0.2–0.35, hence the default threshold of 0.4.
+  the default taxonomy) 0.2–0.35, hence the default threshold of 0.4. A centroid always lands
+  near *some* node, so a similarity link also needs the cluster's own rows to point to that
+  node's branch more than the corpus's rows do (`branch_support`): replies clustered by their
+  wording over many requests are otherwise linked to whatever topic their mix averages to.
 
 Also ARI / NMI between clusters and primary nodes on the rows that carry one (outliers counted
 as one cluster), the number to watch when asking whether bottom-up clusters agree with the
@@ -22,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from refusal_atlas.curation.cluster import OUTLIER
@@ -30,6 +34,9 @@ from refusal_atlas.curation.embed import TextEmbedder, make_embedder
 from refusal_atlas.taxonomy.model import Taxonomy
 
 DEFAULT_MIN_SCORE = {"label_majority": 0.5, "similarity": 0.4}
+# a similarity link also needs the cluster's rows to point to its branch (`branch_support`; docs/decisions.md)
+FOCUS_SHARE = 0.5
+FOCUS_P = 0.05
 
 
 @dataclass
@@ -39,14 +46,25 @@ class ClusterLink:
     method: str
     matches: list[tuple[str, float]]  # best first
     fits: bool
+    # similarity links: how far the cluster's own rows point to the best node's branch (`branch_support`)
+    support: dict | None = None
 
     @property
     def best(self) -> tuple[str, float] | None:
         return self.matches[0] if self.matches else None
 
+    @property
+    def unfocused(self) -> bool:
+        """The rows point to the best node's branch no more than the corpus's rows do (a wording or style
+        cluster, not a topic)."""
+        return self.support is not None and not self.support["focused"]
+
     def to_dict(self) -> dict:
-        return {"cluster": self.cluster, "size": self.size, "method": self.method, "fits": self.fits,
-                "matches": [{"node": n, "score": round(float(s), 4)} for n, s in self.matches]}
+        out = {"cluster": self.cluster, "size": self.size, "method": self.method, "fits": self.fits,
+               "matches": [{"node": n, "score": round(float(s), 4)} for n, s in self.matches]}
+        if self.support is not None:
+            out["branch_support"] = self.support
+        return out
 
 
 @dataclass
@@ -140,6 +158,30 @@ def description_vectors(run: ClusterRun, embedder: TextEmbedder | None = None) -
     return run.description
 
 
+def branch_support(branches: np.ndarray, idx: np.ndarray, branch: str) -> dict:
+    """Whether a cluster is about `branch`: the share of its rows whose own nearest node lies in it, against the
+    share among all rows (one-sided binomial test). Focused when clearly more rows point there than in the
+    corpus, or when the branch holds most of the corpus and the cluster no less (a corpus about one harm): a
+    cluster grouped by something else (replies by wording, net of their prompts) has requests that spread over
+    the taxonomy as the corpus's do, and its centroid's best node says nothing about it."""
+    k, n = int((branches[idx] == branch).sum()), len(idx)
+    base = float((branches == branch).mean())
+    p = float(binomtest(k, n, base, alternative="greater").pvalue) if 0 < base < 1 else (1.0 if k < n else 0.0)
+    share = k / n if n else 0.0
+    return {"branch": branch, "share": round(share, 4), "corpus_share": round(base, 4), "p": round(p, 6),
+            "focused": bool(p < FOCUS_P or (base >= FOCUS_SHARE and share >= base)),
+            "rule": f"one-sided binomial p < {FOCUS_P} against the corpus share, or corpus share >= {FOCUS_SHARE} "
+                    "and the cluster's no lower"}
+
+
+def nearest_branches(vectors: np.ndarray, vec_ids: list[str], node_vecs: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
+    """Each row's nearest node's branch (ties by node id)."""
+    order = np.argsort(np.asarray(vec_ids), kind="stable")
+    sims = vectors @ node_vecs[order].T
+    best = np.asarray(vec_ids)[order][sims.argmax(1)] if len(order) else np.asarray([""] * len(vectors))
+    return np.asarray([taxonomy.branch_of(n) if n in taxonomy.nodes else n for n in best.tolist()], dtype=object)
+
+
 def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: TextEmbedder | None = None, *, top: int = 3,
                  min_score: dict[str, float] | None = None) -> Mapping:
     """Best `top` nodes per cluster (see module docstring); `embedder` defaults to the run's own."""
@@ -149,6 +191,7 @@ def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: TextEmbedder | N
     known = set(taxonomy.nodes)
     vec_ids: list[str] = []
     vecs: np.ndarray | None = None
+    row_branches: np.ndarray | None = None
     links = []
     for c in sorted(set(labels.tolist()) - {OUTLIER}):
         idx = np.flatnonzero(labels == c)
@@ -168,5 +211,11 @@ def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: TextEmbedder | N
             matches = [(vec_ids[j], float(sims[j])) for j in order]
             method = "similarity"
         fits = bool(matches) and matches[0][1] >= thresholds[method]
-        links.append(ClusterLink(c, len(idx), method, matches, fits))
+        support = None
+        if method == "similarity" and matches and matches[0][0] in taxonomy.nodes and vecs is not None:
+            if row_branches is None:
+                row_branches = nearest_branches(description_vectors(run, embedder), vec_ids, vecs, taxonomy)
+            support = branch_support(row_branches, idx, taxonomy.branch_of(matches[0][0]))
+            fits = fits and support["focused"]
+        links.append(ClusterLink(c, len(idx), method, matches, fits, support))
     return Mapping(links, agreement(run), thresholds)

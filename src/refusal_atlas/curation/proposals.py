@@ -289,6 +289,14 @@ def suggested_parent(run: ClusterRun, link: ClusterLink, ev: Evidence, taxonomy:
     return best
 
 
+def unfocused_reason(link: ClusterLink, column: str) -> str:
+    """Why a cluster whose rows spread over the taxonomy like the corpus's is no proposed source of harm."""
+    sup = link.support or {}
+    return (f"not one source of harm: its {column} texts point to {sup.get('branch')} no more than the corpus's do "
+            f"({sup.get('share', 0):.0%} of its rows vs {sup.get('corpus_share', 0):.0%}, p {sup.get('p', 1):.2g}); "
+            "the cluster groups something else, e.g. a wording")
+
+
 def decide(ev: Evidence) -> tuple[Behaviour | None, str] | str:
     """(expect, why) for a cluster worth proposing, or the reason to skip it (a str)."""
     labelled_harmless = ev.harmful is not None and ev.harmful.n * 2 >= ev.size and ev.harmful.rate < 0.5
@@ -325,7 +333,7 @@ def review_clusters(run: ClusterRun, mapping: Mapping, taxonomy: Taxonomy | None
     review = Review()
     for link in mapping.unmatched():
         ev = cluster_evidence(run, link, mapping)
-        outcome = decide(ev)
+        outcome = unfocused_reason(link, column) if link.unfocused else decide(ev)
         if isinstance(outcome, str):
             review.skipped.append((ev, outcome))
             continue

@@ -27,7 +27,13 @@ from sklearn.metrics import adjusted_rand_score
 from refusal_atlas.curation.cluster import OUTLIER
 from refusal_atlas.curation.cluster_store import ClusterRun
 from refusal_atlas.curation.embed import TextEmbedder, make_embedder
-from refusal_atlas.curation.mapping import description_vectors, node_vectors, primary_nodes
+from refusal_atlas.curation.mapping import (
+    branch_support,
+    description_vectors,
+    nearest_branches,
+    node_vectors,
+    primary_nodes,
+)
 from refusal_atlas.taxonomy.model import Taxonomy
 
 __all__ = ["closest_level", "level_ari", "map_tree", "tree_vs_taxonomy"]
@@ -118,6 +124,7 @@ def map_tree(run: ClusterRun, taxonomy: Taxonomy, leaf_branches: list[str], thre
     labels = _level_labels(run, level)
     vec_ids: list[str] = []
     vecs: np.ndarray | None = None
+    rows_branch: np.ndarray | None = None
     clusters = []
     for c in sorted(set(labels.tolist()) - {OUTLIER}):
         idx = np.flatnonzero(labels == c)
@@ -143,6 +150,12 @@ def map_tree(run: ClusterRun, taxonomy: Taxonomy, leaf_branches: list[str], thre
                  "method": method, "fits": bool(score >= thresholds[method])}
         if method == "similarity":
             entry["runner_up"] = runner
+            if rows_branch is None:
+                emb = embedder or make_embedder(run.meta.get("embedder", {}).get("model"))
+                node_ids, node_vecs = node_vectors(taxonomy, emb)
+                rows_branch = nearest_branches(description_vectors(run, embedder), node_ids, node_vecs, taxonomy)
+            entry["branch_support"] = branch_support(rows_branch, idx, best)
+            entry["fits"] = entry["fits"] and entry["branch_support"]["focused"]
         clusters.append(entry)
     return {"branch_level": {"level": level, "n_clusters": len(clusters), "rule": rule, "ari": scored.get("ari"),
                              "n": scored.get("n"), "groups": scored.get("groups"), "clusters": clusters},
