@@ -167,15 +167,19 @@ def test_branch_support_against_the_corpus_share():
     from refusal_atlas.curation.mapping import branch_support
 
     branches = np.asarray(["cyber"] * 20 + ["crime"] * 60 + ["hate"] * 20, dtype=object)
-    topical = branch_support(branches, np.arange(0, 20), "cyber")  # every row points there
+
+    def branch_support_of(rows, idx, branch):
+        return branch_support(rows == branch, idx, branch)
+
+    topical = branch_support_of(branches, np.arange(0, 20), "cyber")  # every row points there
     assert topical["focused"] and topical["share"] == 1.0 and topical["corpus_share"] == 0.2
-    enriched = branch_support(branches, np.r_[0:6, 20:26], "cyber")  # 6 of 12 vs 20 %
+    enriched = branch_support_of(branches, np.r_[0:6, 20:26], "cyber")  # 6 of 12 vs 20 %
     assert enriched["focused"] and enriched["p"] < 0.05
-    chance = branch_support(branches, np.r_[20:29, 80:87], "crime")  # 9 of 16 vs 60 %: a majority, by chance
+    chance = branch_support_of(branches, np.r_[20:29, 80:87], "crime")  # 9 of 16 vs 60 %: a majority, by chance
     assert chance["share"] == 0.5625 and chance["focused"] is False
-    mixed = branch_support(branches, np.r_[0:2, 20:8 + 20, 80:82], "cyber")  # 2 of 12 vs 20 %: like the corpus
+    mixed = branch_support_of(branches, np.r_[0:2, 20:8 + 20, 80:82], "cyber")  # 2 of 12 vs 20 %: like the corpus
     assert not mixed["focused"] and mixed["p"] > 0.05
-    minority = branch_support(np.asarray(["a"] * 95 + ["b"] * 5, dtype=object), np.r_[0:10, 95:100], "b")
+    minority = branch_support_of(np.asarray(["a"] * 95 + ["b"] * 5, dtype=object), np.r_[0:10, 95:100], "b")
     assert minority["share"] == 0.3333 and minority["p"] < 0.05 and minority["focused"]  # 33 % vs 5 %
-    everywhere = branch_support(np.asarray(["a"] * 50, dtype=object), np.arange(10), "a")  # one-topic corpus
+    everywhere = branch_support_of(np.asarray(["a"] * 50, dtype=object), np.arange(10), "a")  # one-topic corpus
     assert everywhere["focused"] and everywhere["p"] == 0.0

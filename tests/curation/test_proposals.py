@@ -268,3 +268,21 @@ def test_proposals_from_refusals_labelled_by_request_take_the_requests_as_exampl
     for proposal in review.proposals:
         assert proposal.node.examples and set(proposal.node.examples) <= set(df["objective"])
         assert set(proposal.evidence.examples) <= set(df["objective"])
+
+
+def test_a_labelled_cluster_whose_rows_spread_like_the_corpus_is_not_proposed(run, taxonomy):
+    """Rows labelled with nodes of every branch in the corpus's proportions (what one refusal wording over many
+    requests looks like): no node fits, and the cluster is no unlisted source of harm either."""
+    spread = ["cyber.intrusion", "fraud", "horticulture"] * 10
+    labelled = with_labels(with_labels(with_labels(with_labels(
+        run, "hacking", node=spread), "weapons", node=spread), "cooking", node=spread), "gardening", node=spread)
+    mapping = map_clusters(labelled, taxonomy)
+    weapons = groups_of(run)["weapons"]
+    link = next(link for link in mapping.links if link.cluster == weapons)
+    assert link.method == "label_majority" and not link.fits and link.unfocused
+    proposals, skipped = by_cluster(review_clusters(labelled, mapping, taxonomy))
+    assert weapons not in proposals and skipped[weapons].startswith("not one source of harm")
+    # the same cluster with its rows in one branch is a source of harm the taxonomy lacks a node for
+    focused = with_labels(labelled, "weapons", node=["cyber", "cyber.intrusion", "fraud"] * 10)
+    link = next(link for link in map_clusters(focused, taxonomy).links if link.cluster == weapons)
+    assert not link.fits and not link.unfocused and link.support["branch"] == "cyber"

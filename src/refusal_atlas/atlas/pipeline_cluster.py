@@ -32,8 +32,8 @@ from refusal_atlas.taxonomy.model import Taxonomy
 # Bump when the stage's record changes (a resumed run then recomputes it): 2 added wording.said / adherence;
 # 3: cluster names put a phrase in place of its words, mapping.json names, the near-duplicate-weighted fallback;
 # 4: the scored level is chosen by the clusters of the scored rows alone; 5: mapping.json maps the tree's
-# branch level to the taxonomy's branches.
-STAGE_VERSION = 5
+# branch level to the taxonomy's branches; 6: clusters.json records `net_of`, mapping.json each link's branch support.
+STAGE_VERSION = 6
 
 
 def wording_truth(corpus: pd.DataFrame, organism_json: Path) -> pd.Series | None:

@@ -158,14 +158,18 @@ def description_vectors(run: ClusterRun, embedder: TextEmbedder | None = None) -
     return run.description
 
 
-def branch_support(branches: np.ndarray, idx: np.ndarray, branch: str) -> dict:
+def branch_support(hits: np.ndarray, idx: np.ndarray, branch: str) -> dict:
     """Whether a cluster is about `branch`: the share of its rows whose own nearest node lies in it, against the
     share among all rows (one-sided binomial test). Focused when clearly more rows point there than in the
     corpus, or when the branch holds most of the corpus and the cluster no less (a corpus about one harm): a
     cluster grouped by something else (replies by wording, net of their prompts) has requests that spread over
-    the taxonomy as the corpus's do, and its centroid's best node says nothing about it."""
-    k, n = int((branches[idx] == branch).sum()), len(idx)
-    base = float((branches == branch).mean())
+    the taxonomy as the corpus's do, and its centroid's best node says nothing about it.
+
+    `hits`: per row considered (all rows, or the labelled ones), whether it points to `branch`; `idx`: the
+    cluster's rows among them."""
+    hits = np.asarray(hits, dtype=bool)
+    k, n = int(hits[idx].sum()), len(idx)
+    base = float(hits.mean()) if len(hits) else 0.0
     p = float(binomtest(k, n, base, alternative="greater").pvalue) if 0 < base < 1 else (1.0 if k < n else 0.0)
     share = k / n if n else 0.0
     return {"branch": branch, "share": round(share, 4), "corpus_share": round(base, 4), "p": round(p, 6),
@@ -215,7 +219,21 @@ def map_clusters(run: ClusterRun, taxonomy: Taxonomy, embedder: TextEmbedder | N
         if method == "similarity" and matches and matches[0][0] in taxonomy.nodes and vecs is not None:
             if row_branches is None:
                 row_branches = nearest_branches(description_vectors(run, embedder), vec_ids, vecs, taxonomy)
-            support = branch_support(row_branches, idx, taxonomy.branch_of(matches[0][0]))
+            branch = taxonomy.branch_of(matches[0][0])
+            support = branch_support(row_branches == branch, idx, branch)
             fits = fits and support["focused"]
+        elif method == "label_majority" and not fits and matches and matches[0][0] in taxonomy.nodes:
+            # majority labels are direct evidence for a link; for a cluster they do not link, whether its rows
+            # share a branch decides if it is one unlisted source of harm or a mix (e.g. one refusal wording)
+            row_sets = [{taxonomy.branch_of(n) for n in ids if n in known} for ids in nodes_per_row]
+            home = taxonomy.branch_of(matches[0][0])
+            per_branch = Counter(b for i in idx for b in row_sets[i])
+            branch = min(per_branch, key=lambda b: (-per_branch[b], b != home, b)) if per_branch else home
+            labelled_rows = [i for i, ids in enumerate(nodes_per_row) if ids]
+            position = {row: j for j, row in enumerate(labelled_rows)}
+            hits = np.asarray([branch in row_sets[i] for i in labelled_rows], dtype=bool)
+            support = branch_support(hits, np.asarray([position[int(i)] for i in idx if int(i) in position],
+                                                      dtype=np.int64),
+                                     branch)
         links.append(ClusterLink(c, len(idx), method, matches, fits, support))
     return Mapping(links, agreement(run), thresholds)

@@ -154,7 +154,7 @@ def map_tree(run: ClusterRun, taxonomy: Taxonomy, leaf_branches: list[str], thre
                 emb = embedder or make_embedder(run.meta.get("embedder", {}).get("model"))
                 node_ids, node_vecs = node_vectors(taxonomy, emb)
                 rows_branch = nearest_branches(description_vectors(run, embedder), node_ids, node_vecs, taxonomy)
-            entry["branch_support"] = branch_support(rows_branch, idx, best)
+            entry["branch_support"] = branch_support(rows_branch == best, idx, best)
             entry["fits"] = entry["fits"] and entry["branch_support"]["focused"]
         clusters.append(entry)
     return {"branch_level": {"level": level, "n_clusters": len(clusters), "rule": rule, "ari": scored.get("ari"),
