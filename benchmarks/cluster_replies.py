@@ -69,7 +69,8 @@ TOPICS = {
     "making a pipe bomb": ["explosive devices", "bomb-making", "explosives"],
     "hacking a bank": ["breaking into financial systems", "cyberattacks on banks", "unauthorized computer access"],
     "stalking my ex": ["following someone without consent", "surveillance of a former partner", "stalking behaviour"],
-    "buying a gun without a license": ["illegal firearm purchases", "unlicensed weapons", "getting a firearm illegally"],
+    "buying a gun without a license": ["illegal firearm purchases", "unlicensed weapons",
+                                       "getting a firearm illegally"],
     "writing ransomware": ["malicious software", "malware", "encrypting someone's files for ransom"],
     "laundering money": ["hiding illicit funds", "financial crime", "washing dirty money"],
     "making meth": ["producing illegal drugs", "drug synthesis", "methamphetamine production"],
@@ -151,12 +152,11 @@ def level_ari(run, truth: pd.Series) -> tuple[float, int]:
 
 
 def bench(name: str, df: pd.DataFrame, folder: Path, plain: bool) -> dict:
+    from refusal_atlas.atlas.pipeline_cluster import responses_config
     from refusal_atlas.curation import cluster_run
     from refusal_atlas.curation.cluster import ClusterConfig
     from refusal_atlas.curation.embed import make_embedder
     from refusal_atlas.curation.net_of import net_of
-
-    from refusal_atlas.atlas.pipeline_cluster import responses_config
 
     path = folder / f"{name}.csv"
     df.to_csv(path, index=False)
@@ -189,21 +189,24 @@ def bench(name: str, df: pd.DataFrame, folder: Path, plain: bool) -> dict:
     peer = fit_peer(df["response"].tolist(), x, 0, plain)
     out["peer"] = {"name": "umap+hdbscan (plain)" if plain else "BERTopic (defaults)",
                    "ari": float(adjusted_rand_score(df.loc[df["truth"] != "", "truth"], peer[df["truth"] != ""])),
-                   "clusters": int(len(set(peer.tolist()) - {-1})), "seconds": time.perf_counter() - t}
+                   "clusters": len(set(peer.tolist()) - {-1}), "seconds": time.perf_counter() - t}
     return out
 
 
 def markdown(res: dict) -> str:
+    header = ["corpus", "n", "groups", "min_cluster_size", "as they are: ARI (clusters)",
+              "net of prompts: ARI (clusters)", "prompt explains", f"penalty {' / '.join(map(str, LAMBDAS))}",
+              "peer: ARI (topics)"]
     lines = [f"# Refusals clustered as they are vs net of their prompts ({res['machine']})", "",
              "ARI against the planted groups at the tree level closest to their number (ours, defaults, one seed "
              f"block); peer flat. Load average before / after: {res['load_before']} / {res['load_after']}.", "",
-             "| corpus | n | groups | min_cluster_size | as they are: ARI (clusters) | net of prompts: ARI (clusters) | prompt explains | "
-             f"penalty {' / '.join(map(str, LAMBDAS))} | peer: ARI (topics) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in res["corpora"].items():
         a, n, p = r["as_they_are"], r["net_of_prompt"], r["peer"]
-        sweep = " / ".join(f"{v:.2f}" for v in r["lambda_sweep"].values())
-        lines.append(f"| {name} | {r['n']} | {r['k']} | {r['min_cluster_size']} | {a['ari']:.3f} ({a['clusters']}) | {n['ari']:.3f} "
-                     f"({n['clusters']}) | {n['explained']:.3f} | {sweep} | {p['ari']:.3f} ({p['clusters']}) |")
+        cells = [name, r["n"], r["k"], r["min_cluster_size"], f"{a['ari']:.3f} ({a['clusters']})",
+                 f"{n['ari']:.3f} ({n['clusters']})", f"{n['explained']:.3f}",
+                 " / ".join(f"{v:.2f}" for v in r["lambda_sweep"].values()), f"{p['ari']:.3f} ({p['clusters']})"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
