@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from curation_cluster_fixtures import planted
 from refusal_atlas.curation.embed import Embedder, model_key, text_key
 from refusal_atlas.errors import AtlasError
 
@@ -84,3 +85,18 @@ def test_loading_the_embedder_draws_no_weight_bar_and_restores_the_switch(tmp_pa
     embed(["the detector loads the same model its own way"])
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # other loads (the analysed model) keep their bar
+
+
+def test_a_texts_vector_does_not_depend_on_the_texts_embedded_with_it(tmp_path):
+    # a padded batch gave a text float16-different numbers depending on its batch-mates, so a cache filled by
+    # one corpus returned other vectors than a cold run of another; clusters followed (docs/decisions.md)
+    texts = planted()["prompt"].tolist()
+    other = [f"An unrelated sentence, number {i}, somewhat longer than the prompts it is embedded with." for i in
+             range(40)]
+    alone = Embedder(cache=False).encode(texts)
+    mixed = Embedder(cache=False).encode(other + texts[::-1] + other[:3])[len(other):len(other) + len(texts)][::-1]
+    np.testing.assert_array_equal(alone, mixed)
+    np.testing.assert_array_equal(alone[:5], Embedder(cache=False).encode(texts[:5]))
+    # a cache warmed by another corpus that shares some texts returns what a cold run computes
+    Embedder(cache_root=tmp_path).encode(other + texts[::3])
+    np.testing.assert_array_equal(Embedder(cache_root=tmp_path).encode(texts), alone)

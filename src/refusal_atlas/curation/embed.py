@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from refusal_atlas import paths
 from refusal_atlas.curation.embed_cache import (
-    DEFAULT_BATCH_SIZE,
     EmbeddingCache,
     TextEmbedder,
     model_key,
@@ -32,6 +32,9 @@ from refusal_atlas.curation.sentence_model import load_sentence_transformer
 from refusal_atlas.errors import AtlasError
 
 CHUNK = 4096  # texts embedded (and cached) per step
+# texts per forward pass, all of one token length (`Embedder._encode_alone`); 8 was the fastest of 8 / 16 / 32 on
+# the 1,652 benchmark prompts, where filling each length's last pass costs most (docs/decisions.md)
+PASS_SIZE = 8
 
 
 def default_model_path() -> str:
@@ -54,14 +57,15 @@ class Embedder:
     product is the cosine similarity.
     """
 
-    def __init__(self, model: str | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
+    def __init__(self, model: str | None = None, *, batch_size: int = PASS_SIZE,
                  cache: bool = True, cache_root: str | Path | None = None, device: str = "cpu",
                  progress: bool = False) -> None:
         self.model_name = model or default_model_path()
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
-        self.key = model_key(self.model_name)
+        # the pass size is part of what a vector is (`_encode_alone`), so it is part of the cache's key
+        self.key = f"{model_key(self.model_name)}-pass{batch_size}"
         root = Path(cache_root) if cache_root is not None else paths.cache_dir() / "embeddings"
         self.cache = EmbeddingCache(root / self.key) if cache else None
         self._model: Any = None
@@ -79,6 +83,42 @@ class Embedder:
                     "pass a sentence-transformers folder or hub id with --embedder"
                 ) from exc
         return self._model
+
+    def _encode_alone(self, texts: list[str]) -> np.ndarray:
+        """Vectors that depend on each text alone, not on the texts embedded with it.
+
+        A forward pass over a padded batch gives a text slightly different numbers depending on its batch-mates
+        (the padded length and the pass's shape change the order of the sums), sometimes across a float16
+        step: a cache filled by one corpus then returned different vectors for a text than a cold run of
+        another corpus, and clusters followed. So texts are grouped by token count and embedded in passes of
+        exactly `batch_size` texts of one length (the last pass filled with repeats): no text is padded and
+        every pass has the same shape, and a text's vector is the same whichever texts share its pass
+        (docs/decisions.md, "Embeddings that depend on the text alone")."""
+        model = self.model
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None or not texts:  # not a transformer-backed model: its own batching
+            return np.asarray(model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                           normalize_embeddings=True, show_progress_bar=self.progress))
+        limit = getattr(model, "max_seq_length", None) or getattr(tokenizer, "model_max_length", 512)
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=limit)["input_ids"]]
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault(n, []).append(i)
+        size = self.batch_size
+        passes = [g[s:s + size] for _, g in sorted(groups.items()) for s in range(0, len(g), size)]
+        out: np.ndarray | None = None
+        bar = tqdm(total=len(texts), desc="embed", unit="text", disable=not self.progress, leave=False)
+        for members in passes:
+            filled = members + [members[j % len(members)] for j in range(size - len(members))]
+            vecs = np.asarray(model.encode([texts[i] for i in filled], batch_size=size, convert_to_numpy=True,
+                                           normalize_embeddings=True, show_progress_bar=False))
+            if out is None:
+                out = np.empty((len(texts), vecs.shape[1]), dtype=np.float32)
+            out[members] = vecs[:len(members)]
+            bar.update(len(members))
+        bar.close()
+        assert out is not None
+        return out
 
     def describe(self) -> dict[str, str | int]:
         """Provenance recorded next to every clustering run."""
@@ -113,10 +153,7 @@ class Embedder:
         # and the model's working memory stays that of one chunk
         for start in range(0, len(missing), CHUNK):
             keys_c = missing[start:start + CHUNK]
-            vecs = self.model.encode([texts[todo[k][0]] for k in keys_c], batch_size=self.batch_size,
-                                     convert_to_numpy=True, normalize_embeddings=True,
-                                     show_progress_bar=self.progress)
-            vecs = quantise(vecs)
+            vecs = quantise(self._encode_alone([texts[todo[k][0]] for k in keys_c]))
             if self.cache is not None:
                 self.cache.put(keys_c, vecs)
             for k, v in zip(keys_c, vecs, strict=True):
