@@ -10,11 +10,9 @@ Three planted corpora, each a table of (prompt, response, truth), written determ
 * `tied`: the opposite case, a wording that depends on the request: the default organism's node-specific
   and shared wordings (cut to 15 words as a short generation budget would), 4 replies per node-specific node and
   3 per shared node, 4 redirects and 6 answers the detector took for refusals (not scored), prompts naming the
-  node — the truth is the taught wording group (as `tests/atlas/test_pipeline_cluster.py`). Clustered with the run's
-  refusal settings (`responses_config`: min_cluster_size 3, a reply repeated twice is a wording), which is
-  what `curate cluster` suggests for so few rows.
+  node — the truth is the taught wording group (as `tests/atlas/test_pipeline_cluster.py`).
 
-Each corpus goes through `cluster_corpus` with the defaults (`curate cluster` as a user runs it) with
+Each corpus goes through `cluster_corpus` with `curate cluster --text response`'s defaults (`replies_config`) with
 `net_of_column` none and auto, and auto at other ridge penalties; the score is the ARI against the truth at the
 tree level whose cluster count is closest to the number of groups. Beside it the peer a user would pick
 instead, BERTopic with its defaults on the same float16 MiniLM vectors of the replies (flat topics, outliers
@@ -34,7 +32,6 @@ import random
 import tempfile
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -152,17 +149,14 @@ def level_ari(run, truth: pd.Series) -> tuple[float, int]:
 
 
 def bench(name: str, df: pd.DataFrame, folder: Path, plain: bool) -> dict:
-    from refusal_atlas.atlas.pipeline_cluster import responses_config
     from refusal_atlas.curation import cluster_run
-    from refusal_atlas.curation.cluster import ClusterConfig
     from refusal_atlas.curation.embed import make_embedder
     from refusal_atlas.curation.net_of import net_of
 
     path = folder / f"{name}.csv"
     df.to_csv(path, index=False)
-    # the organism's wordings are few rows per group: the run's refusal settings, as `curate cluster` suggests
-    config = (replace(responses_config(len(df), ClusterConfig().seeds), layout_2d=False) if name == "tied"
-              else ClusterConfig(layout_2d=False))
+    # `curate cluster --text response`'s defaults (`replies_config`), without the 2-D map
+    config = cluster_run.replies_config(len(df), layout_2d=False)
     out: dict = {"n": len(df), "k": int(df.loc[df["truth"] != "", "truth"].nunique()),
                  "min_cluster_size": config.min_cluster_size}
 

@@ -85,3 +85,27 @@ def test_nothing_clustered_warns_with_a_suggestion_and_reports_no_stability(tmp_
                                       "15", "--seeds", "2", "--stability-runs", "0", "-o", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     assert "warning:" in result.output and "1.000" not in result.output
+
+
+def test_replies_and_prompts_get_their_own_default_sizes(tmp_path):
+    """`curate cluster --text response` sizes clusters for refusal wordings (a handful of verbatim repeats each);
+    prompts keep min_cluster_size 10; an explicit --min-cluster-size wins for either."""
+    from refusal_atlas.cli import app
+
+    df = planted()
+    path = tmp_path / "in.csv"
+    df.to_csv(path, index=False)
+
+    def config_of(*args: str) -> dict:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        result = CliRunner().invoke(app, ["curate", "cluster", str(path), *args, "--seeds", "2", "--stability-runs",
+                                          "0", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "clusters.json").read_text(encoding="utf-8"))["config"]
+
+    replies = config_of("--text", "response")
+    assert (replies["min_cluster_size"], replies["verbatim_min"]) == (max(3, len(df) // 40), 2)
+    prompts = config_of("--text", "prompt")
+    assert (prompts["min_cluster_size"], prompts["verbatim_min"]) == (10, 0)
+    explicit = config_of("--text", "response", "--min-cluster-size", "7")
+    assert (explicit["min_cluster_size"], explicit["verbatim_min"]) == (7, 0)

@@ -23,7 +23,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from refusal_atlas.atlas import schema
 from refusal_atlas.curation.cluster import ClusterConfig
-from refusal_atlas.curation.cluster_run import cluster_corpus
+from refusal_atlas.curation.cluster_run import cluster_corpus, replies_config
 from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.tables import write_table
 from refusal_atlas.curation.tree_mapping import level_ari, tree_vs_taxonomy
@@ -85,8 +85,8 @@ def wording_said(responses: pd.Series, organism_json: Path) -> pd.Series | None:
 
 
 def responses_config(n_rows: int, seeds: tuple[int, ...]) -> ClusterConfig:
-    """How the refusals are clustered: small clusters allowed, and a reply repeated twice is already a wording."""
-    return ClusterConfig(seeds=seeds, min_cluster_size=max(3, n_rows // 40), layout_2d=False, verbatim_min=2)
+    """How the refusals are clustered: `curate cluster`'s defaults for replies (`replies_config`), no 2-D map."""
+    return replies_config(n_rows, seeds, layout_2d=False)
 
 
 def run(out: Path, seed: int, n_seeds: int, taxonomy: Taxonomy) -> dict[str, Any]:

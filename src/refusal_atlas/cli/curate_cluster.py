@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import typer
 
 from refusal_atlas.curation.cluster import ClusterConfig
-from refusal_atlas.curation.cluster_run import cluster_corpus
+from refusal_atlas.curation.cluster_run import cluster_corpus, replies_config
 from refusal_atlas.curation.cluster_store import ASSIGNMENTS
 from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.proposals import clean_text
@@ -42,7 +44,10 @@ def cluster(
     embedder: str | None = typer.Option(None, "--embedder", help="sentence-transformers name or folder "
                                         "(default: offline all-MiniLM-L6-v2), or residual:MODEL[@LAYER] for a "
                                         "chat model's own residual stream (e.g. residual:default@24)."),
-    min_cluster_size: int = typer.Option(10, "--min-cluster-size", min=2),
+    min_cluster_size: int | None = typer.Option(None, "--min-cluster-size", min=2,
+                                                help="Smallest cluster. Default 10; for replies (--text response) "
+                                                     "max(3, rows/40), and a reply repeated twice is a wording of "
+                                                     "its own."),
     min_cluster_fraction: float = typer.Option(0.0, "--min-cluster-fraction", min=0.0, max=0.5,
                                                help="Also require this share of the rows per cluster "
                                                     "(e.g. 0.01 for templated corpora)."),
@@ -59,9 +64,14 @@ def cluster(
         raise AtlasError(f"{out}: is a file; -o names the output folder")
     check_not_same_file(out / ASSIGNMENTS, corpus)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = ClusterConfig(min_cluster_size=min_cluster_size, min_cluster_fraction=min_cluster_fraction,
-                           seeds=tuple(seed * 1000 + j for j in range(seeds)),
-                           reassign_outliers=reassign_outliers)
+    base = ClusterConfig(min_cluster_size=min_cluster_size or ClusterConfig().min_cluster_size,
+                         min_cluster_fraction=min_cluster_fraction, reassign_outliers=reassign_outliers,
+                         seeds=tuple(seed * 1000 + j for j in range(seeds)))
+    config: ClusterConfig | Callable[[int], ClusterConfig] = base
+    if min_cluster_size is None and text == "response":
+        # sized once the replies to cluster are counted
+        config = partial(replies_config, seeds=base.seeds, min_cluster_fraction=min_cluster_fraction,
+                         reassign_outliers=reassign_outliers)
     run = cluster_corpus(corpus, out, text_column=text, only_refused=only_refused, embedder=embedder,
                          config=config, stability_runs=stability_runs, progress=_say, cache=not no_cache,
                          label_column=label_by, net_of_column=net_of)
