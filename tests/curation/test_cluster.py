@@ -18,7 +18,9 @@ from refusal_atlas.curation.cluster import (
     OUTLIER,
     ClusterConfig,
     ClusterPipeline,
+    Consensus,
     ExactKnn,
+    KnnGraph,
     UmapReducer,
     ctfidf_keywords,
     representatives,
@@ -294,3 +296,38 @@ def test_cluster_names_put_a_phrase_in_place_of_its_words():
     assert cluster_name(["a", "b", "c", "d", "b c"]) == "a / b c / d"
     assert cluster_name([]) == ""
 
+
+
+def _two_groups_and_a_bridge() -> tuple[np.ndarray, KnnGraph]:
+    """Groups A (rows 0–11) and B (12–23), each row's neighbours its own group; one kNN edge a0–b0 joins them.
+
+    Ten runs: six put everything in one cluster, two move a0 into B, two keep the groups apart. So
+    every in-group edge and the a0–b0 edge are co-clustered in at least 8 of 10 runs, and only
+    that one edge joins the groups."""
+    a, b = list(range(12)), list(range(12, 24))
+    indices = np.array([[j for j in (a if i in a else b) if j != i] for i in range(24)], dtype=np.int64)
+    indices[0, -1], indices[12, -1] = 12, 0  # the bridge replaces each end's last neighbour
+    knn = KnnGraph(indices, np.zeros(indices.shape, dtype=np.float32))
+    apart = np.array([0] * 12 + [1] * 12)
+    a0_in_b = apart.copy()
+    a0_in_b[0] = 1
+    runs = np.stack([np.zeros(24, dtype=np.int64)] * 6 + [a0_in_b] * 2 + [apart] * 2)
+    return runs, knn
+
+
+def test_one_chain_of_edges_does_not_join_two_cores():
+    runs, knn = _two_groups_and_a_bridge()
+    joined, _ = Consensus(0.7, 10, 0.3, support=0).combine(runs, knn)
+    assert len(set(joined.tolist())) == 1  # the bridge alone makes one component of 24
+    labels, _ = Consensus(0.7, 10, 0.3, support=2).combine(runs, knn)
+    assert adjusted_rand_score([0] * 12 + [1] * 12, labels) == 1.0
+
+
+def test_supported_edges_keep_a_smallest_cluster():
+    """A cluster of `min_cluster_size` rows whose members share fewer than `support` neighbours still forms."""
+    indices = np.array([[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]], dtype=np.int64)
+    knn = KnnGraph(indices, np.zeros(indices.shape, dtype=np.float32))
+    runs = np.array([[0, 0, 0, 1, 1, 1]] * 4)
+    labels, _ = Consensus(0.7, 3, 0.3, support=2).combine(runs, knn)  # a triangle: one common neighbour per edge
+    assert adjusted_rand_score([0, 0, 0, 1, 1, 1], labels) == 1.0
+    assert (labels != OUTLIER).all()

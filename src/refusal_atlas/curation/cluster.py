@@ -14,8 +14,9 @@ with MiniLM; numbers in benchmarks/results/cluster_bench.md):
   and shared by every UMAP layout, as is the spectral initialisation computed from it; only the
   layout optimisation (100 epochs) varies with the seed. Each layout is clustered by HDBSCAN; on
   the kNN edges we count how often both ends share a cluster (co-association). Edges kept by more
-  than `consensus_threshold` (0.7) of the runs form the consensus cores (connected components ≥
-  `min_cluster_size`, rows clustered by most runs).
+  than `consensus_threshold` (0.7) of the runs, whose ends also share `consensus_support` (2) kept
+  neighbours, form the consensus cores (connected components ≥ `min_cluster_size`, rows clustered by
+  most runs); the support keeps one chain of edges from joining two cores in some blocks of seeds only.
 * The outlier decision is then taken on the deterministic kNN graph, not per seed: an
   unassigned row joins the cluster that holds the plurality and more than `neighbour_share`
   (0.3, i.e. at least 5) of its 15 nearest neighbours; it stays an outlier (-1) otherwise.
@@ -27,8 +28,8 @@ with MiniLM; numbers in benchmarks/results/cluster_bench.md):
   and share 0.3 with 5 layouts 0.93 / 0.90, with 8 layouts 0.94 / 0.92, with 10 0.96 / 0.94.
   HDBSCAN on co-association distances instead of the threshold rule: 0.90. 8 layouts gave 0.937 / 0.909
   over 10 seed blocks (5 % outliers, 38 clusters; BERTopic and plain UMAP → HDBSCAN 0.76 / 0.66 with 15 %
-  outliers); the default is 12, which keeps the coarser tree levels stable too (docs/decisions.md,
-  "Twelve layouts").
+  outliers); the default is 24 with supported edges, which keeps the coarser tree levels stable too
+  (docs/decisions.md, "Twelve layouts" and "Supported consensus edges").
 * Near-duplicates (cosine ≥ `dedup_threshold`, see `dedup`) are collapsed to one representative
   before fitting and copy its cluster afterwards, so a prompt re-worded 30 times counts once and
   templated corpora no longer yield one cluster per prompt family: 6,000 re-wordings of 400
@@ -252,7 +253,8 @@ class ClusterPipeline:
         timings["umap_hdbscan_s"] = time.perf_counter() - t
         t = time.perf_counter()
         seed_runs = np.asarray(runs)
-        labels_f, conf_f = Consensus(c.consensus_threshold, mcs, c.neighbour_share).combine(seed_runs, knn)
+        labels_f, conf_f = Consensus(c.consensus_threshold, mcs, c.neighbour_share,
+                                           c.consensus_support).combine(seed_runs, knn)
         timings["consensus_s"] = time.perf_counter() - t
         return labels_f, conf_f, "consensus-umap-hdbscan", knn, seed_runs
 

@@ -35,9 +35,12 @@ class ClusterConfig:
     min_cluster_fraction: float = 0.0  # > 0: clusters must also hold this share of the fitted rows
     min_samples: int | None = 5
     selection: str = "eom"  # HDBSCAN's cluster choice per layout ("eom" or "leaf"); large clusters are split after
-    # 12 layouts: seed-to-seed ARI at k ≥ 0.9 on Do-Not-Answer as on HarmBench (docs/decisions.md, session 13)
-    seeds: tuple[int, ...] = tuple(range(12))
+    # 24 layouts with supported edges: coarse tree levels agree from seed to seed (docs/decisions.md, session 16)
+    seeds: tuple[int, ...] = tuple(range(24))
     consensus_threshold: float = 0.7
+    # a kept edge also needs this many common kept neighbours (at most min_cluster_size - 2, so a smallest
+    # cluster still holds): one chain of edges no longer joins two cores in some seed blocks and not others
+    consensus_support: int = 2
     neighbour_share: float = 0.3
     max_fit: int = 5000
     dedup_threshold: float = 0.85  # cosine at which rows collapse into one representative (>= 1: off)
@@ -256,6 +259,7 @@ class Consensus:
     threshold: float = 0.7
     min_cluster_size: int = 10
     neighbour_share: float = 0.3
+    support: int = 0  # common kept neighbours an edge needs (see `supported_edges`)
 
     def combine(self, runs: np.ndarray, knn: KnnGraph) -> tuple[np.ndarray, np.ndarray]:
         """(labels, confidence) from `runs` (m × n labels, -1 = outlier)."""
@@ -265,6 +269,7 @@ class Consensus:
         co = ((runs[:, rows] == runs[:, cols]) & (runs[:, rows] != OUTLIER)).mean(0)
         keep = co > self.threshold if m > 1 else co > 0
         graph = sp.coo_matrix((np.ones(int(keep.sum())), (rows[keep], cols[keep])), shape=(n, n))
+        graph = supported_edges(graph, min(self.support, self.min_cluster_size - 2))
         _, comp = connected_components(graph, directed=False)
         sizes = np.bincount(comp)
         labels = np.where(sizes[comp] >= self.min_cluster_size, comp, OUTLIER).astype(np.int64)
@@ -275,6 +280,23 @@ class Consensus:
         labels = propagate(labels, knn, self.neighbour_share)
         confidence = _agreement(weights, labels, knn.k)
         return labels, confidence
+
+
+def supported_edges(graph: sp.coo_matrix, support: int) -> sp.coo_matrix:
+    """The (symmetrised) edges of `graph` whose two ends share at least `support` other neighbours in it.
+
+    Connected components join two cores through a single chain of kept edges; whether that chain
+    exists flips from one block of layouts to the next, so the same region was one cluster or two.
+    An edge inside a group has many common neighbours, a bridge few. `support` ≤ 0: the graph as it is.
+    """
+    if support <= 0:
+        return graph
+    n = graph.shape[0]
+    a = graph.tocsr()
+    a = ((a + a.T) > 0).astype(np.float64)
+    common = (a @ a).multiply(a).tocoo()
+    ok = common.data >= support
+    return sp.coo_matrix((np.ones(int(ok.sum())), (common.row[ok], common.col[ok])), shape=(n, n))
 
 
 def propagate(labels: np.ndarray, knn: KnnGraph, share: float, sweeps: int = 10) -> np.ndarray:
