@@ -28,7 +28,7 @@ with MiniLM; numbers in benchmarks/results/cluster_bench.md):
   and share 0.3 with 5 layouts 0.93 / 0.90, with 8 layouts 0.94 / 0.92, with 10 0.96 / 0.94.
   HDBSCAN on co-association distances instead of the threshold rule: 0.90. 8 layouts gave 0.937 / 0.909
   over 10 seed blocks (5 % outliers, 38 clusters; BERTopic and plain UMAP → HDBSCAN 0.76 / 0.66 with 15 %
-  outliers); the default is 32 with supported edges, which keeps the coarser tree levels stable too
+  outliers); the default is 24 with supported edges, which keeps the coarser tree levels stable too
   (docs/decisions.md, "Twelve layouts" and "Supported consensus edges").
 * Near-duplicates (cosine ≥ `dedup_threshold`, see `dedup`) are collapsed to one representative
   before fitting and copy its cluster afterwards, so a prompt re-worded 30 times counts once and
