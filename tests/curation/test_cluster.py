@@ -297,7 +297,6 @@ def test_cluster_names_put_a_phrase_in_place_of_its_words():
     assert cluster_name([]) == ""
 
 
-
 def _two_groups_and_a_bridge() -> tuple[np.ndarray, KnnGraph]:
     """Groups A (rows 0–11) and B (12–23), each row's neighbours its own group; one kNN edge a0–b0 joins them.
 

@@ -253,8 +253,8 @@ class ClusterPipeline:
         timings["umap_hdbscan_s"] = time.perf_counter() - t
         t = time.perf_counter()
         seed_runs = np.asarray(runs)
-        labels_f, conf_f = Consensus(c.consensus_threshold, mcs, c.neighbour_share,
-                                           c.consensus_support).combine(seed_runs, knn)
+        consensus = Consensus(c.consensus_threshold, mcs, c.neighbour_share, c.consensus_support)
+        labels_f, conf_f = consensus.combine(seed_runs, knn)
         timings["consensus_s"] = time.perf_counter() - t
         return labels_f, conf_f, "consensus-umap-hdbscan", knn, seed_runs
 
