@@ -72,6 +72,14 @@ def test_missing_columns_and_empty_tables(tmp_path):
         require_rows(df.iloc[:0], "f.csv", rejected=3)
 
 
+def test_repeated_column_name_is_one_clear_error(tmp_path):
+    # pandas would keep both, and `df["prompt"]` would then be a frame that fails far from the cause
+    path = tmp_path / "dup.csv"
+    path.write_text("prompt,response,prompt\na,b,c\n")
+    with pytest.raises(AtlasError, match=r"dup\.csv: column 'prompt' appears twice in the header \(columns 1 and 3\)"):
+        read_table(path)
+
+
 def test_rejects_file_beside_output(tmp_path):
     out = tmp_path / "corpus.parquet"
     path = write_rejects(out, [{"source": "x", "row": 4, "reason": "empty prompt"}])

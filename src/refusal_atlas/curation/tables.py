@@ -226,7 +226,18 @@ def read_table(path: Path | str, *, rejects: list[dict] | None = None) -> pd.Dat
     except (OSError, ValueError) as exc:  # pyarrow errors derive from these
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AtlasError(f"{path}: cannot read {fmt} table ({first})") from exc
+    _require_unique_columns(df, path)
     return df
+
+
+def _require_unique_columns(df: pd.DataFrame, path: Path) -> None:
+    # a repeated header name makes `df[name]` a frame instead of a column, which fails far from the cause
+    seen: dict[str, int] = {}
+    for position, name in enumerate(map(str, df.columns), start=1):
+        if name in seen:
+            raise AtlasError(f"{path}: column {name!r} appears twice in the header (columns {seen[name]} and "
+                             f"{position}); rename or remove one")
+        seen[name] = position
 
 
 def require_columns(df: pd.DataFrame, columns: Sequence[str], path: Path | str, hint: str = "") -> None:
