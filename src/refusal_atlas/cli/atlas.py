@@ -27,15 +27,15 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Output folder.")] = DEFAULT_OUT,
         quick: Annotated[bool, typer.Option(help="A reduced run (CI, smoke tests).")] = False,
         resume: Annotated[bool, typer.Option(help="Skip stages whose inputs did not change.")] = True,
-        seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
+        seed: Annotated[int, typer.Option(min=0, help="Seed for every random choice.")] = 0,
         organism: Annotated[bool | None, typer.Option(help="Build a refusing organism from the base model "
                                                            "(default: only for `default`).")] = None,
-        min_prompts: Annotated[int, typer.Option(help="Minimum training prompts for a node's direction.")] = 8,
-        max_nodes: Annotated[int | None, typer.Option(help="At most this many analysis nodes.")] = None,
+        min_prompts: Annotated[int, typer.Option(min=2, help="Minimum training prompts for a node's direction.")] = 8,
+        max_nodes: Annotated[int | None, typer.Option(min=1, help="At most this many analysis nodes.")] = None,
         size: Annotated[list[str] | None, typer.Option(
             help="Override a stage budget, KEY=INT (repeatable), e.g. --size collect_limit=600 --size "
                  "per_node_eval=16; keys: see `RunConfig.sizes()`.")] = None,
-        threads: Annotated[int | None, typer.Option(
+        threads: Annotated[int | None, typer.Option(min=1,
             help="torch CPU threads (default: per stage, the cores other processes leave free).")] = None,
         reference: Annotated[str | None, typer.Option(
             help="The model the analysed one was fine-tuned from (same architecture): enables the restoration "

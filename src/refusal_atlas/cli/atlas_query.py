@@ -230,7 +230,7 @@ def register_query(query_app: typer.Typer) -> None:
     @query_app.command("node")
     def node_cmd(node_id: Annotated[str, typer.Argument(help="Taxonomy node id, e.g. weapons.explosives.")],
                  atlas: AtlasOpt = DEFAULT_ATLAS, as_json: JsonOpt = False,
-                 nearest: Annotated[int, typer.Option(help="How many nearest nodes to list.")] = 5,
+                 nearest: Annotated[int, typer.Option(min=1, help="How many nearest nodes to list.")] = 5,
                  position: Annotated[str | None, typer.Option(help="Token position of the direction table "
                                                                    "(default: the selected one).")] = None) -> None:
         """A node's directions per layer and position, nearest nodes, clusters, cross-ablation, conditions."""
@@ -241,7 +241,8 @@ def register_query(query_app: typer.Typer) -> None:
     def direction_cmd(
         file: Annotated[Path, typer.Argument(help="Vector file: .safetensors, .npy or .pt; [d] or [layers, d].")],
         atlas: AtlasOpt = DEFAULT_ATLAS, as_json: JsonOpt = False,
-        layer: Annotated[int | None, typer.Option(help="Compare at this layer only (default: the selected layer).")]
+        layer: Annotated[int | None, typer.Option(
+            min=0, help="Compare at this layer only (default: the selected layer).")]
         = None,
         all_layers: Annotated[bool, typer.Option("--all-layers", help="Compare at every layer, best per node "
                                                                       "(the p-value pays for the search).")] = False,
@@ -249,7 +250,7 @@ def register_query(query_app: typer.Typer) -> None:
         key: Annotated[str | None, typer.Option(help="Tensor name inside a multi-tensor file.")] = None,
         method: Annotated[str, typer.Option(help="Compare with the nodes' diff_means, vs_other or residual "
                                                  "directions.")] = "diff_means",
-        limit: Annotated[int, typer.Option(help="Rows to show in the table.")] = 20,
+        limit: Annotated[int, typer.Option(min=1, help="Rows to show in the table.")] = 20,
     ) -> None:
         """Which harm sources does this direction correspond to? Cosine, p-value against chance, noise floor."""
         store = AtlasStore.open(atlas)

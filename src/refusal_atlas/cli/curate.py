@@ -17,6 +17,7 @@ import typer
 
 from refusal_atlas.cli.console import sub_app
 from refusal_atlas.cli.curate_cluster import register as _register_cluster
+from refusal_atlas.cli.options import number
 from refusal_atlas.curation.backends import GenerationSettings, make_backend
 from refusal_atlas.curation.collect import collect
 from refusal_atlas.curation.datasets import describe_sets, is_user_file, parse_column_mapping
@@ -78,16 +79,16 @@ def prompts_cmd(
         help="Folder of *.sssom.tsv (default: the taxonomy's DIR/crosswalks/, else the shipped ones).")] = None,
     conditions: Annotated[bool, typer.Option("--conditions", help="Add condition-framed variants.")] = False,
     framings: Annotated[Path | None, typer.Option(help="Framings YAML (default: shipped).")] = None,
-    framings_per_value: Annotated[int | None, typer.Option(
+    framings_per_value: Annotated[int | None, typer.Option(min=1,
         help="Use at most N framings per condition context (seeded sample; default all).")] = None,
-    max_per_node: Annotated[int | None, typer.Option(help="At most N base prompts per node (seeded).")] = None,
+    max_per_node: Annotated[int | None, typer.Option(min=1, help="At most N base prompts per node (seeded).")] = None,
     column: Annotated[list[str] | None, typer.Option(
         "--column", help="For prompt files: FIELD=COLUMN (fields: prompt, category, node, harmful, split, "
                          "expected); repeat or comma-separate.")] = None,
     category_prefix: Annotated[str, typer.Option(
         help="For prompt files: the crosswalk prefix of their category values (e.g. strongreject); "
              "default: match any crosswalk label.")] = "user",
-    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for sampling.")] = 0,
 ) -> None:
     """Build a prompt set mapped onto taxonomy nodes (optionally with condition variants)."""
 
@@ -126,18 +127,18 @@ def collect_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Corpus table (.parquet recommended).")],
     model: Annotated[str, typer.Option(help="default | model folder | file.gguf | hub id.")] = "default",
     backend: Annotated[str, typer.Option(help="transformers | vllm.")] = "transformers",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per response.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 16,
-    samples: Annotated[int, typer.Option(help="Responses per prompt (needs --sample when > 1).")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per response.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 16,
+    samples: Annotated[int, typer.Option(min=1, help="Responses per prompt (needs --sample when > 1).")] = 1,
     sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    temperature: Annotated[float, typer.Option(callback=number(0.0, above=True), help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(callback=number(0.0, 1.0, above=True), help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(min=0, help="Sampling seed.")] = 0,
     system: Annotated[str | None, typer.Option(help="Optional system prompt.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     device: Annotated[str | None, typer.Option(help="torch device, e.g. cuda (default: CPU).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Discard an existing output / unfinished run.")] = False,
-    threads: Annotated[int | None, typer.Option(
+    threads: Annotated[int | None, typer.Option(min=1,
         help="torch CPU threads; 1 is much faster on a machine shared with other jobs.")] = None,
 ) -> None:
     """Generate responses with the model's chat template (resumable: rerun to continue)."""

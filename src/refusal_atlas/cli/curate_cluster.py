@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from refusal_atlas.cli.options import number
 from refusal_atlas.curation.cluster import ClusterConfig
 from refusal_atlas.curation.cluster_run import cluster_corpus, replies_config
 from refusal_atlas.curation.cluster_store import ASSIGNMENTS
@@ -48,11 +49,11 @@ def cluster(
                                                 help="Smallest cluster. Default 10; for replies (--text response) "
                                                      "max(3, rows/40), and a reply repeated twice is a wording of "
                                                      "its own."),
-    min_cluster_fraction: float = typer.Option(0.0, "--min-cluster-fraction", min=0.0, max=0.5,
+    min_cluster_fraction: float = typer.Option(0.0, "--min-cluster-fraction", callback=number(0.0, 0.5),
                                                help="Also require this share of the rows per cluster "
                                                     "(e.g. 0.01 for templated corpora)."),
     seeds: int = typer.Option(len(ClusterConfig().seeds), "--seeds", min=1, help="UMAP seeds in the consensus."),
-    seed: int = typer.Option(0, "--seed", help="First seed block (seeds seed*1000 .. seed*1000+N-1)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="First seed block (seeds seed*1000 .. seed*1000+N-1)."),
     stability_runs: int = typer.Option(5, "--stability-runs", min=0,
                                        help="Seed re-runs and resamples for stability.json (0 = skip)."),
     reassign_outliers: bool = typer.Option(False, "--reassign-outliers",
@@ -98,9 +99,9 @@ def map_clusters(
     taxonomy: Path | None = typer.Option(None, "--taxonomy", help="Taxonomy folder (default: shipped)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Output folder (default: the clusters folder)."),
     embedder: str | None = typer.Option(None, "--embedder", help="Embedder for node texts (default: the run's)."),
-    min_similarity: float = typer.Option(0.4, "--min-similarity",
+    min_similarity: float = typer.Option(0.4, "--min-similarity", callback=number(-1.0, 1.0),
                                          help="Below this centroid-to-node cosine a cluster fits no node."),
-    min_share: float = typer.Option(0.5, "--min-share",
+    min_share: float = typer.Option(0.5, "--min-share", callback=number(0.0, 1.0),
                                     help="Below this share of rows labelled with the best node, no fit."),
 ) -> None:
     """Link each cluster to its best taxonomy node(s) and the tree's branch level to branches; unmatched clusters

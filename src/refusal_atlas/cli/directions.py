@@ -15,6 +15,7 @@ from rich.table import Table
 from refusal_atlas.cli import directions_causal
 from refusal_atlas.cli.console import plain_console, sub_app
 from refusal_atlas.cli.directions_common import parse_bool, read_prompts
+from refusal_atlas.cli.options import number
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256, text_sha256
 from refusal_atlas.io import atomic_write_text
@@ -112,13 +113,14 @@ def extract(
     positions: str = typer.Option("eoi,last_instruction,mean_instruction", "--positions",
                                   help="comma-separated: -5..-1, eoi (all template tokens), last_instruction, "
                                        "mean_instruction"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
     system: str | None = typer.Option(None, "--system", help="system prompt for the chat template"),
     all_conditions: bool = typer.Option(False, "--all-conditions", help="also use rows with a condition"),
-    n_splits: int = typer.Option(50, "--splits", help="random split-halves for the noise floor"),
-    n_boot: int = typer.Option(200, "--bootstrap", help="bootstrap resamples for CIs"),
-    n_perm: int = typer.Option(100, "--permutations", help="permutations for the cross-node cosine null"),
-    seed: int = typer.Option(0, "--seed"),
+    n_splits: int = typer.Option(50, "--splits", min=1, help="random split-halves for the noise floor"),
+    n_boot: int = typer.Option(200, "--bootstrap", min=1, help="bootstrap resamples for CIs"),
+    n_perm: int = typer.Option(100, "--permutations", min=0,
+                               help="permutations for the cross-node cosine null (0 = skip)"),
+    seed: int = typer.Option(0, "--seed", min=0),
     match_form: bool = typer.Option(True, "--match-form/--no-match-form",
                                     help="match the harmless baseline on request form (question / instruction / "
                                          "first person); unmatched, a direction also encodes how the sets differ "
@@ -167,10 +169,10 @@ def extract(
 def overlap(
     directions: Path = typer.Argument(..., help="folder written by `directions extract`"),
     out: Path = typer.Option(..., "-o", "--out"),
-    layer: int | None = typer.Option(None, "--layer", help="default: highest mean reliability below 0.8 depth"),
+    layer: int | None = typer.Option(None, "--layer", min=0, help="default: highest mean reliability below 0.8 depth"),
     position: str = typer.Option("-1", "--position"),
     method: str = typer.Option("diff_means", "--method", help="diff_means | vs_other | residual"),
-    min_overlap: float = typer.Option(0.0, "--min-overlap",
+    min_overlap: float = typer.Option(0.0, "--min-overlap", callback=number(-1.0, 1.0),
                                       help="edge when the noise-corrected cosine's 95% lower bound exceeds this"),
 ) -> None:
     """Overlap graph (GraphML, JSON, heatmap and graph PNGs) with the sibling permutation test."""
@@ -190,9 +192,9 @@ def geometry(
     directions: Path = typer.Argument(..., help="folder written by `directions extract`"),
     position: str = typer.Option("-1", "--position"),
     method: str = typer.Option("diff_means", "--method"),
-    angles_layer: int | None = typer.Option(None, "--angles-layer",
+    angles_layer: int | None = typer.Option(None, "--angles-layer", min=0,
                                             help="also print principal angles between node subspaces here"),
-    k: int = typer.Option(3, "--k", help="subspace dimension for principal angles"),
+    k: int = typer.Option(3, "--k", min=1, help="subspace dimension for principal angles"),
 ) -> None:
     """Print per-layer geometry: cosines, effective rank, first-component share, floors, AUROC, probe."""
     ds = DirectionSet.load(directions)

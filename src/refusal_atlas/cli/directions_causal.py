@@ -18,6 +18,7 @@ import pandas as pd
 import typer
 
 from refusal_atlas.cli.directions_common import DirsOpt, ModelOpt, OutOpt, PromptsOpt, TaxOpt, TokensOpt, read_prompts
+from refusal_atlas.cli.options import number
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.models import LoadedModel, load_model
 from refusal_atlas.lm.positions import Position, parse_position_label
@@ -146,8 +147,8 @@ def register(app: typer.Typer) -> None:
                                                              "beside the pooled direction"),
         layers: str | None = typer.Option(None, "--layers", help="candidate layers (default: as `run` chooses them)"),
         positions: str | None = typer.Option(None, "--positions", help="candidate positions (default: -1)"),
-        n_val: int = typer.Option(16, "--n-val", help="validation prompts per node and harmless"),
-        kl_threshold: float = typer.Option(0.1, "--kl-threshold"),
+        n_val: int = typer.Option(16, "--n-val", min=1, help="validation prompts per node and harmless"),
+        kl_threshold: float = typer.Option(0.1, "--kl-threshold", callback=number(0.0)),
         refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Choose the pooled direction's layer, position, ablation scope and steering dose (bypass / induce / KL,
@@ -178,8 +179,8 @@ def register(app: typer.Typer) -> None:
         model: str = ModelOpt,
         taxonomy: Path | None = TaxOpt,
         split: str = typer.Option("heldout", "--split", help="evaluate on this split of the prompt table"),
-        n: int = typer.Option(32, "--n", help="harmless prompts"),
-        seed: int = typer.Option(0, "--seed", help="seed of the bootstrap resamples"),
+        n: int = typer.Option(32, "--n", min=1, help="harmless prompts"),
+        seed: int = typer.Option(0, "--seed", min=0, help="seed of the bootstrap resamples"),
         refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """The headline: the selected pooled direction ablated on harmful and added on harmless prompts
@@ -210,13 +211,13 @@ def register(app: typer.Typer) -> None:
         prompts: Path = PromptsOpt,
         model: str = ModelOpt,
         taxonomy: Path | None = TaxOpt,
-        layer: int | None = typer.Option(None, "--layer", help="default: the selected layer"),
+        layer: int | None = typer.Option(None, "--layer", min=0, help="default: the selected layer"),
         position: str | None = typer.Option(None, "--position"),
         methods: str = typer.Option("diff_means,residual", "--methods"),
         generate_rates: bool = typer.Option(False, "--generate/--no-generate",
                                             help="also generate and apply the marker detector (slower)"),
         split: str = typer.Option("heldout", "--split", help="evaluate on this split of the prompt table"),
-        n: int = typer.Option(32, "--n", help="harmless prompts"),
+        n: int = typer.Option(32, "--n", min=1, help="harmless prompts"),
         refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Ablate each node's direction (and the pooled one) → refusal on every node's prompts."""
@@ -243,7 +244,7 @@ def register(app: typer.Typer) -> None:
                                           help="default: the first and middle candidate layers and the selected one"),
         position: str | None = typer.Option(None, "--position"),
         coeffs: str = typer.Option("1.0", "--coeffs"),
-        n: int = typer.Option(32, "--n", help="harmless prompts"),
+        n: int = typer.Option(32, "--n", min=1, help="harmless prompts"),
         generate_rates: bool = typer.Option(False, "--generate/--no-generate",
                                             help="also generate and apply the marker detector (slower)"),
         refusal_tokens: str | None = TokensOpt,
@@ -278,8 +279,8 @@ def register(app: typer.Typer) -> None:
         taxonomy: Path | None = TaxOpt,
         position: str | None = typer.Option(None, "--position"),
         organism: Path | None = typer.Option(None, "--organism", help="organism folder: compare with its wordings"),
-        k: int = typer.Option(8, "--k", help="top tokens per direction"),
-        seed: int = typer.Option(0, "--seed", help="seed of the probe's folds"),
+        k: int = typer.Option(8, "--k", min=1, help="top tokens per direction"),
+        seed: int = typer.Option(0, "--seed", min=0, help="seed of the probe's folds"),
         refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Wording vs detection: per-layer node probe accuracy beside logit-lens refusal-token promotion."""
@@ -305,12 +306,12 @@ def register(app: typer.Typer) -> None:
         prompts: Path = PromptsOpt,
         model: str = ModelOpt,
         taxonomy: Path | None = TaxOpt,
-        layer: int | None = typer.Option(None, "--layer", help="default: the selected layer"),
+        layer: int | None = typer.Option(None, "--layer", min=0, help="default: the selected layer"),
         position: str | None = typer.Option(None, "--position"),
         adherence: Path | None = typer.Option(None, "--adherence",
                                               help="organism adherence.parquet: reuse its refusal flags"),
         split: str = typer.Option("heldout", "--split"),
-        seed: int = typer.Option(0, "--seed", help="seed of the bootstrap CIs"),
+        seed: int = typer.Option(0, "--seed", min=0, help="seed of the bootstrap CIs"),
         refusal_tokens: str | None = TokensOpt,
     ) -> None:
         """Per node with rules: projection on its direction and refusal rate under each condition (CIs)."""

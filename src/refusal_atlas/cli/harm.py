@@ -36,11 +36,11 @@ def analyse(
     model: str | None = typer.Option(None, "--model", help="model spec; default: RUN_DIR/organism/model if present, "
                                                              "else 'default'"),
     taxonomy: Path | None = typer.Option(None, "--taxonomy", "-t", help="taxonomy folder (default: the shipped one)"),
-    seed: int = typer.Option(0, "--seed"),
-    extra_per_node: int = typer.Option(16, "--extra-per-node",
+    seed: int = typer.Option(0, "--seed", min=0),
+    extra_per_node: int = typer.Option(16, "--extra-per-node", min=0,
                                        help="unlabelled held-out prompts under loosening conditions added per branch"),
     quick: bool = typer.Option(False, "--quick", help="small budgets (smoke tests)"),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: auto by load)"),
 ) -> None:
     """Build the four cells per node, both directions with floors, projections, causal checks and verdicts."""
 

@@ -18,6 +18,7 @@ from rdflib import Graph
 from rich.console import Console
 
 from refusal_atlas.cli.console import plain_console, sub_app
+from refusal_atlas.cli.options import number
 from refusal_atlas.cli.taxonomy import TaxonomyAliasOpt, one_taxonomy_dir
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import check_not_same_file, read_utf8
@@ -42,7 +43,8 @@ GraphOpt = Annotated[list[Path] | None, typer.Option(
     "--graph", "-g", help="RDF file(s) to query (repeatable; default: the exported shipped taxonomy).")]
 OutFormatOpt = Annotated[str, typer.Option("--format", "-f", help="Output: table | csv | json.")]
 MaxSizeOpt = Annotated[float | None, typer.Option(
-    "--max-size-mb", help="Refuse RDF input larger than this (default 20, or REFUSAL_ATLAS_MAX_RDF_MB).")]
+    "--max-size-mb", callback=number(0.0, above=True),
+    help="Refuse RDF input larger than this (default 20, or REFUSAL_ATLAS_MAX_RDF_MB).")]
 
 
 def _console() -> Console:
@@ -142,9 +144,11 @@ def sparql(
     fmt: OutFormatOpt = "table",
     max_size_mb: MaxSizeOpt = None,
     timeout: Annotated[float, typer.Option(
-        "--timeout", help="Stop the query after this many seconds (0 = no limit).")] = DEFAULT_TIMEOUT_S,
+        "--timeout", callback=number(0.0),
+        help="Stop the query after this many seconds (0 = no limit).")] = DEFAULT_TIMEOUT_S,
     max_rows: Annotated[int, typer.Option(
-        "--max-rows", help="Refuse answers with more rows (or triples) than this (0 = no limit).")] = DEFAULT_MAX_ROWS,
+        "--max-rows", min=0,
+        help="Refuse answers with more rows (or triples) than this (0 = no limit).")] = DEFAULT_MAX_ROWS,
 ) -> None:
     """Run a SELECT / ASK / CONSTRUCT query; prefixes ra, rac, tax, skos, airo, dpv, ... are pre-bound.
 

@@ -11,6 +11,7 @@ import typer
 from refusal_atlas.atlas.organism_test import run_organism_test
 from refusal_atlas.cli.console import sub_app
 from refusal_atlas.cli.directions import _read_prompts
+from refusal_atlas.cli.options import number
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.models import auto_threads
 from refusal_atlas.organism.build import build_organism
@@ -25,17 +26,17 @@ def build(
     out: Path = typer.Option(..., "-o", "--out", help="output folder (model/, organism.json, adherence tables)"),
     taxonomy: Path | None = typer.Option(None, "--taxonomy", "-t", help="taxonomy folder (default: the shipped one)"),
     base: str = typer.Option("default", "--base", help="'default', a model folder, a .gguf file or a hub id"),
-    seed: int = typer.Option(0, "--seed", help="seed for the train / held-out split and training"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed for the train / held-out split and training"),
     prompts: Path | None = typer.Option(None, "--prompts",
                                         help="prompt table (.parquet/.jsonl/.csv: prompt, node, harmful[, source]); "
                                              "default: taxonomy examples + HarmBench/StrongREJECT via crosswalks"),
     quick: bool = typer.Option(False, "--quick", help="a far smaller build (CI, smoke tests)"),
-    epochs: int | None = typer.Option(None, "--epochs"),
-    lr: float | None = typer.Option(None, "--lr"),
+    epochs: int | None = typer.Option(None, "--epochs", min=1),
+    lr: float | None = typer.Option(None, "--lr", callback=number(0.0, above=True)),
     specific_roots: str | None = typer.Option(
         None, "--specific-wording", help="comma-separated root nodes whose refusals are worded per node "
                                          "(default: every other root); 'none' = one shared wording"),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: auto by load)"),
     force: bool = typer.Option(False, "--force", help="rebuild even when the cache matches"),
     recipe: str = typer.Option("shared", "--recipe",
                                help="'shared': one refusal decision for every branch (the default organism); "
@@ -107,7 +108,7 @@ def test_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="output folder for tables, figures and causal.json"),
     level: str = typer.Option("root", "--level", help="direction labels: 'root' (taxonomy branch) or 'node'"),
     coeffs: str = typer.Option("1.0", "--coeffs", help="activation-addition coefficients (first = headline)"),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: auto by load)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: auto by load)"),
 ) -> None:
     """Causal tests on an organism: directions, selection, pooled ablation/addition, cross-ablation,
     steering, wording vs detection, conditions."""

@@ -18,6 +18,7 @@ from rich.text import Text
 from refusal_atlas.atlas.query.feature import feature_report
 from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.cli.console import sub_app
+from refusal_atlas.cli.options import number
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.mechinterp.sae import load_sae
 from refusal_atlas.mechinterp.sae.data import open_activations
@@ -30,13 +31,14 @@ app = sub_app("Sparse autoencoders (SAELens format): train, inspect, features.")
 def train(
     acts: Path = typer.Argument(..., help="safetensors file with acts [n, d_in], or a capture folder"),
     out: Path = typer.Option(..., "-o", "--out", help="output folder (SAELens format: cfg.json + sae_weights)"),
-    layer: int | None = typer.Option(None, "--layer", help="layer to train on (required for multi-layer captures)"),
-    width: int = typer.Option(2048, "--width", help="number of latents (d_sae)"),
-    k: int = typer.Option(32, "--k", help="active latents per token (TopK)"),
-    epochs: int = typer.Option(5, "--epochs"),
-    batch_size: int = typer.Option(512, "--batch-size"),
-    lr: float = typer.Option(2e-3, "--lr"),
-    seed: int = typer.Option(0, "--seed"),
+    layer: int | None = typer.Option(None, "--layer", min=0,
+                                     help="layer to train on (required for multi-layer captures)"),
+    width: int = typer.Option(2048, "--width", min=1, help="number of latents (d_sae)"),
+    k: int = typer.Option(32, "--k", min=1, help="active latents per token (TopK)"),
+    epochs: int = typer.Option(5, "--epochs", min=1),
+    batch_size: int = typer.Option(512, "--batch-size", min=1),
+    lr: float = typer.Option(2e-3, "--lr", callback=number(0.0, above=True)),
+    seed: int = typer.Option(0, "--seed", min=0),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a TopK SAE; rerunning the same command resumes from the folder's checkpoint."""
@@ -63,7 +65,7 @@ def info(path: Path = typer.Argument(..., help="SAE folder (SAELens format or Ge
 def features(
     run: Path = typer.Argument(..., help="a run's output folder (or its sae/ folder) holding features.parquet"),
     node: str | None = typer.Option(None, "--node", help="only this node"),
-    top: int = typer.Option(10, "--top", help="features per node to show"),
+    top: int = typer.Option(10, "--top", min=1, help="features per node to show"),
 ) -> None:
     """Show each node's selected SAE features: decoder cosine, attribution, activations, contexts, tokens."""
 
