@@ -330,3 +330,20 @@ def test_supported_edges_keep_a_smallest_cluster():
     labels, _ = Consensus(0.7, 3, 0.3, support=2).combine(runs, knn)  # a triangle: one common neighbour per edge
     assert adjusted_rand_score([0, 0, 0, 1, 1, 1], labels) == 1.0
     assert (labels != OUTLIER).all()
+
+
+def test_a_group_the_split_leaves_out_is_a_part_not_merged_into_a_neighbour():
+    """Inside a cluster being split: two parts found, a third group all outliers (HDBSCAN calls a looser group
+    noise in about half of the layouts). It becomes a part of its own; too few scattered outliers do not."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(16)[:3] * 3.0
+    x = np.vstack([centres[g] + rng.normal(scale=0.4, size=(20, 16)) for g in range(3)])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sub = np.array([0] * 20 + [1] * 20 + [OUTLIER] * 20)
+    pipe = ClusterPipeline(ClusterConfig(min_cluster_size=10))
+    out = pipe._outlier_groups(x.astype(np.float32), sub)
+    assert (out[:40] == sub[:40]).all()
+    assert len(set(out[40:].tolist())) == 1 and out[40] not in (OUTLIER, 0, 1)
+    few = sub.copy()
+    few[40:52] = 1  # 8 left out: fewer than min_cluster_size, so they stay outliers (the caller assigns them)
+    assert (pipe._outlier_groups(x.astype(np.float32), few) == few).all()

@@ -33,8 +33,9 @@ from refusal_atlas.taxonomy.model import Taxonomy
 # 3: cluster names put a phrase in place of its words, mapping.json names, the near-duplicate-weighted fallback;
 # 4: the scored level is chosen by the clusters of the scored rows alone; 5: mapping.json maps the tree's
 # branch level to the taxonomy's branches; 6: clusters.json records `net_of`, mapping.json each link's branch support;
-# 7: consensus edges need common neighbours (`consensus_support`), whatever the number of layouts asked for.
-STAGE_VERSION = 7
+# 7: consensus edges need common neighbours (`consensus_support`), whatever the number of layouts asked for;
+# 8: a group that the split of a large cluster leaves out is a part of its own.
+STAGE_VERSION = 8
 
 
 def wording_truth(corpus: pd.DataFrame, organism_json: Path) -> pd.Series | None:

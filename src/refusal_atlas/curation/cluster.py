@@ -47,7 +47,8 @@ with MiniLM; numbers in benchmarks/results/cluster_bench.md):
 * One density cut keeps a broad region whole when its parts are less dense than the gaps around
   it (400 HarmBench prompts: 3 clusters, 75 % in one). So every consensus cluster holding more than
   `max_flat_share` (25 %) of the fitted rows is clustered again on its own rows (its own kNN graph
-  and layouts), `split_depth` deep, and replaced by its parts when there are at least two. The
+  and layouts), `split_depth` deep, and replaced by its parts when there are at least two (a
+  group of at least `min_cluster_size` rows that no part took, kNN-connected, is a part too). The
   result, plus one leaf per text repeated `verbatim_min` times, are the *leaves* and the flat
   `cluster` column; `cluster_tree` merges them into coarser levels (HarmBench: ARI 0.63 at 7
   clusters, seed ARI 0.93; docs/decisions.md, "Clustering").
@@ -71,6 +72,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
 from refusal_atlas.curation.cluster_describe import centroids, ctfidf_keywords, representatives
 from refusal_atlas.curation.cluster_stages import (
@@ -87,6 +90,7 @@ from refusal_atlas.curation.cluster_stages import (
     knn_search,
     neighbour_majority,
     propagate,
+    supported_edges,
 )
 from refusal_atlas.curation.cluster_tree import ClusterTree, build_tree, level_counts
 from refusal_atlas.curation.dedup import Collapse, collapse_near_duplicates
@@ -264,8 +268,9 @@ class ClusterPipeline:
         One density cut over the whole corpus keeps a broad region as one cluster when its parts are
         less dense than the gaps around it (400 HarmBench prompts: 75 % in one cluster); a layout of
         that region alone separates its parts. A cluster is replaced by its parts when they are at
-        least two; its rows that no part takes join the part holding most of their nearest neighbours
-        (they were clustered one level up, so they do not become outliers here).
+        least two; its rows that no part takes form parts of their own where they are a group
+        (`_outlier_groups`), and otherwise join the part holding most of their nearest neighbours (they
+        were clustered one level up, so they do not become outliers here).
         """
         c = self.config
         labels = labels.copy()
@@ -280,6 +285,7 @@ class ClusterPipeline:
                 continue
             if depth > 1:
                 sub = self._split_large(xf[members], sub, depth - 1)
+            sub = self._outlier_groups(xf[members], sub)
             out = np.flatnonzero(sub == OUTLIER)
             if len(out):
                 inside = np.flatnonzero(sub != OUTLIER)
@@ -290,6 +296,37 @@ class ClusterPipeline:
                 labels[members[sub == s_id]] = next_id + j
             next_id += len(ids)
         return labels
+
+    def _outlier_groups(self, xm: np.ndarray, sub: np.ndarray) -> np.ndarray:
+        """`sub` with each group of its outliers that is a cluster's size, and mostly its own neighbours, as a part.
+
+        Inside a cluster being split, a part that HDBSCAN calls noise in about half of the layouts (a looser
+        group beside two tight ones) falls below the consensus threshold as a whole; handing its rows to the
+        nearest *other* part would merge two groups. Rows the parts did not take, joined by supported kNN
+        edges among themselves (as consensus edges are), form a part when the group holds `min_size` rows.
+        """
+        c = self.config
+        out = np.flatnonzero(sub == OUTLIER)
+        need = self.min_size(len(xm))
+        if len(out) < need:
+            return sub
+        k = min(c.n_neighbors, len(xm) - 1)
+        idx, _ = knn_search(xm, xm, k, exclude_self=True)
+        is_out = sub == OUTLIER
+        rows = np.repeat(out, k)
+        cols = idx[out].ravel()
+        keep = is_out[cols]
+        graph = sp.coo_matrix((np.ones(int(keep.sum())), (rows[keep], cols[keep])), shape=(len(xm), len(xm)))
+        graph = supported_edges(graph, min(c.consensus_support, need - 2))
+        _, comp = connected_components(graph, directed=False)
+        sub = sub.copy()
+        next_id = int(sub.max()) + 1
+        for part in np.unique(comp[out]):
+            group = out[comp[out] == part]
+            if len(group) >= need:
+                sub[group] = next_id
+                next_id += 1
+        return sub
 
     def _fit(self, x: np.ndarray, texts: Sequence[str], *, describe: bool) -> ClusterResult:
         c = self.config

@@ -19,7 +19,8 @@ from refusal_atlas.curation.stability import min_cluster_size_sweep, rescue_swee
 
 FLAT_RULE = ("flat `cluster` = the leaves: HDBSCAN (excess of mass) consensus clusters, where every cluster holding "
              "more than max_flat_share of the fitted rows is clustered again on its own rows (split_depth deep) and "
-             "replaced by its parts when they are at least two; repeated texts are leaves of their own")
+             "replaced by its parts when they are at least two (rows no part takes are a part when they are a "
+             "kNN-connected group of min_cluster_size); repeated texts are leaves of their own")
 MAX_OUTLIERS = 0.5
 
 
