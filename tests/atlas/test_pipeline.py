@@ -255,4 +255,4 @@ def test_direction_prompts_are_filtered_by_baseline_behaviour(monkeypatch):
 
 def test_the_default_run_clusters_with_the_clustering_default_layouts():
     # `run` and `curate cluster` share one default, so the targets measured for the one hold for the other
-    assert RunConfig().sizes()["cluster_seeds"] == len(ClusterConfig().seeds) == 24
+    assert RunConfig().sizes()["cluster_seeds"] == len(ClusterConfig().seeds) == 32

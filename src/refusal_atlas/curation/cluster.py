@@ -281,11 +281,13 @@ class ClusterPipeline:
             if len(members) <= limit:
                 continue
             sub, _, method, _, _ = self._fit_leaves(xf[members], {})
-            if method != "consensus-umap-hdbscan" or len(set(sub.tolist()) - {OUTLIER}) < 2:
+            if method != "consensus-umap-hdbscan":
+                continue
+            sub = self._outlier_groups(xf[members], sub)
+            if len(set(sub.tolist()) - {OUTLIER}) < 2:
                 continue
             if depth > 1:
                 sub = self._split_large(xf[members], sub, depth - 1)
-            sub = self._outlier_groups(xf[members], sub)
             out = np.flatnonzero(sub == OUTLIER)
             if len(out):
                 inside = np.flatnonzero(sub != OUTLIER)

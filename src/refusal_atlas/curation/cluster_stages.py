@@ -35,8 +35,9 @@ class ClusterConfig:
     min_cluster_fraction: float = 0.0  # > 0: clusters must also hold this share of the fitted rows
     min_samples: int | None = 5
     selection: str = "eom"  # HDBSCAN's cluster choice per layout ("eom" or "leaf"); large clusters are split after
-    # 24 layouts with supported edges: coarse tree levels agree from seed to seed (docs/decisions.md, session 16)
-    seeds: tuple[int, ...] = tuple(range(24))
+    # 32 layouts with supported edges: coarse tree levels agree from seed to seed on two sets of seed blocks
+    # (docs/decisions.md, sessions 16-17)
+    seeds: tuple[int, ...] = tuple(range(32))
     consensus_threshold: float = 0.7
     # a kept edge also needs this many common kept neighbours (at most min_cluster_size - 2, so a smallest
     # cluster still holds): one chain of edges no longer joins two cores in some seed blocks and not others
