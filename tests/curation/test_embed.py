@@ -100,3 +100,8 @@ def test_a_texts_vector_does_not_depend_on_the_texts_embedded_with_it(tmp_path):
     # a cache warmed by another corpus that shares some texts returns what a cold run computes
     Embedder(cache_root=tmp_path).encode(other + texts[::3])
     np.testing.assert_array_equal(Embedder(cache_root=tmp_path).encode(texts), alone)
+
+
+def test_missing_model_folder_is_named_as_missing(tmp_path):
+    with pytest.raises(AtlasError, match="embedder folder not found"):
+        Embedder(str(tmp_path / "no-such-model"), cache=False).encode(["x"])

@@ -74,7 +74,12 @@ class Embedder:
     def model(self) -> Any:  # a SentenceTransformer (its import is deferred: heavy)
         """The loaded SentenceTransformer (first use loads it; ~0.5 s for MiniLM)."""
         if self._model is None:
-
+            name = str(self.model_name)
+            # a path (not a hub id such as owner/name) that does not exist would otherwise surface as
+            # transformers' "Unrecognized model" error
+            if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+                raise AtlasError(f"{name}: embedder folder not found; pass a sentence-transformers folder or hub id "
+                                 "with --embedder")
             try:
                 self._model = load_sentence_transformer(self.model_name, device=self.device)
             except (OSError, ValueError) as exc:
