@@ -50,7 +50,7 @@ def cluster(
                                                      "max(3, rows/40), and a reply repeated twice is a wording of "
                                                      "its own."),
     min_cluster_fraction: float = typer.Option(0.0, "--min-cluster-fraction", callback=number(0.0, 0.5),
-                                               help="Also require this share of the rows per cluster "
+                                               help="Also require this share of the rows per cluster, 0 to 0.5 "
                                                     "(e.g. 0.01 for templated corpora)."),
     seeds: int = typer.Option(len(ClusterConfig().seeds), "--seeds", min=1, help="UMAP seeds in the consensus."),
     seed: int = typer.Option(0, "--seed", min=0, help="First seed block (seeds seed*1000 .. seed*1000+N-1)."),
@@ -100,9 +100,9 @@ def map_clusters(
     out: Path | None = typer.Option(None, "-o", "--out", help="Output folder (default: the clusters folder)."),
     embedder: str | None = typer.Option(None, "--embedder", help="Embedder for node texts (default: the run's)."),
     min_similarity: float = typer.Option(0.4, "--min-similarity", callback=number(-1.0, 1.0),
-                                         help="Below this centroid-to-node cosine a cluster fits no node."),
+                                         help="Below this centroid-to-node cosine (-1 to 1) a cluster fits no node."),
     min_share: float = typer.Option(0.5, "--min-share", callback=number(0.0, 1.0),
-                                    help="Below this share of rows labelled with the best node, no fit."),
+                                    help="Below this share (0 to 1) of rows labelled with the best node, no fit."),
 ) -> None:
     """Link each cluster to its best taxonomy node(s) and the tree's branch level to branches; unmatched clusters
     become proposed nodes."""
