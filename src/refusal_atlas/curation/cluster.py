@@ -300,7 +300,7 @@ class ClusterPipeline:
         return labels
 
     def _outlier_groups(self, xm: np.ndarray, sub: np.ndarray) -> np.ndarray:
-        """`sub` with each group of its outliers that is a cluster's size, and mostly its own neighbours, as a part.
+        """`sub` with each kNN-connected group of its outliers that is a cluster's size as a part of its own.
 
         Inside a cluster being split, a part that HDBSCAN calls noise in about half of the layouts (a looser
         group beside two tight ones) falls below the consensus threshold as a whole; handing its rows to the
