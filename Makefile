@@ -34,7 +34,7 @@ test: setup lint typecheck
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q -m 'not slow' --durations=15 $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python -m pip install -q '.[bench]'
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

@@ -134,7 +134,7 @@ def kmeans_reference(x: np.ndarray, truth: list[str], k: int, seeds: list[int]) 
     return {"ari": statistics.fmean(adjusted_rand_score(truth, lab) for lab in runs), "seed_ari": pairwise(runs)}
 
 
-def bench_corpus(name: str, seeds: list[int], plain: bool) -> dict:
+def bench_corpus(name: str, seeds: list[int], plain: bool, embedder: str | None = None) -> dict:
     from refusal_atlas.curation.cluster import ClusterConfig, ClusterPipeline
     from refusal_atlas.curation.embed import make_embedder
 
@@ -143,7 +143,7 @@ def bench_corpus(name: str, seeds: list[int], plain: bool) -> dict:
     truth = [f"{r['source']}:{r['category']}" for r in records]
     k = len(set(truth))
     t = time.perf_counter()
-    x = make_embedder(None).encode(texts)
+    x = make_embedder(embedder).encode(texts)
     embed_s = time.perf_counter() - t
     ours, ours_s = [], []
     for s in seeds:
@@ -214,15 +214,17 @@ def main() -> None:
     parser.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=CORPORA)
     parser.add_argument("--plain", action="store_true", help="the peer without BERTopic's wrapper")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cluster_targets.json")
+    parser.add_argument("--embedder", default=None,
+                        help="a sentence-transformers folder to embed with instead of the default MiniLM")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     plain = args.plain or importlib.util.find_spec("bertopic") is None
     load_before = os.getloadavg()
     res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "seeds": args.seeds,
-           "corpora": {}}
+           "embedder": args.embedder or "default MiniLM", "corpora": {}}
     for name in args.corpora:
         t = time.perf_counter()
-        res["corpora"][name] = bench_corpus(name, args.seeds, plain)
+        res["corpora"][name] = bench_corpus(name, args.seeds, plain, args.embedder)
         print(f"{name}: {time.perf_counter() - t:.0f} s", json.dumps(res["corpora"][name]["ours"]["level_k"]),
               flush=True)
     write_results(res, args.out, markdown, load_before)

@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import only its own package or a lower layer:
 
-    foundation (errors, paths, io, hashing) -> taxonomy -> ontology -> lm -> curation -> mechinterp
+    foundation (errors, paths, io, hashing, terminal) -> taxonomy -> ontology -> lm -> curation -> mechinterp
     -> organism -> atlas -> cli
 
 `refusal_atlas/__init__.py` is the public facade on top of every layer: it may import any of them
@@ -29,7 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "src" / "refusal_atlas"
 PROJECT = "refusal_atlas"
 LAYERS: list[set[str]] = [
-    {"errors", "paths", "io", "hashing"},
+    {"errors", "paths", "io", "hashing", "terminal"},
     {"taxonomy"},
     {"ontology"},
     {"lm"},

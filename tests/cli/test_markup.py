@@ -69,3 +69,25 @@ def test_help_text_keeps_square_brackets(command):
     if command[0] == "taxonomy":
         assert "([a-z0-9_.-])" in result.output, result.output
     assert "()" not in result.output.replace("(s)", ""), result.output
+
+
+CONTROL_LABEL = "Evil \x1b]52;c;cHduZWQ=\x07 \x1b[2J \x9b31m \u202eabc"
+
+
+def test_control_characters_in_labels_are_shown_not_obeyed(monkeypatch, capsys, tmp_path):
+    root = tmp_path / "tax"
+    shutil.copytree(FIXTURE, root)
+    edit.propose(root, "health.hostile", "health", CONTROL_LABEL, "Def \x1b[31mred\x1b[0m.")
+    for extra in ([], ["health.hostile"], ["--tree"]):
+        code, out, err = run_main(monkeypatch, capsys, "taxonomy", "show", *extra, "--taxonomy", str(root))
+        assert code == 0, err
+        assert "\u241b]52;c;cHduZWQ=" in out, out
+        assert not any(c in out for c in ("\x1b", "\x9b", "\u202e")), repr(out)
+
+
+def test_control_characters_in_a_column_name_stay_on_the_error_line(monkeypatch, capsys, tmp_path):
+    corpus = tmp_path / "c.csv"
+    corpus.write_text('prompt,"\x1b[31mresp\nonse"\n' + "".join(f"p{i},r{i}\n" for i in range(5)))
+    code, out, err = run_main(monkeypatch, capsys, "curate", "cluster", str(corpus), "-o", str(tmp_path / "o"))
+    assert code == 1 and "\x1b" not in err and len(err.strip().splitlines()) == 1, repr(err)
+    assert "\u241b[31mresp\u23ceonse" in err and not (tmp_path / "o").exists()

@@ -63,6 +63,7 @@ from refusal_atlas.mechinterp.harm_refusal_causal import causal_checks
 from refusal_atlas.mechinterp.harm_refusal_verdict import RULE_NAME, RULE_TEXT, node_verdict
 from refusal_atlas.mechinterp.scoring import discover_refusal_tokens
 from refusal_atlas.taxonomy.model import Taxonomy
+from refusal_atlas.terminal import safe_console
 
 __all__ = ["GROUP_ORDER", "HARM_DIR", "HARM_VERSION", "HarmSettings", "findings_rows", "group_of", "harm_table",
            "layers_of", "load_directions", "plot_projections", "run_harm_stage"]
@@ -202,7 +203,7 @@ def run_harm_stage(out: Path, lm: LoadedModel, table: pd.DataFrame, taxonomy: Ta
     """Run the whole analysis (see the module docstring); returns the summary also written to `harm.json`."""
 
     settings = settings or HarmSettings()
-    console = console or Console(stderr=True)
+    console = console or safe_console(stderr=True)
     clock = _Clock()
     start = time.perf_counter()
     folder = Path(out) / HARM_DIR

@@ -76,6 +76,7 @@ from refusal_atlas.taxonomy.crosswalk import crosswalk_dir_for, load_crosswalks
 from refusal_atlas.taxonomy.loader import taxonomy_hash
 from refusal_atlas.taxonomy.model import Taxonomy
 from refusal_atlas.taxonomy.resolve import contextual_nodes
+from refusal_atlas.terminal import safe_console
 
 __all__ = [
     "DEFAULT_OUT",
@@ -444,7 +445,7 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
 
 def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the metrics and writes manifest.json."""
-    console = console or Console(stderr=True)
+    console = console or safe_console(stderr=True)
     start = time.perf_counter()
     pipe = build_pipeline(cfg, console)
     records = pipe.run()

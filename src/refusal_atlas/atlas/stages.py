@@ -20,6 +20,7 @@ from rich.console import Console
 
 from refusal_atlas.hashing import text_sha256
 from refusal_atlas.io import atomic_write_text
+from refusal_atlas.terminal import safe_console
 
 
 def stable_hash(obj: Any) -> str:
@@ -70,7 +71,7 @@ class Pipeline:
     def __init__(self, out: Path, console: Console | None = None, resume: bool = True) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.console = console or Console(stderr=True)
+        self.console = console or safe_console(stderr=True)
         self.resume = resume
         self.stages: list[Stage] = []
         self.records: dict[str, StageRecord] = {}

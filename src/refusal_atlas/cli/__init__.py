@@ -13,6 +13,7 @@ import sys
 import typer
 
 from refusal_atlas.errors import AtlasError
+from refusal_atlas.terminal import guard_standard_streams, one_line
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 
@@ -54,7 +55,7 @@ def _interrupted() -> None:
 
 def _os_error_line(exc: OSError) -> str:
     """`error: PATH: reason` for an OSError that no specific handler turned into an AtlasError."""
-    where = exc.filename if exc.filename is not None else None
+    where = one_line(str(exc.filename)) if exc.filename is not None else None
     reason = exc.strerror or str(exc) or type(exc).__name__
     hint = {PermissionError: "; choose a path you can write to, or fix its permissions",
             IsADirectoryError: "; name a file, not a folder",
@@ -77,6 +78,7 @@ def _usage_error_types() -> tuple[type[BaseException], ...]:
 
 def main() -> None:
     """Entry point: run the app, turning AtlasError into a one-line message and exit 1."""
+    guard_standard_streams()  # file names, column names and texts in any message: control characters shown
     try:
         rc = app(standalone_mode=False)
     except AtlasError as exc:

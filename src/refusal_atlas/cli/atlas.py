@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.pipeline import DEFAULT_OUT, RunConfig, headline_table, parse_sizes, run
 from refusal_atlas.cli.atlas_query import register_query
+from refusal_atlas.terminal import safe_console
 
 MODEL_HELP = ("`default` (SmolLM2-135M-Instruct, turned into a refusing organism first), a model folder, "
               "a .gguf file or a hub id.")
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
                         reference=reference)
         if size:
             cfg.extra["sizes"] = parse_sizes(size, cfg.sizes())
-        console = Console(stderr=True)
+        console = safe_console(stderr=True)
         result = run(cfg, console)
         m = result["metrics"]
         console.print(f"[bold green]atlas written to {escape(str(out))}[/bold green] "

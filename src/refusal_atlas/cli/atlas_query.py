@@ -21,6 +21,7 @@ from rich.text import Text
 from refusal_atlas.atlas import query as q
 from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.cli.sae import register_feature_query, show_node_features
+from refusal_atlas.terminal import safe_console
 
 AtlasOpt = Annotated[Path, typer.Option("--atlas", "-a", help="Atlas folder written by `refusal-atlas run`.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
@@ -34,11 +35,11 @@ CROSS_ABLATION_COLUMNS = ("evaluated", "method", "refusal_rate", "refusal_measur
 
 def _console() -> Console:
     """A terminal's own width; piped output 160 columns unless COLUMNS says otherwise."""
-    console = Console(highlight=False)
+    console = safe_console(highlight=False)
     if console.is_terminal:
         return console
     columns = os.environ.get("COLUMNS", "")
-    return Console(highlight=False, width=int(columns) if columns.isdigit() and int(columns) >= 60 else 160)
+    return safe_console(highlight=False, width=int(columns) if columns.isdigit() and int(columns) >= 60 else 160)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from refusal_atlas.terminal import safe_console
+
 __all__ = ["RICH_MARKUP_MODE", "escape", "plain_console", "styled", "sub_app"]
 
 # Typer option: help strings are printed literally (`[a-z0-9_.-]` stays visible), not as rich markup.
@@ -21,10 +23,10 @@ RICH_MARKUP_MODE = None
 
 def plain_console(*, stderr: bool = False) -> Console:
     """A console that prints strings literally; piped output is 160 columns wide so ids are not squeezed."""
-    console = Console(highlight=False, markup=False, emoji=False, stderr=stderr)
+    console = safe_console(highlight=False, markup=False, emoji=False, stderr=stderr)
     if console.is_terminal:
         return console
-    return Console(highlight=False, markup=False, emoji=False, stderr=stderr, width=160)
+    return safe_console(highlight=False, markup=False, emoji=False, stderr=stderr, width=160)
 
 
 def styled(*parts: str | tuple[str, str]) -> Text:

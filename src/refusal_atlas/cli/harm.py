@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -22,6 +21,7 @@ from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import check_not_same_file
 from refusal_atlas.lm.models import auto_threads, load_model
 from refusal_atlas.taxonomy.loader import load_taxonomy
+from refusal_atlas.terminal import safe_console
 
 if TYPE_CHECKING:  # pandas loads only when a command runs (a fast `--help`)
     import pandas as pd
@@ -53,7 +53,7 @@ def analyse(
     lm = load_model(spec)
     reuse = direction_capture(run_dir, lm, exclude=organism_trained(run_dir))
     summary = run_harm_stage(out, lm, table, load_taxonomy(taxonomy), seed, settings=settings, reuse=reuse,
-                             progress=True, console=Console(stderr=True))
+                             progress=True, console=safe_console(stderr=True))
     _print(out)
     typer.echo(f"wrote {out / 'harm'} in {summary['seconds']:.0f} s")
 
@@ -77,7 +77,7 @@ def _print(out: Path) -> None:
     for rec in cells.to_dict("records"):
         table.add_row(*(Text(str(rec.get(c, ""))) for c in ("node", "n_HR", "n_HC", "n_LR", "n_LC", "too_small",
                                                              "design")))
-    console = Console()
+    console = safe_console()
     console.print(table)
     try:
         findings = json.loads((folder / "findings.json").read_text(encoding="utf-8"))

@@ -23,6 +23,7 @@ from refusal_atlas.errors import AtlasError
 from refusal_atlas.mechinterp.sae import load_sae
 from refusal_atlas.mechinterp.sae.data import open_activations
 from refusal_atlas.mechinterp.sae.train import TrainSettings, train_sae
+from refusal_atlas.terminal import one_line, safe_console
 
 app = sub_app("Sparse autoencoders (SAELens format): train, inspect, features.")
 
@@ -46,7 +47,7 @@ def train(
     source = open_activations(acts, layer)
     _, m = train_sae(source, out, TrainSettings(width=width, k=k, epochs=epochs, batch_size=batch_size, lr=lr,
                                                 seed=seed), progress=progress)
-    Console().print(f"SAE written to {escape(str(out))}: FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, "
+    safe_console().print(f"SAE written to {escape(str(out))}: FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, "
                     f"dead {m['dead_fraction']:.1%}, {int(m['n_rows'])} rows, {m['seconds']:.1f} s")
 
 
@@ -56,7 +57,7 @@ def info(path: Path = typer.Argument(..., help="SAE folder (SAELens format or Ge
 
     sae = load_sae(path)
     c = sae.cfg
-    Console().print(f"{c.architecture} SAE: d_in {c.d_in}, d_sae {c.d_sae}"
+    safe_console().print(f"{c.architecture} SAE: d_in {c.d_in}, d_sae {c.d_sae}"
                     + (f", k {c.k}" if c.k else "")
                     + f", hook {escape(str(c.metadata.get('hook_name')))} (layer {c.hook_layer})")
 
@@ -78,7 +79,7 @@ def features(
         if node not in set(df["node"]):
             raise AtlasError(f"{table_path}: no node {node!r}; nodes: {', '.join(sorted(set(df['node'])))}")
         df = df[df["node"] == node]
-    console = Console()
+    console = safe_console()
     for name, rows in df.groupby("node", sort=True):
         t = Table(title=escape(str(name)))
         for col in ("rank", "feature", "cos", "attribution", "act node", "act harmless", "top context", "promotes"):
@@ -103,11 +104,6 @@ def _cell(value: Any, digits: int = 3) -> Text:
     if isinstance(value, list | tuple):
         return Text(" ".join(repr(v) if isinstance(v, str) else str(v) for v in value))
     return Text(one_line(str(value)))
-
-
-def one_line(text: str) -> str:
-    """A context on one line: the chat template's newlines shown as ⏎."""
-    return text.replace("\n", "⏎")
 
 
 def _rows_table(title: str, columns: list[str], rows: list[list[Any]], free: tuple[str, ...] = ()) -> Table:
@@ -186,5 +182,5 @@ def register_feature_query(query_app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str))
         else:
-            console = Console(highlight=False)
-            show_feature(result, console if console.is_terminal else Console(highlight=False, width=160))
+            console = safe_console(highlight=False)
+            show_feature(result, console if console.is_terminal else safe_console(highlight=False, width=160))

@@ -17,7 +17,6 @@ from typing import Any
 import pandas as pd
 import torch
 import typer
-from rich.console import Console
 
 from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.pipeline import RunConfig, build_pipeline
@@ -37,6 +36,7 @@ from refusal_atlas.io import atomic_write_json, atomic_write_text
 from refusal_atlas.lm.models import auto_threads
 from refusal_atlas.mechinterp.harm_refusal_known import known_answer_checks
 from refusal_atlas.organism.separable import SeparableSettings, build_separable
+from refusal_atlas.terminal import safe_console
 
 BUDGETS = ("full", "reduced")
 MODELS = ("shared", "separable", "base")
@@ -80,7 +80,7 @@ def validate(
         raise AtlasError(f"--budget {budget!r}: use one of {', '.join(BUDGETS)}")
     if only is not None and only not in MODELS:
         raise AtlasError(f"--only {only!r}: use one of {', '.join(MODELS)}")
-    console = Console(stderr=True)
+    console = safe_console(stderr=True)
     out.mkdir(parents=True, exist_ok=True)
     result = run_validation(out, reduced=budget == "reduced", seed=seed, threads=threads, console=console,
                             only=only)

@@ -33,6 +33,7 @@ import pandas as pd
 
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.io import atomic_write
+from refusal_atlas.terminal import one_line
 
 __all__ = [
     "LIST_COLUMNS", "MAX_CELL_BYTES", "SUFFIXES", "atomic_write", "jsonl_lines", "read_table", "reject", "rejects_path",
@@ -244,9 +245,9 @@ def require_columns(df: pd.DataFrame, columns: Sequence[str], path: Path | str, 
     """One clear error naming every missing column and the ones that exist."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        have = ", ".join(map(str, df.columns)) or "(none)"
+        have = ", ".join(one_line(str(c)) for c in df.columns) or "(none)"
         extra = f"; {hint}" if hint else ""
-        raise AtlasError(f"{path}: missing column(s) {', '.join(missing)} (found: {have}){extra}")
+        raise AtlasError(f"{path}: missing column(s) {', '.join(map(one_line, missing))} (found: {have}){extra}")
 
 
 def require_rows(df: pd.DataFrame, path: Path | str, rejected: int = 0) -> None:
