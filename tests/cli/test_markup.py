@@ -88,6 +88,6 @@ def test_control_characters_in_labels_are_shown_not_obeyed(monkeypatch, capsys, 
 def test_control_characters_in_a_column_name_stay_on_the_error_line(monkeypatch, capsys, tmp_path):
     corpus = tmp_path / "c.csv"
     corpus.write_text('prompt,"\x1b[31mresp\nonse"\n' + "".join(f"p{i},r{i}\n" for i in range(5)))
-    code, out, err = run_main(monkeypatch, capsys, "curate", "cluster", str(corpus), "-o", str(tmp_path / "o"))
+    code, _out, err = run_main(monkeypatch, capsys, "curate", "cluster", str(corpus), "-o", str(tmp_path / "o"))
     assert code == 1 and "\x1b" not in err and len(err.strip().splitlines()) == 1, repr(err)
     assert "\u241b[31mresp\u23ceonse" in err and not (tmp_path / "o").exists()

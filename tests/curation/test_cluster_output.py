@@ -47,6 +47,26 @@ def test_assignments_join_back_to_the_input_with_all_columns(tmp_path):
         assert all(c["parent"] in coarse for c in lv["clusters"])
 
 
+def test_clustering_an_assignments_file_again_loses_none_of_its_columns(tmp_path):
+    df = planted()
+    df["input_cluster"] = "from an earlier carry"  # taken already: the input's `cluster` must not overwrite it
+    path = tmp_path / "in.jsonl"
+    df.to_json(path, orient="records", lines=True)
+    config = ClusterConfig(min_cluster_size=10, seeds=(0, 1), layout_2d=True)
+    first = cluster_corpus(path, tmp_path / "one", text_column="response", stability_runs=0, config=config)
+    again = cluster_corpus(tmp_path / "one" / "assignments.parquet", tmp_path / "two", text_column="text",
+                           stability_runs=0, config=config)
+    before, after = first.assignments, again.assignments
+    # every column of the first output but the clustered text is in the second, prefixed, with its values
+    for col in before.columns.drop("text"):
+        name = next((c for c in after.columns if c.endswith(col) and set(c[: -len(col)].split("_")) <= {"input", ""}
+                     and after[c].tolist() == before[col].tolist()), None)
+        assert name is not None, (col, list(after.columns))
+    assert (after["input_cluster"] == "from an earlier carry").all()  # a free name is kept
+    assert (after["input_input_cluster"].to_numpy() == before["cluster"].to_numpy()).all()
+    assert (after["input_row"].to_numpy() == before["row"].to_numpy()).all()
+
+
 def test_label_by_names_clusters_with_another_column(tmp_path):
     df = planted()
     # every response is the same two stock replies; the prompts say what was asked

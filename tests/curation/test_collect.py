@@ -183,3 +183,12 @@ def test_real_default_model_collects_three_prompts(tmp_path):
     assert corpus["response"].str.len().min() > 0
     assert corpus["model_id"].iloc[0] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert len(corpus["model_revision"].iloc[0]) == 64  # sha256 of the GGUF file
+
+
+def test_a_prompt_sets_own_response_and_seed_columns_are_kept_not_overwritten(lm, tmp_path):
+    prompts = _prompts().head(2).assign(response=["reference answer 0", "reference answer 1"], seed="theirs")
+    corpus = collect(prompts, TransformersBackend(lm, progress=False), tmp_path / "p.jsonl",
+                     settings=GenerationSettings(max_new_tokens=4, seed=7), log=lambda m: None)
+    assert corpus["input_response"].tolist() == ["reference answer 0", "reference answer 1"]
+    assert (corpus["input_seed"] == "theirs").all() and (corpus["seed"] == 7).all()
+    assert not corpus["response"].str.startswith("reference answer").any()

@@ -165,3 +165,16 @@ def test_cli_detect_all_rejected_is_an_error(tmp_path):
                                       "--detector", "marker"])
     assert result.exit_code != 0 and isinstance(result.exception, AtlasError)
     assert "all 2 were rejected" in str(result.exception)
+
+
+def test_cli_detect_keeps_labels_already_in_the_table(tmp_path):
+    from refusal_atlas.cli import app
+
+    src = tmp_path / "human.csv"
+    src.write_text("prompt,response,refused\nhow?,I can't help with that.,no\nrecipe?,Sure: flour and eggs.,yes\n")
+    out = tmp_path / "labelled.csv"
+    result = CliRunner().invoke(app, ["curate", "detect", str(src), "-o", str(out), "--detector", "marker"])
+    assert result.exit_code == 0, result.output
+    df = pd.read_csv(out)
+    assert df["input_refused"].tolist() == ["no", "yes"]  # the human's labels, as they were
+    assert df["refused"].tolist() == [True, False]

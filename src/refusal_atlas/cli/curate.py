@@ -28,6 +28,7 @@ from refusal_atlas.curation.tables import (
     reject,
     rejects_path,
     require_columns,
+    set_aside,
     table_format,
     write_rejects,
     write_table,
@@ -205,6 +206,8 @@ def detect_cmd(
         raise AtlasError(f"{file}: no rows to label" + (f"; all {len(rejects)} were rejected" if rejects else ""))
     prompts = kept[prompt_column].tolist() if prompt_column else None
     refused, scores = det.predict(kept[text_column].tolist(), prompts)
+    # labels already there (a human's `refused`, an earlier detector's score) are kept as input_<name>
+    kept = set_aside(kept, ("refused", "refusal_score", "detector"))
     kept["refused"] = refused.astype(bool)
     kept["refusal_score"] = scores.astype(float)
     kept["detector"] = det.name

@@ -25,7 +25,14 @@ from refusal_atlas.curation.cluster_levels import empty_warnings, tree_summary
 from refusal_atlas.curation.embed import make_embedder
 from refusal_atlas.curation.net_of import net_of
 from refusal_atlas.curation.stability import stability_report
-from refusal_atlas.curation.tables import read_table, reject, require_columns, require_rows, write_rejects
+from refusal_atlas.curation.tables import (
+    read_table,
+    reject,
+    require_columns,
+    require_rows,
+    set_aside,
+    write_rejects,
+)
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import file_sha256, sha256
 from refusal_atlas.io import atomic_write_json
@@ -36,7 +43,8 @@ log = logging.getLogger(__name__)
 LIST_COLUMNS = ("nodes",)
 BOOL_COLUMNS = ("harmful", "refused")
 STRING_COLUMNS = ("prompt_id", "node", "source", "external_category", "condition", "model_id", "prompt")
-# columns the pipeline writes; an input column of the same name is carried as `input_<name>`
+# columns the pipeline writes; an input column of the same name is carried as `input_<name>` (`input_` repeated
+# until the name is free)
 OWN_COLUMNS = ("row", "text", "label_text", "cluster", "confidence", "reassigned", "fitted", "x", "y")
 LEVEL_PREFIX = "cluster_level_"
 
@@ -159,11 +167,10 @@ def assignments_frame(sel: Selected, result: ClusterResult, text_column: str) ->
     out["confidence"], out["reassigned"], out["fitted"] = result.confidence, result.reassigned, result.fitted
     if result.layout_2d is not None:
         out["x"], out["y"] = result.layout_2d[:, 0], result.layout_2d[:, 1]
-    for col in sel.frame.columns:
-        if col == text_column:
-            continue
-        name = f"input_{col}" if (col in OWN_COLUMNS or str(col).startswith(LEVEL_PREFIX)) else str(col)
-        out[name] = _carry(sel.frame[col].tolist(), str(col))
+    inputs = sel.frame.drop(columns=[text_column], errors="ignore")
+    carried = set_aside(inputs, lambda name: name in OWN_COLUMNS or name.startswith(LEVEL_PREFIX), taken=out.columns)
+    for col, name in zip(inputs.columns, carried.columns, strict=True):
+        out[str(name)] = _carry(inputs[col].tolist(), str(col))
     return out
 
 

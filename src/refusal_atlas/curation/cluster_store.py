@@ -12,7 +12,8 @@ Layout of a clusters folder (written by `curate cluster`, read by `curate map`):
                           --reassign-outliers), `fitted` (False = assigned from its nearest fitted
                           rows), `x`, `y` (2-D map), then every other input column under its own
                           name (the input's id column, e.g. `prompt_id`, included; a name the
-                          pipeline uses itself is carried as `input_<name>`)
+                          pipeline uses itself is carried as `input_<name>`, the prefix
+                          repeated until the name is free)
     embeddings.npy        float32 unit vectors, aligned with assignments.parquet: the vectors
                           clustered (with --net-of, the text's residual after the column's content
                           is taken out; `curate map` then embeds the label texts to map by)

@@ -28,7 +28,7 @@ import pandas as pd
 from refusal_atlas.curation.backends import GenerationBackend, GenerationSettings
 from refusal_atlas.curation.datasets import EXTRA_COLUMNS, PROMPT_COLUMNS
 from refusal_atlas.curation.prompts import make_prompt_id
-from refusal_atlas.curation.tables import read_table, reject, table_format, write_table
+from refusal_atlas.curation.tables import read_table, reject, set_aside, table_format, write_table
 from refusal_atlas.errors import AtlasError
 from refusal_atlas.hashing import text_sha256
 from refusal_atlas.io import atomic_write, atomic_write_json, read_json_file
@@ -151,7 +151,8 @@ def collect(
         raise AtlasError("--samples > 1 with greedy decoding would repeat the same response; add --sample")
     if limit is not None and limit < 0:
         raise AtlasError(f"--limit must be 0 or more (got {limit})")
-    df = prepare_prompts(prompts, rejects=rejects)
+    # a prompt set's own `response` (a reference answer, say) or `seed` is kept as input_<name>, not overwritten
+    df = set_aside(prepare_prompts(prompts, rejects=rejects), CORPUS_COLUMNS)
     if limit is not None:
         df = df.head(limit)
     if df.empty:

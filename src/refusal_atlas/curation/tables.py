@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,26 @@ def require_columns(df: pd.DataFrame, columns: Sequence[str], path: Path | str, 
         have = ", ".join(one_line(str(c)) for c in df.columns) or "(none)"
         extra = f"; {hint}" if hint else ""
         raise AtlasError(f"{path}: missing column(s) {', '.join(map(one_line, missing))} (found: {have}){extra}")
+
+
+def set_aside(df: pd.DataFrame, clashes: Callable[[str], bool] | Collection[str],
+              taken: Collection[str] = ()) -> pd.DataFrame:
+    """`df` with every column a step is about to write (`clashes`) renamed `input_<name>`, never overwritten.
+
+    The prefix repeats until the name is free of `df`'s columns and `taken`, so an output run through the same
+    step again (an assignments file clustered twice: `row` beside `input_row`) keeps every column it had.
+    """
+    clash = clashes if callable(clashes) else set(clashes).__contains__
+    used = {str(c) for c in df.columns} | set(taken)
+    mapping: dict[Any, str] = {}
+    for col in df.columns:
+        if clash(str(col)):
+            name = f"input_{col}"
+            while name in used:
+                name = f"input_{name}"
+            used.add(name)
+            mapping[col] = name
+    return df.rename(columns=mapping) if mapping else df
 
 
 def require_rows(df: pd.DataFrame, path: Path | str, rejected: int = 0) -> None:
