@@ -180,3 +180,48 @@ def test_harmful_flags_written_as_words_are_booleans(tmp_path):
     df = read_prompts(table)
     assert df["harmful"].tolist() == [True, False, False, True] and df["harmful"].dtype == bool
     assert df["node"].tolist() == ["weapons", "", "", "cyber"]
+
+
+def _tampered_clusters(tmp_path: Path, how: str) -> Path:
+    import numpy as np
+
+    from refusal_atlas.curation.cluster_store import load_run, save_run
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    a = pd.DataFrame({"row": range(6), "text": [f"t{i}" for i in range(6)], "cluster": [0, 0, 0, 1, 1, 1],
+                      "cluster_level_0": [0] * 6})
+    meta = {"clusters": [{"id": 0, "size": 3}, {"id": 1, "size": 3}], "tree": {"levels": [{"level": 0}]},
+            "embedder": {"model": "m"}, "input": {"rejected": 0}}
+    folder = save_run(tmp_path / how, a, x, meta)
+    load_run(folder)  # untampered, it loads
+    if how == "nan":
+        x[2, 1] = np.nan
+    elif how == "text_cluster":
+        a["cluster"] = ["0x"] * 6
+    elif how == "float_level":
+        a["cluster_level_0"] = 0.5
+    elif how == "no_text":
+        a = a.drop(columns=["text"])
+    elif how == "clusters_str":
+        meta["clusters"] = "oops"
+    elif how == "cluster_entry":
+        meta["clusters"] = [{"size": 3}]
+    elif how == "levels":
+        meta["tree"] = {"levels": ["x"]}
+    elif how == "int_vectors":
+        x = np.zeros((6, 4), dtype=np.int64)  # type: ignore[assignment]
+    return save_run(folder, a, x, meta)
+
+
+@pytest.mark.parametrize("how", ["nan", "text_cluster", "float_level", "no_text", "clusters_str", "cluster_entry",
+                                 "levels", "int_vectors"])
+def test_an_edited_clusters_folder_is_one_line(monkeypatch, capsys, tmp_path, how):
+    folder = _tampered_clusters(tmp_path, how)
+    if how == "int_vectors":  # save_run writes float32; a hand-made file need not
+        import numpy as np
+
+        np.save(folder / "embeddings.npy", np.zeros((6, 4), dtype=np.int64))
+    line = one_line_error(monkeypatch, capsys, "curate", "map", str(folder), "-o", str(tmp_path / "out"))
+    assert "re-run `refusal-atlas curate cluster`" in line, line
+    assert not (tmp_path / "out").exists()

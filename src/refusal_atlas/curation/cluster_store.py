@@ -42,7 +42,7 @@ import pandas as pd
 
 from refusal_atlas.curation.tables import write_table
 from refusal_atlas.errors import AtlasError
-from refusal_atlas.io import atomic_write, atomic_write_json, read_json_file
+from refusal_atlas.io import atomic_write, atomic_write_json, brief, read_json_file
 
 FORMAT = "refusal-atlas.clusters/1"
 ASSIGNMENTS = "assignments.parquet"
@@ -115,4 +115,40 @@ def load_run(folder: Path | str) -> ClusterRun:
     if len(embeddings) != len(assignments):
         raise AtlasError(f"{folder}: {EMBEDDINGS} has {len(embeddings)} rows but {ASSIGNMENTS} has "
                          f"{len(assignments)}; re-run `curate cluster`")
+    problem = _problem(assignments, embeddings, meta)
+    if problem:
+        raise AtlasError(f"{folder}: {problem}; the folder was edited or damaged: re-run "
+                         "`refusal-atlas curate cluster`")
     return ClusterRun(folder, assignments, embeddings, meta)
+
+
+# clusters.json keys the readers use, with the JSON type each must have when present
+_META_TYPES: dict[str, type | tuple[type, ...]] = {"clusters": list, "tree": dict, "embedder": dict, "input": dict,
+                                                   "stability": (dict, type(None)), "warnings": list}
+
+
+def _problem(assignments: pd.DataFrame, embeddings: np.ndarray, meta: dict[str, Any]) -> str | None:
+    """What makes a clusters folder unreadable by `curate map` and the run (None: nothing); checked once here so
+    a hand-edited or truncated file is one line, not a traceback deep in the mapping."""
+    missing = [c for c in ("row", "text", "cluster") if c not in assignments.columns]
+    if missing:
+        return f"{ASSIGNMENTS} lacks column(s) {', '.join(missing)}"
+    for col in ["row", "cluster", *(c for c in map(str, assignments.columns) if c.startswith("cluster_level_"))]:
+        if assignments[col].dtype.kind not in "iu":
+            bad = next((i for i, v in enumerate(assignments[col].tolist()) if not isinstance(v, int)), 0)
+            value = brief(assignments[col].iloc[bad])
+            return f"{ASSIGNMENTS} column {col} holds {value} at row {bad}, not a whole number"
+    if embeddings.ndim != 2 or embeddings.dtype.kind != "f":
+        return f"{EMBEDDINGS} is a {embeddings.ndim}-D {embeddings.dtype} array, not rows of float vectors"
+    finite = np.isfinite(embeddings).all(axis=1)
+    if not finite.all():
+        return f"{EMBEDDINGS} row {int(np.argmin(finite))} is not finite (NaN or inf)"
+    for key, kind in _META_TYPES.items():
+        if key in meta and not isinstance(meta[key], kind):
+            return f"{META}: `{key}` is a {type(meta[key]).__name__}, not a {getattr(kind, '__name__', 'object')}"
+    if any(not isinstance(c, dict) or not isinstance(c.get("id"), int) for c in meta.get("clusters", [])):
+        return f"{META}: an entry of `clusters` is not an object with a whole-number id"
+    levels = meta.get("tree", {}).get("levels", [])
+    if not isinstance(levels, list) or any(not isinstance(lv, dict) for lv in levels):
+        return f"{META}: `tree.levels` is not a list of objects"
+    return None
