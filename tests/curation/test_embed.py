@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -73,6 +75,33 @@ def test_encode_into_a_float16_memmap_matches_in_memory(tmp_path):
     assert not hasattr(emb.cache, "_memory")  # no vector copies kept beside the index
     with pytest.raises(ValueError, match="expected"):
         Embedder(cache_root=tmp_path / "cache").encode(TEXTS, out=np.zeros((2, 384), dtype=np.float32))
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text(encoding="utf-8").splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line: range perms offset dev inode [path]
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads Linux's /proc/self/smaps")
+def test_a_memmap_output_keeps_no_pages_resident(tmp_path, monkeypatch):
+    # the pages written stayed mapped: RSS grew with n by the whole output file while the heap stayed flat
+    monkeypatch.setattr("refusal_atlas.curation.embed.CHUNK", 64)
+    texts = [f"Request number {i}: {TEXTS[i % 4]}" for i in range(3000)]
+    path = tmp_path / "x.npy"
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(texts), 384))
+    Embedder(cache_root=tmp_path / "cache").encode(texts, out=out)
+    assert _resident_kib(path) < 64  # 2.2 MiB written; at most a page or two left mapped
+    # the vectors are in the file
+    np.testing.assert_array_equal(np.load(path)[:4].astype(np.float32), Embedder(cache=False).encode(texts[:4]))
+    out[:] = 0
+    assert _resident_kib(path) > 1000  # the measure does see resident pages when there are some
 
 
 def test_loading_the_embedder_draws_no_weight_bar_and_restores_the_switch(tmp_path, capfd):

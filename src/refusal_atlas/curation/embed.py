@@ -12,6 +12,7 @@ Shards are written atomically and never modified, so concurrent runs cannot corr
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,9 @@ class Embedder:
 
         Computed and cached vectors go through the same `quantise`, so a warm cache returns exactly
         what a cold run computes. `out` (n × d, e.g. a float16 `np.lib.format.open_memmap` on disk)
-        receives the vectors instead of a new float32 array: memory then stays that of one chunk of
-        texts and the cache index, whatever n (docs/decisions.md, "Clustering at scale").
+        receives the vectors instead of a new float32 array; its pages are written out and released after
+        each chunk (`release_pages`), so memory stays that of one chunk of texts and the cache index, whatever n
+        (docs/decisions.md, "Clustering at scale").
         """
         texts = list(texts)
         keys = [text_key(t) for t in texts]
@@ -149,6 +151,7 @@ class Embedder:
         elif out.shape != (len(texts), width):
             raise ValueError(f"out has shape {out.shape}, expected {(len(texts), width)}")
         found = self.cache.fill(keys, out) if self.cache is not None else np.zeros(len(texts), dtype=bool)
+        release_pages(out)
         # each missing text once, with every position it occupies
         todo: dict[str, list[int]] = {}
         for pos in np.flatnonzero(~found).tolist():
@@ -163,7 +166,23 @@ class Embedder:
                 self.cache.put(keys_c, vecs)
             for k, v in zip(keys_c, vecs, strict=True):
                 out[todo[k]] = v
+            release_pages(out)
         return out  # every value written is quantised (computed ones above, cached ones are float16)
+
+
+def release_pages(out: np.ndarray) -> None:
+    """Write a memory-mapped `out` to its file and drop its pages from this process (other arrays: nothing).
+
+    The pages written stay mapped, and count in the process's resident memory, until unmapped: embedding 200k
+    texts into a float16 memmap grew RSS by the whole file (147 MiB) while the heap stayed flat. The data is
+    on disk after `flush`, and a later read maps it back in.
+    """
+    base: object = out
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        base.flush()
+        base.madvise(mmap.MADV_DONTNEED)
 
 
 def make_embedder(model: str | None = None, **kwargs: Any) -> TextEmbedder:
