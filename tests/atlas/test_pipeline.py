@@ -213,6 +213,8 @@ def test_size_overrides_parse_and_reject_bad_keys():
                      ("collect_limit=0", "at least 1")):
         with pytest.raises(AtlasError, match=why):
             parse_sizes([bad], known)
+    with pytest.raises(AtlasError, match="collect_limit given twice"):  # the later one used to win, silently
+        parse_sizes(["collect_limit=600", "max_nodes=3", "collect_limit=60"], known)
 
 
 def test_evaluation_rows_exclude_what_the_organism_trained_on(tmp_path):

@@ -137,3 +137,6 @@ def test_user_file_bad_mapping_errors(tmp_path):
         parse_column_mapping(["colour=text"])
     with pytest.raises(AtlasError, match="write FIELD=COLUMN"):
         parse_column_mapping(["prompt"])
+    with pytest.raises(AtlasError, match="field 'prompt' given twice"):  # the later one used to win, silently
+        parse_column_mapping(["prompt=text", "category=cat,prompt=cat"])
+    assert parse_column_mapping(["prompt=text", "prompt=text"]) == {"prompt": "text"}

@@ -76,6 +76,8 @@ def parse_sizes(items: list[str], known: dict[str, int]) -> dict[str, int]:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
             raise AtlasError(f"--size {item!r}: expected KEY=INT with KEY one of {', '.join(sorted(known))}")
+        if key in out and str(out[key]) != value.strip():
+            raise AtlasError(f"--size {item!r}: {key} given twice ({out[key]} and {value}); keep one")
         try:
             out[key] = int(value)
         except ValueError:

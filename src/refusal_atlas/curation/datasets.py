@@ -308,6 +308,9 @@ def parse_column_mapping(items: Iterable[str]) -> dict[str, str]:
                 raise AtlasError(f"--column {part!r}: write FIELD=COLUMN, e.g. prompt=Behavior")
             if key not in USER_FIELDS:
                 raise AtlasError(f"--column {part!r}: unknown field {key!r}; fields: {', '.join(USER_FIELDS)}")
+            if key in mapping and mapping[key] != col:
+                # the later one silently won: `prompt=text,prompt=label` read every prompt from the label column
+                raise AtlasError(f"--column: field {key!r} given twice ({mapping[key]!r} and {col!r}); keep one")
             mapping[key] = col
     return mapping
 
