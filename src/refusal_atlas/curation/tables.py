@@ -37,7 +37,7 @@ from refusal_atlas.terminal import one_line
 
 __all__ = [
     "LIST_COLUMNS", "MAX_CELL_BYTES", "SUFFIXES", "atomic_write", "jsonl_lines", "read_table", "reject", "rejects_path",
-    "require_columns", "require_rows", "table_format", "write_rejects", "write_table",
+    "require_columns", "require_rows", "set_aside", "table_format", "write_rejects", "write_table",
 ]
 
 # The csv module refuses cells over 128 KiB by default; long model responses and pasted documents
