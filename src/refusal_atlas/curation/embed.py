@@ -12,6 +12,7 @@ Shards are written atomically and never modified, so concurrent runs cannot corr
 
 from __future__ import annotations
 
+import itertools
 import mmap
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,39 +136,53 @@ class Embedder:
 
         Computed and cached vectors go through the same `quantise`, so a warm cache returns exactly
         what a cold run computes. `out` (n × d, e.g. a float16 `np.lib.format.open_memmap` on disk)
-        receives the vectors instead of a new float32 array; its pages are written out and released after
-        each chunk (`release_pages`), so memory stays that of one chunk of texts and the cache index, whatever n
-        (docs/decisions.md, "Clustering at scale").
+        receives the vectors instead of a new float32 array. The texts are read in blocks of `CHUNK`:
+        keys, cache lookups and the texts still to embed are held for about one block, the cache's
+        index is on disk, and a memmap `out`'s pages are written out and released after each block
+        (`release_pages`), so memory is that of one chunk whatever n (docs/decisions.md, "Clustering at scale").
         """
-        texts = list(texts)
-        keys = [text_key(t) for t in texts]
-        width = self.cache.dim(keys) if self.cache is not None else None
+        if not isinstance(texts, Sequence):
+            texts = list(texts)
+        n = len(texts)
+        width = self.cache.dim([text_key(t) for t in texts[:CHUNK]]) if self.cache is not None else None
         if width is None:
             # sentence-transformers ≥ 5 renamed the getter and warns on the old name
             getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
             width = int(getter() or 0)
         if out is None:
-            out = np.zeros((len(texts), width), dtype=np.float32)
-        elif out.shape != (len(texts), width):
-            raise ValueError(f"out has shape {out.shape}, expected {(len(texts), width)}")
-        found = self.cache.fill(keys, out) if self.cache is not None else np.zeros(len(texts), dtype=bool)
-        release_pages(out)
-        # each missing text once, with every position it occupies
-        todo: dict[str, list[int]] = {}
-        for pos in np.flatnonzero(~found).tolist():
-            todo.setdefault(keys[pos], []).append(pos)
-        missing = list(todo)
-        # in chunks, each written to the cache as it is done: an interrupted run resumes where it stopped,
-        # and the model's working memory stays that of one chunk
-        for start in range(0, len(missing), CHUNK):
-            keys_c = missing[start:start + CHUNK]
-            vecs = quantise(self._encode_alone([texts[todo[k][0]] for k in keys_c]))
-            if self.cache is not None:
-                self.cache.put(keys_c, vecs)
-            for k, v in zip(keys_c, vecs, strict=True):
-                out[todo[k]] = v
+            out = np.zeros((n, width), dtype=np.float32)
+        elif out.shape != (n, width):
+            raise ValueError(f"out has shape {out.shape}, expected {(n, width)}")
+        # each text still to embed once, with every position it occupies, in the order first met; embedded
+        # CHUNK at a time and each chunk cached as it is done, so an interrupted run resumes where it stopped
+        # and a later block finds the texts of earlier chunks in the cache
+        todo: dict[str, tuple[str, list[int]]] = {}
+        for start in range(0, n, CHUNK):
+            block = list(texts[start:start + CHUNK])
+            keys = [text_key(t) for t in block]
+            found = (self.cache.fill(keys, out[start:start + len(block)]) if self.cache is not None
+                     else np.zeros(len(block), dtype=bool))
+            for i in np.flatnonzero(~found).tolist():
+                entry = todo.setdefault(keys[i], (block[i], []))
+                entry[1].append(start + i)
+            while len(todo) >= CHUNK:
+                self._embed_chunk(todo, out)
             release_pages(out)
+        while todo:
+            self._embed_chunk(todo, out)
+        release_pages(out)
         return out  # every value written is quantised (computed ones above, cached ones are float16)
+
+    def _embed_chunk(self, todo: dict[str, tuple[str, list[int]]], out: np.ndarray) -> None:
+        """Embed the first `CHUNK` texts of `todo`, cache them, write them to their positions in `out`, and
+        remove them from `todo`."""
+        keys = list(itertools.islice(todo, CHUNK))
+        vecs = quantise(self._encode_alone([todo[k][0] for k in keys]))
+        if self.cache is not None:
+            self.cache.put(keys, vecs)
+        for k, v in zip(keys, vecs, strict=True):
+            out[todo.pop(k)[1]] = v
+        release_pages(out)
 
 
 def release_pages(out: np.ndarray) -> None:

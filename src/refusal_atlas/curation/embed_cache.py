@@ -2,8 +2,9 @@
 
 Cache layout: ``<cache_dir>/embeddings/<model key>/<shard>.npz``, each shard holding ``keys``
 (hex sha256 of the text, unicode array) and ``vectors`` (float16 for embeddings, L2-normalised;
-float32 for auxiliary vectors such as a residual centre). Shards are written atomically and never
-modified, so concurrent runs cannot corrupt each other; no pickle.
+float32 for auxiliary vectors such as a residual centre), and ``index.sqlite`` beside them (key →
+shard, row). Shards are written atomically and never modified, so concurrent runs cannot corrupt
+each other; no pickle. The index is derived from the shards and rebuilt from them when damaged.
 
 Why float16: every embedder returns `quantise(vectors)` — the float16 values as float32 — whether
 they were just computed or read back, so a warm cache gives bit-identical vectors to a cold run,
@@ -13,7 +14,9 @@ relative). Storage and memory are halved; cosines move by ~1e-5.
 
 from __future__ import annotations
 
+import os
 import re
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +26,7 @@ import numpy as np
 from refusal_atlas.hashing import sha256, text_sha256
 from refusal_atlas.io import atomic_write
 
+INDEX_FILE = "index.sqlite"
 DEFAULT_BATCH_SIZE = 32  # the fastest batch for MiniLM on CPU (docs/decisions.md)
 
 
@@ -70,45 +74,65 @@ class TextEmbedder(Protocol):
 class EmbeddingCache:
     """Content-addressed vectors of one model (see module docstring for the layout).
 
-    Memory is an index (key → shard) and nothing else: vectors are read from their shard when asked
-    for and written into the caller's array, so a cache holding millions of vectors, or a corpus of
-    200k texts, costs the index (~0.2 KiB a key) plus one shard at a time, not every vector.
+    The index (key → shard, row) is a SQLite file beside the shards, `index.sqlite`, so memory holds
+    neither the vectors nor the keys of a large cache: a lookup asks the index for one block of keys,
+    and vectors are read from their shard into the caller's array. The index is derived data: shards
+    it has not seen (written by another run, or before the index existed) are added when a cache is
+    opened, a damaged index file is rebuilt from the shards, and a folder that cannot be written keeps
+    its index in memory.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._index: dict[str, tuple[str, int]] = {}  # key -> (shard file name, row in the shard)
-        self._loaded = False
+        self._db: sqlite3.Connection | None = None
 
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
+    def _index(self, create: bool = False) -> sqlite3.Connection | None:
+        """The open index, synced with the shards on first use; None while the folder does not exist."""
+        if self._db is not None:
+            return self._db
         if not self.root.is_dir():
-            return
-        for shard in sorted(self.root.glob("*.npz")):
-            try:
-                with np.load(shard, allow_pickle=False) as data:  # an npz member is read only when named
-                    keys = data["keys"].tolist()
-            except (OSError, ValueError, KeyError):
-                continue  # a damaged shard only costs a recomputation
-            for row, k in enumerate(keys):
-                self._index.setdefault(k, (shard.name, row))
+            if not create:
+                return None
+            self.root.mkdir(parents=True, exist_ok=True)
+        db = _open_index(self.root / INDEX_FILE)
+        try:
+            _add_unseen_shards(db, self.root)
+        except sqlite3.OperationalError:  # an index file that cannot be written (read-only folder)
+            db.close()
+            db = _memory_index()
+            _add_unseen_shards(db, self.root)
+        self._db = db
+        return db
+
+    def _lookup(self, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """{key: (shard file name, row)} for the stored keys among `keys`."""
+        db = self._index()
+        if db is None:
+            return {}
+        found: dict[str, tuple[str, int]] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _QUERY_KEYS):
+            part = unique[start:start + _QUERY_KEYS]
+            marks = ",".join("?" * len(part))
+            for key, shard, row in db.execute(f"SELECT key, shard, row FROM vectors WHERE key IN ({marks})", part):
+                found[key] = (shard, int(row))
+        return found
 
     def _by_shard(self, keys: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
         """{shard name: [(position in `keys`, row in the shard)]} for the stored keys."""
-        self._load()
+        stored = self._lookup(keys)
         out: dict[str, list[tuple[int, int]]] = {}
         for pos, k in enumerate(keys):
-            hit = self._index.get(k)
+            hit = stored.get(k)
             if hit is not None:
                 out.setdefault(hit[0], []).append((pos, hit[1]))
-        return out
+        return dict(sorted(out.items()))
 
     def fill(self, keys: Sequence[str], out: np.ndarray) -> np.ndarray:
         """Write the stored vector of each key into `out[position]` (float32 values); True where one was stored.
 
-        A shard that became unreadable since the index was built leaves its rows False (recomputed).
+        A shard that became unreadable since it was indexed leaves its rows False (recomputed, and `put`
+        then points the index at the new shard).
         """
         found = np.zeros(len(keys), dtype=bool)
         for name, hits in self._by_shard(keys).items():
@@ -119,6 +143,8 @@ class EmbeddingCache:
                 continue
             pos = np.asarray([p for p, _ in hits], dtype=np.int64)
             rows = np.asarray([r for _, r in hits], dtype=np.int64)
+            if rows.max() >= len(vectors):
+                continue  # a shard replaced by a shorter file of the same name: recompute its rows
             out[pos] = vectors[rows].astype(np.float32)
             found[pos] = True
         return found
@@ -148,8 +174,8 @@ class EmbeddingCache:
         if not len(keys):
             return
         vectors = np.asarray(vectors).astype(dtype)
-        self._load()
-        self.root.mkdir(parents=True, exist_ok=True)
+        db = self._index(create=True)
+        assert db is not None
         shard = f"{text_sha256(''.join(keys))[:24]}.npz"
 
         def _write(tmp: Path) -> None:
@@ -157,5 +183,67 @@ class EmbeddingCache:
                 np.savez(f, keys=np.asarray(list(keys)), vectors=vectors)
 
         atomic_write(self.root / shard, _write)
-        for row, k in enumerate(keys):
-            self._index[k] = (shard, row)
+        # REPLACE, not IGNORE: a key is put again only when its old shard could not be read
+        _index_shard(db, shard, [(k, shard, row) for row, k in enumerate(keys)], replace=True)
+
+    def close(self) -> None:
+        """Close the index file (a later use opens it again)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+_QUERY_KEYS = 900  # keys per SELECT: under SQLite's oldest limit on bound parameters (999)
+
+
+def _open_index(path: Path) -> sqlite3.Connection:
+    """The index at `path`, created when missing and rebuilt when it is not a readable index;
+    in memory when the folder cannot be written (a read-only cache still serves its vectors)."""
+    for attempt in (0, 1):
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(path, timeout=60, check_same_thread=False)
+            db.executescript(_SCHEMA)
+            db.execute("SELECT count(*) FROM shards").fetchone()
+            return db
+        except sqlite3.DatabaseError:  # not a database, damaged, or not writable
+            if db is not None:
+                db.close()
+            if attempt == 0 and path.is_file() and os.access(path.parent, os.W_OK):
+                path.unlink(missing_ok=True)  # derived data: rebuilt from the shards
+                continue
+            break
+    return _memory_index()
+
+
+def _memory_index() -> sqlite3.Connection:
+    db = sqlite3.connect(":memory:", check_same_thread=False)
+    db.executescript(_SCHEMA)
+    return db
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, shard TEXT NOT NULL, row INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY) WITHOUT ROWID;
+"""
+
+
+def _index_shard(db: sqlite3.Connection, shard: str, rows: list[tuple[str, str, int]], *, replace: bool) -> None:
+    verb = "REPLACE" if replace else "IGNORE"
+    with db:  # one transaction: a shard is indexed whole or not at all
+        db.executemany(f"INSERT OR {verb} INTO vectors (key, shard, row) VALUES (?, ?, ?)", rows)
+        db.execute("INSERT OR IGNORE INTO shards (name) VALUES (?)", (shard,))
+
+
+def _add_unseen_shards(db: sqlite3.Connection, root: Path) -> None:
+    """Index the shards the index has not seen, in name order (the first shard to hold a key keeps it)."""
+    seen = {name for (name,) in db.execute("SELECT name FROM shards")}
+    for shard in sorted(root.glob("*.npz")):
+        if shard.name in seen:
+            continue
+        try:
+            with np.load(shard, allow_pickle=False) as data:  # an npz member is read only when named
+                keys = data["keys"].tolist()
+        except (OSError, ValueError, KeyError):
+            continue  # a damaged shard only costs a recomputation
+        _index_shard(db, shard.name, [(k, shard.name, row) for row, k in enumerate(keys)], replace=False)
