@@ -131,6 +131,20 @@ def test_os_error_safety_net_is_one_line():
     assert _os_error_line(OSError(28, "No space left on device")) == "error: No space left on device"
 
 
+@pytest.mark.parametrize("below", [False, True])
+def test_a_cache_path_that_is_a_file_is_one_line(monkeypatch, capsys, tmp_path, below):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": f"request {i}"}) + "\n" for i in range(12)), encoding="utf-8")
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder", encoding="utf-8")
+    monkeypatch.setenv("REFUSAL_ATLAS_CACHE", str(blocker / "sub" if below else blocker))
+    line = one_line_error(monkeypatch, capsys, "curate", "cluster", str(corpus), "--text", "prompt",
+                          "-o", str(tmp_path / "out"))
+    assert str(blocker) in line
+    assert ("a parent of the path is a file" if below else "a file is where a folder is needed") in line
+    assert blocker.read_text(encoding="utf-8") == "not a folder"
+
+
 def test_rejects_are_json_lines(monkeypatch, capsys, tmp_path):
     src = tmp_path / "r.csv"
     src.write_text('prompt,response\nx,"a","b"\n', encoding="utf-8")

@@ -60,7 +60,8 @@ def _os_error_line(exc: OSError) -> str:
     hint = {PermissionError: "; choose a path you can write to, or fix its permissions",
             IsADirectoryError: "; name a file, not a folder",
             FileNotFoundError: "; check the path",
-            NotADirectoryError: "; a parent of the path is a file"}.get(type(exc), "")
+            NotADirectoryError: "; a parent of the path is a file",
+            FileExistsError: "; a file is where a folder is needed: move it or choose another path"}.get(type(exc), "")
     return f"error: {where}: {reason}{hint}" if where is not None else f"error: {reason}{hint}"
 
 
