@@ -6,8 +6,9 @@ stored under sha256(model key, text), so a re-run — or a different corpus shar
 instant, and a changed model never reuses stale vectors.
 
 Cache layout: ``<cache_dir>/embeddings/<model key>/<shard>.npz``, each shard holding ``keys``
-(hex sha256 of the text, unicode array) and ``vectors`` (float16, L2-normalised; see `embed_cache`).
-Shards are written atomically and never modified, so concurrent runs cannot corrupt each other; no pickle.
+(hex sha256 of the text, unicode array) and ``vectors`` (float16, L2-normalised), with the index
+``index.sqlite`` beside them (see `embed_cache`). Shards are written atomically and never modified,
+so concurrent runs cannot corrupt each other; no pickle.
 """
 
 from __future__ import annotations
