@@ -92,6 +92,25 @@ def test_a_damaged_index_is_rebuilt_from_the_shards(tmp_path, damage):
     np.testing.assert_array_equal(out, vecs)
 
 
+def test_an_index_damaged_past_its_first_pages_is_rebuilt_when_a_lookup_meets_the_damage(tmp_path):
+    # a torn copy: the header and schema pages read fine, the key pages in the middle do not
+    keys, vecs = _planted(20_000)
+    for start in range(0, len(keys), 4096):
+        EmbeddingCache(tmp_path).put(keys[start:start + 4096], vecs[start:start + 4096])
+    index = tmp_path / INDEX_FILE
+    data = bytearray(index.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8192] = b"\xa5" * 8192
+    index.write_bytes(bytes(data))
+    cache = EmbeddingCache(tmp_path)
+    found, out = _read(cache, keys)
+    assert found.all()
+    np.testing.assert_array_equal(out, vecs)
+    more_keys, more = _planted(3, seed=1)
+    cache.put([k + "x" for k in more_keys], more)  # and it takes writes again
+    assert _read(EmbeddingCache(tmp_path), [k + "x" for k in more_keys])[0].all()
+
+
 def test_a_lost_shard_is_recomputed_and_the_index_points_at_its_new_shard(tmp_path):
     keys, vecs = _planted(4)
     EmbeddingCache(tmp_path).put(keys, vecs)

@@ -14,6 +14,7 @@ relative). Storage and memory are halved; cosines move by ~1e-5.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -97,10 +98,9 @@ class EmbeddingCache:
         db = _open_index(self.root / INDEX_FILE)
         try:
             _add_unseen_shards(db, self.root)
-        except sqlite3.OperationalError:  # an index file that cannot be written (read-only folder)
+        except sqlite3.DatabaseError:  # damaged past the pages opening reads, or not writable
             db.close()
-            db = _memory_index()
-            _add_unseen_shards(db, self.root)
+            return self._rebuild()
         self._db = db
         return db
 
@@ -109,14 +109,30 @@ class EmbeddingCache:
         db = self._index()
         if db is None:
             return {}
-        found: dict[str, tuple[str, int]] = {}
-        unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), _QUERY_KEYS):
-            part = unique[start:start + _QUERY_KEYS]
-            marks = ",".join("?" * len(part))
-            for key, shard, row in db.execute(f"SELECT key, shard, row FROM vectors WHERE key IN ({marks})", part):
-                found[key] = (shard, int(row))
-        return found
+        try:
+            return _query(db, keys)
+        except sqlite3.DatabaseError:  # damage past the pages opening reads (e.g. a torn copy)
+            return _query(self._rebuild(), keys)
+
+    def _rebuild(self) -> sqlite3.Connection:
+        """A fresh index from the shards: on disk where the damaged file can be replaced, else in memory."""
+        self.close()
+        path = self.root / INDEX_FILE
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        db: sqlite3.Connection | None = None
+        if not path.exists():
+            db = _open_index(path)
+            try:
+                _add_unseen_shards(db, self.root)
+            except sqlite3.DatabaseError:
+                db.close()
+                db = None
+        if db is None:
+            db = _memory_index()
+            _add_unseen_shards(db, self.root)
+        self._db = db
+        return db
 
     def _by_shard(self, keys: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
         """{shard name: [(position in `keys`, row in the shard)]} for the stored keys."""
@@ -184,7 +200,11 @@ class EmbeddingCache:
 
         atomic_write(self.root / shard, _write)
         # REPLACE, not IGNORE: a key is put again only when its old shard could not be read
-        _index_shard(db, shard, [(k, shard, row) for row, k in enumerate(keys)], replace=True)
+        rows = [(k, shard, row) for row, k in enumerate(keys)]
+        try:
+            _index_shard(db, shard, rows, replace=True)
+        except sqlite3.DatabaseError:
+            _index_shard(self._rebuild(), shard, rows, replace=True)
 
     def close(self) -> None:
         """Close the index file (a later use opens it again)."""
@@ -196,6 +216,17 @@ class EmbeddingCache:
 _QUERY_KEYS = 900  # keys per SELECT: under SQLite's oldest limit on bound parameters (999)
 
 
+def _query(db: sqlite3.Connection, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
+    found: dict[str, tuple[str, int]] = {}
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), _QUERY_KEYS):
+        part = unique[start:start + _QUERY_KEYS]
+        marks = ",".join("?" * len(part))
+        for key, shard, row in db.execute(f"SELECT key, shard, row FROM vectors WHERE key IN ({marks})", part):
+            found[key] = (shard, int(row))
+    return found
+
+
 def _open_index(path: Path) -> sqlite3.Connection:
     """The index at `path`, created when missing and rebuilt when it is not a readable index;
     in memory when the folder cannot be written (a read-only cache still serves its vectors)."""
@@ -204,7 +235,8 @@ def _open_index(path: Path) -> sqlite3.Connection:
         try:
             db = sqlite3.connect(path, timeout=60, check_same_thread=False)
             db.executescript(_SCHEMA)
-            db.execute("SELECT count(*) FROM shards").fetchone()
+            db.execute("SELECT name FROM shards LIMIT 1").fetchall()
+            db.execute("SELECT key, shard, row FROM vectors LIMIT 1").fetchall()
             return db
         except sqlite3.DatabaseError:  # not a database, damaged, or not writable
             if db is not None:
