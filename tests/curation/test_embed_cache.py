@@ -124,6 +124,22 @@ def test_a_lost_shard_is_recomputed_and_the_index_points_at_its_new_shard(tmp_pa
     np.testing.assert_array_equal(out[:2], vecs[:2])
 
 
+@pytest.mark.parametrize("swap", ["other keys", "fewer rows"])
+def test_a_shard_replaced_under_its_name_never_gives_another_texts_vector(tmp_path, swap):
+    keys, vecs = _planted(8)
+    EmbeddingCache(tmp_path).put(keys[:4], vecs[:4])
+    EmbeddingCache(tmp_path / "other").put(keys[4:], vecs[4:])  # as many rows: every indexed row exists
+    (shard,) = tmp_path.glob("*.npz")
+    if swap == "other keys":  # a different shard copied over this one's name
+        (tmp_path / "other" / next((tmp_path / "other").glob("*.npz")).name).replace(shard)
+    else:
+        np.savez(shard.with_suffix(".tmp.npz"), keys=np.asarray(keys[:2]), vectors=vecs[:2].astype(np.float16))
+        shard.with_suffix(".tmp.npz").replace(shard)
+    found, out = _read(EmbeddingCache(tmp_path), keys[:4])
+    assert found.tolist() == ([False] * 4 if swap == "other keys" else [True, True, False, False])
+    np.testing.assert_array_equal(out[found], vecs[:4][found])
+
+
 def test_a_missing_folder_is_an_empty_cache_and_is_not_created_by_reading(tmp_path):
     cache = EmbeddingCache(tmp_path / "absent")
     assert cache.get(["x"]) == {} and cache.dim(["x"]) is None

@@ -147,22 +147,24 @@ class EmbeddingCache:
     def fill(self, keys: Sequence[str], out: np.ndarray) -> np.ndarray:
         """Write the stored vector of each key into `out[position]` (float32 values); True where one was stored.
 
-        A shard that became unreadable since it was indexed leaves its rows False (recomputed, and `put`
-        then points the index at the new shard).
+        A shard that became unreadable, or no longer holds a key at its indexed row, since it was indexed
+        leaves those rows False (recomputed, and `put` then points the index at the new shard).
         """
         found = np.zeros(len(keys), dtype=bool)
         for name, hits in self._by_shard(keys).items():
             try:
                 with np.load(self.root / name, allow_pickle=False) as data:
-                    vectors = np.asarray(data["vectors"])
+                    stored, vectors = np.asarray(data["keys"]), np.asarray(data["vectors"])
             except (OSError, ValueError, KeyError):
                 continue
             pos = np.asarray([p for p, _ in hits], dtype=np.int64)
             rows = np.asarray([r for _, r in hits], dtype=np.int64)
-            if rows.max() >= len(vectors):
-                continue  # a shard replaced by a shorter file of the same name: recompute its rows
-            out[pos] = vectors[rows].astype(np.float32)
-            found[pos] = True
+            # the shard must still hold each key at the indexed row: a file replaced under the same name
+            # (edited, copied over) gives its rows back for recomputation, never another text's vector
+            ok = (rows < min(len(stored), len(vectors))) & (rows >= 0)
+            ok[ok] = stored[rows[ok]] == np.asarray([keys[p] for p in pos[ok]])
+            out[pos[ok]] = vectors[rows[ok]].astype(np.float32)
+            found[pos[ok]] = True
         return found
 
     def dim(self, keys: Sequence[str]) -> int | None:
