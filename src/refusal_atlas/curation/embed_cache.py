@@ -162,7 +162,7 @@ class EmbeddingCache:
             # the shard must still hold each key at the indexed row: a file replaced under the same name
             # (edited, copied over) gives its rows back for recomputation, never another text's vector
             ok = (rows < min(len(stored), len(vectors))) & (rows >= 0)
-            ok[ok] = stored[rows[ok]] == np.asarray([keys[p] for p in pos[ok]])
+            ok[ok] = stored[rows[ok]] == np.asarray([keys[p] for p in pos[ok]], dtype=str)
             out[pos[ok]] = vectors[rows[ok]].astype(np.float32)
             found[pos[ok]] = True
         return found
