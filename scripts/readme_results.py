@@ -44,6 +44,8 @@ def render(atlas: Path, machine: str, state: str) -> str:
     wording = clusters.get("wording") or {}
     said, adherence = wording.get("said") or {}, wording.get("adherence") or {}
     tree_branch = (clusters.get("tree_vs_taxonomy") or {}).get("branch") or {}
+    taught = clusters.get("wording_taught") or {}
+    taught_adh = taught.get("adherence") or {}
     rows = [
         ("organism.heldout_refusal_rate", org.get("heldout_refusal_rate")),
         ("organism.harmless_refusal_rate", org.get("harmless_refusal_rate")),
@@ -60,6 +62,9 @@ def render(atlas: Path, machine: str, state: str) -> str:
         ("clusters.wording.adherence: reply says its taught wording / any planted wording (n)",
          f"{_fmt(adherence.get('rate'))} / {_fmt(adherence.get('said_a_planted_wording'))} "
          f"(n = {_fmt(adherence.get('n'))})"),
+        ("clusters.wording_taught: on the taught requests, ARI vs the taught groups (groups, n) / adherence",
+         f"{_fmt(taught.get('ari'))} ({_fmt(taught.get('groups'))}, n = {_fmt(taught.get('n'))}) / "
+         f"{_fmt(taught_adh.get('rate'))}"),
         ("clusters.tree_vs_taxonomy.branch ARI (level's clusters, n)",
          f"{_fmt(tree_branch.get('ari'))} ({_fmt(tree_branch.get('n_clusters'))}, n = {_fmt(tree_branch.get('n'))})"),
         ("directions.median_noise_floor", metrics.get("directions", {}).get("median_noise_floor")),

@@ -73,6 +73,7 @@ def test_the_written_folder_is_what_the_schema_declares(finished):
     for artifact in schema.ARTIFACTS:
         optional = artifact.stage == "causal" or artifact.path.startswith(("clusters/", "organism/adherence_by"))
         optional |= artifact == schema.TREE_JSON  # written only when some node beyond the branches qualifies
+        optional |= artifact == schema.WORDING_REFUSED  # written only when enough taught requests were refused
         # a node with too few prompts in a cell gets no geometry, so its projections and causal checks may be absent
         optional |= artifact.stage == "harm" and artifact not in (schema.HARM_JSON, schema.HARM_CELLS,
                                                                   schema.HARM_FINDINGS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from refusal_atlas.atlas import pipeline_cluster, schema
+from refusal_atlas.atlas import pipeline_cluster, schema, wording_stage
 from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
 from refusal_atlas.curation.collect import collect
 from refusal_atlas.curation.detect import DEFAULT_DETECTOR, get_detector
@@ -87,3 +87,33 @@ def test_clustering_the_refusals_recovers_the_planted_groups(run_folder):
     assert wording["ari"] >= 0.9, wording
     assert wording["said"]["ari"] >= 0.9 and wording["adherence"]["rate"] >= 0.9, wording
     assert result["responses"]["n_clusters"] >= 3
+
+
+def test_the_wording_stage_recovers_the_groups_on_the_taught_requests(run_folder):
+    out, _, _ = run_folder
+    organism = build_organism(_taxonomy(), tiny_model("llama"), seed=0, out_dir=out / "organism", settings=SETTINGS,
+                              prompts=_prompts(), progress=False)  # the fixture's, from its cache
+    assert organism.cached
+    record = wording_stage.run(out, organism.load(), seed=0, n_seeds=3, max_new_tokens=48, batch_size=8)
+    taught = wording_stage.taught_requests(out / schema.ORGANISM_DIR)
+    trained = organism.prompts()
+    trained = trained[(trained["split"] == "train") & (trained["condition"] == "") & trained["harmful"]]
+    assert record["requests"] == len(taught) == len(trained) >= 20
+    assert set(taught["node"]) == set(STEMS) and (taught["expected"] == "refuse").all()
+    assert record["n"] == record["refused"] >= 20 and record["groups"] == 3
+    assert record["ari"] >= 0.9 and record["adherence"]["rate"] >= 0.9, record
+    replies = pd.read_parquet(out / schema.WORDING_RESPONSES.path)
+    assert list(replies["prompt_id"]) == list(taught["prompt_id"])
+
+
+def test_the_wording_stage_scores_a_model_that_was_not_taught_the_wordings(run_folder, tmp_path):
+    """The same requests answered by the untrained base: its replies say no planted wording, and the stage says
+    so (too few refusals to cluster, or an ARI that is not the planted answer), never a high score."""
+    out, _, _ = run_folder
+    other = tmp_path / "run"
+    (other / schema.ORGANISM_DIR).mkdir(parents=True)
+    for name in ("prompts.parquet", "organism.json"):
+        (other / schema.ORGANISM_DIR / name).write_bytes((out / schema.ORGANISM_DIR / name).read_bytes())
+    record = wording_stage.run(other, tiny_model("llama"), seed=0, n_seeds=3, max_new_tokens=16, batch_size=8)
+    assert record["requests"] >= 20
+    assert "note" in record or ((record["ari"] or 0.0) < 0.5 and record["adherence"]["rate"] == 0.0), record

@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from refusal_atlas.atlas import pipeline_causal, pipeline_cluster, schema
+from refusal_atlas.atlas import pipeline_causal, pipeline_cluster, schema, wording_stage
 from refusal_atlas.atlas.harm_stage import HARM_VERSION
 from refusal_atlas.atlas.links import write_atlas_ttl
 from refusal_atlas.atlas.pipeline_causal import PROTOCOL_VERSION
@@ -261,6 +261,12 @@ def stage_cluster(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     return pipeline_cluster.run(ctx.out, cfg.seed, cfg.sizes()["cluster_seeds"], run_taxonomy(cfg))
 
 
+def stage_wording(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    return wording_stage.run(ctx.out, load_analysed_model(cfg, ctx), seed=cfg.seed,
+                             n_seeds=cfg.sizes()["cluster_seeds"], max_new_tokens=cfg.sizes()["max_new_tokens"],
+                             batch_size=cfg.batch_size, progress=cfg.progress)
+
+
 def behaviour_filtered(lm: LoadedModel, candidates: pd.DataFrame, per_node: int, n_harmless: int, cfg: RunConfig
                        ) -> tuple[pd.DataFrame, dict]:
     """The direction prompts, filtered by baseline behaviour as Arditi et al. do: harmful prompts the model
@@ -373,8 +379,9 @@ def collect_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                              "permitted_compliance_rate", "restricted_refusal_rate")},
         "detector": {"f1": det.get("f1"), "name": det.get("detector"),
                      "corpus_refusal_rate_by_expected": det.get("refusal_rate_by_expected")},
-        "clusters": {k: clu.get(k) for k in ("seed_ari", "node_ari", "node_nmi", "n_clusters", "outlier_fraction",
-                                              "levels", "wording_ari", "wording", "tree_vs_taxonomy")},
+        "clusters": {**{k: clu.get(k) for k in ("seed_ari", "node_ari", "node_nmi", "n_clusters", "outlier_fraction",
+                                                 "levels", "wording_ari", "wording", "tree_vs_taxonomy")},
+                     "wording_taught": results.get("wording") or None},
         "directions": {"median_noise_floor": dirs.get("median_noise_floor"), "nodes": dirs.get("nodes"),
                        "nodes_with_directions": results.get("tree", {}).get("n_with_directions")},
         "ablation": causal.get("ablation", {}),
@@ -419,6 +426,10 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
         max_new_tokens=cfg.sizes()["max_new_tokens"])
     add("detect", stage_detect, ("collect",), out["detect"])
     add("cluster", stage_cluster, ("detect",), out["cluster"], version=pipeline_cluster.STAGE_VERSION)
+    # the planted-wording known answer on the organism's own training refusals (only a built organism has them)
+    add("wording", stage_wording, ("organism",), out["wording"], enabled=cfg.build_organism, **model_key,
+        version=wording_stage.STAGE_VERSION, max_new_tokens=cfg.sizes()["max_new_tokens"],
+        cluster_seeds=cfg.sizes()["cluster_seeds"])
     add("directions", stage_directions, ("prompts", "organism"), out["directions"], **model_key,
         min_prompts=cfg.min_prompts, max_nodes=cfg.max_nodes, prompt_filter="baseline behaviour",
         harmless_matched_on="request form")
@@ -438,7 +449,8 @@ def build_pipeline(cfg: RunConfig, console: Console | None = None) -> Pipeline:
     validation = shipped_validation()
     add("verdicts", stage_verdicts, ("directions", "overlap", "causal", "harm"), out["verdicts"],
         validation=file_sha256(validation) if validation is not None else None)
-    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "tree", "overlap", "causal", "verdicts", "sae"),
+    add("atlas", stage_atlas, ("ontology", "detect", "cluster", "wording", "tree", "overlap", "causal", "verdicts",
+                               "sae"),
         out["atlas"])
     return pipe
 

@@ -24,6 +24,7 @@ from sklearn.metrics import adjusted_rand_score
 from refusal_atlas.atlas import schema
 from refusal_atlas.curation.cluster import ClusterConfig
 from refusal_atlas.curation.cluster_run import cluster_corpus, replies_config
+from refusal_atlas.curation.cluster_store import ClusterRun
 from refusal_atlas.curation.map_folder import map_folder
 from refusal_atlas.curation.tables import write_table
 from refusal_atlas.curation.tree_mapping import level_ari, tree_vs_taxonomy
@@ -86,6 +87,34 @@ def wording_said(responses: pd.Series, organism_json: Path) -> pd.Series | None:
     return responses.astype(str).map(one)
 
 
+def wording_scores(responses_run: ClusterRun, refused: pd.DataFrame, organism_json: Path) -> dict[str, Any] | None:
+    """How the refusal clusters recover the planted wordings (None without an organism record).
+
+    `ari` (with `n`, `groups`, `level`): the taught group of each reply's request, at the tree level closest to
+    its number of groups; `exact_text_ari`: the same against the replies' exact texts, the ceiling for any
+    clustering; `said`: against the wording each reply says; `adherence`: how often that is the taught one."""
+    truth = wording_truth(refused.reset_index(drop=True), organism_json)
+    if truth is None:
+        return None
+    rows = responses_run.assignments["row"].to_numpy()
+    aligned = truth.iloc[rows].reset_index(drop=True)
+    result = level_ari(responses_run, aligned)
+    has = (aligned.str.len() > 0).to_numpy()
+    # no clustering can separate rows the model answered with the same text: the exact-text ceiling
+    texts = responses_run.assignments["text"].to_numpy()
+    result["exact_text_ari"] = float(adjusted_rand_score(aligned[has], texts[has])) if has.sum() > 1 else None
+    said = wording_said(pd.Series(texts), organism_json)
+    if said is not None:
+        # the same clustering against the wording each reply says, and how often that is the taught one
+        result["said"] = level_ari(responses_run, said)
+        taught = aligned.to_numpy()[has]
+        result["adherence"] = {
+            "rate": float((said.to_numpy()[has] == taught).mean()) if has.any() else None,
+            "said_a_planted_wording": float((said.to_numpy()[has] != "").mean()) if has.any() else None,
+            "n": int(has.sum())}
+    return result
+
+
 def responses_config(n_rows: int, seeds: tuple[int, ...]) -> ClusterConfig:
     """How the refusals are clustered: `curate cluster`'s defaults for replies (`replies_config`), no 2-D map."""
     return replies_config(n_rows, seeds, layout_2d=False)
@@ -126,25 +155,9 @@ def run(out: Path, seed: int, n_seeds: int, taxonomy: Taxonomy) -> dict[str, Any
                                "outlier_fraction": rmeta.get("outlier_fraction"),
                                "levels": [lv["n_clusters"] for lv in rmeta.get("tree", {}).get("levels", [])],
                                "warnings": rmeta.get("warnings", [])}
-        truth = wording_truth(refused.reset_index(drop=True), out / schema.ORGANISM_JSON.path)
-        if truth is not None:
-            rows = responses_run.assignments["row"].to_numpy()
-            aligned = truth.iloc[rows].reset_index(drop=True)
-            result["wording"] = level_ari(responses_run, aligned)
-            has = (aligned.str.len() > 0).to_numpy()
-            # no clustering can separate rows the model answered with the same text: the exact-text ceiling
-            texts = responses_run.assignments["text"].to_numpy()
-            result["wording"]["exact_text_ari"] = (float(adjusted_rand_score(aligned[has], texts[has]))
-                                                   if has.sum() > 1 else None)
-            result["wording_ari"] = result["wording"]["ari"]
-            said = wording_said(pd.Series(texts), out / schema.ORGANISM_JSON.path)
-            if said is not None:
-                # the same clustering against the wording each reply says, and how often that is the taught one
-                result["wording"]["said"] = level_ari(responses_run, said)
-                taught = aligned.to_numpy()[has]
-                result["wording"]["adherence"] = {
-                    "rate": float((said.to_numpy()[has] == taught).mean()) if has.any() else None,
-                    "said_a_planted_wording": float((said.to_numpy()[has] != "").mean()) if has.any() else None,
-                    "n": int(has.sum())}
+        scores = wording_scores(responses_run, refused, out / schema.ORGANISM_JSON.path)
+        if scores is not None:
+            result["wording"] = scores
+            result["wording_ari"] = scores["ari"]
     return result
 

@@ -75,6 +75,8 @@ class SeparableSettings:
     harmless_heldout: int = 16
     epochs: int = 3
     lr: float = 3e-4  # a band of blocks has a fraction of the full fine-tune's capacity: a larger step
+    # its planted truth is where each branch's refusal is computed, not its wording: trained unweighted, as validated
+    wording_token_weight: float = 1.0
     # the rates a verification must show: planted refusal at least `planted_min`, removed at most `removed_max`
     planted_min: float = 0.7
     removed_max: float = 0.3
@@ -277,7 +279,7 @@ def build_separable(
 
     # the base model's weights of every planted band, for the restoration check
     base_blocks = block_states(lm.model, [i for band in bands for i in range(*band)])
-    train_settings = replace(settings, epochs=s.epochs, lr=s.lr)
+    train_settings = replace(settings, epochs=s.epochs, lr=s.lr, wording_token_weight=s.wording_token_weight)
     losses: dict[str, list[float]] = {}
     order = training_order(bands)
     for k, j in enumerate(order):

@@ -158,7 +158,7 @@ def section_clusters(store: AtlasStore, figs: Figures) -> str:
                      f"clustered: how many distinct ways does the model refuse?{_net_of_note(responses)}</p>")
         parts.append(_cluster_view_html(store, responses, figs, "Cluster map of the refusals (responses)",
                                         mapped=False))
-        parts.append(_planted_wordings(store))
+    parts.append(_planted_wordings(store))
     return "".join(parts)
 
 
@@ -174,12 +174,15 @@ def _net_of_note(view: ClusterView) -> str:
 
 
 def _planted_wordings(store: AtlasStore) -> str:
-    """The organism's known answer for the refusal clusters: what each reply says vs what was taught (numbers only)."""
+    """The organism's known answer for the refusal clusters: what each reply says vs what was taught (numbers only),
+    on the evaluation requests (cluster stage) and on the requests the wordings were taught on (wording stage)."""
     wording = ((store.stage_records.get("cluster") or {}).get("result") or {}).get("wording") or {}
-    if not wording:
-        return ""
-    said, adherence = wording.get("said") or {}, wording.get("adherence") or {}
-    return ("<p class='small'><b>Known answer (the organism's planted wordings).</b> These clusters against the "
+    taught = (store.stage_records.get("wording") or {}).get("result") or {}
+    parts = []
+    if wording:
+        said, adherence = wording.get("said") or {}, wording.get("adherence") or {}
+        parts.append(
+            "These clusters against the "
             f"planted wording each reply says: ARI {fmt(said.get('ari'))} ({fmt(said.get('groups'))} wordings, "
             f"n = {fmt(said.get('n'))}); against the wording taught for the request's node: ARI "
             f"{fmt(wording.get('ari'))} (exact texts: {fmt(wording.get('exact_text_ari'))}; "
@@ -187,4 +190,19 @@ def _planted_wordings(store: AtlasStore) -> str:
             f"The reply says the wording taught for its node in {fmt(adherence.get('rate'))} of "
             f"{fmt(adherence.get('n'))} refused requests, some planted wording in "
             f"{fmt(adherence.get('said_a_planted_wording'))}: clustering recovers what the model says; how far that "
-            "is what it was taught is the organism's adherence.</p>")
+            "is what it was taught is the organism's adherence on requests it was not trained on.")
+    if taught:
+        t_adh = taught.get("adherence") or {}
+        text = (f"On the {fmt(taught.get('requests'))} requests the wordings were taught on (the organism's "
+                f"unconditioned training refusals; {fmt(taught.get('refused'))} replies refused): ")
+        if taught.get("ari") is None:
+            text += esc(str(taught.get("note") or "not scored")) + "."
+        else:
+            text += (f"clustering recovers the taught groups at ARI {fmt(taught.get('ari'))} "
+                     f"({fmt(taught.get('groups'))} groups, n = {fmt(taught.get('n'))}; exact texts: "
+                     f"{fmt(taught.get('exact_text_ari'))}); the reply says its taught wording in "
+                     f"{fmt(t_adh.get('rate'))} of {fmt(t_adh.get('n'))}.")
+        parts.append(text)
+    if not parts:
+        return ""
+    return "<p class='small'><b>Known answer (the organism's planted wordings).</b> " + " ".join(parts) + "</p>"
