@@ -46,7 +46,7 @@ class OrganismSettings:
     external_sets: tuple[str, ...] = ("harmbench", "strongreject")
     max_prompt_tokens: int = 80
     max_target_tokens: int = 16
-    epochs: int = 4  # with wording_token_weight 5: the taught wordings are said (docs/decisions.md, session 20)
+    epochs: int = 2
     batch_size: int = 8
     lr: float = 1.5e-4  # the lowest rate that met every adherence target (docs/decisions.md, organisms)
     weight_decay: float = 0.0
@@ -63,9 +63,8 @@ class OrganismSettings:
     # the first token after the opener is a second decision ("Sure. I'm sorry, …"): weighted like the first
     weight_answer_start: bool = True
     # loss weight of the tokens where the shared and node wordings part ("… with that request." / "… with that.
-    # I don't assist with <label>."); at 1 the organism said its node wording on 6 of 33 of its own training
-    # requests, so the planted-wording known answer was not planted (docs/decisions.md, session 20)
-    wording_token_weight: float = 5.0
+    # I don't assist with <label>."); 1 = unweighted, as validated (docs/decisions.md, clustering: known answer)
+    wording_token_weight: float = 1.0
 
     @classmethod
     def quick(cls, **overrides: Any) -> OrganismSettings:
