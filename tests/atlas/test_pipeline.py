@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -73,7 +74,6 @@ def test_the_written_folder_is_what_the_schema_declares(finished):
     for artifact in schema.ARTIFACTS:
         optional = artifact.stage == "causal" or artifact.path.startswith(("clusters/", "organism/adherence_by"))
         optional |= artifact == schema.TREE_JSON  # written only when some node beyond the branches qualifies
-        optional |= artifact == schema.WORDING_REFUSED  # written only when enough taught requests were refused
         # a node with too few prompts in a cell gets no geometry, so its projections and causal checks may be absent
         optional |= artifact.stage == "harm" and artifact not in (schema.HARM_JSON, schema.HARM_CELLS,
                                                                   schema.HARM_FINDINGS)
@@ -259,3 +259,29 @@ def test_direction_prompts_are_filtered_by_baseline_behaviour(monkeypatch):
 def test_the_default_run_clusters_with_the_clustering_default_layouts():
     # `run` and `curate cluster` share one default, so the targets measured for the one hold for the other
     assert RunConfig().sizes()["cluster_seeds"] == len(ClusterConfig().seeds) == 32
+
+
+def test_organism_setting_overrides_parse_typed_and_reject_bad_input():
+    from refusal_atlas.errors import AtlasError
+    from refusal_atlas.organism.settings import OrganismSettings
+
+    parsed = OrganismSettings.parse_overrides(["epochs=4", "wording_token_weight=5", "share_prefix=no", "lr=2e-4"])
+    assert parsed == {"epochs": 4, "wording_token_weight": 5.0, "share_prefix": False, "lr": 2e-4}
+    assert isinstance(parsed["epochs"], int) and isinstance(parsed["wording_token_weight"], float)
+    settings = replace(OrganismSettings(), **parsed)  # what the organism stage does with cfg.extra["organism"]
+    assert settings.epochs == 4 and settings.wording_token_weight == 5.0
+    for bad, why in (("epoch=4", "KEY=VALUE"), ("epochs", "KEY=VALUE"), ("epochs=4.5", "not an int"),
+                     ("lr=fast", "not a float"), ("share_prefix=maybe", "not a bool"), ("epochs=-1", "at least 0"),
+                     ("lr=nan", "at least 0"), ("seed=3", "KEY=VALUE"), ("system=hi", "KEY=VALUE")):
+        with pytest.raises(AtlasError, match=why):
+            OrganismSettings.parse_overrides([bad])
+    with pytest.raises(AtlasError, match="epochs given twice"):
+        OrganismSettings.parse_overrides(["epochs=3", "epochs=4"])
+
+
+def test_run_rejects_a_bad_organism_setting_in_one_line(monkeypatch, capsys, tmp_path):
+    from cli.helpers import one_line_error
+
+    line = one_line_error(monkeypatch, capsys, "run", "--out", str(tmp_path / "out"), "--organism-setting", "epoch=4")
+    assert "--organism-setting 'epoch=4'" in line and "epochs" in line
+    assert not (tmp_path / "out").exists()

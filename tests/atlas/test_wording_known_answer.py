@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from refusal_atlas.atlas import pipeline_cluster, schema, wording_stage
+from refusal_atlas.atlas.store import AtlasStore
 from refusal_atlas.curation.backends import GenerationSettings, TransformersBackend
 from refusal_atlas.curation.collect import collect
 from refusal_atlas.curation.detect import DEFAULT_DETECTOR, get_detector
@@ -102,8 +103,9 @@ def test_the_wording_stage_recovers_the_groups_on_the_taught_requests(run_folder
     assert set(taught["node"]) == set(STEMS) and (taught["expected"] == "refuse").all()
     assert record["n"] == record["refused"] >= 20 and record["groups"] == 3
     assert record["ari"] >= 0.9 and record["adherence"]["rate"] >= 0.9, record
-    replies = pd.read_parquet(out / schema.WORDING_RESPONSES.path)
-    assert list(replies["prompt_id"]) == list(taught["prompt_id"])
+    replies = AtlasStore(str(out)).taught_replies
+    assert replies is not None and list(replies["prompt_id"]) == list(taught["prompt_id"])
+    assert int(replies["refused"].sum()) == record["refused"]
 
 
 def test_the_wording_stage_scores_a_model_that_was_not_taught_the_wordings(run_folder, tmp_path):

@@ -105,7 +105,7 @@ PROPOSALS = Artifact("proposals.yaml", "cluster")
 # the organism's replies to its own training refusals, where its wordings were planted (atlas/wording_stage.py)
 WORDING_DIR = "wording"
 WORDING_RESPONSES = Artifact(f"{WORDING_DIR}/responses.parquet", "wording")
-WORDING_REFUSED = Artifact(f"{WORDING_DIR}/refused.parquet", "wording")
+WORDING_REFUSED = f"{WORDING_DIR}/refused.parquet"  # the refused replies, the clustering's input (as clusters/'s)
 WORDING_CLUSTERS_DIR = f"{WORDING_DIR}/clusters"
 DIRECTIONS_DIR = "directions"
 ACTIVATIONS_DIR = "activations"  # one capture folder per (model, direction prompts); the directions record names it
@@ -177,7 +177,7 @@ ARTIFACTS: tuple[Artifact, ...] = (
     TAXONOMY_TTL, PROMPTS, ORGANISM_JSON, ADHERENCE, ADHERENCE_BY_NODE, RESPONSES, CORPUS,
     *(Artifact(f"{CLUSTERS_DIR}/{a.path}", a.stage) for a in (ASSIGNMENTS, CLUSTERS_JSON, STABILITY_JSON,
                                                              MAPPING_JSON, PROPOSALS)),
-    WORDING_RESPONSES, WORDING_REFUSED,
+    WORDING_RESPONSES,
     DIRECTIONS_JSON, DIRECTION_PROMPTS, TREE_JSON, COVERAGE_JSON,
     OVERLAP_GRAPHML, OVERLAP_JSON, *CAUSAL.values(), ATLAS_TTL, REPORT_HTML,
     METRICS, MANIFEST, FINDINGS, HARM_CELLS, HARM_GEOMETRY, HARM_PROJECTIONS, HARM_PROJECTIONS_PNG, HARM_CAUSAL,

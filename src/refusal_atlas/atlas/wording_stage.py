@@ -50,13 +50,15 @@ def run(out: Path, lm: LoadedModel, *, seed: int, n_seeds: int, max_new_tokens: 
     refused, _ = get_detector(DEFAULT_DETECTOR).predict(replies["response"].astype(str).tolist(),
                                                          replies["prompt"].astype(str).tolist())
     replies["refused"] = refused
+    replies["detector"] = DEFAULT_DETECTOR
+    write_table(replies, out / schema.WORDING_RESPONSES.path)
     result: dict[str, Any] = {"requests": len(replies), "refused": int(replies["refused"].sum()),
                               "detector": DEFAULT_DETECTOR}
     chosen = replies[replies["refused"].astype(bool)]
     if len(chosen) < MIN_REFUSED:
         result["note"] = f"{len(chosen)} refused replies: too few to cluster (at least {MIN_REFUSED})"
         return result
-    refused_path = out / schema.WORDING_REFUSED.path
+    refused_path = out / schema.WORDING_REFUSED
     write_table(chosen, refused_path)
     seeds = tuple(seed * 1000 + j for j in range(n_seeds))
     clustered = cluster_corpus(refused_path, out / schema.WORDING_CLUSTERS_DIR, text_column="response",

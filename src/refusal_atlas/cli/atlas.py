@@ -11,6 +11,7 @@ from rich.markup import escape
 from refusal_atlas.atlas import schema
 from refusal_atlas.atlas.pipeline import DEFAULT_OUT, RunConfig, headline_table, parse_sizes, run
 from refusal_atlas.cli.atlas_query import register_query
+from refusal_atlas.organism.settings import OrganismSettings
 from refusal_atlas.terminal import safe_console
 
 MODEL_HELP = ("`default` (SmolLM2-135M-Instruct, turned into a refusing organism first), a model folder, "
@@ -35,6 +36,10 @@ def register(app: typer.Typer) -> None:
         size: Annotated[list[str] | None, typer.Option(
             help="Override a stage budget, KEY=INT (repeatable), e.g. --size collect_limit=600 --size "
                  "per_node_eval=16; keys: see `RunConfig.sizes()`.")] = None,
+        organism_setting: Annotated[list[str] | None, typer.Option(
+            help="Override an organism setting, KEY=VALUE (repeatable), e.g. --organism-setting epochs=4 "
+                 "--organism-setting wording_token_weight=5 (the recipe that says its planted wordings; "
+                 "not the validated one); keys: see `OrganismSettings`.")] = None,
         threads: Annotated[int | None, typer.Option(min=1,
             help="torch CPU threads (default: per stage, the cores other processes leave free).")] = None,
         reference: Annotated[str | None, typer.Option(
@@ -48,6 +53,8 @@ def register(app: typer.Typer) -> None:
                         reference=reference)
         if size:
             cfg.extra["sizes"] = parse_sizes(size, cfg.sizes())
+        if organism_setting:
+            cfg.extra["organism"] = OrganismSettings.parse_overrides(organism_setting)
         console = safe_console(stderr=True)
         result = run(cfg, console)
         m = result["metrics"]

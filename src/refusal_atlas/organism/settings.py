@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from refusal_atlas.errors import AtlasError
 from refusal_atlas.lm.models import LoadedModel, load_model
 
 ORGANISM_JSON = "organism.json"
@@ -81,6 +82,36 @@ class OrganismSettings:
         if self.specific_wording_roots is not None:
             d["specific_wording_roots"] = list(self.specific_wording_roots)
         return d
+
+    @classmethod
+    def parse_overrides(cls, items: list[str]) -> dict[str, int | float | bool]:
+        """`KEY=VALUE` overrides of the numeric and yes/no settings (`run --organism-setting`); an unknown key, a
+        key given twice or a value of the wrong type is a one-line error."""
+        kinds = {f.name: type(getattr(cls(), f.name)) for f in fields(cls)}
+        # the seed is the run's own (`run --seed`), which `build_organism` sets
+        known = sorted(k for k, kind in kinds.items() if kind in (int, float, bool) and k != "seed")
+        out: dict[str, int | float | bool] = {}
+        for item in items:
+            key, sep, raw = (part.strip() for part in item.partition("="))
+            if not sep or key not in known:
+                raise AtlasError(f"--organism-setting {item!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
+            if key in out:
+                raise AtlasError(f"--organism-setting {item!r}: {key} given twice; keep one")
+            kind = kinds[key]
+            try:
+                if kind is bool:
+                    if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(raw)
+                    out[key] = raw.lower() in ("true", "1", "yes")
+                else:
+                    out[key] = kind(raw)
+            except ValueError:
+                raise AtlasError(f"--organism-setting {item!r}: {raw!r} is not a{'n' if kind is int else ''} "
+                                 f"{kind.__name__}") from None
+            value = out[key]
+            if not isinstance(value, bool) and (value != value or value < 0):  # NaN or negative
+                raise AtlasError(f"--organism-setting {item!r}: must be a number of at least 0")
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> OrganismSettings:
