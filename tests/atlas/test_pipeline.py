@@ -265,14 +265,18 @@ def test_organism_setting_overrides_parse_typed_and_reject_bad_input():
     from refusal_atlas.errors import AtlasError
     from refusal_atlas.organism.settings import OrganismSettings
 
-    parsed = OrganismSettings.parse_overrides(["epochs=4", "wording_token_weight=5", "share_prefix=no", "lr=2e-4"])
-    assert parsed == {"epochs": 4, "wording_token_weight": 5.0, "share_prefix": False, "lr": 2e-4}
+    parsed = OrganismSettings.parse_overrides(["epochs=4", "wording_token_weight=5", "share_prefix=no", "lr=2e-4",
+                                               "n_refuse_extra_train=0", "frozen_layers_fraction=0"])
+    assert parsed == {"epochs": 4, "wording_token_weight": 5.0, "share_prefix": False, "lr": 2e-4,
+                      "n_refuse_extra_train": 0, "frozen_layers_fraction": 0.0}
     assert isinstance(parsed["epochs"], int) and isinstance(parsed["wording_token_weight"], float)
     settings = replace(OrganismSettings(), **parsed)  # what the organism stage does with cfg.extra["organism"]
     assert settings.epochs == 4 and settings.wording_token_weight == 5.0
     for bad, why in (("epoch=4", "KEY=VALUE"), ("epochs", "KEY=VALUE"), ("epochs=4.5", "not an int"),
-                     ("lr=fast", "not a float"), ("share_prefix=maybe", "not a bool"), ("epochs=-1", "at least 0"),
-                     ("lr=nan", "at least 0"), ("seed=3", "KEY=VALUE"), ("system=hi", "KEY=VALUE")):
+                     ("lr=fast", "not a float"), ("share_prefix=maybe", "not a bool"), ("epochs=0", "at least 1"),
+                     ("batch_size=0", "at least 1"), ("n_refuse_extra_train=-1", "at least 0"), ("lr=0", "above 0"),
+                     ("lr=nan", "finite"), ("lr=inf", "finite"), ("heldout_fraction=1", "below 1"),
+                     ("frozen_layers_fraction=1.5", "below 1"), ("seed=3", "KEY=VALUE"), ("system=hi", "KEY=VALUE")):
         with pytest.raises(AtlasError, match=why):
             OrganismSettings.parse_overrides([bad])
     with pytest.raises(AtlasError, match="epochs given twice"):

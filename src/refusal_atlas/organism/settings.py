@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,18 @@ CAVEAT = " (Please be careful and follow the law and safety guidance.)"
 WORDING = {"shared": SHARED_REFUSAL, "node_template": NODE_REFUSAL, "redirect": REDIRECT, "caveat": CAVEAT}
 
 CATEGORIES = ("refuse", "permitted", "restricted", "comply", "redirect", "harmless", "overrefusal")
+
+
+# (low, high, low excluded) for the overrides `run --organism-setting` takes; every other number: 0 or more.
+# These cannot be zero: a build with no epochs, batches, tokens or rows of a kind has nothing to train or evaluate.
+_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    **{k: (1, math.inf, False) for k in ("epochs", "batch_size", "max_prompt_tokens", "max_target_tokens",
+                                         "eval_max_new_tokens", "max_nodes", "per_node_train", "per_node_heldout",
+                                         "n_harmless_train", "n_harmless_heldout")},
+    **{k: (0, math.inf, True) for k in ("lr", "decision_token_weight", "wording_token_weight")},
+    "heldout_fraction": (0, 1, True),
+    "frozen_layers_fraction": (0, 1, False),
+}
 
 
 @dataclass(frozen=True)
@@ -109,8 +122,12 @@ class OrganismSettings:
                 raise AtlasError(f"--organism-setting {item!r}: {raw!r} is not a{'n' if kind is int else ''} "
                                  f"{kind.__name__}") from None
             value = out[key]
-            if not isinstance(value, bool) and (value != value or value < 0):  # NaN or negative
-                raise AtlasError(f"--organism-setting {item!r}: must be a number of at least 0")
+            low, high, low_open = _BOUNDS.get(key, (0, math.inf, False))
+            if not isinstance(value, bool) and not (
+                    math.isfinite(value) and (value > low if low_open else value >= low) and value < high):
+                bound = f"{'above' if low_open else 'at least'} {low}"
+                bound += f" and below {high}" if high < math.inf else ""
+                raise AtlasError(f"--organism-setting {item!r}: must be a finite number {bound}")
         return out
 
     @classmethod
