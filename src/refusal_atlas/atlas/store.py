@@ -178,12 +178,6 @@ class AtlasStore(ResultsAccessors):
         return self.table(schema.ADHERENCE)
 
     @cached_property
-    def taught_replies(self) -> pd.DataFrame | None:
-        """The organism's replies to the requests its wordings were taught on (the `wording` stage: prompt, node,
-        expected, target = the taught reply, response, refused), or None where no organism was built."""
-        return self.table(schema.WORDING_RESPONSES)
-
-    @cached_property
     def adherence_by_node(self) -> pd.DataFrame | None:
         """Per node x condition: n, refusal_rate, adherence (computed from `adherence` if not stored)."""
         stored = self.table(schema.ADHERENCE_BY_NODE)

@@ -1,4 +1,5 @@
-"""The store's accessors for the answering stages: findings (verdicts) and harmfulness vs refusal (`harm/`)."""
+"""The store's accessors for the answering stages: findings (verdicts), harmfulness vs refusal (`harm/`) and the
+planted-wording known answer on the organism's taught requests (`wording/`)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ class ResultsAccessors:
         """findings.json: {"findings": [...]} as the verdicts stage wrote it."""
         data = self._result_json(schema.FINDINGS)
         return data if isinstance(data, dict) else None
+
+    @cached_property
+    def taught_replies(self) -> pd.DataFrame | None:
+        """The organism's replies to the requests its wordings were taught on (the `wording` stage: prompt, node,
+        expected, target = the taught reply, response, refused), or None where no organism was built."""
+        return self._result_table(schema.WORDING_RESPONSES)
 
     @cached_property
     def harm_cells(self) -> pd.DataFrame | None:
